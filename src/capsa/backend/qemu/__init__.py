@@ -1,0 +1,1 @@
+"""The QEMU backend: argv building, process ownership, QMP control."""

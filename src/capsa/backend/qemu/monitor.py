@@ -1,0 +1,58 @@
+"""QMP control of one QEMU, over a socketpair handed to QEMU at start (no socket path, no race)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import Any
+
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+
+from capsa.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+
+class Monitor:
+    """Thin wrapper over ``qemu.qmp.QMPClient`` that records the guest's last SHUTDOWN reason and
+    turns QMP failures into :class:`BackendError`."""
+
+    def __init__(self, name: str) -> None:
+        self._client = QMPClient(name)
+        self.shutdown_reason: str | None = None
+        self._events: asyncio.Task[None] | None = None
+
+    async def connect(self, sock: socket.socket, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._client.connect(sock), timeout)
+        except (QMPError, OSError, TimeoutError) as exc:
+            raise BackendError(f"QMP handshake with QEMU failed: {exc}") from exc
+        self._events = asyncio.ensure_future(self._watch_events())
+
+    async def _watch_events(self) -> None:
+        try:
+            async for event in self._client.events:
+                if event["event"] == "SHUTDOWN":
+                    data: Any = event.get("data")
+                    reason = data.get("reason") if isinstance(data, dict) else None
+                    self.shutdown_reason = str(reason or "unknown")
+                    log.debug("QEMU SHUTDOWN event: %s", self.shutdown_reason)
+        except (QMPError, OSError, EOFError):
+            pass
+
+    async def execute(
+        self, command: str, args: dict[str, Any] | None = None, timeout: float = 10.0
+    ) -> Any:
+        try:
+            return await asyncio.wait_for(self._client.execute(command, args), timeout)
+        except (QMPError, OSError, EOFError, TimeoutError) as exc:
+            raise BackendError(f"QMP command {command!r} failed: {exc!r}") from exc
+
+    async def close(self) -> None:
+        if self._events is not None:
+            self._events.cancel()
+        with contextlib.suppress(QMPError, OSError, EOFError, TimeoutError):
+            await asyncio.wait_for(self._client.disconnect(), 5.0)

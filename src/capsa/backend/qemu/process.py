@@ -1,0 +1,99 @@
+"""Own one QEMU process: start it safely, wait for it, kill it exactly once, read its log."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+from capsa._guardian import die_with_parent
+from capsa.errors import CapsaTimeoutError, ConfigError
+
+log = logging.getLogger(__name__)
+
+QEMU_BINARY = "qemu-system-x86_64"
+
+
+def find_qemu() -> str:
+    path = shutil.which(QEMU_BINARY)
+    if path is None:
+        raise ConfigError(
+            f"{QEMU_BINARY} not found on PATH",
+            hint="install QEMU: apt-get install qemu-system-x86 (or run 'capsa doctor')",
+        )
+    return path
+
+
+def read_tail(path: Path, max_lines: int = 40, max_bytes: int = 16384) -> str:
+    """The last lines of a log file, tolerant of a missing file and of binary junk."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read()
+    except OSError:
+        return ""
+    lines = data.decode(errors="replace").splitlines()
+    return "\n".join(lines[-max_lines:])
+
+
+class QemuProcess:
+    """A started QEMU child. It dies with the forking thread (PDEATHSIG) and ignores terminal signals
+    (own session), so only this object — or our death — ends it."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path) -> None:
+        self._proc = proc
+        self.log_path = log_path
+        self._waiter: asyncio.Task[int] = asyncio.ensure_future(proc.wait())
+
+    @classmethod
+    async def start(cls, argv: Sequence[str], *, pass_fds: Sequence[int], log_path: Path) -> QemuProcess:
+        log.debug("starting %s", " ".join(argv))
+        with log_path.open("ab") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                pass_fds=tuple(pass_fds),
+                preexec_fn=die_with_parent(),
+                start_new_session=True,
+            )
+        return cls(proc, log_path)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    @property
+    def exited(self) -> asyncio.Future[int]:
+        """Resolves with the exit status when the process ends (negative: killed by that signal)."""
+        return self._waiter
+
+    async def wait(self, timeout: float | None) -> int:
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._waiter), timeout)
+        except TimeoutError:
+            raise CapsaTimeoutError(f"QEMU (pid {self.pid}) still running after {timeout}s") from None
+
+    def kill(self) -> None:
+        """Send SIGKILL if it is still running. Safe to call any number of times."""
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGKILL)
+
+    async def kill_and_wait(self, timeout: float = 10.0) -> int:
+        self.kill()
+        return await self.wait(timeout)
+
+    def log_tail(self, max_lines: int = 40) -> str:
+        return read_tail(self.log_path, max_lines)

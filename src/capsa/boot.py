@@ -1,0 +1,94 @@
+"""Boot configurations: how a VM's first code gets loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from capsa.errors import ConfigError
+
+_BZIMAGE_MAGIC_OFFSET = 0x202
+
+
+def check_kernel(path: Path) -> None:
+    """Refuse files QEMU could not boot with ``-kernel``: a bzImage ("HdrS") or an ELF vmlinux (PVH)."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(_BZIMAGE_MAGIC_OFFSET + 4)
+    except FileNotFoundError:
+        raise ConfigError(f"kernel not found: {path}", hint="pass the path of a bzImage") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read kernel {path}: {exc.strerror}") from None
+    if head[:4] == b"\x7fELF" or head[_BZIMAGE_MAGIC_OFFSET:] == b"HdrS":
+        return
+    raise ConfigError(
+        f"{path} is not a Linux kernel (neither a bzImage nor an ELF vmlinux)",
+        hint="use the vmlinuz from /boot or capsa.image.fetch_debian_kernel()",
+    )
+
+
+def check_readable_file(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+@dataclass(frozen=True)
+class LinuxDirectBoot:
+    """Boot a Linux kernel directly (no bootloader), optionally with an initramfs and a root disk.
+
+    ``with_root_disk`` attaches the image as the first virtio disk (``/dev/vda``) and adds
+    ``root=/dev/vda`` to the kernel command line unless one is set explicitly.
+    """
+
+    kernel: Path
+    initrd: Path | None = None
+    root_disk: Path | None = None
+    root_disk_read_only: bool = False
+
+    def __init__(
+        self,
+        kernel: str | Path,
+        initrd: str | Path | None = None,
+        *,
+        root_disk: str | Path | None = None,
+        root_disk_read_only: bool = False,
+    ) -> None:
+        object.__setattr__(self, "kernel", Path(kernel))
+        object.__setattr__(self, "initrd", Path(initrd) if initrd is not None else None)
+        object.__setattr__(self, "root_disk", Path(root_disk) if root_disk is not None else None)
+        object.__setattr__(self, "root_disk_read_only", root_disk_read_only)
+
+    def with_root_disk(self, path: str | Path, *, read_only: bool = False) -> LinuxDirectBoot:
+        return replace(self, root_disk=Path(path), root_disk_read_only=read_only)
+
+    def validate(self) -> None:
+        check_kernel(self.kernel)
+        if self.initrd is not None:
+            check_readable_file(self.initrd, "initrd")
+        if self.root_disk is not None:
+            check_readable_file(self.root_disk, "root disk")
+
+
+@dataclass(frozen=True)
+class UefiBoot:
+    """Boot a disk image through UEFI firmware. The Rust capsa offers this on macOS only; capsa's
+    QEMU backend does not implement it yet, and ``build()`` says so."""
+
+    disk: Path
+
+    def __init__(self, disk: str | Path) -> None:
+        object.__setattr__(self, "disk", Path(disk))
+
+    def validate(self) -> None:
+        raise ConfigError(
+            "UefiBoot is not supported by the QEMU backend",
+            hint="use LinuxDirectBoot with a kernel and initrd",
+        )
+
+
+BootConfig = LinuxDirectBoot | UefiBoot

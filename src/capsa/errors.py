@@ -1,0 +1,121 @@
+"""Every exception capsa raises, in one place.
+
+All derive from :class:`CapsaError`. Each carries the data needed to debug it (the console tail, the
+QEMU log tail, an exit status) as attributes, plus a ``hint`` that says how to fix it::
+
+    CapsaError
+    ├── ConfigError (also ValueError)       bad builder value, missing kernel, QEMU not installed
+    ├── ImageError                          building or fetching a guest image failed
+    ├── BackendError                        QEMU refused to start or died (``qemu_log_tail``)
+    ├── VMNotRunning                        the VM is stopped, or was never started
+    ├── VMExited                            the guest powered off / QEMU exited while we waited
+    ├── ProtocolError                       a guest sent bytes that break the protocol
+    └── CapsaTimeoutError (also TimeoutError)
+        └── ConsoleTimeoutError             a console pattern did not appear in time
+"""
+
+from __future__ import annotations
+
+
+class CapsaError(Exception):
+    """Root of capsa's errors. ``hint`` says what the user can do about it."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = self.message
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
+
+
+class ConfigError(CapsaError, ValueError):
+    """A configuration value is invalid (raised by a builder call or by ``build()``)."""
+
+
+class ImageError(CapsaError):
+    """A kernel, initramfs or root filesystem could not be fetched, built or read."""
+
+
+def _tail_block(title: str, tail: str) -> str:
+    if not tail:
+        return ""
+    return f"\n--- {title} ---\n{tail.rstrip()}\n---"
+
+
+class BackendError(CapsaError):
+    """QEMU failed to start, refused a command, or died unexpectedly."""
+
+    def __init__(self, message: str, *, qemu_log_tail: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.qemu_log_tail = qemu_log_tail
+
+    def __str__(self) -> str:
+        return super().__str__() + _tail_block("QEMU log (tail)", self.qemu_log_tail)
+
+
+class VMNotRunning(CapsaError):
+    """The operation needs a running VM, but it is stopped, failed, or not started yet."""
+
+
+class VMExited(CapsaError):
+    """The VM exited while an operation waited on it (guest poweroff, panic, or QEMU crash)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exit_code: int | None,
+        console_tail: str = "",
+        qemu_log_tail: str = "",
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.exit_code = exit_code
+        self.console_tail = console_tail
+        self.qemu_log_tail = qemu_log_tail
+
+    def __str__(self) -> str:
+        return (
+            super().__str__()
+            + _tail_block("console (tail)", self.console_tail)
+            + _tail_block("QEMU log (tail)", self.qemu_log_tail)
+        )
+
+
+class ProtocolError(CapsaError):
+    """A guest sent bytes that violate the protocol (malformed, oversized or unexpected)."""
+
+
+class CapsaTimeoutError(CapsaError, TimeoutError):
+    """An operation did not finish within its ``timeout``."""
+
+
+class ConsoleTimeoutError(CapsaTimeoutError):
+    """``console.wait_for`` gave up; ``console_tail`` holds the last output the guest printed."""
+
+    def __init__(
+        self, message: str, *, pattern: str, console_tail: str, hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.pattern = pattern
+        self.console_tail = console_tail
+
+    def __str__(self) -> str:
+        return super().__str__() + _tail_block("console (tail)", self.console_tail)
+
+
+__all__ = [
+    "BackendError",
+    "CapsaError",
+    "CapsaTimeoutError",
+    "ConfigError",
+    "ConsoleTimeoutError",
+    "ImageError",
+    "ProtocolError",
+    "VMExited",
+    "VMNotRunning",
+]

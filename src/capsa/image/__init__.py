@@ -1,0 +1,7 @@
+"""Guest images: Debian kernels, initramfs archives, kernel modules."""
+
+from capsa.image.debian import DebianKernel, fetch_debian_kernel
+from capsa.image.initramfs import InitramfsBuilder, find_busybox
+from capsa.image.modules import ModuleIndex
+
+__all__ = ["DebianKernel", "InitramfsBuilder", "ModuleIndex", "fetch_debian_kernel", "find_busybox"]

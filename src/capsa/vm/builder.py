@@ -1,0 +1,115 @@
+"""``capsa.vm(boot)``: an immutable builder for raw VMs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from capsa.boot import BootConfig, LinuxDirectBoot, UefiBoot
+from capsa.errors import ConfigError
+from capsa.vm.config import (
+    DiskFormat,
+    DiskSpec,
+    VMConfig,
+    detect_disk_format,
+    validate_cmdline_key,
+    validate_cmdline_text,
+    validate_cmdline_value,
+    validate_cpus,
+    validate_memory_mb,
+)
+from capsa.vm.handle import VM
+
+_ACCELERATORS = ("auto", "kvm", "tcg")
+_MACHINES = ("microvm", "q35")
+_FORMATS = ("raw", "qcow2")
+
+
+class VMBuilder:
+    """Each method returns a new builder; the original is unchanged. ``await builder.build()`` starts
+    the VM. ``async with capsa.vm(boot)... as vm:`` builds, then stops the VM on exit."""
+
+    def __init__(self, config: VMConfig) -> None:
+        self._config = config
+        self._vm: VM | None = None
+
+    @property
+    def config(self) -> VMConfig:
+        return self._config
+
+    def _with(self, **changes: Any) -> VMBuilder:
+        return VMBuilder(replace(self._config, **changes))
+
+    def cpus(self, count: int) -> VMBuilder:
+        return self._with(cpus=validate_cpus(count))
+
+    def memory_mb(self, megabytes: int) -> VMBuilder:
+        return self._with(memory_mb=validate_memory_mb(megabytes))
+
+    def cmdline_arg(self, key: str, value: str) -> VMBuilder:
+        """Set ``key=value`` on the kernel command line (replacing an earlier value of ``key``)."""
+        entry = (validate_cmdline_key(key), validate_cmdline_value(str(value)))
+        return self._with(cmdline=(*self._config.cmdline, entry))
+
+    def cmdline_flag(self, flag: str) -> VMBuilder:
+        """Add a bare word such as ``quiet`` to the kernel command line."""
+        return self._with(cmdline=(*self._config.cmdline, (validate_cmdline_key(flag), None)))
+
+    def cmdline_override(self, cmdline: str) -> VMBuilder:
+        """Use exactly this kernel command line: no capsa defaults (console, panic, root) at all."""
+        return self._with(cmdline_override=validate_cmdline_text(cmdline))
+
+    def disk(
+        self, path: str | Path, *, read_only: bool = False, format: DiskFormat | None = None
+    ) -> VMBuilder:
+        """Attach an extra virtio disk (``/dev/vdb``, ``/dev/vdc``… after the root disk)."""
+        if format is not None and format not in _FORMATS:
+            raise ConfigError(f"disk format must be 'raw' or 'qcow2', got {format!r}")
+        disk_path = Path(path)
+        if not disk_path.is_file():
+            raise ConfigError(f"disk image not found: {disk_path}")
+        fmt: DiskFormat = format or detect_disk_format(disk_path)
+        return self._with(disks=(*self._config.disks, DiskSpec(disk_path, read_only, fmt)))
+
+    def accelerator(self, name: str) -> VMBuilder:
+        if name not in _ACCELERATORS:
+            raise ConfigError(f"accelerator must be one of {_ACCELERATORS}, got {name!r}")
+        return self._with(accelerator=name)
+
+    def machine(self, name: str) -> VMBuilder:
+        """``microvm`` (default: fastest boot, virtio-mmio) or ``q35`` (PCI)."""
+        if name not in _MACHINES:
+            raise ConfigError(f"machine must be one of {_MACHINES}, got {name!r}")
+        return self._with(machine=name)
+
+    def name(self, name: str) -> VMBuilder:
+        return self._with(name=name)
+
+    async def build(self, timeout: float = 30.0) -> VM:
+        """Validate, start QEMU, and return the running VM (the guest is booting)."""
+        vm = VM(self._config)
+        await vm._start(timeout)
+        return vm
+
+    async def __aenter__(self) -> VM:
+        self._vm = await self.build()
+        return self._vm
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        vm, self._vm = self._vm, None
+        if vm is not None:
+            await vm.stop()
+
+
+def vm(boot: BootConfig) -> VMBuilder:
+    """Start describing a raw VM booted from ``boot``."""
+    if not isinstance(boot, (LinuxDirectBoot, UefiBoot)):
+        raise ConfigError(f"capsa.vm() takes a LinuxDirectBoot, got {type(boot).__name__}")
+    return VMBuilder(VMConfig(boot=boot))

@@ -1,0 +1,141 @@
+"""The frozen description of one VM, validated before anything is started."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from capsa.boot import BootConfig, LinuxDirectBoot, check_readable_file
+from capsa.errors import ConfigError
+
+Accelerator = Literal["auto", "kvm", "tcg"]
+Machine = Literal["microvm", "q35"]
+DiskFormat = Literal["raw", "qcow2"]
+
+MAX_CPUS = 64
+MIN_MEMORY_MB = 64
+# x86 COMMAND_LINE_SIZE is 2048 including the terminating NUL.
+MAX_CMDLINE = 2047
+_CMDLINE_KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_CMDLINE_VALUE = re.compile(r"^[\x21-\x7e]*$")  # printable ASCII, no spaces
+_QCOW2_MAGIC = b"QFI\xfb"
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    path: Path
+    read_only: bool = False
+    format: DiskFormat = "raw"
+
+
+def detect_disk_format(path: Path) -> DiskFormat:
+    with path.open("rb") as fh:
+        return "qcow2" if fh.read(4) == _QCOW2_MAGIC else "raw"
+
+
+def validate_cpus(cpus: int) -> int:
+    if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= MAX_CPUS:
+        raise ConfigError(f"cpus must be an integer from 1 to {MAX_CPUS}, got {cpus!r}")
+    return cpus
+
+
+def host_memory_mb() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 1 << 20
+
+
+def validate_memory_mb(memory_mb: int) -> int:
+    limit = host_memory_mb()
+    if isinstance(memory_mb, bool) or not isinstance(memory_mb, int):
+        raise ConfigError(f"memory_mb must be an integer, got {memory_mb!r}")
+    if not MIN_MEMORY_MB <= memory_mb <= limit:
+        raise ConfigError(
+            f"memory_mb must be from {MIN_MEMORY_MB} to {limit} (host RAM), got {memory_mb}"
+        )
+    return memory_mb
+
+
+def validate_cmdline_key(key: str) -> str:
+    if not isinstance(key, str) or not _CMDLINE_KEY.match(key):
+        raise ConfigError(
+            f"invalid kernel cmdline key {key!r}",
+            hint="keys are letters, digits, '_', '-' and '.'",
+        )
+    return key
+
+
+def validate_cmdline_value(value: str) -> str:
+    if not isinstance(value, str) or not _CMDLINE_VALUE.match(value) or '"' in value:
+        raise ConfigError(
+            f"invalid kernel cmdline value {value!r}",
+            hint="values are printable ASCII without spaces or quotes",
+        )
+    return value
+
+
+def validate_cmdline_text(text: str) -> str:
+    if not isinstance(text, str) or any(c in text for c in "\0\n\r") or not text.isascii():
+        raise ConfigError("kernel cmdline must be one line of ASCII text without NUL bytes")
+    if len(text) > MAX_CMDLINE:
+        raise ConfigError(f"kernel cmdline is {len(text)} bytes; the limit is {MAX_CMDLINE}")
+    return text
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    boot: BootConfig
+    cpus: int = 1
+    memory_mb: int = 512
+    # Ordered (key, value) pairs; value None means a bare flag such as "quiet".
+    cmdline: tuple[tuple[str, str | None], ...] = ()
+    cmdline_override: str | None = None
+    disks: tuple[DiskSpec, ...] = ()
+    accelerator: Accelerator = "auto"
+    machine: Machine = "microvm"
+    name: str | None = None
+    extra_qemu_args: tuple[str, ...] = field(default=())
+
+    def all_disks(self) -> tuple[DiskSpec, ...]:
+        """Disks in attachment order: the boot's root disk (``/dev/vda``) first."""
+        disks = list(self.disks)
+        boot = self.boot
+        if isinstance(boot, LinuxDirectBoot) and boot.root_disk is not None:
+            root = DiskSpec(boot.root_disk, boot.root_disk_read_only, detect_disk_format(boot.root_disk))
+            disks.insert(0, root)
+        return tuple(disks)
+
+    def validate(self) -> None:
+        """Check everything that can be checked without starting QEMU."""
+        self.boot.validate()
+        validate_cpus(self.cpus)
+        validate_memory_mb(self.memory_mb)
+        for disk in self.disks:
+            check_readable_file(disk.path, "disk")
+            if not disk.read_only and not os.access(disk.path, os.W_OK):
+                raise ConfigError(
+                    f"disk {disk.path} is not writable", hint="attach it with read_only=True"
+                )
+        paths = [d.path.resolve() for d in self.all_disks()]
+        if len(set(paths)) != len(paths):
+            raise ConfigError("the same disk image is attached twice")
+
+
+def kernel_cmdline(config: VMConfig, defaults: dict[str, str | None]) -> str:
+    """The final kernel command line: ``defaults`` then the user's args, a later key replacing an
+    earlier one in place. ``cmdline_override`` wins over everything, verbatim."""
+    if config.cmdline_override is not None:
+        return validate_cmdline_text(config.cmdline_override)
+    merged: dict[str, str | None] = dict(defaults)
+    for key, value in config.cmdline:
+        merged[key] = value
+    text = " ".join(k if v is None else f"{k}={v}" for k, v in merged.items())
+    return validate_cmdline_text(text)

@@ -1,0 +1,242 @@
+"""A running (or finished) VM: lifecycle, console, logs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import socket
+from pathlib import Path
+from types import TracebackType
+
+from capsa._guardian import new_vm_dir
+from capsa.accelerator import host_tsc_khz, resolve_accelerator
+from capsa.backend.qemu.argv import LaunchPlan, build_argv
+from capsa.backend.qemu.monitor import Monitor
+from capsa.backend.qemu.process import QemuProcess, find_qemu
+from capsa.boot import LinuxDirectBoot
+from capsa.console import Console
+from capsa.errors import BackendError, CapsaError, CapsaTimeoutError, VMExited, VMNotRunning
+from capsa.vm.config import VMConfig
+from capsa.vm.runstate import RunState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STOP_TIMEOUT = 10.0
+_QMP_HANDSHAKE_TIMEOUT = 30.0
+
+
+class VM:
+    """Handle of one QEMU virtual machine. Create it with ``await capsa.vm(boot).build()``.
+
+    ``async with vm:`` stops it (gracefully, then by force) and removes its runtime directory.
+    """
+
+    def __init__(self, config: VMConfig) -> None:
+        self.config = config
+        self._state = RunState.CREATED
+        self._process: QemuProcess | None = None
+        self._monitor: Monitor | None = None
+        self._console: Console | None = None
+        self._dir: Path | None = None
+        self._accelerator: str | None = None
+        self._exit_watch: asyncio.Task[None] | None = None
+        self._cleaned = False
+        self._stopping = False
+
+    # -- properties --
+
+    @property
+    def status(self) -> RunState:
+        return self._state
+
+    @property
+    def accelerator(self) -> str:
+        """``"kvm"`` or ``"tcg"``: what this VM actually runs on."""
+        if self._accelerator is None:
+            raise VMNotRunning("the VM has not been started")
+        return self._accelerator
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            raise VMNotRunning("the VM has not been started")
+        return self._console
+
+    @property
+    def log_dir(self) -> Path:
+        """Holds ``console.log`` (the full serial transcript) and ``qemu.log``. Removed on stop."""
+        if self._dir is None:
+            raise VMNotRunning("the VM has not been started")
+        return self._dir / "logs"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._process.returncode if self._process else None
+
+    # -- start --
+
+    async def _start(self, timeout: float = _QMP_HANDSHAKE_TIMEOUT) -> None:
+        if self._state is not RunState.CREATED:
+            raise CapsaError(f"a VM handle starts once; this one is {self._state.value}")
+        self._state = RunState.STARTING
+        try:
+            await self._launch(timeout)
+        except BaseException:
+            self._state = RunState.FAILED
+            await self._cleanup()
+            raise
+        self._state = RunState.RUNNING
+
+    async def _launch(self, timeout: float) -> None:
+        config = self.config
+        config.validate()
+        qemu = find_qemu()
+        boot = config.boot
+        assert isinstance(boot, LinuxDirectBoot)  # validate() refuses the rest
+        self._accelerator = await resolve_accelerator(config.accelerator, boot.kernel)
+        self._dir = new_vm_dir()
+        logs = self._dir / "logs"
+        logs.mkdir()
+        console_host, console_qemu = socket.socketpair()
+        qmp_host, qmp_qemu = socket.socketpair()
+        try:
+            plan = LaunchPlan(
+                qemu=qemu,
+                accelerator=self._accelerator,
+                console_fd=console_qemu.fileno(),
+                qmp_fd=qmp_qemu.fileno(),
+                host_khz=host_tsc_khz(),
+            )
+            argv = build_argv(config, plan)
+            (logs / "qemu.argv").write_text("\n".join(argv) + "\n")
+            self._console = Console(console_host, logs / "console.log")
+            self._process = await QemuProcess.start(
+                argv,
+                pass_fds=(console_qemu.fileno(), qmp_qemu.fileno()),
+                log_path=logs / "qemu.log",
+            )
+        except BaseException:
+            console_host.close()
+            qmp_host.close()
+            raise
+        finally:
+            console_qemu.close()
+            qmp_qemu.close()
+        self._monitor = Monitor(f"qmp-{self._dir.name}")
+        try:
+            await self._monitor.connect(qmp_host, timeout)
+        except BackendError as exc:
+            process = self._process
+            with contextlib.suppress(CapsaTimeoutError):
+                await process.wait(2.0)
+            raise BackendError(
+                "QEMU failed to start"
+                + (f" (exit {process.returncode})" if process.returncode is not None else ""),
+                qemu_log_tail=process.log_tail(),
+                hint="see the QEMU log tail; 'capsa doctor' checks the installation",
+            ) from exc
+        self._exit_watch = asyncio.ensure_future(self._watch_exit())
+        log.info("VM %s started (pid %d, %s)", self._dir.name, self._process.pid, self._accelerator)
+
+    # -- exit handling --
+
+    async def _watch_exit(self) -> None:
+        assert self._process is not None
+        code = await self._process.exited
+        reason = self._monitor.shutdown_reason if self._monitor else None
+        if self._stopping or (code == 0):
+            self._state = RunState.STOPPED
+        else:
+            self._state = RunState.FAILED
+        log.info("VM exited: code %s, reason %s", code, reason)
+        if self._console is not None:
+            self._console._mark_exited(lambda: self._exited_error(code, reason))
+
+    def _exited_error(self, code: int | None, reason: str | None) -> VMExited:
+        what = f"guest {reason}" if reason else "QEMU exited"
+        return VMExited(
+            f"the VM exited ({what}, QEMU exit status {code})",
+            exit_code=code,
+            console_tail=self._console.tail() if self._console else "",
+            qemu_log_tail=self._process.log_tail() if self._process else "",
+        )
+
+    @property
+    def shutdown_reason(self) -> str | None:
+        """QEMU's reason for the last guest shutdown (``guest-shutdown``, ``guest-reset``…), if any."""
+        return self._monitor.shutdown_reason if self._monitor else None
+
+    async def wait(self, timeout: float | None = None) -> int:
+        """Wait for the VM to exit on its own; returns QEMU's exit status."""
+        if self._process is None:
+            raise VMNotRunning("the VM has not been started")
+        code = await self._process.wait(timeout)
+        if self._exit_watch is not None:
+            await self._exit_watch
+        await self._cleanup()
+        return code
+
+    # -- stop --
+
+    async def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
+        """Ask the guest to power off (ACPI power button); kill it if it has not exited in
+        ``timeout`` seconds. Always cleans up. Safe to call more than once."""
+        process = self._process
+        if process is not None and process.returncode is None:
+            self._stopping = True
+            self._state = RunState.STOPPING
+            if self._monitor is not None and timeout > 0:
+                with contextlib.suppress(BackendError):
+                    await self._monitor.execute("system_powerdown", timeout=min(timeout, 5.0))
+            try:
+                await process.wait(timeout)
+            except CapsaTimeoutError:
+                log.info("guest ignored the power button for %.1fs; killing QEMU", timeout)
+                await process.kill_and_wait()
+        await self._finish()
+
+    async def kill(self) -> None:
+        """Kill QEMU now (SIGKILL) and clean up. Idempotent."""
+        if self._process is not None and self._process.returncode is None:
+            self._stopping = True
+            await self._process.kill_and_wait()
+        await self._finish()
+
+    async def _finish(self) -> None:
+        if self._exit_watch is not None:
+            await self._exit_watch
+        if self._state is RunState.CREATED:
+            self._state = RunState.STOPPED
+        await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        if self._cleaned:
+            return
+        self._cleaned = True
+        if self._process is not None and self._process.returncode is None:
+            await self._process.kill_and_wait()
+        if self._monitor is not None:
+            await self._monitor.close()
+        if self._console is not None:
+            await self._console._close()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    # -- context manager --
+
+    async def __aenter__(self) -> VM:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

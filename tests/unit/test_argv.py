@@ -1,0 +1,113 @@
+"""QEMU argv building and kernel command lines (pure functions, no VM)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import capsa
+from capsa.backend.qemu.argv import LaunchPlan, build_argv, qemu_escape
+from capsa.vm.config import DiskSpec, VMConfig
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Path:
+    path = tmp_path / "vmlinuz"
+    path.write_bytes(b"\0" * 0x202 + b"HdrS" + b"\0" * 100)
+    return path
+
+
+def plan(accel: str = "tcg") -> LaunchPlan:
+    return LaunchPlan(qemu="/usr/bin/qemu", accelerator=accel, console_fd=7, qmp_fd=8, host_khz=2600000)
+
+
+def option(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_microvm_tcg_defaults(kernel: Path) -> None:
+    config = capsa.vm(capsa.LinuxDirectBoot(kernel, "/x/initrd")).cpus(2).memory_mb(300).config
+    argv = build_argv(config, plan())
+    assert argv[0] == "/usr/bin/qemu"
+    assert option(argv, "-M") == ["microvm,acpi=on,pcie=off,rtc=on"]
+    assert option(argv, "-accel") == ["tcg,thread=multi"]
+    assert option(argv, "-smp") == ["2"] and option(argv, "-m") == ["300M"]
+    assert option(argv, "-initrd") == ["/x/initrd"]
+    assert "-no-reboot" in argv and "-nodefaults" in argv
+    assert option(argv, "-append") == ["console=ttyS0 panic=-1 tsc_early_khz=2600000"]
+    assert "socket,id=console,fd=7" in option(argv, "-chardev")
+    assert "socket,id=qmp,fd=8" in option(argv, "-chardev")
+    assert option(argv, "-sandbox")[0].startswith("on,")
+
+
+def test_kvm_uses_host_cpu_and_no_tsc_hint(kernel: Path) -> None:
+    argv = build_argv(capsa.vm(capsa.LinuxDirectBoot(kernel)).config, plan("kvm"))
+    assert option(argv, "-accel") == ["kvm"] and option(argv, "-cpu") == ["host"]
+    assert "tsc_early_khz" not in option(argv, "-append")[0]
+    assert "-initrd" not in argv
+
+
+def test_user_args_replace_defaults_and_keep_order(kernel: Path) -> None:
+    config = (
+        capsa.vm(capsa.LinuxDirectBoot(kernel))
+        .cmdline_arg("console", "hvc0")
+        .cmdline_flag("quiet")
+        .cmdline_arg("init", "/sbin/init")
+        .config
+    )
+    cmdline = option(build_argv(config, plan("kvm")), "-append")[0]
+    assert cmdline == "console=hvc0 panic=-1 quiet init=/sbin/init"
+
+
+def test_override_is_verbatim(kernel: Path) -> None:
+    config = capsa.vm(capsa.LinuxDirectBoot(kernel)).cmdline_override("root=/dev/sda ro").config
+    assert option(build_argv(config, plan()), "-append") == ["root=/dev/sda ro"]
+
+
+def test_root_disk_first_then_extra_disks(kernel: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root,with,commas.img"
+    root.write_bytes(b"\0" * 512)
+    extra = tmp_path / "extra.qcow2"
+    extra.write_bytes(b"QFI\xfb" + b"\0" * 508)
+    boot = capsa.LinuxDirectBoot(kernel).with_root_disk(root, read_only=True)
+    config = capsa.vm(boot).disk(extra).config
+    argv = build_argv(config, plan())
+    drives = option(argv, "-drive")
+    assert drives[0].startswith(f"id=disk0,file={qemu_escape(str(root))},if=none,format=raw,readonly=on")
+    assert "format=qcow2,readonly=off" in drives[1]
+    assert option(argv, "-device") == ["virtio-blk-device,drive=disk0", "virtio-blk-device,drive=disk1"]
+    assert "root=/dev/vda" in option(argv, "-append")[0]
+
+
+def test_q35_uses_pci_devices(kernel: Path, tmp_path: Path) -> None:
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\0" * 512)
+    config = capsa.vm(capsa.LinuxDirectBoot(kernel)).machine("q35").disk(disk).config
+    argv = build_argv(config, plan())
+    assert option(argv, "-M") == ["q35"]
+    assert option(argv, "-device") == ["virtio-blk-pci,drive=disk0"]
+    assert "tsc_early_khz" not in option(argv, "-append")[0]
+
+
+def test_builder_is_immutable(kernel: Path) -> None:
+    base = capsa.vm(capsa.LinuxDirectBoot(kernel))
+    two = base.cpus(2)
+    assert base.config.cpus == 1 and two.config.cpus == 2
+    assert base.cmdline_flag("quiet").config.cmdline == (("quiet", None),)
+    assert base.config.cmdline == ()
+
+
+def test_same_disk_twice_refused(kernel: Path, tmp_path: Path) -> None:
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\0" * 512)
+    config = VMConfig(boot=capsa.LinuxDirectBoot(kernel), disks=(DiskSpec(disk), DiskSpec(disk)))
+    with pytest.raises(capsa.ConfigError, match="twice"):
+        config.validate()
+
+
+def test_uefi_boot_is_refused_clearly(tmp_path: Path) -> None:
+    config = replace(capsa.vm(capsa.UefiBoot(tmp_path / "disk.img")).config)
+    with pytest.raises(capsa.ConfigError, match="UefiBoot"):
+        config.validate()
