@@ -15,7 +15,7 @@ echo "==> virtualenv in .venv"
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
 
-echo "==> guest kernel (Debian linux-image-cloud-amd64, cached under ~/.cache/capsa)"
-.venv/bin/python -c "from capsa.image import fetch_debian_kernel; print(fetch_debian_kernel().kernel)"
+echo "==> guest kernel (Debian linux-image-cloud-amd64) and busybox initramfs, cached in ~/.cache/capsa"
+.venv/bin/python -c "from capsa.image import busybox_guest; print(busybox_guest())"
 
 echo "==> done. Run the tests with: .venv/bin/pytest"

@@ -166,7 +166,7 @@ def test_sigkill_of_python_leaves_no_qemu_and_no_temp_dir(
                 Path(f"/proc/{qemu_pid}").exists()
                 and b"qemu" in Path(f"/proc/{qemu_pid}/cmdline").read_bytes()
             )
-            if not qemu_alive and not log_dir.exists():
+            if not qemu_alive and not log_dir.parent.parent.exists():
                 break
             time.sleep(0.1)
         assert not log_dir.exists(), "VM runtime dir survived the host process"

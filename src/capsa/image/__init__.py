@@ -1,7 +1,16 @@
 """Guest images: Debian kernels, initramfs archives, kernel modules."""
 
+from capsa.image.busybox import GuestFiles, busybox_guest
 from capsa.image.debian import DebianKernel, fetch_debian_kernel
 from capsa.image.initramfs import InitramfsBuilder, find_busybox
 from capsa.image.modules import ModuleIndex
 
-__all__ = ["DebianKernel", "InitramfsBuilder", "ModuleIndex", "fetch_debian_kernel", "find_busybox"]
+__all__ = [
+    "DebianKernel",
+    "GuestFiles",
+    "InitramfsBuilder",
+    "ModuleIndex",
+    "busybox_guest",
+    "fetch_debian_kernel",
+    "find_busybox",
+]

@@ -69,9 +69,22 @@ def resolve_kernel_package(flavour: str = "cloud-amd64") -> str:
     )
 
 
-def fetch_debian_kernel(flavour: str = "cloud-amd64", *, package: str | None = None) -> DebianKernel:
-    """Download and unpack a Debian kernel (cached). ``package`` pins an exact image package name."""
-    package = package or resolve_kernel_package(flavour)
+def fetch_debian_kernel(
+    flavour: str = "cloud-amd64", *, package: str | None = None, refresh: bool = False
+) -> DebianKernel:
+    """Download and unpack a Debian kernel (cached). ``package`` pins an exact image package name.
+
+    The flavour's resolution (e.g. cloud-amd64 → linux-image-6.1.0-57-cloud-amd64) is remembered, so
+    later calls work offline and keep using the same kernel until ``refresh=True`` asks apt again.
+    """
+    if package is None:
+        pointer = cache_dir() / "kernels" / f"flavour-{flavour}"
+        if not refresh and pointer.exists():
+            package = pointer.read_text().strip()
+        else:
+            package = resolve_kernel_package(flavour)
+            pointer.parent.mkdir(parents=True, exist_ok=True)
+            pointer.write_text(package + "\n")
     root = cache_dir() / "kernels" / package
     unpacked = root / "root"
     if not (root / ".complete").exists():

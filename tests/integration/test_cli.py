@@ -1,0 +1,51 @@
+"""The ``capsa`` entry point, run as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CAPSA = [sys.executable, "-m", "capsa.cli"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CAPSA, *args], capture_output=True, text=True, timeout=120, check=False, env=env
+    )
+
+
+@pytest.mark.vm
+def test_doctor_json_reports_every_check() -> None:
+    done = run("doctor", "--json")
+    checks = {c["name"]: c for c in json.loads(done.stdout)}
+    assert {"QEMU", "busybox (static)", "guest kernel", "accelerator"} <= set(checks)
+    assert checks["QEMU"]["ok"] and checks["guest kernel"]["ok"]
+    assert "KVM" in checks["accelerator"]["detail"] or "TCG" in checks["accelerator"]["detail"]
+    assert done.returncode in (0, 1)
+
+
+def test_doctor_without_qemu_says_what_to_install(tmp_path: Path) -> None:
+    env = dict(os.environ, PATH=str(tmp_path))
+    done = run("doctor", "--json", env=env)
+    assert done.returncode == 1
+    qemu = next(c for c in json.loads(done.stdout) if c["name"] == "QEMU")
+    assert not qemu["ok"] and "qemu-system-x86" in qemu["fix"]
+
+
+def test_image_busybox_json() -> None:
+    done = run("image", "busybox", "--json")
+    assert done.returncode == 0, done.stderr
+    paths = json.loads(done.stdout)
+    assert Path(paths["kernel"]).is_file() and Path(paths["initrd"]).is_file()
+
+
+def test_bad_command_is_one_line_not_a_traceback() -> None:
+    done = run("image", "busybox", "--flavour", "no-such-flavour")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("capsa: ")

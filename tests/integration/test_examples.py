@@ -1,0 +1,27 @@
+"""Every example script runs for real."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+pytestmark = [pytest.mark.vm]
+
+
+def test_raw_vm_console_example() -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "raw_vm_console.py"), "echo", "from-the-guest;", "uname", "-r"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "from-the-guest"
+    assert lines[1].endswith("-amd64")
