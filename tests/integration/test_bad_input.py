@@ -183,4 +183,8 @@ def test_sigkill_of_python_leaves_no_qemu_and_no_temp_dir(
 def test_guardian_root_is_private_to_this_process() -> None:
     root = _guardian.runtime_root()
     assert root.name.startswith(f"capsa-{os.getpid()}-")
-    assert _guardian.new_vm_dir().parent == root
+    vm_dir = _guardian.new_vm_dir()
+    try:
+        assert vm_dir.parent == root
+    finally:
+        vm_dir.rmdir()

@@ -28,6 +28,9 @@ for m in /lib/modules/*.ko; do insmod "$m" 2>/dev/null; done
 for ev in /dev/input/event*; do
   (head -c 1 "$ev" >/dev/null 2>&1 && poweroff -f) &
 done
+# Late kernel messages (e.g. clocksource switches) would interleave with command output on the
+# console; from here on only emergencies (panics) are printed.
+echo 1 > /proc/sys/kernel/printk
 echo {READY_MARKER}
 export PS1='{PROMPT}'
 exec setsid cttyhack sh

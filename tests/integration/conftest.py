@@ -1,0 +1,38 @@
+"""Every integration test must leave no QEMU process and no runtime directory behind."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from capsa import _guardian
+
+
+def _leftovers(root: Path) -> tuple[list[str], list[int]]:
+    dirs = sorted(p.name for p in root.iterdir()) if root.exists() else []
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in cmdline and str(root).encode() in cmdline:
+                pids.append(int(entry.name))
+    return dirs, pids
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    root = _guardian.runtime_root()
+    yield
+    deadline = time.monotonic() + 5
+    dirs, pids = _leftovers(root)
+    while (dirs or pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        dirs, pids = _leftovers(root)
+    assert not dirs, f"runtime dirs left behind: {dirs}"
+    assert not pids, f"QEMU processes left behind: {pids}"
