@@ -37,11 +37,15 @@ def test_doctor_without_qemu_says_what_to_install(tmp_path: Path) -> None:
     assert not qemu["ok"] and "qemu-system-x86" in qemu["fix"]
 
 
-def test_image_busybox_json() -> None:
+def test_image_build_and_busybox_json() -> None:
     done = run("image", "busybox", "--json")
     assert done.returncode == 0, done.stderr
     paths = json.loads(done.stdout)
     assert Path(paths["kernel"]).is_file() and Path(paths["initrd"]).is_file()
+    done = run("image", "build", "--json")
+    assert done.returncode == 0, done.stderr
+    paths = json.loads(done.stdout)
+    assert all(Path(paths[k]).is_file() for k in ("kernel", "initrd", "rootfs"))
 
 
 def test_bad_command_is_one_line_not_a_traceback() -> None:
