@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 Pattern = str | re.Pattern[str]
 
 DEFAULT_BUFFER_LIMIT = 4 << 20  # characters of unread text kept in memory
+TRANSCRIPT_LIMIT = 64 << 20  # bytes; a guest flooding its console must not fill the host disk
 _TAIL_CHARS = 8192
 _WRITE_TIMEOUT = 10.0
 
@@ -51,6 +52,7 @@ class Console:
         self._sock = sock
         self.transcript_path = transcript
         self._transcript = transcript.open("ab", buffering=0)
+        self._transcript_bytes = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""
         self._recent = ""
@@ -79,8 +81,12 @@ class Console:
             self._changed.set()
 
     def _feed(self, data: bytes, final: bool = False) -> None:
-        if data and not self._transcript.closed:
-            self._transcript.write(data)
+        if data and not self._transcript.closed and self._transcript_bytes < TRANSCRIPT_LIMIT:
+            chunk = data[: TRANSCRIPT_LIMIT - self._transcript_bytes]
+            self._transcript.write(chunk)
+            self._transcript_bytes += len(chunk)
+            if self._transcript_bytes >= TRANSCRIPT_LIMIT:
+                self._transcript.write(b"\n[capsa: transcript truncated at the size limit]\n")
         text = self._decoder.decode(data, final)
         if not text:
             return

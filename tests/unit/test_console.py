@@ -114,3 +114,16 @@ async def test_write_reaches_guest(pair: tuple[Console, socket.socket]) -> None:
     await console.send_interrupt()
     await asyncio.sleep(0.05)
     assert guest.recv(100) == b"ls\n\x03"
+
+
+async def test_transcript_is_capped(
+    pair: tuple[Console, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import capsa.console
+
+    console, guest = pair
+    monkeypatch.setattr(capsa.console, "TRANSCRIPT_LIMIT", 100)
+    await send(guest, b"y" * 300 + b"DONE")
+    await console.wait_for("DONE", timeout=2)
+    data = console.transcript_path.read_bytes()
+    assert data.startswith(b"y" * 100) and b"truncated" in data and len(data) < 200
