@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="capsa",
         description="Run untrusted code in lightweight Linux VMs.",
-        epilog="examples:\n  capsa doctor\n  capsa image kernel",
+        epilog="examples:\n  capsa doctor\n  capsa image build",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what capsa does")

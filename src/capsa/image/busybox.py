@@ -7,14 +7,12 @@ off (so ``vm.stop()`` is graceful), prints :data:`READY_MARKER` and runs a shell
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from capsa._paths import cache_dir
 from capsa.image.debian import fetch_debian_kernel
-from capsa.image.initramfs import InitramfsBuilder
-from capsa.image.modules import ModuleIndex
+from capsa.image.initramfs import cached_initramfs
 
 READY_MARKER = "CAPSA-BUSYBOX-READY"
 PROMPT = "# "
@@ -47,13 +45,5 @@ class GuestFiles:
 def busybox_guest(flavour: str = "cloud-amd64") -> GuestFiles:
     """Kernel and initramfs of the minimal busybox guest (fetched/built on first use, then cached)."""
     kernel = fetch_debian_kernel(flavour)
-    recipe = "\n".join([kernel.package, INIT, *MODULES]).encode()
-    key = hashlib.sha256(recipe).hexdigest()[:16]
-    initrd = cache_dir() / "busybox-guests" / f"{kernel.version}-{key}.cpio"
-    if not initrd.exists():
-        initrd.parent.mkdir(parents=True, exist_ok=True)
-        builder = InitramfsBuilder()
-        builder.modules(ModuleIndex(kernel.modules_dir), MODULES)
-        builder.init_script(INIT)
-        builder.write(initrd)
+    initrd = cached_initramfs(kernel, INIT, MODULES, cache_dir() / "busybox-guests", "busybox")
     return GuestFiles(kernel.kernel, initrd, kernel.version)

@@ -6,13 +6,15 @@ so a few extra MB of memcpy is much cheaper than gunzip.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from capsa.errors import ImageError
 from capsa.image.cpio import CpioWriter
+from capsa.image.debian import DebianKernel
 from capsa.image.modules import KernelModule, ModuleIndex
 
 _BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
@@ -114,3 +116,20 @@ class InitramfsBuilder:
             cpio.close()
         tmp.replace(out)
         return out
+
+
+def cached_initramfs(
+    kernel: DebianKernel, init: str, modules: Sequence[str], directory: Path, prefix: str
+) -> Path:
+    """``directory/<prefix>-<kernel version>-<recipe hash>.cpio``: busybox, ``modules`` (with their
+    dependencies) and ``init``, written only if that recipe has not been built before."""
+    recipe = "\n".join([kernel.package, init, *modules]).encode()
+    key = hashlib.sha256(recipe).hexdigest()[:16]
+    path = directory / f"{prefix}-{kernel.version}-{key}.cpio"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        builder = InitramfsBuilder()
+        builder.modules(ModuleIndex(kernel.modules_dir), modules)
+        builder.init_script(init)
+        builder.write(path)
+    return path

@@ -11,7 +11,6 @@ from the same clean state and nothing it writes survives it.
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +18,7 @@ from capsa._paths import cache_dir
 from capsa.errors import ImageError
 from capsa.image import rootfs
 from capsa.image.debian import fetch_debian_kernel
-from capsa.image.initramfs import InitramfsBuilder
-from capsa.image.modules import ModuleIndex
-
-log = logging.getLogger(__name__)
+from capsa.image.initramfs import cached_initramfs
 
 ROOT_READY_MARKER = "CAPSA-ROOT-READY"
 INIT_ERROR_MARKER = "CAPSA-INIT-ERROR"
@@ -86,12 +82,5 @@ def sandbox_image(*, build: bool = True, progress: rootfs.Progress | None = None
         if not build:
             raise ImageError("the sandbox image is not built", hint="run: capsa image build")
         rootfs.build_rootfs(root, progress)
-    initrd = images / f"initrd-{kernel.version}-{_key(kernel.package + INIT + ','.join(MODULES))}.cpio"
-    if not initrd.exists():
-        if progress:
-            progress("writing the initramfs")
-        builder = InitramfsBuilder()
-        builder.modules(ModuleIndex(kernel.modules_dir), MODULES)
-        builder.init_script(INIT)
-        builder.write(initrd)
+    initrd = cached_initramfs(kernel, INIT, MODULES, images, "initrd")
     return SandboxImage(kernel.kernel, initrd, root, kernel.version)
