@@ -84,3 +84,31 @@ async def guest_vm(vm_factory: VMFactory) -> capsa.VM:
     await vm.console.wait_for(READY_MARKER, timeout=60)
     await vm.console.wait_for(PROMPT, timeout=30)
     return vm
+
+
+SandboxFactory = Callable[..., Awaitable[capsa.Sandbox]]
+
+
+@pytest_asyncio.fixture
+async def sandbox_factory(request: pytest.FixtureRequest) -> AsyncIterator[SandboxFactory]:
+    """``await sandbox_factory(builder=None)`` boots a sandbox (default: ``capsa.sandbox()``), saves
+    its logs if the test fails, and always kills it."""
+    started: list[capsa.VM] = []
+
+    async def make(builder: capsa.SandboxBuilder | None = None, timeout: float = 120.0) -> capsa.Sandbox:
+        vm = await (builder or capsa.sandbox()).build(timeout)
+        started.append(vm)
+        return vm
+
+    try:
+        yield make
+    finally:
+        _save_logs(request, started)
+        for vm in started:
+            await vm.kill()
+
+
+@pytest_asyncio.fixture
+async def sandbox(sandbox_factory: SandboxFactory) -> capsa.Sandbox:
+    """A fresh default sandbox for this test."""
+    return await sandbox_factory()

@@ -1,5 +1,11 @@
 """capsa: run untrusted code in lightweight Linux virtual machines.
 
+Sandboxes (zero configuration; a Debian guest with python3 and capsa's agent)::
+
+    async with await capsa.sandbox().build() as vm:
+        result = await vm.agent.exec("python3").args(["-c", "print(6 * 7)"]).run()
+        print(result.stdout)  # "42\n"
+
 Raw VMs::
 
     boot = capsa.LinuxDirectBoot("./vmlinuz", "./initrd.img")
@@ -9,39 +15,71 @@ Raw VMs::
 A synchronous facade with the same names lives in :mod:`capsa.sync`.
 """
 
+from capsa.agent.client import Agent
+from capsa.agent.exec import ExecBuilder, OutputStream, Process
+from capsa.agent.types import DirEntry, ExecResult, FileStat, GuestInfo, Mount
 from capsa.boot import LinuxDirectBoot, UefiBoot
 from capsa.console import Console
 from capsa.errors import (
+    AgentError,
     BackendError,
     CapsaError,
     CapsaTimeoutError,
     ConfigError,
     ConsoleTimeoutError,
+    ExecOutputLimitError,
+    ExecTimeoutError,
+    GuestFileError,
+    GuestFileExistsError,
+    GuestFileNotFoundError,
+    GuestPermissionError,
     ImageError,
     ProtocolError,
+    StartTimeoutError,
     VMExited,
     VMNotRunning,
 )
+from capsa.sandbox import Sandbox, SandboxBuilder, sandbox
 from capsa.vm import VM, RunState, VMBuilder, vm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "VM",
+    "Agent",
+    "AgentError",
     "BackendError",
     "CapsaError",
     "CapsaTimeoutError",
     "ConfigError",
     "Console",
     "ConsoleTimeoutError",
+    "DirEntry",
+    "ExecBuilder",
+    "ExecOutputLimitError",
+    "ExecResult",
+    "ExecTimeoutError",
+    "FileStat",
+    "GuestFileError",
+    "GuestFileExistsError",
+    "GuestFileNotFoundError",
+    "GuestInfo",
+    "GuestPermissionError",
     "ImageError",
     "LinuxDirectBoot",
+    "Mount",
+    "OutputStream",
+    "Process",
     "ProtocolError",
     "RunState",
+    "Sandbox",
+    "SandboxBuilder",
+    "StartTimeoutError",
     "UefiBoot",
     "VMBuilder",
     "VMExited",
     "VMNotRunning",
     "__version__",
+    "sandbox",
     "vm",
 ]

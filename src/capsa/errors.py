@@ -8,10 +8,18 @@ QEMU log tail, an exit status) as attributes, plus a ``hint`` that says how to f
     ├── ImageError                          building or fetching a guest image failed
     ├── BackendError                        QEMU refused to start or died (``qemu_log_tail``)
     ├── VMNotRunning                        the VM is stopped, or was never started
-    ├── VMExited                            the guest powered off / QEMU exited while we waited
+    │   └── VMExited                        the guest powered off / QEMU exited while we waited
     ├── ProtocolError                       a guest sent bytes that break the protocol
+    ├── AgentError                          the guest agent refused or failed a request
+    │   ├── ExecOutputLimitError            a command printed more than ``run()`` keeps
+    │   └── GuestFileError                  a guest path operation failed (``path``, ``errno``)
+    │       ├── GuestFileNotFoundError      no such file, directory or program
+    │       ├── GuestPermissionError        EACCES / EPERM / read-only filesystem
+    │       └── GuestFileExistsError        mkdir of an existing path
     └── CapsaTimeoutError (also TimeoutError)
-        └── ConsoleTimeoutError             a console pattern did not appear in time
+        ├── ConsoleTimeoutError             a console pattern did not appear in time
+        ├── StartTimeoutError               a sandbox's agent did not answer in time
+        └── ExecTimeoutError                a guest command ran past its timeout (partial output)
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ class VMNotRunning(CapsaError):
     """The operation needs a running VM, but it is stopped, failed, or not started yet."""
 
 
-class VMExited(CapsaError):
+class VMExited(VMNotRunning):
     """The VM exited while an operation waited on it (guest poweroff, panic, or QEMU crash)."""
 
     def __init__(
@@ -90,8 +98,68 @@ class ProtocolError(CapsaError):
     """A guest sent bytes that violate the protocol (malformed, oversized or unexpected)."""
 
 
+class AgentError(CapsaError):
+    """The guest agent answered a request with an error. ``kind`` is the agent's error kind (see
+    :data:`capsa.agent.wire.ERROR_KINDS`); ``errno`` the guest errno when there is one."""
+
+    def __init__(
+        self, message: str, *, kind: str = "", errno: int | None = None, hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.kind = kind
+        self.errno = errno
+
+
+class GuestFileError(AgentError):
+    """An operation on a guest path failed; ``path`` names it."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str,
+        kind: str = "os_error",
+        errno: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, kind=kind, errno=errno, hint=hint)
+        self.path = path
+
+
+class GuestFileNotFoundError(GuestFileError):
+    """The guest path (or the program to run) does not exist."""
+
+
+class GuestPermissionError(GuestFileError):
+    """The guest refused access (permissions, or a read-only filesystem)."""
+
+
+class GuestFileExistsError(GuestFileError):
+    """The guest path already exists."""
+
+
+class ExecOutputLimitError(AgentError):
+    """``run()`` stopped a command whose output passed the limit; partial output is attached."""
+
+    def __init__(self, message: str, *, stdout: bytes, stderr: bytes, hint: str | None = None) -> None:
+        super().__init__(message, kind="output_limit", hint=hint)
+        self.stdout = stdout
+        self.stderr = stderr
+
+
 class CapsaTimeoutError(CapsaError, TimeoutError):
     """An operation did not finish within its ``timeout``."""
+
+
+class StartTimeoutError(CapsaTimeoutError):
+    """A sandbox's agent did not answer in time; ``console_tail`` shows how far the guest got."""
+
+    def __init__(self, message: str, *, console_tail: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.console_tail = console_tail
+
+    def __str__(self) -> str:
+        return super().__str__() + _tail_block("console (tail)", self.console_tail)
 
 
 class ConsoleTimeoutError(CapsaTimeoutError):
@@ -108,14 +176,43 @@ class ConsoleTimeoutError(CapsaTimeoutError):
         return super().__str__() + _tail_block("console (tail)", self.console_tail)
 
 
+class ExecTimeoutError(CapsaTimeoutError):
+    """A guest command ran past its timeout and was killed. ``stdout``/``stderr`` hold what it printed
+    before (bytes; decode as you need)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        argv: list[str],
+        timeout: float,
+        stdout: bytes,
+        stderr: bytes,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.argv = argv
+        self.timeout = timeout
+        self.stdout = stdout
+        self.stderr = stderr
+
+
 __all__ = [
+    "AgentError",
     "BackendError",
     "CapsaError",
     "CapsaTimeoutError",
     "ConfigError",
     "ConsoleTimeoutError",
+    "ExecOutputLimitError",
+    "ExecTimeoutError",
+    "GuestFileError",
+    "GuestFileExistsError",
+    "GuestFileNotFoundError",
+    "GuestPermissionError",
     "ImageError",
     "ProtocolError",
+    "StartTimeoutError",
     "VMExited",
     "VMNotRunning",
 ]

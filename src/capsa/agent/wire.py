@@ -1,10 +1,46 @@
-"""Framing shared by the host client and the guest agent. Imports only the stdlib and msgpack,
-because the same file is copied into the guest image and run by the guest's Python.
+"""The agent wire protocol, shared by the host client and the guest agent.
 
+This file imports only the stdlib and msgpack because the same file is copied into the guest image
+and run by the guest's Python.
+
+Framing
+-------
 A frame is a 4-byte big-endian length ``N`` followed by ``N`` bytes of msgpack encoding one map with a
 string key ``"t"`` (the message type). ``N`` is capped at :data:`MAX_FRAME`; a peer announcing more is
 in violation before a single payload byte is buffered, so a hostile guest cannot make the host
 allocate more than one frame's worth of memory per connection.
+
+Messages (version :data:`PROTOCOL_VERSION`)
+--------------------------------------------
+``hello``  guest → host, first frame after the agent opens its port: ``{"v": version, "pid": int}``.
+           The host refuses any other version.
+``req``    host → guest: ``{"id": int > 0, "op": str, ...arguments}``. Ids are never reused.
+``res``    guest → host, exactly one per ``req``: ``{"id", "ok": True, ...results}`` or
+           ``{"id", "ok": False, "err": {"kind", "msg", "errno", "path"}}``; ``kind`` is one of
+           :data:`ERROR_KINDS`.
+``data``   either way: ``{"id", "s": stream, "d": bytes}`` with ``stream`` one of ``stdout``,
+           ``stderr``, ``stdin``, ``file``. Never empty.
+``eof``    either way: ``{"id", "s"}``: no more ``data`` on that stream.
+``ack``    the receiver of a stream grants credit back: ``{"id", "s", "n": int}``.
+``end``    guest → host, last message of a streaming request: for ``exec``
+           ``{"id", "code": int | None, "signal": int | None}``, for ``write_file`` the same shape as
+           a ``res``.
+``cancel`` host → guest ``{"id"}``: abandon a streaming request (the guest stops sending).
+
+Operations: ``ping``; ``info``; ``exec {argv, env, cwd, stdin: bool}`` (``res`` carries ``pid``,
+then ``stdout``/``stderr`` streams and an ``end``); ``kill {target: exec id, signal}``;
+``read_file {path}`` (``res`` carries ``size``, then a ``file`` stream); ``write_file {path, mode}``
+(after ``res`` the host sends a ``file`` stream, the guest answers with ``end``); ``list_dir``,
+``stat {path, follow}``, ``exists``, ``mkdir {path, parents, mode}``, ``remove {path, recursive}``;
+``shutdown`` (``res``, then the guest powers off).
+
+Back-pressure
+-------------
+Each direction of each stream starts with :data:`WINDOW` units of credit. Sending a ``data`` frame of
+``n`` bytes costs :func:`cost` ``(n)`` units (the payload plus a fixed per-frame charge, so a flood of
+tiny frames is bounded too); the sender stops when its credit is spent and resumes on ``ack``. A
+receiver that is owed more than :data:`WINDOW` units has met a protocol violation, so what one
+stream can make its receiver buffer is bounded.
 """
 
 from __future__ import annotations
@@ -17,7 +53,26 @@ import msgpack
 PROTOCOL_VERSION = 1
 MAX_FRAME = (1 << 20) + (64 << 10)  # a 1 MiB data chunk plus headroom for the envelope
 CHUNK = 1 << 20  # largest data payload a sender puts in one frame
+WINDOW = 8 << 20  # credit per stream direction, in cost units
+FRAME_COST = 1024  # fixed charge per data frame, on top of its payload
+STREAMS = ("stdout", "stderr", "stdin", "file")
+ERROR_KINDS = (
+    "not_found",  # the path (or the program to exec) does not exist
+    "permission",  # EACCES / EPERM / EROFS
+    "exists",  # mkdir of an existing path without parents
+    "is_a_directory",
+    "not_a_directory",
+    "not_empty",  # remove of a non-empty directory without recursive
+    "os_error",  # any other errno
+    "bad_request",  # the host sent something the agent does not understand
+    "unknown_target",  # kill for an exec id the agent does not know
+)
 _HEADER = struct.Struct(">I")
+
+
+def cost(payload_len: int) -> int:
+    """Credit a data frame of ``payload_len`` bytes consumes."""
+    return payload_len + FRAME_COST
 
 
 class WireError(Exception):

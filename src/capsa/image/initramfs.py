@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from capsa.errors import ImageError
@@ -119,17 +119,29 @@ class InitramfsBuilder:
 
 
 def cached_initramfs(
-    kernel: DebianKernel, init: str, modules: Sequence[str], directory: Path, prefix: str
+    kernel: DebianKernel,
+    init: str,
+    modules: Sequence[str],
+    directory: Path,
+    prefix: str,
+    *,
+    files: Mapping[str, bytes] | None = None,
 ) -> Path:
     """``directory/<prefix>-<kernel version>-<recipe hash>.cpio``: busybox, ``modules`` (with their
-    dependencies) and ``init``, written only if that recipe has not been built before."""
-    recipe = "\n".join([kernel.package, init, *modules]).encode()
-    key = hashlib.sha256(recipe).hexdigest()[:16]
+    dependencies), ``init`` and extra ``files`` (guest path → content), written only if that recipe
+    has not been built before."""
+    files = dict(files or {})
+    digest = hashlib.sha256("\n".join([kernel.package, init, *modules]).encode())
+    for name in sorted(files):
+        digest.update(b"\0" + name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    key = digest.hexdigest()[:16]
     path = directory / f"{prefix}-{kernel.version}-{key}.cpio"
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
         builder = InitramfsBuilder()
         builder.modules(ModuleIndex(kernel.modules_dir), modules)
         builder.init_script(init)
+        for name, data in files.items():
+            builder.file(name, data, 0o755 if data.startswith(b"#!") else 0o644)
         builder.write(path)
     return path

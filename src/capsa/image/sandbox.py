@@ -5,7 +5,8 @@ with capsa's init) are cached separately under ``<cache>/images/``, each keyed b
 recipe, so upgrading capsa never re-runs mmdebstrap unless the package list changed.
 
 At boot the initramfs mounts the SquashFS root read-only under a tmpfs overlay, so every sandbox starts
-from the same clean state and nothing it writes survives it.
+from the same clean state and nothing it writes survives it, then copies the guest agent (shipped in
+the initramfs, so changing the agent never rebuilds the rootfs) into it and runs it as PID 1.
 """
 
 from __future__ import annotations
@@ -30,14 +31,34 @@ MODULES = (
     "virtio_rng",
     "squashfs",
     "overlay",
+    "button",  # the ACPI power button, so vm.stop() is graceful even without the agent's help
+    "evdev",
 )
+AGENT_DIR = "/usr/lib/capsa"  # where the agent lands in the guest root
+AGENT_COMMAND = f"/usr/bin/python3 -E -s {AGENT_DIR}/capsa-agent"
+_AGENT_SOURCES = (
+    "agent/wire.py",
+    "agent/guest/__init__.py",
+    "agent/guest/sessions.py",
+    "agent/guest/main.py",
+)
+_LAUNCHER = b"""#!/usr/bin/python3 -E -s
+from capsa.agent.guest.main import main
 
-INIT = f"""#!/bin/sh
+main()
+"""
+
+
+def sandbox_init(command: str = AGENT_COMMAND) -> str:
+    """The initramfs ``/init``: mount the root, copy the agent into it, ``switch_root`` to
+    ``command`` (the agent, as PID 1). Benchmarks substitute ``command`` to measure floors."""
+    return f"""#!/bin/sh
 fail() {{ echo "{INIT_ERROR_MARKER}: $*"; poweroff -f; }}
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 for m in /lib/modules/*.ko; do insmod "$m" 2>/dev/null; done
+echo 1 > /proc/sys/kernel/printk
 i=0
 while [ ! -b /dev/vda ]; do
   i=$((i + 1)); [ $i -gt 500 ] && fail "no root disk /dev/vda (virtio-blk driver missing?)"
@@ -50,11 +71,29 @@ mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot \\
   || fail "cannot mount the overlay root (overlay driver missing?)"
 for fs in proc sys dev; do mount --move /$fs /newroot/$fs; done
+mkdir -p /newroot/dev/pts /newroot/dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /newroot/dev/pts
+mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
+rm -rf /newroot{AGENT_DIR} && cp -r /capsa-agent /newroot{AGENT_DIR} || fail "cannot install the agent"
+[ -x /newroot/usr/bin/python3 ] || fail "the root filesystem has no /usr/bin/python3"
 echo capsa > /newroot/etc/hostname
 hostname capsa
 echo {ROOT_READY_MARKER}
-exec switch_root /newroot /usr/bin/setsid -c /bin/sh
+exec switch_root /newroot {command}
 """
+
+
+def agent_files() -> dict[str, bytes]:
+    """The guest agent's sources, as initramfs entries under ``/capsa-agent``."""
+    package = Path(__file__).resolve().parent.parent
+    files = {
+        "capsa-agent/capsa-agent": _LAUNCHER,
+        "capsa-agent/capsa/__init__.py": b"",
+        "capsa-agent/capsa/agent/__init__.py": b"",
+    }
+    for source in _AGENT_SOURCES:
+        files[f"capsa-agent/capsa/{source}"] = (package / source).read_bytes()
+    return files
 
 
 @dataclass(frozen=True)
@@ -82,5 +121,5 @@ def sandbox_image(*, build: bool = True, progress: rootfs.Progress | None = None
         if not build:
             raise ImageError("the sandbox image is not built", hint="run: capsa image build")
         rootfs.build_rootfs(root, progress)
-    initrd = cached_initramfs(kernel, INIT, MODULES, images, "initrd")
+    initrd = cached_initramfs(kernel, sandbox_init(), MODULES, images, "initrd", files=agent_files())
     return SandboxImage(kernel.kernel, initrd, root, kernel.version)

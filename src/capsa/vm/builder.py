@@ -19,6 +19,7 @@ from capsa.vm.config import (
     validate_cmdline_value,
     validate_cpus,
     validate_memory_mb,
+    validate_port_name,
 )
 from capsa.vm.handle import VM
 
@@ -83,6 +84,14 @@ class VMBuilder:
         if name not in _MACHINES:
             raise ConfigError(f"machine must be one of {_MACHINES}, got {name!r}")
         return self._with(machine=name)
+
+    def virtio_port(self, name: str) -> VMBuilder:
+        """Add a named virtio-serial port. The guest opens it as ``/dev/vportNpM`` (find it by name in
+        ``/sys/class/virtio-ports/*/name``); the host gets a socket from ``vm.port_socket(name)``."""
+        name = validate_port_name(name)
+        if name in self._config.virtio_ports:
+            raise ConfigError(f"virtio-serial port {name!r} is declared twice")
+        return self._with(virtio_ports=(*self._config.virtio_ports, name))
 
     def name(self, name: str) -> VMBuilder:
         return self._with(name=name)

@@ -22,6 +22,8 @@ MAX_CMDLINE = 2047
 _CMDLINE_KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _CMDLINE_VALUE = re.compile(r"^[\x21-\x7e]*$")  # printable ASCII, no spaces
 _QCOW2_MAGIC = b"QFI\xfb"
+_PORT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+MAX_PORTS = 16
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,15 @@ def validate_memory_mb(memory_mb: int) -> int:
     return memory_mb
 
 
+def validate_port_name(name: str) -> str:
+    if not isinstance(name, str) or not _PORT_NAME.match(name):
+        raise ConfigError(
+            f"invalid virtio-serial port name {name!r}",
+            hint="use lowercase letters, digits, '.', '_' and '-' (at most 64), e.g. 'org.example.0'",
+        )
+    return name
+
+
 def validate_cmdline_key(key: str) -> str:
     if not isinstance(key, str) or not _CMDLINE_KEY.match(key):
         raise ConfigError(
@@ -102,6 +113,8 @@ class VMConfig:
     accelerator: Accelerator = "auto"
     machine: Machine = "microvm"
     name: str | None = None
+    # Named virtio-serial ports; the guest finds each in /sys/class/virtio-ports/*/name.
+    virtio_ports: tuple[str, ...] = ()
     extra_qemu_args: tuple[str, ...] = field(default=())
 
     def all_disks(self) -> tuple[DiskSpec, ...]:
@@ -124,6 +137,12 @@ class VMConfig:
                 raise ConfigError(
                     f"disk {disk.path} is not writable", hint="attach it with read_only=True"
                 )
+        for port in self.virtio_ports:
+            validate_port_name(port)
+        if len(set(self.virtio_ports)) != len(self.virtio_ports):
+            raise ConfigError("the same virtio-serial port name is used twice")
+        if len(self.virtio_ports) > MAX_PORTS:
+            raise ConfigError(f"at most {MAX_PORTS} virtio-serial ports")
         paths = [d.path.resolve() for d in self.all_disks()]
         if len(set(paths)) != len(paths):
             raise ConfigError("the same disk image is attached twice")

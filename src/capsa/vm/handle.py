@@ -44,6 +44,7 @@ class VM:
         self._exit_watch: asyncio.Task[None] | None = None
         self._cleaned = False
         self._stopping = False
+        self._ports: dict[str, socket.socket] = {}
 
     # -- properties --
 
@@ -70,6 +71,17 @@ class VM:
         if self._dir is None:
             raise VMNotRunning("the VM has not been started")
         return self._dir / "logs"
+
+    def port_socket(self, name: str) -> socket.socket:
+        """The host end of the virtio-serial port ``name`` (see ``VMBuilder.virtio_port``), a connected
+        stream socket. The caller takes it over: call once per port; capsa no longer closes it."""
+        try:
+            return self._ports.pop(name)
+        except KeyError:
+            raise CapsaError(
+                f"no unclaimed virtio-serial port named {name!r}",
+                hint="declare it with .virtio_port(name); each port's socket is handed out once",
+            ) from None
 
     @property
     def pid(self) -> int | None:
@@ -105,6 +117,8 @@ class VM:
         logs.mkdir()
         console_host, console_qemu = socket.socketpair()
         qmp_host, qmp_qemu = socket.socketpair()
+        port_pairs = [socket.socketpair() for _ in config.virtio_ports]
+        qemu_ends = [console_qemu.fileno(), qmp_qemu.fileno(), *(q.fileno() for _, q in port_pairs)]
         try:
             plan = LaunchPlan(
                 qemu=qemu,
@@ -112,22 +126,28 @@ class VM:
                 console_fd=console_qemu.fileno(),
                 qmp_fd=qmp_qemu.fileno(),
                 host_khz=host_tsc_khz(),
+                port_fds=tuple(q.fileno() for _, q in port_pairs),
             )
             argv = build_argv(config, plan)
             (logs / "qemu.argv").write_text("\n".join(argv) + "\n")
             self._console = Console(console_host, logs / "console.log")
             self._process = await QemuProcess.start(
                 argv,
-                pass_fds=(console_qemu.fileno(), qmp_qemu.fileno()),
+                pass_fds=tuple(qemu_ends),
                 log_path=logs / "qemu.log",
             )
         except BaseException:
             console_host.close()
             qmp_host.close()
+            for host_end, _ in port_pairs:
+                host_end.close()
             raise
         finally:
             console_qemu.close()
             qmp_qemu.close()
+            for _, qemu_end in port_pairs:
+                qemu_end.close()
+        self._ports = {name: pair[0] for name, pair in zip(config.virtio_ports, port_pairs, strict=True)}
         self._monitor = Monitor(f"qmp-{self._dir.name}")
         try:
             await self._monitor.connect(qmp_host, timeout)
@@ -225,6 +245,9 @@ class VM:
             await self._monitor.close()
         if self._console is not None:
             await self._console._close()
+        for sock in self._ports.values():
+            sock.close()
+        self._ports.clear()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
 

@@ -21,6 +21,7 @@ class LaunchPlan:
     console_fd: int
     qmp_fd: int
     host_khz: int | None = None  # for tsc_early_khz under TCG on microvm
+    port_fds: tuple[int, ...] = ()  # one socket fd per config.virtio_ports entry, same order
 
 
 def qemu_escape(value: str) -> str:
@@ -75,5 +76,12 @@ def build_argv(config: VMConfig, plan: LaunchPlan) -> list[str]:
             f"readonly={'on' if disk.read_only else 'off'},cache=writeback"
         )
         argv += ["-drive", drive, "-device", f"virtio-blk-{suffix},drive=disk{index}"]
+    if len(plan.port_fds) != len(config.virtio_ports):
+        raise ConfigError("internal: one socket per virtio-serial port is needed")
+    if config.virtio_ports:
+        argv += ["-device", f"virtio-serial-{suffix},id=vser0,max_ports={len(config.virtio_ports) + 1}"]
+    for index, (name, fd) in enumerate(zip(config.virtio_ports, plan.port_fds, strict=True)):
+        argv += ["-chardev", f"socket,id=port{index},fd={fd}"]
+        argv += ["-device", f"virtserialport,bus=vser0.0,nr={index + 1},chardev=port{index},name={name}"]
     argv += list(config.extra_qemu_args)
     return argv

@@ -1,13 +1,4 @@
-"""Synchronous facade: the same names as the async API, for code that does not use asyncio.
-
-::
-
-    from capsa import sync, LinuxDirectBoot
-
-    with sync.vm(LinuxDirectBoot("vmlinuz", "initrd")).build() as vm:
-        vm.console.wait_for("# ", timeout=30)
-        print(vm.console.exec_line("uname -a"))
-"""
+"""Blocking twins of ``capsa.vm()`` and :class:`capsa.VM`."""
 
 from __future__ import annotations
 
@@ -175,6 +166,3 @@ class SyncVMBuilder:
 def vm(boot: BootConfig) -> SyncVMBuilder:
     """Blocking twin of :func:`capsa.vm`."""
     return SyncVMBuilder(_async_vm(boot))
-
-
-__all__ = ["SyncConsole", "SyncVM", "SyncVMBuilder", "vm"]

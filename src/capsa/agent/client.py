@@ -1,0 +1,238 @@
+"""``vm.agent``: structured commands and file transfer through the guest agent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import msgpack
+
+from capsa.agent import wire
+from capsa.agent._channel import Call, Channel
+from capsa.agent.errors import check_guest_path, expect_ok
+from capsa.agent.exec import ExecBuilder, ExecSpec, _check_text
+from capsa.agent.types import DirEntry, FileStat, FileType, GuestInfo, Mount
+from capsa.errors import AgentError, CapsaTimeoutError, ConfigError, ProtocolError, VMNotRunning
+
+DEFAULT_TIMEOUT = 30.0
+FILE_TIMEOUT = 300.0
+DEFAULT_READ_LIMIT = 1 << 30
+LIST_LIMIT = 64 << 20
+_FILE_TYPES = ("file", "dir", "symlink", "other")
+
+
+def _field(reply: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = reply.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ProtocolError(f"the agent's reply has a bad {key!r}: {value!r:.80}")
+    return value
+
+
+def _file_type(value: Any) -> FileType:
+    if value not in _FILE_TYPES:
+        raise ProtocolError(f"the agent sent an unknown file type {value!r:.40}")
+    return value  # type: ignore[no-any-return]
+
+
+class Agent:
+    """Client of one guest agent. Every method takes ``timeout=`` (seconds)."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+
+    @property
+    def channel(self) -> Channel:
+        return self._channel
+
+    async def _request(
+        self, op: str, args: dict[str, Any], timeout: float, path: str | None = None
+    ) -> dict[str, Any]:
+        call = await self._channel.call(op, args)
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await call.response
+        except TimeoutError:
+            raise CapsaTimeoutError(f"the guest agent did not answer {op!r} within {timeout}s") from None
+        finally:
+            call.close()
+        return expect_ok(reply, op, path)
+
+    # -- basics --
+
+    async def ping(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        await self._request("ping", {}, timeout)
+
+    async def info(self, timeout: float = DEFAULT_TIMEOUT) -> GuestInfo:
+        reply = await self._request("info", {}, timeout)
+        raw_mounts = _field(reply, "mounts", list)
+        mounts = []
+        for entry in raw_mounts[:10_000]:
+            if not (
+                isinstance(entry, list) and len(entry) == 4 and all(isinstance(x, str) for x in entry)
+            ):
+                raise ProtocolError("the agent sent a malformed mount entry")
+            mounts.append(Mount(*entry))
+        return GuestInfo(
+            kernel_version=_field(reply, "kernel_version", str),
+            hostname=_field(reply, "hostname", str),
+            cpus=_field(reply, "cpus", int),
+            memory_bytes=_field(reply, "memory_bytes", int),
+            mounts=tuple(mounts),
+            agent_version=_field(reply, "agent_version", str),
+            python_version=_field(reply, "python_version", str),
+            uptime=float(_field(reply, "uptime", (int, float))),
+        )
+
+    def exec(self, program: str) -> ExecBuilder:
+        """A command builder: ``await vm.agent.exec("ls").arg("/").run()``."""
+        if not isinstance(program, str) or not program:
+            raise ConfigError(f"exec needs a program name, got {program!r}")
+        return ExecBuilder(self._channel, ExecSpec(argv=(_check_text(program, "the program"),)))
+
+    async def shutdown(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Ask the guest to power off. Returns once the agent has acknowledged; the VM then exits and
+        every later call raises :class:`VMNotRunning`."""
+        await self._request("shutdown", {}, timeout)
+        self._channel.fail(VMNotRunning("the sandbox was shut down", hint="build a new sandbox"))
+
+    # -- files --
+
+    async def read_file(
+        self, path: str, *, timeout: float = FILE_TIMEOUT, limit: int = DEFAULT_READ_LIMIT
+    ) -> bytes:
+        """The whole content of a guest file (streamed in chunks; ``limit`` bytes at most)."""
+        check_guest_path(path)
+        call = await self._channel.call("read_file", {"path": path}, in_streams=("file",))
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._receive(call, "read_file", path, limit)
+        except TimeoutError:
+            raise CapsaTimeoutError(f"read_file {path} did not finish within {timeout}s") from None
+        finally:
+            await self._finish(call)
+
+    async def _receive(self, call: Call, what: str, path: str, limit: int) -> bytes:
+        expect_ok(await call.response, what, path)
+        stream = call.streams["file"]
+        parts: list[bytes] = []
+        total = 0
+        while (chunk := await stream.read()) is not None:
+            total += len(chunk)
+            if total > limit:
+                raise AgentError(
+                    f"{what} {path}: more than {limit} bytes",
+                    kind="too_large",
+                    hint="pass a larger limit= if you really want it in memory",
+                )
+            parts.append(chunk)
+        if call.end.done():  # the guest failed mid-file (e.g. an I/O error) instead of ending it
+            expect_ok(call.end.result(), what, path)
+        return b"".join(parts)
+
+    async def _finish(self, call: Call) -> None:
+        """Forget a streaming call; tell the guest to stop if it has not ended."""
+        if not call.end.done() and self._channel.failure is None:
+            with contextlib.suppress(Exception):
+                self._channel.post({"t": "cancel", "id": call.id})
+        call.close()
+
+    async def write_file(
+        self, path: str, data: bytes | str, *, mode: int = 0o644, timeout: float = FILE_TIMEOUT
+    ) -> None:
+        """Create or replace a guest file with ``data`` (streamed in chunks; any size)."""
+        check_guest_path(path)
+        if isinstance(data, str):
+            data = data.encode()
+        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+            raise ConfigError(f"mode must be a permission number such as 0o644, got {mode!r}")
+        view = memoryview(data)
+        call = await self._channel.call(
+            "write_file", {"path": path, "mode": mode}, out_streams=("file",)
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                expect_ok(await call.response, "write_file", path)
+                credit = call.credits["file"]
+                offset = 0
+                while offset < len(view):
+                    chunk = bytes(view[offset : offset + wire.CHUNK])
+                    if not await credit.take(wire.cost(len(chunk)), call.end.done):
+                        break
+                    await self._channel.send({"t": "data", "id": call.id, "s": "file", "d": chunk})
+                    offset += len(chunk)
+                if not call.end.done():
+                    await self._channel.send({"t": "eof", "id": call.id, "s": "file"})
+                expect_ok(await call.end, "write_file", path)
+        except TimeoutError:
+            raise CapsaTimeoutError(f"write_file {path} did not finish within {timeout}s") from None
+        finally:
+            await self._finish(call)
+
+    async def list_dir(self, path: str, *, timeout: float = DEFAULT_TIMEOUT) -> list[DirEntry]:
+        """Entries of a guest directory, sorted by name (without ``.`` and ``..``)."""
+        check_guest_path(path)
+        call = await self._channel.call("list_dir", {"path": path}, in_streams=("file",))
+        try:
+            async with asyncio.timeout(timeout):
+                payload = await self._receive(call, "list_dir", path, LIST_LIMIT)
+        except TimeoutError:
+            raise CapsaTimeoutError(f"list_dir {path} did not finish within {timeout}s") from None
+        finally:
+            await self._finish(call)
+        try:
+            rows = msgpack.unpackb(payload, raw=False)
+        except Exception as exc:
+            raise ProtocolError(f"list_dir: malformed listing from the agent ({exc})") from None
+        entries = []
+        for row in rows if isinstance(rows, list) else [None]:
+            if not (
+                isinstance(row, list)
+                and len(row) == 5
+                and isinstance(row[0], str)
+                and all(isinstance(x, int) for x in row[2:4])
+                and isinstance(row[4], (int, float))
+            ):
+                raise ProtocolError("list_dir: malformed entry from the agent")
+            entries.append(DirEntry(row[0], _file_type(row[1]), row[2], row[3], float(row[4])))
+        return entries
+
+    async def stat(
+        self, path: str, *, follow_symlinks: bool = True, timeout: float = DEFAULT_TIMEOUT
+    ) -> FileStat:
+        check_guest_path(path)
+        reply = await self._request("stat", {"path": path, "follow": follow_symlinks}, timeout, path)
+        target = reply.get("target")
+        return FileStat(
+            path=path,
+            type=_file_type(reply.get("type")),
+            size=_field(reply, "size", int),
+            mode=_field(reply, "mode", int),
+            uid=_field(reply, "uid", int),
+            gid=_field(reply, "gid", int),
+            mtime=float(_field(reply, "mtime", (int, float))),
+            target=target if isinstance(target, str) else None,
+        )
+
+    async def exists(self, path: str, *, timeout: float = DEFAULT_TIMEOUT) -> bool:
+        check_guest_path(path)
+        reply = await self._request("exists", {"path": path}, timeout, path)
+        return bool(_field(reply, "exists", bool))
+
+    async def mkdir(
+        self, path: str, *, parents: bool = False, mode: int = 0o755, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        """Create a directory; with ``parents=True`` also its parents, and no error if it exists."""
+        check_guest_path(path)
+        args = {"path": path, "parents": bool(parents), "mode": mode}
+        await self._request("mkdir", args, timeout, path)
+
+    async def remove(
+        self, path: str, *, recursive: bool = False, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        """Remove a file, symlink or empty directory; ``recursive=True`` removes a whole tree."""
+        check_guest_path(path)
+        await self._request("remove", {"path": path, "recursive": bool(recursive)}, timeout, path)
+
+
+__all__ = ["Agent"]

@@ -1,0 +1,62 @@
+"""Turn the agent's error replies into capsa exceptions, and check guest paths before sending them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from capsa.errors import (
+    AgentError,
+    CapsaError,
+    ConfigError,
+    GuestFileError,
+    GuestFileExistsError,
+    GuestFileNotFoundError,
+    GuestPermissionError,
+    ProtocolError,
+)
+
+MAX_PATH = 4096
+
+_BY_KIND: dict[str, type[GuestFileError]] = {
+    "not_found": GuestFileNotFoundError,
+    "permission": GuestPermissionError,
+    "exists": GuestFileExistsError,
+}
+
+
+def check_guest_path(path: str) -> str:
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigError(f"guest paths must be absolute strings, got {path!r}")
+    if "\0" in path or len(path.encode()) > MAX_PATH:
+        raise ConfigError(f"invalid guest path {path[:80]!r} (NUL byte or longer than {MAX_PATH})")
+    return path
+
+
+def agent_error(err: Any, what: str, path: str | None = None) -> CapsaError:
+    """``err`` is the guest's ``err`` map (untrusted: every field is checked)."""
+    if not isinstance(err, dict):
+        return ProtocolError(f"{what}: the agent sent a malformed error")
+    kind = _text(err.get("kind")) or "os_error"
+    msg = _text(err.get("msg")) or "error"
+    errno = err.get("errno") if isinstance(err.get("errno"), int) else None
+    guest_path = _text(err.get("path"))
+    where = guest_path or path
+    text = f"{what}: {msg}" + (f": {where}" if where else "")
+    if kind == "bad_request":
+        return AgentError(text, kind=kind, hint="this is a capsa bug or a capsa/agent version mismatch")
+    if where is None:
+        return AgentError(text, kind=kind, errno=errno)
+    cls = _BY_KIND.get(kind, GuestFileError)
+    return cls(text, path=where, kind=kind, errno=errno)
+
+
+def _text(value: Any) -> str | None:
+    return value[:500] if isinstance(value, str) else None
+
+
+def expect_ok(reply: Any, what: str, path: str | None = None) -> dict[str, Any]:
+    if not isinstance(reply, dict):
+        raise ProtocolError(f"{what}: the agent sent a malformed reply")
+    if not reply.get("ok"):
+        raise agent_error(reply.get("err"), what, path)
+    return reply

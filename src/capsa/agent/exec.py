@@ -1,0 +1,328 @@
+"""``vm.agent.exec(program)``: an immutable command builder, running processes and their output."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal as signals
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from capsa.agent import wire
+from capsa.agent._channel import Call, Channel, InStream
+from capsa.agent.errors import agent_error
+from capsa.agent.types import ExecResult
+from capsa.errors import (
+    AgentError,
+    CapsaTimeoutError,
+    ConfigError,
+    ExecOutputLimitError,
+    ExecTimeoutError,
+    GuestFileNotFoundError,
+    ProtocolError,
+)
+
+SPAWN_TIMEOUT = 30.0
+KILL_GRACE = 5.0
+DEFAULT_MAX_OUTPUT = 64 << 20
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str | None = None
+    stdin: bytes | None = None
+    timeout: float | None = None
+    max_output: int = DEFAULT_MAX_OUTPUT
+
+
+def _check_text(value: str, what: str) -> str:
+    if not isinstance(value, str) or "\0" in value:
+        raise ConfigError(f"{what} must be a string without NUL bytes, got {value!r}")
+    return value
+
+
+class OutputStream:
+    """A running process's stdout or stderr: ``async for chunk in proc.stdout`` yields bytes as the
+    guest produces them. Unread output holds the process back (back-pressure), it is never lost."""
+
+    def __init__(self, stream: InStream) -> None:
+        self._stream = stream
+
+    def __aiter__(self) -> OutputStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = await self._stream.read()
+        if data is None:
+            raise StopAsyncIteration
+        return data
+
+    async def read(self) -> bytes:
+        """Everything until the stream ends."""
+        return b"".join([chunk async for chunk in self])
+
+
+class Process:
+    """A command started with ``spawn()``. ``stdout``/``stderr`` stream its output; ``write_stdin``
+    feeds it; ``kill`` signals its process group; ``wait`` returns its exit code."""
+
+    def __init__(self, call: Call, argv: tuple[str, ...], pid: int) -> None:
+        self._call = call
+        self.argv = argv
+        self.pid = pid  # in the guest
+        self.stdout = OutputStream(call.streams["stdout"])
+        self.stderr = OutputStream(call.streams["stderr"])
+        self.returncode: int | None = None
+        self.signal: int | None = None
+        self._stdin_open = "stdin" in call.credits
+
+    @property
+    def _channel(self) -> Channel:
+        return self._call.channel
+
+    async def write_stdin(self, data: bytes) -> None:
+        """Send ``data`` to the process's stdin (waits while the guest is still catching up)."""
+        credit = self._call.credits.get("stdin")
+        if credit is None or not self._stdin_open:
+            raise AgentError("this process's stdin is closed", kind="stdin_closed")
+        view = memoryview(bytes(data))
+        while view:
+            chunk = bytes(view[: wire.CHUNK])
+            view = view[wire.CHUNK :]
+            if not await credit.take(wire.cost(len(chunk)), self._call.end.done):
+                raise AgentError("the process exited; its stdin is closed", kind="stdin_closed")
+            await self._channel.send({"t": "data", "id": self._call.id, "s": "stdin", "d": chunk})
+
+    async def close_stdin(self) -> None:
+        if self._stdin_open and not self._call.end.done():
+            self._stdin_open = False
+            await self._channel.send({"t": "eof", "id": self._call.id, "s": "stdin"})
+
+    async def kill(self, sig: int = signals.SIGKILL, timeout: float = 10.0) -> None:
+        """Send ``sig`` to the process group (the command and what it started). No error if the
+        process has already exited."""
+        if self._call.end.done():
+            return
+        call = await self._channel.call("kill", {"target": self._call.id, "signal": int(sig)})
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await call.response
+        except TimeoutError:
+            raise CapsaTimeoutError(f"kill of {self.argv[0]!r} got no answer in {timeout}s") from None
+        finally:
+            call.close()
+        if not reply.get("ok"):
+            err = reply.get("err")
+            if isinstance(err, dict) and err.get("kind") == "unknown_target":
+                return  # it exited meanwhile
+            raise agent_error(err, f"kill {self.argv[0]}")
+
+    async def terminate(self) -> None:
+        await self.kill(signals.SIGTERM)
+
+    async def wait(self, timeout: float | None = None) -> int:
+        """Wait for the process to exit; returns its exit code (128 + signal if killed)."""
+        try:
+            async with asyncio.timeout(timeout):
+                end = await asyncio.shield(self._call.end)
+        except TimeoutError:
+            raise CapsaTimeoutError(f"{self.argv[0]!r} did not exit within {timeout}s") from None
+        self._call.close()
+        code, sig = end.get("code"), end.get("signal")
+        if isinstance(sig, int) and not isinstance(sig, bool) and 0 < sig < 128:
+            self.signal = sig
+            self.returncode = 128 + sig
+        elif isinstance(code, int) and not isinstance(code, bool) and 0 <= code <= 255:
+            self.returncode = code
+        else:
+            raise ProtocolError(f"malformed exit status from the agent: {end!r:.200}")
+        return self.returncode
+
+
+class ExecBuilder:
+    """Describe a command, then ``await .run()`` (collect its output) or ``await .spawn()`` (stream).
+
+    The argv runs directly, without a shell: use ``exec("sh").args(["-c", "..."])`` for one.
+    """
+
+    def __init__(self, channel: Channel, spec: ExecSpec) -> None:
+        self._channel = channel
+        self._spec = spec
+
+    def _with(self, **changes: Any) -> ExecBuilder:
+        return ExecBuilder(self._channel, replace(self._spec, **changes))
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return self._spec.argv
+
+    def arg(self, value: str) -> ExecBuilder:
+        return self._with(argv=(*self._spec.argv, _check_text(value, "an argument")))
+
+    def args(self, values: list[str] | tuple[str, ...]) -> ExecBuilder:
+        if isinstance(values, str):
+            raise ConfigError("args() takes a list of strings; use arg() for one")
+        return self._with(argv=(*self._spec.argv, *(_check_text(v, "an argument") for v in values)))
+
+    def env(self, key: str, value: str) -> ExecBuilder:
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise ConfigError(f"invalid environment variable name {key!r}")
+        return self._with(env=(*self._spec.env, (key, _check_text(value, "an environment value"))))
+
+    def cwd(self, path: str) -> ExecBuilder:
+        if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+            raise ConfigError(f"cwd must be an absolute guest path, got {path!r}")
+        return self._with(cwd=path)
+
+    def stdin(self, data: bytes | str) -> ExecBuilder:
+        """Feed ``data`` to the command's stdin, then close it (without it, stdin is /dev/null)."""
+        if isinstance(data, str):
+            data = data.encode()
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ConfigError("stdin takes bytes or str")
+        return self._with(stdin=bytes(data))
+
+    def timeout(self, seconds: float) -> ExecBuilder:
+        """Kill the command (its whole process group) if it runs longer than this."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+            raise ConfigError(f"timeout must be a positive number of seconds, got {seconds!r}")
+        return self._with(timeout=float(seconds))
+
+    def max_output(self, nbytes: int) -> ExecBuilder:
+        """How much of stdout and of stderr ``run()`` keeps (default 64 MiB each); past it the
+        command is killed and :class:`ExecOutputLimitError` raised."""
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+            raise ConfigError(f"max_output must be a positive integer, got {nbytes!r}")
+        return self._with(max_output=nbytes)
+
+    async def spawn(self) -> Process:
+        """Start the command and return at once. Its stdin is a pipe (``write_stdin``,
+        ``close_stdin``); if ``stdin(data)`` was given, that is written first and stdin closed."""
+        process = await self._start(stdin=True)
+        if self._spec.stdin is not None:
+            await self._feed(process)
+        return process
+
+    async def run(self) -> ExecResult:
+        """Run to completion and return its exit code and output."""
+        spec = self._spec
+        started = time.monotonic()
+        process = await self._start(stdin=spec.stdin is not None)
+        out, err = bytearray(), bytearray()
+        try:
+            async with asyncio.timeout(spec.timeout):
+                feeder = asyncio.ensure_future(self._feed(process)) if spec.stdin is not None else None
+                try:
+                    await asyncio.gather(
+                        _collect(process.stdout, out, spec.max_output),
+                        _collect(process.stderr, err, spec.max_output),
+                    )
+                    code = await process.wait()
+                finally:
+                    if feeder is not None:
+                        feeder.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, AgentError):
+                            await feeder
+        except TimeoutError:
+            await _reap(process)
+            raise ExecTimeoutError(
+                f"{spec.argv[0]!r} ran past its {spec.timeout}s timeout and was killed",
+                argv=list(spec.argv),
+                timeout=spec.timeout or 0.0,
+                stdout=bytes(out),
+                stderr=bytes(err),
+            ) from None
+        except _OutputLimit:
+            await _reap(process)
+            raise ExecOutputLimitError(
+                f"{spec.argv[0]!r} printed more than {spec.max_output} bytes and was killed",
+                stdout=bytes(out),
+                stderr=bytes(err),
+                hint="raise the limit with .max_output(n), or stream with .spawn()",
+            ) from None
+        except BaseException:
+            await _reap(process)
+            raise
+        return ExecResult(
+            argv=spec.argv,
+            exit_code=code,
+            stdout_bytes=bytes(out),
+            stderr_bytes=bytes(err),
+            signal=process.signal,
+            duration=time.monotonic() - started,
+        )
+
+    async def _feed(self, process: Process) -> None:
+        assert self._spec.stdin is not None
+        with contextlib.suppress(AgentError):
+            await process.write_stdin(self._spec.stdin)
+        await process.close_stdin()
+
+    async def _start(self, *, stdin: bool) -> Process:
+        spec = self._spec
+        args = {"argv": list(spec.argv), "env": dict(spec.env), "cwd": spec.cwd, "stdin": stdin}
+        call = await self._channel.call(
+            "exec", args, in_streams=("stdout", "stderr"), out_streams=("stdin",) if stdin else ()
+        )
+        try:
+            async with asyncio.timeout(SPAWN_TIMEOUT):
+                reply = await call.response
+        except TimeoutError:
+            call.close()
+            raise CapsaTimeoutError(
+                f"the agent did not start {spec.argv[0]!r} in {SPAWN_TIMEOUT}s"
+            ) from None
+        except BaseException:
+            call.close()
+            raise
+        if not reply["ok"]:
+            call.close()
+            raise _spawn_error(reply.get("err"), spec)
+        pid = reply.get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool):
+            call.close()
+            raise ProtocolError("the agent's exec reply has no pid")
+        return Process(call, spec.argv, pid)
+
+
+class _OutputLimit(Exception):
+    pass
+
+
+async def _collect(stream: OutputStream, into: bytearray, limit: int) -> None:
+    async for chunk in stream:
+        if len(into) + len(chunk) > limit:
+            into += chunk[: limit - len(into)]
+            raise _OutputLimit
+        into += chunk
+
+
+async def _reap(process: Process) -> None:
+    """Kill a process we are abandoning and give the guest a moment to report its end."""
+    with contextlib.suppress(Exception):
+        await process.kill(signals.SIGKILL, timeout=KILL_GRACE)
+        await process.wait(KILL_GRACE)
+    process._call.close()
+
+
+def _spawn_error(err: Any, spec: ExecSpec) -> Exception:
+    error = agent_error(err, f"exec {spec.argv[0]}")
+    if isinstance(error, GuestFileNotFoundError):
+        if spec.cwd is not None and error.path == spec.cwd:
+            return GuestFileNotFoundError(
+                f"exec {spec.argv[0]}: working directory {spec.cwd} does not exist in the guest",
+                path=spec.cwd,
+                kind=error.kind,
+                errno=error.errno,
+            )
+        return GuestFileNotFoundError(
+            f"exec: program {spec.argv[0]!r} not found in the guest",
+            path=spec.argv[0],
+            kind=error.kind,
+            errno=error.errno,
+            hint="give an absolute path, or install it in the image; exec runs argv without a shell",
+        )
+    return error

@@ -1,0 +1,1 @@
+"""The in-guest side of the agent (runs in the sandbox guest, not on the host)."""

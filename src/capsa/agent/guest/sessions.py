@@ -1,0 +1,337 @@
+"""Sessions of the guest agent: one per streaming request (an exec, a file read or write), plus the
+outbox that queues frames for the host. See :mod:`capsa.agent.guest.main` for the loop."""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from typing import Any, Protocol
+
+from capsa.agent import wire
+
+PIPE_READ = 256 << 10
+OUTBOX_HIGH = 4 << 20  # stop reading pipes and files while this much is queued for the host
+EXIT_GRACE = 0.5  # after the child exits, how long an idle inherited pipe may delay the "end"
+_ERRNO_KIND = {
+    errno.ENOENT: "not_found",
+    errno.EACCES: "permission",
+    errno.EPERM: "permission",
+    errno.EROFS: "permission",
+    errno.EEXIST: "exists",
+    errno.EISDIR: "is_a_directory",
+    errno.ENOTDIR: "not_a_directory",
+    errno.ENOTEMPTY: "not_empty",
+}
+
+Message = dict[str, Any]
+
+
+class Host(Protocol):
+    """What a session needs from the agent that owns it."""
+
+    outbox: Outbox
+
+    def close_fd(self, fd: int) -> None: ...
+
+    def forget(self, session: Session) -> None: ...
+
+
+class BadRequest(Exception):
+    pass
+
+
+def log(text: str) -> None:
+    sys.stderr.write(f"capsa-agent: {text}\n")
+    sys.stderr.flush()
+
+
+def error_body(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, OSError):
+        kind = _ERRNO_KIND.get(exc.errno or 0, "os_error")
+        path = exc.filename if isinstance(exc.filename, str) else None
+        return {"kind": kind, "msg": exc.strerror or str(exc), "errno": exc.errno, "path": path}
+    return {"kind": "bad_request", "msg": str(exc) or type(exc).__name__, "errno": None, "path": None}
+
+
+class Outbox:
+    """Frames queued for the host, written without blocking as the port accepts them."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.chunks: deque[memoryview] = deque()
+        self.size = 0
+
+    def send(self, message: Message) -> None:
+        data = wire.encode(message)
+        self.chunks.append(memoryview(data))
+        self.size += len(data)
+
+    def flush(self) -> None:
+        while self.chunks:
+            head = self.chunks[0]
+            try:
+                n = os.write(self.fd, head)
+            except BlockingIOError:
+                return
+            self.size -= n
+            if n == len(head):
+                self.chunks.popleft()
+            else:
+                self.chunks[0] = head[n:]
+
+    def flush_blocking(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.fd, selectors.EVENT_WRITE)
+            while self.chunks and time.monotonic() < deadline:
+                sel.select(0.05)
+                self.flush()
+
+
+# -- sessions (one per streaming request) ----------------------------------------------------------
+
+
+class OutStream:
+    """A guest → host stream fed from a pipe: data is read only while the host has granted credit."""
+
+    def __init__(self, agent: Host, name: str, fd: int) -> None:
+        self.agent = agent
+        self.name = name
+        self.fd: int | None = fd
+        self.credit = wire.WINDOW
+        self.last_data = time.monotonic()
+
+    def can_read(self) -> bool:
+        return self.fd is not None and self.credit > wire.FRAME_COST
+
+    def close(self) -> None:
+        if self.fd is not None:
+            self.agent.close_fd(self.fd)
+            self.fd = None
+
+
+class ExecSession:
+    def __init__(self, agent: Host, sid: int, popen: subprocess.Popen[bytes], fds: dict[str, int]):
+        self.agent = agent
+        self.id = sid
+        self.popen = popen
+        self.pid = popen.pid
+        self.outs = {name: OutStream(agent, name, fd) for name, fd in fds.items() if name != "stdin"}
+        self.stdin_fd: int | None = fds.get("stdin")
+        self.stdin_pending: deque[tuple[memoryview, int]] = deque()
+        self.stdin_eof = False
+        self.status: int | None = None
+        self.reaped_at = 0.0
+
+    # host → child stdin
+    def on_data(self, stream: str, data: bytes) -> None:
+        if stream != "stdin":
+            return
+        charge = wire.cost(len(data))
+        if self.stdin_fd is None:
+            self.agent.outbox.send({"t": "ack", "id": self.id, "s": "stdin", "n": charge})
+            return
+        self.stdin_pending.append((memoryview(data), charge))
+        self.pump_stdin()
+
+    def on_eof(self, stream: str) -> None:
+        if stream == "stdin":
+            self.stdin_eof = True
+            self.pump_stdin()
+
+    def pump_stdin(self) -> None:
+        while self.stdin_pending and self.stdin_fd is not None:
+            view, charge = self.stdin_pending[0]
+            try:
+                n = os.write(self.stdin_fd, view)
+            except BlockingIOError:
+                return
+            except OSError:  # the child closed its stdin: drop what is left, keep the host unblocked
+                self.close_stdin()
+                return
+            if n < len(view):
+                self.stdin_pending[0] = (view[n:], charge)
+                continue
+            self.stdin_pending.popleft()
+            self.agent.outbox.send({"t": "ack", "id": self.id, "s": "stdin", "n": charge})
+        if self.stdin_eof and not self.stdin_pending:
+            self.close_stdin()
+
+    def close_stdin(self) -> None:
+        for _, charge in self.stdin_pending:
+            self.agent.outbox.send({"t": "ack", "id": self.id, "s": "stdin", "n": charge})
+        self.stdin_pending.clear()
+        if self.stdin_fd is not None:
+            self.agent.close_fd(self.stdin_fd)
+            self.stdin_fd = None
+
+    # child stdout/stderr → host
+    def on_readable(self, out: OutStream) -> None:
+        assert out.fd is not None
+        try:
+            data = os.read(out.fd, min(PIPE_READ, out.credit - wire.FRAME_COST))
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.end_stream(out)
+            return
+        out.credit -= wire.cost(len(data))
+        out.last_data = time.monotonic()
+        self.agent.outbox.send({"t": "data", "id": self.id, "s": out.name, "d": data})
+
+    def end_stream(self, out: OutStream) -> None:
+        out.close()
+        self.agent.outbox.send({"t": "eof", "id": self.id, "s": out.name})
+        self.maybe_finish()
+
+    def on_ack(self, stream: str, n: int) -> None:
+        out = self.outs.get(stream)
+        if out is not None:
+            out.credit += n
+
+    def on_reaped(self, status: int) -> None:
+        self.status = status
+        self.reaped_at = time.monotonic()
+        self.popen.returncode = os.waitstatus_to_exitcode(status)
+        self.maybe_finish()
+
+    def check_grace(self, now: float) -> None:
+        """A background process that inherited the pipes must not hold back the exit forever."""
+        if self.status is None or now - self.reaped_at < EXIT_GRACE:
+            return
+        for out in list(self.outs.values()):
+            if out.can_read() and now - out.last_data >= EXIT_GRACE:
+                self.end_stream(out)
+
+    def maybe_finish(self) -> None:
+        if self.status is None or any(out.fd is not None for out in self.outs.values()):
+            return
+        code = sig = None
+        if os.WIFSIGNALED(self.status):
+            sig = os.WTERMSIG(self.status)
+        else:
+            code = os.WEXITSTATUS(self.status)
+        self.close_stdin()
+        self.agent.outbox.send({"t": "end", "id": self.id, "code": code, "signal": sig})
+        self.agent.forget(self)
+
+    def signal(self, signum: int) -> None:
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            if self.status is None:
+                os.kill(self.pid, signum)
+
+    def cancel(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def fds(self) -> list[int]:
+        return [out.fd for out in self.outs.values() if out.fd is not None]
+
+
+class ReadSession:
+    """Sends one file as a ``file`` stream. Regular files cannot be polled, so the loop calls
+    :meth:`produce` while credit lasts and the outbox has room."""
+
+    def __init__(self, agent: Host, sid: int, fd: int, payload: bytes | None = None) -> None:
+        self.agent = agent
+        self.id = sid
+        self.fd = fd
+        self.payload = memoryview(payload) if payload is not None else None
+        self.credit = wire.WINDOW
+
+    def ready(self) -> bool:
+        return self.credit > wire.FRAME_COST and self.agent.outbox.size < OUTBOX_HIGH
+
+    def produce(self) -> None:
+        size = min(wire.CHUNK, self.credit - wire.FRAME_COST)
+        if self.payload is not None:
+            data = bytes(self.payload[:size])
+            self.payload = self.payload[size:]
+        else:
+            try:
+                data = os.read(self.fd, size)
+            except OSError as exc:
+                self.agent.outbox.send({"t": "end", "id": self.id, "ok": False, "err": error_body(exc)})
+                self.close()
+                return
+        if not data:
+            self.agent.outbox.send({"t": "eof", "id": self.id, "s": "file"})
+            self.close()
+            return
+        self.credit -= wire.cost(len(data))
+        self.agent.outbox.send({"t": "data", "id": self.id, "s": "file", "d": data})
+
+    def on_ack(self, stream: str, n: int) -> None:
+        self.credit += n
+
+    def on_data(self, stream: str, data: bytes) -> None:
+        pass
+
+    def on_eof(self, stream: str) -> None:
+        pass
+
+    def cancel(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.agent.forget(self)
+
+
+class WriteSession:
+    """Receives a ``file`` stream into an open file, acknowledging each frame once written."""
+
+    def __init__(self, agent: Host, sid: int, fd: int) -> None:
+        self.agent = agent
+        self.id = sid
+        self.fd = fd
+
+    def on_data(self, stream: str, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            self.finish({"ok": False, "err": error_body(exc)})
+            return
+        self.agent.outbox.send({"t": "ack", "id": self.id, "s": "file", "n": wire.cost(len(data))})
+
+    def on_eof(self, stream: str) -> None:
+        try:
+            os.close(self.fd)
+        except OSError as exc:
+            self.fd = -1
+            self.finish({"ok": False, "err": error_body(exc)})
+            return
+        self.fd = -1
+        self.finish({"ok": True})
+
+    def finish(self, body: dict[str, Any]) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.agent.outbox.send({"t": "end", "id": self.id, **body})
+        self.agent.forget(self)
+
+    def on_ack(self, stream: str, n: int) -> None:
+        pass
+
+    def cancel(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.agent.forget(self)
+
+
+Session = ExecSession | ReadSession | WriteSession

@@ -1,0 +1,74 @@
+"""Plain results returned by the agent API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+FileType = Literal["file", "dir", "symlink", "other"]
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    fstype: str
+    options: str
+
+
+@dataclass(frozen=True)
+class GuestInfo:
+    kernel_version: str
+    hostname: str
+    cpus: int
+    memory_bytes: int
+    mounts: tuple[Mount, ...]
+    agent_version: str
+    python_version: str
+    uptime: float  # seconds since the guest kernel booted
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    name: str
+    type: FileType
+    size: int
+    mode: int  # permission bits, e.g. 0o644
+    mtime: float
+
+
+@dataclass(frozen=True)
+class FileStat:
+    path: str
+    type: FileType
+    size: int
+    mode: int
+    uid: int
+    gid: int
+    mtime: float
+    target: str | None = None  # for a symlink stat'ed with follow_symlinks=False
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """Outcome of ``exec(...).run()``. ``stdout``/``stderr`` are decoded as UTF-8 (undecodable bytes
+    become U+FFFD); the exact bytes are in ``stdout_bytes``/``stderr_bytes``."""
+
+    argv: tuple[str, ...]
+    exit_code: int  # the child's exit status, or 128 + signal number if a signal killed it
+    stdout_bytes: bytes
+    stderr_bytes: bytes
+    signal: int | None = None
+    duration: float = 0.0
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_bytes.decode("utf-8", errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode("utf-8", errors="replace")
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0

@@ -1,0 +1,142 @@
+"""``capsa.sandbox()``: an immutable builder for sandboxes (a VM running capsa's guest agent)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from capsa.boot import LinuxDirectBoot
+from capsa.errors import ConfigError, ImageError
+from capsa.image.sandbox import SandboxImage, sandbox_image
+from capsa.sandbox.handle import AGENT_PORT, Sandbox
+from capsa.vm.config import Accelerator, VMConfig, validate_cpus, validate_memory_mb
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUILD_TIMEOUT = 120.0
+_ACCELERATORS = ("auto", "kvm", "tcg")
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    cpus: int = 1
+    memory_mb: int = 512
+    kernel: Path | None = None
+    initrd: Path | None = None
+    rootfs: Path | None = None
+    accelerator: Accelerator = "auto"
+    name: str | None = None
+
+
+def _existing_file(path: str | Path, what: str) -> Path:
+    resolved = Path(path).expanduser()
+    if not resolved.is_file():
+        raise ConfigError(f"{what} not found: {resolved}")
+    return resolved
+
+
+class SandboxBuilder:
+    """Each method returns a new builder. ``await builder.build()`` returns once the agent answered;
+    ``async with capsa.sandbox() as vm:`` builds, then stops the sandbox on exit."""
+
+    def __init__(self, config: SandboxConfig | None = None) -> None:
+        self._config = config or SandboxConfig()
+        self._vm: Sandbox | None = None
+
+    @property
+    def config(self) -> SandboxConfig:
+        return self._config
+
+    def _with(self, **changes: Any) -> SandboxBuilder:
+        return SandboxBuilder(replace(self._config, **changes))
+
+    def cpus(self, count: int) -> SandboxBuilder:
+        return self._with(cpus=validate_cpus(count))
+
+    def memory_mb(self, megabytes: int) -> SandboxBuilder:
+        return self._with(memory_mb=validate_memory_mb(megabytes))
+
+    def no_network(self) -> SandboxBuilder:
+        """No network device at all (the default; networking arrives with ``.network(...)``)."""
+        return self._with()
+
+    def kernel(self, path: str | Path) -> SandboxBuilder:
+        """Boot this kernel instead of the default one. It needs virtio (mmio/pci), blk, console,
+        squashfs and overlay, built in or as modules of the initrd."""
+        return self._with(kernel=_existing_file(path, "kernel"))
+
+    def initrd(self, path: str | Path) -> SandboxBuilder:
+        """Use this initramfs; it must mount the root and start the agent as capsa's does."""
+        return self._with(initrd=_existing_file(path, "initrd"))
+
+    def rootfs(self, path: str | Path) -> SandboxBuilder:
+        """Use this root filesystem image (SquashFS, attached read-only); it needs python3 and
+        python3-msgpack."""
+        return self._with(rootfs=_existing_file(path, "rootfs"))
+
+    def accelerator(self, name: str) -> SandboxBuilder:
+        if name not in _ACCELERATORS:
+            raise ConfigError(f"accelerator must be one of {_ACCELERATORS}, got {name!r}")
+        return self._with(accelerator=name)
+
+    def name(self, name: str) -> SandboxBuilder:
+        return self._with(name=name)
+
+    async def _image(self) -> tuple[Path, Path, Path]:
+        c = self._config
+        if c.kernel and c.initrd and c.rootfs:
+            return c.kernel, c.initrd, c.rootfs
+        image = await asyncio.to_thread(_default_image)
+        return c.kernel or image.kernel, c.initrd or image.initrd, c.rootfs or image.rootfs
+
+    async def vm_config(self) -> VMConfig:
+        """The raw VM configuration this sandbox runs as (resolving the default image)."""
+        kernel, initrd, rootfs = await self._image()
+        boot = LinuxDirectBoot(kernel, initrd).with_root_disk(rootfs, read_only=True)
+        c = self._config
+        return VMConfig(
+            boot=boot,
+            cpus=c.cpus,
+            memory_mb=c.memory_mb,
+            cmdline=(("quiet", None),),
+            accelerator=c.accelerator,
+            name=c.name,
+            virtio_ports=(AGENT_PORT,),
+        )
+
+    async def build(self, timeout: float = DEFAULT_BUILD_TIMEOUT) -> Sandbox:
+        """Boot the sandbox and return once its agent has answered (``timeout`` in seconds)."""
+        vm = Sandbox(await self.vm_config())
+        await vm._boot(timeout)
+        return vm
+
+    async def __aenter__(self) -> Sandbox:
+        self._vm = await self.build()
+        return self._vm
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        vm, self._vm = self._vm, None
+        if vm is not None:
+            await vm.stop()
+
+
+def _default_image() -> SandboxImage:
+    try:
+        return sandbox_image(build=False)
+    except ImageError:
+        log.warning("building the default sandbox image (first use; about a minute)")
+    return sandbox_image(build=True, progress=lambda step: log.warning("image: %s", step))
+
+
+def sandbox() -> SandboxBuilder:
+    """Start describing a sandbox: zero configuration gives a Debian guest with python3."""
+    return SandboxBuilder()

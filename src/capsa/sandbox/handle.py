@@ -1,0 +1,123 @@
+"""A running sandbox: a VM whose guest runs capsa's agent, reachable as ``vm.agent``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from capsa.agent import wire
+from capsa.agent._channel import Channel
+from capsa.agent.client import Agent
+from capsa.errors import (
+    CapsaError,
+    CapsaTimeoutError,
+    ProtocolError,
+    StartTimeoutError,
+    VMExited,
+    VMNotRunning,
+)
+from capsa.image.sandbox import INIT_ERROR_MARKER
+from capsa.vm.config import VMConfig
+from capsa.vm.handle import DEFAULT_STOP_TIMEOUT, VM
+
+log = logging.getLogger(__name__)
+
+AGENT_PORT = "capsa.agent"
+_SHUTDOWN_ACK_TIMEOUT = 5.0
+
+
+class Sandbox(VM):
+    """A VM with a guest agent. Create it with ``await capsa.sandbox().build()``; ``async with`` it
+    (or ``await vm.stop()``) to power it off and clean up."""
+
+    def __init__(self, config: VMConfig) -> None:
+        super().__init__(config)
+        self._channel: Channel | None = None
+        self._agent: Agent | None = None
+        self.ready_seconds: float | None = None  # from build() to the agent's hello
+
+    @property
+    def agent(self) -> Agent:
+        if self._agent is None:
+            raise VMNotRunning("the sandbox's agent is not connected", hint="await build() first")
+        return self._agent
+
+    async def _boot(self, timeout: float) -> None:
+        """Start QEMU, then wait until the agent has said hello (``timeout`` covers both)."""
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._start(timeout)
+                self._channel = Channel(self.port_socket(AGENT_PORT), self._agent_lost)
+                await self._channel.start()
+                hello = await self._channel.hello()
+        except TimeoutError:
+            tail = self._console.tail() if self._console else ""
+            await self.kill()
+            raise StartTimeoutError(
+                f"the sandbox's agent did not answer within {timeout:.0f}s",
+                console_tail=tail,
+                hint="a slow host may need build(timeout=...); the console tail shows how far it got",
+            ) from None
+        except VMExited as exc:
+            await self.kill()
+            raise _explain_exit(exc) from None
+        except BaseException:
+            await self.kill()
+            raise
+        if hello.get("v") != wire.PROTOCOL_VERSION:
+            await self.kill()
+            raise ProtocolError(
+                f"the guest agent speaks protocol {hello.get('v')!r:.20}, capsa speaks "
+                f"{wire.PROTOCOL_VERSION}",
+                hint="the initrd's agent comes from another capsa version; run: capsa image build",
+            )
+        self._agent = Agent(self._channel)
+        self.ready_seconds = time.monotonic() - started
+        log.info("sandbox agent ready after %.2fs", self.ready_seconds)
+
+    async def _agent_lost(self) -> CapsaError:
+        """Why the agent's connection closed: usually the VM exited (then say how)."""
+        process = self._process
+        if process is not None:
+            with contextlib.suppress(CapsaTimeoutError):
+                await process.wait(2.0)
+            if process.returncode is not None:
+                reason = self._monitor.shutdown_reason if self._monitor else None
+                return self._exited_error(process.returncode, reason)
+        return ProtocolError("the guest agent closed its connection")
+
+    async def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
+        """Power off through the agent (clean, fast); fall back to the ACPI button, then a kill."""
+        deadline = time.monotonic() + timeout
+        process = self._process
+        agent = self._agent
+        if agent is not None and process is not None and process.returncode is None:
+            if agent.channel.failure is None:
+                with contextlib.suppress(CapsaError):
+                    await agent.shutdown(timeout=min(_SHUTDOWN_ACK_TIMEOUT, timeout))
+            with contextlib.suppress(CapsaTimeoutError):
+                await process.wait(max(0.0, deadline - time.monotonic()))
+        await super().stop(max(0.0, deadline - time.monotonic()))
+
+    async def _cleanup(self) -> None:
+        if self._channel is not None:
+            await self._channel.close(VMNotRunning("the sandbox is stopped"))
+        await super()._cleanup()
+
+
+def _explain_exit(exc: VMExited) -> VMExited:
+    """Turn "QEMU exited" into the init's own reason when it printed one."""
+    for line in exc.console_tail.splitlines():
+        if INIT_ERROR_MARKER in line:
+            reason = line.split(INIT_ERROR_MARKER, 1)[1].lstrip(": ")
+            return VMExited(
+                f"the sandbox guest failed to start: {reason}",
+                exit_code=exc.exit_code,
+                console_tail=exc.console_tail,
+                qemu_log_tail=exc.qemu_log_tail,
+                hint="a custom kernel/initrd/rootfs must provide virtio drivers and python3",
+            )
+    return exc

@@ -1,0 +1,256 @@
+"""The host agent client against fake agents on a socketpair: a well-behaved one (protocol flows)
+and hostile ones (garbage, oversized frames, window overruns, silence, hang-ups)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from capsa.agent import wire
+from capsa.agent._channel import Channel
+from capsa.agent.client import Agent
+from capsa.errors import (
+    CapsaError,
+    CapsaTimeoutError,
+    GuestFileNotFoundError,
+    ProtocolError,
+    VMNotRunning,
+)
+
+pytestmark = pytest.mark.asyncio
+
+
+class FakeGuest:
+    """The guest end of the socketpair, scripted by the test."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.decoder = wire.FrameDecoder()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(sock=self.sock)
+
+    def send(self, message: dict[str, Any]) -> None:
+        assert self.writer is not None
+        self.writer.write(wire.encode(message))
+
+    def raw(self, data: bytes) -> None:
+        assert self.writer is not None
+        self.writer.write(data)
+
+    async def recv(self) -> dict[str, Any]:
+        assert self.reader is not None
+        while True:
+            messages = self.decoder.feed(await self.reader.read(1))
+            if messages:
+                return messages[0]
+
+    async def recv_request(self) -> dict[str, Any]:
+        while True:
+            message = await self.recv()
+            if message["t"] == "req":
+                return message
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+Pair = tuple[Agent, FakeGuest]
+
+
+@pytest_asyncio.fixture
+async def pair() -> AsyncIterator[Pair]:
+    host_sock, guest_sock = socket.socketpair()
+
+    async def lost() -> CapsaError:
+        return VMNotRunning("fake VM went away")
+
+    channel = Channel(host_sock, lost)
+    await channel.start()
+    guest = FakeGuest(guest_sock)
+    await guest.open()
+    guest.send({"t": "hello", "v": wire.PROTOCOL_VERSION, "pid": 1})
+    assert (await asyncio.wait_for(channel.hello(), 5))["v"] == wire.PROTOCOL_VERSION
+    yield Agent(channel), guest
+    guest.close()
+    await channel.close(VMNotRunning("test over"))
+
+
+async def answer(guest: FakeGuest, **body: Any) -> dict[str, Any]:
+    req = await guest.recv_request()
+    guest.send({"t": "res", "id": req["id"], **body})
+    return req
+
+
+async def test_ping_round_trip(pair: Pair) -> None:
+    agent, guest = pair
+    task = asyncio.ensure_future(agent.ping(timeout=5))
+    req = await answer(guest, ok=True)
+    await task
+    assert req["op"] == "ping"
+
+
+async def test_exec_flow_and_exit_code(pair: Pair) -> None:
+    agent, guest = pair
+    task = asyncio.ensure_future(agent.exec("sh").args(["-c", "x"]).env("A", "1").cwd("/tmp").run())
+    req = await answer(guest, ok=True, pid=42)
+    assert (req["op"], req["argv"], req["env"], req["cwd"], req["stdin"]) == (
+        "exec",
+        ["sh", "-c", "x"],
+        {"A": "1"},
+        "/tmp",
+        False,
+    )
+    sid = req["id"]
+    guest.send({"t": "data", "id": sid, "s": "stdout", "d": b"out"})
+    guest.send({"t": "data", "id": sid, "s": "stderr", "d": b"\xff"})
+    guest.send({"t": "eof", "id": sid, "s": "stdout"})
+    guest.send({"t": "eof", "id": sid, "s": "stderr"})
+    guest.send({"t": "end", "id": sid, "code": None, "signal": 9})
+    result = await asyncio.wait_for(task, 5)
+    assert (result.exit_code, result.signal, result.stdout_bytes, result.stderr) == (
+        137,
+        9,
+        b"out",
+        "\ufffd",
+    )
+
+
+async def test_error_reply_maps_to_a_guest_file_error(pair: Pair) -> None:
+    agent, guest = pair
+    task = asyncio.ensure_future(agent.read_file("/etc/missing"))
+    err = {"kind": "not_found", "msg": "No such file", "errno": 2, "path": "/etc/missing"}
+    await answer(guest, ok=False, err=err)
+    with pytest.raises(GuestFileNotFoundError) as info:
+        await task
+    assert (info.value.path, info.value.errno) == ("/etc/missing", 2)
+
+
+async def test_silent_agent_times_out(pair: Pair) -> None:
+    agent, _ = pair
+    with pytest.raises(CapsaTimeoutError):
+        await agent.ping(timeout=0.3)
+
+
+Hostile = Callable[[FakeGuest, dict[str, Any]], Awaitable[None]]
+
+
+async def _garbage(guest: FakeGuest, req: dict[str, Any]) -> None:
+    guest.raw(struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1")
+
+
+async def _oversized(guest: FakeGuest, req: dict[str, Any]) -> None:
+    guest.raw(struct.pack(">I", 1 << 31))  # announces 2 GiB; nothing is buffered
+
+
+async def _not_a_map(guest: FakeGuest, req: dict[str, Any]) -> None:
+    body = b"\x93\x01\x02\x03"  # msgpack [1, 2, 3]
+    guest.raw(struct.pack(">I", len(body)) + body)
+
+
+async def _unknown_type(guest: FakeGuest, req: dict[str, Any]) -> None:
+    guest.send({"t": "surprise", "id": req["id"]})
+
+
+async def _never_sent_id(guest: FakeGuest, req: dict[str, Any]) -> None:
+    guest.send({"t": "res", "id": 10_000, "ok": True})
+
+
+async def _duplicate_response(guest: FakeGuest, req: dict[str, Any]) -> None:
+    guest.send({"t": "res", "id": req["id"], "ok": True, "pid": 1})
+    guest.send({"t": "res", "id": req["id"], "ok": True, "pid": 1})
+
+
+async def _window_overrun(guest: FakeGuest, req: dict[str, Any]) -> None:
+    guest.send({"t": "res", "id": req["id"], "ok": True, "pid": 1})
+    chunk = b"x" * wire.CHUNK
+    for _ in range(wire.WINDOW // wire.cost(len(chunk)) + 1):
+        guest.send({"t": "data", "id": req["id"], "s": "stdout", "d": chunk})
+
+
+async def _tiny_frame_flood(guest: FakeGuest, req: dict[str, Any]) -> None:
+    guest.send({"t": "res", "id": req["id"], "ok": True, "pid": 1})
+    for _ in range(wire.WINDOW // wire.FRAME_COST + 1):
+        guest.send({"t": "data", "id": req["id"], "s": "stdout", "d": b"x"})
+
+
+async def _empty_data(guest: FakeGuest, req: dict[str, Any]) -> None:
+    guest.send({"t": "res", "id": req["id"], "ok": True, "pid": 1})
+    guest.send({"t": "data", "id": req["id"], "s": "stdout", "d": b""})
+
+
+async def _bogus_exit(guest: FakeGuest, req: dict[str, Any]) -> None:
+    guest.send({"t": "res", "id": req["id"], "ok": True, "pid": 1})
+    for stream in ("stdout", "stderr"):
+        guest.send({"t": "eof", "id": req["id"], "s": stream})
+    guest.send({"t": "end", "id": req["id"], "code": "zero", "signal": None})
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        _garbage,
+        _oversized,
+        _not_a_map,
+        _unknown_type,
+        _never_sent_id,
+        _duplicate_response,
+        _window_overrun,
+        _tiny_frame_flood,
+        _empty_data,
+        _bogus_exit,
+    ],
+)
+async def test_hostile_agent_gets_protocol_error_not_a_hang(pair: Pair, behaviour: Hostile) -> None:
+    agent, guest = pair
+    # Spawn (not run) so the host does not consume output: the window must hold on its own.
+    task = asyncio.ensure_future(agent.exec("true").spawn())
+    req = await guest.recv_request()
+    await behaviour(guest, req)
+
+    async def outcome() -> None:
+        process = await task
+        await process.wait(timeout=10)
+
+    with pytest.raises(ProtocolError):
+        await asyncio.wait_for(outcome(), 10)
+    if behaviour is not _bogus_exit:  # a bad exit status fails the call, the rest the channel
+        with pytest.raises(ProtocolError):
+            await agent.ping(timeout=1)
+
+
+async def test_hang_up_fails_pending_calls_with_the_owner_error(pair: Pair) -> None:
+    agent, guest = pair
+    task = asyncio.ensure_future(agent.ping(timeout=5))
+    await guest.recv_request()
+    guest.close()
+    with pytest.raises(VMNotRunning, match="fake VM went away"):
+        await task
+
+
+async def test_host_memory_is_bounded_by_the_window(pair: Pair) -> None:
+    agent, guest = pair
+    spawn = asyncio.ensure_future(agent.exec("yes").spawn())
+    req = await answer(guest, ok=True, pid=7)
+    process = await spawn
+    chunk = b"y" * wire.CHUNK
+    frames = wire.WINDOW // wire.cost(len(chunk))  # as much as the window allows, unread
+    for _ in range(frames):
+        guest.send({"t": "data", "id": req["id"], "s": "stdout", "d": chunk})
+    for _ in range(frames):
+        assert await process.stdout.__anext__() == chunk
+    acked = 0
+    while acked < frames * wire.cost(len(chunk)):  # consuming hands the credit back
+        ack = await asyncio.wait_for(guest.recv(), 5)
+        assert (ack["t"], ack["s"]) == ("ack", "stdout")
+        acked += ack["n"]
+    assert acked == frames * wire.cost(len(chunk))
