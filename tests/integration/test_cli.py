@@ -53,3 +53,35 @@ def test_bad_command_is_one_line_not_a_traceback() -> None:
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.startswith("capsa: ")
+
+
+@pytest.mark.vm
+def test_exec_streams_output_forwards_stdin_and_returns_the_exit_code() -> None:
+    done = subprocess.run(
+        [*CAPSA, "exec", "--env", "WHO=cli", "--cwd", "/tmp", "--", "python3", "-c",
+         "import os, sys; print(os.environ['WHO'], os.getcwd()); print(sys.stdin.read().upper());"
+         "print('err', file=sys.stderr); sys.exit(7)"],
+        input="piped", capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert done.returncode == 7, done.stderr
+    assert done.stdout == "cli /tmp\nPIPED\n"
+    assert done.stderr == "err\n"
+
+
+@pytest.mark.vm
+def test_exec_timeout_and_missing_program_exit_codes() -> None:
+    timed_out = run("exec", "--timeout", "1", "--", "sleep", "30")
+    assert timed_out.returncode == 124
+    assert "timed out" in timed_out.stderr
+    missing = run("exec", "--", "no-such-program")
+    assert missing.returncode == 2
+    assert "program 'no-such-program' not found" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_exec_bad_flags_are_one_line_errors() -> None:
+    assert run("exec").returncode == 2
+    bad_memory = run("exec", "--memory", "lots", "--", "true")
+    assert bad_memory.returncode == 2 and "--memory takes a size" in bad_memory.stderr
+    bad_env = run("exec", "--env", "NOEQUALS", "--", "true")
+    assert bad_env.returncode == 2 and "--env takes K=V" in bad_env.stderr

@@ -25,3 +25,16 @@ def test_raw_vm_console_example() -> None:
     lines = done.stdout.splitlines()
     assert lines[0] == "from-the-guest"
     assert lines[1].endswith("-amd64")
+
+
+def test_run_untrusted_python_example() -> None:
+    snippet = "import os, sys; print(os.uname().nodename, 6 * 7); sys.exit(3)"
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "run_untrusted_python.py"), snippet],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "capsa 42\n"

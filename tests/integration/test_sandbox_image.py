@@ -11,7 +11,7 @@ import capsa
 from capsa.errors import ImageError
 from capsa.image import rootfs
 from capsa.image.sandbox import INIT_ERROR_MARKER, ROOT_READY_MARKER, SandboxImage, sandbox_image
-from tests.conftest import VMFactory
+from tests.conftest import SandboxFactory, VMFactory
 
 pytestmark = [pytest.mark.vm]
 
@@ -21,41 +21,29 @@ def image() -> SandboxImage:
     return sandbox_image()
 
 
-def boot_of(image: SandboxImage) -> capsa.LinuxDirectBoot:
-    return capsa.LinuxDirectBoot(image.kernel, image.initrd).with_root_disk(image.rootfs, read_only=True)
-
-
-async def booted(vm_factory: VMFactory, image: SandboxImage) -> capsa.VM:
-    vm = await vm_factory(capsa.vm(boot_of(image)).cmdline_flag("quiet"))
-    await vm.console.wait_for(ROOT_READY_MARKER, timeout=90)
-    await vm.console.wait_for("# ", timeout=30)
-    return vm
+@pytest.mark.asyncio
+async def test_debian_userland_with_python_and_msgpack(sandbox: capsa.Sandbox) -> None:
+    script = "import msgpack, sys; print(sys.version_info[:2])"
+    assert (await sandbox.agent.exec("python3").args(["-c", script]).run()).stdout == "(3, 11)\n"
+    assert (await sandbox.agent.exec("hostname").run()).stdout == "capsa\n"
+    os_release = await sandbox.agent.read_file("/etc/os-release")
+    assert b'PRETTY_NAME="Debian GNU/Linux 12' in os_release
 
 
 @pytest.mark.asyncio
-async def test_debian_userland_with_python_and_msgpack(
-    vm_factory: VMFactory, image: SandboxImage
-) -> None:
-    vm = await booted(vm_factory, image)
-    out = await vm.console.exec_line("python3 -c 'import msgpack, sys; print(sys.version_info[:2])'", 90)
-    assert out == "(3, 11)\n"
-    assert await vm.console.exec_line("hostname") == "capsa\n"
-    assert 'PRETTY_NAME="Debian GNU/Linux 12' in await vm.console.exec_line("cat /etc/os-release")
-
-
-@pytest.mark.asyncio
-async def test_each_sandbox_starts_clean(vm_factory: VMFactory, image: SandboxImage) -> None:
+async def test_each_sandbox_starts_clean(sandbox_factory: SandboxFactory, image: SandboxImage) -> None:
     before = image.rootfs.stat().st_mtime_ns
-    first = await booted(vm_factory, image)
-    await first.console.exec_line("echo dirty > /etc/leftover; rm -f /bin/ls; sync")
-    assert await first.console.exec_line("cat /etc/leftover") == "dirty\n"
+    first = await sandbox_factory()
+    await first.agent.write_file("/etc/leftover", b"dirty")
+    await first.agent.remove("/bin/ls")
+    assert await first.agent.read_file("/etc/leftover") == b"dirty"
     # The root disk is read-only even for guest root writing to the raw device.
-    refused = await first.console.exec_line("dd if=/dev/zero of=/dev/vda count=1 2>&1; echo rc=$?")
-    assert "rc=1" in refused
-    await first.stop(timeout=5)
-    second = await booted(vm_factory, image)
-    assert "No such file" in await second.console.exec_line("cat /etc/leftover 2>&1; true")
-    assert await second.console.exec_line("test -x /bin/ls && echo present") == "present\n"
+    refused = await first.agent.exec("dd").args(["if=/dev/zero", "of=/dev/vda", "count=1"]).run()
+    assert refused.exit_code == 1
+    await first.stop(timeout=10)
+    second = await sandbox_factory()
+    assert not await second.agent.exists("/etc/leftover")
+    assert (await second.agent.stat("/bin/ls")).type == "file"
     assert image.rootfs.stat().st_mtime_ns == before
 
 

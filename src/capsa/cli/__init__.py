@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from capsa.cli import doctor, image
+from capsa.cli import doctor, exec, image
 from capsa.errors import CapsaError
 
 
@@ -14,11 +14,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="capsa",
         description="Run untrusted code in lightweight Linux VMs.",
-        epilog="examples:\n  capsa doctor\n  capsa image build",
+        epilog="examples:\n  capsa exec -- uname -a\n  capsa doctor\n  capsa image build",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what capsa does")
     commands = parser.add_subparsers(dest="command", required=True)
+    exec.register(commands)
     doctor.register(commands)
     image.register(commands)
     return parser

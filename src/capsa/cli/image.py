@@ -20,6 +20,7 @@ def register(commands: Any) -> None:
         "build", help="build the default sandbox image (Debian kernel, initramfs, rootfs); cached"
     )
     build.add_argument("--json", action="store_true", help="print the image paths as JSON")
+    build.add_argument("--rebuild", action="store_true", help="build again even if cached")
     build.set_defaults(handler=_build)
     busybox = sub.add_parser(
         "busybox", help="fetch the Debian kernel and build the busybox raw-VM guest; print paths"
@@ -39,7 +40,7 @@ def _emit(data: dict[str, str], as_json: bool) -> None:
 def _build(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     with console.status("checking the image cache") as status:
-        image = sandbox_image(progress=status.update)
+        image = sandbox_image(rebuild=args.rebuild, progress=status.update)
     data = {
         "kernel": str(image.kernel),
         "initrd": str(image.initrd),

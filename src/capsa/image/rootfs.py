@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 SUITE = "bookworm"
 PACKAGES = ("python3", "python3-msgpack")
+GUEST_PYTHON = (3, 11)  # bookworm's python3: the agent's bytecode is precompiled for it
 # Documentation, man pages and translations are never used in a sandbox and cost ~30% of the image.
 _DPKG_EXCLUDES = (
     "path-exclude=/usr/share/doc/*",

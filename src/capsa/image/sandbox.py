@@ -12,6 +12,9 @@ the initramfs, so changing the agent never rebuilds the rootfs) into it and runs
 from __future__ import annotations
 
 import hashlib
+import py_compile
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +87,11 @@ exec switch_root /newroot {command}
 
 
 def agent_files() -> dict[str, bytes]:
-    """The guest agent's sources, as initramfs entries under ``/capsa-agent``."""
+    """The guest agent's sources, as initramfs entries under ``/capsa-agent``.
+
+    When the host's Python is the guest's version, the bytecode ships too (unchecked-hash ``.pyc``,
+    valid whatever the file times): compiling the agent under TCG would cost every cold start.
+    """
     package = Path(__file__).resolve().parent.parent
     files = {
         "capsa-agent/capsa-agent": _LAUNCHER,
@@ -93,7 +100,27 @@ def agent_files() -> dict[str, bytes]:
     }
     for source in _AGENT_SOURCES:
         files[f"capsa-agent/capsa/{source}"] = (package / source).read_bytes()
+    if sys.version_info[:2] == rootfs.GUEST_PYTHON:
+        for name, data in list(files.items()):
+            if name.endswith(".py"):
+                folder, _, stem = name.rpartition("/")
+                pyc = f"{folder}/__pycache__/{stem[:-3]}.{sys.implementation.cache_tag}.pyc"
+                files[pyc] = _bytecode(data, name)
     return files
+
+
+def _bytecode(source: bytes, name: str) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="capsa-pyc-") as tmp:
+        src, out = Path(tmp) / "src.py", Path(tmp) / "out.pyc"
+        src.write_bytes(source)
+        py_compile.compile(
+            str(src),
+            cfile=str(out),
+            dfile=f"{AGENT_DIR}/{name.partition('/')[2]}",
+            doraise=True,
+            invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+        )
+        return out.read_bytes()
 
 
 @dataclass(frozen=True)
@@ -108,18 +135,24 @@ def _key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def sandbox_image(*, build: bool = True, progress: rootfs.Progress | None = None) -> SandboxImage:
+def sandbox_image(
+    *, build: bool = True, rebuild: bool = False, progress: rootfs.Progress | None = None
+) -> SandboxImage:
     """The default sandbox image, built on first use (about a minute) and cached afterwards.
 
-    With ``build=False`` a missing image raises :class:`ImageError` instead of building it.
+    With ``build=False`` a missing image raises :class:`ImageError` instead of building it;
+    ``rebuild=True`` builds the rootfs and initramfs again even if they are cached.
     """
     kernel = fetch_debian_kernel("cloud-amd64")
     images = cache_dir() / "images"
     images.mkdir(parents=True, exist_ok=True)
     root = images / f"rootfs-{rootfs.SUITE}-{_key(rootfs.recipe())}.sqfs"
-    if not root.exists():
+    if rebuild or not root.exists():
         if not build:
             raise ImageError("the sandbox image is not built", hint="run: capsa image build")
-        rootfs.build_rootfs(root, progress)
+        rootfs.build_rootfs(root, progress)  # atomic: replaces the old file only when complete
     initrd = cached_initramfs(kernel, sandbox_init(), MODULES, images, "initrd", files=agent_files())
+    if rebuild:
+        initrd.unlink()
+        initrd = cached_initramfs(kernel, sandbox_init(), MODULES, images, "initrd", files=agent_files())
     return SandboxImage(kernel.kernel, initrd, root, kernel.version)

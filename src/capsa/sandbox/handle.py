@@ -44,6 +44,9 @@ class Sandbox(VM):
             raise VMNotRunning("the sandbox's agent is not connected", hint="await build() first")
         return self._agent
 
+    async def __aenter__(self) -> Sandbox:
+        return self
+
     async def _boot(self, timeout: float) -> None:
         """Start QEMU, then wait until the agent has said hello (``timeout`` covers both)."""
         started = time.monotonic()

@@ -1,0 +1,218 @@
+"""The sandbox and its agent against their floors, side by side in one run (issue: sandbox).
+
+1. cold start: ``capsa.sandbox().build()`` → first ``exec`` result, vs a raw VM booting the same kernel,
+   initramfs (same init, same size) and rootfs whose init runs ``python3 -c 'print(marker)'`` instead
+   of the agent: the floor of any Python agent. (``bench.boot_raw`` shows a raw ``capsa.vm`` boots
+   within ~1% of a hand-written QEMU command line, so this floor is bare QEMU.)
+2. ``ping()`` round trip (median of 1000) vs a raw line echo over the same virtio-serial port served by
+   a shell loop in the same guest; ``exec("true")`` round trip (median of 300) vs a shell loop that
+   reads a line from the port, runs ``/usr/bin/true`` and writes a line back.
+3. ``write_file`` + ``read_file`` of 64 MiB vs raw streaming of 64 MiB over the port into a tmpfs file
+   (``head -c``) and back (``cat``).
+
+    .venv/bin/python -m bench.sandbox_agent [--runs 5] [--only cold,rtt,bulk]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import capsa
+from capsa._paths import cache_dir
+from capsa.image.debian import fetch_debian_kernel
+from capsa.image.initramfs import cached_initramfs
+from capsa.image.sandbox import AGENT_COMMAND, MODULES, agent_files, sandbox_image, sandbox_init
+
+PORT = "capsa.agent"
+MARKER = "CAPSA-BENCH-FLOOR"
+# The port can be opened only once, so the loops open it read-write on fd 3.
+FIND_PORT = (
+    "for d in /sys/class/virtio-ports/*; do "
+    '[ "$(cat $d/name)" = capsa.agent ] && p=/dev/${d##*/}; done; exec 3<>$p; '
+)
+FLOORS = {
+    "python": f"/usr/bin/python3 -c 'print(\"{MARKER}\")'",
+    "echo": "/bin/sh -c '" + FIND_PORT + 'while read l <&3; do echo "$l" >&3; done' + "'",
+    "spawn": "/bin/sh -c '"
+    + FIND_PORT
+    + 'while read l <&3; do /usr/bin/true; echo "$l" >&3; done'
+    + "'",
+    "stream": "/bin/sh -c '"
+    + FIND_PORT
+    + "while true; do head -c 67108864 <&3 >/tmp/f; cat /tmp/f >&3; done'",
+}
+BULK = 64 << 20
+
+
+def floor_initrd(kind: str) -> Path:
+    """The sandbox initramfs with only the final command swapped."""
+    kernel = fetch_debian_kernel("cloud-amd64")
+    init = sandbox_init(FLOORS[kind])
+    assert AGENT_COMMAND not in init
+    return cached_initramfs(
+        kernel, init, MODULES, cache_dir() / "bench", f"floor-{kind}", files=agent_files()
+    )
+
+
+def floor_builder(kind: str) -> capsa.VMBuilder:
+    image = sandbox_image()
+    boot = capsa.LinuxDirectBoot(image.kernel, floor_initrd(kind)).with_root_disk(
+        image.rootfs, read_only=True
+    )
+    return capsa.vm(boot).cmdline_flag("quiet").virtio_port(PORT)
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def report(name: str, ours: list[float], floor: list[float], goal: str) -> None:
+    m_ours, m_floor = median_ms(ours), median_ms(floor)
+    print(
+        f"{name:34} capsa {m_ours:9.3f} ms   floor {m_floor:9.3f} ms   "
+        f"ratio {m_ours / m_floor:5.2f}x   (goal {goal}; n={len(ours)})"
+    )
+
+
+# -- 1. cold start --
+
+
+async def cold_sandbox() -> float:
+    start = time.perf_counter()
+    vm = await capsa.sandbox().build()
+    try:
+        result = await vm.agent.exec("true").run()
+        assert result.exit_code == 0
+        return time.perf_counter() - start
+    finally:
+        await vm.kill()
+
+
+async def cold_floor() -> float:
+    builder = floor_builder("python")
+    start = time.perf_counter()
+    vm = await builder.build()
+    try:
+        await vm.console.wait_for(MARKER, timeout=120)
+        return time.perf_counter() - start
+    finally:
+        await vm.kill()
+
+
+async def bench_cold(runs: int) -> None:
+    await cold_sandbox()  # warm the page cache
+    await cold_floor()
+    ours, floor = [], []
+    for _ in range(runs):
+        ours.append(await cold_sandbox())
+        floor.append(await cold_floor())
+    report("1. build() -> first exec (cold)", ours, floor, "<= 1.3x")
+    print(f"   absolute cold start: median {median_ms(ours):.0f} ms, min {min(ours) * 1000:.0f} ms")
+
+
+# -- raw port helpers --
+
+
+async def raw_port(kind: str) -> tuple[capsa.VM, asyncio.StreamReader, asyncio.StreamWriter]:
+    vm = await floor_builder(kind).build()
+    reader, writer = await asyncio.open_connection(sock=vm.port_socket(PORT), limit=1 << 20)
+    return vm, reader, writer
+
+
+async def line_rtts(kind: str, count: int) -> list[float]:
+    vm, reader, writer = await raw_port(kind)
+    try:
+        samples = []
+        for i in range(count + 20):
+            start = time.perf_counter()
+            writer.write(b"%d\n" % i)
+            line = await asyncio.wait_for(reader.readline(), 60)
+            elapsed = time.perf_counter() - start
+            assert line == b"%d\n" % i, line
+            if i >= 20:  # the first lines pay for the shell's start
+                samples.append(elapsed)
+        return samples
+    finally:
+        writer.close()
+        await vm.kill()
+
+
+async def timed(count: int, warmup: int, op: Callable[[], Awaitable[object]]) -> list[float]:
+    samples = []
+    for i in range(count + warmup):
+        start = time.perf_counter()
+        await op()
+        if i >= warmup:
+            samples.append(time.perf_counter() - start)
+    return samples
+
+
+async def bench_rtt() -> None:
+    async with await capsa.sandbox().build() as vm:
+        ping = await timed(1000, 20, vm.agent.ping)
+        true = await timed(300, 10, vm.agent.exec("true").run)
+    report("2a. ping() vs raw line echo", ping, await line_rtts("echo", 1000), "<= 3x")
+    report('2b. exec("true") vs shell spawn loop', true, await line_rtts("spawn", 300), "<= 1.5x")
+
+
+# -- 3. bulk --
+
+
+async def raw_stream(data: bytes) -> float:
+    vm, reader, writer = await raw_port("stream")
+    try:
+        await asyncio.sleep(1.0)  # let the shell loop reach head -c
+        start = time.perf_counter()
+        writer.write(data)
+        await writer.drain()
+        back = await asyncio.wait_for(reader.readexactly(len(data)), 300)
+        elapsed = time.perf_counter() - start
+        assert back == data
+        return elapsed
+    finally:
+        writer.close()
+        await vm.kill()
+
+
+async def bench_bulk(runs: int) -> None:
+    data = os.urandom(BULK)
+    ours = []
+    async with await capsa.sandbox().build() as vm:
+        for _ in range(runs):
+            start = time.perf_counter()
+            await vm.agent.write_file("/tmp/bulk", data)
+            back = await vm.agent.read_file("/tmp/bulk")
+            ours.append(time.perf_counter() - start)
+            assert back == data
+    floor = [await raw_stream(data) for _ in range(runs)]
+    m_ours, m_floor = statistics.median(ours), statistics.median(floor)
+    mib = 2 * BULK / (1 << 20)
+    print(
+        f"{'3. 64 MiB write+read vs raw stream':34} capsa {mib / m_ours:7.1f} MiB/s   "
+        f"floor {mib / m_floor:7.1f} MiB/s   throughput ratio {m_floor / m_ours:5.2f}x   "
+        f"(goal >= 0.5x; n={runs})"
+    )
+
+
+async def main(runs: int, only: set[str]) -> None:
+    print(f"accelerator: {await capsa.accelerator.resolve_accelerator('auto', sandbox_image().kernel)}")
+    if "cold" in only:
+        await bench_cold(runs)
+    if "rtt" in only:
+        await bench_rtt()
+    if "bulk" in only:
+        await bench_bulk(runs)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--only", default="cold,rtt,bulk")
+    args = parser.parse_args()
+    asyncio.run(main(args.runs, set(args.only.split(","))))

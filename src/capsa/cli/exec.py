@@ -1,0 +1,120 @@
+"""``capsa exec -- CMD ARGS…``: run one command in a fresh sandbox, streaming its output live."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import threading
+from typing import Any, BinaryIO
+
+import capsa
+from capsa.errors import AgentError, ConfigError
+
+TIMEOUT_EXIT = 124  # like coreutils timeout(1)
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "exec",
+        help="run a command in a fresh sandbox and exit with its exit code",
+        description=(
+            "Boot a fresh sandbox, run CMD (argv, no shell) in it, stream its stdout and stderr, "
+            "power the sandbox off and exit with the command's exit code. Piped stdin is forwarded."
+        ),
+        epilog=(
+            "examples:\n"
+            "  capsa exec -- uname -a\n"
+            "  capsa exec --env NAME=world -- sh -c 'echo hello $NAME'\n"
+            "  echo 'print(6 * 7)' | capsa exec -- python3\n\n"
+            "exit status: the command's own (128+N if signal N killed it); 124 if --timeout hit;\n"
+            "2 if capsa itself failed (the message says why)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="set a variable")
+    parser.add_argument("--cwd", help="working directory in the guest (absolute)")
+    parser.add_argument("--timeout", type=float, help="kill the command after this many seconds")
+    parser.add_argument("--cpus", type=int, default=1, help="virtual CPUs (default 1)")
+    parser.add_argument("--memory", default="512M", help="guest memory, e.g. 512M or 1G")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    parser.set_defaults(handler=_exec)
+
+
+def parse_memory(text: str) -> int:
+    units = {"M": 1, "G": 1024}
+    value = text.strip().upper().removesuffix("B")
+    factor = units.get(value[-1:])
+    number = value[:-1] if factor else value
+    if not number.isdigit():
+        raise ConfigError(f"--memory takes a size such as 512M or 1G, got {text!r}")
+    return int(number) * (factor or 1)
+
+
+def _exec(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise ConfigError("no command given", hint="usage: capsa exec [options] -- CMD [ARGS...]")
+    builder = capsa.sandbox().cpus(args.cpus).memory_mb(parse_memory(args.memory))
+    return asyncio.run(_run(builder, command, args))
+
+
+async def _run(builder: capsa.SandboxBuilder, command: list[str], args: argparse.Namespace) -> int:
+    async with await builder.build() as vm:
+        spec = vm.agent.exec(command[0]).args(command[1:])
+        for item in args.env:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--env takes K=V, got {item!r}")
+            spec = spec.env(key, value)
+        if args.cwd:
+            spec = spec.cwd(args.cwd)
+        process = await spec.spawn()
+        pumps = [
+            asyncio.ensure_future(_copy_out(process.stdout, sys.stdout.buffer)),
+            asyncio.ensure_future(_copy_out(process.stderr, sys.stderr.buffer)),
+            asyncio.ensure_future(_copy_in(process)),
+        ]
+        try:
+            async with asyncio.timeout(args.timeout):
+                await asyncio.gather(*pumps[:2])
+                return await process.wait()
+        except TimeoutError:
+            await process.kill()
+            sys.stderr.write(f"capsa: {command[0]} timed out after {args.timeout}s and was killed\n")
+            return TIMEOUT_EXIT
+        finally:
+            for pump in pumps:
+                pump.cancel()
+
+
+async def _copy_out(stream: capsa.OutputStream, out: BinaryIO) -> None:
+    async for chunk in stream:
+        out.write(chunk)
+        out.flush()
+
+
+async def _copy_in(process: capsa.Process) -> None:
+    """Forward piped stdin (not a terminal: ``capsa shell`` is the interactive command)."""
+    if sys.stdin is None or sys.stdin.isatty():
+        await process.close_stdin()
+        return
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+
+    def reader() -> None:  # a daemon thread: a blocked read() must not keep the CLI alive
+        fd = sys.stdin.fileno()
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
+            if not chunk:
+                return
+
+    threading.Thread(target=reader, name="capsa-stdin", daemon=True).start()
+    try:
+        while chunk := await queue.get():
+            await process.write_stdin(chunk)
+        await process.close_stdin()
+    except AgentError:
+        pass  # the command exited without reading all of its input
