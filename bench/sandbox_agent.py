@@ -25,9 +25,8 @@ from pathlib import Path
 
 import capsa
 from capsa._paths import cache_dir
-from capsa.image.debian import fetch_debian_kernel
-from capsa.image.initramfs import cached_initramfs
-from capsa.image.sandbox import AGENT_COMMAND, MODULES, agent_files, sandbox_image, sandbox_init
+from capsa.image.kernels import default_kernel
+from capsa.image.sandbox import AGENT_COMMAND, sandbox_image, sandbox_init, sandbox_initramfs
 
 PORT = "capsa.agent"
 MARKER = "CAPSA-BENCH-FLOOR"
@@ -52,12 +51,9 @@ BULK = 64 << 20
 
 def floor_initrd(kind: str) -> Path:
     """The sandbox initramfs with only the final command swapped."""
-    kernel = fetch_debian_kernel("cloud-amd64")
     init = sandbox_init(FLOORS[kind])
     assert AGENT_COMMAND not in init
-    return cached_initramfs(
-        kernel, init, MODULES, cache_dir() / "bench", f"floor-{kind}", files=agent_files()
-    )
+    return sandbox_initramfs(default_kernel(), cache_dir() / "bench", init, f"floor-{kind}")
 
 
 def floor_builder(kind: str) -> capsa.VMBuilder:

@@ -6,15 +6,26 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-echo "==> system packages (QEMU, busybox-static, Python venv)"
+echo "==> system packages (QEMU, busybox-static, Python venv, kernel build tools)"
 $SUDO apt-get update -q
+# capsa builds its own fast guest kernel from Debian's kernel source when the release has it
+# (Debian 12); elsewhere sandboxes boot the stock Debian kernel instead.
+KERNEL_PACKAGES=""
+if apt-cache show linux-source-6.1 >/dev/null 2>&1; then
+    KERNEL_PACKAGES="linux-source-6.1 build-essential bc bison flex libelf-dev lz4 xz-utils perl"
+fi
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
     qemu-system-x86 qemu-utils busybox-static mmdebstrap squashfs-tools-ng \
-    python3 python3-venv ca-certificates
+    python3 python3-venv ca-certificates $KERNEL_PACKAGES
 
 echo "==> virtualenv in .venv"
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+
+echo "==> guest kernel: capsa's own, from linux-source-6.1 (a few minutes the first time; cached)"
+if [ -n "$KERNEL_PACKAGES" ]; then
+    .venv/bin/capsa kernel build || echo "!! kernel build failed (log path above); sandboxes use the stock Debian kernel"
+fi
 
 echo "==> guest images (Debian kernel, busybox raw-VM guest, sandbox rootfs), cached in ~/.cache/capsa"
 .venv/bin/capsa image busybox

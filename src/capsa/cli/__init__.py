@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from capsa.cli import doctor, exec, image
+from capsa.cli import doctor, exec, image, kernel
 from capsa.errors import CapsaError
 
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     exec.register(commands)
     doctor.register(commands)
     image.register(commands)
+    kernel.register(commands)
     return parser
 
 

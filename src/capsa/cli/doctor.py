@@ -19,6 +19,7 @@ from capsa.backend.qemu.process import QEMU_BINARY
 from capsa.errors import CapsaError
 from capsa.image import busybox_guest
 from capsa.image.initramfs import find_busybox
+from capsa.image.kernels import default_kernel_status
 
 
 @dataclass
@@ -99,8 +100,15 @@ def _virtiofsd() -> Check:
     return Check("virtiofsd (shares)", False, "not found", "apt-get install qemu-system-common")
 
 
+def _sandbox_kernel() -> Check:
+    """Not an error when missing: sandboxes then boot the stock Debian kernel, only slower."""
+    in_use, detail = default_kernel_status()
+    fix = "" if in_use else "capsa kernel build (needs linux-source-6.1 and a C toolchain)"
+    return Check("sandbox kernel", True, detail, fix)
+
+
 def collect() -> list[Check]:
-    return [_qemu(), _busybox(), *_kvm_and_kernel(), _virtiofsd()]
+    return [_qemu(), _busybox(), *_kvm_and_kernel(), _sandbox_kernel(), _virtiofsd()]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from capsa._paths import cache_dir
-from capsa.image.debian import fetch_debian_kernel
 from capsa.image.initramfs import cached_initramfs
+from capsa.image.kernels import GuestKernel, debian_kernel
 
 READY_MARKER = "CAPSA-BUSYBOX-READY"
 PROMPT = "# "
@@ -42,8 +42,11 @@ class GuestFiles:
     kernel_version: str
 
 
-def busybox_guest(flavour: str = "cloud-amd64") -> GuestFiles:
-    """Kernel and initramfs of the minimal busybox guest (fetched/built on first use, then cached)."""
-    kernel = fetch_debian_kernel(flavour)
-    initrd = cached_initramfs(kernel, INIT, MODULES, cache_dir() / "busybox-guests", "busybox")
-    return GuestFiles(kernel.kernel, initrd, kernel.version)
+def busybox_guest(flavour: str = "cloud-amd64", kernel: GuestKernel | None = None) -> GuestFiles:
+    """Kernel and initramfs of the minimal busybox guest (fetched/built on first use, then cached).
+    ``kernel`` overrides the Debian kernel of ``flavour`` (e.g. ``default_kernel()``)."""
+    kernel = kernel or debian_kernel(flavour)
+    initrd = cached_initramfs(
+        INIT, cache_dir() / "busybox-guests", "busybox", kernel=kernel, modules=MODULES
+    )
+    return GuestFiles(kernel.path, initrd, kernel.release)

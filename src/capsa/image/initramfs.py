@@ -11,11 +11,14 @@ import shutil
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from capsa.errors import ImageError
 from capsa.image.cpio import CpioWriter
-from capsa.image.debian import DebianKernel
 from capsa.image.modules import KernelModule, ModuleIndex
+
+if TYPE_CHECKING:
+    from capsa.image.kernels import GuestKernel
 
 _BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 
@@ -119,27 +122,29 @@ class InitramfsBuilder:
 
 
 def cached_initramfs(
-    kernel: DebianKernel,
     init: str,
-    modules: Sequence[str],
     directory: Path,
     prefix: str,
     *,
+    kernel: GuestKernel,
+    modules: Sequence[str] = (),
     files: Mapping[str, bytes] | None = None,
 ) -> Path:
-    """``directory/<prefix>-<kernel version>-<recipe hash>.cpio``: busybox, ``modules`` (with their
-    dependencies), ``init`` and extra ``files`` (guest path → content), written only if that recipe
-    has not been built before."""
+    """``directory/<prefix>-<kernel release>-<recipe hash>.cpio``: busybox, ``init``, the kernel's
+    ``modules`` (with their dependencies; none for a kernel without modules) and extra ``files``
+    (guest path → content), written only if that recipe has not been built before."""
     files = dict(files or {})
-    digest = hashlib.sha256("\n".join([kernel.package, init, *modules]).encode())
+    wanted = list(modules) if kernel.modules_dir is not None else []
+    digest = hashlib.sha256("\n".join([kernel.key, init, *wanted]).encode())
     for name in sorted(files):
         digest.update(b"\0" + name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
     key = digest.hexdigest()[:16]
-    path = directory / f"{prefix}-{kernel.version}-{key}.cpio"
+    path = directory / f"{prefix}-{kernel.release}-{key}.cpio"
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
         builder = InitramfsBuilder()
-        builder.modules(ModuleIndex(kernel.modules_dir), modules)
+        if kernel.modules_dir is not None:
+            builder.modules(ModuleIndex(kernel.modules_dir), wanted)
         builder.init_script(init)
         for name, data in files.items():
             builder.file(name, data, 0o755 if data.startswith(b"#!") else 0o644)

@@ -21,8 +21,8 @@ from pathlib import Path
 from capsa._paths import cache_dir
 from capsa.errors import ImageError
 from capsa.image import rootfs
-from capsa.image.debian import fetch_debian_kernel
 from capsa.image.initramfs import cached_initramfs
+from capsa.image.kernels import GuestKernel, KernelKind, default_kernel
 
 ROOT_READY_MARKER = "CAPSA-ROOT-READY"
 INIT_ERROR_MARKER = "CAPSA-INIT-ERROR"
@@ -129,6 +129,7 @@ class SandboxImage:
     initrd: Path
     rootfs: Path
     kernel_version: str
+    kernel_kind: KernelKind = "debian"  # "capsa" when capsa's own kernel is built
 
 
 def _key(text: str) -> str:
@@ -143,7 +144,7 @@ def sandbox_image(
     With ``build=False`` a missing image raises :class:`ImageError` instead of building it;
     ``rebuild=True`` builds the rootfs and initramfs again even if they are cached.
     """
-    kernel = fetch_debian_kernel("cloud-amd64")
+    kernel = default_kernel()
     images = cache_dir() / "images"
     images.mkdir(parents=True, exist_ok=True)
     root = images / f"rootfs-{rootfs.SUITE}-{_key(rootfs.recipe())}.sqfs"
@@ -151,8 +152,20 @@ def sandbox_image(
         if not build:
             raise ImageError("the sandbox image is not built", hint="run: capsa image build")
         rootfs.build_rootfs(root, progress)  # atomic: replaces the old file only when complete
-    initrd = cached_initramfs(kernel, sandbox_init(), MODULES, images, "initrd", files=agent_files())
+    initrd = sandbox_initramfs(kernel, images)
     if rebuild:
         initrd.unlink()
-        initrd = cached_initramfs(kernel, sandbox_init(), MODULES, images, "initrd", files=agent_files())
-    return SandboxImage(kernel.kernel, initrd, root, kernel.version)
+        initrd = sandbox_initramfs(kernel, images)
+    for stale in images.glob("initrd-*.cpio"):  # left by earlier capsa versions; a few MB each
+        if stale != initrd:
+            stale.unlink(missing_ok=True)
+    return SandboxImage(kernel.path, initrd, root, kernel.release, kernel.kind)
+
+
+def sandbox_initramfs(
+    kernel: GuestKernel, directory: Path, init: str | None = None, prefix: str = "initrd"
+) -> Path:
+    """The sandbox initramfs for ``kernel`` (``init`` defaults to the agent-starting one)."""
+    return cached_initramfs(
+        init or sandbox_init(), directory, prefix, kernel=kernel, modules=MODULES, files=agent_files()
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -77,6 +78,9 @@ class SyncVM:
     def shutdown_reason(self) -> str | None:
         return self._vm.shutdown_reason
 
+    def port_socket(self, name: str) -> socket.socket:
+        return self._vm.port_socket(name)
+
     def wait(self, timeout: float | None = None) -> int:
         code = self._portal.call(self._vm.wait(timeout))
         self._portal.close()
@@ -142,6 +146,12 @@ class SyncVMBuilder:
 
     def machine(self, name: str) -> SyncVMBuilder:
         return self._wrap(self._builder.machine(name))
+
+    def virtio_port(self, name: str) -> SyncVMBuilder:
+        return self._wrap(self._builder.virtio_port(name))
+
+    def qemu_args(self, *args: str) -> SyncVMBuilder:
+        return self._wrap(self._builder.qemu_args(*args))
 
     def name(self, name: str) -> SyncVMBuilder:
         return self._wrap(self._builder.name(name))

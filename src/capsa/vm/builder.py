@@ -93,6 +93,13 @@ class VMBuilder:
             raise ConfigError(f"virtio-serial port {name!r} is declared twice")
         return self._with(virtio_ports=(*self._config.virtio_ports, name))
 
+    def qemu_args(self, *args: str) -> VMBuilder:
+        """Append raw arguments to QEMU's command line (an escape hatch for devices capsa does not
+        model yet, e.g. ``"-device", "virtio-rng-device"``). They are passed verbatim."""
+        if not all(isinstance(a, str) and "\0" not in a for a in args):
+            raise ConfigError("qemu_args takes strings without NUL bytes")
+        return self._with(extra_qemu_args=(*self._config.extra_qemu_args, *args))
+
     def name(self, name: str) -> VMBuilder:
         return self._with(name=name)
 

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 
@@ -50,6 +50,7 @@ DEFAULT_ENV = {
     "TERM": "xterm-256color",
 }
 _LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
+INIT_ERROR_MARKER = "CAPSA-INIT-ERROR"  # same as capsa.image.sandbox's (the host looks for it)
 
 
 def _str(m: Message, key: str) -> str:
@@ -84,8 +85,12 @@ def find_port(name: str = PORT_NAME, wait: float = PORT_WAIT_SECONDS) -> str:
             except OSError:
                 continue
         if time.monotonic() > deadline:
-            raise SystemExit(f"no virtio-serial port named {name} (virtio_console driver missing?)")
+            raise StartupError(f"no virtio-serial port named {name} (virtio_console driver missing?)")
         time.sleep(0.01)
+
+
+class StartupError(Exception):
+    """The agent cannot serve; reported on the console like the init's own errors."""
 
 
 # -- the agent -------------------------------------------------------------------------------------
@@ -504,15 +509,7 @@ class Agent:
 
     def shutdown_now(self) -> None:
         self.outbox.flush_blocking(2.0)
-        with contextlib.suppress(OSError):
-            os.kill(-1, signal.SIGKILL)  # every process but PID 1
-        os.sync()
-        import ctypes  # noqa: PLC0415 - only needed once, at power-off
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.reboot(_LINUX_REBOOT_CMD_POWER_OFF)
-        log(f"reboot(POWER_OFF) failed: {os.strerror(ctypes.get_errno())}")
-        os._exit(1)
+        power_off()
 
 
 def file_type(mode: int) -> str:
@@ -525,9 +522,26 @@ def file_type(mode: int) -> str:
     return "other"
 
 
+def power_off() -> NoReturn:
+    with contextlib.suppress(OSError):
+        os.kill(-1, signal.SIGKILL)  # every process but PID 1
+    os.sync()
+    import ctypes  # noqa: PLC0415 - only needed once, at power-off
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.reboot(_LINUX_REBOOT_CMD_POWER_OFF)
+    log(f"reboot(POWER_OFF) failed: {os.strerror(ctypes.get_errno())}")
+    os._exit(1)
+
+
 def main() -> None:
     os.chdir("/")
-    path = find_port()
+    try:
+        path = find_port()
+    except StartupError as exc:
+        sys.stderr.write(f"{INIT_ERROR_MARKER}: {exc}\n")
+        sys.stderr.flush()
+        power_off()
     fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     Agent(fd).run()
 

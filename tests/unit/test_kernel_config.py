@@ -1,0 +1,58 @@
+"""capsa's kernel config fragment and the check that every option survives olddefconfig."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from capsa.agent.guest import main as guest_main
+from capsa.errors import ImageError
+from capsa.image.kernel import CONFIG_FRAGMENT
+from capsa.image.kernel.build import check_config, parse_config
+from capsa.image.sandbox import INIT_ERROR_MARKER
+
+
+def test_parse_config_reads_values_and_unset_options() -> None:
+    text = 'CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=64\n# a comment\nCONFIG_D="x y"\n'
+    assert parse_config(text) == {
+        "CONFIG_A": "y",
+        "CONFIG_B": "n",
+        "CONFIG_C": "64",
+        "CONFIG_D": '"x y"',
+    }
+
+
+def test_fragment_builds_in_every_driver_a_sandbox_uses() -> None:
+    options = parse_config(CONFIG_FRAGMENT.read_text())
+    for needed in (
+        "VIRTIO_MMIO", "VIRTIO_PCI", "VIRTIO_BLK", "VIRTIO_CONSOLE", "VIRTIO_NET", "HW_RANDOM_VIRTIO",
+        "SQUASHFS", "EROFS_FS", "OVERLAY_FS", "EXT4_FS", "VIRTIO_FS", "9P_FS", "NET_9P_VIRTIO",
+        "PVH", "KVM_GUEST", "ACPI", "PCI", "KERNEL_LZ4", "BINFMT_SCRIPT", "DEVTMPFS", "EPOLL",
+    ):  # fmt: skip
+        assert options.get(f"CONFIG_{needed}") == "y", needed
+    assert options["CONFIG_MODULES"] == "n"  # everything built in: no insmod at boot
+
+
+def test_check_config_names_options_that_were_dropped(tmp_path: Path) -> None:
+    final = parse_config(CONFIG_FRAGMENT.read_text())
+    final["CONFIG_VIRTIO_FS"] = "n"  # e.g. a dependency was missing
+    final["CONFIG_SERIO_I8042"] = "y"  # e.g. something selected it back
+    path = tmp_path / ".config"
+    path.write_text("".join(f"{k}={v}\n" for k, v in final.items()))
+    with pytest.raises(ImageError) as info:
+        check_config(path)
+    assert "CONFIG_VIRTIO_FS=y (got n)" in str(info.value)
+    assert "CONFIG_SERIO_I8042=n (got y)" in str(info.value)
+
+
+def test_check_config_accepts_a_matching_config(tmp_path: Path) -> None:
+    final = parse_config(CONFIG_FRAGMENT.read_text())
+    path = tmp_path / ".config"
+    lines = [f"# {k} is not set" if v == "n" else f"{k}={v}" for k, v in final.items()]
+    path.write_text("\n".join([*lines, "CONFIG_EXTRA=y"]) + "\n")
+    check_config(path)
+
+
+def test_guest_agent_uses_the_hosts_error_marker() -> None:
+    assert guest_main.INIT_ERROR_MARKER == INIT_ERROR_MARKER
