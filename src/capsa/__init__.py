@@ -35,17 +35,20 @@ from capsa.errors import (
     GuestPermissionError,
     ImageError,
     ProtocolError,
+    ShareError,
     StartTimeoutError,
     VMExited,
     VMNotRunning,
 )
 from capsa.sandbox import Sandbox, SandboxBuilder, sandbox
+from capsa.shares import AccessMode, Share
 from capsa.vm import VM, RunState, VMBuilder, vm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "VM",
+    "AccessMode",
     "Agent",
     "AgentError",
     "BackendError",
@@ -74,6 +77,8 @@ __all__ = [
     "RunState",
     "Sandbox",
     "SandboxBuilder",
+    "Share",
+    "ShareError",
     "StartTimeoutError",
     "UefiBoot",
     "VMBuilder",

@@ -10,6 +10,7 @@ QEMU log tail, an exit status) as attributes, plus a ``hint`` that says how to f
     ├── VMNotRunning                        the VM is stopped, or was never started
     │   └── VMExited                        the guest powered off / QEMU exited while we waited
     ├── ProtocolError                       a guest sent bytes that break the protocol
+    ├── ShareError                          a shared directory's server failed (``log_tail``)
     ├── AgentError                          the guest agent refused or failed a request
     │   ├── ExecOutputLimitError            a command printed more than ``run()`` keeps
     │   └── GuestFileError                  a guest path operation failed (``path``, ``errno``)
@@ -96,6 +97,20 @@ class VMExited(VMNotRunning):
 
 class ProtocolError(CapsaError):
     """A guest sent bytes that violate the protocol (malformed, oversized or unexpected)."""
+
+
+class ShareError(CapsaError):
+    """A shared directory could not be served (virtiofsd failed to start or died)."""
+
+    def __init__(
+        self, message: str, *, host_path: object = None, log_tail: str = "", hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.host_path = host_path
+        self.log_tail = log_tail
+
+    def __str__(self) -> str:
+        return super().__str__() + _tail_block("virtiofsd log (tail)", self.log_tail)
 
 
 class AgentError(CapsaError):
@@ -212,6 +227,7 @@ __all__ = [
     "GuestPermissionError",
     "ImageError",
     "ProtocolError",
+    "ShareError",
     "StartTimeoutError",
     "VMExited",
     "VMNotRunning",

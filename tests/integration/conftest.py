@@ -20,7 +20,9 @@ def _leftovers(root: Path) -> tuple[list[str], list[int]]:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"qemu-system" in cmdline and str(root).encode() in cmdline:
+            # QEMU and virtiofsd both name a path in the runtime root on their command line.
+            ours = str(root).encode() in cmdline
+            if ours and (b"qemu-system" in cmdline or b"virtiofsd" in cmdline):
                 pids.append(int(entry.name))
     return dirs, pids
 
@@ -35,4 +37,4 @@ def no_leaks() -> Iterator[None]:
         time.sleep(0.1)
         dirs, pids = _leftovers(root)
     assert not dirs, f"runtime dirs left behind: {dirs}"
-    assert not pids, f"QEMU processes left behind: {pids}"
+    assert not pids, f"QEMU/virtiofsd processes left behind: {pids}"

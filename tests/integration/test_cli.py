@@ -85,3 +85,17 @@ def test_exec_bad_flags_are_one_line_errors() -> None:
     assert bad_memory.returncode == 2 and "--memory takes a size" in bad_memory.stderr
     bad_env = run("exec", "--env", "NOEQUALS", "--", "true")
     assert bad_env.returncode == 2 and "--env takes K=V" in bad_env.stderr
+
+
+@pytest.mark.vm
+def test_exec_with_shares(tmp_path: Path) -> None:
+    src, out = tmp_path / "src dir", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    (src / "in.txt").write_text("shared in\n")
+    done = run("exec", "--share", f"{src}:/src", "--share", f"{out}:/out:rw", "--",
+               "sh", "-c", "cat /src/in.txt > /out/copy.txt; touch /src/x 2>/dev/null || echo ro")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "ro\n"
+    assert (out / "copy.txt").read_text() == "shared in\n"
+    assert run("exec", "--share", "nocolon", "--", "true").returncode == 2

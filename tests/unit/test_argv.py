@@ -111,3 +111,53 @@ def test_uefi_boot_is_refused_clearly(tmp_path: Path) -> None:
     config = replace(capsa.vm(capsa.UefiBoot(tmp_path / "disk.img")).config)
     with pytest.raises(capsa.ConfigError, match="UefiBoot"):
         config.validate()
+
+
+def test_virtio_serial_ports(kernel: Path) -> None:
+    config = capsa.vm(capsa.LinuxDirectBoot(kernel)).virtio_port("capsa.agent").virtio_port("b").config
+    argv = build_argv(config, replace(plan(), port_fds=(11, 12)))
+    assert "virtio-serial-device,id=vser0,max_ports=3" in option(argv, "-device")
+    assert "socket,id=port1,fd=12" in option(argv, "-chardev")
+    assert "virtserialport,bus=vser0.0,nr=1,chardev=port0,name=capsa.agent" in option(argv, "-device")
+    with pytest.raises(capsa.ConfigError):
+        capsa.vm(capsa.LinuxDirectBoot(kernel)).virtio_port("Bad Name")
+
+
+def test_virtiofs_and_9p_shares(kernel: Path, tmp_path: Path) -> None:
+    from capsa.backend.qemu.argv import PlannedShare
+
+    config = capsa.vm(capsa.LinuxDirectBoot(kernel)).memory_mb(256).config
+    shares = (
+        PlannedShare("capsa0", tmp_path, True, "virtiofs", tmp_path / "fs0.sock"),
+        PlannedShare("capsa1", Path("/data/a,b"), True, "9p"),
+        PlannedShare("capsa2", Path("/data/rw"), False, "9p"),
+    )
+    argv = build_argv(config, replace(plan(), shares=shares))
+    assert option(argv, "-M") == ["microvm,acpi=on,pcie=off,rtc=on,memory-backend=capsa-mem"]
+    assert "memory-backend-memfd,id=capsa-mem,size=256M,share=on" in option(argv, "-object")
+    assert "virtio-mmio.force-legacy=false" in option(argv, "-global")
+    assert f"socket,id=fs0,path={tmp_path / 'fs0.sock'}" in option(argv, "-chardev")
+    assert "vhost-user-fs-device,chardev=fs0,tag=capsa0" in option(argv, "-device")
+    fsdevs = option(argv, "-fsdev")
+    assert fsdevs[0] == "local,id=fsdev1,path=/data/a,,b,security_model=none,readonly=on"
+    assert fsdevs[1] == "local,id=fsdev2,path=/data/rw,security_model=none"
+    assert "virtio-9p-device,fsdev=fsdev2,mount_tag=capsa2" in option(argv, "-device")
+    only_9p = build_argv(config, replace(plan(), shares=shares[1:]))
+    assert "-object" not in only_9p and "-global" not in only_9p  # plain RAM without virtio-fs
+
+
+def test_virtiofsd_is_wrapped_in_a_read_only_mount_namespace(tmp_path: Path) -> None:
+    from capsa.shares.spec import AccessMode, ShareSpec
+    from capsa.shares.virtiofsd import virtiofsd_argv
+
+    ro = virtiofsd_argv("/usr/lib/qemu/virtiofsd", ShareSpec(tmp_path, "/mnt"), tmp_path / "s")
+    assert ro[:4] == ["unshare", "--mount", "--propagation", "private"] or ro[1:3] == [
+        "--user",
+        "--map-root-user",
+    ]
+    script = ro[ro.index("-c") + 1]
+    assert "mount -o remount,bind,ro" in script
+    assert ro[ro.index("-c") + 3 : ro.index("-c") + 5] == [str(tmp_path), "ro"]
+    assert f"source={tmp_path}" in ro and "sandbox=namespace" in ro
+    rw = virtiofsd_argv("/v", ShareSpec(tmp_path, "/mnt", AccessMode.READ_WRITE), tmp_path / "s")
+    assert rw[rw.index("-c") + 4] == "rw"

@@ -27,6 +27,7 @@ def register(commands: Any) -> None:
             "examples:\n"
             "  capsa exec -- uname -a\n"
             "  capsa exec --env NAME=world -- sh -c 'echo hello $NAME'\n"
+            "  capsa exec --share .:/src --share ./out:/out:rw -- sh -c 'cp -r /src/* /out/'\n"
             "  echo 'print(6 * 7)' | capsa exec -- python3\n\n"
             "exit status: the command's own (128+N if signal N killed it); 124 if --timeout hit;\n"
             "2 if capsa itself failed (the message says why)."
@@ -34,6 +35,13 @@ def register(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--env", action="append", default=[], metavar="K=V", help="set a variable")
+    parser.add_argument(
+        "--share",
+        action="append",
+        default=[],
+        metavar="HOST:GUEST[:ro|rw]",
+        help="share a host directory (read-only unless :rw)",
+    )
     parser.add_argument("--cwd", help="working directory in the guest (absolute)")
     parser.add_argument("--timeout", type=float, help="kill the command after this many seconds")
     parser.add_argument("--cpus", type=int, default=1, help="virtual CPUs (default 1)")
@@ -52,11 +60,27 @@ def parse_memory(text: str) -> int:
     return int(number) * (factor or 1)
 
 
+def parse_share(text: str) -> tuple[str, str, capsa.AccessMode]:
+    host, sep, rest = text.partition(":")
+    guest, _, mode = rest.partition(":")
+    modes = {
+        "": capsa.AccessMode.READ_ONLY,
+        "ro": capsa.AccessMode.READ_ONLY,
+        "rw": capsa.AccessMode.READ_WRITE,
+    }
+    if not sep or not host or not guest or mode not in modes:
+        raise ConfigError(f"--share takes HOST:GUEST[:ro|rw], got {text!r}")
+    return host, guest, modes[mode]
+
+
 def _exec(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise ConfigError("no command given", hint="usage: capsa exec [options] -- CMD [ARGS...]")
     builder = capsa.sandbox().cpus(args.cpus).memory_mb(parse_memory(args.memory))
+    for item in args.share:
+        host, guest, mode = parse_share(item)
+        builder = builder.share(host, guest, mode)
     return asyncio.run(_run(builder, command, args))
 
 

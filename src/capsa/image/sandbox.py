@@ -34,6 +34,7 @@ MODULES = (
     "virtio_rng",
     "squashfs",
     "overlay",
+    "virtiofs",  # shares (the stock cloud kernel has no 9p; capsa's kernel has both built in)
     "button",  # the ACPI power button, so vm.stop() is graceful even without the agent's help
     "evdev",
 )

@@ -13,6 +13,7 @@ from capsa.boot import LinuxDirectBoot
 from capsa.errors import ConfigError, ImageError
 from capsa.image.sandbox import SandboxImage, sandbox_image
 from capsa.sandbox.handle import AGENT_PORT, Sandbox
+from capsa.shares.spec import AccessMode, Mechanism, ShareSpec, check_shares, make_share
 from capsa.vm.config import Accelerator, VMConfig, validate_cpus, validate_memory_mb
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class SandboxConfig:
     rootfs: Path | None = None
     accelerator: Accelerator = "auto"
     name: str | None = None
+    shares: tuple[ShareSpec, ...] = ()
 
 
 def _existing_file(path: str | Path, what: str) -> Path:
@@ -78,6 +80,21 @@ class SandboxBuilder:
         python3-msgpack."""
         return self._with(rootfs=_existing_file(path, "rootfs"))
 
+    def share(
+        self,
+        host_path: str | Path,
+        guest_path: str,
+        mode: AccessMode = AccessMode.READ_ONLY,
+        *,
+        mechanism: Mechanism = "auto",
+    ) -> SandboxBuilder:
+        """Share a host directory; it is mounted at ``guest_path`` before ``build()`` returns.
+        READ_ONLY is enforced on the host (guest root cannot remount it writable)."""
+        spec = make_share(host_path, guest_path, mode, mechanism)
+        shares = (*self._config.shares, spec)
+        check_shares(shares)
+        return self._with(shares=shares)
+
     def accelerator(self, name: str) -> SandboxBuilder:
         if name not in _ACCELERATORS:
             raise ConfigError(f"accelerator must be one of {_ACCELERATORS}, got {name!r}")
@@ -106,6 +123,7 @@ class SandboxBuilder:
             accelerator=c.accelerator,
             name=c.name,
             virtio_ports=(AGENT_PORT,),
+            shares=c.shares,
         )
 
     async def build(self, timeout: float = DEFAULT_BUILD_TIMEOUT) -> Sandbox:

@@ -14,17 +14,20 @@ from capsa.errors import (
     CapsaError,
     CapsaTimeoutError,
     ProtocolError,
+    ShareError,
     StartTimeoutError,
     VMExited,
     VMNotRunning,
 )
 from capsa.image.sandbox import INIT_ERROR_MARKER
+from capsa.shares.spec import AccessMode
 from capsa.vm.config import VMConfig
 from capsa.vm.handle import DEFAULT_STOP_TIMEOUT, VM
 
 log = logging.getLogger(__name__)
 
 AGENT_PORT = "capsa.agent"
+NINE_P_MSIZE = 512000  # 9p's default 8 KiB messages make large reads several times slower
 _SHUTDOWN_ACK_TIMEOUT = 5.0
 
 
@@ -78,8 +81,39 @@ class Sandbox(VM):
                 hint="the initrd's agent comes from another capsa version; run: capsa image build",
             )
         self._agent = Agent(self._channel)
+        try:
+            async with asyncio.timeout(max(1.0, timeout - (time.monotonic() - started))):
+                await self._mount_shares()
+        except BaseException:
+            await self.kill()
+            raise
         self.ready_seconds = time.monotonic() - started
         log.info("sandbox agent ready after %.2fs", self.ready_seconds)
+
+    async def _mount_shares(self) -> None:
+        for share in self._shares:
+            agent = self.agent
+            await agent.mkdir(share.guest_path, parents=True)
+            options = (
+                ["trans=virtio", "version=9p2000.L", f"msize={NINE_P_MSIZE}"]
+                if share.mechanism == "9p"
+                else []
+            )
+            if share.mode is AccessMode.READ_ONLY:
+                options.append("ro")  # the host refuses writes anyway; this makes them fail fast
+            argv = ["-t", share.mechanism, *(["-o", ",".join(options)] if options else [])]
+            done = await agent.exec("mount").args([*argv, share.tag, share.guest_path]).timeout(30).run()
+            if done.exit_code == 0 and share.mechanism == "virtiofs":
+                # Larger readahead: fewer FUSE round trips per large read (~12% faster under TCG).
+                script = 'echo 4096 > "/sys/class/bdi/$(mountpoint -d "$1")/read_ahead_kb"'
+                await agent.exec("sh").args(["-c", script, "sh", share.guest_path]).timeout(30).run()
+            if done.exit_code != 0:
+                raise ShareError(
+                    f"mounting {share.host_path} at {share.guest_path} ({share.mechanism}) failed: "
+                    f"{done.stderr.strip()[:500]}",
+                    host_path=share.host_path,
+                    hint="a custom kernel needs virtiofs (or 9p) support",
+                )
 
     async def _agent_lost(self) -> CapsaError:
         """Why the agent's connection closed: usually the VM exited (then say how)."""
@@ -87,6 +121,8 @@ class Sandbox(VM):
         if process is not None:
             with contextlib.suppress(CapsaTimeoutError):
                 await process.wait(2.0)
+            if self._failure is not None:
+                return self._failure
             if process.returncode is not None:
                 reason = self._monitor.shutdown_reason if self._monitor else None
                 return self._exited_error(process.returncode, reason)

@@ -9,6 +9,7 @@ from capsa._portal import Portal
 from capsa.sandbox.builder import DEFAULT_BUILD_TIMEOUT, SandboxBuilder, SandboxConfig
 from capsa.sandbox.builder import sandbox as _async_sandbox
 from capsa.sandbox.handle import Sandbox
+from capsa.shares.spec import AccessMode, Mechanism
 from capsa.sync._agent import SyncAgent
 from capsa.sync._vm import SyncVM
 
@@ -55,6 +56,16 @@ class SyncSandboxBuilder:
 
     def rootfs(self, path: str | Path) -> SyncSandboxBuilder:
         return self._wrap(self._builder.rootfs(path))
+
+    def share(
+        self,
+        host_path: str | Path,
+        guest_path: str,
+        mode: AccessMode = AccessMode.READ_ONLY,
+        *,
+        mechanism: Mechanism = "auto",
+    ) -> SyncSandboxBuilder:
+        return self._wrap(self._builder.share(host_path, guest_path, mode, mechanism=mechanism))
 
     def accelerator(self, name: str) -> SyncSandboxBuilder:
         return self._wrap(self._builder.accelerator(name))

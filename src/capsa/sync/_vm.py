@@ -11,6 +11,7 @@ from typing import Any
 from capsa._portal import Portal
 from capsa.boot import BootConfig
 from capsa.console import Console, Pattern
+from capsa.shares.spec import AccessMode, Mechanism, Share
 from capsa.vm.builder import VMBuilder
 from capsa.vm.builder import vm as _async_vm
 from capsa.vm.config import DiskFormat, VMConfig
@@ -69,6 +70,10 @@ class SyncVM:
     @property
     def log_dir(self) -> Path:
         return self._vm.log_dir
+
+    @property
+    def shares(self) -> list[Share]:
+        return self._vm.shares
 
     @property
     def exit_code(self) -> int | None:
@@ -149,6 +154,16 @@ class SyncVMBuilder:
 
     def virtio_port(self, name: str) -> SyncVMBuilder:
         return self._wrap(self._builder.virtio_port(name))
+
+    def share(
+        self,
+        host_path: str | Path,
+        guest_path: str,
+        mode: AccessMode = AccessMode.READ_ONLY,
+        *,
+        mechanism: Mechanism = "auto",
+    ) -> SyncVMBuilder:
+        return self._wrap(self._builder.share(host_path, guest_path, mode, mechanism=mechanism))
 
     def qemu_args(self, *args: str) -> SyncVMBuilder:
         return self._wrap(self._builder.qemu_args(*args))

@@ -9,6 +9,7 @@ from typing import Any
 
 from capsa.boot import BootConfig, LinuxDirectBoot, UefiBoot
 from capsa.errors import ConfigError
+from capsa.shares.spec import AccessMode, Mechanism, check_shares, make_share
 from capsa.vm.config import (
     DiskFormat,
     DiskSpec,
@@ -92,6 +93,21 @@ class VMBuilder:
         if name in self._config.virtio_ports:
             raise ConfigError(f"virtio-serial port {name!r} is declared twice")
         return self._with(virtio_ports=(*self._config.virtio_ports, name))
+
+    def share(
+        self,
+        host_path: str | Path,
+        guest_path: str,
+        mode: AccessMode = AccessMode.READ_ONLY,
+        *,
+        mechanism: Mechanism = "auto",
+    ) -> VMBuilder:
+        """Share a host directory (virtio-fs, or 9p with ``mechanism="9p"`` or when no virtiofsd is
+        installed). READ_ONLY is enforced on the host. A raw VM mounts it itself: see ``vm.shares``."""
+        spec = make_share(host_path, guest_path, mode, mechanism)
+        shares = (*self._config.shares, spec)
+        check_shares(shares)
+        return self._with(shares=shares)
 
     def qemu_args(self, *args: str) -> VMBuilder:
         """Append raw arguments to QEMU's command line (an escape hatch for devices capsa does not

@@ -10,6 +10,7 @@ from typing import Literal
 
 from capsa.boot import BootConfig, LinuxDirectBoot, check_readable_file
 from capsa.errors import ConfigError
+from capsa.shares.spec import ShareSpec, check_host_dir, check_shares
 
 Accelerator = Literal["auto", "kvm", "tcg"]
 Machine = Literal["microvm", "q35"]
@@ -115,6 +116,7 @@ class VMConfig:
     name: str | None = None
     # Named virtio-serial ports; the guest finds each in /sys/class/virtio-ports/*/name.
     virtio_ports: tuple[str, ...] = ()
+    shares: tuple[ShareSpec, ...] = ()
     extra_qemu_args: tuple[str, ...] = field(default=())
 
     def all_disks(self) -> tuple[DiskSpec, ...]:
@@ -137,6 +139,9 @@ class VMConfig:
                 raise ConfigError(
                     f"disk {disk.path} is not writable", hint="attach it with read_only=True"
                 )
+        check_shares(self.shares)
+        for share in self.shares:
+            check_host_dir(share.host_path)
         for port in self.virtio_ports:
             validate_port_name(port)
         if len(set(self.virtio_ports)) != len(self.virtio_ports):

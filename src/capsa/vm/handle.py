@@ -12,12 +12,22 @@ from types import TracebackType
 
 from capsa._guardian import new_vm_dir
 from capsa.accelerator import host_tsc_khz, resolve_accelerator
-from capsa.backend.qemu.argv import LaunchPlan, build_argv
+from capsa.backend.qemu.argv import LaunchPlan, PlannedShare, build_argv
 from capsa.backend.qemu.monitor import Monitor
 from capsa.backend.qemu.process import QemuProcess, find_qemu
 from capsa.boot import LinuxDirectBoot
 from capsa.console import Console
-from capsa.errors import BackendError, CapsaError, CapsaTimeoutError, VMExited, VMNotRunning
+from capsa.errors import (
+    BackendError,
+    CapsaError,
+    CapsaTimeoutError,
+    ConfigError,
+    ShareError,
+    VMExited,
+    VMNotRunning,
+)
+from capsa.shares.spec import Share
+from capsa.shares.virtiofsd import find_virtiofsd, start_virtiofsd
 from capsa.vm.config import VMConfig
 from capsa.vm.runstate import RunState
 
@@ -45,6 +55,10 @@ class VM:
         self._cleaned = False
         self._stopping = False
         self._ports: dict[str, socket.socket] = {}
+        self._shares: list[Share] = []
+        self._daemons: list[QemuProcess] = []
+        self._daemon_watches: list[asyncio.Task[None]] = []
+        self._failure: CapsaError | None = None  # why capsa stopped the VM on its own, if it did
 
     # -- properties --
 
@@ -84,6 +98,12 @@ class VM:
             ) from None
 
     @property
+    def shares(self) -> list[Share]:
+        """The VM's shared directories; each unpacks as ``(tag, host_path, guest_path, mode)``.
+        In a raw VM mount them yourself: ``mount -t virtiofs <tag> <guest_path>``."""
+        return list(self._shares)
+
+    @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
@@ -115,6 +135,7 @@ class VM:
         self._dir = new_vm_dir()
         logs = self._dir / "logs"
         logs.mkdir()
+        planned = await self._start_shares(logs)
         console_host, console_qemu = socket.socketpair()
         qmp_host, qmp_qemu = socket.socketpair()
         port_pairs = [socket.socketpair() for _ in config.virtio_ports]
@@ -127,6 +148,7 @@ class VM:
                 qmp_fd=qmp_qemu.fileno(),
                 host_khz=host_tsc_khz(),
                 port_fds=tuple(q.fileno() for _, q in port_pairs),
+                shares=tuple(planned),
             )
             argv = build_argv(config, plan)
             (logs / "qemu.argv").write_text("\n".join(argv) + "\n")
@@ -162,7 +184,55 @@ class VM:
                 hint="see the QEMU log tail; 'capsa doctor' checks the installation",
             ) from exc
         self._exit_watch = asyncio.ensure_future(self._watch_exit())
+        for daemon, share in zip(
+            self._daemons, [s for s in self._shares if s.mechanism == "virtiofs"], strict=True
+        ):
+            self._daemon_watches.append(asyncio.ensure_future(self._watch_daemon(daemon, share)))
         log.info("VM %s started (pid %d, %s)", self._dir.name, self._process.pid, self._accelerator)
+
+    async def _start_shares(self, logs: Path) -> list[PlannedShare]:
+        """Decide each share's mechanism and start a virtiofsd per virtio-fs share (before QEMU,
+        which connects to their sockets as it starts)."""
+        assert self._dir is not None
+        virtiofsd = find_virtiofsd()
+        planned: list[PlannedShare] = []
+        for index, spec in enumerate(self.config.shares):
+            mechanism = spec.mechanism
+            if mechanism == "auto":
+                mechanism = "virtiofs" if virtiofsd else "9p"
+            tag = f"capsa{index}"
+            socket_path = None
+            if mechanism == "virtiofs":
+                if virtiofsd is None:
+                    raise ConfigError(
+                        "share: virtiofsd not found",
+                        hint="apt-get install qemu-system-common, or share with mechanism='9p'",
+                    )
+                socket_path = self._dir / f"fs{index}.sock"
+                log_path = logs / f"virtiofsd-{index}.log"
+                self._daemons.append(await start_virtiofsd(virtiofsd, spec, socket_path, log_path))
+            planned.append(PlannedShare(tag, spec.host_path, spec.read_only, mechanism, socket_path))
+            self._shares.append(Share(tag, spec.host_path, spec.guest_path, spec.mode, mechanism))
+        return planned
+
+    async def _watch_daemon(self, daemon: QemuProcess, share: Share) -> None:
+        """A virtiofsd dying under a running guest would hang its filesystem: stop the VM, say why."""
+        code = await daemon.exited
+        process = self._process
+        if process is not None and process.returncode is None:
+            # virtiofsd also exits when QEMU goes away (guest power-off): give that a moment.
+            with contextlib.suppress(CapsaTimeoutError):
+                await process.wait(1.0)
+        if self._stopping or self._cleaned or process is None or process.returncode is not None:
+            return
+        self._failure = ShareError(
+            f"virtiofsd serving {share.host_path} (guest {share.guest_path}) died with status {code}; "
+            "the VM was stopped",
+            host_path=share.host_path,
+            log_tail=daemon.log_tail(),
+        )
+        log.error("%s", self._failure.message)
+        await process.kill_and_wait()
 
     # -- exit handling --
 
@@ -180,6 +250,8 @@ class VM:
 
     def _exited_error(self, code: int | None, reason: str | None) -> VMExited:
         what = f"guest {reason}" if reason else "QEMU exited"
+        if self._failure is not None:
+            what = self._failure.message
         return VMExited(
             f"the VM exited ({what}, QEMU exit status {code})",
             exit_code=code,
@@ -248,6 +320,11 @@ class VM:
         for sock in self._ports.values():
             sock.close()
         self._ports.clear()
+        for daemon in self._daemons:
+            with contextlib.suppress(CapsaError):
+                await daemon.kill_and_wait()
+        for watch in self._daemon_watches:
+            watch.cancel()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
 

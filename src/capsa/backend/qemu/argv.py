@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 from capsa.boot import LinuxDirectBoot
 from capsa.errors import ConfigError
@@ -10,6 +12,17 @@ from capsa.vm.config import VMConfig, kernel_cmdline
 
 # Everything QEMU may need to do on its own; spawn is denied so a compromised QEMU cannot exec.
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+@dataclass(frozen=True)
+class PlannedShare:
+    """A share with its mechanism decided and, for virtio-fs, its virtiofsd socket."""
+
+    tag: str
+    host_path: Path
+    read_only: bool
+    mechanism: Literal["virtiofs", "9p"]
+    socket_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -22,6 +35,7 @@ class LaunchPlan:
     qmp_fd: int
     host_khz: int | None = None  # for tsc_early_khz under TCG on microvm
     port_fds: tuple[int, ...] = ()  # one socket fd per config.virtio_ports entry, same order
+    shares: tuple[PlannedShare, ...] = ()
 
 
 def qemu_escape(value: str) -> str:
@@ -53,11 +67,18 @@ def build_argv(config: VMConfig, plan: LaunchPlan) -> list[str]:
     argv = [plan.qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
     if config.name:
         argv += ["-name", f"{qemu_escape(config.name)},debug-threads=on"]
+    virtiofs = any(share.mechanism == "virtiofs" for share in plan.shares)
+    # vhost-user-fs needs guest RAM that virtiofsd can map: a shared memfd backend.
+    memory = ",memory-backend=capsa-mem" if virtiofs else ""
     if config.machine == "microvm":
         # ACPI on: Debian kernels lack VIRTIO_MMIO_CMDLINE_DEVICES, so devices are found via ACPI.
-        argv += ["-M", "microvm,acpi=on,pcie=off,rtc=on"]
+        argv += ["-M", f"microvm,acpi=on,pcie=off,rtc=on{memory}"]
+        if virtiofs:  # vhost-user-fs refuses legacy virtio-mmio
+            argv += ["-global", "virtio-mmio.force-legacy=false"]
     else:
-        argv += ["-M", "q35"]
+        argv += ["-M", f"q35{memory}"]
+    if virtiofs:
+        argv += ["-object", f"memory-backend-memfd,id=capsa-mem,size={config.memory_mb}M,share=on"]
     if plan.accelerator == "kvm":
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:
@@ -83,5 +104,28 @@ def build_argv(config: VMConfig, plan: LaunchPlan) -> list[str]:
     for index, (name, fd) in enumerate(zip(config.virtio_ports, plan.port_fds, strict=True)):
         argv += ["-chardev", f"socket,id=port{index},fd={fd}"]
         argv += ["-device", f"virtserialport,bus=vser0.0,nr={index + 1},chardev=port{index},name={name}"]
+    argv += share_args(plan.shares, suffix)
     argv += list(config.extra_qemu_args)
+    return argv
+
+
+def share_args(shares: tuple[PlannedShare, ...], suffix: str) -> list[str]:
+    argv: list[str] = []
+    for index, share in enumerate(shares):
+        if share.mechanism == "virtiofs":
+            assert share.socket_path is not None
+            argv += ["-chardev", f"socket,id=fs{index},path={qemu_escape(str(share.socket_path))}"]
+            argv += ["-device", f"vhost-user-fs-{suffix},chardev=fs{index},tag={share.tag}"]
+        else:
+            # readonly=on: QEMU itself refuses every write (host-enforced); security_model=none:
+            # files are created as QEMU's user, no ownership emulation.
+            fsdev = f"local,id=fsdev{index},path={qemu_escape(str(share.host_path))},security_model=none"
+            if share.read_only:
+                fsdev += ",readonly=on"
+            argv += [
+                "-fsdev",
+                fsdev,
+                "-device",
+                f"virtio-9p-{suffix},fsdev=fsdev{index},mount_tag={share.tag}",
+            ]
     return argv

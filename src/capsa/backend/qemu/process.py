@@ -46,13 +46,16 @@ class QemuProcess:
     """A started QEMU child. It dies with the forking thread (PDEATHSIG) and ignores terminal signals
     (own session), so only this object — or our death — ends it."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path, name: str = "QEMU") -> None:
         self._proc = proc
         self.log_path = log_path
+        self.name = name
         self._waiter: asyncio.Task[int] = asyncio.ensure_future(proc.wait())
 
     @classmethod
-    async def start(cls, argv: Sequence[str], *, pass_fds: Sequence[int], log_path: Path) -> QemuProcess:
+    async def start(
+        cls, argv: Sequence[str], *, pass_fds: Sequence[int], log_path: Path, name: str = "QEMU"
+    ) -> QemuProcess:
         log.debug("starting %s", " ".join(argv))
         with log_path.open("ab") as log_file:
             proc = await asyncio.create_subprocess_exec(
@@ -64,7 +67,7 @@ class QemuProcess:
                 preexec_fn=die_with_parent(),
                 start_new_session=True,
             )
-        return cls(proc, log_path)
+        return cls(proc, log_path, name)
 
     @property
     def pid(self) -> int:
@@ -83,7 +86,9 @@ class QemuProcess:
         try:
             return await asyncio.wait_for(asyncio.shield(self._waiter), timeout)
         except TimeoutError:
-            raise CapsaTimeoutError(f"QEMU (pid {self.pid}) still running after {timeout}s") from None
+            raise CapsaTimeoutError(
+                f"{self.name} (pid {self.pid}) still running after {timeout}s"
+            ) from None
 
     def kill(self) -> None:
         """Send SIGKILL if it is still running. Safe to call any number of times."""

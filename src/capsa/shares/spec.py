@@ -1,0 +1,98 @@
+"""What a share is: a host directory, where the guest sees it, how, and whether it may write."""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from capsa.errors import ConfigError
+
+Mechanism = Literal["auto", "virtiofs", "9p"]
+MECHANISMS = ("auto", "virtiofs", "9p")
+MAX_SHARES = 32
+
+
+class AccessMode(enum.Enum):
+    READ_ONLY = "ro"
+    READ_WRITE = "rw"
+
+
+@dataclass(frozen=True)
+class ShareSpec:
+    """One shared directory as configured (``mechanism`` may still be ``auto``)."""
+
+    host_path: Path
+    guest_path: str
+    mode: AccessMode = AccessMode.READ_ONLY
+    mechanism: Mechanism = "auto"
+
+    @property
+    def read_only(self) -> bool:
+        return self.mode is AccessMode.READ_ONLY
+
+
+@dataclass(frozen=True)
+class Share:
+    """A share of a started VM: mount it in a raw guest with
+    ``mount -t virtiofs <tag> <guest_path>`` (or ``-t 9p -o trans=virtio,version=9p2000.L``)."""
+
+    tag: str
+    host_path: Path
+    guest_path: str
+    mode: AccessMode
+    mechanism: Literal["virtiofs", "9p"]
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpacks as ``(tag, host_path, guest_path, mode)``."""
+        return iter((self.tag, self.host_path, self.guest_path, self.mode))
+
+
+def check_host_dir(path: str | Path) -> Path:
+    host = Path(path).expanduser()
+    if not host.exists():
+        raise ConfigError(f"share: host path not found: {host}")
+    if not host.is_dir():
+        raise ConfigError(f"share: host path is not a directory: {host}")
+    if not os.access(host, os.R_OK | os.X_OK):
+        raise ConfigError(f"share: host directory is not readable: {host}")
+    return host.resolve()
+
+
+def check_guest_path(path: str) -> str:
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigError(f"share: the guest path must be absolute, got {path!r}")
+    if "\0" in path or any(ord(c) < 32 for c in path):
+        raise ConfigError(f"share: the guest path has control characters: {path!r}")
+    parts = PurePosixPath(path).parts
+    if ".." in parts or "." in path.split("/"):
+        raise ConfigError(f"share: the guest path must not contain '.' or '..': {path!r}")
+    if path == "/":
+        raise ConfigError("share: cannot mount a share over the guest's root")
+    return str(PurePosixPath(path))
+
+
+def make_share(
+    host_path: str | Path, guest_path: str, mode: AccessMode, mechanism: Mechanism
+) -> ShareSpec:
+    if not isinstance(mode, AccessMode):
+        raise ConfigError(f"share: mode must be AccessMode.READ_ONLY or READ_WRITE, got {mode!r}")
+    if mechanism not in MECHANISMS:
+        raise ConfigError(f"share: mechanism must be one of {MECHANISMS}, got {mechanism!r}")
+    host = check_host_dir(host_path)
+    if mode is AccessMode.READ_WRITE and not os.access(host, os.W_OK):
+        raise ConfigError(f"share: host directory is not writable: {host}", hint="share it READ_ONLY")
+    return ShareSpec(host, check_guest_path(guest_path), mode, mechanism)
+
+
+def check_shares(shares: tuple[ShareSpec, ...]) -> None:
+    if len(shares) > MAX_SHARES:
+        raise ConfigError(f"at most {MAX_SHARES} shares per VM")
+    seen: set[str] = set()
+    for share in shares:
+        if share.guest_path in seen:
+            raise ConfigError(f"share: two shares use the guest path {share.guest_path}")
+        seen.add(share.guest_path)
