@@ -56,3 +56,50 @@ def test_check_config_accepts_a_matching_config(tmp_path: Path) -> None:
 
 def test_guest_agent_uses_the_hosts_error_marker() -> None:
     assert guest_main.INIT_ERROR_MARKER == INIT_ERROR_MARKER
+
+
+def _fake_built_kernel(directory: Path) -> None:
+    import hashlib
+    import json
+
+    directory.mkdir(parents=True)
+    sums = {}
+    for name in ("bzImage", "vmlinux", "config"):
+        data = f"fake {name}".encode()
+        (directory / name).write_bytes(data)
+        sums[name] = hashlib.sha256(data).hexdigest()
+    manifest = {"source_version": "6.1.1-1", "release": "6.1.1", "sha256": sums}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_corrupt_cached_kernel_is_not_used(tmp_path: Path) -> None:
+    from capsa.image.kernel.build import _load
+
+    directory = tmp_path / "capsa-6.1.1-1-abc"
+    _fake_built_kernel(directory)
+    loaded = _load(directory)
+    assert loaded is not None and loaded.release == "6.1.1"
+    (directory / "vmlinux").write_bytes(b"fake vmlinuX")  # same size, one byte flipped
+    assert _load(directory) is None  # so built_kernel() reports it missing and it gets rebuilt
+
+
+def test_a_failed_build_names_its_log_and_the_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from capsa.image.kernel import build as kernel_build
+
+    bogus = tmp_path / "linux-source-6.1.tar.xz"
+    bogus.write_bytes(b"not a tarball")
+    monkeypatch.setenv("CAPSA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(
+        kernel_build, "find_kernel_source", lambda: kernel_build.KernelSource(bogus, "0-test")
+    )
+    monkeypatch.setattr(kernel_build, "missing_build_tools", list)
+    with pytest.raises(ImageError) as info:
+        kernel_build.build_kernel()
+    message = str(info.value)
+    assert "unpacking the source" in message and ".build.log" in message
+    assert "fall back to the stock Debian kernel" in message
+    logs = list((tmp_path / "cache" / "kernels").glob("*.build.log"))
+    assert len(logs) == 1 and "tar" in logs[0].read_text()
+    assert not list((tmp_path / "cache" / "kernels").glob(".build-*"))  # the work tree is gone

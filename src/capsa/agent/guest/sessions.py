@@ -68,9 +68,11 @@ class Outbox:
         self.size = 0
 
     def send(self, message: Message) -> None:
-        data = wire.encode(message)
-        self.chunks.append(memoryview(data))
-        self.size += len(data)
+        header, body = wire.encode_parts(message)
+        parts = (header, body) if len(body) >= 1 << 16 else (header + body,)  # one write if small
+        for part in parts:
+            self.chunks.append(memoryview(part))
+            self.size += len(part)
 
     def flush(self) -> None:
         while self.chunks:
