@@ -36,11 +36,12 @@ from capsa.errors import (
     ImageError,
     ProtocolError,
     ShareError,
+    SnapshotError,
     StartTimeoutError,
     VMExited,
     VMNotRunning,
 )
-from capsa.sandbox import Sandbox, SandboxBuilder, sandbox
+from capsa.sandbox import Pool, Sandbox, SandboxBuilder, Snapshot, pool, sandbox
 from capsa.shares import AccessMode, Share
 from capsa.vm import VM, RunState, VMBuilder, vm
 
@@ -72,6 +73,7 @@ __all__ = [
     "LinuxDirectBoot",
     "Mount",
     "OutputStream",
+    "Pool",
     "Process",
     "ProtocolError",
     "RunState",
@@ -79,12 +81,15 @@ __all__ = [
     "SandboxBuilder",
     "Share",
     "ShareError",
+    "Snapshot",
+    "SnapshotError",
     "StartTimeoutError",
     "UefiBoot",
     "VMBuilder",
     "VMExited",
     "VMNotRunning",
     "__version__",
+    "pool",
     "sandbox",
     "vm",
 ]

@@ -20,8 +20,7 @@ from typing import Literal
 
 from capsa._guardian import new_vm_dir
 from capsa._paths import cache_dir
-from capsa.backend.qemu.argv import SECCOMP
-from capsa.backend.qemu.process import QemuProcess, find_qemu
+from capsa.backend.qemu.process import SECCOMP, QemuProcess, find_qemu
 from capsa.errors import CapsaTimeoutError, ConfigError
 
 log = logging.getLogger(__name__)

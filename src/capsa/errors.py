@@ -11,6 +11,7 @@ QEMU log tail, an exit status) as attributes, plus a ``hint`` that says how to f
     │   └── VMExited                        the guest powered off / QEMU exited while we waited
     ├── ProtocolError                       a guest sent bytes that break the protocol
     ├── ShareError                          a shared directory's server failed (``log_tail``)
+    ├── SnapshotError                       a snapshot could not be saved, read or restored
     ├── AgentError                          the guest agent refused or failed a request
     │   ├── ExecOutputLimitError            a command printed more than ``run()`` keeps
     │   └── GuestFileError                  a guest path operation failed (``path``, ``errno``)
@@ -111,6 +112,14 @@ class ShareError(CapsaError):
 
     def __str__(self) -> str:
         return super().__str__() + _tail_block("virtiofsd log (tail)", self.log_tail)
+
+
+class SnapshotError(CapsaError):
+    """Saving, reading or restoring a snapshot failed; ``path`` names the snapshot."""
+
+    def __init__(self, message: str, *, path: object = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
 
 
 class AgentError(CapsaError):
@@ -228,6 +237,7 @@ __all__ = [
     "ImageError",
     "ProtocolError",
     "ShareError",
+    "SnapshotError",
     "StartTimeoutError",
     "VMExited",
     "VMNotRunning",

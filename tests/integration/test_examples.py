@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,4 +38,4 @@ def test_run_untrusted_python_example() -> None:
         check=False,
     )
     assert done.returncode == 3, done.stderr
-    assert done.stdout == "capsa 42\n"
+    assert re.fullmatch(r"capsa-[0-9a-f]{6} 42\n", done.stdout)

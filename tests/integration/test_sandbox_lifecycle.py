@@ -97,6 +97,19 @@ def test_sync_facade_has_the_same_names() -> None:
         p = vm.agent.exec("sh").args(["-c", "echo a; sleep 0.2; echo b"]).spawn()
         assert b"".join(p.stdout) == b"a\nb\n"
         assert p.wait(timeout=10) == 0
-        assert vm.agent.info().hostname == "capsa"
+        assert vm.agent.info().hostname.startswith("capsa-")
         vm.agent.ping()
     assert vm.status is capsa.RunState.STOPPED
+
+
+def test_sync_snapshot_fork_and_restore(tmp_path: Path) -> None:
+    from capsa import sync
+
+    with sync.sandbox().build() as vm:
+        vm.agent.write_file("/tmp/sync.txt", b"sync state")
+        snap = vm.snapshot(tmp_path / "snap")
+        [clone] = vm.fork(1)
+        with clone:
+            assert clone.agent.read_file("/tmp/sync.txt") == b"sync state"
+        with sync.sandbox().from_snapshot(snap).build() as restored:
+            assert restored.agent.read_file("/tmp/sync.txt") == b"sync state"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import time
 from typing import Any
 
 import msgpack
@@ -95,6 +97,12 @@ class Agent:
         every later call raises :class:`VMNotRunning`."""
         await self._request("shutdown", {}, timeout)
         self._channel.fail(VMNotRunning("the sandbox was shut down", hint="build a new sandbox"))
+
+    async def _refresh(self, hostname: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """New identity for a restored guest: entropy from the host's CSPRNG, the host's clock, a
+        hostname (see the agent's ``refresh`` operation)."""
+        args = {"entropy": os.urandom(64), "time": time.time(), "hostname": hostname}
+        await self._request("refresh", args, timeout)
 
     # -- files --
 

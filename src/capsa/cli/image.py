@@ -9,8 +9,12 @@ from typing import Any
 
 from rich.console import Console
 
+from capsa.backend.qemu.process import find_qemu
+from capsa.errors import SnapshotError
 from capsa.image import busybox_guest
 from capsa.image.sandbox import sandbox_image
+from capsa.sandbox.builder import template_root
+from capsa.snapshot.store import check_compatible, load_snapshot, remove_snapshot
 
 
 def register(commands: Any) -> None:
@@ -28,6 +32,16 @@ def register(commands: Any) -> None:
     busybox.add_argument("--flavour", default="cloud-amd64", help="Debian kernel flavour")
     busybox.add_argument("--json", action="store_true", help="machine-readable output")
     busybox.set_defaults(handler=_busybox)
+    templates = sub.add_parser(
+        "templates",
+        help="list the sandbox template snapshots (restored instead of cold boots); prune them",
+    )
+    templates.add_argument(
+        "--prune", action="store_true", help="remove templates that no longer restore"
+    )
+    templates.add_argument("--all", action="store_true", help="with --prune: remove every template")
+    templates.add_argument("--json", action="store_true", help="machine-readable output")
+    templates.set_defaults(handler=_templates)
 
 
 def _emit(data: dict[str, str], as_json: bool) -> None:
@@ -48,6 +62,37 @@ def _build(args: argparse.Namespace) -> int:
         "version": image.kernel_version,
     }
     _emit(data, args.json)
+    return 0
+
+
+def _templates(args: argparse.Namespace) -> int:
+    rows = []
+    root = template_root()
+    qemu = find_qemu()
+    for directory in sorted(root.iterdir()) if root.exists() else []:
+        if not directory.is_dir() or directory.name.startswith("."):
+            continue
+        try:
+            snapshot = load_snapshot(directory)
+            check_compatible(snapshot, qemu)
+            usable, why = True, ""
+        except SnapshotError as exc:
+            usable, why = False, exc.message
+        size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+        removed = args.prune and (args.all or not usable)
+        if removed:
+            remove_snapshot(directory)
+        rows.append(
+            {"key": directory.name, "bytes": size, "usable": usable, "why": why, "removed": removed}
+        )
+    if args.json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+    else:
+        for row in rows:
+            state = "removed" if row["removed"] else ("ok" if row["usable"] else f"stale: {row['why']}")
+            sys.stdout.write(f"{row['key']}  {int(row['bytes']) / (1 << 20):7.1f} MiB  {state}\n")
+        if not rows:
+            sys.stdout.write(f"no templates in {root}\n")
     return 0
 
 

@@ -11,6 +11,7 @@ the initramfs, so changing the agent never rebuilds the rootfs) into it and runs
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import py_compile
 import sys
@@ -87,6 +88,7 @@ exec switch_root /newroot {command}
 """
 
 
+@functools.lru_cache(maxsize=1)
 def agent_files() -> dict[str, bytes]:
     """The guest agent's sources, as initramfs entries under ``/capsa-agent``.
 

@@ -9,11 +9,22 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from capsa._paths import cache_dir
+from capsa.accelerator import resolve_accelerator
+from capsa.backend.qemu.process import find_qemu
 from capsa.boot import LinuxDirectBoot
-from capsa.errors import ConfigError, ImageError
+from capsa.errors import ConfigError, ImageError, SnapshotError
 from capsa.image.sandbox import SandboxImage, sandbox_image
-from capsa.sandbox.handle import AGENT_PORT, Sandbox
+from capsa.sandbox.handle import AGENT_PORT, Sandbox, restore_sandbox
 from capsa.shares.spec import AccessMode, Mechanism, ShareSpec, check_shares, make_share
+from capsa.snapshot.store import (
+    Snapshot,
+    check_compatible,
+    config_key,
+    config_record,
+    load_snapshot,
+    remove_snapshot,
+)
 from capsa.vm.config import Accelerator, VMConfig, validate_cpus, validate_memory_mb
 
 log = logging.getLogger(__name__)
@@ -32,6 +43,8 @@ class SandboxConfig:
     accelerator: Accelerator = "auto"
     name: str | None = None
     shares: tuple[ShareSpec, ...] = ()
+    cold: bool = False
+    snapshot: Path | None = None
 
 
 def _existing_file(path: str | Path, what: str) -> Path:
@@ -95,6 +108,16 @@ class SandboxBuilder:
         check_shares(shares)
         return self._with(shares=shares)
 
+    def cold(self) -> SandboxBuilder:
+        """Boot from scratch instead of restoring the cached template of this configuration."""
+        return self._with(cold=True)
+
+    def from_snapshot(self, snapshot: str | Path | Snapshot) -> SandboxBuilder:
+        """Restore ``snapshot`` (from ``vm.snapshot(path)``) instead of booting; its configuration
+        (image, cpus, memory) is the one that was saved."""
+        path = snapshot.path if isinstance(snapshot, Snapshot) else Path(snapshot).expanduser()
+        return self._with(snapshot=path)
+
     def accelerator(self, name: str) -> SandboxBuilder:
         if name not in _ACCELERATORS:
             raise ConfigError(f"accelerator must be one of {_ACCELERATORS}, got {name!r}")
@@ -127,10 +150,19 @@ class SandboxBuilder:
         )
 
     async def build(self, timeout: float = DEFAULT_BUILD_TIMEOUT) -> Sandbox:
-        """Boot the sandbox and return once its agent has answered (``timeout`` in seconds)."""
-        vm = Sandbox(await self.vm_config())
-        await vm._boot(timeout)
-        return vm
+        """Return a running sandbox once its agent has answered (``timeout`` in seconds).
+
+        The first build of a configuration boots cold and records a template snapshot; later builds
+        restore that template (tens of times faster), unless ``cold()`` or shares are set."""
+        c = self._config
+        if c.snapshot is not None:
+            if c.shares:
+                raise ConfigError("a sandbox restored from a snapshot cannot add shares")
+            return await restore_sandbox(load_snapshot(c.snapshot), timeout)
+        config = await self.vm_config()
+        if c.cold or c.shares:
+            return await _cold(config, timeout)
+        return await _from_template(config, timeout)
 
     async def __aenter__(self) -> Sandbox:
         self._vm = await self.build()
@@ -145,6 +177,56 @@ class SandboxBuilder:
         vm, self._vm = self._vm, None
         if vm is not None:
             await vm.stop()
+
+
+async def _cold(config: VMConfig, timeout: float) -> Sandbox:
+    vm = Sandbox(config)
+    await vm._boot(timeout)
+    return vm
+
+
+def template_root() -> Path:
+    return cache_dir() / "templates"
+
+
+async def _from_template(config: VMConfig, timeout: float) -> Sandbox:
+    """Restore this configuration's template, or boot cold and record one."""
+    boot = config.boot
+    assert isinstance(boot, LinuxDirectBoot)
+    qemu = find_qemu()
+    accelerator = await resolve_accelerator(config.accelerator, boot.kernel)
+    directory = template_root() / config_key(config_record(config, qemu, accelerator))
+    if directory.exists():
+        try:
+            return await restore_sandbox(load_snapshot(directory), timeout)
+        except SnapshotError as exc:
+            log.warning(
+                "template %s is unusable (%s); booting cold and recording it again",
+                directory,
+                exc.message,
+            )
+            remove_snapshot(directory)
+    vm = await _cold(config, timeout)
+    try:
+        await vm.snapshot(directory)
+    except SnapshotError as exc:  # e.g. another process recorded it meanwhile: not our problem
+        log.info("template not recorded: %s", exc.message)
+    except OSError as exc:
+        log.warning("template not recorded (%s); the next build boots cold again", exc)
+    _prune_stale_templates(qemu)
+    return vm
+
+
+def _prune_stale_templates(qemu: str) -> None:
+    """Templates of an image or QEMU that changed can never restore again: drop them (tens of MB)."""
+    for other in template_root().iterdir():
+        if other.name.startswith("."):
+            continue
+        try:
+            check_compatible(load_snapshot(other), qemu)
+        except SnapshotError:
+            log.info("removing stale template %s", other)
+            remove_snapshot(other)
 
 
 def _default_image() -> SandboxImage:

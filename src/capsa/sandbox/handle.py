@@ -5,22 +5,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
+from pathlib import Path
 
+from capsa._guardian import new_vm_dir
 from capsa.agent import wire
 from capsa.agent._channel import Channel
 from capsa.agent.client import Agent
+from capsa.backend.qemu.process import find_qemu
 from capsa.errors import (
     CapsaError,
     CapsaTimeoutError,
+    ConfigError,
     ProtocolError,
     ShareError,
+    SnapshotError,
     StartTimeoutError,
     VMExited,
     VMNotRunning,
 )
 from capsa.image.sandbox import INIT_ERROR_MARKER
 from capsa.shares.spec import AccessMode
+from capsa.snapshot.migration import load_state, save_state
+from capsa.snapshot.store import (
+    STATE,
+    Snapshot,
+    check_compatible,
+    config_record,
+    load_snapshot,
+    new_partial_dir,
+    remove_snapshot,
+    write_metadata,
+)
 from capsa.vm.config import VMConfig
 from capsa.vm.handle import DEFAULT_STOP_TIMEOUT, VM
 
@@ -29,6 +46,7 @@ log = logging.getLogger(__name__)
 AGENT_PORT = "capsa.agent"
 NINE_P_MSIZE = 512000  # 9p's default 8 KiB messages make large reads several times slower
 _SHUTDOWN_ACK_TIMEOUT = 5.0
+DEFAULT_SNAPSHOT_TIMEOUT = 120.0
 
 
 class Sandbox(VM):
@@ -83,12 +101,110 @@ class Sandbox(VM):
         self._agent = Agent(self._channel)
         try:
             async with asyncio.timeout(max(1.0, timeout - (time.monotonic() - started))):
+                await self._agent._refresh(new_hostname())
                 await self._mount_shares()
         except BaseException:
             await self.kill()
             raise
         self.ready_seconds = time.monotonic() - started
         log.info("sandbox agent ready after %.2fs", self.ready_seconds)
+
+    async def _boot_from(self, snapshot: Snapshot, timeout: float) -> None:
+        """Start QEMU waiting for a migration stream, load ``snapshot``, resume, and give the guest a
+        new identity. Any failure kills the VM: never a half-restored sandbox."""
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._start(timeout, incoming=True)
+                self._channel = Channel(self.port_socket(AGENT_PORT), self._agent_lost)
+                await self._channel.start()
+                assert self._monitor is not None
+                await load_state(self._monitor, snapshot.state, timeout)
+                await self._resume_if_paused()
+                agent = Agent(self._channel)
+                await agent._refresh(new_hostname())  # also the proof that the agent answers
+        except TimeoutError:
+            tail = self._process.log_tail() if self._process else ""
+            await self.kill()
+            raise SnapshotError(
+                f"restoring {snapshot.path} did not finish within {timeout:.0f}s "
+                f"(QEMU log: {tail[-500:]})",
+                path=snapshot.path,
+            ) from None
+        except VMExited as exc:
+            await self.kill()
+            raise SnapshotError(
+                f"restoring {snapshot.path} failed: QEMU exited ({exc.qemu_log_tail.strip()[-500:]})",
+                path=snapshot.path,
+                hint="the snapshot may be corrupt or from another capsa/QEMU version; take a new one",
+            ) from None
+        except BaseException:
+            await self.kill()
+            raise
+        self._agent = agent
+        self.ready_seconds = time.monotonic() - started
+        log.info("sandbox restored from %s in %.3fs", snapshot.path, self.ready_seconds)
+
+    async def _resume_if_paused(self) -> None:
+        assert self._monitor is not None
+        status = await self._monitor.execute("query-status")
+        if isinstance(status, dict) and status.get("status") != "running":
+            await self._monitor.execute("cont")
+
+    async def snapshot(self, path: str | Path, timeout: float = DEFAULT_SNAPSHOT_TIMEOUT) -> Snapshot:
+        """Save this running sandbox to the directory ``path`` (created; it must not exist). The VM
+        pauses while QEMU writes its memory (~0.1-0.5 s) and then keeps running."""
+        if self._shares:
+            raise SnapshotError(
+                "a sandbox with shared directories cannot be snapshotted",
+                hint="QEMU 7.2 cannot migrate virtio-fs or a mounted 9p export; snapshot without shares",
+            )
+        process, monitor, channel = self._process, self._monitor, self._channel
+        if process is None or monitor is None or channel is None or process.returncode is not None:
+            raise VMNotRunning("only a running sandbox can be snapshotted")
+        if channel._calls:
+            raise SnapshotError(
+                "the agent is busy (commands or transfers in flight)",
+                hint="wait for them to finish: a snapshot must not capture half a conversation",
+            )
+        target = Path(path).expanduser()  # noqa: ASYNC240 - local metadata calls, microseconds
+        if target.exists():
+            raise SnapshotError(f"{target} already exists", path=target, hint="pick a new directory")
+        assert self._qemu is not None
+        record = config_record(self.config, self._qemu, self.accelerator)
+        partial = new_partial_dir(target)
+        try:
+            try:
+                await save_state(monitor, partial / STATE, timeout)
+            finally:
+                await self._resume_if_paused()
+            write_metadata(partial, record)
+            partial.rename(target)
+        except BaseException:
+            remove_snapshot(partial)
+            raise
+        return load_snapshot(target)
+
+    async def fork(self, count: int = 1, timeout: float = DEFAULT_SNAPSHOT_TIMEOUT) -> list[Sandbox]:
+        """``count`` new sandboxes that start as copies of this one (files, memory, processes), each
+        with its own identity (entropy, clock, hostname). This sandbox keeps running."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"fork count must be a positive integer, got {count!r}")
+        scratch = new_vm_dir("fork-")
+        try:
+            snapshot = await self.snapshot(scratch / "snapshot", timeout)
+            results = await asyncio.gather(
+                *(restore_sandbox(snapshot, timeout) for _ in range(count)), return_exceptions=True
+            )
+        finally:
+            remove_snapshot(scratch)
+        clones = [r for r in results if isinstance(r, Sandbox)]
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            for clone in clones:
+                await clone.kill()
+            raise failures[0]
+        return clones
 
     async def _mount_shares(self) -> None:
         for share in self._shares:
@@ -145,6 +261,18 @@ class Sandbox(VM):
         if self._channel is not None:
             await self._channel.close(VMNotRunning("the sandbox is stopped"))
         await super()._cleanup()
+
+
+def new_hostname() -> str:
+    return f"capsa-{secrets.token_hex(3)}"
+
+
+async def restore_sandbox(snapshot: Snapshot, timeout: float) -> Sandbox:
+    """A new sandbox from ``snapshot`` (checked against this host's QEMU and files first)."""
+    check_compatible(snapshot, find_qemu())
+    vm = Sandbox(snapshot.vm_config())
+    await vm._boot_from(snapshot, timeout)
+    return vm
 
 
 def _explain_exit(exc: VMExited) -> VMExited:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from capsa._guardian import new_vm_dir
 from capsa._portal import Portal
 from capsa.sandbox.builder import DEFAULT_BUILD_TIMEOUT, SandboxBuilder, SandboxConfig
 from capsa.sandbox.builder import sandbox as _async_sandbox
-from capsa.sandbox.handle import Sandbox
+from capsa.sandbox.handle import DEFAULT_SNAPSHOT_TIMEOUT, Sandbox, restore_sandbox
 from capsa.shares.spec import AccessMode, Mechanism
+from capsa.snapshot.store import Snapshot, remove_snapshot
 from capsa.sync._agent import SyncAgent
 from capsa.sync._vm import SyncVM
 
@@ -23,6 +26,32 @@ class SyncSandbox(SyncVM):
 
     def __enter__(self) -> SyncSandbox:
         return self
+
+    @property
+    def _sandbox(self) -> Sandbox:
+        vm = self._vm
+        assert isinstance(vm, Sandbox)
+        return vm
+
+    def snapshot(self, path: str | Path, timeout: float = DEFAULT_SNAPSHOT_TIMEOUT) -> Snapshot:
+        return self._portal.call(self._sandbox.snapshot(path, timeout))
+
+    def fork(self, count: int = 1, timeout: float = DEFAULT_SNAPSHOT_TIMEOUT) -> list[SyncSandbox]:
+        """Each clone gets its own event-loop thread, like any other sync handle."""
+        scratch = new_vm_dir("fork-")
+        try:
+            snap = self.snapshot(scratch / "snapshot", timeout)
+            clones: list[SyncSandbox] = []
+            try:
+                for _ in range(count):
+                    clones.append(_start(lambda: restore_sandbox(snap, timeout)))
+            except BaseException:
+                for clone in clones:
+                    clone.kill()
+                raise
+            return clones
+        finally:
+            remove_snapshot(scratch)
 
 
 class SyncSandboxBuilder:
@@ -73,14 +102,14 @@ class SyncSandboxBuilder:
     def name(self, name: str) -> SyncSandboxBuilder:
         return self._wrap(self._builder.name(name))
 
+    def cold(self) -> SyncSandboxBuilder:
+        return self._wrap(self._builder.cold())
+
+    def from_snapshot(self, snapshot: str | Path | Snapshot) -> SyncSandboxBuilder:
+        return self._wrap(self._builder.from_snapshot(snapshot))
+
     def build(self, timeout: float = DEFAULT_BUILD_TIMEOUT) -> SyncSandbox:
-        portal = Portal()
-        try:
-            vm = portal.call(self._builder.build(timeout))
-        except BaseException:
-            portal.close()
-            raise
-        return SyncSandbox(portal, vm)
+        return _start(lambda: self._builder.build(timeout))
 
     def __enter__(self) -> SyncSandbox:
         self._vm = self.build()
@@ -89,6 +118,16 @@ class SyncSandboxBuilder:
     def __exit__(self, *exc_info: Any) -> None:
         if self._vm is not None:
             self._vm.stop()
+
+
+def _start(make: Callable[[], Coroutine[Any, Any, Sandbox]]) -> SyncSandbox:
+    portal = Portal()
+    try:
+        vm = portal.call(make())
+    except BaseException:
+        portal.close()
+        raise
+    return SyncSandbox(portal, vm)
 
 
 def sandbox() -> SyncSandboxBuilder:

@@ -59,6 +59,7 @@ class VM:
         self._daemons: list[QemuProcess] = []
         self._daemon_watches: list[asyncio.Task[None]] = []
         self._failure: CapsaError | None = None  # why capsa stopped the VM on its own, if it did
+        self._qemu: str | None = None
 
     # -- properties --
 
@@ -113,22 +114,22 @@ class VM:
 
     # -- start --
 
-    async def _start(self, timeout: float = _QMP_HANDSHAKE_TIMEOUT) -> None:
+    async def _start(self, timeout: float = _QMP_HANDSHAKE_TIMEOUT, *, incoming: bool = False) -> None:
         if self._state is not RunState.CREATED:
             raise CapsaError(f"a VM handle starts once; this one is {self._state.value}")
         self._state = RunState.STARTING
         try:
-            await self._launch(timeout)
+            await self._launch(timeout, incoming)
         except BaseException:
             self._state = RunState.FAILED
             await self._cleanup()
             raise
         self._state = RunState.RUNNING
 
-    async def _launch(self, timeout: float) -> None:
+    async def _launch(self, timeout: float, incoming: bool = False) -> None:
         config = self.config
         config.validate()
-        qemu = find_qemu()
+        qemu = self._qemu = find_qemu()
         boot = config.boot
         assert isinstance(boot, LinuxDirectBoot)  # validate() refuses the rest
         self._accelerator = await resolve_accelerator(config.accelerator, boot.kernel)
@@ -149,6 +150,7 @@ class VM:
                 host_khz=host_tsc_khz(),
                 port_fds=tuple(q.fileno() for _, q in port_pairs),
                 shares=tuple(planned),
+                incoming=incoming,
             )
             argv = build_argv(config, plan)
             (logs / "qemu.argv").write_text("\n".join(argv) + "\n")

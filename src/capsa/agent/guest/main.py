@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import selectors
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -50,6 +52,8 @@ DEFAULT_ENV = {
     "TERM": "xterm-256color",
 }
 _LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
+_RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+_RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
 INIT_ERROR_MARKER = "CAPSA-INIT-ERROR"  # same as capsa.image.sandbox's (the host looks for it)
 
 
@@ -119,6 +123,7 @@ class Agent:
             "mkdir": self.op_mkdir,
             "remove": self.op_remove,
             "shutdown": self.op_shutdown,
+            "refresh": self.op_refresh,
         }
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_fd = wake_r
@@ -501,6 +506,24 @@ class Agent:
                 os.rmdir(path)
         else:
             os.unlink(path)
+        self.reply(sid)
+
+    def op_refresh(self, sid: int, m: Message) -> None:
+        """A restored or forked guest takes a new identity: fresh entropy (the RNG state came from
+        the snapshot, shared by every clone), the host's clock, its own hostname."""
+        entropy = m.get("entropy")
+        hostname = _str(m, "hostname")
+        now = m.get("time")
+        if not isinstance(entropy, bytes) or len(entropy) < 32 or not isinstance(now, (int, float)):
+            raise BadRequest("refresh needs 'entropy' (>= 32 bytes) and 'time'")
+        with open("/dev/urandom", "wb") as fh:
+            fcntl.ioctl(fh, _RNDADDENTROPY, struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy)
+            fcntl.ioctl(fh, _RNDRESEEDCRNG)
+        time.clock_settime(time.CLOCK_REALTIME, float(now))
+        with open("/proc/sys/kernel/hostname", "w") as fh:
+            fh.write(hostname)
+        with open("/etc/hostname", "w") as fh:
+            fh.write(hostname + "\n")
         self.reply(sid)
 
     def op_shutdown(self, sid: int, m: Message) -> None:

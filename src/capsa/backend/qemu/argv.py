@@ -6,12 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from capsa.backend.qemu.process import SECCOMP
 from capsa.boot import LinuxDirectBoot
 from capsa.errors import ConfigError
 from capsa.vm.config import VMConfig, kernel_cmdline
-
-# Everything QEMU may need to do on its own; spawn is denied so a compromised QEMU cannot exec.
-SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 @dataclass(frozen=True)
@@ -36,6 +34,7 @@ class LaunchPlan:
     host_khz: int | None = None  # for tsc_early_khz under TCG on microvm
     port_fds: tuple[int, ...] = ()  # one socket fd per config.virtio_ports entry, same order
     shares: tuple[PlannedShare, ...] = ()
+    incoming: bool = False  # start paused, waiting for a migration stream (snapshot restore)
 
 
 def qemu_escape(value: str) -> str:
@@ -106,6 +105,8 @@ def build_argv(config: VMConfig, plan: LaunchPlan) -> list[str]:
         argv += ["-device", f"virtserialport,bus=vser0.0,nr={index + 1},chardev=port{index},name={name}"]
     argv += share_args(plan.shares, suffix)
     argv += list(config.extra_qemu_args)
+    if plan.incoming:
+        argv += ["-incoming", "defer"]
     return argv
 
 

@@ -51,6 +51,15 @@ class Monitor:
         except (QMPError, OSError, EOFError, TimeoutError) as exc:
             raise BackendError(f"QMP command {command!r} failed: {exc!r}") from exc
 
+    async def send_fd(self, fd: int, name: str, timeout: float = 10.0) -> None:
+        """Hand QEMU an open file descriptor under ``name`` (SCM_RIGHTS + ``getfd``): QEMU runs with
+        ``spawn=deny``, so it cannot open files itself through ``exec:`` URIs, and needs no path."""
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError) as exc:
+            raise BackendError(f"passing a file descriptor to QEMU failed: {exc!r}") from exc
+        await self.execute("getfd", {"fdname": name}, timeout)
+
     async def close(self) -> None:
         if self._events is not None:
             self._events.cancel()

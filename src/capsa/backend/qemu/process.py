@@ -16,6 +16,8 @@ from capsa.errors import CapsaTimeoutError, ConfigError
 log = logging.getLogger(__name__)
 
 QEMU_BINARY = "qemu-system-x86_64"
+# Everything QEMU may need to do on its own; spawn is denied so a compromised QEMU cannot exec.
+SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 def find_qemu() -> str:

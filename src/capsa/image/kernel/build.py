@@ -69,6 +69,14 @@ def find_kernel_source() -> KernelSource:
             hint="apt-get install linux-source-6.1 (the setup script does)",
         )
     tarball = Path(matches[-1])
+    st = tarball.stat()
+    return _source_version(str(tarball), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _source_version(tarball_path: str, size: int, mtime_ns: int) -> KernelSource:
+    """Asking dpkg costs a process; once per tarball state and process is enough."""
+    tarball = Path(tarball_path)
     version = ""
     if shutil.which("dpkg-query"):
         done = subprocess.run(
@@ -80,8 +88,7 @@ def find_kernel_source() -> KernelSource:
         )
         version = done.stdout.strip() if done.returncode == 0 else ""
     if not version:
-        st = tarball.stat()
-        version = f"{st.st_size}-{st.st_mtime_ns}"
+        version = f"{size}-{mtime_ns}"
     return KernelSource(tarball, version)
 
 

@@ -1,0 +1,136 @@
+"""Instant sandboxes: cold boot vs template restore vs fork, memory per clone, concurrency.
+
+1. ``build()`` -> first exec result: ``cold()`` vs restore of the configuration's template vs
+   ``fork()`` of a live sandbox; runs alternate; medians and p95 (goal: restore <= 0.10x cold).
+2. Host memory (PSS, from /proc/<pid>/smaps_rollup) of 8 idle clones vs one VM (goal <= 2x).
+3. How many sandboxes this host sustains at once with one exec per second each, no failures.
+
+    .venv/bin/python -m bench.snapshots [--runs 10] [--levels 4,8,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import capsa
+
+
+def p95(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+
+
+async def first_exec(make: Callable[[], Awaitable[capsa.Sandbox]], keep: bool = False) -> float:
+    start = time.perf_counter()
+    vm = await make()
+    try:
+        assert (await vm.agent.exec("true").run()).exit_code == 0
+        return time.perf_counter() - start
+    finally:
+        await vm.kill()
+
+
+def pss_kib(pid: int | None) -> int:
+    assert pid is not None
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def bench_start(runs: int) -> None:
+    source = await capsa.sandbox().build()
+    await first_exec(capsa.sandbox().build)  # make sure the template exists
+    times: dict[str, list[float]] = {"cold": [], "restore": [], "fork": []}
+
+    async def forked() -> capsa.Sandbox:
+        return (await source.fork(1))[0]
+
+    try:
+        for _ in range(runs):
+            times["cold"].append(await first_exec(capsa.sandbox().cold().build))
+            times["restore"].append(await first_exec(capsa.sandbox().build))
+            times["fork"].append(await first_exec(forked))
+    finally:
+        await source.kill()
+    cold = statistics.median(times["cold"])
+    print(f"1. build() -> first exec, {runs} runs each (TCG, 1 vCPU, 512 MiB, capsa kernel)")
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        print(
+            f"   {name:8} median {median * 1000:7.0f} ms   p95 {p95(samples) * 1000:7.0f} ms   "
+            f"{median / cold:5.3f}x cold"
+        )
+
+
+async def bench_memory() -> None:
+    one = await capsa.sandbox().build()
+    clones: list[capsa.Sandbox] = []
+    try:
+        await asyncio.sleep(2)
+        single = pss_kib(one.pid)
+        clones = await one.fork(8)
+        await asyncio.sleep(2)
+        total = sum(pss_kib(c.pid) for c in clones)
+    finally:
+        for vm in [one, *clones]:
+            await vm.kill()
+    print("2. host memory (PSS of the QEMU processes), idle")
+    ratio = total / single
+    print(f"   one VM {single / 1024:7.1f} MiB   8 clones {total / 1024:7.1f} MiB   ratio {ratio:5.2f}x")
+
+
+async def sustain(count: int, seconds: float) -> tuple[int, int]:
+    vms = await asyncio.gather(*(capsa.sandbox().build() for _ in range(count)), return_exceptions=True)
+    good = [vm for vm in vms if isinstance(vm, capsa.Sandbox)]
+    failures = len(vms) - len(good)
+    done = 0
+
+    async def worker(vm: capsa.Sandbox) -> None:
+        nonlocal failures, done
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            tick = time.monotonic()
+            try:
+                result = await vm.agent.exec("true").timeout(10).run()
+                if result.exit_code != 0:
+                    failures += 1
+                done += 1
+            except capsa.CapsaError:
+                failures += 1
+            await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
+
+    try:
+        await asyncio.gather(*(worker(vm) for vm in good))
+    finally:
+        for vm in good:
+            await vm.kill()
+    return done, failures
+
+
+async def bench_sustain(levels: list[int], seconds: float) -> None:
+    print(f"3. concurrent sandboxes, 1 exec/s each for {seconds:.0f} s")
+    for count in levels:
+        done, failures = await sustain(count, seconds)
+        print(f"   {count:3} sandboxes: {done} execs, {failures} failures")
+        if failures:
+            break
+
+
+async def main(runs: int, levels: list[int]) -> None:
+    await bench_start(runs)
+    await bench_memory()
+    await bench_sustain(levels, 20.0)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--levels", default="4,8,16,24")
+    args = parser.parse_args()
+    asyncio.run(main(args.runs, [int(x) for x in args.levels.split(",")]))

@@ -1,0 +1,167 @@
+"""Snapshots on disk: a directory with QEMU's state stream and what it takes to restore it.
+
+``<dir>/state`` is the migration stream (guest RAM, devices — the sandbox's writable layer is tmpfs,
+so RAM is the whole guest); ``<dir>/snapshot.json`` records the VM configuration and the identity of
+everything the state depends on: the QEMU binary, the kernel, initramfs and root filesystem (size and
+modification time), the accelerator. A restore checks all of it first and refuses with
+:class:`SnapshotError` instead of starting a VM that would crash or, worse, half-work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from capsa.errors import SnapshotError
+from capsa.vm.config import DiskSpec, VMConfig
+
+FORMAT = 1
+STATE = "state"
+META = "snapshot.json"
+
+
+def file_identity(path: Path) -> list[Any]:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def config_record(config: VMConfig, qemu: str, accelerator: str) -> dict[str, Any]:
+    """Everything a restore must reproduce exactly, as plain JSON data."""
+    boot = config.boot
+    files = [getattr(boot, "kernel", None), getattr(boot, "initrd", None)]
+    files += [d.path for d in config.all_disks()]
+    return {
+        "boot": {
+            "kernel": str(getattr(boot, "kernel", "")),
+            "initrd": str(getattr(boot, "initrd", "") or ""),
+            "root_disk": str(getattr(boot, "root_disk", "") or ""),
+            "root_disk_read_only": bool(getattr(boot, "root_disk_read_only", False)),
+        },
+        "cpus": config.cpus,
+        "memory_mb": config.memory_mb,
+        "cmdline": [list(item) for item in config.cmdline],
+        "cmdline_override": config.cmdline_override,
+        "disks": [[str(d.path), d.read_only, d.format] for d in config.disks],
+        "machine": config.machine,
+        "virtio_ports": list(config.virtio_ports),
+        "extra_qemu_args": list(config.extra_qemu_args),
+        "accelerator": accelerator,
+        "qemu": file_identity(Path(qemu)),
+        "files": [file_identity(Path(f)) for f in files if f],
+    }
+
+
+def config_key(record: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A snapshot directory. Restore it with ``capsa.sandbox().from_snapshot(snapshot)``."""
+
+    path: Path
+    record: dict[str, Any]
+    hostname: str = "capsa"
+
+    @property
+    def state(self) -> Path:
+        return self.path / STATE
+
+    @property
+    def key(self) -> str:
+        return config_key(self.record)
+
+    def vm_config(self) -> VMConfig:
+        """The configuration to restore with (it must equal the one saved)."""
+        from capsa.boot import LinuxDirectBoot  # noqa: PLC0415 - boot imports nothing heavy; avoids a cycle
+
+        boot = self.record["boot"]
+        linux = LinuxDirectBoot(boot["kernel"], boot["initrd"] or None)
+        if boot["root_disk"]:
+            linux = linux.with_root_disk(boot["root_disk"], read_only=boot["root_disk_read_only"])
+        return VMConfig(
+            boot=linux,
+            cpus=self.record["cpus"],
+            memory_mb=self.record["memory_mb"],
+            cmdline=tuple((k, v) for k, v in self.record["cmdline"]),
+            cmdline_override=self.record["cmdline_override"],
+            disks=tuple(DiskSpec(Path(p), ro, fmt) for p, ro, fmt in self.record["disks"]),
+            accelerator=self.record["accelerator"],
+            machine=self.record["machine"],
+            virtio_ports=tuple(self.record["virtio_ports"]),
+            extra_qemu_args=tuple(self.record["extra_qemu_args"]),
+        )
+
+
+def write_metadata(directory: Path, record: dict[str, Any]) -> None:
+    meta = {"format": FORMAT, "record": record}
+    tmp = directory / (META + ".part")
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    tmp.replace(directory / META)
+
+
+def load_snapshot(path: str | Path | Snapshot) -> Snapshot:
+    """Read and check a snapshot directory (not yet against the host: see :func:`check_compatible`)."""
+    if isinstance(path, Snapshot):
+        path = path.path
+    directory = Path(path).expanduser()
+    try:
+        meta = json.loads((directory / META).read_text())
+    except FileNotFoundError:
+        raise SnapshotError(f"no snapshot at {directory} (missing {META})", path=directory) from None
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(
+            f"unreadable snapshot metadata in {directory}: {exc}", path=directory
+        ) from None
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != FORMAT
+        or not isinstance(meta.get("record"), dict)
+    ):
+        raise SnapshotError(f"{directory} is not a capsa snapshot of format {FORMAT}", path=directory)
+    state = directory / STATE
+    if not state.is_file() or state.stat().st_size == 0:
+        raise SnapshotError(f"the snapshot in {directory} has no state file", path=directory)
+    return Snapshot(directory, meta["record"])
+
+
+def check_compatible(snapshot: Snapshot, qemu: str) -> None:
+    """Refuse a snapshot whose QEMU binary or guest files changed since it was taken."""
+    record = snapshot.record
+    try:
+        if record["qemu"] != file_identity(Path(qemu)):
+            raise SnapshotError(
+                f"the snapshot {snapshot.path} was taken with another QEMU build",
+                path=snapshot.path,
+                hint="snapshots only restore with the exact QEMU that saved them; take a new one",
+            )
+        for saved in record["files"]:
+            now = Path(saved[0])
+            if not now.exists() or file_identity(now) != saved:
+                raise SnapshotError(
+                    f"{saved[0]} changed since the snapshot {snapshot.path} was taken",
+                    path=snapshot.path,
+                    hint="the guest image was rebuilt; take a new snapshot",
+                )
+    except (KeyError, TypeError, IndexError, OSError) as exc:
+        raise SnapshotError(
+            f"malformed snapshot metadata in {snapshot.path}: {exc!r}", path=snapshot.path
+        ) from None
+
+
+def remove_snapshot(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def new_partial_dir(target: Path) -> Path:
+    """A sibling directory to build a snapshot in; renamed onto ``target`` only when complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    return partial

@@ -1,0 +1,158 @@
+"""Snapshots on real guests: restore, fork, the template cache, pools and bad snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+import capsa
+from capsa.sandbox.builder import template_root
+from capsa.snapshot import migration
+from tests.conftest import SandboxFactory
+
+pytestmark = [pytest.mark.vm, pytest.mark.asyncio]
+
+
+async def sh(vm: capsa.Sandbox, script: str) -> str:
+    result = await vm.agent.exec("sh").args(["-c", script]).timeout(60).run()
+    assert result.exit_code == 0, result.stderr
+    return result.stdout
+
+
+async def test_restore_brings_back_files_and_a_working_agent(
+    tmp_path: Path, sandbox_factory: SandboxFactory
+) -> None:
+    vm = await sandbox_factory()
+    await vm.agent.write_file("/tmp/before.txt", b"written before the snapshot")
+    snap = await vm.snapshot(tmp_path / "snap")
+    assert (tmp_path / "snap" / "state").stat().st_size > 1 << 20
+    await vm.agent.write_file("/tmp/after.txt", b"the original keeps running")  # not paused
+    started = time.monotonic()
+    restored = await sandbox_factory(capsa.sandbox().from_snapshot(snap))
+    assert time.monotonic() - started < 10
+    assert await restored.agent.read_file("/tmp/before.txt") == b"written before the snapshot"
+    assert not await restored.agent.exists("/tmp/after.txt")
+    assert (await restored.agent.exec("python3").args(["-c", "print(6 * 7)"]).run()).stdout == "42\n"
+    clock = float(await sh(restored, "date +%s.%N"))
+    assert abs(clock - time.time()) < 5  # the guest clock was corrected, not left at snapshot time
+
+
+async def test_forks_diverge_and_have_their_own_identity(sandbox_factory: SandboxFactory) -> None:
+    vm = await sandbox_factory()
+    await vm.agent.write_file("/tmp/shared.txt", b"common ancestor")
+    first, second = await vm.fork(2)
+    try:
+        for clone in (first, second):
+            assert await clone.agent.read_file("/tmp/shared.txt") == b"common ancestor"
+        await first.agent.write_file("/tmp/mine.txt", b"first")
+        await second.agent.write_file("/tmp/mine.txt", b"second")
+        assert await first.agent.read_file("/tmp/mine.txt") == b"first"
+        assert await second.agent.read_file("/tmp/mine.txt") == b"second"
+        assert not await vm.agent.exists("/tmp/mine.txt")
+        rand = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'"
+        randoms = {await sh(clone, rand) for clone in (vm, first, second)}
+        assert len(randoms) == 3
+        py_rand = "import random, os; print(random.random(), os.urandom(8).hex())"
+        outs = {
+            (await c.agent.exec("python3").args(["-c", py_rand]).run()).stdout for c in (first, second)
+        }
+        assert len(outs) == 2
+        hostnames = {(await c.agent.info()).hostname for c in (vm, first, second)}
+        assert len(hostnames) == 3
+    finally:
+        for clone in (first, second):
+            await clone.kill()
+
+
+async def test_second_build_restores_the_template(sandbox_factory: SandboxFactory) -> None:
+    first = await sandbox_factory()  # cold the first time this configuration is seen
+    second = await sandbox_factory()
+    assert second.ready_seconds is not None and second.ready_seconds < 2.0
+    assert (await second.agent.exec("true").run()).exit_code == 0
+    assert any(template_root().iterdir())
+    cold = await sandbox_factory(capsa.sandbox().cold())
+    assert cold.ready_seconds is not None and cold.ready_seconds > second.ready_seconds
+    assert (await first.agent.info()).hostname != (await second.agent.info()).hostname
+
+
+async def test_bad_snapshots_are_refused_cleanly(
+    tmp_path: Path, sandbox_factory: SandboxFactory
+) -> None:
+    with pytest.raises(capsa.SnapshotError, match="no snapshot"):
+        await capsa.sandbox().from_snapshot(tmp_path / "missing").build()
+    vm = await sandbox_factory()
+    snap = await vm.snapshot(tmp_path / "good")
+    with pytest.raises(capsa.SnapshotError, match="already exists"):
+        await vm.snapshot(tmp_path / "good")
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(snap.path, truncated)
+    with (truncated / "state").open("r+b") as fh:
+        fh.truncate(1 << 20)
+    with pytest.raises(capsa.SnapshotError):
+        await capsa.sandbox().from_snapshot(truncated).build(timeout=60)
+
+    other_qemu = tmp_path / "other-qemu"
+    shutil.copytree(snap.path, other_qemu)
+    meta = json.loads((other_qemu / "snapshot.json").read_text())
+    meta["record"]["qemu"][2] += 1  # as if QEMU had been upgraded since
+    (other_qemu / "snapshot.json").write_text(json.dumps(meta))
+    with pytest.raises(capsa.SnapshotError, match="another QEMU build"):
+        await capsa.sandbox().from_snapshot(other_qemu).build()
+
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "snapshot.json").write_text("{not json")
+    with pytest.raises(capsa.SnapshotError, match="unreadable"):
+        await capsa.sandbox().from_snapshot(garbage).build()
+    assert (await vm.agent.exec("true").run()).exit_code == 0  # the source is unharmed
+
+
+async def test_disk_full_while_saving_leaves_nothing(
+    tmp_path: Path, sandbox_factory: SandboxFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vm = await sandbox_factory()
+    monkeypatch.setattr(migration, "open_for_write", lambda path: os.open("/dev/full", os.O_WRONLY))
+    with pytest.raises(capsa.SnapshotError, match="saving the VM state failed"):
+        await vm.snapshot(tmp_path / "snap")
+    assert list(tmp_path.iterdir()) == []  # no partial snapshot
+    assert (await vm.agent.exec("true").run()).exit_code == 0  # and the VM runs on
+
+
+async def test_shares_and_snapshots_do_not_mix(tmp_path: Path, sandbox_factory: SandboxFactory) -> None:
+    vm = await sandbox_factory(capsa.sandbox().share(tmp_path, "/mnt/x"))
+    with pytest.raises(capsa.SnapshotError, match="shared directories"):
+        await vm.snapshot(tmp_path / "snap")
+
+
+async def test_pool_reserve_release_refill_and_concurrency() -> None:
+    with pytest.raises(capsa.ConfigError):
+        await capsa.pool(capsa.sandbox(), size=0)
+    async with await capsa.pool(capsa.sandbox().memory_mb(256), size=2) as pool:
+        deadline = time.monotonic() + 120
+        while pool.available < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert pool.available == 2
+        async with pool.reserve(timeout=10) as vm:
+            assert (await vm.agent.exec("true").run()).exit_code == 0
+        assert vm.status is capsa.RunState.STOPPED  # released sandboxes are destroyed
+
+        async def use(i: int) -> str:
+            async with pool.reserve(timeout=60) as sb:
+                return (await sb.agent.exec("echo").arg(str(i)).run()).stdout
+
+        assert sorted(await asyncio.gather(*(use(i) for i in range(4)))) == [f"{i}\n" for i in range(4)]
+        grabbed = pool.try_reserve()
+        if grabbed is not None:
+            await grabbed.kill()
+        while pool.available < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert pool.available == 2  # refilled
+    with pytest.raises(capsa.VMNotRunning):
+        pool.try_reserve()
