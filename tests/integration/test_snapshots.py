@@ -156,3 +156,29 @@ async def test_pool_reserve_release_refill_and_concurrency() -> None:
         assert pool.available == 2  # refilled
     with pytest.raises(capsa.VMNotRunning):
         pool.try_reserve()
+
+
+async def test_9p_shares_are_mounted_after_a_template_restore(
+    tmp_path: Path, sandbox_factory: SandboxFactory
+) -> None:
+    def builder(name: str) -> capsa.SandboxBuilder:
+        host = tmp_path / name
+        host.mkdir()
+        (host / "who.txt").write_text(f"{name}\n")
+        return (
+            capsa.sandbox()
+            .share(host, "/mnt/in", capsa.AccessMode.READ_ONLY, mechanism="9p")
+            .share(tmp_path, "/mnt/all", capsa.AccessMode.READ_WRITE, mechanism="9p")
+        )
+
+    first = await sandbox_factory(builder("first"))  # cold, records the template before mounting
+    second = await sandbox_factory(builder("second"))  # restored: the slots get other directories
+    assert second.ready_seconds is not None and second.ready_seconds < (first.ready_seconds or 0)
+    assert await first.agent.read_file("/mnt/in/who.txt") == b"first\n"
+    assert await second.agent.read_file("/mnt/in/who.txt") == b"second\n"
+    with pytest.raises(capsa.GuestPermissionError):
+        await second.agent.write_file("/mnt/in/x", b"read-only on the host")
+    await second.agent.write_file("/mnt/all/from-second.txt", b"rw works")
+    assert (tmp_path / "from-second.txt").read_bytes() == b"rw works"
+    with pytest.raises(capsa.SnapshotError, match="mounted shared directories"):
+        await second.snapshot(tmp_path / "snap")

@@ -156,12 +156,10 @@ class SandboxBuilder:
         restore that template (tens of times faster), unless ``cold()`` or shares are set."""
         c = self._config
         if c.snapshot is not None:
-            if c.shares:
-                raise ConfigError("a sandbox restored from a snapshot cannot add shares")
-            return await restore_sandbox(load_snapshot(c.snapshot), timeout)
+            return await restore_sandbox(load_snapshot(c.snapshot), timeout, c.shares)
         config = await self.vm_config()
-        if c.cold or c.shares:
-            return await _cold(config, timeout)
+        if c.cold or any(share.mechanism != "9p" for share in c.shares):
+            return await _cold(config, timeout)  # virtio-fs cannot be migrated: no template
         return await _from_template(config, timeout)
 
     async def __aenter__(self) -> Sandbox:
@@ -179,9 +177,9 @@ class SandboxBuilder:
             await vm.stop()
 
 
-async def _cold(config: VMConfig, timeout: float) -> Sandbox:
+async def _cold(config: VMConfig, timeout: float, *, mount: bool = True) -> Sandbox:
     vm = Sandbox(config)
-    await vm._boot(timeout)
+    await vm._boot(timeout, mount=mount)
     return vm
 
 
@@ -198,7 +196,7 @@ async def _from_template(config: VMConfig, timeout: float) -> Sandbox:
     directory = template_root() / config_key(config_record(config, qemu, accelerator))
     if directory.exists():
         try:
-            return await restore_sandbox(load_snapshot(directory), timeout)
+            return await restore_sandbox(load_snapshot(directory), timeout, config.shares)
         except SnapshotError as exc:
             log.warning(
                 "template %s is unusable (%s); booting cold and recording it again",
@@ -206,13 +204,18 @@ async def _from_template(config: VMConfig, timeout: float) -> Sandbox:
                 exc.message,
             )
             remove_snapshot(directory)
-    vm = await _cold(config, timeout)
+    vm = await _cold(config, timeout, mount=False)  # 9p exports must be unmounted to migrate
     try:
-        await vm.snapshot(directory)
-    except SnapshotError as exc:  # e.g. another process recorded it meanwhile: not our problem
-        log.info("template not recorded: %s", exc.message)
-    except OSError as exc:
-        log.warning("template not recorded (%s); the next build boots cold again", exc)
+        try:
+            await vm.snapshot(directory)
+        except SnapshotError as exc:  # e.g. another process recorded it meanwhile: not our problem
+            log.info("template not recorded: %s", exc.message)
+        except OSError as exc:
+            log.warning("template not recorded (%s); the next build boots cold again", exc)
+        await vm._mount_shares()
+    except BaseException:
+        await vm.kill()
+        raise
     _prune_stale_templates(qemu)
     return vm
 

@@ -26,7 +26,7 @@ from capsa.errors import (
     VMNotRunning,
 )
 from capsa.image.sandbox import INIT_ERROR_MARKER
-from capsa.shares.spec import AccessMode
+from capsa.shares.spec import AccessMode, ShareSpec
 from capsa.snapshot.migration import load_state, save_state
 from capsa.snapshot.store import (
     STATE,
@@ -58,6 +58,7 @@ class Sandbox(VM):
         self._channel: Channel | None = None
         self._agent: Agent | None = None
         self.ready_seconds: float | None = None  # from build() to the agent's hello
+        self._shares_mounted = False
 
     @property
     def agent(self) -> Agent:
@@ -68,8 +69,9 @@ class Sandbox(VM):
     async def __aenter__(self) -> Sandbox:
         return self
 
-    async def _boot(self, timeout: float) -> None:
-        """Start QEMU, then wait until the agent has said hello (``timeout`` covers both)."""
+    async def _boot(self, timeout: float, *, mount: bool = True) -> None:
+        """Start QEMU, then wait until the agent has said hello (``timeout`` covers both); then mount
+        the shares unless ``mount`` is false (the caller snapshots first, then mounts)."""
         started = time.monotonic()
         try:
             async with asyncio.timeout(timeout):
@@ -102,7 +104,8 @@ class Sandbox(VM):
         try:
             async with asyncio.timeout(max(1.0, timeout - (time.monotonic() - started))):
                 await self._agent._refresh(new_hostname())
-                await self._mount_shares()
+                if mount:
+                    await self._mount_shares()
         except BaseException:
             await self.kill()
             raise
@@ -123,6 +126,8 @@ class Sandbox(VM):
                 await self._resume_if_paused()
                 agent = Agent(self._channel)
                 await agent._refresh(new_hostname())  # also the proof that the agent answers
+                self._agent = agent
+                await self._mount_shares()
         except TimeoutError:
             tail = self._process.log_tail() if self._process else ""
             await self.kill()
@@ -154,10 +159,11 @@ class Sandbox(VM):
     async def snapshot(self, path: str | Path, timeout: float = DEFAULT_SNAPSHOT_TIMEOUT) -> Snapshot:
         """Save this running sandbox to the directory ``path`` (created; it must not exist). The VM
         pauses while QEMU writes its memory (~0.1-0.5 s) and then keeps running."""
-        if self._shares:
+        if self._shares and (self._shares_mounted or any(s.mechanism != "9p" for s in self._shares)):
             raise SnapshotError(
-                "a sandbox with shared directories cannot be snapshotted",
-                hint="QEMU 7.2 cannot migrate virtio-fs or a mounted 9p export; snapshot without shares",
+                "a sandbox with mounted shared directories cannot be snapshotted",
+                hint="QEMU 7.2 cannot migrate virtio-fs or a mounted 9p export; snapshot without "
+                "shares (templates of sandboxes with 9p shares are taken before they are mounted)",
             )
         process, monitor, channel = self._process, self._monitor, self._channel
         if process is None or monitor is None or channel is None or process.returncode is not None:
@@ -207,6 +213,7 @@ class Sandbox(VM):
         return clones
 
     async def _mount_shares(self) -> None:
+        self._shares_mounted = bool(self._shares)
         for share in self._shares:
             agent = self.agent
             await agent.mkdir(share.guest_path, parents=True)
@@ -267,10 +274,13 @@ def new_hostname() -> str:
     return f"capsa-{secrets.token_hex(3)}"
 
 
-async def restore_sandbox(snapshot: Snapshot, timeout: float) -> Sandbox:
-    """A new sandbox from ``snapshot`` (checked against this host's QEMU and files first)."""
+async def restore_sandbox(
+    snapshot: Snapshot, timeout: float, shares: tuple[ShareSpec, ...] = ()
+) -> Sandbox:
+    """A new sandbox from ``snapshot`` (checked against this host's QEMU and files first), its share
+    slots (9p) filled with ``shares`` and mounted."""
     check_compatible(snapshot, find_qemu())
-    vm = Sandbox(snapshot.vm_config())
+    vm = Sandbox(snapshot.vm_config(shares))
     await vm._boot_from(snapshot, timeout)
     return vm
 

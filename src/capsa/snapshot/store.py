@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from capsa.errors import SnapshotError
+from capsa.shares.spec import ShareSpec
 from capsa.vm.config import DiskSpec, VMConfig
 
 FORMAT = 1
@@ -51,6 +52,8 @@ def config_record(config: VMConfig, qemu: str, accelerator: str) -> dict[str, An
         "virtio_ports": list(config.virtio_ports),
         "extra_qemu_args": list(config.extra_qemu_args),
         "accelerator": accelerator,
+        # Share slots, not paths: a restore may plug other host directories into the same devices.
+        "share_slots": [share.mechanism for share in config.shares],
         "qemu": file_identity(Path(qemu)),
         "files": [file_identity(Path(f)) for f in files if f],
     }
@@ -76,8 +79,17 @@ class Snapshot:
     def key(self) -> str:
         return config_key(self.record)
 
-    def vm_config(self) -> VMConfig:
-        """The configuration to restore with (it must equal the one saved)."""
+    def vm_config(self, shares: tuple[ShareSpec, ...] = ()) -> VMConfig:
+        """The configuration to restore with (it must equal the one saved). ``shares`` fill the
+        snapshot's share slots (same count and mechanism; the host directories may differ)."""
+        slots = self.record.get("share_slots", [])
+        if [share.mechanism for share in shares] != slots:
+            raise SnapshotError(
+                f"the snapshot {self.path} has share slots {slots}, the restore asks for "
+                f"{[share.mechanism for share in shares]}",
+                path=self.path,
+                hint="restore with as many 9p shares as the snapshot was taken with",
+            )
         from capsa.boot import LinuxDirectBoot  # noqa: PLC0415 - boot imports nothing heavy; avoids a cycle
 
         boot = self.record["boot"]
@@ -95,6 +107,7 @@ class Snapshot:
             machine=self.record["machine"],
             virtio_ports=tuple(self.record["virtio_ports"]),
             extra_qemu_args=tuple(self.record["extra_qemu_args"]),
+            shares=shares,
         )
 
 
