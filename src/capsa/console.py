@@ -165,6 +165,10 @@ class Console:
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout)
+        elif not self._pending:
+            # The console has ended: still yield, so a caller polling in a loop cannot starve the
+            # event loop (and with it the task that records QEMU's exit).
+            await asyncio.sleep(min(timeout, 0.01))
         text, self._pending = self._pending, ""
         return text
 

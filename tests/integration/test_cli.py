@@ -99,3 +99,59 @@ def test_exec_with_shares(tmp_path: Path) -> None:
     assert done.stdout == "ro\n"
     assert (out / "copy.txt").read_text() == "shared in\n"
     assert run("exec", "--share", "nocolon", "--", "true").returncode == 2
+
+
+@pytest.mark.vm
+def test_run_attaches_the_console_and_returns_when_the_guest_powers_off() -> None:
+    from capsa.image.busybox import READY_MARKER, busybox_guest
+
+    guest = busybox_guest()
+    argv = [
+        *CAPSA,
+        "run",
+        "--kernel",
+        str(guest.kernel),
+        "--initrd",
+        str(guest.initrd),
+        "--memory",
+        "256M",
+    ]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    seen = b""
+    while READY_MARKER.encode() not in seen:  # type only once the guest's shell is there
+        chunk = proc.stdout.read1(4096)
+        assert chunk, proc.stderr.read() if proc.stderr else b""
+        seen += chunk
+    proc.stdin.write(b"echo run-$((6 * 7))\npoweroff -f\n")
+    proc.stdin.close()
+    rest = proc.stdout.read()  # until capsa exits with the guest
+    assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else b""
+    assert b"run-42" in seen + rest
+
+
+@pytest.mark.vm
+def test_run_no_console_with_timeout_stops_the_guest() -> None:
+    from capsa.image.busybox import busybox_guest
+
+    guest = busybox_guest()
+    done = run("run", "--kernel", str(guest.kernel), "--initrd", str(guest.initrd), "--no-console",
+               "--timeout", "3")  # fmt: skip
+    assert done.returncode == 124 and "still running after 3.0s" in done.stderr
+    assert run("run", "--kernel", "/no/such/kernel").returncode == 2
+
+
+def test_image_ls_path_and_rm(tmp_path: Path) -> None:
+    listing = json.loads(run("image", "ls", "--json").stdout)
+    assert {"kernels", "images"} <= {row["kind"] for row in listing}
+    paths = json.loads(run("image", "path", "--json").stdout)
+    assert all(Path(paths[k]).is_file() for k in ("kernel", "initrd", "rootfs"))
+    fake = tmp_path / "cache"
+    (fake / "images").mkdir(parents=True)
+    (fake / "images" / "rootfs-x.sqfs").write_bytes(b"x")
+    (fake / "kernels").mkdir()
+    env = dict(os.environ, CAPSA_CACHE_DIR=str(fake))
+    assert run("image", "rm", env=env).returncode == 0
+    assert not (fake / "images").exists() and (fake / "kernels").exists()
+    missing = run("image", "path", env=env)
+    assert missing.returncode == 1 and "capsa image build" in missing.stderr

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from capsa.cli import doctor, exec, image, kernel
+from capsa.cli import doctor, exec, image, kernel, run
 from capsa.errors import CapsaError
 
 
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what capsa does")
     commands = parser.add_subparsers(dest="command", required=True)
     exec.register(commands)
+    run.register(commands)
     doctor.register(commands)
     image.register(commands)
     kernel.register(commands)

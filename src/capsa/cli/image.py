@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from capsa._paths import cache_dir
 from capsa.backend.qemu.process import find_qemu
-from capsa.errors import SnapshotError
+from capsa.errors import ImageError, SnapshotError
 from capsa.image import busybox_guest
 from capsa.image.sandbox import sandbox_image
 from capsa.sandbox.builder import template_root
@@ -32,6 +35,17 @@ def register(commands: Any) -> None:
     busybox.add_argument("--flavour", default="cloud-amd64", help="Debian kernel flavour")
     busybox.add_argument("--json", action="store_true", help="machine-readable output")
     busybox.set_defaults(handler=_busybox)
+    listing = sub.add_parser("ls", help="list everything capsa keeps in its cache, with sizes")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(handler=_ls)
+    path = sub.add_parser("path", help="print the default sandbox image's files (exit 1 if not built)")
+    path.add_argument("--json", action="store_true", help="machine-readable output")
+    path.set_defaults(handler=_path)
+    remove = sub.add_parser(
+        "rm", help="remove the cached sandbox images and templates (--all: the whole cache)"
+    )
+    remove.add_argument("--all", action="store_true", help="also kernels, test guests, verdicts")
+    remove.set_defaults(handler=_rm)
     templates = sub.add_parser(
         "templates",
         help="list the sandbox template snapshots (restored instead of cold boots); prune them",
@@ -62,6 +76,52 @@ def _build(args: argparse.Namespace) -> int:
         "version": image.kernel_version,
     }
     _emit(data, args.json)
+    return 0
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _ls(args: argparse.Namespace) -> int:
+    root = cache_dir()
+    rows = []
+    for group in ("kernels", "images", "templates", "busybox-guests", "bench"):
+        folder = root / group
+        for entry in sorted(folder.iterdir()) if folder.exists() else []:
+            if entry.name.startswith("."):
+                continue
+            rows.append({"kind": group, "name": entry.name, "bytes": _size(entry), "path": str(entry)})
+    if args.json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return 0
+    for row in rows:
+        sys.stdout.write(f"{row['kind']:15} {int(row['bytes']) / (1 << 20):8.1f} MiB  {row['name']}\n")
+    total = sum(int(r["bytes"]) for r in rows)
+    sys.stdout.write(f"{'total':15} {total / (1 << 20):8.1f} MiB  in {root}\n")
+    return 0
+
+
+def _path(args: argparse.Namespace) -> int:
+    try:
+        image = sandbox_image(build=False)
+    except ImageError as exc:
+        sys.stderr.write(f"capsa: {exc.message} (run: capsa image build)\n")
+        return 1
+    data = {"kernel": str(image.kernel), "initrd": str(image.initrd), "rootfs": str(image.rootfs)}
+    _emit(data, args.json)
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    root = cache_dir()
+    targets = [root] if args.all else [root / "images", root / "templates", root / "bench"]
+    for target in targets:
+        if target.exists():
+            shutil.rmtree(target)
+            sys.stdout.write(f"removed {target}\n")
     return 0
 
 

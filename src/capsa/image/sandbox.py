@@ -147,13 +147,13 @@ def sandbox_image(
     With ``build=False`` a missing image raises :class:`ImageError` instead of building it;
     ``rebuild=True`` builds the rootfs and initramfs again even if they are cached.
     """
-    kernel = default_kernel()
     images = cache_dir() / "images"
-    images.mkdir(parents=True, exist_ok=True)
     root = images / f"rootfs-{rootfs.SUITE}-{_key(rootfs.recipe())}.sqfs"
+    if not build and not root.exists():
+        raise ImageError("the sandbox image is not built", hint="run: capsa image build")
+    kernel = default_kernel()
+    images.mkdir(parents=True, exist_ok=True)
     if rebuild or not root.exists():
-        if not build:
-            raise ImageError("the sandbox image is not built", hint="run: capsa image build")
         rootfs.build_rootfs(root, progress)  # atomic: replaces the old file only when complete
     initrd = sandbox_initramfs(kernel, images)
     if rebuild:

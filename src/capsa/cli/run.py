@@ -1,0 +1,137 @@
+"""``capsa run``: boot a raw VM and attach the terminal to its serial console."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+import termios
+import threading
+import tty
+from collections.abc import Iterator
+from typing import Any
+
+import capsa
+from capsa.cli.exec import parse_memory, parse_share
+from capsa.errors import ConfigError, VMNotRunning
+
+DETACH = b"\x1d"  # Ctrl-]
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "run",
+        help="boot a raw VM (your kernel/initrd) attached to the terminal",
+        description=(
+            "Boot a raw VM and attach this terminal to its serial console (raw mode). Ctrl-] "
+            "detaches and stops the VM, like telnet or virsh console. With --no-console, wait for "
+            "the guest to power off. The exit status is 0 when the guest powered off by itself."
+        ),
+        epilog=(
+            "examples:\n"
+            "  capsa run --kernel vmlinuz --initrd initrd.img\n"
+            "  capsa run --kernel vmlinuz --root-disk rootfs.img --cmdline 'init=/bin/sh'\n"
+            "  capsa run --kernel vmlinuz --initrd initrd.img --share ./data:/data:rw --no-console"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--kernel", required=True, help="kernel image (bzImage or vmlinux)")
+    parser.add_argument("--initrd", help="initramfs")
+    parser.add_argument("--root-disk", help="root disk image (/dev/vda, root=/dev/vda)")
+    parser.add_argument("--disk", action="append", default=[], metavar="PATH[:ro]", help="extra disk")
+    parser.add_argument("--cpus", type=int, default=1)
+    parser.add_argument("--memory", default="512M", help="e.g. 512M or 1G")
+    parser.add_argument("--cmdline", default="", help="extra kernel arguments, 'k=v flag ...'")
+    parser.add_argument("--share", action="append", default=[], metavar="HOST:GUEST[:ro|rw]")
+    parser.add_argument("--no-console", action="store_true", help="do not attach; wait for power-off")
+    parser.add_argument("--timeout", type=float, help="with --no-console: stop after this many seconds")
+    parser.set_defaults(handler=_run)
+
+
+def _builder(args: argparse.Namespace) -> capsa.VMBuilder:
+    boot = capsa.LinuxDirectBoot(args.kernel, args.initrd)
+    if args.root_disk:
+        boot = boot.with_root_disk(args.root_disk)
+    builder = capsa.vm(boot).cpus(args.cpus).memory_mb(parse_memory(args.memory))
+    for item in args.disk:
+        path, _, flag = item.partition(":")
+        if flag not in ("", "ro"):
+            raise ConfigError(f"--disk takes PATH[:ro], got {item!r}")
+        builder = builder.disk(path, read_only=flag == "ro")
+    for word in args.cmdline.split():
+        key, sep, value = word.partition("=")
+        builder = builder.cmdline_arg(key, value) if sep else builder.cmdline_flag(key)
+    for item in args.share:
+        host, guest, mode = parse_share(item)
+        builder = builder.share(host, guest, mode)
+    return builder
+
+
+def _run(args: argparse.Namespace) -> int:
+    return asyncio.run(_main(args))
+
+
+async def _main(args: argparse.Namespace) -> int:
+    vm = await _builder(args).build()
+    try:
+        if args.no_console:
+            try:
+                code = await vm.wait(args.timeout)
+            except capsa.CapsaTimeoutError:
+                sys.stderr.write(
+                    f"capsa: the guest was still running after {args.timeout}s; stopped it\n"
+                )
+                return 124
+            return 0 if code == 0 else 1
+        return await _attach(vm)
+    finally:
+        await vm.stop()
+
+
+@contextlib.contextmanager
+def _raw_terminal() -> Iterator[None]:
+    if not sys.stdin.isatty():
+        yield
+        return
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+async def _attach(vm: capsa.VM) -> int:
+    loop = asyncio.get_running_loop()
+    typed: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def reader() -> None:  # daemon thread: a blocked read must not keep capsa alive
+        fd = sys.stdin.fileno()
+        while chunk := os.read(fd, 1024):
+            loop.call_soon_threadsafe(typed.put_nowait, chunk)
+        loop.call_soon_threadsafe(typed.put_nowait, b"")
+
+    if sys.stdin.isatty():
+        sys.stderr.write("capsa: attached to the console; Ctrl-] detaches and stops the VM\r\n")
+    threading.Thread(target=reader, name="capsa-console-in", daemon=True).start()
+    out = sys.stdout.buffer
+    with _raw_terminal():
+        while True:
+            text = await vm.console.read_available(0.05)
+            if text:
+                out.write(text.encode())
+                out.flush()
+            elif vm.exit_code is not None:  # the guest powered off (or QEMU died)
+                return 0 if vm.exit_code == 0 else 1
+            while not typed.empty():
+                chunk = typed.get_nowait()
+                if not chunk:
+                    continue  # stdin closed: keep showing output until the guest ends
+                with contextlib.suppress(VMNotRunning):
+                    if DETACH in chunk:
+                        await vm.console.write(chunk.split(DETACH, 1)[0])
+                        return 0
+                    await vm.console.write(chunk)

@@ -1,0 +1,112 @@
+"""pytest plugin (entry point ``pytest11``): sandboxes as fixtures.
+
+::
+
+    def test_python_runs(capsa_sandbox):
+        assert capsa_sandbox.agent.exec("python3").args(["-c", "print(1)"]).run().stdout == "1\\n"
+
+    @pytest.mark.capsa(memory_mb=1024, shares=[("./src", "/src", "ro")])
+    def test_with_options(capsa_sandbox_factory):
+        a = capsa_sandbox_factory()
+        b = capsa_sandbox_factory(cpus=2)
+
+The fixtures hand out :class:`capsa.sync.SyncSandbox` objects, so they work in plain (non-asyncio)
+tests; each sandbox is killed after the test. When a test fails, the console transcript and QEMU log of
+every sandbox it used are attached to the report. Without QEMU the tests are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capsa.backend.qemu.process import QEMU_BINARY, read_tail
+from capsa.errors import ConfigError
+from capsa.shares.spec import AccessMode
+from capsa.sync import SyncSandbox, SyncSandboxBuilder, sandbox
+
+_SANDBOXES = pytest.StashKey[list[SyncSandbox]]()
+_OPTIONS = ("cpus", "memory_mb", "shares", "cold", "timeout")
+_MODES = {"ro": AccessMode.READ_ONLY, "rw": AccessMode.READ_WRITE}
+
+SandboxFactory = Callable[..., SyncSandbox]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "capsa(cpus=1, memory_mb=512, shares=[(host, guest, 'ro'|'rw')], cold=False, timeout=120): "
+        "options for the capsa_sandbox fixtures",
+    )
+
+
+def _builder(options: dict[str, Any]) -> tuple[SyncSandboxBuilder, float]:
+    unknown = set(options) - set(_OPTIONS)
+    if unknown:
+        raise ConfigError(f"unknown capsa marker options {sorted(unknown)}; known: {list(_OPTIONS)}")
+    builder = sandbox()
+    if "cpus" in options:
+        builder = builder.cpus(options["cpus"])
+    if "memory_mb" in options:
+        builder = builder.memory_mb(options["memory_mb"])
+    for share in options.get("shares", ()):
+        host, guest, *rest = share
+        mode = rest[0] if rest else "ro"
+        builder = builder.share(host, guest, _MODES[mode] if isinstance(mode, str) else mode)
+    if options.get("cold"):
+        builder = builder.cold()
+    return builder, float(options.get("timeout", 120.0))
+
+
+@pytest.fixture
+def capsa_sandbox_factory(request: pytest.FixtureRequest) -> Iterator[SandboxFactory]:
+    """``capsa_sandbox_factory(**options)`` boots a sandbox (options as in the ``capsa`` marker,
+    overriding it) and kills it after the test."""
+    if shutil.which(QEMU_BINARY) is None:
+        pytest.skip(f"capsa: {QEMU_BINARY} is not installed (apt-get install qemu-system-x86)")
+    marker = request.node.get_closest_marker("capsa")
+    defaults = dict(marker.kwargs) if marker else {}
+    started = request.node.stash.setdefault(_SANDBOXES, [])
+
+    def make(**options: Any) -> SyncSandbox:
+        builder, timeout = _builder({**defaults, **options})
+        vm = builder.build(timeout)
+        started.append(vm)
+        return vm
+
+    try:
+        yield make
+    finally:
+        for vm in started:
+            vm.kill()
+
+
+@pytest.fixture
+def capsa_sandbox(capsa_sandbox_factory: SandboxFactory) -> SyncSandbox:
+    """A fresh sandbox (configured by the ``capsa`` marker), killed after the test."""
+    return capsa_sandbox_factory()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed and report.when in ("setup", "call") and _SANDBOXES in item.stash:
+        sandboxes: list[SyncSandbox] = item.stash[_SANDBOXES]
+        for index, vm in enumerate(sandboxes):
+            try:
+                logs = Path(vm.log_dir)
+            except Exception:  # stopped: its logs are gone with it
+                continue
+            report.sections.append(
+                (f"capsa sandbox {index}: console", read_tail(logs / "console.log", 200))
+            )
+            report.sections.append(
+                (f"capsa sandbox {index}: QEMU log", read_tail(logs / "qemu.log", 50))
+            )
+    return report
