@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 
 import capsa
+from capsa.accelerator import resolve_accelerator
+from capsa.backend.qemu.process import find_qemu
 from capsa.sandbox.builder import template_root
 from capsa.snapshot import migration
+from capsa.snapshot.store import config_key, config_record
 from tests.conftest import SandboxFactory
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio]
@@ -171,7 +174,11 @@ async def test_9p_shares_are_mounted_after_a_template_restore(
             .share(tmp_path, "/mnt/all", capsa.AccessMode.READ_WRITE, mechanism="9p")
         )
 
-    first = await sandbox_factory(builder("first"))  # cold, records the template before mounting
+    first_builder = builder("first")
+    config = await first_builder.vm_config()
+    accelerator = await resolve_accelerator(config.accelerator, config.boot.kernel)  # type: ignore[attr-defined]
+    shutil.rmtree(template_root() / config_key(config_record(config, find_qemu(), accelerator)), True)
+    first = await sandbox_factory(first_builder)  # cold, records the template before mounting
     second = await sandbox_factory(builder("second"))  # restored: the slots get other directories
     assert second.ready_seconds is not None and second.ready_seconds < (first.ready_seconds or 0)
     assert await first.agent.read_file("/mnt/in/who.txt") == b"first\n"
