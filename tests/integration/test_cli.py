@@ -155,3 +155,13 @@ def test_image_ls_path_and_rm(tmp_path: Path) -> None:
     assert not (fake / "images").exists() and (fake / "kernels").exists()
     missing = run("image", "path", env=env)
     assert missing.returncode == 1 and "capsa image build" in missing.stderr
+
+
+@pytest.mark.vm
+def test_shell_runs_piped_commands_on_a_terminal() -> None:
+    done = subprocess.run(
+        [*CAPSA, "shell", "--", "/bin/sh"], input="tty\necho hi-$((1+1))\nexit 3\n",
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert "hi-2" in done.stdout and "/dev/pts/" in done.stdout

@@ -127,3 +127,27 @@ async def test_output_limit_stops_a_runaway_command(sandbox: capsa.Sandbox) -> N
         await sandbox.agent.exec("yes").max_output(1 << 20).timeout(60).run()
     assert len(info.value.stdout) == 1 << 20
     assert (await sandbox.agent.exec("true").run()).exit_code == 0
+
+
+async def test_pty_size_resize_and_ctrl_c(sandbox: capsa.Sandbox) -> None:
+    sizes = await sandbox.agent.exec("sh").args(["-c", "tty; stty size"]).pty(24, 80).run()
+    assert sizes.stdout.replace("\r", "").splitlines()[1] == "24 80"
+    assert sizes.stdout.startswith("/dev/pts/") and sizes.stderr == ""
+    shell = await sandbox.agent.exec("sh").pty(30, 90).spawn()
+
+    async def read_until(marker: bytes) -> bytes:
+        seen = b""
+        async with asyncio.timeout(30):
+            while marker not in seen:
+                seen += await shell.stdout.__anext__()
+        return seen
+
+    await shell.write_stdin(b"sleep 60; echo after\n")
+    await asyncio.sleep(0.5)
+    await shell.write_stdin(b"\x03")  # Ctrl-C through the terminal interrupts sleep, not the shell
+    await shell.resize(40, 120)
+    await shell.write_stdin(b"stty size; echo ma$((2+3))rker\n")
+    seen = await read_until(b"ma5rker")
+    assert b"40 120" in seen
+    await shell.write_stdin(b"exit 7\n")
+    assert await shell.wait(timeout=30) == 7

@@ -36,6 +36,7 @@ class ExecSpec:
     stdin: bytes | None = None
     timeout: float | None = None
     max_output: int = DEFAULT_MAX_OUTPUT
+    pty: tuple[int, int] | None = None  # (rows, cols) of a pseudo-terminal, for interactive use
 
 
 def _check_text(value: str, what: str) -> str:
@@ -120,6 +121,19 @@ class Process:
                 return  # it exited meanwhile
             raise agent_error(err, f"kill {self.argv[0]}")
 
+    async def resize(self, rows: int, cols: int, timeout: float = 10.0) -> None:
+        """Change the terminal size of a command started with ``pty()`` (it gets SIGWINCH)."""
+        call = await self._channel.call("resize", {"target": self._call.id, "rows": rows, "cols": cols})
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await call.response
+        except TimeoutError:
+            raise CapsaTimeoutError(f"resize got no answer in {timeout}s") from None
+        finally:
+            call.close()
+        if not reply.get("ok"):
+            raise agent_error(reply.get("err"), "resize")
+
     async def terminate(self) -> None:
         await self.kill(signals.SIGTERM)
 
@@ -190,6 +204,14 @@ class ExecBuilder:
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
             raise ConfigError(f"timeout must be a positive number of seconds, got {seconds!r}")
         return self._with(timeout=float(seconds))
+
+    def pty(self, rows: int = 24, cols: int = 80) -> ExecBuilder:
+        """Run on a pseudo-terminal of this size (line editing, job control, Ctrl-C as \\x03):
+        stdout carries the terminal's output, stderr stays empty. Resize with ``Process.resize``."""
+        for value in (rows, cols):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000:
+                raise ConfigError(f"pty rows and cols must be integers from 1 to 10000, got {value!r}")
+        return self._with(pty=(rows, cols))
 
     def max_output(self, nbytes: int) -> ExecBuilder:
         """How much of stdout and of stderr ``run()`` keeps (default 64 MiB each); past it the
@@ -263,7 +285,15 @@ class ExecBuilder:
 
     async def _start(self, *, stdin: bool) -> Process:
         spec = self._spec
-        args = {"argv": list(spec.argv), "env": dict(spec.env), "cwd": spec.cwd, "stdin": stdin}
+        stdin = stdin or spec.pty is not None
+        args: dict[str, Any] = {
+            "argv": list(spec.argv),
+            "env": dict(spec.env),
+            "cwd": spec.cwd,
+            "stdin": stdin,
+        }
+        if spec.pty is not None:
+            args["pty"] = list(spec.pty)
         call = await self._channel.call(
             "exec", args, in_streams=("stdout", "stderr"), out_streams=("stdin",) if stdin else ()
         )

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from capsa.cli import doctor, exec, image, kernel, run
+from capsa.cli import doctor, exec, image, kernel, run, shell
 from capsa.errors import CapsaError
 
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     exec.register(commands)
     run.register(commands)
+    shell.register(commands)
     doctor.register(commands)
     image.register(commands)
     kernel.register(commands)

@@ -7,13 +7,11 @@ import asyncio
 import contextlib
 import os
 import sys
-import termios
 import threading
-import tty
-from collections.abc import Iterator
 from typing import Any
 
 import capsa
+from capsa.cli._terminal import raw_terminal
 from capsa.cli.exec import parse_memory, parse_share
 from capsa.errors import ConfigError, VMNotRunning
 
@@ -90,20 +88,6 @@ async def _main(args: argparse.Namespace) -> int:
         await vm.stop()
 
 
-@contextlib.contextmanager
-def _raw_terminal() -> Iterator[None]:
-    if not sys.stdin.isatty():
-        yield
-        return
-    fd = sys.stdin.fileno()
-    saved = termios.tcgetattr(fd)
-    try:
-        tty.setraw(fd)
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-
-
 async def _attach(vm: capsa.VM) -> int:
     loop = asyncio.get_running_loop()
     typed: asyncio.Queue[bytes] = asyncio.Queue()
@@ -118,7 +102,7 @@ async def _attach(vm: capsa.VM) -> int:
         sys.stderr.write("capsa: attached to the console; Ctrl-] detaches and stops the VM\r\n")
     threading.Thread(target=reader, name="capsa-console-in", daemon=True).start()
     out = sys.stdout.buffer
-    with _raw_terminal():
+    with raw_terminal():
         while True:
             text = await vm.console.read_available(0.05)
             if text:

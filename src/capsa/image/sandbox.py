@@ -41,12 +41,6 @@ MODULES = (
 )
 AGENT_DIR = "/usr/lib/capsa"  # where the agent lands in the guest root
 AGENT_COMMAND = f"/usr/bin/python3 -E -s {AGENT_DIR}/capsa-agent"
-_AGENT_SOURCES = (
-    "agent/wire.py",
-    "agent/guest/__init__.py",
-    "agent/guest/sessions.py",
-    "agent/guest/main.py",
-)
 _LAUNCHER = b"""#!/usr/bin/python3 -E -s
 from capsa.agent.guest.main import main
 
@@ -101,8 +95,10 @@ def agent_files() -> dict[str, bytes]:
         "capsa-agent/capsa/__init__.py": b"",
         "capsa-agent/capsa/agent/__init__.py": b"",
     }
-    for source in _AGENT_SOURCES:
-        files[f"capsa-agent/capsa/{source}"] = (package / source).read_bytes()
+    # wire.py and every module of the guest package: a new guest module can never be left out.
+    sources = [package / "agent" / "wire.py", *sorted((package / "agent" / "guest").glob("*.py"))]
+    for source in sources:
+        files[f"capsa-agent/capsa/{source.relative_to(package).as_posix()}"] = source.read_bytes()
     if sys.version_info[:2] == rootfs.GUEST_PYTHON:
         for name, data in list(files.items()):
             if name.endswith(".py"):

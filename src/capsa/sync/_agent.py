@@ -56,6 +56,9 @@ class SyncProcess:
     def kill(self, sig: int = signals.SIGKILL, timeout: float = 10.0) -> None:
         self._portal.call(self._process.kill(sig, timeout))
 
+    def resize(self, rows: int, cols: int, timeout: float = 10.0) -> None:
+        self._portal.call(self._process.resize(rows, cols, timeout))
+
     def terminate(self) -> None:
         self._portal.call(self._process.terminate())
 
@@ -92,6 +95,9 @@ class SyncExecBuilder:
 
     def timeout(self, seconds: float) -> SyncExecBuilder:
         return self._wrap(self._builder.timeout(seconds))
+
+    def pty(self, rows: int = 24, cols: int = 80) -> SyncExecBuilder:
+        return self._wrap(self._builder.pty(rows, cols))
 
     def max_output(self, nbytes: int) -> SyncExecBuilder:
         return self._wrap(self._builder.max_output(nbytes))

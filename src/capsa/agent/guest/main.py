@@ -40,6 +40,7 @@ from capsa.agent.guest.sessions import (
     error_body,
     log,
 )
+from capsa.agent.guest.spawn import TIOCSWINSZ, spawn_pipes, spawn_pty
 
 AGENT_VERSION = "1"
 PORT_NAME = "capsa.agent"
@@ -124,6 +125,7 @@ class Agent:
             "remove": self.op_remove,
             "shutdown": self.op_shutdown,
             "refresh": self.op_refresh,
+            "resize": self.op_resize,
         }
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_fd = wake_r
@@ -359,46 +361,31 @@ class Agent:
         cwd = m.get("cwd") or "/"
         if not isinstance(cwd, str):
             raise BadRequest("'cwd' must be a string")
-        parent: list[int] = []
-        child: list[int] = []
-        try:
-            pipes = {}
-            for name in ("stdout", "stderr"):
-                r, w = os.pipe2(os.O_CLOEXEC)
-                parent.append(r)
-                child.append(w)
-                pipes[name] = (r, w)
-            stdin: int = subprocess.DEVNULL
-            if m.get("stdin"):
-                r, w = os.pipe2(os.O_CLOEXEC)
-                parent.append(w)
-                child.append(r)
-                pipes["stdin"] = (w, r)
-                stdin = r
-            popen = subprocess.Popen(
-                argv,
-                stdin=stdin,
-                stdout=pipes["stdout"][1],
-                stderr=pipes["stderr"][1],
-                cwd=cwd,
-                env=env,
-                start_new_session=True,
-            )
-        except BaseException:
-            for fd in parent:
-                os.close(fd)
-            raise
-        finally:
-            for fd in child:
-                os.close(fd)
-        fds = {name: ends[0] for name, ends in pipes.items()}
+        size = m.get("pty")
+        if size is not None:
+            if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)):
+                raise BadRequest("'pty' must be [rows, cols]")
+            popen, fds = spawn_pty(argv, env, cwd, size[0], size[1])
+        else:
+            popen, fds = spawn_pipes(argv, env, cwd, bool(m.get("stdin")))
         for fd in fds.values():
             os.set_blocking(fd, False)
         session = ExecSession(self, sid, popen, fds)
+        session.pty_fd = fds["stdout"] if size is not None else None
         self.sessions[sid] = session
         self.by_pid[popen.pid] = session
         self.reply(sid, pid=popen.pid)
+        if size is not None:  # a terminal has one output stream: stderr ends at once
+            self.outbox.send({"t": "eof", "id": sid, "s": "stderr"})
         self.reap()  # a child that exited at once would otherwise wait for the next SIGCHLD wakeup
+
+    def op_resize(self, sid: int, m: Message) -> None:
+        target = self.sessions.get(_int(m, "target", 0))
+        if not isinstance(target, ExecSession) or target.pty_fd is None:
+            raise BadRequest("resize needs a running command with a terminal")
+        rows, cols = _int(m, "rows", 24), _int(m, "cols", 80)
+        fcntl.ioctl(target.pty_fd, TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        self.reply(sid)
 
     def op_kill(self, sid: int, m: Message) -> None:
         target = self.sessions.get(_int(m, "target", 0))

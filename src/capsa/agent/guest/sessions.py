@@ -130,6 +130,7 @@ class ExecSession:
         self.stdin_eof = False
         self.status: int | None = None
         self.reaped_at = 0.0
+        self.pty_fd: int | None = None  # the terminal's master side, for resizes
 
     # host → child stdin
     def on_data(self, stream: str, data: bytes) -> None:

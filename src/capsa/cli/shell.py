@@ -1,0 +1,92 @@
+"""``capsa shell``: an interactive shell in a fresh sandbox, on a pseudo-terminal via the agent."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import threading
+from typing import Any
+
+import capsa
+from capsa.cli._terminal import raw_terminal
+from capsa.cli.exec import parse_memory, parse_share
+from capsa.errors import AgentError
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "shell",
+        help="an interactive shell in a fresh sandbox (line editing, Ctrl-C, window size)",
+        description=(
+            "Boot a fresh sandbox and run a login shell on a pseudo-terminal through the agent. "
+            "Exits with the shell's exit status; the sandbox is destroyed afterwards."
+        ),
+        epilog="examples:\n  capsa shell\n  capsa shell --share .:/src -- python3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--share", action="append", default=[], metavar="HOST:GUEST[:ro|rw]")
+    parser.add_argument("--cpus", type=int, default=1)
+    parser.add_argument("--memory", default="512M")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="program to run (default: bash -l)")
+    parser.set_defaults(handler=_shell)
+
+
+def _shell(args: argparse.Namespace) -> int:
+    return asyncio.run(_main(args))
+
+
+async def _main(args: argparse.Namespace) -> int:
+    builder = capsa.sandbox().cpus(args.cpus).memory_mb(parse_memory(args.memory))
+    for item in args.share:
+        host, guest, mode = parse_share(item)
+        builder = builder.share(host, guest, mode)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = command or ["/bin/bash", "-l"]
+    async with await builder.build() as vm:
+        size = shutil.get_terminal_size()
+        spec = vm.agent.exec(command[0]).args(command[1:]).pty(size.lines, size.columns)
+        spec = spec.env("TERM", os.environ.get("TERM", "xterm-256color")).cwd("/root")
+        process = await spec.spawn()
+        loop = asyncio.get_running_loop()
+        if sys.stdin.isatty():
+            loop.add_signal_handler(signal.SIGWINCH, _resizer(process, loop))
+        with raw_terminal():
+            pump = asyncio.ensure_future(_forward_input(process, loop))
+            try:
+                out = sys.stdout.buffer
+                async for chunk in process.stdout:
+                    out.write(chunk)
+                    out.flush()
+                return await process.wait()
+            finally:
+                pump.cancel()
+
+
+def _resizer(process: capsa.Process, loop: asyncio.AbstractEventLoop) -> Any:
+    def on_winch() -> None:
+        size = shutil.get_terminal_size()
+        loop.create_task(process.resize(size.lines, size.columns))
+
+    return on_winch
+
+
+async def _forward_input(process: capsa.Process, loop: asyncio.AbstractEventLoop) -> None:
+    typed: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def reader() -> None:  # daemon thread: a blocked read must not keep capsa alive
+        fd = sys.stdin.fileno()
+        while chunk := os.read(fd, 1024):
+            loop.call_soon_threadsafe(typed.put_nowait, chunk)
+        loop.call_soon_threadsafe(typed.put_nowait, b"")
+
+    threading.Thread(target=reader, name="capsa-shell-in", daemon=True).start()
+    try:
+        while chunk := await typed.get():
+            await process.write_stdin(chunk)
+        await process.write_stdin(b"\x04")  # input ended: end-of-file for the terminal's reader
+    except AgentError:
+        pass  # the shell exited
