@@ -165,3 +165,19 @@ def test_shell_runs_piped_commands_on_a_terminal() -> None:
     )  # fmt: skip
     assert done.returncode == 3, done.stderr
     assert "hi-2" in done.stdout and "/dev/pts/" in done.stdout
+
+
+@pytest.mark.vm
+def test_exec_streams_output_while_the_command_runs() -> None:
+    import time
+
+    script = "echo first; sleep 2; echo second >&2; sleep 1; echo third"
+    proc = subprocess.Popen([*CAPSA, "exec", "--", "sh", "-c", script], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    seen_first = time.monotonic()
+    rest = proc.stdout.read()
+    ended = time.monotonic()
+    assert proc.wait(timeout=60) == 0
+    assert (first, rest) == (b"first\n", b"third\n")
+    assert ended - seen_first > 2.5  # "first" was printed live, not at the end

@@ -20,6 +20,7 @@ from capsa.errors import CapsaError
 from capsa.image import busybox_guest
 from capsa.image.initramfs import find_busybox
 from capsa.image.kernels import default_kernel_status
+from capsa.image.sandbox import sandbox_image
 
 
 @dataclass
@@ -107,8 +108,16 @@ def _sandbox_kernel() -> Check:
     return Check("sandbox kernel", True, detail, fix)
 
 
+def _sandbox_image() -> Check:
+    try:
+        image = sandbox_image(build=False)
+    except CapsaError as exc:
+        return Check("sandbox image", False, exc.message, "capsa image build")
+    return Check("sandbox image", True, f"{image.rootfs.name} ({image.kernel_kind} kernel)")
+
+
 def collect() -> list[Check]:
-    return [_qemu(), _busybox(), *_kvm_and_kernel(), _sandbox_kernel(), _virtiofsd()]
+    return [_qemu(), _busybox(), *_kvm_and_kernel(), _sandbox_kernel(), _sandbox_image(), _virtiofsd()]
 
 
 def run(args: argparse.Namespace) -> int:
