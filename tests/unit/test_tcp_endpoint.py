@@ -1,0 +1,90 @@
+"""The NAT's TCP endpoint against a scripted guest: handshake, data both ways within windows,
+duplicates, half-close in both directions, resets and refusals."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+from capsa.net.packets import PROTO_TCP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, IPv4, Tcp
+from capsa.net.tcp import OUR_MSS, RECEIVE_BUFFER, State, TcpEndpoint
+
+GUEST, REMOTE = IPv4Address("10.0.2.15"), IPv4Address("93.184.216.34")
+
+
+def from_guest(seq: int, ack: int, flags: int, payload: bytes = b"", *, window: int = 65535,
+               mss: int | None = None, wscale: int | None = None) -> Tcp:  # fmt: skip
+    segment = Tcp.build(GUEST, REMOTE, 40000, 443, seq=seq, ack=ack, flags=flags, window=window,
+                        payload=payload, mss=mss, wscale=wscale)  # fmt: skip
+    return Tcp.parse(IPv4.parse(memoryview(IPv4.build(GUEST, REMOTE, PROTO_TCP, segment))))
+
+
+def to_guest(segment: bytes) -> Tcp:
+    return Tcp.parse(IPv4.parse(memoryview(IPv4.build(REMOTE, GUEST, PROTO_TCP, segment))))
+
+
+def established(window: int = 65535, wscale: int | None = None) -> tuple[TcpEndpoint, int]:
+    syn = from_guest(1000, 0, TCP_SYN, window=window, mss=1400, wscale=wscale)
+    ep = TcpEndpoint.accept(syn, GUEST, REMOTE, isn=5000)
+    synack = to_guest(ep.syn_ack())
+    assert synack.flags == TCP_SYN | TCP_ACK and synack.ack == 1001 and synack.mss == OUR_MSS
+    assert ep.on_segment(from_guest(1001, 5001, TCP_ACK, window=window)) == []
+    assert ep.state is State.ESTABLISHED
+    return ep, 1001
+
+
+def test_data_from_the_guest_is_acknowledged_and_buffered() -> None:
+    ep, seq = established()
+    replies = [to_guest(s) for s in ep.on_segment(from_guest(seq, 5001, TCP_ACK | TCP_PSH, b"GET /"))]
+    assert replies[0].ack == seq + 5
+    assert ep.take_inbound(100)[0] == b"GET /"
+    dup = [to_guest(s) for s in ep.on_segment(from_guest(seq, 5001, TCP_ACK, b"GET /"))]
+    assert dup[0].ack == seq + 5 and ep.take_inbound(100)[0] == b""  # a duplicate is not delivered twice
+
+
+def test_data_to_the_guest_respects_mss_and_window() -> None:
+    ep, seq = established(window=3000)
+    segments = [to_guest(s) for s in ep.send(b"x" * 10_000)]
+    assert [len(s.payload) for s in segments] == [1400, 1400, 200]  # guest MSS 1400, window 3000
+    assert ep.in_flight() == 3000
+    more = [to_guest(s) for s in ep.on_segment(from_guest(seq, 5001 + 3000, TCP_ACK, window=3000))]
+    assert sum(len(s.payload) for s in more) == 3000 and more[0].seq == 5001 + 3000
+
+
+def test_window_scaling_and_our_window_closing() -> None:
+    ep, seq = established(window=512, wscale=4)
+    ep.on_segment(from_guest(seq, 5001, TCP_ACK, window=512))
+    assert ep.guest_window == 512 << 4
+    big = b"y" * 1400
+    sent = 0
+    while ep._our_window() > 0:
+        ep.on_segment(from_guest(seq + sent, 5001, TCP_ACK, big, window=512))
+        sent += len(big)
+        assert sent <= RECEIVE_BUFFER + len(big)
+    _, update = ep.take_inbound(1 << 16)
+    assert update and to_guest(update[0]).window > 0  # reopening the window tells the guest
+
+
+def test_half_close_both_ways() -> None:
+    ep, seq = established()
+    fin = [to_guest(s) for s in ep.on_segment(from_guest(seq, 5001, TCP_FIN | TCP_ACK, b"bye"))]
+    assert fin[0].ack == seq + 4 and ep.guest_fin and not ep.closed  # the host may still answer
+    out = [to_guest(s) for s in ep.send(b"reply")]
+    assert bytes(out[0].payload) == b"reply"
+    closing = [to_guest(s) for s in ep.close()]
+    assert closing[-1].flags & TCP_FIN
+    ep.take_inbound(100)
+    ep.on_segment(from_guest(seq + 4, 5001 + 5 + 1, TCP_ACK))
+    assert ep.closed
+
+
+def test_reset_and_refusal() -> None:
+    ep, seq = established()
+    ep.on_segment(from_guest(seq, 5001, TCP_RST))
+    assert ep.closed
+    syn = from_guest(7, 0, TCP_SYN)
+    refusal = to_guest(TcpEndpoint.refuse(syn, GUEST, REMOTE))
+    assert refusal.flags == TCP_RST | TCP_ACK and refusal.ack == 8 and refusal.dst_port == 40000
+    again = TcpEndpoint.accept(syn, GUEST, REMOTE, isn=1)
+    first = to_guest(again.syn_ack())
+    assert to_guest(again.on_segment(syn)[0]).seq == first.seq  # a repeated SYN gets the same SYN-ACK
+    assert TCP_ACK
