@@ -41,6 +41,8 @@ from capsa.errors import (
     VMExited,
     VMNotRunning,
 )
+from capsa.net.gateway import Gateway, VirtualNetwork
+from capsa.net.policy import NetworkPolicy
 from capsa.sandbox import Pool, Sandbox, SandboxBuilder, Snapshot, pool, sandbox
 from capsa.shares import AccessMode, Share
 from capsa.vm import VM, RunState, VMBuilder, vm
@@ -64,6 +66,7 @@ __all__ = [
     "ExecResult",
     "ExecTimeoutError",
     "FileStat",
+    "Gateway",
     "GuestFileError",
     "GuestFileExistsError",
     "GuestFileNotFoundError",
@@ -72,6 +75,7 @@ __all__ = [
     "ImageError",
     "LinuxDirectBoot",
     "Mount",
+    "NetworkPolicy",
     "OutputStream",
     "Pool",
     "Process",
@@ -88,6 +92,7 @@ __all__ = [
     "VMBuilder",
     "VMExited",
     "VMNotRunning",
+    "VirtualNetwork",
     "__version__",
     "pool",
     "sandbox",

@@ -11,11 +11,13 @@ the initramfs, so changing the agent never rebuilds the rootfs) into it and runs
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import py_compile
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,7 @@ MODULES = (
     "virtio_rng",
     "squashfs",
     "overlay",
+    "virtio_net",
     "virtiofs",  # shares (the stock cloud kernel has no 9p; capsa's kernel has both built in)
     "button",  # the ACPI power button, so vm.stop() is graceful even without the agent's help
     "evdev",
@@ -54,6 +57,7 @@ def sandbox_init(command: str = AGENT_COMMAND) -> str:
     return f"""#!/bin/sh
 fail() {{ echo "{INIT_ERROR_MARKER}: $*"; poweroff -f; }}
 mount -t proc proc /proc
+cmdline=$(cat /proc/cmdline)
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 for m in /lib/modules/*.ko; do insmod "$m" 2>/dev/null; done
@@ -73,6 +77,19 @@ for fs in proc sys dev; do mount --move /$fs /newroot/$fs; done
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
+ip link set lo up
+net=""
+for arg in $cmdline; do case "$arg" in capsa.ip=*) net="${{arg#capsa.ip=}}";; esac; done
+if [ -n "$net" ]; then
+  i=0
+  while [ ! -e /newroot/sys/class/net/eth0 ]; do
+    i=$((i + 1)); [ $i -gt 500 ] && fail "no network device eth0 (virtio-net driver missing?)"
+    sleep 0.01
+  done
+  ip link set eth0 up && ip addr add "${{net%,*}}" dev eth0 && ip route add default via "${{net#*,}}" \\
+    || fail "cannot configure eth0 with $net"
+  echo "nameserver ${{net#*,}}" > /newroot/etc/resolv.conf
+fi
 rm -rf /newroot{AGENT_DIR} && cp -r /capsa-agent /newroot{AGENT_DIR} || fail "cannot install the agent"
 [ -x /newroot/usr/bin/python3 ] || fail "the root filesystem has no /usr/bin/python3"
 echo capsa > /newroot/etc/hostname
@@ -155,10 +172,27 @@ def sandbox_image(
     if rebuild:
         initrd.unlink()
         initrd = sandbox_initramfs(kernel, images)
-    for stale in images.glob("initrd-*.cpio"):  # left by earlier capsa versions; a few MB each
-        if stale != initrd:
-            stale.unlink(missing_ok=True)
+    _prune_initrds(images, initrd)
     return SandboxImage(kernel.path, initrd, root, kernel.release, kernel.kind)
+
+
+STALE_INITRD_SECONDS = 7 * 86400
+
+
+def _prune_initrds(images: Path, current: Path) -> None:
+    """Initramfs files of other capsa versions go once unused for a week, not at once: another
+    installation on this machine (another venv, a CI checkout) may be booting from one right now."""
+    now = time.time()
+    # A separate stamp says "used now": touching the initrd itself would change its identity and
+    # invalidate every template snapshot that records it.
+    (images / f".used-{current.name}").touch()
+    for other in images.glob("initrd-*.cpio"):
+        stamp = images / f".used-{other.name}"
+        with contextlib.suppress(OSError):
+            last_used = stamp.stat().st_mtime if stamp.exists() else other.stat().st_mtime
+            if other != current and now - last_used > STALE_INITRD_SECONDS:
+                other.unlink()
+                stamp.unlink(missing_ok=True)
 
 
 def sandbox_initramfs(

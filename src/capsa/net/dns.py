@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import QTYPE, RCODE, A, DNSRecord
 
 from capsa.net.policy import NetworkPolicy, is_internal, normalize_name
 
@@ -29,6 +29,32 @@ MAX_PINS = 4096
 MIN_PIN_SECONDS = 30  # a short TTL must not break a connection opened right after the answer
 MAX_QUERY = 512
 UPSTREAM_TIMEOUT = 2.0
+
+
+class LoopbackMap:
+    """Host loopback addresses as the guest sees them. A guest connecting to 127.0.0.1 reaches its
+    own loopback, so when DNS (with internal destinations allowed) answers with a host loopback
+    address, the guest gets a stand-in from 198.18.0.0/15 instead and the NAT connects to the real
+    one. Bounded like the pin table."""
+
+    BASE = ipaddress.IPv4Address("198.18.0.1")
+    SIZE = 1 << 16
+
+    def __init__(self) -> None:
+        self._to_guest: dict[ipaddress.IPv4Address, ipaddress.IPv4Address] = {}
+        self._to_host: dict[ipaddress.IPv4Address, ipaddress.IPv4Address] = {}
+
+    def guest_address(self, host: ipaddress.IPv4Address) -> ipaddress.IPv4Address | None:
+        if host not in self._to_guest:
+            if len(self._to_guest) >= self.SIZE:
+                return None
+            stand_in = self.BASE + len(self._to_guest)
+            self._to_guest[host] = stand_in
+            self._to_host[stand_in] = host
+        return self._to_guest[host]
+
+    def host_address(self, guest: ipaddress.IPv4Address) -> ipaddress.IPv4Address:
+        return self._to_host.get(guest, guest)
 
 
 class PinTable:
@@ -88,7 +114,9 @@ class DnsProxy:
         allow_internal: bool = False,
         on_event: Callable[[DnsEvent], None] | None = None,
         timeout: float = UPSTREAM_TIMEOUT,
+        loopback: LoopbackMap | None = None,
     ) -> None:
+        self._loopback = loopback or LoopbackMap()
         self._policy = policy
         self._upstreams = list(upstreams)
         self._pins = pins
@@ -137,6 +165,12 @@ class DnsProxy:
             address = ipaddress.IPv4Address(str(record.rdata))
             if is_internal(address) and not self._allow_internal:
                 continue
+            if address.is_loopback:
+                stand_in = self._loopback.guest_address(address)
+                if stand_in is None:
+                    continue
+                address = stand_in
+                record.rdata = A(str(address))
             self._pins.add(name, address, int(record.ttl))
             kept.append(str(address))
             record.rname = query.questions[0].qname

@@ -15,6 +15,7 @@ from capsa.backend.qemu.process import find_qemu
 from capsa.boot import LinuxDirectBoot
 from capsa.errors import ConfigError, ImageError, SnapshotError
 from capsa.image.sandbox import SandboxImage, sandbox_image
+from capsa.net.gateway import VirtualNetwork
 from capsa.sandbox.handle import AGENT_PORT, Sandbox, restore_sandbox
 from capsa.shares.spec import AccessMode, Mechanism, ShareSpec, check_shares, make_share
 from capsa.snapshot.store import (
@@ -45,6 +46,7 @@ class SandboxConfig:
     shares: tuple[ShareSpec, ...] = ()
     cold: bool = False
     snapshot: Path | None = None
+    network: VirtualNetwork | None = None
 
 
 def _existing_file(path: str | Path, what: str) -> Path:
@@ -76,8 +78,15 @@ class SandboxBuilder:
         return self._with(memory_mb=validate_memory_mb(megabytes))
 
     def no_network(self) -> SandboxBuilder:
-        """No network device at all (the default; networking arrives with ``.network(...)``)."""
-        return self._with()
+        """No network device at all (the default)."""
+        return self._with(network=None)
+
+    def network(self, network: VirtualNetwork) -> SandboxBuilder:
+        """A NIC behind capsa's userspace NAT, configured before the agent starts; egress follows the
+        gateway's policy (``VirtualNetwork()`` alone allows everything)."""
+        if not isinstance(network, VirtualNetwork):
+            raise ConfigError("network() takes a VirtualNetwork")
+        return self._with(network=network)
 
     def kernel(self, path: str | Path) -> SandboxBuilder:
         """Boot this kernel instead of the default one. It needs virtio (mmio/pci), blk, console,
@@ -138,11 +147,17 @@ class SandboxBuilder:
         kernel, initrd, rootfs = await self._image()
         boot = LinuxDirectBoot(kernel, initrd).with_root_disk(rootfs, read_only=True)
         c = self._config
+        cmdline: tuple[tuple[str, str | None], ...] = (("quiet", None),)
+        if c.network is not None:
+            gw = c.network.gateway
+            address = f"{gw.guest_ip}/{gw.network.prefixlen},{gw.gateway_ip}"
+            cmdline += (("capsa.ip", address),)
         return VMConfig(
             boot=boot,
             cpus=c.cpus,
             memory_mb=c.memory_mb,
-            cmdline=(("quiet", None),),
+            cmdline=cmdline,
+            network=c.network,
             accelerator=c.accelerator,
             name=c.name,
             virtio_ports=(AGENT_PORT,),
@@ -156,7 +171,7 @@ class SandboxBuilder:
         restore that template (tens of times faster), unless ``cold()`` or shares are set."""
         c = self._config
         if c.snapshot is not None:
-            return await restore_sandbox(load_snapshot(c.snapshot), timeout, c.shares)
+            return await restore_sandbox(load_snapshot(c.snapshot), timeout, c.shares, c.network)
         config = await self.vm_config()
         if c.cold or any(share.mechanism != "9p" for share in c.shares):
             return await _cold(config, timeout)  # virtio-fs cannot be migrated: no template
@@ -196,7 +211,9 @@ async def _from_template(config: VMConfig, timeout: float) -> Sandbox:
     directory = template_root() / config_key(config_record(config, qemu, accelerator))
     if directory.exists():
         try:
-            return await restore_sandbox(load_snapshot(directory), timeout, config.shares)
+            return await restore_sandbox(
+                load_snapshot(directory), timeout, config.shares, config.network
+            )
         except SnapshotError as exc:
             log.warning(
                 "template %s is unusable (%s); booting cold and recording it again",

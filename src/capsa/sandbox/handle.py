@@ -26,6 +26,7 @@ from capsa.errors import (
     VMNotRunning,
 )
 from capsa.image.sandbox import INIT_ERROR_MARKER
+from capsa.net.gateway import VirtualNetwork
 from capsa.shares.spec import AccessMode, ShareSpec
 from capsa.snapshot.migration import load_state, save_state
 from capsa.snapshot.store import (
@@ -275,12 +276,15 @@ def new_hostname() -> str:
 
 
 async def restore_sandbox(
-    snapshot: Snapshot, timeout: float, shares: tuple[ShareSpec, ...] = ()
+    snapshot: Snapshot,
+    timeout: float,
+    shares: tuple[ShareSpec, ...] = (),
+    network: VirtualNetwork | None = None,
 ) -> Sandbox:
     """A new sandbox from ``snapshot`` (checked against this host's QEMU and files first), its share
     slots (9p) filled with ``shares`` and mounted."""
     check_compatible(snapshot, find_qemu())
-    vm = Sandbox(snapshot.vm_config(shares))
+    vm = Sandbox(snapshot.vm_config(shares, network))
     await vm._boot_from(snapshot, timeout)
     return vm
 

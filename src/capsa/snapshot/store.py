@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from capsa.errors import SnapshotError
+from capsa.net.gateway import VirtualNetwork
 from capsa.shares.spec import ShareSpec
 from capsa.vm.config import DiskSpec, VMConfig
 
@@ -54,6 +55,8 @@ def config_record(config: VMConfig, qemu: str, accelerator: str) -> dict[str, An
         "accelerator": accelerator,
         # Share slots, not paths: a restore may plug other host directories into the same devices.
         "share_slots": [share.mechanism for share in config.shares],
+        # The guest's address is in its memory: a restore needs a network with the same subnet.
+        "network": config.network.gateway.subnet if config.network is not None else None,
         "qemu": file_identity(Path(qemu)),
         "files": [file_identity(Path(f)) for f in files if f],
     }
@@ -79,7 +82,9 @@ class Snapshot:
     def key(self) -> str:
         return config_key(self.record)
 
-    def vm_config(self, shares: tuple[ShareSpec, ...] = ()) -> VMConfig:
+    def vm_config(
+        self, shares: tuple[ShareSpec, ...] = (), network: VirtualNetwork | None = None
+    ) -> VMConfig:
         """The configuration to restore with (it must equal the one saved). ``shares`` fill the
         snapshot's share slots (same count and mechanism; the host directories may differ)."""
         slots = self.record.get("share_slots", [])
@@ -108,7 +113,20 @@ class Snapshot:
             virtio_ports=tuple(self.record["virtio_ports"]),
             extra_qemu_args=tuple(self.record["extra_qemu_args"]),
             shares=shares,
+            network=self._network(network),
         )
+
+    def _network(self, network: VirtualNetwork | None) -> VirtualNetwork | None:
+        saved = self.record.get("network")
+        wanted = network.gateway.subnet if network is not None else None
+        if saved != wanted:
+            raise SnapshotError(
+                f"the snapshot {self.path} was taken with network {saved!r}, the restore asks for "
+                f"{wanted!r}",
+                path=self.path,
+                hint="restore with the same network subnet (the policy may differ)",
+            )
+        return network
 
 
 def write_metadata(directory: Path, record: dict[str, Any]) -> None:

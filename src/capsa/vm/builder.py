@@ -9,6 +9,7 @@ from typing import Any
 
 from capsa.boot import BootConfig, LinuxDirectBoot, UefiBoot
 from capsa.errors import ConfigError
+from capsa.net.gateway import VirtualNetwork
 from capsa.shares.spec import AccessMode, Mechanism, check_shares, make_share
 from capsa.vm.config import (
     DiskFormat,
@@ -108,6 +109,12 @@ class VMBuilder:
         shares = (*self._config.shares, spec)
         check_shares(shares)
         return self._with(shares=shares)
+
+    def network(self, network: VirtualNetwork) -> VMBuilder:
+        """A NIC behind capsa's userspace NAT (the guest configures itself by DHCP)."""
+        if not isinstance(network, VirtualNetwork):
+            raise ConfigError("network() takes a VirtualNetwork")
+        return self._with(network=network)
 
     def qemu_args(self, *args: str) -> VMBuilder:
         """Append raw arguments to QEMU's command line (an escape hatch for devices capsa does not

@@ -10,6 +10,7 @@ from typing import Literal
 
 from capsa.boot import BootConfig, LinuxDirectBoot, check_readable_file
 from capsa.errors import ConfigError
+from capsa.net.gateway import VirtualNetwork
 from capsa.shares.spec import ShareSpec, check_host_dir, check_shares
 
 Accelerator = Literal["auto", "kvm", "tcg"]
@@ -117,6 +118,7 @@ class VMConfig:
     # Named virtio-serial ports; the guest finds each in /sys/class/virtio-ports/*/name.
     virtio_ports: tuple[str, ...] = ()
     shares: tuple[ShareSpec, ...] = ()
+    network: VirtualNetwork | None = None  # None: no NIC at all
     extra_qemu_args: tuple[str, ...] = field(default=())
 
     def all_disks(self) -> tuple[DiskSpec, ...]:

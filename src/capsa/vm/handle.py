@@ -26,6 +26,7 @@ from capsa.errors import (
     VMExited,
     VMNotRunning,
 )
+from capsa.net.stack import NetworkStack
 from capsa.shares.spec import Share
 from capsa.shares.virtiofsd import find_virtiofsd, start_virtiofsd
 from capsa.vm.config import VMConfig
@@ -60,6 +61,7 @@ class VM:
         self._daemon_watches: list[asyncio.Task[None]] = []
         self._failure: CapsaError | None = None  # why capsa stopped the VM on its own, if it did
         self._qemu: str | None = None
+        self._network: NetworkStack | None = None
 
     # -- properties --
 
@@ -105,6 +107,13 @@ class VM:
         return list(self._shares)
 
     @property
+    def network(self) -> NetworkStack:
+        """The VM's virtual network (``vm.network.log()`` lists every egress decision)."""
+        if self._network is None:
+            raise CapsaError("this VM has no network", hint="build it with .network(VirtualNetwork())")
+        return self._network
+
+    @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
@@ -137,6 +146,12 @@ class VM:
         logs = self._dir / "logs"
         logs.mkdir()
         planned = await self._start_shares(logs)
+        net_socket = net_mac = None
+        if config.network is not None:
+            self._network = NetworkStack(config.network.gateway)
+            net_socket = self._dir / "net.sock"
+            await self._network.start(net_socket)
+            net_mac = ":".join(f"{b:02x}" for b in self._network.guest_mac)
         console_host, console_qemu = socket.socketpair()
         qmp_host, qmp_qemu = socket.socketpair()
         port_pairs = [socket.socketpair() for _ in config.virtio_ports]
@@ -151,6 +166,8 @@ class VM:
                 port_fds=tuple(q.fileno() for _, q in port_pairs),
                 shares=tuple(planned),
                 incoming=incoming,
+                net_socket=net_socket,
+                net_mac=net_mac,
             )
             argv = build_argv(config, plan)
             (logs / "qemu.argv").write_text("\n".join(argv) + "\n")
@@ -327,6 +344,8 @@ class VM:
                 await daemon.kill_and_wait()
         for watch in self._daemon_watches:
             watch.cancel()
+        if self._network is not None:
+            await self._network.close()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
 

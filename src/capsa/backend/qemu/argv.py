@@ -35,6 +35,8 @@ class LaunchPlan:
     port_fds: tuple[int, ...] = ()  # one socket fd per config.virtio_ports entry, same order
     shares: tuple[PlannedShare, ...] = ()
     incoming: bool = False  # start paused, waiting for a migration stream (snapshot restore)
+    net_socket: Path | None = None  # where capsa's network stack listens (-netdev stream)
+    net_mac: str | None = None
 
 
 def qemu_escape(value: str) -> str:
@@ -104,6 +106,12 @@ def build_argv(config: VMConfig, plan: LaunchPlan) -> list[str]:
         argv += ["-chardev", f"socket,id=port{index},fd={fd}"]
         argv += ["-device", f"virtserialport,bus=vser0.0,nr={index + 1},chardev=port{index},name={name}"]
     argv += share_args(plan.shares, suffix)
+    if config.network is not None:
+        if plan.net_socket is None or plan.net_mac is None:
+            raise ConfigError("internal: a network needs its stack's socket and MAC")
+        path = qemu_escape(str(plan.net_socket))
+        argv += ["-netdev", f"stream,id=net0,server=off,addr.type=unix,addr.path={path}"]
+        argv += ["-device", f"virtio-net-{suffix},netdev=net0,mac={plan.net_mac}"]
     argv += list(config.extra_qemu_args)
     if plan.incoming:
         argv += ["-incoming", "defer"]

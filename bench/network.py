@@ -1,0 +1,119 @@
+"""The virtual network: a guest downloading from a host HTTP server, and TCP connect latency, through
+capsa's userspace NAT vs QEMU's built-in slirp (``-netdev user``), same sandbox image, one run.
+
+    .venv/bin/python -m bench.network [--mib 64] [--connects 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socketserver
+import threading
+from dataclasses import replace
+
+from dnslib import QTYPE, RR, A
+from dnslib.server import BaseResolver, DNSServer
+
+import capsa
+from capsa import Gateway, NetworkPolicy, VirtualNetwork
+from capsa.sandbox.handle import Sandbox
+
+PAYLOAD = b""
+
+
+class _Http(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        line = self.rfile.readline()
+        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+            pass
+        body = PAYLOAD if b"/big" in line else b"ok"
+        self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+class _Resolver(BaseResolver):
+    def resolve(self, request, handler):  # type: ignore[no-untyped-def]
+        reply = request.reply()
+        if request.q.qtype == QTYPE.A:
+            reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A("127.0.0.1"), ttl=60))
+        return reply
+
+
+SCRIPT = """
+import socket, sys, time, urllib.request
+host, port, connects = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+urllib.request.urlopen(f"http://{host}:{port}/", timeout=30).read()
+started = time.monotonic()
+data = urllib.request.urlopen(f"http://{host}:{port}/big", timeout=300).read()
+elapsed = time.monotonic() - started
+latencies = []
+addr = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4]
+for _ in range(connects):
+    t = time.monotonic()
+    s = socket.create_connection(addr, timeout=10)
+    latencies.append(time.monotonic() - t)
+    s.close()
+latencies.sort()
+print(len(data), elapsed, latencies[len(latencies) // 2])
+"""
+
+
+async def measure(vm: Sandbox, host: str, port: int, connects: int) -> tuple[float, float]:
+    result = await vm.agent.exec("python3").args(["-c", SCRIPT, host, str(port), str(connects)]).run()
+    assert result.exit_code == 0, result.stderr
+    size, seconds, connect = result.stdout.split()
+    assert int(size) == len(PAYLOAD)
+    return len(PAYLOAD) / float(seconds) / (1 << 20), float(connect) * 1000
+
+
+async def main(mib: int, connects: int) -> None:
+    global PAYLOAD
+    PAYLOAD = os.urandom(mib << 20)
+    http = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Http)
+    http.daemon_threads = True
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    port = http.server_address[1]
+    dns = DNSServer(_Resolver(), address="127.0.0.1", port=0)
+    dns.start_thread()
+    gateway = (
+        Gateway("10.0.2.0/24")
+        .policy(NetworkPolicy.allow_all())
+        .dns_servers([f"127.0.0.1:{dns.server.server_address[1]}"])
+        .allow_internal_destinations()
+    )
+    ours = await capsa.sandbox().cold().network(VirtualNetwork.with_gateway(gateway)).build()
+    try:
+        capsa_mbps, capsa_connect = await measure(ours, "bench.test", port, connects)
+    finally:
+        await ours.kill()
+    # The same sandbox with QEMU's slirp instead: it serves the host's loopback as 10.0.2.2.
+    config = await capsa.sandbox().vm_config()
+    config = replace(
+        config,
+        cmdline=(*config.cmdline, ("capsa.ip", "10.0.2.15/24,10.0.2.2")),
+        extra_qemu_args=("-netdev", "user,id=slirp0", "-device", "virtio-net-device,netdev=slirp0"),
+    )
+    slirp = Sandbox(config)
+    await slirp._boot(120)
+    try:
+        slirp_mbps, slirp_connect = await measure(slirp, "10.0.2.2", port, connects)
+    finally:
+        await slirp.kill()
+    http.shutdown()
+    dns.stop()
+    print(
+        f"guest download of {mib} MiB from a host server, and TCP connect latency (median of {connects})"
+    )
+    print(f"  capsa NAT   {capsa_mbps:7.1f} MiB/s   connect {capsa_connect:6.2f} ms")
+    print(f"  QEMU slirp  {slirp_mbps:7.1f} MiB/s   connect {slirp_connect:6.2f} ms")
+    print(f"  throughput ratio capsa/slirp {capsa_mbps / slirp_mbps:5.2f}x (goal >= 0.5x); "
+          f"connect latency ratio {capsa_connect / slirp_connect:5.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mib", type=int, default=64)
+    parser.add_argument("--connects", type=int, default=50)
+    args = parser.parse_args()
+    asyncio.run(main(args.mib, args.connects))

@@ -1,0 +1,192 @@
+"""The virtual network on real guests, offline: a local DNS server (the gateway's upstream) maps test
+names to 127.0.0.1, where HTTP and UDP servers listen; the guest reaches them only through capsa's NAT
+and only as the policy allows."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import socketserver
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from dnslib import QTYPE, RR, A
+from dnslib.server import BaseResolver, DNSServer
+
+import capsa
+from capsa import Gateway, NetworkPolicy, VirtualNetwork
+from tests.conftest import SandboxFactory, VMFactory
+
+pytestmark = [pytest.mark.vm]
+
+NAMES = ("api.github.test", "static.rust-lang.test", "rust-lang.test", "evil-github.test",
+         "api.github.test.evil.test", "udp.test", "data.test")  # fmt: skip
+BIG = os.urandom(24 << 20)
+
+
+class _Resolver(BaseResolver):
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def resolve(self, request, handler):  # type: ignore[no-untyped-def]
+        name = str(request.q.qname).rstrip(".").lower()
+        self.asked.append(name)
+        reply = request.reply()
+        if name in NAMES and request.q.qtype == QTYPE.A:
+            reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A("127.0.0.1"), ttl=60))
+        return reply
+
+
+class _Http(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        line = self.rfile.readline()
+        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+            pass
+        body = BIG if b"/big" in line else b"hello from the host"
+        self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+class _UdpEcho(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        data, sock = self.request
+        sock.sendto(b"echo:" + data, self.client_address)
+
+
+@dataclass
+class Servers:
+    dns_port: int
+    http_port: int
+    udp_port: int
+    resolver: _Resolver
+
+    def gateway(self, policy: NetworkPolicy) -> Gateway:
+        return (
+            Gateway("10.0.2.0/24")
+            .policy(policy)
+            .dns_servers([f"127.0.0.1:{self.dns_port}"])
+            .allow_internal_destinations()
+        )
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Servers]:
+    resolver = _Resolver()
+    dns = DNSServer(resolver, address="127.0.0.1", port=_free_udp_port())
+    dns.start_thread()
+    http = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Http)
+    http.daemon_threads = True
+    udp = socketserver.ThreadingUDPServer(("127.0.0.1", 0), _UdpEcho)
+    for server in (http, udp):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield Servers(dns.server.server_address[1], http.server_address[1], udp.server_address[1], resolver)
+    for server in (http, udp):
+        server.shutdown()
+        server.server_close()
+    dns.stop()
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+PROBE = """
+import socket, sys, time, urllib.request
+for url in sys.argv[1:]:
+    started = time.monotonic()
+    try:
+        body = urllib.request.urlopen(url, timeout=20).read()
+        print(url, "ok", len(body), round(time.monotonic() - started, 2))
+    except Exception as exc:
+        print(url, "failed", type(exc).__name__, round(time.monotonic() - started, 2))
+"""
+
+
+async def probe(vm: capsa.Sandbox, *urls: str) -> dict[str, tuple[str, float]]:
+    result = await vm.agent.exec("python3").args(["-c", PROBE, *urls]).timeout(120).run()
+    assert result.exit_code == 0, result.stderr
+    outcome = {}
+    for line in result.stdout.splitlines():
+        url, status, *rest = line.split()
+        outcome[url] = (status, float(rest[-1]))
+    return outcome
+
+
+@pytest.mark.asyncio
+async def test_allowlist_pinning_and_the_egress_log(
+    servers: Servers, sandbox_factory: SandboxFactory
+) -> None:
+    policy = NetworkPolicy.deny_all().allow_domain("api.github.test").allow_domain("*.rust-lang.test")
+    vm = await sandbox_factory(
+        capsa.sandbox().network(VirtualNetwork.with_gateway(servers.gateway(policy)))
+    )
+    port = servers.http_port
+    urls = {name: f"http://{name}:{port}/" for name in NAMES if name not in ("udp.test", "data.test")}
+    urls["literal public IP"] = f"http://203.0.113.5:{port}/"
+    urls["unresolved stand-in"] = f"http://198.18.0.200:{port}/"
+    outcome = await probe(vm, *urls.values())
+    assert outcome[urls["api.github.test"]][0] == "ok"
+    assert outcome[urls["static.rust-lang.test"]][0] == "ok"
+    for denied in ("rust-lang.test", "evil-github.test", "api.github.test.evil.test",
+                   "literal public IP", "unresolved stand-in"):  # fmt: skip
+        status, seconds = outcome[urls[denied]]
+        assert status == "failed" and seconds < 5, (denied, status, seconds)  # fast, not a hang
+    for never_forwarded in ("rust-lang.test", "evil-github.test", "api.github.test.evil.test"):
+        assert never_forwarded not in servers.resolver.asked  # NXDOMAIN locally: no tunnelling
+    entries = vm.network.log()
+    allowed = [e for e in entries if e.proto == "tcp" and e.action == "allow"]
+    assert {e.domain for e in allowed} >= {"api.github.test"}
+    assert any(e.proto == "tcp" and e.action == "deny" and e.dst_ip == "203.0.113.5" for e in entries)
+    assert any(
+        e.proto == "dns" and e.action == "deny" and e.domain == "evil-github.test" for e in entries
+    )
+
+
+@pytest.mark.asyncio
+async def test_deny_all_allow_all_udp_and_a_large_download(
+    servers: Servers, sandbox_factory: SandboxFactory
+) -> None:
+    locked = await sandbox_factory(
+        capsa.sandbox().network(VirtualNetwork.with_gateway(servers.gateway(NetworkPolicy.deny_all())))
+    )
+    outcome = await probe(locked, f"http://api.github.test:{servers.http_port}/")
+    assert next(iter(outcome.values()))[0] == "failed"
+
+    open_net = VirtualNetwork.with_gateway(servers.gateway(NetworkPolicy.allow_all()))
+    vm = await sandbox_factory(capsa.sandbox().network(open_net))
+    download = (
+        "import hashlib, urllib.request;"
+        f"print(hashlib.sha256(urllib.request.urlopen('http://data.test:{servers.http_port}/big',"
+        " timeout=120).read()).hexdigest())"
+    )
+    digest = await vm.agent.exec("python3").args(["-c", download]).timeout(300).run()
+    assert digest.stdout.strip() == hashlib.sha256(BIG).hexdigest(), digest.stderr
+    udp = (
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(10);"
+        f"s.connect(('udp.test', {servers.udp_port})); s.send(b'ping'); print(s.recv(100))"
+    )
+    echoed = await vm.agent.exec("python3").args(["-c", udp]).timeout(60).run()
+    assert echoed.stdout.strip() == "b'echo:ping'", echoed.stderr
+
+
+@pytest.mark.asyncio
+async def test_raw_vm_gets_a_lease_by_dhcp_and_pings_the_gateway(vm_factory: VMFactory) -> None:
+    from capsa.image.busybox import PROMPT, READY_MARKER, busybox_guest
+    from capsa.image.kernels import default_kernel
+
+    guest = busybox_guest(kernel=default_kernel())
+    vm = await vm_factory(
+        capsa.vm(capsa.LinuxDirectBoot(guest.kernel, guest.initrd)).network(VirtualNetwork())
+    )
+    await vm.console.wait_for(READY_MARKER, timeout=60)
+    await vm.console.wait_for(PROMPT, timeout=30)
+    lease = await vm.console.exec_line(
+        "ip link set eth0 up; udhcpc -i eth0 -n -q -f -s /bin/true 2>&1", 60
+    )
+    assert "10.0.2.2" in lease
+    await vm.console.exec_line("ip addr add 10.0.2.2/24 dev eth0")
+    assert "1 packets received" in await vm.console.exec_line("ping -c 1 -W 5 10.0.2.1", 30)
