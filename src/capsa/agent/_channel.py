@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from capsa.agent import wire
-from capsa.errors import CapsaError, ProtocolError
+from capsa.errors import CapsaError, CapsaTimeoutError, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +245,17 @@ class Channel:
         self._calls[call.id] = call
         await self.send({"t": "req", "id": call.id, "op": op, **args})
         return call
+
+    async def request(self, op: str, args: Message, timeout: float) -> Message:
+        """One request without streams: its response (``ok`` true or false), within ``timeout``."""
+        call = await self.call(op, args)
+        try:
+            async with asyncio.timeout(timeout):
+                return await call.response
+        except TimeoutError:
+            raise CapsaTimeoutError(f"the guest agent did not answer {op!r} within {timeout}s") from None
+        finally:
+            call.close()
 
     # -- receiving --
 

@@ -50,15 +50,7 @@ class Agent:
     async def _request(
         self, op: str, args: dict[str, Any], timeout: float, path: str | None = None
     ) -> dict[str, Any]:
-        call = await self._channel.call(op, args)
-        try:
-            async with asyncio.timeout(timeout):
-                reply = await call.response
-        except TimeoutError:
-            raise CapsaTimeoutError(f"the guest agent did not answer {op!r} within {timeout}s") from None
-        finally:
-            call.close()
-        return expect_ok(reply, op, path)
+        return expect_ok(await self._channel.request(op, args, timeout), op, path)
 
     # -- basics --
 

@@ -107,14 +107,9 @@ class Process:
         process has already exited."""
         if self._call.end.done():
             return
-        call = await self._channel.call("kill", {"target": self._call.id, "signal": int(sig)})
-        try:
-            async with asyncio.timeout(timeout):
-                reply = await call.response
-        except TimeoutError:
-            raise CapsaTimeoutError(f"kill of {self.argv[0]!r} got no answer in {timeout}s") from None
-        finally:
-            call.close()
+        reply = await self._channel.request(
+            "kill", {"target": self._call.id, "signal": int(sig)}, timeout
+        )
         if not reply.get("ok"):
             err = reply.get("err")
             if isinstance(err, dict) and err.get("kind") == "unknown_target":
@@ -123,14 +118,8 @@ class Process:
 
     async def resize(self, rows: int, cols: int, timeout: float = 10.0) -> None:
         """Change the terminal size of a command started with ``pty()`` (it gets SIGWINCH)."""
-        call = await self._channel.call("resize", {"target": self._call.id, "rows": rows, "cols": cols})
-        try:
-            async with asyncio.timeout(timeout):
-                reply = await call.response
-        except TimeoutError:
-            raise CapsaTimeoutError(f"resize got no answer in {timeout}s") from None
-        finally:
-            call.close()
+        args = {"target": self._call.id, "rows": rows, "cols": cols}
+        reply = await self._channel.request("resize", args, timeout)
         if not reply.get("ok"):
             raise agent_error(reply.get("err"), "resize")
 
