@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
-import threading
 from typing import Any, BinaryIO
 
 import capsa
+from capsa.cli._terminal import stdin_chunks
 from capsa.errors import AgentError, ConfigError
 
 TIMEOUT_EXIT = 124  # like coreutils timeout(1)
@@ -124,18 +123,7 @@ async def _copy_in(process: capsa.Process) -> None:
     if sys.stdin is None or sys.stdin.isatty():
         await process.close_stdin()
         return
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
-
-    def reader() -> None:  # a daemon thread: a blocked read() must not keep the CLI alive
-        fd = sys.stdin.fileno()
-        while True:
-            chunk = os.read(fd, 1 << 16)
-            asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
-            if not chunk:
-                return
-
-    threading.Thread(target=reader, name="capsa-stdin", daemon=True).start()
+    queue = stdin_chunks("capsa-stdin")
     try:
         while chunk := await queue.get():
             await process.write_stdin(chunk)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import sys
-import threading
 from typing import Any
 
 import capsa
-from capsa.cli._terminal import raw_terminal
+from capsa.cli._terminal import raw_terminal, stdin_chunks
 from capsa.cli.exec import parse_memory, parse_share
 from capsa.errors import ConfigError, VMNotRunning
 
@@ -89,18 +87,9 @@ async def _main(args: argparse.Namespace) -> int:
 
 
 async def _attach(vm: capsa.VM) -> int:
-    loop = asyncio.get_running_loop()
-    typed: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def reader() -> None:  # daemon thread: a blocked read must not keep capsa alive
-        fd = sys.stdin.fileno()
-        while chunk := os.read(fd, 1024):
-            loop.call_soon_threadsafe(typed.put_nowait, chunk)
-        loop.call_soon_threadsafe(typed.put_nowait, b"")
-
     if sys.stdin.isatty():
         sys.stderr.write("capsa: attached to the console; Ctrl-] detaches and stops the VM\r\n")
-    threading.Thread(target=reader, name="capsa-console-in", daemon=True).start()
+    typed = stdin_chunks("capsa-console-in")
     out = sys.stdout.buffer
     with raw_terminal():
         while True:

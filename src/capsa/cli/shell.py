@@ -8,11 +8,10 @@ import os
 import shutil
 import signal
 import sys
-import threading
 from typing import Any
 
 import capsa
-from capsa.cli._terminal import raw_terminal
+from capsa.cli._terminal import raw_terminal, stdin_chunks
 from capsa.cli.exec import parse_memory, parse_share
 from capsa.errors import AgentError
 
@@ -75,15 +74,7 @@ def _resizer(process: capsa.Process, loop: asyncio.AbstractEventLoop) -> Any:
 
 
 async def _forward_input(process: capsa.Process, loop: asyncio.AbstractEventLoop) -> None:
-    typed: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def reader() -> None:  # daemon thread: a blocked read must not keep capsa alive
-        fd = sys.stdin.fileno()
-        while chunk := os.read(fd, 1024):
-            loop.call_soon_threadsafe(typed.put_nowait, chunk)
-        loop.call_soon_threadsafe(typed.put_nowait, b"")
-
-    threading.Thread(target=reader, name="capsa-shell-in", daemon=True).start()
+    typed = stdin_chunks("capsa-shell-in")
     try:
         while chunk := await typed.get():
             await process.write_stdin(chunk)
