@@ -181,3 +181,20 @@ def test_exec_streams_output_while_the_command_runs() -> None:
     assert proc.wait(timeout=60) == 0
     assert (first, rest) == (b"first\n", b"third\n")
     assert ended - seen_first > 2.5  # "first" was printed live, not at the end
+
+
+@pytest.mark.vm
+def test_exec_network_flags() -> None:
+    probe = (
+        "import os, socket\n"
+        "print(os.path.exists('/sys/class/net/eth0'))\n"
+        "try:\n    socket.getaddrinfo('denied.test', 80); print('resolved')\n"
+        "except socket.gaierror:\n    print('nxdomain')"
+    )
+    allowed = run("exec", "--allow-domain", "only.test", "--", "python3", "-c", probe)
+    assert allowed.returncode == 0, allowed.stderr
+    assert allowed.stdout.split() == ["True", "nxdomain"]
+    none = run("exec", "--", "python3", "-c", probe)
+    assert none.stdout.split()[0] == "False"  # no network unless asked
+    bad = run("exec", "--allow-domain", "a.*.b", "--", "true")
+    assert bad.returncode == 2 and "invalid domain pattern" in bad.stderr

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.vm]
 
 NAMES = ("api.github.test", "static.rust-lang.test", "rust-lang.test", "evil-github.test",
          "api.github.test.evil.test", "udp.test", "data.test")  # fmt: skip
-BIG = os.urandom(24 << 20)
+BIG = os.urandom(100 << 20)
 
 
 class _Resolver(BaseResolver):
@@ -190,3 +190,45 @@ async def test_raw_vm_gets_a_lease_by_dhcp_and_pings_the_gateway(vm_factory: VMF
     assert "10.0.2.2" in lease
     await vm.console.exec_line("ip addr add 10.0.2.2/24 dev eth0")
     assert "1 packets received" in await vm.console.exec_line("ping -c 1 -W 5 10.0.2.1", 30)
+
+
+CONCURRENT = """
+import asyncio, sys
+async def one(host, port):
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET / HTTP/1.0\\r\\n\\r\\n")
+    body = await reader.read()
+    writer.close()
+    return body.endswith(b"hello from the host")
+async def main():
+    results = await asyncio.gather(*(one(sys.argv[1], int(sys.argv[2])) for _ in range(200)))
+    print(sum(results))
+asyncio.run(main())
+"""
+
+
+@pytest.mark.asyncio
+async def test_concurrent_connections_and_denied_udp(
+    servers: Servers, sandbox_factory: SandboxFactory
+) -> None:
+    policy = NetworkPolicy.deny_all().allow_domain("api.github.test")
+    vm = await sandbox_factory(
+        capsa.sandbox().network(VirtualNetwork.with_gateway(servers.gateway(policy)))
+    )
+    many = (
+        await vm.agent.exec("python3")
+        .args(["-c", CONCURRENT, "api.github.test", str(servers.http_port)])
+        .timeout(180)
+        .run()
+    )
+    assert many.stdout.strip() == "200", many.stderr
+    denied_udp = (
+        "import socket, time; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(10);"
+        "s.connect(('203.0.113.5', 9)); t = time.monotonic(); s.send(b'x')\n"
+        "try:\n    s.recv(10); print('answered')\n"
+        "except ConnectionRefusedError:\n    print('refused', round(time.monotonic() - t, 2))"
+    )
+    refused = await vm.agent.exec("python3").args(["-c", denied_udp]).timeout(60).run()
+    assert refused.stdout.startswith("refused"), (refused.stdout, refused.stderr)
+    assert float(refused.stdout.split()[1]) < 5  # an ICMP unreachable, not a silent drop
+    assert any(e.proto == "udp" and e.action == "deny" for e in vm.network.log())

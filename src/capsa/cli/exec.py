@@ -27,6 +27,7 @@ def register(commands: Any) -> None:
             "  capsa exec -- uname -a\n"
             "  capsa exec --env NAME=world -- sh -c 'echo hello $NAME'\n"
             "  capsa exec --share .:/src --share ./out:/out:rw -- sh -c 'cp -r /src/* /out/'\n"
+            "  capsa exec --allow-domain pypi.org --allow-domain '*.pythonhosted.org' -- pip download\n"
             "  echo 'print(6 * 7)' | capsa exec -- python3\n\n"
             "exit status: the command's own (128+N if signal N killed it); 124 if --timeout hit;\n"
             "2 if capsa itself failed (the message says why)."
@@ -40,6 +41,14 @@ def register(commands: Any) -> None:
         default=[],
         metavar="HOST:GUEST[:ro|rw]",
         help="share a host directory (read-only unless :rw)",
+    )
+    parser.add_argument("--net", action="store_true", help="a network with all egress allowed")
+    parser.add_argument(
+        "--allow-domain",
+        action="append",
+        default=[],
+        metavar="D",
+        help="a network that reaches only these domains (exact, or *.suffix); repeatable",
     )
     parser.add_argument("--cwd", help="working directory in the guest (absolute)")
     parser.add_argument("--timeout", type=float, help="kill the command after this many seconds")
@@ -80,6 +89,13 @@ def _exec(args: argparse.Namespace) -> int:
     for item in args.share:
         host, guest, mode = parse_share(item)
         builder = builder.share(host, guest, mode)
+    if args.allow_domain:
+        policy = capsa.NetworkPolicy.deny_all()
+        for domain in args.allow_domain:
+            policy = policy.allow_domain(domain)
+        builder = builder.network(capsa.VirtualNetwork.with_gateway(capsa.Gateway().policy(policy)))
+    elif args.net:
+        builder = builder.network(capsa.VirtualNetwork())
     return asyncio.run(_run(builder, command, args))
 
 
