@@ -9,6 +9,7 @@ cached per host (kernel release, CPU model, QEMU binary) in the cache dir.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -34,8 +35,10 @@ def kvm_device_usable() -> bool:
     return os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
+@functools.cache
 def host_tsc_khz() -> int | None:
-    """The host CPU clock in kHz (for ``tsc_early_khz``), from /proc/cpuinfo."""
+    """The host CPU clock in kHz (for ``tsc_early_khz``), from /proc/cpuinfo; read once per process
+    rather than on every VM start."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:

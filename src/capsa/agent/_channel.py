@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import socket
 from collections import deque
@@ -190,7 +189,7 @@ class Channel:
         self._sock = sock
         self._on_lost = on_lost
         self._calls: dict[int, Call] = {}
-        self._ids = itertools.count(1)
+        self._last_id = 0  # ids are 1, 2, 3…: anything above this was never sent
         self._failure: CapsaError | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -241,7 +240,8 @@ class Channel:
         out_streams: tuple[str, ...] = (),
     ) -> Call:
         self.check()
-        call = Call(self, next(self._ids), in_streams, out_streams)
+        self._last_id += 1
+        call = Call(self, self._last_id, in_streams, out_streams)
         self._calls[call.id] = call
         await self.send({"t": "req", "id": call.id, "op": op, **args})
         return call
@@ -292,13 +292,8 @@ class Channel:
         call = self._calls.get(call_id)
         if call is not None:
             call._on_message(m)
-        elif call_id <= 0 or call_id >= self._peek_next_id():
+        elif not 0 < call_id <= self._last_id:
             raise ProtocolError(f"{kind!r} for request {call_id}, which was never sent")
-
-    def _peek_next_id(self) -> int:
-        nxt = next(self._ids)
-        self._ids = itertools.count(nxt)
-        return nxt
 
     async def _lost(self, exc: BaseException | None) -> None:
         if self._failure is not None:

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from capsa._paths import cache_dir
 from capsa.backend.qemu.process import find_qemu
+from capsa.cli._output import emit
 from capsa.errors import ImageError, SnapshotError
 from capsa.image import busybox_guest
 from capsa.image.sandbox import sandbox_image
@@ -58,13 +59,6 @@ def register(commands: Any) -> None:
     templates.set_defaults(handler=_templates)
 
 
-def _emit(data: dict[str, str], as_json: bool) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(data) + "\n")
-    else:
-        sys.stdout.write("".join(f"{key:8}{value}\n" for key, value in data.items()))
-
-
 def _build(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     with console.status("checking the image cache") as status:
@@ -75,7 +69,7 @@ def _build(args: argparse.Namespace) -> int:
         "rootfs": str(image.rootfs),
         "version": image.kernel_version,
     }
-    _emit(data, args.json)
+    emit(data, args.json)
     return 0
 
 
@@ -111,7 +105,7 @@ def _path(args: argparse.Namespace) -> int:
         sys.stderr.write(f"capsa: {exc.message} (run: capsa image build)\n")
         return 1
     data = {"kernel": str(image.kernel), "initrd": str(image.initrd), "rootfs": str(image.rootfs)}
-    _emit(data, args.json)
+    emit(data, args.json)
     return 0
 
 
@@ -159,5 +153,5 @@ def _templates(args: argparse.Namespace) -> int:
 def _busybox(args: argparse.Namespace) -> int:
     guest = busybox_guest(args.flavour)
     data = {"kernel": str(guest.kernel), "initrd": str(guest.initrd), "version": guest.kernel_version}
-    _emit(data, args.json)
+    emit(data, args.json)
     return 0

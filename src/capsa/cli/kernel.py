@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 from rich.console import Console
 
+from capsa.cli._output import emit
 from capsa.image.kernel import build_kernel, built_kernel
 
 
@@ -32,18 +32,11 @@ def register(commands: Any) -> None:
     show.set_defaults(handler=_path)
 
 
-def _emit(data: dict[str, str], as_json: bool) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(data) + "\n")
-    else:
-        sys.stdout.write("".join(f"{key:9}{value}\n" for key, value in data.items()))
-
-
 def _build(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     with console.status("checking the kernel cache") as status:
         kernel = build_kernel(status.update, rebuild=args.rebuild)
-    _emit(
+    emit(
         {
             "bzimage": str(kernel.bzimage),
             "vmlinux": str(kernel.vmlinux),
@@ -61,5 +54,5 @@ def _path(args: argparse.Namespace) -> int:
     if kernel is None:
         sys.stderr.write("capsa: the kernel is not built (run: capsa kernel build)\n")
         return 1
-    _emit({"bzimage": str(kernel.bzimage), "vmlinux": str(kernel.vmlinux)}, args.json)
+    emit({"bzimage": str(kernel.bzimage), "vmlinux": str(kernel.vmlinux)}, args.json)
     return 0

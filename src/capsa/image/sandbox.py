@@ -185,14 +185,16 @@ def _prune_initrds(images: Path, current: Path) -> None:
     now = time.time()
     # A separate stamp says "used now": touching the initrd itself would change its identity and
     # invalidate every template snapshot that records it.
-    (images / f".used-{current.name}").touch()
+    stamp = images / f".used-{current.name}"
+    if not stamp.exists() or now - stamp.stat().st_mtime > 86400:
+        stamp.touch()
     for other in images.glob("initrd-*.cpio"):
-        stamp = images / f".used-{other.name}"
+        other_stamp = images / f".used-{other.name}"
         with contextlib.suppress(OSError):
-            last_used = stamp.stat().st_mtime if stamp.exists() else other.stat().st_mtime
-            if other != current and now - last_used > STALE_INITRD_SECONDS:
+            used = other_stamp.stat().st_mtime if other_stamp.exists() else other.stat().st_mtime
+            if other != current and now - used > STALE_INITRD_SECONDS:
                 other.unlink()
-                stamp.unlink(missing_ok=True)
+                other_stamp.unlink(missing_ok=True)
 
 
 def sandbox_initramfs(

@@ -213,7 +213,7 @@ class VM:
         """Decide each share's mechanism and start a virtiofsd per virtio-fs share (before QEMU,
         which connects to their sockets as it starts)."""
         assert self._dir is not None
-        virtiofsd = find_virtiofsd()
+        virtiofsd = find_virtiofsd() if self.config.shares else None
         planned: list[PlannedShare] = []
         for index, spec in enumerate(self.config.shares):
             mechanism = spec.mechanism

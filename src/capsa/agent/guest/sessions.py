@@ -236,9 +236,6 @@ class ExecSession:
     def cancel(self) -> None:
         self.signal(signal.SIGKILL)
 
-    def fds(self) -> list[int]:
-        return [out.fd for out in self.outs.values() if out.fd is not None]
-
 
 class ReadSession:
     """Sends one file as a ``file`` stream. Regular files cannot be polled, so the loop calls
