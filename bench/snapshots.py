@@ -2,7 +2,8 @@
 
 1. ``build()`` -> first exec result: ``cold()`` vs restore of the configuration's template vs
    ``fork()`` of a live sandbox; runs alternate; medians and p95 (goal: restore <= 0.10x cold).
-2. Host memory (PSS, from /proc/<pid>/smaps_rollup) of 8 idle clones vs one VM (goal <= 2x).
+2. Host memory (PSS, from /proc/<pid>/smaps) of 8 idle clones vs one VM (goal <= 2x), split into
+   guest RAM (the mapping of the snapshot's memory image, shared copy-on-write) and QEMU itself.
 3. How many sandboxes this host sustains at once with one exec per second each, no failures.
 
     .venv/bin/python -m bench.snapshots [--runs 10] [--levels 4,8,16]
@@ -35,12 +36,21 @@ async def first_exec(make: Callable[[], Awaitable[capsa.Sandbox]], keep: bool = 
         await vm.kill()
 
 
-def pss_kib(pid: int | None) -> int:
+def pss_kib(pid: int | None) -> tuple[int, int]:
+    """(guest RAM, everything else) in KiB: PSS summed per mapping."""
     assert pid is not None
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1])
-    return 0
+    guest = other = 0
+    mapping = ""
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):
+            mapping = fields[5] if len(fields) > 5 else ""
+        elif fields and fields[0] == "Pss:":
+            if mapping.endswith("/memory"):
+                guest += int(fields[1])
+            else:
+                other += int(fields[1])
+    return guest, other
 
 
 async def bench_start(runs: int) -> None:
@@ -73,16 +83,20 @@ async def bench_memory() -> None:
     clones: list[capsa.Sandbox] = []
     try:
         await asyncio.sleep(2)
-        single = pss_kib(one.pid)
+        single = sum(pss_kib(one.pid))
         clones = await one.fork(8)
         await asyncio.sleep(2)
-        total = sum(pss_kib(c.pid) for c in clones)
+        parts = [pss_kib(c.pid) for c in clones]
     finally:
         for vm in [one, *clones]:
             await vm.kill()
+    total = sum(guest + other for guest, other in parts)
+    guest = sum(g for g, _ in parts) / len(parts) / 1024
+    other = sum(o for _, o in parts) / len(parts) / 1024
     print("2. host memory (PSS of the QEMU processes), idle")
     ratio = total / single
     print(f"   one VM {single / 1024:7.1f} MiB   8 clones {total / 1024:7.1f} MiB   ratio {ratio:5.2f}x")
+    print(f"   per clone: guest RAM {guest:5.1f} MiB (shared image + own writes), QEMU {other:5.1f} MiB")
 
 
 async def sustain(count: int, seconds: float) -> tuple[int, int]:

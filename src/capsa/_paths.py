@@ -19,10 +19,15 @@ def cache_dir() -> Path:
     return path
 
 
+SHM = Path("/dev/shm")
+
+
 def runtime_base() -> Path:
-    """Parent of per-process runtime dirs. Unix socket paths must stay short (108 bytes), so prefer
-    ``$XDG_RUNTIME_DIR`` or the system temp dir over the cache dir."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.access(base, os.W_OK):
-        return Path(base)
+    """Parent of per-process runtime dirs. Unix socket paths must stay short (108 bytes), and the
+    memory images of forks live here, so prefer RAM-backed ``$XDG_RUNTIME_DIR`` or ``/dev/shm``
+    (an image written into a disk filesystem through QEMU's mapping costs a block allocation per
+    page) over the system temp dir."""
+    for base in (os.environ.get("XDG_RUNTIME_DIR"), str(SHM)):
+        if base and os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK):
+            return Path(base)
     return Path(tempfile.gettempdir())

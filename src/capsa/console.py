@@ -38,6 +38,10 @@ def _compile(pattern: Pattern) -> re.Pattern[str]:
     raise TypeError("a console pattern is a non-empty str or a compiled re.Pattern")
 
 
+_CRASH_MARKERS = ("Kernel panic", "BUG:", "Oops:", "general protection fault")
+_CRASH_LOOKBACK = 100
+
+
 class Console:
     """Serial console of one VM. Created by the VM; use it through ``vm.console``."""
 
@@ -112,8 +116,15 @@ class Console:
         self._transcript.close()
 
     def tail(self, max_lines: int = 30) -> str:
-        """The last lines the guest printed (read or not), for error messages."""
-        return "\n".join(self._recent.replace("\r", "").splitlines()[-max_lines:])
+        """The last lines the guest printed (read or not), for error messages. A kernel crash's call
+        trace is longer than the window, so the tail then starts at the crash's first line."""
+        lines = self._recent.replace("\r", "").splitlines()
+        start = max(0, len(lines) - max_lines)
+        for index in range(start - 1, max(-1, start - _CRASH_LOOKBACK), -1):
+            if any(marker in lines[index] for marker in _CRASH_MARKERS):
+                start = index
+                break
+        return "\n".join(lines[start:])
 
     @property
     def dropped_chars(self) -> int:

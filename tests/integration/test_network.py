@@ -232,3 +232,174 @@ async def test_concurrent_connections_and_denied_udp(
     assert refused.stdout.startswith("refused"), (refused.stdout, refused.stderr)
     assert float(refused.stdout.split()[1]) < 5  # an ICMP unreachable, not a silent drop
     assert any(e.proto == "udp" and e.action == "deny" for e in vm.network.log())
+
+
+GUEST_SERVERS = """
+import socket, threading
+tcp = socket.socket(); tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+tcp.bind(("0.0.0.0", 8000)); tcp.listen(8)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); udp.bind(("0.0.0.0", 5353))
+def serve(conn, peer):
+    conn.sendall(("from " + peer[0] + "\\n").encode())
+    while data := conn.recv(65536):
+        conn.sendall(data.upper())
+    conn.sendall(b"BYE")
+    conn.close()
+def echo():
+    while True:
+        data, peer = udp.recvfrom(65536)
+        udp.sendto(b"guest:" + data, peer)
+threading.Thread(target=echo, daemon=True).start()
+print("ready", flush=True)
+while True:
+    threading.Thread(target=serve, args=tcp.accept(), daemon=True).start()
+"""
+
+
+@pytest.mark.asyncio
+async def test_port_forwards_carry_data_both_ways(sandbox_factory: SandboxFactory) -> None:
+    import asyncio
+
+    gateway = Gateway("10.0.2.0/24").forward_tcp(0, 8000).forward_udp(0, 5353).forward_tcp(0, 9)
+    vm = await sandbox_factory(capsa.sandbox().network(VirtualNetwork.with_gateway(gateway)))
+    tcp_port, udp_port, closed_port = (f.host_port for f in vm.network.forwards())
+    server = await vm.agent.exec("python3").args(["-u", "-c", GUEST_SERVERS]).spawn()
+    assert (await asyncio.wait_for(server.stdout.readline(), 60)).strip() == b"ready"
+
+    payload = os.urandom(4 << 20).hex().encode()  # 8 MiB of lower-case hex, upper-cased back
+    reader, writer = await asyncio.open_connection("127.0.0.1", tcp_port)
+    assert await asyncio.wait_for(reader.readline(), 30) == b"from 10.0.2.1\n"
+
+    async def send() -> None:
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()  # half-close: the guest still answers after our FIN
+
+    sender = asyncio.ensure_future(send())
+    echoed = await asyncio.wait_for(reader.read(), 120)
+    await sender
+    writer.close()
+    assert echoed == payload.upper() + b"BYE"
+
+    loop = asyncio.get_running_loop()
+    replies: asyncio.Queue[bytes] = asyncio.Queue()
+
+    class Client(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: object) -> None:
+            replies.put_nowait(data)
+
+    transport, _ = await loop.create_datagram_endpoint(Client, remote_addr=("127.0.0.1", udp_port))
+    for n in range(3):
+        transport.sendto(b"hello %d" % n)
+        assert await asyncio.wait_for(replies.get(), 30) == b"guest:hello %d" % n
+    transport.close()
+
+    started = loop.time()  # nothing listens on guest port 9: the guest's RST closes us at once
+    reader, writer = await asyncio.open_connection("127.0.0.1", closed_port)
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    assert loop.time() - started < 5
+    forwards = [e for e in vm.network.log() if e.rule.startswith("forward from 127.0.0.1")]
+    assert {(e.proto, e.dst_port) for e in forwards} == {("tcp", 8000), ("udp", 5353), ("tcp", 9)}
+    await server.kill()
+
+
+def test_a_forwarded_host_port_in_use_fails_the_build() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        gateway = Gateway("10.0.2.0/24").forward_tcp(port, 80)
+        with pytest.raises(capsa.ConfigError, match="in use"):
+            capsa.sync.sandbox().network(VirtualNetwork.with_gateway(gateway)).build()
+
+
+FLOOD = """
+import asyncio, sys
+async def one(host, port):
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 30)
+        return writer
+    except ConnectionRefusedError:
+        return None
+async def main():
+    writers = await asyncio.gather(*(one(sys.argv[1], int(sys.argv[2])) for _ in range(600)))
+    print(sum(w is not None for w in writers), sum(w is None for w in writers))
+    for w in writers:
+        if w is not None:
+            w.close()
+            await w.wait_closed()
+    await asyncio.sleep(2)
+    again = await one(sys.argv[1], int(sys.argv[2]))
+    print("again", again is not None)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.asyncio
+async def test_the_per_vm_flow_cap(servers: Servers, sandbox_factory: SandboxFactory) -> None:
+    """600 connections held open: 512 go through, the rest are refused at once, and closing them
+    frees the slots. Host descriptors stay bounded by the cap."""
+    import asyncio
+
+    from capsa.net.stack import MAX_FLOWS
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the guest closes
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0, backlog=1024)
+    port = server.sockets[0].getsockname()[1]
+    gateway = servers.gateway(NetworkPolicy.allow_all())
+    vm = await sandbox_factory(capsa.sandbox().network(VirtualNetwork.with_gateway(gateway)))
+    fds_before = len(os.listdir("/proc/self/fd"))
+    flood = vm.agent.exec("python3").args(["-c", FLOOD, "data.test", str(port)])
+    result = await flood.timeout(240).run()
+    server.close()
+    lines = result.stdout.split("\n")
+    assert lines[0].split() == [str(MAX_FLOWS), str(600 - MAX_FLOWS)], (result.stdout, result.stderr)
+    assert lines[1] == "again True"
+    assert len(os.listdir("/proc/self/fd")) <= fds_before + 8
+
+
+LINK = "cat /sys/class/net/eth0/address; ip -o -4 addr show dev eth0 | awk '{print $4}'; ip route"
+
+
+@pytest.mark.asyncio
+async def test_restored_and_forked_sandboxes_get_their_own_link_identity(
+    servers: Servers, sandbox_factory: SandboxFactory
+) -> None:
+    """Templates and forks carry the MAC and address of the VM they were taken from; each restore
+    takes the identity its own network stack expects, and egress and forwards work on it."""
+    import asyncio
+
+    policy = NetworkPolicy.deny_all().allow_domain("api.github.test")
+    gateway = servers.gateway(policy).forward_tcp(0, 8000)
+    vm = await sandbox_factory(capsa.sandbox().network(VirtualNetwork.with_gateway(gateway)))
+    first, second = await vm.fork(2)
+    try:
+        links = []
+        for sb in (vm, first, second):
+            shown = await sb.agent.exec("sh").args(["-c", LINK]).timeout(30).run()
+            mac, address, *routes = [line.strip() for line in shown.stdout.splitlines()]
+            identity = sb.network.identity()
+            assert (mac, address) == (identity["mac"], identity["address"]), shown.stdout
+            assert "default via 10.0.2.1 dev eth0" in routes
+            links.append((mac, address))
+            outcome = await probe(sb, f"http://api.github.test:{servers.http_port}/")
+            assert next(iter(outcome.values()))[0] == "ok"
+        assert len({mac for mac, _ in links}) == 3 and len({ip for _, ip in links}) == 3
+
+        server = await second.agent.exec("python3").args(["-u", "-c", GUEST_SERVERS]).spawn()
+        assert (await asyncio.wait_for(server.stdout.readline(), 60)).strip() == b"ready"
+        (forward,) = second.network.forwards()
+        reader, writer = await asyncio.open_connection("127.0.0.1", forward.host_port)
+        assert await asyncio.wait_for(reader.readline(), 30) == b"from 10.0.2.1\n"
+        writer.write(b"fork")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 30) == b"FORKBYE"
+        writer.close()
+        await server.kill()
+    finally:
+        for clone in (first, second):
+            await clone.kill()

@@ -34,7 +34,10 @@ async def test_restore_brings_back_files_and_a_working_agent(
     vm = await sandbox_factory()
     await vm.agent.write_file("/tmp/before.txt", b"written before the snapshot")
     snap = await vm.snapshot(tmp_path / "snap")
-    assert (tmp_path / "snap" / "state").stat().st_size > 1 << 20
+    assert (tmp_path / "snap" / "state").stat().st_size < 1 << 20  # devices only: RAM is apart
+    memory = (tmp_path / "snap" / "memory").stat()
+    assert memory.st_size == 512 << 20 and 8 << 20 < memory.st_blocks * 512 < 256 << 20  # sparse
+    assert sorted(p.name for p in (tmp_path / "snap").iterdir()) == ["memory", "snapshot.json", "state"]
     await vm.agent.write_file("/tmp/after.txt", b"the original keeps running")  # not paused
     started = time.monotonic()
     restored = await sandbox_factory(capsa.sandbox().from_snapshot(snap))
@@ -97,9 +100,16 @@ async def test_bad_snapshots_are_refused_cleanly(
     truncated = tmp_path / "truncated"
     shutil.copytree(snap.path, truncated)
     with (truncated / "state").open("r+b") as fh:
-        fh.truncate(1 << 20)
+        fh.truncate((truncated / "state").stat().st_size // 2)
     with pytest.raises(capsa.SnapshotError):
         await capsa.sandbox().from_snapshot(truncated).build(timeout=60)
+
+    short_memory = tmp_path / "short-memory"
+    shutil.copytree(snap.path, short_memory)
+    with (short_memory / "memory").open("r+b") as fh:
+        fh.truncate(1 << 20)
+    with pytest.raises(capsa.SnapshotError, match="memory image"):
+        await capsa.sandbox().from_snapshot(short_memory).build(timeout=60)
 
     other_qemu = tmp_path / "other-qemu"
     shutil.copytree(snap.path, other_qemu)

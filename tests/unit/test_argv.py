@@ -133,8 +133,8 @@ def test_virtiofs_and_9p_shares(kernel: Path, tmp_path: Path) -> None:
         PlannedShare("capsa2", Path("/data/rw"), False, "9p"),
     )
     argv = build_argv(config, replace(plan(), shares=shares))
-    assert option(argv, "-M") == ["microvm,acpi=on,pcie=off,rtc=on,memory-backend=capsa-mem"]
-    assert "memory-backend-memfd,id=capsa-mem,size=256M,share=on" in option(argv, "-object")
+    assert option(argv, "-M") == ["microvm,acpi=on,pcie=off,rtc=on,memory-backend=microvm.ram"]
+    assert "memory-backend-memfd,id=microvm.ram,size=256M,share=on" in option(argv, "-object")
     assert "virtio-mmio.force-legacy=false" in option(argv, "-global")
     assert f"socket,id=fs0,path={tmp_path / 'fs0.sock'}" in option(argv, "-chardev")
     assert "vhost-user-fs-device,chardev=fs0,tag=capsa0" in option(argv, "-device")
@@ -161,3 +161,24 @@ def test_virtiofsd_is_wrapped_in_a_read_only_mount_namespace(tmp_path: Path) -> 
     assert f"source={tmp_path}" in ro and "sandbox=namespace" in ro
     rw = virtiofsd_argv("/v", ShareSpec(tmp_path, "/mnt", AccessMode.READ_WRITE), tmp_path / "s")
     assert rw[rw.index("-c") + 4] == "rw"
+
+
+def test_guest_ram_in_a_file(kernel: Path, tmp_path: Path) -> None:
+    from capsa.backend.qemu.argv import PlannedShare
+    from capsa.vm.config import MemoryFile
+
+    base = capsa.vm(capsa.LinuxDirectBoot(kernel)).memory_mb(256).config
+    clone = replace(base, memory_file=MemoryFile(tmp_path / "a,b" / "memory", shared=False))
+    argv = build_argv(clone, plan())
+    assert option(argv, "-M") == ["microvm,acpi=on,pcie=off,rtc=on,memory-backend=microvm.ram"]
+    assert (f"memory-backend-file,id=microvm.ram,size=256M,mem-path={tmp_path}/a,,b/memory,share=off"
+            in option(argv, "-object"))  # fmt: skip
+    q35 = replace(clone, machine="q35", memory_file=MemoryFile(tmp_path / "m", shared=True))
+    q35_argv = build_argv(q35, plan())
+    assert option(q35_argv, "-M") == ["q35,memory-backend=pc.ram"]
+    assert f"memory-backend-file,id=pc.ram,size=256M,mem-path={tmp_path}/m,share=on" in option(
+        q35_argv, "-object"
+    )
+    virtiofs = (PlannedShare("capsa0", tmp_path, True, "virtiofs", tmp_path / "fs0.sock"),)
+    with pytest.raises(capsa.ConfigError):
+        build_argv(clone, replace(plan(), shares=virtiofs))

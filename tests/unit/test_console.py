@@ -127,3 +127,17 @@ async def test_transcript_is_capped(
     await console.wait_for("DONE", timeout=2)
     data = console.transcript_path.read_bytes()
     assert data.startswith(b"y" * 100) and b"truncated" in data and len(data) < 200
+
+
+async def test_tail_keeps_a_kernel_panic_line_ahead_of_its_trace(
+    pair: tuple[Console, socket.socket],
+) -> None:
+    console, guest = pair
+    trace = "".join(f"t{i}\n" for i in range(40))
+    await send(guest, f"boot\nKernel panic - not syncing: boom\n{trace}end\n".encode())
+    await console.wait_for("end", timeout=2)
+    tail = console.tail()
+    assert tail.startswith("Kernel panic - not syncing: boom") and tail.endswith("end")
+    await send(guest, "".join(f"u{i}\n" for i in range(200)).encode())  # long after: plain window
+    await console.wait_for("u199", timeout=2)
+    assert console.tail().splitlines() == [f"u{i}" for i in range(170, 200)]

@@ -88,3 +88,31 @@ def test_reset_and_refusal() -> None:
     first = to_guest(again.syn_ack())
     assert to_guest(again.on_segment(syn)[0]).seq == first.seq  # a repeated SYN gets the same SYN-ACK
     assert TCP_ACK
+
+
+def test_active_open_for_a_port_forward() -> None:
+    ep = TcpEndpoint.connect(GUEST, 40000, REMOTE, 443, isn=7000)
+    syn = to_guest(ep.syn())
+    assert syn.flags == TCP_SYN and syn.seq == 7000 and syn.mss == OUR_MSS and syn.wscale == 7
+    assert to_guest(ep.syn()).seq == 7000  # a retry repeats the initial sequence
+    queued = ep.send(b"early bytes")  # the host may speak before the guest answered
+    assert queued == [] and ep.state is State.SYN_SENT
+    assert ep.on_segment(from_guest(1, 999, TCP_SYN | TCP_ACK)) == []  # does not ack our SYN
+    assert ep.on_segment(from_guest(1, 7001, TCP_RST)) == []  # an RST without ACK is ignored
+    assert ep.state is State.SYN_SENT
+    replies = [to_guest(s) for s in ep.on_segment(
+        from_guest(3000, 7001, TCP_SYN | TCP_ACK, window=1000, mss=1200, wscale=2))]  # fmt: skip
+    assert ep.state is State.ESTABLISHED and ep.scaling and ep.guest_wscale == 2
+    assert replies[0].flags == TCP_ACK and replies[0].ack == 3001 and replies[0].seq == 7001
+    assert replies[1].payload == b"early bytes" and replies[1].seq == 7001
+    later = [to_guest(s) for s in ep.on_segment(from_guest(3001, 7012, TCP_ACK, b"hi", window=1000))]
+    assert later[0].ack == 3003 and ep.take_inbound(10)[0] == b"hi"
+    assert ep.guest_window == 1000 << 2
+
+
+def test_active_open_refused_by_a_closed_guest_port() -> None:
+    ep = TcpEndpoint.connect(GUEST, 40000, REMOTE, 443, isn=7000)
+    ep.syn()
+    assert ep.on_segment(from_guest(0, 7001, TCP_RST | TCP_ACK)) == []
+    assert ep.closed
+    assert ep.on_segment(from_guest(1, 7001, TCP_SYN | TCP_ACK)) == []  # nothing after the close

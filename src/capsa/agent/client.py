@@ -90,10 +90,17 @@ class Agent:
         await self._request("shutdown", {}, timeout)
         self._channel.fail(VMNotRunning("the sandbox was shut down", hint="build a new sandbox"))
 
-    async def _refresh(self, hostname: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    async def _refresh(
+        self,
+        hostname: str,
+        network: dict[str, str] | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
         """New identity for a restored guest: entropy from the host's CSPRNG, the host's clock, a
-        hostname (see the agent's ``refresh`` operation)."""
-        args = {"entropy": os.urandom(64), "time": time.time(), "hostname": hostname}
+        hostname and, when it has a network, its MAC and address (see the agent's ``refresh``)."""
+        args: dict[str, object] = {"entropy": os.urandom(64), "time": time.time(), "hostname": hostname}
+        if network is not None:
+            args["network"] = network
         await self._request("refresh", args, timeout)
 
     # -- files --

@@ -51,19 +51,39 @@ class OutputStream:
 
     def __init__(self, stream: InStream) -> None:
         self._stream = stream
+        self._pending = b""  # read past a line end by readline()
 
     def __aiter__(self) -> OutputStream:
         return self
 
     async def __anext__(self) -> bytes:
-        data = await self._stream.read()
-        if data is None:
+        if self._pending:
+            data, self._pending = self._pending, b""
+            return data
+        chunk = await self._stream.read()
+        if chunk is None:
             raise StopAsyncIteration
-        return data
+        return chunk
 
     async def read(self) -> bytes:
         """Everything until the stream ends."""
         return b"".join([chunk async for chunk in self])
+
+    async def readline(self, limit: int = 1 << 20) -> bytes:
+        """The next line including its ``\n`` (less at the end of the stream), e.g. to wait for a
+        server's "ready". Raises ``ValueError`` past ``limit`` bytes without a line end."""
+        line = b""
+        while True:
+            end = line.find(b"\n")
+            if end >= 0:
+                self._pending = line[end + 1 :] + self._pending
+                return line[: end + 1]
+            if len(line) > limit:
+                raise ValueError(f"no line end within {limit} bytes of output")
+            try:
+                line += await self.__anext__()
+            except StopAsyncIteration:
+                return line
 
 
 class Process:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from capsa.errors import ConfigError
 from capsa.net.policy import NetworkPolicy
@@ -36,6 +37,32 @@ def _upstream(text: str) -> tuple[str, int]:
     return address, number
 
 
+def _port(value: object, what: str, *, zero_ok: bool = False) -> int:
+    low = 0 if zero_ok else 1
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 65535:
+        raise ConfigError(f"{what} must be a port number {low}..65535, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class PortForward:
+    """``host_address:host_port`` on the host reaches ``guest_port`` in the guest. A host port of 0
+    takes any free port; ``vm.network.forwards()`` tells which one."""
+
+    proto: Literal["tcp", "udp"]
+    host_port: int
+    guest_port: int
+    host_address: str = "127.0.0.1"
+
+    def overlaps(self, other: PortForward) -> bool:
+        if self.proto != other.proto or self.host_port == 0 or self.host_port != other.host_port:
+            return False
+        wildcard = "0.0.0.0"
+        return wildcard in (self.host_address, other.host_address) or (
+            self.host_address == other.host_address
+        )
+
+
 @dataclass(frozen=True)
 class Gateway:
     """The router of a virtual network: the gateway is the subnet's first address, the guest the
@@ -45,6 +72,7 @@ class Gateway:
     policy_value: NetworkPolicy = field(default_factory=NetworkPolicy.allow_all)
     dns: tuple[tuple[str, int], ...] = ()
     internal_allowed: bool = False
+    forwards: tuple[PortForward, ...] = ()
 
     def __post_init__(self) -> None:
         _network(self.subnet)
@@ -76,6 +104,42 @@ class Gateway:
         """Let the guest reach loopback/private/link-local addresses (and DNS answers pointing there):
         for tests against servers on 127.0.0.1. Off by default."""
         return replace(self, internal_allowed=True)
+
+    def forward_tcp(
+        self, host_port: int, guest_port: int, *, host_address: str = "127.0.0.1"
+    ) -> Gateway:
+        """Connections to ``host_address:host_port`` on the host reach the guest's ``guest_port``
+        (they come from the gateway's address). Host port 0 picks a free port."""
+        return self._forward("tcp", host_port, guest_port, host_address)
+
+    def forward_udp(
+        self, host_port: int, guest_port: int, *, host_address: str = "127.0.0.1"
+    ) -> Gateway:
+        """Datagrams to ``host_address:host_port`` reach the guest's ``guest_port``; its replies go
+        back to the sender."""
+        return self._forward("udp", host_port, guest_port, host_address)
+
+    def _forward(
+        self, proto: Literal["tcp", "udp"], host_port: int, guest_port: int, host_address: str
+    ) -> Gateway:
+        try:
+            address = str(ipaddress.IPv4Address(host_address))
+        except ValueError:
+            raise ConfigError(f"host_address must be an IPv4 address, got {host_address!r}") from None
+        forward = PortForward(
+            proto,
+            _port(host_port, "host_port", zero_ok=True),
+            _port(guest_port, "guest_port"),
+            address,
+        )
+        for existing in self.forwards:
+            if forward.overlaps(existing):
+                raise ConfigError(
+                    f"{proto} host port {address}:{host_port} is already forwarded "
+                    f"(to guest port {existing.guest_port})",
+                    hint="each host port can be forwarded once; use another host port",
+                )
+        return replace(self, forwards=(*self.forwards, forward))
 
     def upstreams(self) -> list[tuple[str, int]]:
         if self.dns:

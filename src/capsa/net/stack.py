@@ -5,6 +5,9 @@ for the gateway, and NATs TCP and UDP to host sockets after the policy allowed e
 Bounded per VM: at most :data:`MAX_FLOWS` TCP and UDP flows, a receive window per TCP flow, an egress
 log of :data:`MAX_LOG` entries. A denied TCP connect gets an RST at once, denied UDP an ICMP
 unreachable: a denial never looks like a hang.
+
+Port forwards run the other way: a host connection or datagram reaches a guest port and appears to
+come from the gateway's address, on a gateway port of its own (see :mod:`capsa.net.forward`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -21,10 +25,11 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from capsa.net.dhcp import DhcpRequest, DhcpServer
 from capsa.net.dns import DnsEvent, DnsProxy, LoopbackMap, PinTable
+from capsa.net.forward import ForwardedPort, HostAddress, UdpForward, UdpPeer, listen_tcp, listen_udp
 from capsa.net.gateway import Gateway
 from capsa.net.packets import (
     BROADCAST_MAC,
@@ -44,7 +49,7 @@ from capsa.net.packets import (
     icmp_unreachable,
 )
 from capsa.net.policy import Flow, is_internal
-from capsa.net.tcp import TcpEndpoint
+from capsa.net.tcp import State, TcpEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,7 @@ CONNECT_TIMEOUT = 10.0
 UDP_IDLE = 60.0
 OUTBOUND_HIGH = 256 << 10  # host bytes queued for the guest before we stop reading the host socket
 GATEWAY_MAC = bytes.fromhex("525400000002")
+GATEWAY_PORTS = range(40000, 60000)  # the gateway's source ports for forwarded connections
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class _TcpFlow:
         self.writer: asyncio.StreamWriter | None = None
         self.inbound_ready = asyncio.Event()
         self.outbound_room = asyncio.Event()
+        self.answered = asyncio.Event()  # the guest answered a forward's SYN (SYN-ACK or RST)
         self.tasks: list[asyncio.Task[None]] = []
 
     def start(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -122,6 +129,8 @@ class _TcpFlow:
     def on_guest_segment(self, tcp: Tcp) -> None:
         for segment in self.ep.on_segment(tcp):
             self.stack._send_ip(self.ep.remote_ip, PROTO_TCP, segment)
+        if self.ep.state is not State.SYN_SENT:
+            self.answered.set()
         self.inbound_ready.set()
         self.outbound_room.set()
         if self.ep.closed:
@@ -149,8 +158,8 @@ class _UdpFlow(asyncio.DatagramProtocol):
         self.last = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # asyncio's selector datagram transport does not subclass DatagramTransport on 3.11
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         guest_port, remote_ip, remote_port = self.key
@@ -166,9 +175,14 @@ class _UdpFlow(asyncio.DatagramProtocol):
 class NetworkStack:
     """One VM's network. ``start(path)`` listens on the unix socket QEMU will connect to."""
 
-    def __init__(self, gateway: Gateway, hostname: str = "capsa") -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        hostname: str = "capsa",
+        guest_ip: ipaddress.IPv4Address | None = None,
+    ) -> None:
         self.gateway = gateway
-        self.guest_ip = gateway.guest_ip
+        self.guest_ip = gateway.guest_ip if guest_ip is None else guest_ip
         self.guest_mac = bytes.fromhex("525400") + secrets.token_bytes(3)
         self._pins = PinTable()
         self._loopback = LoopbackMap()
@@ -184,6 +198,11 @@ class NetworkStack:
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._ident = 0
+        self._forwarded: list[ForwardedPort] = []
+        self._tcp_listeners: list[asyncio.AbstractServer] = []
+        self._udp_listeners: list[UdpForward] = []
+        self._udp_peers: dict[int, UdpPeer] = {}  # by gateway port
+        self._next_gateway_port = GATEWAY_PORTS.start
 
     # -- public --
 
@@ -191,11 +210,41 @@ class NetworkStack:
         """Every allow/deny decision so far (the newest :data:`MAX_LOG`)."""
         return list(self._log)
 
+    def identity(self) -> dict[str, str]:
+        """The guest's link identity for a restored guest's agent to take on (MAC, address, route):
+        the snapshot carries the identity of the VM it was taken from."""
+        mac = ":".join(f"{b:02x}" for b in self.guest_mac)
+        address = f"{self.guest_ip}/{self.gateway.network.prefixlen}"
+        return {"mac": mac, "address": address, "gateway": str(self.gateway.gateway_ip)}
+
+    def forwards(self) -> list[ForwardedPort]:
+        """The port forwards as bound on the host (with the real port where 0 was asked for)."""
+        return list(self._forwarded)
+
     async def start(self, path: Path) -> None:
+        """Bind the port forwards (``ConfigError`` if a host port is taken), then listen for QEMU."""
+        try:
+            for forward in self.gateway.forwards:
+                if forward.proto == "tcp":
+                    accept = functools.partial(self._forward_tcp, forward.guest_port)
+                    server, bound = await listen_tcp(forward, accept)
+                    self._tcp_listeners.append(server)
+                else:
+                    endpoint, bound = await listen_udp(forward, self._from_udp_forward)
+                    self._udp_listeners.append(endpoint)
+                self._forwarded.append(bound)
+        except BaseException:
+            await self.close()
+            raise
         self._server = await asyncio.start_unix_server(self._serve, path=str(path), limit=MAX_FRAME * 4)
         os.chmod(path, 0o600)
 
     async def close(self) -> None:
+        for listener in self._tcp_listeners:
+            listener.close()
+        for endpoint in self._udp_listeners:
+            endpoint.close()
+        self._udp_peers.clear()
         for flow in list(self._tcp.values()):
             flow.close()
         for udp in list(self._udp.values()):
@@ -207,6 +256,7 @@ class NetworkStack:
             self._writer.close()
         if self._server is not None:
             self._server.close()
+        await asyncio.sleep(0)  # datagram transports release their sockets on the next loop turn
 
     # -- the link --
 
@@ -274,12 +324,18 @@ class NetworkStack:
                 self._on_dhcp(udp)
             elif ip.dst == gateway and udp.dst_port == 53:
                 self._spawn(self._on_dns(udp))
-            elif ip.dst != gateway:
+            elif ip.dst == gateway:
+                self._to_udp_forward(udp)
+            else:
                 self._on_udp_out(ip, udp)
         elif ip.proto == PROTO_TCP:
             tcp = Tcp.parse(ip)
-            if ip.dst == gateway:
-                self._send_ip(ip.dst, PROTO_TCP, TcpEndpoint.refuse(tcp, self.guest_ip, ip.dst))
+            flow = self._tcp.get((tcp.src_port, ip.dst, tcp.dst_port))
+            if flow is not None:
+                flow.on_guest_segment(tcp)
+            elif ip.dst == gateway:
+                if not tcp.flags & 0x04:  # nothing listens on the gateway; never answer an RST
+                    self._send_ip(ip.dst, PROTO_TCP, TcpEndpoint.refuse(tcp, self.guest_ip, ip.dst))
             else:
                 self._on_tcp_out(ip, tcp)
         elif ip.proto == PROTO_ICMP and ip.dst == gateway:
@@ -336,10 +392,6 @@ class NetworkStack:
 
     def _on_tcp_out(self, ip: IPv4, tcp: Tcp) -> None:
         key = (tcp.src_port, ip.dst, tcp.dst_port)
-        flow = self._tcp.get(key)
-        if flow is not None:
-            flow.on_guest_segment(tcp)
-            return
         if not tcp.flags & TCP_SYN or tcp.flags & 0x10:  # not a fresh SYN: nothing to continue
             if not tcp.flags & 0x04:
                 self._send_ip(ip.dst, PROTO_TCP, TcpEndpoint.refuse(tcp, self.guest_ip, ip.dst))
@@ -409,3 +461,76 @@ class NetworkStack:
                 if now - flow.last > UDP_IDLE:
                     flow.close()
                     self._udp.pop(key, None)
+            for port, peer in list(self._udp_peers.items()):
+                if now - peer.last > UDP_IDLE:
+                    del self._udp_peers[port]
+                    peer.forward.peers.pop(peer.address, None)
+
+    # -- port forwards --
+
+    def _gateway_port(self) -> int | None:
+        """A gateway port no forwarded TCP connection or UDP peer uses (None: all taken)."""
+        gateway = self.gateway.gateway_ip
+        used = {key[2] for key in self._tcp if key[1] == gateway} | self._udp_peers.keys()
+        for _ in range(len(GATEWAY_PORTS)):
+            port = self._next_gateway_port
+            self._next_gateway_port = port + 1 if port + 1 < GATEWAY_PORTS.stop else GATEWAY_PORTS.start
+            if port not in used:
+                return port
+        return None
+
+    async def _forward_tcp(
+        self, guest_port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        gateway = self.gateway.gateway_ip
+        port = self._gateway_port() if len(self._tcp) < MAX_FLOWS and self._writer else None
+        if port is None:
+            log.debug(
+                "refused a forwarded connection to guest port %d: no link or too many flows", guest_port
+            )
+            writer.close()
+            return
+        ep = TcpEndpoint.connect(self.guest_ip, guest_port, gateway, port, secrets.randbits(32))
+        flow = _TcpFlow(self, ep)
+        key = (guest_port, gateway, port)
+        self._tcp[key] = flow
+        peer = writer.get_extra_info("peername")
+        self._record(
+            ("tcp", self.guest_ip, guest_port, None, f"forward from {peer[0]}:{peer[1]}", "allow")
+        )
+        flow.start(reader, writer)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONNECT_TIMEOUT
+        wait = 0.25
+        while self._tcp.get(key) is flow and ep.state is State.SYN_SENT:
+            if loop.time() >= deadline:
+                log.debug("guest port %d did not answer a forwarded connection", guest_port)
+                flow.abort()
+                return
+            self._send_ip(gateway, PROTO_TCP, ep.syn())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(flow.answered.wait(), wait)
+            wait = min(wait * 2, 2.0)
+
+    def _from_udp_forward(self, endpoint: UdpForward, address: HostAddress, data: bytes) -> None:
+        peer = endpoint.peers.get(address)
+        if peer is None:
+            port = self._gateway_port() if len(self._udp_peers) < MAX_FLOWS else None
+            if port is None:
+                return  # UDP may drop; the cap keeps a flood of senders bounded
+            peer = endpoint.peers[address] = self._udp_peers[port] = UdpPeer(endpoint, address, port)
+            self._record(("udp", self.guest_ip, endpoint.forward.guest_port, None,
+                          f"forward from {address[0]}:{address[1]}", "allow"))  # fmt: skip
+        peer.last = time.monotonic()
+        gateway = self.gateway.gateway_ip
+        segment = Udp.build(
+            gateway, self.guest_ip, peer.gateway_port, endpoint.forward.guest_port, data[:65000]
+        )
+        self._send_ip(gateway, PROTO_UDP, segment)
+
+    def _to_udp_forward(self, udp: Udp) -> None:
+        peer = self._udp_peers.get(udp.dst_port)
+        if peer is None or udp.src_port != peer.forward.forward.guest_port:
+            return
+        peer.last = time.monotonic()
+        peer.forward.send_back(bytes(udp.payload), peer.address)

@@ -1,10 +1,13 @@
 """The gateway's end of one guest TCP connection (the NAT terminates the guest's TCP).
 
 The guest connects to a remote address; the gateway answers as that remote, and relays the byte
-stream to a host socket. The virtual link never loses or reorders frames, so there is no
-retransmission timer: what must be right is sequence numbers, the guest's receive window (never send
-past it), our own window (never accept more than we buffer), MSS, FIN in both directions (half-close)
-and RST. Pure logic: segments in, segments and stream bytes out; the caller owns sockets and timers.
+stream to a host socket (passive open, :meth:`TcpEndpoint.accept`). A port forward opens the other
+way: the gateway connects to a guest port (active open, :meth:`TcpEndpoint.connect`).
+
+The virtual link never loses or reorders frames, so there is no retransmission timer: what must be
+right is sequence numbers, the guest's receive window (never send past it), our own window (never
+accept more than we buffer), MSS, FIN in both directions (half-close) and RST. Pure logic: segments
+in, segments and stream bytes out; the caller owns sockets and timers.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ RECEIVE_BUFFER = 1 << 20  # bytes from the guest we hold before the host socket 
 
 
 class State(enum.Enum):
+    SYN_SENT = "syn-sent"
     SYN_RECEIVED = "syn-received"
     ESTABLISHED = "established"
     CLOSED = "closed"
@@ -64,6 +68,15 @@ class TcpEndpoint:
         ep.guest_mss = min(syn.mss or 536, OUR_MSS)
         return ep
 
+    @classmethod
+    def connect(cls, guest_ip: ipaddress.IPv4Address, guest_port: int,
+                remote_ip: ipaddress.IPv4Address, remote_port: int,
+                isn: int) -> TcpEndpoint:  # fmt: skip
+        """Open a connection to a guest port (a port forward); send :meth:`syn` next."""
+        ep = cls(guest_ip, guest_port, remote_ip, remote_port, isn & 0xFFFFFFFF, State.SYN_SENT)
+        ep.snd_una = ep.snd_nxt = ep.isn
+        return ep
+
     # -- building segments --
 
     def _segment(
@@ -83,13 +96,19 @@ class TcpEndpoint:
 
     def _our_window(self) -> int:
         room = max(0, RECEIVE_BUFFER - len(self.inbound))
-        if self.state is State.SYN_RECEIVED:
+        if self.state in (State.SYN_SENT, State.SYN_RECEIVED):  # a SYN's window is never scaled
             return min(room, 0xFFFF)
         return min(room >> (OUR_WSCALE if self.scaling else 0), 0xFFFF)
 
     def syn_ack(self) -> bytes:
         wscale = OUR_WSCALE if self.scaling else None
         segment = self._segment(TCP_SYN | TCP_ACK, seq=self.isn, mss=OUR_MSS, wscale=wscale)
+        self.snd_nxt = (self.isn + 1) & 0xFFFFFFFF
+        return segment
+
+    def syn(self) -> bytes:
+        """The SYN of an active open (again for a retry: it always carries the initial sequence)."""
+        segment = self._segment(TCP_SYN, seq=self.isn, mss=OUR_MSS, wscale=OUR_WSCALE)
         self.snd_nxt = (self.isn + 1) & 0xFFFFFFFF
         return segment
 
@@ -109,6 +128,8 @@ class TcpEndpoint:
         """Take one segment from the guest; returns the segments to send back."""
         if self.state is State.CLOSED:
             return []
+        if self.state is State.SYN_SENT:
+            return self._on_syn_sent(tcp)
         if tcp.flags & TCP_RST:
             self.state = State.CLOSED
             return []
@@ -132,6 +153,24 @@ class TcpEndpoint:
         replies += self.pump()
         self._maybe_closed()
         return replies
+
+    def _on_syn_sent(self, tcp: Tcp) -> list[bytes]:
+        acceptable = tcp.flags & TCP_ACK and tcp.ack == (self.isn + 1) & 0xFFFFFFFF
+        if not acceptable:
+            return []  # RFC 9293: an RST or SYN-ACK that does not acknowledge our SYN is ignored
+        if tcp.flags & TCP_RST:  # the guest port is closed
+            self.state = State.CLOSED
+            return []
+        if not tcp.flags & TCP_SYN:
+            return []
+        self.rcv_nxt = (tcp.seq + 1) & 0xFFFFFFFF
+        self.snd_una = tcp.ack
+        self.scaling = tcp.wscale is not None  # we offered scaling; it holds if the guest did too
+        self.guest_wscale = tcp.wscale or 0
+        self.guest_window = tcp.window  # not scaled in a SYN-ACK
+        self.guest_mss = min(tcp.mss or 536, OUR_MSS)
+        self.state = State.ESTABLISHED
+        return [self._segment(TCP_ACK), *self.pump()]
 
     def syn_ack_again(self) -> bytes:
         saved = self.snd_nxt

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import itertools
 import logging
+import random
 import secrets
 import time
 from pathlib import Path
@@ -28,8 +31,10 @@ from capsa.errors import (
 from capsa.image.sandbox import INIT_ERROR_MARKER
 from capsa.net.gateway import VirtualNetwork
 from capsa.shares.spec import AccessMode, ShareSpec
-from capsa.snapshot.migration import load_state, save_state
+from capsa.snapshot.memory import place_memory_image, split_memory
+from capsa.snapshot.migration import fsync, load_state, save_state
 from capsa.snapshot.store import (
+    MEMORY,
     STATE,
     Snapshot,
     check_compatible,
@@ -123,10 +128,11 @@ class Sandbox(VM):
                 self._channel = Channel(self.port_socket(AGENT_PORT), self._agent_lost)
                 await self._channel.start()
                 assert self._monitor is not None
-                await load_state(self._monitor, snapshot.state, timeout)
+                await load_state(self._monitor, snapshot.state, timeout, ignore_shared=True)
                 await self._resume_if_paused()
                 agent = Agent(self._channel)
-                await agent._refresh(new_hostname())  # also the proof that the agent answers
+                identity = self._network.identity() if self._network is not None else None
+                await agent._refresh(new_hostname(), identity)  # also the proof the agent answers
                 self._agent = agent
                 await self._mount_shares()
         except TimeoutError:
@@ -180,16 +186,30 @@ class Sandbox(VM):
         assert self._qemu is not None
         record = config_record(self.config, self._qemu, self.accelerator)
         partial = new_partial_dir(target)
+        work = new_vm_dir("snapshot-")  # RAM-backed: the full stream and the image are made here
         try:
+            stream = work / "stream"
+            started = time.monotonic()
             try:
-                await save_state(monitor, partial / STATE, timeout)
+                await save_state(monitor, stream, timeout)
             finally:
                 await self._resume_if_paused()
+            paused = time.monotonic()
+            await split_memory(self.config, stream, work / MEMORY, partial / STATE, timeout)
+            split = time.monotonic()
+            await place_memory_image(work / MEMORY, partial / MEMORY)
+            await fsync(partial / STATE)
+            log.info(
+                "snapshot %s: VM paused %.0f ms, memory image %.0f ms, copy %.0f ms", target,
+                (paused - started) * 1000, (split - paused) * 1000, (time.monotonic() - split) * 1000,
+            )  # fmt: skip
             write_metadata(partial, record)
             partial.rename(target)
         except BaseException:
             remove_snapshot(partial)
             raise
+        finally:
+            remove_snapshot(work)
         return load_snapshot(target)
 
     async def fork(self, count: int = 1, timeout: float = DEFAULT_SNAPSHOT_TIMEOUT) -> list[Sandbox]:
@@ -200,8 +220,10 @@ class Sandbox(VM):
         scratch = new_vm_dir("fork-")
         try:
             snapshot = await self.snapshot(scratch / "snapshot", timeout)
+            network, addresses = self.config.network, self._fork_addresses(count)
             results = await asyncio.gather(
-                *(restore_sandbox(snapshot, timeout) for _ in range(count)), return_exceptions=True
+                *(restore_sandbox(snapshot, timeout, (), network, ip) for ip in addresses),
+                return_exceptions=True,
             )
         finally:
             remove_snapshot(scratch)
@@ -212,6 +234,19 @@ class Sandbox(VM):
                 await clone.kill()
             raise failures[0]
         return clones
+
+    def _fork_addresses(self, count: int) -> list[ipaddress.IPv4Address | None]:
+        """Distinct guest addresses for ``count`` forks, none this sandbox's own (each VM has its own
+        link, so this is identity, not routing); where the subnet is too small, the usual one."""
+        if self.config.network is None:
+            return [None] * count
+        gateway = self.config.network.gateway
+        own = self._network.guest_ip if self._network is not None else gateway.guest_ip
+        free = (ip for ip in gateway.network.hosts() if ip not in (gateway.gateway_ip, own))
+        candidates = list(itertools.islice(free, 4096))
+        if len(candidates) < count:
+            return [None] * count
+        return list(random.sample(candidates, count))
 
     async def _mount_shares(self) -> None:
         self._shares_mounted = bool(self._shares)
@@ -280,11 +315,14 @@ async def restore_sandbox(
     timeout: float,
     shares: tuple[ShareSpec, ...] = (),
     network: VirtualNetwork | None = None,
+    guest_ip: ipaddress.IPv4Address | None = None,
 ) -> Sandbox:
     """A new sandbox from ``snapshot`` (checked against this host's QEMU and files first), its share
-    slots (9p) filled with ``shares`` and mounted."""
+    slots (9p) filled with ``shares`` and mounted; with a network, a new MAC and ``guest_ip`` (by
+    default the gateway's usual guest address)."""
     check_compatible(snapshot, find_qemu())
     vm = Sandbox(snapshot.vm_config(shares, network))
+    vm._guest_ip = guest_ip
     await vm._boot_from(snapshot, timeout)
     return vm
 

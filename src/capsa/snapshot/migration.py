@@ -45,11 +45,20 @@ async def _wait_for_migration(monitor: Monitor, what: str, path: Path, timeout: 
         await asyncio.sleep(POLL)
 
 
-async def save_state(monitor: Monitor, path: Path, timeout: float) -> None:
+async def _ignore_shared(monitor: Monitor, on: bool) -> None:
+    """``x-ignore-shared``: RAM in a shared file is left out of the stream (the file is the RAM)."""
+    capability = {"capability": "x-ignore-shared", "state": on}
+    await monitor.execute("migrate-set-capabilities", {"capabilities": [capability]})
+
+
+async def save_state(
+    monitor: Monitor, path: Path, timeout: float, *, ignore_shared: bool = False
+) -> None:
     """Write the running VM's state to ``path``. The VM is paused while QEMU writes the final pass
     and left paused; the caller resumes it (``cont``)."""
     fd = open_for_write(path)
     try:
+        await _ignore_shared(monitor, ignore_shared)
         await monitor.execute("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH})
         await monitor.send_fd(fd, "capsa-snapshot")
         await monitor.execute("migrate", {"uri": "fd:capsa-snapshot"})
@@ -58,6 +67,9 @@ async def save_state(monitor: Monitor, path: Path, timeout: float) -> None:
     finally:
         os.close(fd)  # QEMU holds its own copy now
     await _wait_for_migration(monitor, "saving the VM state", path, timeout)
+
+
+async def fsync(path: Path) -> None:
     await asyncio.to_thread(_fsync, path)
 
 
@@ -69,13 +81,16 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-async def load_state(monitor: Monitor, path: Path, timeout: float) -> None:
+async def load_state(
+    monitor: Monitor, path: Path, timeout: float, *, ignore_shared: bool = False
+) -> None:
     """Feed ``path`` to a QEMU started with ``-incoming defer``; returns once loaded (paused)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise SnapshotError(f"cannot read the snapshot state: {exc}", path=path) from exc
     try:
+        await _ignore_shared(monitor, ignore_shared)
         await monitor.send_fd(fd, "capsa-restore")
         await monitor.execute("migrate-incoming", {"uri": "fd:capsa-restore"})
     except BackendError as exc:

@@ -1,10 +1,13 @@
-"""Snapshots on disk: a directory with QEMU's state stream and what it takes to restore it.
+"""Snapshots on disk: a directory with the guest's RAM, QEMU's device state and what it takes to
+restore them.
 
-``<dir>/state`` is the migration stream (guest RAM, devices — the sandbox's writable layer is tmpfs,
-so RAM is the whole guest); ``<dir>/snapshot.json`` records the VM configuration and the identity of
-everything the state depends on: the QEMU binary, the kernel, initramfs and root filesystem (size and
-modification time), the accelerator. A restore checks all of it first and refuses with
-:class:`SnapshotError` instead of starting a VM that would crash or, worse, half-work.
+``<dir>/memory`` is the guest RAM as a raw, sparse image (the sandbox's writable layer is tmpfs, so
+RAM is the whole guest); restores map it copy-on-write, so clones of one snapshot share its pages.
+``<dir>/state`` is the migration stream without RAM (``x-ignore-shared``). ``<dir>/snapshot.json``
+records the VM configuration and the identity of everything the state depends on: the QEMU binary,
+the kernel, initramfs and root filesystem (size and modification time), the accelerator. A restore
+checks all of it first and refuses with :class:`SnapshotError` instead of starting a VM that would
+crash or, worse, half-work.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from typing import Any
 from capsa.errors import SnapshotError
 from capsa.net.gateway import VirtualNetwork
 from capsa.shares.spec import ShareSpec
-from capsa.vm.config import DiskSpec, VMConfig
+from capsa.vm.config import DiskSpec, MemoryFile, VMConfig
 
-FORMAT = 1
+FORMAT = 2  # 1 had RAM inside the state stream
 STATE = "state"
+MEMORY = "memory"
 META = "snapshot.json"
 
 
@@ -79,6 +83,10 @@ class Snapshot:
         return self.path / STATE
 
     @property
+    def memory(self) -> Path:
+        return self.path / MEMORY
+
+    @property
     def key(self) -> str:
         return config_key(self.record)
 
@@ -114,6 +122,7 @@ class Snapshot:
             extra_qemu_args=tuple(self.record["extra_qemu_args"]),
             shares=shares,
             network=self._network(network),
+            memory_file=MemoryFile(self.memory, shared=False),
         )
 
     def _network(self, network: VirtualNetwork | None) -> VirtualNetwork | None:
@@ -158,6 +167,13 @@ def load_snapshot(path: str | Path | Snapshot) -> Snapshot:
     state = directory / STATE
     if not state.is_file() or state.stat().st_size == 0:
         raise SnapshotError(f"the snapshot in {directory} has no state file", path=directory)
+    memory = directory / MEMORY
+    megabytes = meta["record"].get("memory_mb")
+    size = megabytes << 20 if isinstance(megabytes, int) else -1
+    if not memory.is_file() or memory.stat().st_size != size:
+        raise SnapshotError(
+            f"the snapshot in {directory} has no memory image of {megabytes} MiB", path=directory
+        )
     return Snapshot(directory, meta["record"])
 
 

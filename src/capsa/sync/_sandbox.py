@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from capsa._guardian import new_vm_dir
 from capsa._portal import Portal
+from capsa.errors import ConfigError
+from capsa.net.gateway import VirtualNetwork
 from capsa.sandbox.builder import DEFAULT_BUILD_TIMEOUT, SandboxBuilder, SandboxConfig
 from capsa.sandbox.builder import sandbox as _async_sandbox
 from capsa.sandbox.handle import DEFAULT_SNAPSHOT_TIMEOUT, Sandbox, restore_sandbox
@@ -38,13 +41,16 @@ class SyncSandbox(SyncVM):
 
     def fork(self, count: int = 1, timeout: float = DEFAULT_SNAPSHOT_TIMEOUT) -> list[SyncSandbox]:
         """Each clone gets its own event-loop thread, like any other sync handle."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"fork count must be a positive integer, got {count!r}")
+        network = self._sandbox.config.network
         scratch = new_vm_dir("fork-")
         try:
             snap = self.snapshot(scratch / "snapshot", timeout)
             clones: list[SyncSandbox] = []
             try:
-                for _ in range(count):
-                    clones.append(_start(lambda: restore_sandbox(snap, timeout)))
+                for ip in self._sandbox._fork_addresses(count):
+                    clones.append(_start(partial(restore_sandbox, snap, timeout, (), network, ip)))
             except BaseException:
                 for clone in clones:
                     clone.kill()
@@ -76,6 +82,9 @@ class SyncSandboxBuilder:
 
     def no_network(self) -> SyncSandboxBuilder:
         return self._wrap(self._builder.no_network())
+
+    def network(self, network: VirtualNetwork) -> SyncSandboxBuilder:
+        return self._wrap(self._builder.network(network))
 
     def kernel(self, path: str | Path) -> SyncSandboxBuilder:
         return self._wrap(self._builder.kernel(path))

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from capsa._portal import Portal
 from capsa.boot import BootConfig
 from capsa.console import Console, Pattern
+from capsa.net.forward import ForwardedPort
+from capsa.net.gateway import VirtualNetwork
+from capsa.net.stack import LogEntry, NetworkStack
 from capsa.shares.spec import AccessMode, Mechanism, Share
 from capsa.vm.builder import VMBuilder
 from capsa.vm.builder import vm as _async_vm
 from capsa.vm.config import DiskFormat, VMConfig
 from capsa.vm.handle import DEFAULT_STOP_TIMEOUT, VM
 from capsa.vm.runstate import RunState
+
+T = TypeVar("T")
 
 
 class SyncConsole:
@@ -51,6 +56,25 @@ class SyncConsole:
         return self._console.tail(max_lines)
 
 
+async def _on_loop(read: Callable[[], T]) -> T:
+    return read()
+
+
+class SyncNetwork:
+    """Blocking view of a VM's :class:`~capsa.net.stack.NetworkStack` (read on its loop thread,
+    where the stack changes)."""
+
+    def __init__(self, portal: Portal, stack: NetworkStack) -> None:
+        self._portal = portal
+        self._stack = stack
+
+    def log(self) -> list[LogEntry]:
+        return self._portal.call(_on_loop(self._stack.log))
+
+    def forwards(self) -> list[ForwardedPort]:
+        return self._portal.call(_on_loop(self._stack.forwards))
+
+
 class SyncVM:
     """Blocking twin of :class:`capsa.VM`. ``with`` stops it on exit."""
 
@@ -74,6 +98,10 @@ class SyncVM:
     @property
     def shares(self) -> list[Share]:
         return self._vm.shares
+
+    @property
+    def network(self) -> SyncNetwork:
+        return SyncNetwork(self._portal, self._vm.network)
 
     @property
     def exit_code(self) -> int | None:
@@ -164,6 +192,9 @@ class SyncVMBuilder:
         mechanism: Mechanism = "auto",
     ) -> SyncVMBuilder:
         return self._wrap(self._builder.share(host_path, guest_path, mode, mechanism=mechanism))
+
+    def network(self, network: VirtualNetwork) -> SyncVMBuilder:
+        return self._wrap(self._builder.network(network))
 
     def qemu_args(self, *args: str) -> SyncVMBuilder:
         return self._wrap(self._builder.qemu_args(*args))

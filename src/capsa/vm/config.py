@@ -104,6 +104,16 @@ def validate_cmdline_text(text: str) -> str:
 
 
 @dataclass(frozen=True)
+class MemoryFile:
+    """Guest RAM backed by a file. ``shared``: the guest's writes go to the file (how a snapshot's
+    memory image is made); otherwise the mapping is private and copy-on-write over the file, so every
+    clone restored from one snapshot shares the pages it has not written."""
+
+    path: Path
+    shared: bool
+
+
+@dataclass(frozen=True)
 class VMConfig:
     boot: BootConfig
     cpus: int = 1
@@ -119,6 +129,7 @@ class VMConfig:
     virtio_ports: tuple[str, ...] = ()
     shares: tuple[ShareSpec, ...] = ()
     network: VirtualNetwork | None = None  # None: no NIC at all
+    memory_file: MemoryFile | None = None  # None: anonymous memory (or a memfd for virtio-fs)
     extra_qemu_args: tuple[str, ...] = field(default=())
 
     def all_disks(self) -> tuple[DiskSpec, ...]:

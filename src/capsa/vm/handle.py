@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import shutil
 import socket
@@ -62,6 +63,9 @@ class VM:
         self._failure: CapsaError | None = None  # why capsa stopped the VM on its own, if it did
         self._qemu: str | None = None
         self._network: NetworkStack | None = None
+        self._guest_ip: ipaddress.IPv4Address | None = (
+            None  # a restore's own address (else the gateway's default)
+        )
 
     # -- properties --
 
@@ -148,7 +152,7 @@ class VM:
         planned = await self._start_shares(logs)
         net_socket = net_mac = None
         if config.network is not None:
-            self._network = NetworkStack(config.network.gateway)
+            self._network = NetworkStack(config.network.gateway, guest_ip=self._guest_ip)
             net_socket = self._dir / "net.sock"
             await self._network.start(net_socket)
             net_mac = ":".join(f"{b:02x}" for b in self._network.guest_mac)

@@ -69,8 +69,12 @@ def build_argv(config: VMConfig, plan: LaunchPlan) -> list[str]:
     if config.name:
         argv += ["-name", f"{qemu_escape(config.name)},debug-threads=on"]
     virtiofs = any(share.mechanism == "virtiofs" for share in plan.shares)
-    # vhost-user-fs needs guest RAM that virtiofsd can map: a shared memfd backend.
-    memory = ",memory-backend=capsa-mem" if virtiofs else ""
+    if virtiofs and config.memory_file is not None:
+        raise ConfigError("guest RAM in a file (a snapshot restore) cannot be shared with virtiofsd")
+    # The backend takes the machine's own RAM id, so migration streams from a plain ``-m`` VM load.
+    ram_id = "microvm.ram" if config.machine == "microvm" else "pc.ram"
+    backed = virtiofs or config.memory_file is not None
+    memory = f",memory-backend={ram_id}" if backed else ""
     if config.machine == "microvm":
         # ACPI on: Debian kernels lack VIRTIO_MMIO_CMDLINE_DEVICES, so devices are found via ACPI.
         argv += ["-M", f"microvm,acpi=on,pcie=off,rtc=on{memory}"]
@@ -78,8 +82,12 @@ def build_argv(config: VMConfig, plan: LaunchPlan) -> list[str]:
             argv += ["-global", "virtio-mmio.force-legacy=false"]
     else:
         argv += ["-M", f"q35{memory}"]
-    if virtiofs:
-        argv += ["-object", f"memory-backend-memfd,id=capsa-mem,size={config.memory_mb}M,share=on"]
+    if virtiofs:  # vhost-user-fs needs guest RAM that virtiofsd can map: a shared memfd
+        argv += ["-object", f"memory-backend-memfd,id={ram_id},size={config.memory_mb}M,share=on"]
+    elif config.memory_file is not None:
+        path, share = qemu_escape(str(config.memory_file.path)), config.memory_file.shared
+        argv += ["-object", f"memory-backend-file,id={ram_id},size={config.memory_mb}M,"
+                 f"mem-path={path},share={'on' if share else 'off'}"]  # fmt: skip
     if plan.accelerator == "kvm":
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:
