@@ -7,7 +7,8 @@ The sandbox's egress policy allows pypi.org and files.pythonhosted.org on port 4
 pip can download, but code that runs during or after the install cannot reach any other host. Every
 allow/deny decision is printed from the egress log at the end.
 
-For a private index (or an offline test), point it elsewhere:
+Behind a TLS-intercepting proxy, hand the sandbox your CA bundle: ``--ca-bundle
+/etc/ssl/certs/ca-certificates.crt``. For a private index (or an offline test), point it elsewhere:
 
     ... --index-url http://pypi.internal:8080/simple --allow-domain pypi.internal \\
         --port 8080 --dns-server 10.1.2.3:53 PACKAGE
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import capsa
@@ -64,7 +66,11 @@ async def install(args: argparse.Namespace) -> int:
             pip_args += ["--trusted-host", host]
     builder = capsa.sandbox().memory_mb(768).network(network(args))
     async with await builder.build() as vm:
-        installed = await vm.agent.exec("sh").args(["-c", INSTALL, "pip", *pip_args]).timeout(600).run()
+        install = vm.agent.exec("sh").args(["-c", INSTALL, "pip", *pip_args]).timeout(600)
+        if args.ca_bundle:
+            await vm.agent.write_file("/tmp/ca-bundle.pem", args.ca_bundle.read_bytes())
+            install = install.env("PIP_CERT", "/tmp/ca-bundle.pem")
+        installed = await install.run()
         sys.stderr.write(installed.stderr)
         if installed.exit_code != 0:
             return installed.exit_code
@@ -84,6 +90,7 @@ def main() -> int:
     parser.add_argument("--import-name", help="module to import afterwards (default: the package)")
     parser.add_argument("--index-url", help="a PEP 503 index (default: PyPI)")
     parser.add_argument("--allow-domain", action="append", help="allowed domains (default: PyPI's)")
+    parser.add_argument("--ca-bundle", type=Path, help="CA certificates (PEM) for the index's TLS")
     parser.add_argument("--port", type=int, default=443, help="the index's port (default: 443)")
     parser.add_argument("--dns-server", action="append", help="upstream DNS, IPv4[:port]")
     parser.add_argument(
