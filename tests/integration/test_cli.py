@@ -198,3 +198,54 @@ def test_exec_network_flags() -> None:
     assert none.stdout.split()[0] == "False"  # no network unless asked
     bad = run("exec", "--allow-domain", "a.*.b", "--", "true")
     assert bad.returncode == 2 and "invalid domain pattern" in bad.stderr
+
+
+@pytest.mark.vm
+def test_exec_forward_and_run_net() -> None:
+    import socket
+    import time
+
+    from capsa.image.busybox import READY_MARKER, busybox_guest
+    from capsa.image.kernels import default_kernel
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = (
+        "import socket; s = socket.socket(); s.bind(('0.0.0.0', 8000)); s.listen()\n"
+        "c, peer = s.accept(); c.sendall(b'hi from the sandbox'); c.close()"
+    )
+    proc = subprocess.Popen([*CAPSA, "exec", "--forward", f"{port}:8000", "--", "python3", "-c", server],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    received = b""
+    deadline = time.monotonic() + 90
+    while not received and time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                received = conn.recv(100)
+        except OSError:
+            pass
+        if not received:
+            time.sleep(0.2)  # the sandbox is still starting (or not listening yet)
+    assert received == b"hi from the sandbox"
+    assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else b""
+
+    guest = busybox_guest(kernel=default_kernel())  # virtio-net built in (the stock one is a module)
+    argv = [*CAPSA, "run", "--kernel", str(guest.kernel), "--initrd", str(guest.initrd), "--net"]
+    run_proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert run_proc.stdin is not None and run_proc.stdout is not None
+    seen = b""
+    while READY_MARKER.encode() not in seen:
+        chunk = run_proc.stdout.read1(4096)
+        assert chunk, run_proc.stderr.read() if run_proc.stderr else b""
+        seen += chunk
+    run_proc.stdin.write(b"ip link set eth0 up; udhcpc -i eth0 -n -q -f -s /bin/true; poweroff -f\n")
+    run_proc.stdin.close()
+    rest = run_proc.stdout.read()
+    assert run_proc.wait(timeout=60) == 0
+    assert b"10.0.2.2" in rest
+
+    bad = run("exec", "--forward", "80", "--", "true")
+    assert bad.returncode == 2 and "--forward takes" in bad.stderr

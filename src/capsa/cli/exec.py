@@ -8,6 +8,7 @@ import sys
 from typing import Any, BinaryIO
 
 import capsa
+from capsa.cli._network import add_network_arguments, network_from_args
 from capsa.cli._terminal import stdin_chunks
 from capsa.errors import AgentError, ConfigError
 
@@ -42,14 +43,7 @@ def register(commands: Any) -> None:
         metavar="HOST:GUEST[:ro|rw]",
         help="share a host directory (read-only unless :rw)",
     )
-    parser.add_argument("--net", action="store_true", help="a network with all egress allowed")
-    parser.add_argument(
-        "--allow-domain",
-        action="append",
-        default=[],
-        metavar="D",
-        help="a network that reaches only these domains (exact, or *.suffix); repeatable",
-    )
+    add_network_arguments(parser)
     parser.add_argument("--cwd", help="working directory in the guest (absolute)")
     parser.add_argument("--timeout", type=float, help="kill the command after this many seconds")
     parser.add_argument("--cpus", type=int, default=1, help="virtual CPUs (default 1)")
@@ -89,13 +83,9 @@ def _exec(args: argparse.Namespace) -> int:
     for item in args.share:
         host, guest, mode = parse_share(item)
         builder = builder.share(host, guest, mode)
-    if args.allow_domain:
-        policy = capsa.NetworkPolicy.deny_all()
-        for domain in args.allow_domain:
-            policy = policy.allow_domain(domain)
-        builder = builder.network(capsa.VirtualNetwork.with_gateway(capsa.Gateway().policy(policy)))
-    elif args.net:
-        builder = builder.network(capsa.VirtualNetwork())
+    network = network_from_args(args)
+    if network is not None:
+        builder = builder.network(network)
     return asyncio.run(_run(builder, command, args))
 
 

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 import capsa
+from capsa.cli._network import add_network_arguments, network_from_args
 from capsa.cli._terminal import raw_terminal, stdin_chunks
 from capsa.cli.exec import parse_memory, parse_share
 from capsa.errors import ConfigError, VMNotRunning
@@ -29,7 +30,8 @@ def register(commands: Any) -> None:
             "examples:\n"
             "  capsa run --kernel vmlinuz --initrd initrd.img\n"
             "  capsa run --kernel vmlinuz --root-disk rootfs.img --cmdline 'init=/bin/sh'\n"
-            "  capsa run --kernel vmlinuz --initrd initrd.img --share ./data:/data:rw --no-console"
+            "  capsa run --kernel vmlinuz --initrd initrd.img --share ./data:/data:rw --no-console\n"
+            "  capsa run --kernel vmlinuz --initrd initrd.img --forward 8080:80   # NIC set up by DHCP"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -41,6 +43,7 @@ def register(commands: Any) -> None:
     parser.add_argument("--memory", default="512M", help="e.g. 512M or 1G")
     parser.add_argument("--cmdline", default="", help="extra kernel arguments, 'k=v flag ...'")
     parser.add_argument("--share", action="append", default=[], metavar="HOST:GUEST[:ro|rw]")
+    add_network_arguments(parser)
     parser.add_argument("--no-console", action="store_true", help="do not attach; wait for power-off")
     parser.add_argument("--timeout", type=float, help="with --no-console: stop after this many seconds")
     parser.set_defaults(handler=_run)
@@ -62,6 +65,9 @@ def _builder(args: argparse.Namespace) -> capsa.VMBuilder:
     for item in args.share:
         host, guest, mode = parse_share(item)
         builder = builder.share(host, guest, mode)
+    network = network_from_args(args)
+    if network is not None:  # the guest configures eth0 by DHCP (e.g. udhcpc -i eth0)
+        builder = builder.network(network)
     return builder
 
 

@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 import capsa
+from capsa.cli._network import add_network_arguments, network_from_args
 from capsa.cli._terminal import raw_terminal, stdin_chunks
 from capsa.cli.exec import parse_memory, parse_share
 from capsa.errors import AgentError
@@ -24,10 +25,14 @@ def register(commands: Any) -> None:
             "Boot a fresh sandbox and run a login shell on a pseudo-terminal through the agent. "
             "Exits with the shell's exit status; the sandbox is destroyed afterwards."
         ),
-        epilog="examples:\n  capsa shell\n  capsa shell --share .:/src -- python3",
+        epilog=(
+            "examples:\n  capsa shell\n  capsa shell --share .:/src -- python3\n"
+            "  capsa shell --allow-domain pypi.org --allow-domain files.pythonhosted.org"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--share", action="append", default=[], metavar="HOST:GUEST[:ro|rw]")
+    add_network_arguments(parser)
     parser.add_argument("--cpus", type=int, default=1)
     parser.add_argument("--memory", default="512M")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="program to run (default: bash -l)")
@@ -43,6 +48,9 @@ async def _main(args: argparse.Namespace) -> int:
     for item in args.share:
         host, guest, mode = parse_share(item)
         builder = builder.share(host, guest, mode)
+    network = network_from_args(args)
+    if network is not None:
+        builder = builder.network(network)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     command = command or ["/bin/bash", "-l"]
     async with await builder.build() as vm:
