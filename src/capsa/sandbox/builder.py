@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -238,15 +239,30 @@ async def _from_template(config: VMConfig, timeout: float) -> Sandbox:
 
 
 def _prune_stale_templates(qemu: str) -> None:
-    """Templates of an image or QEMU that changed can never restore again: drop them (tens of MB)."""
+    """Templates of an image or QEMU that changed can never restore again: drop them (tens of MB),
+    and half-written ones whose process died (killed while recording)."""
     for other in template_root().iterdir():
         if other.name.startswith("."):
+            _, _, pid = other.name.rpartition(".partial-")
+            if pid.isdigit() and not _alive(int(pid)):
+                log.info("removing %s, left by a process that died while recording it", other)
+                remove_snapshot(other)
             continue
         try:
             check_compatible(load_snapshot(other), qemu)
         except SnapshotError:
             log.info("removing stale template %s", other)
             remove_snapshot(other)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _default_image() -> SandboxImage:
