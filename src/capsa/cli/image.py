@@ -74,9 +74,10 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _size(path: Path) -> int:
+    """Disk usage, not apparent size: a snapshot's memory image is sparse."""
     if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+        return path.stat().st_blocks * 512
+    return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -132,7 +133,7 @@ def _templates(args: argparse.Namespace) -> int:
             usable, why = True, ""
         except SnapshotError as exc:
             usable, why = False, exc.message
-        size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+        size = _size(directory)
         removed = args.prune and (args.all or not usable)
         if removed:
             remove_snapshot(directory)
