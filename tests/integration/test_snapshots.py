@@ -199,3 +199,22 @@ async def test_9p_shares_are_mounted_after_a_template_restore(
     assert (tmp_path / "from-second.txt").read_bytes() == b"rw works"
     with pytest.raises(capsa.SnapshotError, match="mounted shared directories"):
         await second.snapshot(tmp_path / "snap")
+
+
+async def test_pool_surfaces_restore_failures_and_keeps_serving(
+    tmp_path: Path, sandbox_factory: SandboxFactory
+) -> None:
+    vm = await sandbox_factory()
+    good = await vm.snapshot(tmp_path / "good")
+    bad = tmp_path / "bad"
+    shutil.copytree(good.path, bad)
+    with (bad / "state").open("r+b") as fh:  # QEMU itself fails to load it: a real failed restore
+        fh.truncate((bad / "state").stat().st_size // 2)
+    async with await capsa.pool(capsa.sandbox().from_snapshot(bad), size=1) as pool:
+        with pytest.raises(capsa.CapsaTimeoutError, match="last build error"):
+            await pool.take(timeout=4)
+        assert isinstance(pool.last_error, capsa.SnapshotError)
+        shutil.rmtree(bad)
+        shutil.copytree(good.path, bad)  # repaired: the pool's retries pick it up
+        async with pool.reserve(timeout=60) as sb:
+            assert (await sb.agent.exec("true").run()).exit_code == 0
