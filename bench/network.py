@@ -1,7 +1,10 @@
 """The virtual network: a guest downloading from a host HTTP server, and TCP connect latency, through
-capsa's userspace NAT vs QEMU's built-in slirp (``-netdev user``), same sandbox image, one run.
+capsa's userspace NAT vs QEMU's built-in slirp (``-netdev user``), same sandbox image, one run. Then
+what a network adds to getting a sandbox: build() -> first exec with and without one, cold (the
+address comes from ``capsa.ip=`` at boot, no DHCP) and from the template (the restored guest takes
+a new MAC and address through iproute2).
 
-    .venv/bin/python -m bench.network [--mib 64] [--connects 50]
+    .venv/bin/python -m bench.network [--mib 64] [--connects 50] [--runs 5]
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ import argparse
 import asyncio
 import os
 import socketserver
+import statistics
 import threading
+import time
 from dataclasses import replace
 
 from dnslib import QTYPE, RR, A
@@ -67,7 +72,31 @@ async def measure(vm: Sandbox, host: str, port: int, connects: int) -> tuple[flo
     return len(PAYLOAD) / float(seconds) / (1 << 20), float(connect) * 1000
 
 
-async def main(mib: int, connects: int) -> None:
+async def first_exec_ms(builder: capsa.SandboxBuilder) -> float:
+    started = time.perf_counter()
+    vm = await builder.build()
+    try:
+        assert (await vm.agent.exec("true").run()).exit_code == 0
+        return (time.perf_counter() - started) * 1000
+    finally:
+        await vm.kill()
+
+
+async def setup_cost(runs: int) -> None:
+    net = VirtualNetwork()
+    await first_exec_ms(capsa.sandbox().network(net))  # make sure both templates exist
+    await first_exec_ms(capsa.sandbox())
+    print(f"build() -> first exec, median of {runs} (no network vs network)")
+    for label, base in (("cold", capsa.sandbox().cold()), ("template", capsa.sandbox())):
+        plain, networked = [], []
+        for _ in range(runs):
+            plain.append(await first_exec_ms(base))
+            networked.append(await first_exec_ms(base.network(net)))
+        a, b = statistics.median(plain), statistics.median(networked)
+        print(f"  {label:8}  {a:7.0f} ms   with network {b:7.0f} ms   ratio {b / a:5.2f}x")
+
+
+async def main(mib: int, connects: int, runs: int) -> None:
     global PAYLOAD
     PAYLOAD = os.urandom(mib << 20)
     http = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Http)
@@ -109,11 +138,13 @@ async def main(mib: int, connects: int) -> None:
     print(f"  QEMU slirp  {slirp_mbps:7.1f} MiB/s   connect {slirp_connect:6.2f} ms")
     print(f"  throughput ratio capsa/slirp {capsa_mbps / slirp_mbps:5.2f}x (goal >= 0.5x); "
           f"connect latency ratio {capsa_connect / slirp_connect:5.2f}x")  # fmt: skip
+    await setup_cost(runs)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--connects", type=int, default=50)
+    parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    asyncio.run(main(args.mib, args.connects))
+    asyncio.run(main(args.mib, args.connects, args.runs))

@@ -21,8 +21,8 @@ from capsa.errors import ImageError
 log = logging.getLogger(__name__)
 
 SUITE = "bookworm"
-# iproute2: restored sandboxes take a new MAC and address (and users expect `ip`); python3-pip:
-# installing packages is what most sandboxed code does first.
+# python3-pip: installing packages is what most sandboxed code does first; iproute2: `ip` for users
+# inspecting the sandbox's network.
 PACKAGES = ("python3", "python3-msgpack", "python3-pip", "iproute2")
 GUEST_PYTHON = (3, 11)  # bookworm's python3: the agent's bytecode is precompiled for it
 # Documentation, man pages and translations are never used in a sandbox and cost ~30% of the image.

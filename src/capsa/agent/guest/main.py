@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 import msgpack
 
 from capsa.agent import wire
+from capsa.agent.guest.link import take_link_identity
 from capsa.agent.guest.sessions import (
     OUTBOX_HIGH,
     BadRequest,
@@ -524,31 +525,6 @@ class Agent:
     def shutdown_now(self) -> None:
         self.outbox.flush_blocking(2.0)
         power_off()
-
-
-_LINK_CHARS = frozenset("0123456789abcdef:./")
-
-
-def take_link_identity(network: object) -> None:
-    """Give eth0 the MAC and address the host's network stack expects (iproute2; brief and only on
-    restore, so blocking the loop is fine)."""
-    if not isinstance(network, dict):
-        raise BadRequest("'network' must be a map")
-    values = [network.get(key) for key in ("mac", "address", "gateway")]
-    if not all(isinstance(v, str) and 7 <= len(v) <= 40 and set(v) <= _LINK_CHARS for v in values):
-        raise BadRequest("'network' needs 'mac', 'address' and 'gateway'")
-    mac, address, gateway = values
-    script = (
-        f"link set dev eth0 address {mac}\naddress flush dev eth0\n"
-        f"address add {address} dev eth0\nroute replace default via {gateway} dev eth0\n"
-    )
-    try:
-        done = subprocess.run(["ip", "-batch", "-"], input=script.encode(), capture_output=True,
-                              timeout=20, check=False)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise BadRequest(f"cannot configure eth0 (is iproute2 installed?): {exc}") from None
-    if done.returncode != 0:
-        raise BadRequest(f"cannot configure eth0: {done.stderr.decode(errors='replace')[:300]}")
 
 
 def file_type(mode: int) -> str:
