@@ -8,7 +8,7 @@
     @pytest.mark.capsa(memory_mb=1024, shares=[("./src", "/src", "ro")])
     def test_with_options(capsa_sandbox_factory):
         a = capsa_sandbox_factory()
-        b = capsa_sandbox_factory(cpus=2)
+        b = capsa_sandbox_factory(cpus=2, network=["pypi.org", "files.pythonhosted.org"])
 
 The fixtures hand out :class:`capsa.sync.SyncSandbox` objects, so they work in plain (non-asyncio)
 tests; each sandbox is killed after the test. When a test fails, the console transcript and QEMU log of
@@ -26,11 +26,13 @@ import pytest
 
 from capsa.backend.qemu.process import QEMU_BINARY, read_tail
 from capsa.errors import ConfigError
+from capsa.net.gateway import Gateway, VirtualNetwork
+from capsa.net.policy import NetworkPolicy
 from capsa.shares.spec import AccessMode
 from capsa.sync import SyncSandbox, SyncSandboxBuilder, sandbox
 
 _SANDBOXES = pytest.StashKey[list[SyncSandbox]]()
-_OPTIONS = ("cpus", "memory_mb", "shares", "cold", "timeout")
+_OPTIONS = ("cpus", "memory_mb", "shares", "network", "cold", "timeout")
 _MODES = {"ro": AccessMode.READ_ONLY, "rw": AccessMode.READ_WRITE}
 
 SandboxFactory = Callable[..., SyncSandbox]
@@ -39,8 +41,9 @@ SandboxFactory = Callable[..., SyncSandbox]
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "capsa(cpus=1, memory_mb=512, shares=[(host, guest, 'ro'|'rw')], cold=False, timeout=120): "
-        "options for the capsa_sandbox fixtures",
+        "capsa(cpus=1, memory_mb=512, shares=[(host, guest, 'ro'|'rw')], network=None, cold=False, "
+        "timeout=120): options for the capsa_sandbox fixtures; network is True (all egress), a list "
+        "of allowed domains, a NetworkPolicy or a VirtualNetwork",
     )
 
 
@@ -57,9 +60,32 @@ def _builder(options: dict[str, Any]) -> tuple[SyncSandboxBuilder, float]:
         host, guest, *rest = share
         mode = rest[0] if rest else "ro"
         builder = builder.share(host, guest, _MODES[mode] if isinstance(mode, str) else mode)
+    network = _network(options.get("network"))
+    if network is not None:
+        builder = builder.network(network)
     if options.get("cold"):
         builder = builder.cold()
     return builder, float(options.get("timeout", 120.0))
+
+
+def _network(value: object) -> VirtualNetwork | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return VirtualNetwork()
+    if isinstance(value, VirtualNetwork):
+        return value
+    if isinstance(value, NetworkPolicy):
+        return VirtualNetwork.with_gateway(Gateway().policy(value))
+    if isinstance(value, (list, tuple)) and all(isinstance(d, str) for d in value):
+        policy = NetworkPolicy.deny_all()
+        for domain in value:
+            policy = policy.allow_domain(domain)
+        return VirtualNetwork.with_gateway(Gateway().policy(policy))
+    raise ConfigError(
+        f"the capsa marker's network must be True, a list of domains, a NetworkPolicy or a "
+        f"VirtualNetwork, got {value!r}"
+    )
 
 
 @pytest.fixture

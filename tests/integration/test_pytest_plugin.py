@@ -28,13 +28,22 @@ def test_fixtures_marker_and_failure_report(pytester: pytest.Pytester) -> None:
             assert other.agent.info().cpus == 2
             assert 300 << 20 < vm.agent.info().memory_bytes <= 384 << 20
 
+        @pytest.mark.capsa(network=["only.test"])
+        def test_network_option(capsa_sandbox):
+            probe = ("import os, socket\\n"
+                     "try:\\n    socket.getaddrinfo('denied.test', 80); print('resolved')\\n"
+                     "except socket.gaierror:\\n    print('nxdomain')\\n"
+                     "print(os.path.exists('/sys/class/net/eth0'))")
+            out = capsa_sandbox.agent.exec("python3").args(["-c", probe]).run().stdout
+            assert out.split() == ["nxdomain", "True"]
+
         def test_failure_attaches_the_console(capsa_sandbox):
             capsa_sandbox.agent.exec("true").run()
             assert False, "deliberate"
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", timeout=600)
-    result.assert_outcomes(passed=2, failed=1)
+    result.assert_outcomes(passed=3, failed=1)
     result.stdout.fnmatch_lines(["*capsa sandbox 0: console*", "*capsa sandbox 0: QEMU log*"])
 
 
