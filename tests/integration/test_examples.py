@@ -131,3 +131,12 @@ def test_pip_install_allowlisted_example(local_index: tuple[int, int]) -> None:
     assert lines[1].startswith("example.com: blocked")
     assert any(line.startswith(f"egress allow tcp  pypi.test:{http_port}") for line in lines), lines
     assert any(line.startswith("egress deny  dns  example.com:53") for line in lines), lines
+
+
+def test_pytest_suite_example() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", str(EXAMPLES / "pytest_suite"), "-q", "-p", "no:cacheprovider"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "5 passed" in done.stdout
