@@ -374,7 +374,10 @@ async def test_restored_and_forked_sandboxes_get_their_own_link_identity(
     import asyncio
 
     policy = NetworkPolicy.deny_all().allow_domain("api.github.test")
-    gateway = servers.gateway(policy).forward_tcp(0, 8000)
+    with socket.socket() as spare:
+        spare.bind(("127.0.0.1", 0))
+        fixed = spare.getsockname()[1]
+    gateway = servers.gateway(policy).forward_tcp(fixed, 8000)
     vm = await sandbox_factory(capsa.sandbox().network(VirtualNetwork.with_gateway(gateway)))
     first, second = await vm.fork(2)
     try:
@@ -392,7 +395,9 @@ async def test_restored_and_forked_sandboxes_get_their_own_link_identity(
 
         server = await second.agent.exec("python3").args(["-u", "-c", GUEST_SERVERS]).spawn()
         assert (await asyncio.wait_for(server.stdout.readline(), 60)).strip() == b"ready"
+        assert [f.host_port for f in vm.network.forwards()] == [fixed]  # the parent keeps its port
         (forward,) = second.network.forwards()
+        assert forward.host_port not in (0, fixed)  # a fork's forward gets a free port of its own
         reader, writer = await asyncio.open_connection("127.0.0.1", forward.host_port)
         assert await asyncio.wait_for(reader.readline(), 30) == b"from 10.0.2.1\n"
         writer.write(b"fork")

@@ -10,6 +10,7 @@ import logging
 import random
 import secrets
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from capsa._guardian import new_vm_dir
@@ -220,7 +221,7 @@ class Sandbox(VM):
         scratch = new_vm_dir("fork-")
         try:
             snapshot = await self.snapshot(scratch / "snapshot", timeout)
-            network, addresses = self.config.network, self._fork_addresses(count)
+            network, addresses = self._clone_network(), self._fork_addresses(count)
             results = await asyncio.gather(
                 *(restore_sandbox(snapshot, timeout, (), network, ip) for ip in addresses),
                 return_exceptions=True,
@@ -234,6 +235,15 @@ class Sandbox(VM):
                 await clone.kill()
             raise failures[0]
         return clones
+
+    def _clone_network(self) -> VirtualNetwork | None:
+        """This sandbox's network for its forks: the same gateway and policy, with each port forward
+        on a free host port of its own (this sandbox keeps the ports it has)."""
+        network = self.config.network
+        if network is None:
+            return None
+        forwards = tuple(replace(f, host_port=0) for f in network.gateway.forwards)
+        return VirtualNetwork(replace(network.gateway, forwards=forwards))
 
     def _fork_addresses(self, count: int) -> list[ipaddress.IPv4Address | None]:
         """Distinct guest addresses for ``count`` forks, none this sandbox's own (each VM has its own

@@ -43,7 +43,7 @@ class SyncSandbox(SyncVM):
         """Each clone gets its own event-loop thread, like any other sync handle."""
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ConfigError(f"fork count must be a positive integer, got {count!r}")
-        network = self._sandbox.config.network
+        network = self._sandbox._clone_network()
         scratch = new_vm_dir("fork-")
         try:
             snap = self.snapshot(scratch / "snapshot", timeout)
