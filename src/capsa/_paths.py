@@ -20,14 +20,21 @@ def cache_dir() -> Path:
 
 
 SHM = Path("/dev/shm")
+MIN_SHM_FREE = 1 << 30  # containers often mount a 64 MiB /dev/shm: too small for memory images
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 def runtime_base() -> Path:
     """Parent of per-process runtime dirs. Unix socket paths must stay short (108 bytes), and the
-    memory images of forks live here, so prefer RAM-backed ``$XDG_RUNTIME_DIR`` or ``/dev/shm``
-    (an image written into a disk filesystem through QEMU's mapping costs a block allocation per
-    page) over the system temp dir."""
+    memory images of forks live here, so prefer RAM-backed ``$XDG_RUNTIME_DIR`` or a roomy
+    ``/dev/shm`` (an image written into a disk filesystem through QEMU's mapping costs a block
+    allocation per page) over the system temp dir."""
     for base in (os.environ.get("XDG_RUNTIME_DIR"), str(SHM)):
-        if base and os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK):
-            return Path(base)
+        usable = base and os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK)
+        if usable and (base != str(SHM) or free_bytes(SHM) >= MIN_SHM_FREE):
+            return Path(str(base))
     return Path(tempfile.gettempdir())

@@ -218,3 +218,18 @@ async def test_pool_surfaces_restore_failures_and_keeps_serving(
         shutil.copytree(good.path, bad)  # repaired: the pool's retries pick it up
         async with pool.reserve(timeout=60) as sb:
             assert (await sb.agent.exec("true").run()).exit_code == 0
+
+
+async def test_snapshot_without_room_in_ram_works_on_disk(
+    tmp_path: Path, sandbox_factory: SandboxFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small /dev/shm (containers mount 64 MiB): the image is made next to the snapshot instead."""
+    import importlib
+
+    handle = importlib.import_module("capsa.sandbox.handle")
+    vm = await sandbox_factory()
+    monkeypatch.setattr(handle, "free_bytes", lambda path: 0)
+    snap = await vm.snapshot(tmp_path / "snap")
+    assert sorted(p.name for p in snap.path.iterdir()) == ["memory", "snapshot.json", "state"]
+    restored = await sandbox_factory(capsa.sandbox().from_snapshot(snap))
+    assert (await restored.agent.exec("true").run()).exit_code == 0

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from capsa._guardian import new_vm_dir
+from capsa._paths import free_bytes
 from capsa.agent import wire
 from capsa.agent._channel import Channel
 from capsa.agent.client import Agent
@@ -188,6 +189,10 @@ class Sandbox(VM):
         record = config_record(self.config, self._qemu, self.accelerator)
         partial = new_partial_dir(target)
         work = new_vm_dir("snapshot-")  # RAM-backed: the full stream and the image are made here
+        if free_bytes(work) < (2 * self.config.memory_mb) << 20:  # stream + fully allocated image
+            remove_snapshot(work)
+            work = partial / ".work"  # no room in RAM: slower, on the snapshot's own disk
+            work.mkdir()
         try:
             stream = work / "stream"
             started = time.monotonic()
@@ -199,6 +204,7 @@ class Sandbox(VM):
             await split_memory(self.config, stream, work / MEMORY, partial / STATE, timeout)
             split = time.monotonic()
             await place_memory_image(work / MEMORY, partial / MEMORY)
+            remove_snapshot(work)  # before the rename: it may live inside ``partial``
             await fsync(partial / STATE)
             log.info(
                 "snapshot %s: VM paused %.0f ms, memory image %.0f ms, copy %.0f ms", target,

@@ -61,7 +61,11 @@ async def split_memory(
     except CapsaError as exc:
         if isinstance(exc, SnapshotError):
             raise
-        raise SnapshotError(f"writing the memory image failed: {exc}", path=memory) from exc
+        raise SnapshotError(
+            f"writing the memory image failed: {exc}",
+            path=memory,
+            hint=f"the image needs up to {config.memory_mb} MiB free where {memory.parent} is",
+        ) from exc
     finally:
         await helper.kill()
         stream.unlink(missing_ok=True)  # noqa: ASYNC240 - one local unlink
