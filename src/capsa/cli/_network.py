@@ -27,7 +27,7 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_forward(text: str) -> tuple[str, int, int]:
-    proto, _, rest = text.rpartition(":") if text.count(":") == 2 else ("tcp", "", text)
+    proto, _, rest = text.partition(":") if text.count(":") == 2 else ("tcp", "", text)
     host, sep, guest = rest.partition(":")
     if proto not in ("tcp", "udp") or not sep or not host.isdigit() or not guest.isdigit():
         raise ConfigError(f"--forward takes [udp:]HOST_PORT:GUEST_PORT, got {text!r}")

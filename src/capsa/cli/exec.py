@@ -79,14 +79,17 @@ def _exec(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise ConfigError("no command given", hint="usage: capsa exec [options] -- CMD [ARGS...]")
+    return asyncio.run(_run(sandbox_from_args(args), command, args))
+
+
+def sandbox_from_args(args: argparse.Namespace) -> capsa.SandboxBuilder:
+    """The sandbox ``exec`` and ``shell`` boot: --cpus, --memory, --share and the network flags."""
     builder = capsa.sandbox().cpus(args.cpus).memory_mb(parse_memory(args.memory))
     for item in args.share:
         host, guest, mode = parse_share(item)
         builder = builder.share(host, guest, mode)
     network = network_from_args(args)
-    if network is not None:
-        builder = builder.network(network)
-    return asyncio.run(_run(builder, command, args))
+    return builder if network is None else builder.network(network)
 
 
 async def _run(builder: capsa.SandboxBuilder, command: list[str], args: argparse.Namespace) -> int:

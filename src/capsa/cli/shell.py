@@ -11,9 +11,9 @@ import sys
 from typing import Any
 
 import capsa
-from capsa.cli._network import add_network_arguments, network_from_args
+from capsa.cli._network import add_network_arguments
 from capsa.cli._terminal import raw_terminal, stdin_chunks
-from capsa.cli.exec import parse_memory, parse_share
+from capsa.cli.exec import sandbox_from_args
 from capsa.errors import AgentError
 
 
@@ -44,13 +44,7 @@ def _shell(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    builder = capsa.sandbox().cpus(args.cpus).memory_mb(parse_memory(args.memory))
-    for item in args.share:
-        host, guest, mode = parse_share(item)
-        builder = builder.share(host, guest, mode)
-    network = network_from_args(args)
-    if network is not None:
-        builder = builder.network(network)
+    builder = sandbox_from_args(args)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     command = command or ["/bin/bash", "-l"]
     async with await builder.build() as vm:

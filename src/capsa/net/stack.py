@@ -483,7 +483,8 @@ class NetworkStack:
         self, guest_port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         gateway = self.gateway.gateway_ip
-        port = self._gateway_port() if len(self._tcp) < MAX_FLOWS and self._writer else None
+        linked = self._writer is not None
+        port = self._gateway_port() if linked and len(self._tcp) < MAX_FLOWS else None
         if port is None:
             log.debug(
                 "refused a forwarded connection to guest port %d: no link or too many flows", guest_port
