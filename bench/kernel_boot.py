@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import capsa
+from bench._report import figure, header
 from capsa._paths import cache_dir
 from capsa.image.busybox import READY_MARKER, busybox_guest
 from capsa.image.kernel import built_kernel
@@ -56,6 +57,7 @@ def line(name: str, samples: list[float], stock: list[float]) -> str:
 
 
 async def main(runs: int) -> None:
+    header("kernel_boot")
     built = built_kernel()
     if built is None:
         raise SystemExit("build the kernel first: capsa kernel build")
@@ -87,6 +89,10 @@ async def main(runs: int) -> None:
     print("2. sandbox cold build() -> first exec")
     for name in kernels:
         print(line(name, cold[name], cold[stock_name]))
+    for name in kernels:
+        slug = name.split(" (")[0].replace(" ", "_")
+        figure(f"kernel_boot_ms_{slug}", statistics.median(boot[name]) * 1000, "ms")
+        figure(f"kernel_cold_first_exec_ms_{slug}", statistics.median(cold[name]) * 1000, "ms")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from dnslib import QTYPE, RR, A
 from dnslib.server import BaseResolver, DNSServer
 
 import capsa
+from bench._report import figure, header
 from capsa import Gateway, NetworkPolicy, VirtualNetwork
 from capsa.sandbox.handle import Sandbox
 
@@ -94,9 +95,12 @@ async def setup_cost(runs: int) -> None:
             networked.append(await first_exec_ms(base.network(net)))
         a, b = statistics.median(plain), statistics.median(networked)
         print(f"  {label:8}  {a:7.0f} ms   with network {b:7.0f} ms   ratio {b / a:5.2f}x")
+        figure(f"network_{label}_first_exec_ms", b, "ms")
+        figure(f"network_{label}_first_exec_vs_no_network", b / a, "x")
 
 
 async def main(mib: int, connects: int, runs: int) -> None:
+    header("network")
     global PAYLOAD
     PAYLOAD = os.urandom(mib << 20)
     http = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Http)
@@ -138,6 +142,9 @@ async def main(mib: int, connects: int, runs: int) -> None:
     print(f"  QEMU slirp  {slirp_mbps:7.1f} MiB/s   connect {slirp_connect:6.2f} ms")
     print(f"  throughput ratio capsa/slirp {capsa_mbps / slirp_mbps:5.2f}x (goal >= 0.5x); "
           f"connect latency ratio {capsa_connect / slirp_connect:5.2f}x")  # fmt: skip
+    figure("network_download_mib_s", capsa_mbps, "MiB/s")
+    figure("network_download_vs_slirp", capsa_mbps / slirp_mbps, "x", ">= 0.5")
+    figure("network_connect_ms", capsa_connect, "ms")
     await setup_cost(runs)
 
 

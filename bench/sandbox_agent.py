@@ -1,9 +1,13 @@
 """The sandbox and its agent against their floors, side by side in one run (issue: sandbox).
 
-1. cold start: ``capsa.sandbox().build()`` → first ``exec`` result, vs a raw VM booting the same kernel,
-   initramfs (same init, same size) and rootfs whose init runs ``python3 -c 'print(marker)'`` instead
-   of the agent: the floor of any Python agent. (``bench.boot_raw`` shows a raw ``capsa.vm`` boots
-   within ~1% of a hand-written QEMU command line, so this floor is bare QEMU.)
+1. cold start: ``capsa.sandbox().cold().build()`` → first ``exec`` result, vs a raw VM booting the
+   same kernel, initramfs (same init, same size) and rootfs whose init runs
+   ``python3 -c 'print(marker)'`` instead of the agent: the floor of any Python agent.
+   (``bench.boot_raw`` shows a raw ``capsa.vm`` boots within ~1% of a hand-written QEMU command
+   line, so this floor is bare QEMU.)
+   Template restore: ``capsa.sandbox().build()`` (restores the configuration's template) → first
+   ``exec`` result, vs its own floor: bare QEMU restoring the same template (start with
+   ``-incoming``, load the state, resume), with no agent handshake, identity refresh or exec.
 2. ``ping()`` round trip (median of 1000) vs a raw line echo over the same virtio-serial port served by
    a shell loop in the same guest; ``exec("true")`` round trip (median of 300) vs a shell loop that
    reads a line from the port, runs ``/usr/bin/true`` and writes a line back.
@@ -24,9 +28,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import capsa
+from bench._report import figure, header
 from capsa._paths import cache_dir
+from capsa.accelerator import resolve_accelerator
+from capsa.backend.qemu.process import find_qemu
 from capsa.image.kernels import default_kernel
 from capsa.image.sandbox import AGENT_COMMAND, sandbox_image, sandbox_init, sandbox_initramfs
+from capsa.sandbox.builder import template_root
+from capsa.snapshot.migration import load_state
+from capsa.snapshot.store import config_key, config_record, load_snapshot
 
 PORT = "capsa.agent"
 MARKER = "CAPSA-BENCH-FLOOR"
@@ -79,9 +89,9 @@ def report(name: str, ours: list[float], floor: list[float], goal: str) -> None:
 # -- 1. cold start --
 
 
-async def cold_sandbox() -> float:
+async def cold_sandbox(builder: capsa.SandboxBuilder | None = None) -> float:
     start = time.perf_counter()
-    vm = await capsa.sandbox().build()
+    vm = await (builder or capsa.sandbox().cold()).build()
     try:
         result = await vm.agent.exec("true").run()
         assert result.exit_code == 0
@@ -108,8 +118,37 @@ async def bench_cold(runs: int) -> None:
     for _ in range(runs):
         ours.append(await cold_sandbox())
         floor.append(await cold_floor())
-    report("1. build() -> first exec (cold)", ours, floor, "<= 1.3x")
+    report("1a. cold().build() -> first exec", ours, floor, "<= 1.3x")
     print(f"   absolute cold start: median {median_ms(ours):.0f} ms, min {min(ours) * 1000:.0f} ms")
+    figure("sandbox_cold_first_exec_ms", median_ms(ours), "ms")
+    figure("sandbox_cold_vs_floor", median_ms(ours) / median_ms(floor), "x", "<= 1.3")
+    restored, bare = [], []
+    await cold_sandbox(capsa.sandbox())  # make sure the template exists
+    for _ in range(runs):
+        restored.append(await cold_sandbox(capsa.sandbox()))
+        bare.append(await bare_restore())
+    report("1b. build() (template) -> first exec", restored, bare, "bare QEMU restore")
+    figure("sandbox_restore_first_exec_ms", median_ms(restored), "ms")
+    figure("sandbox_restore_vs_bare_restore", median_ms(restored) / median_ms(bare), "x")
+    figure("sandbox_restore_vs_cold", median_ms(restored) / median_ms(ours), "x", "<= 0.10")
+
+
+async def bare_restore() -> float:
+    """QEMU alone restoring the default sandbox's template: start, load the state, resume."""
+    config = await capsa.sandbox().vm_config()
+    qemu, accelerator = find_qemu(), await resolve_accelerator("auto", sandbox_image().kernel)
+    directory = template_root() / config_key(config_record(config, qemu, accelerator))
+    snapshot = load_snapshot(directory)
+    start = time.perf_counter()
+    vm = capsa.VM(snapshot.vm_config((), config.network))
+    try:
+        await vm._start(60, incoming=True)
+        assert vm._monitor is not None
+        await load_state(vm._monitor, snapshot.state, 60, ignore_shared=True)
+        await vm._monitor.execute("cont")
+        return time.perf_counter() - start
+    finally:
+        await vm.kill()
 
 
 # -- raw port helpers --
@@ -153,8 +192,13 @@ async def bench_rtt() -> None:
     async with await capsa.sandbox().build() as vm:
         ping = await timed(1000, 20, vm.agent.ping)
         true = await timed(300, 10, vm.agent.exec("true").run)
-    report("2a. ping() vs raw line echo", ping, await line_rtts("echo", 1000), "<= 3x")
-    report('2b. exec("true") vs shell spawn loop', true, await line_rtts("spawn", 300), "<= 1.5x")
+    echo, spawn = await line_rtts("echo", 1000), await line_rtts("spawn", 300)
+    report("2a. ping() vs raw line echo", ping, echo, "<= 3x")
+    report('2b. exec("true") vs shell spawn loop', true, spawn, "<= 1.5x")
+    figure("agent_ping_ms", median_ms(ping), "ms")
+    figure("agent_ping_vs_floor", median_ms(ping) / median_ms(echo), "x", "<= 3")
+    figure("agent_exec_true_ms", median_ms(true), "ms")
+    figure("agent_exec_true_vs_floor", median_ms(true) / median_ms(spawn), "x", "<= 1.5")
 
 
 # -- 3. bulk --
@@ -194,9 +238,12 @@ async def bench_bulk(runs: int) -> None:
         f"floor {mib / m_floor:7.1f} MiB/s   throughput ratio {m_floor / m_ours:5.2f}x   "
         f"(goal >= 0.5x; n={runs})"
     )
+    figure("agent_bulk_mib_s", mib / m_ours, "MiB/s")
+    figure("agent_bulk_vs_floor", m_floor / m_ours, "x", ">= 0.5")
 
 
 async def main(runs: int, only: set[str]) -> None:
+    header("sandbox_agent")
     print(f"accelerator: {await capsa.accelerator.resolve_accelerator('auto', sandbox_image().kernel)}")
     if "cold" in only:
         await bench_cold(runs)

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import capsa
+from bench._report import figure, header
 from capsa import AccessMode
 
 TARGETS = {"virtiofs": "/mnt/vfs", "9p": "/mnt/9p", "tmpfs": "/mnt/tmpfs"}
@@ -46,6 +47,7 @@ async def timed(vm: capsa.Sandbox, directory: str, setup: str, command: str) -> 
 
 
 async def main(runs: int) -> None:
+    header("shares")
     with tempfile.TemporaryDirectory() as vfs_dir, tempfile.TemporaryDirectory() as ninep_dir:
         for directory in (vfs_dir, ninep_dir):
             (Path(directory) / "big.bin").write_bytes(b"\xab" * (READ_MIB << 20))
@@ -76,6 +78,9 @@ async def main(runs: int) -> None:
             f"{op:20} {med['virtiofs'] * 1000:10.0f}ms {med['9p'] * 1000:10.0f}ms "
             f"{med['tmpfs'] * 1000:10.0f}ms   {speedup:5.2f}x"
         )
+        slug = op.replace(" ", "_")
+        for target in TARGETS:
+            figure(f"shares_{slug}_{target}_ms", med[target] * 1000, "ms")
 
 
 if __name__ == "__main__":

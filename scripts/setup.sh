@@ -16,11 +16,13 @@ if apt-cache show linux-source-6.1 >/dev/null 2>&1; then
 fi
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
     qemu-system-x86 qemu-utils busybox-static mmdebstrap squashfs-tools-ng \
-    python3 python3-venv ca-certificates $KERNEL_PACKAGES
+    python3 python3-venv ca-certificates ovmf mtools dosfstools systemd-boot-efi grub-efi-amd64-bin \
+    shim-signed grub-efi-amd64-signed \
+    $KERNEL_PACKAGES
 
 echo "==> virtualenv in .venv"
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev,server]'
 
 echo "==> guest kernel: capsa's own, from linux-source-6.1 (a few minutes the first time; cached)"
 if [ -n "$KERNEL_PACKAGES" ]; then

@@ -19,6 +19,7 @@ from capsa.agent.client import Agent
 from capsa.agent.exec import ExecBuilder, OutputStream, Process
 from capsa.agent.types import DirEntry, ExecResult, FileStat, GuestInfo, Mount
 from capsa.boot import LinuxDirectBoot, UefiBoot
+from capsa.cluster import Cluster, cluster
 from capsa.console import Console
 from capsa.errors import (
     AgentError,
@@ -40,9 +41,11 @@ from capsa.errors import (
     StartTimeoutError,
     VMExited,
     VMNotRunning,
+    VMStateError,
 )
+from capsa.image.custom import Image
 from capsa.net.gateway import Gateway, VirtualNetwork
-from capsa.net.policy import NetworkPolicy
+from capsa.net.policy import Action, All, AnyOf, Cidr, Domain, Ip, NetworkPolicy, Port
 from capsa.sandbox import Pool, Sandbox, SandboxBuilder, Snapshot, pool, sandbox
 from capsa.shares import AccessMode, Share
 from capsa.vm import VM, RunState, VMBuilder, vm
@@ -52,15 +55,21 @@ __version__ = "0.1.0"
 __all__ = [
     "VM",
     "AccessMode",
+    "Action",
     "Agent",
     "AgentError",
+    "All",
+    "AnyOf",
     "BackendError",
     "CapsaError",
     "CapsaTimeoutError",
+    "Cidr",
+    "Cluster",
     "ConfigError",
     "Console",
     "ConsoleTimeoutError",
     "DirEntry",
+    "Domain",
     "ExecBuilder",
     "ExecOutputLimitError",
     "ExecResult",
@@ -72,12 +81,15 @@ __all__ = [
     "GuestFileNotFoundError",
     "GuestInfo",
     "GuestPermissionError",
+    "Image",
     "ImageError",
+    "Ip",
     "LinuxDirectBoot",
     "Mount",
     "NetworkPolicy",
     "OutputStream",
     "Pool",
+    "Port",
     "Process",
     "ProtocolError",
     "RunState",
@@ -92,8 +104,10 @@ __all__ = [
     "VMBuilder",
     "VMExited",
     "VMNotRunning",
+    "VMStateError",
     "VirtualNetwork",
     "__version__",
+    "cluster",
     "pool",
     "sandbox",
     "vm",

@@ -1,10 +1,11 @@
 """Choose KVM or TCG.
 
-``/dev/kvm`` existing is not proof that KVM works: on nested PVM hosts (DESIGN.md §4) a stock kernel
-stalls forever in early boot while QEMU reports "running". So ``auto`` boots the VM's own kernel under
-KVM once, without a root filesystem, and accepts KVM only if the kernel gets all the way to its
-"cannot mount root" panic (the VM then exits thanks to ``panic=-1`` and ``-no-reboot``). The verdict is
-cached per host (kernel release, CPU model, QEMU binary) in the cache dir.
+``/dev/kvm`` existing is not proof that KVM works: on nested PVM hosts (docs/architecture.md
+§Facts) a stock kernel stalls forever in early boot while QEMU reports "running". So ``auto`` boots
+the VM's own kernel under KVM once, without a root filesystem, and accepts KVM only if the kernel
+gets all the way to its "cannot mount root" panic (the VM then exits thanks to ``panic=-1`` and
+``-no-reboot``). The verdict is cached per host (kernel release, CPU model, QEMU binary) in the
+cache dir.
 """
 
 from __future__ import annotations

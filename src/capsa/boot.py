@@ -6,6 +6,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from capsa.errors import ConfigError
+from capsa.uefi.disk import check_disk_file, check_esp
+from capsa.uefi.firmware import resolve
 
 _BZIMAGE_MAGIC_OFFSET = 0x202
 
@@ -76,19 +78,48 @@ class LinuxDirectBoot:
 
 @dataclass(frozen=True)
 class UefiBoot:
-    """Boot a disk image through UEFI firmware. The Rust capsa offers this on macOS only; capsa's
-    QEMU backend does not implement it yet, and ``build()`` says so."""
+    """Boot a disk image (raw or qcow2; GPT or MBR with an EFI System Partition) through UEFI
+    firmware (OVMF) on a q35 machine, the disk on virtio-blk-pci and the firmware's and OS's output on
+    the serial console.
+
+    - ``firmware``/``vars``: OVMF code and variable store. By default the installed OVMF
+      (``OVMF_CODE_4M.fd`` + a private copy of ``OVMF_VARS_4M.fd`` per VM; with ``secure_boot=True``
+      ``OVMF_CODE_4M.secboot.fd`` + ``OVMF_VARS_4M.ms.fd``, SMM on). ``vars`` names a store the user
+      owns, kept across boots (created from the template when it does not exist yet); never let two
+      running VMs use the same one.
+    - ``writable``: by default the disk is opened through a copy-on-write overlay in the VM's runtime
+      directory, so the image is byte-for-byte unchanged afterwards and several VMs can boot it at
+      once; ``writable=True`` lets the guest write to it.
+    """
 
     disk: Path
+    firmware: Path | None = None
+    vars: Path | None = None
+    secure_boot: bool = False
+    writable: bool = False
 
-    def __init__(self, disk: str | Path) -> None:
+    def __init__(
+        self,
+        disk: str | Path,
+        *,
+        firmware: str | Path | None = None,
+        vars: str | Path | None = None,
+        secure_boot: bool = False,
+        writable: bool = False,
+    ) -> None:
         object.__setattr__(self, "disk", Path(disk))
+        object.__setattr__(self, "firmware", Path(firmware) if firmware is not None else None)
+        object.__setattr__(self, "vars", Path(vars) if vars is not None else None)
+        object.__setattr__(self, "secure_boot", bool(secure_boot))
+        object.__setattr__(self, "writable", bool(writable))
 
     def validate(self) -> None:
-        raise ConfigError(
-            "UefiBoot is not supported by the QEMU backend",
-            hint="use LinuxDirectBoot with a kernel and initrd",
-        )
+        """Check the disk (readable, has an ESP), the firmware and the variable store."""
+        fmt = check_disk_file(self.disk, writable=self.writable)
+        check_esp(self.disk, fmt)
+        if self.vars is not None and not self.vars.exists() and not self.vars.parent.is_dir():
+            raise ConfigError(f"UEFI variable store {self.vars}: directory {self.vars.parent} missing")
+        resolve(self.firmware, self.vars, self.secure_boot)
 
 
 BootConfig = LinuxDirectBoot | UefiBoot

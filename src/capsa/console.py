@@ -18,6 +18,7 @@ import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from capsa._tasks import TaskSet
 from capsa.errors import CapsaError, ConsoleTimeoutError, VMNotRunning
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ class Console:
         self._changed = asyncio.Event()
         self._eof = False
         self._exit_error: Callable[[], CapsaError] | None = None
-        self._reader = asyncio.ensure_future(self._read_loop())
+        self._tasks = TaskSet(log)
+        self._reader = self._tasks.spawn(self._read_loop(), name="capsa-console")
 
     # -- plumbing --
 
@@ -110,8 +112,7 @@ class Console:
 
     async def _close(self) -> None:
         self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        await asyncio.gather(self._reader, return_exceptions=True)  # a failure was logged already
         self._sock.close()
         self._transcript.close()
 
@@ -186,7 +187,9 @@ class Console:
     # -- writing --
 
     async def write(self, data: str | bytes, timeout: float = _WRITE_TIMEOUT) -> None:
-        if self._exit_error is not None or self._eof:
+        if self._exit_error is not None:
+            raise VMNotRunning(f"cannot write to the console: {self._exit_error().message}")
+        if self._eof:
             raise VMNotRunning("cannot write to the console: the VM is not running")
         payload = data.encode() if isinstance(data, str) else bytes(data)
         loop = asyncio.get_running_loop()

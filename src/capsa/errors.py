@@ -8,7 +8,8 @@ QEMU log tail, an exit status) as attributes, plus a ``hint`` that says how to f
     ├── ImageError                          building or fetching a guest image failed
     ├── BackendError                        QEMU refused to start or died (``qemu_log_tail``)
     ├── VMNotRunning                        the VM is stopped, or was never started
-    │   └── VMExited                        the guest powered off / QEMU exited while we waited
+    │   ├── VMExited                        the guest powered off / QEMU exited while we waited
+    │   └── VMStateError                    the call needs another state (``state``, ``required``)
     ├── ProtocolError                       a guest sent bytes that break the protocol
     ├── ShareError                          a shared directory's server failed (``log_tail``)
     ├── SnapshotError                       a snapshot could not be saved, read or restored
@@ -25,6 +26,11 @@ QEMU log tail, an exit status) as attributes, plus a ``hint`` that says how to f
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from capsa.vm.runstate import RunState
 
 
 class CapsaError(Exception):
@@ -69,6 +75,23 @@ class BackendError(CapsaError):
 
 class VMNotRunning(CapsaError):
     """The operation needs a running VM, but it is stopped, failed, or not started yet."""
+
+
+class VMStateError(VMNotRunning):
+    """The handle is not in a state the call allows: ``state`` is where it is, ``required`` the
+    states the call needs. A :class:`VMNotRunning`, so ``except VMNotRunning`` catches it too."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        state: RunState,
+        required: tuple[RunState, ...],
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.state = state
+        self.required = required
 
 
 class VMExited(VMNotRunning):

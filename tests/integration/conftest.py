@@ -22,6 +22,11 @@ def _leftovers(root: Path) -> tuple[list[str], list[int]]:
                 continue
             # QEMU and virtiofsd both name a path in the runtime root on their command line.
             ours = str(root).encode() in cmdline
+            if not ours and b"virtiofsd" in cmdline:  # started with --fd: its socket is in environ
+                try:
+                    ours = str(root).encode() in (entry / "environ").read_bytes()
+                except OSError:
+                    continue
             if ours and (b"qemu-system" in cmdline or b"virtiofsd" in cmdline):
                 pids.append(int(entry.name))
     return dirs, pids

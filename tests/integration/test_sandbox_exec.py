@@ -142,12 +142,19 @@ async def test_pty_size_resize_and_ctrl_c(sandbox: capsa.Sandbox) -> None:
                 seen += await shell.stdout.__anext__()
         return seen
 
-    await shell.write_stdin(b"sleep 60; echo after\n")
-    await asyncio.sleep(0.5)
+    await shell.write_stdin(b"sleep 60; echo af$((1+2))ter\n")
+    for _ in range(300):  # interrupt only once the sleep runs (seen by a second command)
+        running = await sandbox.agent.exec("sh").args(["-c", "grep -qx sleep /proc/[0-9]*/comm"]).run()
+        if running.exit_code == 0:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the shell never started the sleep")
     await shell.write_stdin(b"\x03")  # Ctrl-C through the terminal interrupts sleep, not the shell
     await shell.resize(40, 120)
     await shell.write_stdin(b"stty size; echo ma$((2+3))rker\n")
-    seen = await read_until(b"ma5rker")
+    seen = await read_until(b"ma5rker")  # the shell survived and runs the next line (not after 60 s)
     assert b"40 120" in seen
+    assert b"af3ter" not in seen  # the interrupt ended the whole list, as at a terminal
     await shell.write_stdin(b"exit 7\n")
     assert await shell.wait(timeout=30) == 7

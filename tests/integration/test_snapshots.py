@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -233,3 +234,45 @@ async def test_snapshot_without_room_in_ram_works_on_disk(
     assert sorted(p.name for p in snap.path.iterdir()) == ["memory", "snapshot.json", "state"]
     restored = await sandbox_factory(capsa.sandbox().from_snapshot(snap))
     assert (await restored.agent.exec("true").run()).exit_code == 0
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> object:
+    """A 2 MiB tmpfs (the tests run as root): room for a state file, not for a memory image."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True, timeout=30
+    )
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False, timeout=30)
+
+
+@pytest.mark.parametrize("splitter", ["in-process", "helper"])
+async def test_snapshot_to_a_full_filesystem_raises_snapshot_error(
+    tiny_tmpfs: Path,
+    sandbox_factory: SandboxFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    splitter: str,
+) -> None:
+    """A real ENOSPC (not /dev/full) in every on-disk stage is a SnapshotError, never a bare OSError,
+    and leaves no partial snapshot; the sandbox runs on. ``helper`` forces the helper-QEMU split."""
+    import importlib
+
+    memory = importlib.import_module("capsa.snapshot.memory")
+    if splitter == "helper":
+
+        def unsupported(*args: object) -> int:
+            raise memory.UnsupportedStream("forced by the test")
+
+        monkeypatch.setattr(memory, "split_stream", unsupported)
+    vm = await sandbox_factory()
+    with pytest.raises(capsa.SnapshotError) as raised:
+        await vm.snapshot(tiny_tmpfs / "snap")
+    assert "No space left" in raised.value.message or "space" in (raised.value.hint or "")
+    assert list(tiny_tmpfs.iterdir()) == []  # no partial snapshot
+    assert (await vm.agent.exec("true").run()).exit_code == 0

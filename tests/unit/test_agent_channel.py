@@ -15,9 +15,11 @@ import pytest_asyncio
 from capsa.agent import wire
 from capsa.agent._channel import Channel
 from capsa.agent.client import Agent
+from capsa.agent.exec import Process
 from capsa.errors import (
     CapsaError,
     CapsaTimeoutError,
+    ConfigError,
     GuestFileNotFoundError,
     ProtocolError,
     VMNotRunning,
@@ -254,3 +256,69 @@ async def test_host_memory_is_bounded_by_the_window(pair: Pair) -> None:
         assert (ack["t"], ack["s"]) == ("ack", "stdout")
         acked += ack["n"]
     assert acked == frames * wire.cost(len(chunk))
+
+
+async def test_a_read_that_fails_midway_raises_instead_of_hanging(pair: Pair) -> None:
+    """The guest ends a read with an error after some data (an I/O error, a file that would block):
+    "end" without "eof" must finish the call, not leave the reader waiting for more."""
+    agent, guest = pair
+    task = asyncio.ensure_future(agent.read_file("/proc/kmsg", timeout=30))
+    req = await answer(guest, ok=True, size=0)
+    guest.send({"t": "data", "id": req["id"], "s": "file", "d": b"partial"})
+    err = {"kind": "os_error", "msg": "reading would block", "errno": 11, "path": None}
+    guest.send({"t": "end", "id": req["id"], "ok": False, "err": err})
+    with pytest.raises(CapsaError, match="would block"):
+        await asyncio.wait_for(task, 5)
+
+
+async def _spawned(pair: Pair, *, pty: bool = False) -> tuple[Process, dict[str, Any]]:
+    agent, guest = pair
+    builder = agent.exec("sleep").arg("9")
+    task = asyncio.ensure_future((builder.pty(24, 80) if pty else builder).spawn())
+    req = await answer(guest, ok=True, pid=7)
+    return await task, req
+
+
+BAD_CALLS: list[tuple[str, Callable[[Agent, Process], Awaitable[object]]]] = [
+    ("resize to -1 rows", lambda a, p: p.resize(-1, 80)),
+    ("resize past 16 bits", lambda a, p: p.resize(1 << 40, 80)),
+    ("resize with a float", lambda a, p: p.resize(24.5, 80)),  # type: ignore[arg-type]
+    ("signal past the C int range", lambda a, p: p.kill(1 << 40)),
+    ("signal past SIGRTMAX", lambda a, p: p.kill(65)),
+    ("signal 0", lambda a, p: p.kill(0)),
+    ("negative signal", lambda a, p: p.kill(-9)),
+    ("signal as text", lambda a, p: p.kill("9")),  # type: ignore[arg-type]
+    ("signal as a bool", lambda a, p: p.kill(True)),
+    ("kill with a NaN timeout", lambda a, p: p.kill(9, timeout=float("nan"))),
+    ("wait with a negative timeout", lambda a, p: p.wait(-1)),
+    ("stdin as text", lambda a, p: p.write_stdin("text")),  # type: ignore[arg-type]
+    ("ping with a negative timeout", lambda a, p: a.ping(timeout=-1)),
+    ("ping with an infinite timeout", lambda a, p: a.ping(timeout=float("inf"))),
+    ("ping with a NaN timeout", lambda a, p: a.ping(timeout=float("nan"))),
+    ("mkdir with a mode past 12 bits", lambda a, p: a.mkdir("/tmp/x", mode=0o17777)),
+    ("mkdir with a negative mode", lambda a, p: a.mkdir("/tmp/x", mode=-1)),
+    ("write_file with a mode as text", lambda a, p: a.write_file("/x", b"", mode="644")),  # type: ignore[arg-type]
+    ("write_file with a zero timeout", lambda a, p: a.write_file("/x", b"", timeout=0)),
+    ("read_file with a negative limit", lambda a, p: a.read_file("/x", limit=-1)),
+    ("list_dir with a timeout as text", lambda a, p: a.list_dir("/", timeout="5")),  # type: ignore[arg-type]
+    ("exec timeout of NaN", lambda a, p: a.exec("true").timeout(float("nan")).run()),
+    ("exec timeout of infinity", lambda a, p: a.exec("true").timeout(float("inf")).run()),
+    ("terminal of 0 rows", lambda a, p: a.exec("sh").pty(0, 80).spawn()),
+]
+
+
+@pytest.mark.parametrize("call", [c for _, c in BAD_CALLS], ids=[what for what, _ in BAD_CALLS])
+async def test_bad_arguments_raise_config_error_before_reaching_the_guest(
+    pair: Pair, call: Callable[[Agent, Process], Awaitable[object]]
+) -> None:
+    """Attack (on the guest agent, through the public API): arguments the guest cannot take (a
+    terminal size of -1, a signal past the range, a NaN timeout, a mode past 12 bits) are refused
+    with ConfigError on the host, and nothing is sent."""
+    agent, guest = pair
+    process, _ = await _spawned(pair, pty=True)
+    with pytest.raises(ConfigError):
+        await asyncio.wait_for(call(agent, process), 2)  # (sent, it would wait for a reply)
+    task = asyncio.ensure_future(agent.ping(timeout=5))  # the next thing the guest sees is this
+    req = await answer(guest, ok=True)
+    await task
+    assert req["op"] == "ping"

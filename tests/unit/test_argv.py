@@ -107,9 +107,9 @@ def test_same_disk_twice_refused(kernel: Path, tmp_path: Path) -> None:
         config.validate()
 
 
-def test_uefi_boot_is_refused_clearly(tmp_path: Path) -> None:
+def test_uefi_boot_without_disk_is_refused_clearly(tmp_path: Path) -> None:
     config = replace(capsa.vm(capsa.UefiBoot(tmp_path / "disk.img")).config)
-    with pytest.raises(capsa.ConfigError, match="UefiBoot"):
+    with pytest.raises(capsa.ConfigError, match="UEFI disk not found"):
         config.validate()
 
 
@@ -140,7 +140,7 @@ def test_virtiofs_and_9p_shares(kernel: Path, tmp_path: Path) -> None:
     assert "vhost-user-fs-device,chardev=fs0,tag=capsa0" in option(argv, "-device")
     fsdevs = option(argv, "-fsdev")
     assert fsdevs[0] == "local,id=fsdev1,path=/data/a,,b,security_model=none,readonly=on"
-    assert fsdevs[1] == "local,id=fsdev2,path=/data/rw,security_model=none"
+    assert fsdevs[1] == "local,id=fsdev2,path=/data/rw,security_model=mapped-xattr"
     assert "virtio-9p-device,fsdev=fsdev2,mount_tag=capsa2" in option(argv, "-device")
     only_9p = build_argv(config, replace(plan(), shares=shares[1:]))
     assert "-object" not in only_9p and "-global" not in only_9p  # plain RAM without virtio-fs
@@ -150,7 +150,7 @@ def test_virtiofsd_is_wrapped_in_a_read_only_mount_namespace(tmp_path: Path) -> 
     from capsa.shares.spec import AccessMode, ShareSpec
     from capsa.shares.virtiofsd import virtiofsd_argv
 
-    ro = virtiofsd_argv("/usr/lib/qemu/virtiofsd", ShareSpec(tmp_path, "/mnt"), tmp_path / "s")
+    ro = virtiofsd_argv("/usr/lib/qemu/virtiofsd", ShareSpec(tmp_path, "/mnt"), 9)
     assert ro[:4] == ["unshare", "--mount", "--propagation", "private"] or ro[1:3] == [
         "--user",
         "--map-root-user",
@@ -158,8 +158,8 @@ def test_virtiofsd_is_wrapped_in_a_read_only_mount_namespace(tmp_path: Path) -> 
     script = ro[ro.index("-c") + 1]
     assert "mount -o remount,bind,ro" in script
     assert ro[ro.index("-c") + 3 : ro.index("-c") + 5] == [str(tmp_path), "ro"]
-    assert f"source={tmp_path}" in ro and "sandbox=namespace" in ro
-    rw = virtiofsd_argv("/v", ShareSpec(tmp_path, "/mnt", AccessMode.READ_WRITE), tmp_path / "s")
+    assert f"source={tmp_path}" in ro and "sandbox=namespace" in ro and "--fd=9" in ro
+    rw = virtiofsd_argv("/v", ShareSpec(tmp_path, "/mnt", AccessMode.READ_WRITE), 9)
     assert rw[rw.index("-c") + 4] == "rw"
 
 
@@ -182,3 +182,113 @@ def test_guest_ram_in_a_file(kernel: Path, tmp_path: Path) -> None:
     virtiofs = (PlannedShare("capsa0", tmp_path, True, "virtiofs", tmp_path / "fs0.sock"),)
     with pytest.raises(capsa.ConfigError):
         build_argv(clone, replace(plan(), shares=virtiofs))
+
+
+def test_virtiofsd_runs_without_xattrs_or_mknod(tmp_path: Path) -> None:
+    """No xattrs, no CAP_MKNOD/CAP_SETFCAP; the seccomp filter is tests/security/test_shares.py's."""
+    from capsa.shares.spec import AccessMode, ShareSpec
+    from capsa.shares.virtiofsd import virtiofsd_argv
+
+    argv = virtiofsd_argv("/v", ShareSpec(tmp_path, "/mnt", AccessMode.READ_WRITE), 9)
+    assert "no_xattr" in argv and "modcaps=-mknod:-setfcap" in argv
+    assert "xattr" not in argv and not any(a.startswith("xattrmap") for a in argv)
+
+
+def test_seccomp_filter_refuses_privileged_modes(tmp_path: Path) -> None:
+    """The filter itself, on a real child: chmod 4755/2755, mkdir with set-gid, mknod c 1 3 and
+    create with 6755 fail with EPERM; ordinary modes, FIFOs and sticky bits work."""
+    import subprocess
+
+    from capsa.shares.confine import seccomp_preexec
+
+    script = (
+        "touch f; chmod 4755 f; chmod 2755 f; chmod 1755 f; mknod mem c 1 3; mknod p p; "
+        'mkdir -m 2755 sg; mkdir -m 755 plain; python3 -c "import os; '
+        "os.open('c', os.O_CREAT | os.O_WRONLY, 0o6755)\"; ls -l; true"
+    )
+    done = subprocess.run(
+        ["sh", "-c", script], cwd=tmp_path, preexec_fn=seccomp_preexec(), capture_output=True,
+        text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert (tmp_path / "f").stat().st_mode & 0o7777 == 0o1755, done.stdout + done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "p", "plain"], done.stderr
+    assert done.stderr.count("Operation not permitted") >= 4, done.stderr
+
+
+def test_seccomp_filter_program_shape() -> None:
+    from capsa.shares.confine import filter_program
+
+    for machine in ("x86_64", "aarch64"):
+        program = filter_program(machine)
+        assert len(program) % 8 == 0 and 20 < len(program) // 8 < 255
+    with pytest.raises(capsa.ShareError):
+        filter_program("riscv64")
+
+
+@pytest.mark.parametrize(
+    ("name", "escaped"),
+    [
+        ("a,b", "a\\,b"),
+        ("x,source=/etc", "x\\,source=/etc"),
+        ("back\\slash", "back\\\\slash"),
+        ("trail\\", "trail\\\\"),
+        ("\\,,", "\\\\\\,\\,"),
+    ],
+)
+def test_virtiofsd_source_is_escaped(tmp_path: Path, name: str, escaped: str) -> None:
+    """Attack: a host path with commas adds options to virtiofsd (``,source=`` serves another
+    directory). libfuse's option parser takes backslash escapes (checked against the real binary by
+    tests/security/test_shares.py)."""
+    from capsa.shares.spec import AccessMode, ShareSpec
+    from capsa.shares.virtiofsd import virtiofsd_argv
+
+    share = ShareSpec(tmp_path / name, "/mnt", AccessMode.READ_WRITE)
+    argv = virtiofsd_argv("/v", share, 9)
+    sources = [a for a in argv if a.startswith("source=")]
+    assert sources == [f"source={tmp_path}/{escaped}"]
+    # The wrapper script gets the path verbatim, as one argument.
+    assert str(tmp_path / name) in argv
+
+
+def test_9p_path_with_commas_is_one_option(tmp_path: Path, kernel: Path) -> None:
+    """Attack: ``path=/x,path=/etc`` would export another directory; commas are doubled."""
+    from capsa.backend.qemu.argv import PlannedShare
+
+    config = capsa.vm(capsa.LinuxDirectBoot(kernel)).memory_mb(256).config
+    shares = (
+        PlannedShare("capsa0", Path("/d/x,path=/etc,readonly=off"), False, "9p"),
+        PlannedShare("capsa1", Path("/d/y,security_model=none"), True, "9p"),
+    )
+    fsdevs = option(build_argv(config, replace(plan(), shares=shares)), "-fsdev")
+    assert fsdevs == [
+        "local,id=fsdev0,path=/d/x,,path=/etc,,readonly=off,security_model=mapped-xattr",
+        "local,id=fsdev1,path=/d/y,,security_model=none,security_model=none,readonly=on",
+    ]
+
+
+def test_relative_disk_path_is_never_a_protocol(tmp_path: Path, kernel: Path) -> None:
+    """Attack: a disk file named ``nbd:host:port`` or ``json:{...}`` (relative path) would make QEMU
+    open a network or arbitrary block device instead; disk paths are made absolute."""
+    config = capsa.vm(capsa.LinuxDirectBoot(kernel)).config
+    for name in ("nbd:127.0.0.1:10809", 'json:{"driver":"file","filename":"/etc/shadow"}'):
+        disks = replace(config, disks=(DiskSpec(Path(name)),))
+        [drive] = option(build_argv(disks, plan()), "-drive")
+        assert drive.startswith(f"id=disk0,file={qemu_escape(str(Path.cwd() / name))},if=none")
+
+
+def test_writable_9p_share_needs_user_xattrs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mapped-xattr keeps the guest's modes in user.* xattrs: a filesystem without them is refused
+    at the builder call (the real probe: this tmp dir supports them)."""
+    import errno
+    import os
+
+    capsa.sandbox().share(tmp_path, "/mnt/x", capsa.AccessMode.READ_WRITE, mechanism="9p")
+
+    def no_xattrs(path: object, name: str) -> bytes:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "getxattr", no_xattrs)
+    with pytest.raises(capsa.ConfigError, match="user xattrs"):
+        capsa.sandbox().share(tmp_path, "/mnt/x", capsa.AccessMode.READ_WRITE, mechanism="9p")
+    capsa.sandbox().share(tmp_path, "/mnt/x", capsa.AccessMode.READ_ONLY, mechanism="9p")
+    capsa.sandbox().share(tmp_path, "/mnt/x", capsa.AccessMode.READ_WRITE, mechanism="virtiofs")

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from capsa.errors import ConfigError
 from capsa.net.policy import (
     Action,
     All,
     AnyOf,
+    Cidr,
     Domain,
     Flow,
     Ip,
+    Matcher,
     NetworkPolicy,
     Port,
+    Proto,
+    Rule,
     is_internal,
+    normalize_name,
 )
 
 
@@ -37,7 +45,11 @@ POLICY = (
 
 def test_exact_and_wildcard_domains() -> None:
     assert POLICY.decide(tcp("140.82.1.1", 443, "api.github.com")).allowed
-    assert POLICY.decide(tcp("140.82.1.1", 443, "API.GitHub.com".lower())).allowed
+    # Case: a rule's pattern is normalized when the rule is made, and flow names arrive normalized
+    # by the DNS proxy (normalize_name): a mixed-case rule matches a mixed-case query.
+    mixed = NetworkPolicy.deny_all().allow_domain("API.GitHub.COM.")
+    assert mixed.decide(tcp("140.82.1.1", 443, normalize_name("Api.GITHUB.com"))).allowed
+    assert not mixed.decide(tcp("140.82.1.1", 443, normalize_name("api.github.co"))).allowed
     assert POLICY.decide(tcp("1.1.1.1", 443, "static.rust-lang.org")).allowed
     assert POLICY.decide(tcp("1.1.1.1", 443, "a.b.rust-lang.org")).allowed
     assert not POLICY.decide(tcp("1.1.1.1", 443, "rust-lang.org")).allowed  # not the apex
@@ -122,3 +134,221 @@ def test_bad_ips_ports_and_internal_ranges() -> None:
         assert is_internal(IPv4Address(internal)), internal
     for public in ("1.1.1.1", "140.82.112.3", "203.0.113.7"):
         assert not is_internal(IPv4Address(public)), public
+
+
+# -- decide_name: a name resolves iff some TCP or UDP flow to it could be allowed ---------------------
+#
+# The truth table below is built from two facts per matcher, written out by hand for the name that the
+# policy's domain patterns match (X) and one they do not (Y):
+#   lets_out: the matcher, as an ALLOW rule, allows some TCP/UDP flow to the name by something other
+#             than its address (a domain, a port, a protocol, or an address range that is everything);
+#   covers:   the matcher matches every TCP/UDP flow to the name (every port, every address).
+# For a one-rule policy the verdict then is: LOG -> the default; DENY -> default allow and not covers;
+# ALLOW -> lets_out, or default allow and not covers.
+
+X = "x.corp.test"
+Y = "y.other.test"
+C = "198.51.100.0/24"
+
+#            matcher,                                        lets_out (X, Y),  covers (X, Y)
+MATCHERS: list[tuple[Matcher, tuple[bool, bool], tuple[bool, bool]]] = [
+    (Domain(X),                                              (True, False),   (True, False)),
+    (Domain("*.corp.test"),                                  (True, False),   (True, False)),
+    (Port(443),                                              (True, True),    (False, False)),
+    (Port(8000, 8100),                                       (True, True),    (False, False)),
+    (Port(1, 65535),                                         (True, True),    (True, True)),
+    (Proto("tcp"),                                           (True, True),    (False, False)),
+    (Proto("udp"),                                           (True, True),    (False, False)),
+    (Proto("icmp"),                                          (False, False),  (False, False)),
+    (Proto("dns"),                                           (False, False),  (False, False)),
+    (Ip("203.0.113.7"),                                      (False, False),  (False, False)),
+    (Cidr(C),                                                (False, False),  (False, False)),
+    (Cidr("0.0.0.0/0"),                                      (True, True),    (True, True)),
+    (All(Domain(X), Port(443)),                              (True, False),   (False, False)),
+    (All(Domain("*.corp.test"), Cidr(C)),                    (True, False),   (False, False)),
+    (All(Domain(X), Proto("icmp")),                          (False, False),  (False, False)),
+    (All(Cidr(C), Port(443)),                                (False, False),  (False, False)),
+    (All(Proto("udp"), Port(53)),                            (True, True),    (False, False)),
+    (AnyOf(Domain(X), Cidr(C)),                              (True, False),   (True, False)),
+    (AnyOf(Ip("203.0.113.7"), Proto("icmp")),                (False, False),  (False, False)),
+    (AnyOf(Proto("tcp"), Proto("udp")),                      (True, True),    (True, True)),
+    (AnyOf(Port(443), Domain(X)),                            (True, True),    (True, False)),
+]  # fmt: skip
+
+
+def _expected(action: Action, default: Action, lets_out: bool, covers: bool) -> bool:
+    if action is Action.LOG:
+        return default is Action.ALLOW
+    if action is Action.DENY:
+        return default is Action.ALLOW and not covers
+    return lets_out or (default is Action.ALLOW and not covers)
+
+
+TRUTH_TABLE = [
+    pytest.param(
+        matcher, action, default, name, _expected(action, default, lets[i], covers[i]),
+        id=f"{default.value}-default/{action.value} {matcher.describe()}/{name}",
+    )
+    for matcher, lets, covers in MATCHERS
+    for action in Action
+    for default in (Action.ALLOW, Action.DENY)
+    for i, name in enumerate((X, Y))
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("matcher", "action", "default", "name", "resolvable"), TRUTH_TABLE)
+def test_decide_name_truth_table_one_rule(
+    matcher: Matcher, action: Action, default: Action, name: str, resolvable: bool
+) -> None:
+    policy = NetworkPolicy(default).rule(action, matcher)
+    assert policy.decide_name(name).allowed is resolvable
+
+
+ALLOW, DENY, LOG = Action.ALLOW, Action.DENY, Action.LOG
+
+# Rule order, first match, partial denials: (default, rules, name, resolvable)
+ORDERED: list[tuple[Action, list[tuple[Action, Matcher]], str, bool]] = [
+    # the two reported surprises
+    (DENY, [(ALLOW, Proto("icmp"))], X, False),
+    (ALLOW, [(DENY, All(Domain(X), Port(25)))], X, True),
+    (DENY, [(ALLOW, Proto("dns"))], X, False),
+    # partial denials leave the rest open; full ones close it
+    (ALLOW, [(DENY, Proto("tcp"))], X, True),
+    (ALLOW, [(DENY, Proto("tcp")), (DENY, Proto("udp"))], X, False),
+    (ALLOW, [(DENY, Port(1, 1000)), (DENY, Port(1001, 65535))], X, False),
+    (ALLOW, [(DENY, Port(1, 1000)), (DENY, Port(1002, 65535))], X, True),  # port 1001 is left
+    (ALLOW, [(DENY, Cidr("0.0.0.0/1"))], X, True),
+    (ALLOW, [(DENY, Cidr("0.0.0.0/1")), (DENY, Cidr("128.0.0.0/1"))], X, False),
+    (ALLOW, [(DENY, All(Domain(X), Proto("tcp"))), (DENY, All(Domain(X), Proto("udp")))], X, False),
+    (ALLOW, [(DENY, All(Domain(X), Proto("tcp"))), (DENY, All(Domain(X), Proto("udp")))], Y, True),
+    (DENY, [(DENY, All(Domain(X), Proto("tcp"))), (ALLOW, Domain("*.corp.test"))], X, True),  # udp
+    # first match wins
+    (DENY, [(DENY, Domain(X)), (ALLOW, Port(443))], X, False),
+    (DENY, [(DENY, Domain(X)), (ALLOW, Port(443))], Y, True),
+    (DENY, [(ALLOW, Port(443)), (DENY, Domain(X))], X, True),
+    (DENY, [(DENY, Port(443)), (ALLOW, Port(443))], X, False),  # shadowed
+    (DENY, [(DENY, Port(443)), (ALLOW, Port(443, 444))], X, True),  # 444 gets through
+    (DENY, [(DENY, Proto("udp")), (ALLOW, All(Proto("udp"), Port(53)))], X, False),
+    (DENY, [(DENY, Cidr(C)), (ALLOW, Domain(X))], X, True),  # X may resolve outside C
+    (DENY, [(DENY, Cidr("0.0.0.0/0")), (ALLOW, Domain(X))], X, False),
+    # address rules never make names resolvable, whatever their position
+    (DENY, [(ALLOW, Ip("203.0.113.7")), (ALLOW, Cidr(C))], X, False),
+    (DENY, [(ALLOW, AnyOf(Domain(X), Ip("203.0.113.7")))], Y, False),
+    (DENY, [(ALLOW, All(Cidr(C), Domain(X)))], X, True),
+    (ALLOW, [(ALLOW, Ip("203.0.113.7"))], Y, True),  # the default lets every other address out
+    # LOG is not terminal
+    (DENY, [(LOG, Domain(X)), (ALLOW, Domain(X))], X, True),
+    (DENY, [(LOG, Port(443)), (LOG, Domain(X))], X, False),
+    (ALLOW, [(LOG, Domain(X)), (DENY, Domain(X))], X, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("default", "rules", "name", "resolvable"),
+    [pytest.param(*row, id=f"row{i}") for i, row in enumerate(ORDERED)],
+)
+def test_decide_name_follows_rule_order_and_partial_rules(
+    default: Action, rules: list[tuple[Action, Matcher]], name: str, resolvable: bool
+) -> None:
+    policy = NetworkPolicy(default)
+    for action, matcher in rules:
+        policy = policy.rule(action, matcher)
+    assert policy.decide_name(name).allowed is resolvable
+
+
+def test_decide_name_reports_the_deciding_rule_and_log_rules() -> None:
+    policy = NetworkPolicy.deny_all().log_domain("*.corp.test").rule(ALLOW, All(Domain(X), Port(443)))
+    decision = policy.decide_name(X)
+    assert decision.allowed and decision.rule == f"allow domain {X} and port 443"
+    assert decision.logged == ("log domain *.corp.test",)
+    assert NetworkPolicy.allow_all().deny_domain(X).decide_name(X).rule == f"deny domain {X}"
+    assert NetworkPolicy.deny_all().deny_domain(X).decide_name(X).rule == f"deny domain {X}"
+    assert NetworkPolicy.deny_all().allow_protocol("icmp").decide_name(X).rule == "default deny"
+    assert NetworkPolicy.allow_all().decide_name(X).rule == "default allow"
+
+
+def test_decide_name_is_fast_for_large_policies() -> None:
+    """A flood of distinct names must not make each question expensive."""
+    import time
+
+    policy = NetworkPolicy.deny_all()
+    for i in range(40):
+        policy = policy.deny_port(1000 + 10 * i, 1004 + 10 * i).deny_cidr(f"203.0.{i}.0/24")
+    policy = policy.allow_domain("*.corp.test")
+    started = time.perf_counter()
+    for i in range(2000):
+        assert not policy.decide_name(f"n{i}.other.test").allowed
+        assert policy.decide_name(f"n{i}.corp.test").allowed
+    assert time.perf_counter() - started < 2.0
+
+
+# -- decide_name against a naive reference on random policies -----------------------------------------
+
+ATOMS = [Domain(X), Domain("*.corp.test"), Domain(Y), Port(443), Port(1000, 2000), Port(1, 65535),
+         Proto("tcp"), Proto("udp"), Proto("icmp"), Proto("dns"), Ip("203.0.113.7"), Cidr(C),
+         Cidr("0.0.0.0/0"), Cidr("0.0.0.0/1"), Cidr("128.0.0.0/1")]  # fmt: skip
+matchers = st.recursive(
+    st.sampled_from(ATOMS),
+    lambda inner: st.lists(inner, min_size=1, max_size=3).flatmap(
+        lambda parts: st.sampled_from([All(*parts), AnyOf(*parts)])
+    ),
+    max_leaves=6,
+)
+policies = st.builds(
+    lambda default, rules: NetworkPolicy(default, tuple(Rule(a, m) for a, m in rules)),
+    st.sampled_from([Action.ALLOW, Action.DENY]),
+    st.lists(st.tuples(st.sampled_from(list(Action)), matchers), max_size=5),
+)
+
+
+def _leaf_matchers(matcher: Matcher) -> list[Matcher]:
+    if isinstance(matcher, (All, AnyOf)):
+        return [leaf for part in matcher.parts for leaf in _leaf_matchers(part)]
+    return [matcher]
+
+
+def _lets_out(policy: NetworkPolicy, flow: Flow, addresses: list[IPv4Address]) -> bool:
+    """The definition, spelled out: is ``flow`` allowed by the default or by a rule that does not
+    rest on the address alone?"""
+    rule = next((r for r in policy.rules if r.action is not LOG and r.matcher.matches(flow)), None)
+    if rule is None:
+        return policy.default is ALLOW
+    if rule.action is DENY:
+        return False
+    name_needed = not rule.matcher.matches(replace(flow, names=frozenset()))
+    return name_needed or all(rule.matcher.matches(replace(flow, dst_ip=a)) for a in addresses)
+
+
+def _corner_values(policy: NetworkPolicy) -> tuple[list[int], list[IPv4Address]]:
+    ports, addresses = {1}, {0}
+    for leaf in (leaf for rule in policy.rules for leaf in _leaf_matchers(rule.matcher)):
+        if isinstance(leaf, Port):
+            high = leaf.low if leaf.high is None else leaf.high
+            ports |= {leaf.low, min(high + 1, 65535)}
+        if isinstance(leaf, Cidr):
+            net = IPv4Network(leaf.network)
+            addresses |= {int(net.network_address), min(int(net.broadcast_address) + 1, 2**32 - 1)}
+    return sorted(ports), [IPv4Address(a) for a in sorted(addresses)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(policy=policies, name=st.sampled_from([X, Y, "z.corp.test"]), data=st.data())
+def test_decide_name_matches_the_definition(
+    policy: NetworkPolicy, name: str, data: st.DataObject
+) -> None:
+    ports, addresses = _corner_values(policy)
+    names = frozenset({name})
+    flows = [Flow(p, a, port, names) for p in ("tcp", "udp") for port in ports for a in addresses]
+    expected = any(_lets_out(policy, f, addresses) for f in flows)
+    assert policy.decide_name(name).allowed is expected
+    assert policy.decide_name(name).allowed is expected  # cached
+    # Between the corners nothing changes: a random flow never lets out a refused name.
+    if not expected:
+        for _ in range(20):
+            flow = Flow(
+                data.draw(st.sampled_from(["tcp", "udp"])),
+                IPv4Address(data.draw(st.integers(0, 2**32 - 1))),
+                data.draw(st.integers(1, 65535)),
+                names,
+            )
+            assert not _lets_out(policy, flow, addresses), flow

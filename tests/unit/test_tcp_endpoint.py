@@ -86,8 +86,9 @@ def test_reset_and_refusal() -> None:
     assert refusal.flags == TCP_RST | TCP_ACK and refusal.ack == 8 and refusal.dst_port == 40000
     again = TcpEndpoint.accept(syn, GUEST, REMOTE, isn=1)
     first = to_guest(again.syn_ack())
-    assert to_guest(again.on_segment(syn)[0]).seq == first.seq  # a repeated SYN gets the same SYN-ACK
-    assert TCP_ACK
+    repeated = to_guest(again.on_segment(syn)[0])
+    assert repeated.seq == first.seq  # a repeated SYN gets the same SYN-ACK
+    assert repeated.flags == first.flags == TCP_SYN | TCP_ACK and repeated.ack == first.ack == 8
 
 
 def test_active_open_for_a_port_forward() -> None:
@@ -116,3 +117,50 @@ def test_active_open_refused_by_a_closed_guest_port() -> None:
     assert ep.on_segment(from_guest(0, 7001, TCP_RST | TCP_ACK)) == []
     assert ep.closed
     assert ep.on_segment(from_guest(1, 7001, TCP_SYN | TCP_ACK)) == []  # nothing after the close
+
+
+def test_a_refusal_of_a_segment_with_ack_takes_its_sequence_from_that_ack() -> None:
+    """RFC 9293 3.10.7.1: the RST answering a segment that carries ACK is <SEQ=SEG.ACK><CTL=RST>.
+    A sequence of 0 is outside the guest's window and Linux drops it, so a flow the NAT no longer
+    knows (after a restore or fork) hung instead of failing."""
+    stray = from_guest(123_456, 987_654, TCP_ACK | TCP_PSH, b"data after a restore")
+    rst = to_guest(TcpEndpoint.refuse(stray, GUEST, REMOTE))
+    assert rst.flags == TCP_RST and rst.seq == 987_654
+    assert (rst.src_port, rst.dst_port) == (443, 40000)
+    synack = from_guest(5, 0xFFFFFFFF, TCP_SYN | TCP_ACK)  # a stray SYN-ACK is answered the same way
+    assert to_guest(TcpEndpoint.refuse(synack, GUEST, REMOTE)).seq == 0xFFFFFFFF
+
+
+def test_a_refusal_of_a_segment_without_ack_acknowledges_all_of_it() -> None:
+    """<SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>, where SYN and FIN count in SEG.LEN."""
+    cases = [
+        (from_guest(0xFFFFFFFF, 0, TCP_SYN), 0),  # wraps around
+        (from_guest(100, 0, TCP_SYN), 101),
+        (from_guest(100, 0, TCP_PSH, b"abcd"), 104),
+        (from_guest(100, 0, TCP_FIN, b"abc"), 104),
+        (from_guest(100, 0, TCP_SYN | TCP_FIN, b"xy"), 104),
+    ]
+    for segment, ack in cases:
+        rst = to_guest(TcpEndpoint.refuse(segment, GUEST, REMOTE))
+        assert (rst.flags, rst.seq, rst.ack) == (TCP_RST | TCP_ACK, 0, ack), segment
+
+
+def test_nothing_looks_open_before_the_host_connect_succeeded() -> None:
+    """A SYN retransmitted while the host connect is pending must not get a SYN-ACK (a blackholed
+    host would look connected, then hang); nor may a guessed ACK open the connection."""
+    syn = from_guest(1000, 0, TCP_SYN, mss=1400)
+    ep = TcpEndpoint.accept(syn, GUEST, REMOTE, isn=5000)
+    assert ep.on_segment(syn) == []
+    assert ep.on_segment(from_guest(1001, 5001, TCP_ACK, b"early")) == []
+    assert ep.state is State.SYN_RECEIVED and ep.take_inbound(100)[0] == b""
+    first = to_guest(ep.syn_ack())  # the host connect succeeded
+    again = [to_guest(s) for s in ep.on_segment(syn)]
+    assert [(s.flags, s.seq, s.ack) for s in again] == [(first.flags, first.seq, first.ack)]
+    assert ep.on_segment(from_guest(1001, 5001, TCP_ACK)) == [] and ep.state is State.ESTABLISHED
+
+
+def test_a_reset_of_a_live_connection_is_in_the_guests_window() -> None:
+    ep, seq = established()
+    ep.send(b"abc")
+    rst = to_guest(ep.reset())
+    assert rst.flags & TCP_RST and rst.seq == 5001 + 3 and rst.ack == seq

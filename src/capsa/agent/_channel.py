@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from capsa._tasks import TaskSet
 from capsa.agent import wire
 from capsa.errors import CapsaError, CapsaTimeoutError, ProtocolError
 
@@ -125,6 +126,7 @@ class Call:
         self.end: asyncio.Future[Message] = loop.create_future()
         self.streams = {name: InStream(channel, call_id, name) for name in in_streams}
         self.credits = {name: Credit(channel) for name in out_streams}
+        self.label = ""  # what the call is, for messages (exec: the program and its guest pid)
         for future in (self.response, self.end):
             future.add_done_callback(_consume_exception)
 
@@ -143,7 +145,10 @@ class Call:
             if self.end.done():
                 raise ProtocolError(f"second end for request {self.id}")
             self.end.set_result(m)
+            for ended in self.streams.values():  # nothing more comes (a read that failed midway
+                ended._end()  # ends with "end" alone: its reader must not wait for an "eof")
             self._wake_all()
+            self.close()  # finished: the guest sends nothing more for it (no leak if never waited)
             return
         name = m.get("s")
         if kind == "ack":
@@ -193,6 +198,7 @@ class Channel:
         self._failure: CapsaError | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
+        self._tasks = TaskSet(log)
         self._hello: asyncio.Future[Message] | None = None
 
     async def start(self) -> None:
@@ -200,7 +206,7 @@ class Channel:
         self._hello = loop.create_future()
         self._hello.add_done_callback(_consume_exception)
         reader, self._writer = await asyncio.open_connection(sock=self._sock, limit=READ_SIZE)
-        self._reader_task = asyncio.ensure_future(self._read_loop(reader))
+        self._reader_task = self._tasks.spawn(self._read_loop(reader), name="agent-reader")
 
     async def hello(self) -> Message:
         assert self._hello is not None

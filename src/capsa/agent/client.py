@@ -12,7 +12,7 @@ import msgpack
 
 from capsa.agent import wire
 from capsa.agent._channel import Call, Channel
-from capsa.agent.errors import check_guest_path, expect_ok
+from capsa.agent.errors import check_guest_path, check_mode, check_timeout, expect_ok
 from capsa.agent.exec import ExecBuilder, ExecSpec, _check_text
 from capsa.agent.types import DirEntry, FileStat, FileType, GuestInfo, Mount
 from capsa.errors import AgentError, CapsaTimeoutError, ConfigError, ProtocolError, VMNotRunning
@@ -50,6 +50,7 @@ class Agent:
     async def _request(
         self, op: str, args: dict[str, Any], timeout: float, path: str | None = None
     ) -> dict[str, Any]:
+        check_timeout(timeout)
         return expect_ok(await self._channel.request(op, args, timeout), op, path)
 
     # -- basics --
@@ -76,6 +77,7 @@ class Agent:
             agent_version=_field(reply, "agent_version", str),
             python_version=_field(reply, "python_version", str),
             uptime=float(_field(reply, "uptime", (int, float))),
+            image=reply["image"] if isinstance(reply.get("image"), str) else None,
         )
 
     def exec(self, program: str) -> ExecBuilder:
@@ -110,6 +112,9 @@ class Agent:
     ) -> bytes:
         """The whole content of a guest file (streamed in chunks; ``limit`` bytes at most)."""
         check_guest_path(path)
+        check_timeout(timeout)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConfigError(f"limit must be a number of bytes, got {limit!r:.40}")
         call = await self._channel.call("read_file", {"path": path}, in_streams=("file",))
         try:
             async with asyncio.timeout(timeout):
@@ -149,10 +154,12 @@ class Agent:
     ) -> None:
         """Create or replace a guest file with ``data`` (streamed in chunks; any size)."""
         check_guest_path(path)
+        check_timeout(timeout)
+        check_mode(mode)
         if isinstance(data, str):
             data = data.encode()
-        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
-            raise ConfigError(f"mode must be a permission number such as 0o644, got {mode!r}")
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise ConfigError(f"write_file takes bytes or str, not {type(data).__name__}")
         view = memoryview(data)
         call = await self._channel.call(
             "write_file", {"path": path, "mode": mode}, out_streams=("file",)
@@ -179,6 +186,7 @@ class Agent:
     async def list_dir(self, path: str, *, timeout: float = DEFAULT_TIMEOUT) -> list[DirEntry]:
         """Entries of a guest directory, sorted by name (without ``.`` and ``..``)."""
         check_guest_path(path)
+        check_timeout(timeout)
         call = await self._channel.call("list_dir", {"path": path}, in_streams=("file",))
         try:
             async with asyncio.timeout(timeout):
@@ -208,7 +216,8 @@ class Agent:
         self, path: str, *, follow_symlinks: bool = True, timeout: float = DEFAULT_TIMEOUT
     ) -> FileStat:
         check_guest_path(path)
-        reply = await self._request("stat", {"path": path, "follow": follow_symlinks}, timeout, path)
+        args = {"path": path, "follow": bool(follow_symlinks)}
+        reply = await self._request("stat", args, timeout, path)
         target = reply.get("target")
         return FileStat(
             path=path,
@@ -231,7 +240,7 @@ class Agent:
     ) -> None:
         """Create a directory; with ``parents=True`` also its parents, and no error if it exists."""
         check_guest_path(path)
-        args = {"path": path, "parents": bool(parents), "mode": mode}
+        args = {"path": path, "parents": bool(parents), "mode": check_mode(mode)}
         await self._request("mkdir", args, timeout, path)
 
     async def remove(

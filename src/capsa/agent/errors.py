@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from capsa.errors import (
@@ -30,6 +31,19 @@ def check_guest_path(path: str) -> str:
     if "\0" in path or len(path.encode()) > MAX_PATH:
         raise ConfigError(f"invalid guest path {path[:80]!r} (NUL byte or longer than {MAX_PATH})")
     return path
+
+
+def check_timeout(value: object, what: str = "timeout") -> float:
+    """A positive, finite number of seconds (a NaN or a negative one would expire at once or never)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ConfigError(f"{what} must be a positive number of seconds, got {value!r:.40}")
+    return float(value)
+
+
+def check_mode(mode: object) -> int:
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+        raise ConfigError(f"mode must be a permission number such as 0o644, got {mode!r:.40}")
+    return mode
 
 
 def agent_error(err: Any, what: str, path: str | None = None) -> CapsaError:

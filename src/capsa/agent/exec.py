@@ -11,7 +11,7 @@ from typing import Any
 
 from capsa.agent import wire
 from capsa.agent._channel import Call, Channel, InStream
-from capsa.agent.errors import agent_error
+from capsa.agent.errors import agent_error, check_timeout
 from capsa.agent.types import ExecResult
 from capsa.errors import (
     AgentError,
@@ -26,6 +26,8 @@ from capsa.errors import (
 SPAWN_TIMEOUT = 30.0
 KILL_GRACE = 5.0
 DEFAULT_MAX_OUTPUT = 64 << 20
+MAX_SIGNAL = 64  # SIGRTMAX on Linux
+MAX_TERMINAL = 10_000  # rows or columns
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,16 @@ class ExecSpec:
     timeout: float | None = None
     max_output: int = DEFAULT_MAX_OUTPUT
     pty: tuple[int, int] | None = None  # (rows, cols) of a pseudo-terminal, for interactive use
+    user: str | None = None  # "name", "uid", "name:group" or "uid:gid"; None: the image's default
+
+
+def _check_terminal(rows: object, cols: object) -> tuple[int, int]:
+    for value in (rows, cols):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TERMINAL:
+            raise ConfigError(
+                f"terminal rows and cols must be integers from 1 to {MAX_TERMINAL}, got {value!r:.40}"
+            )
+    return rows, cols  # type: ignore[return-value]
 
 
 def _check_text(value: str, what: str) -> str:
@@ -106,6 +118,8 @@ class Process:
 
     async def write_stdin(self, data: bytes) -> None:
         """Send ``data`` to the process's stdin (waits while the guest is still catching up)."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise ConfigError(f"write_stdin takes bytes, not {type(data).__name__}")
         credit = self._call.credits.get("stdin")
         if credit is None or not self._stdin_open:
             raise AgentError("this process's stdin is closed", kind="stdin_closed")
@@ -125,6 +139,9 @@ class Process:
     async def kill(self, sig: int = signals.SIGKILL, timeout: float = 10.0) -> None:
         """Send ``sig`` to the process group (the command and what it started). No error if the
         process has already exited."""
+        if isinstance(sig, bool) or not isinstance(sig, int) or not 1 <= sig <= MAX_SIGNAL:
+            raise ConfigError(f"a signal must be a number from 1 to {MAX_SIGNAL}, got {sig!r:.40}")
+        check_timeout(timeout)
         if self._call.end.done():
             return
         reply = await self._channel.request(
@@ -138,6 +155,8 @@ class Process:
 
     async def resize(self, rows: int, cols: int, timeout: float = 10.0) -> None:
         """Change the terminal size of a command started with ``pty()`` (it gets SIGWINCH)."""
+        rows, cols = _check_terminal(rows, cols)
+        check_timeout(timeout)
         args = {"target": self._call.id, "rows": rows, "cols": cols}
         reply = await self._channel.request("resize", args, timeout)
         if not reply.get("ok"):
@@ -148,6 +167,8 @@ class Process:
 
     async def wait(self, timeout: float | None = None) -> int:
         """Wait for the process to exit; returns its exit code (128 + signal if killed)."""
+        if timeout is not None:
+            check_timeout(timeout)
         try:
             async with asyncio.timeout(timeout):
                 end = await asyncio.shield(self._call.end)
@@ -200,6 +221,13 @@ class ExecBuilder:
             raise ConfigError(f"cwd must be an absolute guest path, got {path!r}")
         return self._with(cwd=path)
 
+    def user(self, user: str) -> ExecBuilder:
+        """Run as ``user`` ("name", "uid", "name:group" or "uid:gid", looked up in the guest's
+        /etc/passwd and /etc/group). Default: root, or the ``User`` of the sandbox's image."""
+        if not isinstance(user, str) or not user or "\0" in user or len(user) > 256:
+            raise ConfigError(f"invalid user {user!r:.80}")
+        return self._with(user=user)
+
     def stdin(self, data: bytes | str) -> ExecBuilder:
         """Feed ``data`` to the command's stdin, then close it (without it, stdin is /dev/null)."""
         if isinstance(data, str):
@@ -210,17 +238,12 @@ class ExecBuilder:
 
     def timeout(self, seconds: float) -> ExecBuilder:
         """Kill the command (its whole process group) if it runs longer than this."""
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
-            raise ConfigError(f"timeout must be a positive number of seconds, got {seconds!r}")
-        return self._with(timeout=float(seconds))
+        return self._with(timeout=check_timeout(seconds))
 
     def pty(self, rows: int = 24, cols: int = 80) -> ExecBuilder:
         """Run on a pseudo-terminal of this size (line editing, job control, Ctrl-C as \\x03):
         stdout carries the terminal's output, stderr stays empty. Resize with ``Process.resize``."""
-        for value in (rows, cols):
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000:
-                raise ConfigError(f"pty rows and cols must be integers from 1 to 10000, got {value!r}")
-        return self._with(pty=(rows, cols))
+        return self._with(pty=_check_terminal(rows, cols))
 
     def max_output(self, nbytes: int) -> ExecBuilder:
         """How much of stdout and of stderr ``run()`` keeps (default 64 MiB each); past it the
@@ -245,7 +268,7 @@ class ExecBuilder:
         out, err = bytearray(), bytearray()
         try:
             async with asyncio.timeout(spec.timeout):
-                feeder = asyncio.ensure_future(self._feed(process)) if spec.stdin is not None else None
+                feeder = asyncio.create_task(self._feed(process)) if spec.stdin is not None else None
                 try:
                     await asyncio.gather(
                         _collect(process.stdout, out, spec.max_output),
@@ -303,6 +326,8 @@ class ExecBuilder:
         }
         if spec.pty is not None:
             args["pty"] = list(spec.pty)
+        if spec.user is not None:
+            args["user"] = spec.user
         call = await self._channel.call(
             "exec", args, in_streams=("stdout", "stderr"), out_streams=("stdin",) if stdin else ()
         )
@@ -324,6 +349,7 @@ class ExecBuilder:
         if not isinstance(pid, int) or isinstance(pid, bool):
             call.close()
             raise ProtocolError("the agent's exec reply has no pid")
+        call.label = f"{spec.argv[0]!r} (pid {pid})"
         return Process(call, spec.argv, pid)
 
 

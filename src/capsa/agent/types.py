@@ -26,6 +26,7 @@ class GuestInfo:
     agent_version: str
     python_version: str
     uptime: float  # seconds since the guest kernel booted
+    image: str | None = None  # the capsa.Image the sandbox runs in (None: capsa's default root)
 
 
 @dataclass(frozen=True)

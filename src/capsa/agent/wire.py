@@ -14,7 +14,9 @@ Messages (version :data:`PROTOCOL_VERSION`)
 --------------------------------------------
 ``hello``  guest → host, first frame after the agent opens its port: ``{"v": version, "pid": int}``.
            The host refuses any other version.
-``req``    host → guest: ``{"id": int > 0, "op": str, ...arguments}``. Ids are never reused.
+``req``    host → guest: ``{"id": int > 0, "op": str, ...arguments}``. Ids are never reused and
+           stay below 2**63; the guest drops a request whose id is not such an int (no reply
+           could carry it) and answers every other one, a malformed one with ``bad_request``.
 ``res``    guest → host, exactly one per ``req``: ``{"id", "ok": True, ...results}`` or
            ``{"id", "ok": False, "err": {"kind", "msg", "errno", "path"}}``; ``kind`` is one of
            :data:`ERROR_KINDS`.
@@ -94,11 +96,23 @@ def encode(message: dict[str, Any]) -> bytes:
 
 
 class FrameDecoder:
-    """Incremental decoder: ``feed`` bytes as they arrive, get back the complete messages."""
+    """Incremental decoder: ``feed`` bytes as they arrive, get back the complete messages.
 
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+    By default a bad frame raises :class:`WireError` (the host fails the whole connection). With
+    ``skip_bad=True`` (the guest agent, which must outlive any input) a frame whose body is not a
+    valid message is dropped whole and decoding goes on after it, and an oversized announcement
+    drops its 4 header bytes and decoding goes on at the next byte; :attr:`dropped` counts them and
+    :attr:`last_error` says what the last one was. Either way the outcome depends only on the
+    bytes, never on how they were split into reads, so a peer can tell where the decoder stands
+    (see :meth:`needed`).
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME, *, skip_bad: bool = False) -> None:
         self._buffer = bytearray()
         self._max = max_frame
+        self._skip = skip_bad
+        self.dropped = 0
+        self.last_error = ""
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         self._buffer += data
@@ -106,14 +120,41 @@ class FrameDecoder:
         while len(self._buffer) >= _HEADER.size:
             (length,) = _HEADER.unpack_from(self._buffer)
             if length > self._max:
-                raise WireError(f"peer announced a {length}-byte frame (limit {self._max})")
+                error = WireError(f"peer announced a {length}-byte frame (limit {self._max})")
+                if not self._skip:
+                    raise error
+                self._dropped(error)
+                del self._buffer[: _HEADER.size]
+                continue
             end = _HEADER.size + length
             if len(self._buffer) < end:
                 break
-            with memoryview(self._buffer) as view:  # decode in place: no copy of the body
-                messages.append(_decode_body(view[_HEADER.size : end]))
+            view = memoryview(self._buffer)  # decode in place: no copy of the body
+            body = view[_HEADER.size : end]
+            try:
+                messages.append(_decode_body(body))
+            except WireError as error:
+                if not self._skip:
+                    raise
+                self._dropped(error)
+            finally:
+                body.release()  # the buffer cannot shrink while a view of it exists
+                view.release()
             del self._buffer[:end]
         return messages
+
+    def _dropped(self, error: WireError) -> None:
+        self.dropped += 1
+        self.last_error = str(error)
+
+    def needed(self) -> int:
+        """How many more bytes complete what is buffered: the rest of the header, or of the body."""
+        if not self._buffer:
+            return 0
+        if len(self._buffer) < _HEADER.size:
+            return _HEADER.size - len(self._buffer)
+        length: int = _HEADER.unpack_from(self._buffer)[0]
+        return _HEADER.size + length - len(self._buffer)
 
     @property
     def buffered(self) -> int:
@@ -123,7 +164,7 @@ class FrameDecoder:
 def _decode_body(body: bytes | memoryview) -> dict[str, Any]:
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=True)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+    except Exception as exc:  # ValueError, ExtraData, FormatError, StackError, or anything else
         raise WireError(f"malformed frame: {exc}") from None
     if not isinstance(message, dict) or not isinstance(message.get("t"), str):
         raise WireError("a frame must be a map with a string 't' (type) key")

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from capsa.cli import doctor, exec, image, kernel, run, shell
+from capsa.cli import doctor, exec, image, kernel, run, serve, shell
 from capsa.errors import CapsaError
 
 
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.register(commands)
     image.register(commands)
     kernel.register(commands)
+    serve.register(commands)
     return parser
 
 

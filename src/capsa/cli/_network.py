@@ -9,8 +9,11 @@ from capsa.errors import ConfigError
 
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--net", action="store_true", help="a network with all egress allowed")
-    parser.add_argument(
+    # Exclusive: --net means "all egress allowed", --allow-domain "only these"; both at once used to
+    # keep only the allow-list silently.
+    egress = parser.add_mutually_exclusive_group()
+    egress.add_argument("--net", action="store_true", help="a network with all egress allowed")
+    egress.add_argument(
         "--allow-domain",
         action="append",
         default=[],

@@ -21,6 +21,8 @@ from capsa.image import busybox_guest
 from capsa.image.initramfs import find_busybox
 from capsa.image.kernels import default_kernel_status
 from capsa.image.sandbox import sandbox_image
+from capsa.image.uefi_disk import missing_tools
+from capsa.uefi.firmware import INSTALL_HINT, check_pair, find_firmware
 
 
 @dataclass
@@ -116,8 +118,32 @@ def _sandbox_image() -> Check:
     return Check("sandbox image", True, f"{image.rootfs.name} ({image.kernel_kind} kernel)")
 
 
+def _uefi() -> list[Check]:
+    """OVMF (UEFI boot), its Secure Boot build, and the tools ``capsa.image.uefi_disk`` runs."""
+    checks = []
+    for name, secure in (("UEFI firmware (OVMF)", False), ("Secure Boot firmware", True)):
+        try:
+            found = find_firmware(secure)
+            check_pair(found.code, found.vars_template)
+        except CapsaError as exc:
+            checks.append(Check(name, False, exc.message, INSTALL_HINT))
+            continue
+        checks.append(Check(name, True, f"{found.code} + {found.vars_template.name}"))
+    missing = missing_tools()
+    if missing:
+        packages = " ".join(sorted(set(missing.values())))
+        detail = f"missing {', '.join(missing)}"
+        checks.append(Check("UEFI disk builder", False, detail, f"apt-get install {packages}"))
+    else:
+        checks.append(Check("UEFI disk builder", True, "EFI stub, objcopy, mkfs.fat and mtools found"))
+    return checks
+
+
 def collect() -> list[Check]:
-    return [_qemu(), _busybox(), *_kvm_and_kernel(), _sandbox_kernel(), _sandbox_image(), _virtiofsd()]
+    return [
+        _qemu(), _busybox(), *_kvm_and_kernel(), _sandbox_kernel(), _sandbox_image(), _virtiofsd(),
+        *_uefi(),
+    ]  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

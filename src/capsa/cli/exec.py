@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from typing import Any, BinaryIO
 
 import capsa
+from capsa._tasks import TaskSet
 from capsa.cli._network import add_network_arguments, network_from_args
 from capsa.cli._terminal import stdin_chunks
-from capsa.errors import AgentError, ConfigError
+from capsa.errors import AgentError, ConfigError, VMNotRunning
+
+log = logging.getLogger(__name__)
 
 TIMEOUT_EXIT = 124  # like coreutils timeout(1)
 
@@ -30,7 +34,8 @@ def register(commands: Any) -> None:
             "  capsa exec --share .:/src --share ./out:/out:rw -- sh -c 'cp -r /src/* /out/'\n"
             "  capsa exec --allow-domain pypi.org --allow-domain '*.pythonhosted.org' -- pip download\n"
             "  echo 'print(6 * 7)' | capsa exec -- python3\n\n"
-            "exit status: the command's own (128+N if signal N killed it); 124 if --timeout hit;\n"
+            "exit status: the command's own (128+N if signal N killed it); 124 if --timeout or\n"
+            "--lifetime ran out;\n"
             "2 if capsa itself failed (the message says why)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -46,6 +51,12 @@ def register(commands: Any) -> None:
     add_network_arguments(parser)
     parser.add_argument("--cwd", help="working directory in the guest (absolute)")
     parser.add_argument("--timeout", type=float, help="kill the command after this many seconds")
+    parser.add_argument(
+        "--lifetime",
+        type=float,
+        metavar="S",
+        help="stop and remove the whole sandbox S seconds after it is ready (exit status 124)",
+    )
     parser.add_argument("--cpus", type=int, default=1, help="virtual CPUs (default 1)")
     parser.add_argument("--memory", default="512M", help="guest memory, e.g. 512M or 1G")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
@@ -88,37 +99,51 @@ def sandbox_from_args(args: argparse.Namespace) -> capsa.SandboxBuilder:
     for item in args.share:
         host, guest, mode = parse_share(item)
         builder = builder.share(host, guest, mode)
+    lifetime = getattr(args, "lifetime", None)
+    if lifetime is not None:
+        builder = builder.lifetime(lifetime)
     network = network_from_args(args)
     return builder if network is None else builder.network(network)
 
 
 async def _run(builder: capsa.SandboxBuilder, command: list[str], args: argparse.Namespace) -> int:
     async with await builder.build() as vm:
-        spec = vm.agent.exec(command[0]).args(command[1:])
-        for item in args.env:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--env takes K=V, got {item!r}")
-            spec = spec.env(key, value)
-        if args.cwd:
-            spec = spec.cwd(args.cwd)
-        process = await spec.spawn()
-        pumps = [
-            asyncio.ensure_future(_copy_out(process.stdout, sys.stdout.buffer)),
-            asyncio.ensure_future(_copy_out(process.stderr, sys.stderr.buffer)),
-            asyncio.ensure_future(_copy_in(process)),
-        ]
         try:
-            async with asyncio.timeout(args.timeout):
-                await asyncio.gather(*pumps[:2])
-                return await process.wait()
-        except TimeoutError:
-            await process.kill()
-            sys.stderr.write(f"capsa: {command[0]} timed out after {args.timeout}s and was killed\n")
+            return await _command(vm, command, args)
+        except VMNotRunning as exc:
+            if not vm.lifetime_expired:
+                raise
+            sys.stderr.write(f"capsa: {exc.message}\n")  # --lifetime ran out: like a timeout
             return TIMEOUT_EXIT
-        finally:
-            for pump in pumps:
-                pump.cancel()
+
+
+async def _command(vm: capsa.Sandbox, command: list[str], args: argparse.Namespace) -> int:
+    spec = vm.agent.exec(command[0]).args(command[1:])
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--env takes K=V, got {item!r}")
+        spec = spec.env(key, value)
+    if args.cwd:
+        spec = spec.cwd(args.cwd)
+    process = await spec.spawn()
+    background = TaskSet(log)  # stdin: its failures are logged, never lost
+    background.spawn(_copy_in(process), name="capsa-exec-stdin")
+    output = asyncio.gather(  # awaited below: its errors are raised
+        _copy_out(process.stdout, sys.stdout.buffer),
+        _copy_out(process.stderr, sys.stderr.buffer),
+    )
+    try:
+        async with asyncio.timeout(args.timeout):
+            await output
+            return await process.wait()
+    except TimeoutError:
+        await process.kill()
+        sys.stderr.write(f"capsa: {command[0]} timed out after {args.timeout}s and was killed\n")
+        return TIMEOUT_EXIT
+    finally:
+        output.cancel()
+        background.cancel()
 
 
 async def _copy_out(stream: capsa.OutputStream, out: BinaryIO) -> None:
@@ -137,5 +162,5 @@ async def _copy_in(process: capsa.Process) -> None:
         while chunk := await queue.get():
             await process.write_stdin(chunk)
         await process.close_stdin()
-    except AgentError:
-        pass  # the command exited without reading all of its input
+    except (AgentError, VMNotRunning):
+        pass  # the command exited without reading all of its input (or the sandbox is gone)

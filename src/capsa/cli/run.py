@@ -20,7 +20,7 @@ DETACH = b"\x1d"  # Ctrl-]
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "run",
-        help="boot a raw VM (your kernel/initrd) attached to the terminal",
+        help="boot a raw VM (your kernel/initrd, or a UEFI disk) attached to the terminal",
         description=(
             "Boot a raw VM and attach this terminal to its serial console (raw mode). Ctrl-] "
             "detaches and stops the VM, like telnet or virsh console. With --no-console, wait for "
@@ -31,11 +31,20 @@ def register(commands: Any) -> None:
             "  capsa run --kernel vmlinuz --initrd initrd.img\n"
             "  capsa run --kernel vmlinuz --root-disk rootfs.img --cmdline 'init=/bin/sh'\n"
             "  capsa run --kernel vmlinuz --initrd initrd.img --share ./data:/data:rw --no-console\n"
-            "  capsa run --kernel vmlinuz --initrd initrd.img --forward 8080:80   # NIC set up by DHCP"
+            "  capsa run --kernel vmlinuz --initrd initrd.img --forward 8080:80   # NIC set up by DHCP\n"
+            "  capsa run --uefi disk.img                  # OVMF; the image is opened copy-on-write\n"
+            "  capsa run --uefi disk.qcow2 --uefi-vars my-vars.fd --uefi-writable"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--kernel", required=True, help="kernel image (bzImage or vmlinux)")
+    boot = parser.add_mutually_exclusive_group(required=True)
+    boot.add_argument("--kernel", help="kernel image (bzImage or vmlinux)")
+    boot.add_argument("--uefi", metavar="DISK", help="boot this disk (GPT + ESP) through OVMF")
+    parser.add_argument("--uefi-vars", metavar="PATH", help="with --uefi: persistent variable store")
+    parser.add_argument(
+        "--uefi-writable", action="store_true", help="with --uefi: let the guest write to DISK"
+    )
+    parser.add_argument("--secure-boot", action="store_true", help="with --uefi: Secure Boot firmware")
     parser.add_argument("--initrd", help="initramfs")
     parser.add_argument("--root-disk", help="root disk image (/dev/vda, root=/dev/vda)")
     parser.add_argument("--disk", action="append", default=[], metavar="PATH[:ro]", help="extra disk")
@@ -49,11 +58,24 @@ def register(commands: Any) -> None:
     parser.set_defaults(handler=_run)
 
 
+def _boot(args: argparse.Namespace) -> capsa.LinuxDirectBoot | capsa.UefiBoot:
+    if args.uefi is None:
+        if args.uefi_vars or args.uefi_writable or args.secure_boot:
+            raise ConfigError("--uefi-vars, --uefi-writable and --secure-boot need --uefi DISK")
+        boot = capsa.LinuxDirectBoot(args.kernel, args.initrd)
+        return boot.with_root_disk(args.root_disk) if args.root_disk else boot
+    if args.initrd or args.root_disk or args.cmdline:
+        raise ConfigError(
+            "--uefi boots the disk's own loader: --initrd, --root-disk and --cmdline do not apply",
+            hint="capsa.image.uefi_disk() builds a UEFI disk from a kernel, initrd and command line",
+        )
+    return capsa.UefiBoot(
+        args.uefi, vars=args.uefi_vars, writable=args.uefi_writable, secure_boot=args.secure_boot
+    )
+
+
 def _builder(args: argparse.Namespace) -> capsa.VMBuilder:
-    boot = capsa.LinuxDirectBoot(args.kernel, args.initrd)
-    if args.root_disk:
-        boot = boot.with_root_disk(args.root_disk)
-    builder = capsa.vm(boot).cpus(args.cpus).memory_mb(parse_memory(args.memory))
+    builder = capsa.vm(_boot(args)).cpus(args.cpus).memory_mb(parse_memory(args.memory))
     for item in args.disk:
         path, _, flag = item.partition(":")
         if flag not in ("", "ro"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -11,10 +12,13 @@ import sys
 from typing import Any
 
 import capsa
+from capsa._tasks import TaskSet
 from capsa.cli._network import add_network_arguments
 from capsa.cli._terminal import raw_terminal, stdin_chunks
 from capsa.cli.exec import sandbox_from_args
 from capsa.errors import AgentError
+
+log = logging.getLogger(__name__)
 
 
 def register(commands: Any) -> None:
@@ -53,10 +57,11 @@ async def _main(args: argparse.Namespace) -> int:
         spec = spec.env("TERM", os.environ.get("TERM", "xterm-256color")).cwd("/root")
         process = await spec.spawn()
         loop = asyncio.get_running_loop()
+        background = TaskSet(log)  # input pump and resizes: failures are logged, never lost
         if sys.stdin.isatty():
-            loop.add_signal_handler(signal.SIGWINCH, _resizer(process, loop))
+            loop.add_signal_handler(signal.SIGWINCH, _resizer(process, background))
         with raw_terminal():
-            pump = asyncio.ensure_future(_forward_input(process, loop))
+            background.spawn(_forward_input(process, loop), name="capsa-shell-input")
             try:
                 out = sys.stdout.buffer
                 async for chunk in process.stdout:
@@ -64,13 +69,13 @@ async def _main(args: argparse.Namespace) -> int:
                     out.flush()
                 return await process.wait()
             finally:
-                pump.cancel()
+                background.cancel()
 
 
-def _resizer(process: capsa.Process, loop: asyncio.AbstractEventLoop) -> Any:
+def _resizer(process: capsa.Process, background: TaskSet) -> Any:
     def on_winch() -> None:
         size = shutil.get_terminal_size()
-        loop.create_task(process.resize(size.lines, size.columns))
+        background.spawn(process.resize(size.lines, size.columns), name="capsa-shell-resize")
 
     return on_winch
 

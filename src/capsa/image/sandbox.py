@@ -43,6 +43,11 @@ MODULES = (
     "evdev",
 )
 AGENT_DIR = "/usr/lib/capsa"  # where the agent lands in the guest root
+# With a user image (capsa.Image): where the init mounts the user's root in capsa's, and where it
+# copies the image's config (agent/guest/userroot.py has the same paths).
+USER_ROOT = "/run/capsa/root"
+IMAGE_CONFIG = "capsa-image.json"
+IMAGE_CONFIG_COPY = "/run/capsa/image.json"
 AGENT_COMMAND = f"/usr/bin/python3 -E -s {AGENT_DIR}/capsa-agent"
 _LAUNCHER = b"""#!/usr/bin/python3 -E -s
 from capsa.agent.guest.main import main
@@ -69,6 +74,24 @@ while [ ! -b /dev/vda ]; do
 done
 mkdir -p /lower /rw /newroot
 mount -t squashfs -o ro /dev/vda /lower || fail "cannot mount the squashfs root on /dev/vda"
+image=""
+case " $cmdline " in *" capsa.image "*) image=1;; esac
+if [ -n "$image" ]; then
+  # A user image (capsa.Image) on the second disk; disks may enumerate in either order.
+  i=0
+  while [ ! -b /dev/vdb ]; do
+    i=$((i + 1)); [ $i -gt 500 ] && fail "no image disk /dev/vdb"
+    sleep 0.01
+  done
+  mkdir -p /image
+  other=/dev/vdb
+  if [ -e /lower/{IMAGE_CONFIG} ]; then
+    umount /lower; other=/dev/vda
+    mount -t squashfs -o ro /dev/vdb /lower || fail "cannot mount the squashfs root on /dev/vdb"
+  fi
+  mount -t squashfs -o ro $other /image || fail "cannot mount the image on $other"
+  [ -e /image/{IMAGE_CONFIG} ] || fail "the image disk has no {IMAGE_CONFIG}"
+fi
 mount -t tmpfs -o mode=0755 tmpfs /rw || fail "cannot mount tmpfs"
 mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot \\
@@ -77,6 +100,19 @@ for fs in proc sys dev; do mount --move /$fs /newroot/$fs; done
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
+if [ -n "$image" ]; then
+  # The user's root: the image under its own writable tmpfs layer, with the kernel filesystems.
+  # The agent keeps capsa's root and chroots into this one (capsa.agent.guest.userroot).
+  user=/newroot{USER_ROOT}
+  mkdir -p /rw/iupper /rw/iwork $user
+  mount -t overlay overlay -o lowerdir=/image/rootfs,upperdir=/rw/iupper,workdir=/rw/iwork $user \\
+    || fail "cannot mount the image's overlay root"
+  for fs in proc sys dev; do
+    mkdir -p $user/$fs && mount -o rbind /newroot/$fs $user/$fs || fail "cannot bind /$fs into the image"
+  done
+  mkdir -p $user/etc $user/tmp
+  cp /image/{IMAGE_CONFIG} /newroot{IMAGE_CONFIG_COPY} || fail "cannot copy the image config"
+fi
 ip link set lo up
 net=""
 for arg in $cmdline; do case "$arg" in capsa.ip=*) net="${{arg#capsa.ip=}}";; esac; done
@@ -89,6 +125,7 @@ if [ -n "$net" ]; then
   ip link set eth0 up && ip addr add "${{net%,*}}" dev eth0 && ip route add default via "${{net#*,}}" \\
     || fail "cannot configure eth0 with $net"
   echo "nameserver ${{net#*,}}" > /newroot/etc/resolv.conf
+  [ -n "$image" ] && cp /newroot/etc/resolv.conf /newroot{USER_ROOT}/etc/resolv.conf
 fi
 rm -rf /newroot{AGENT_DIR} && cp -r /capsa-agent /newroot{AGENT_DIR} || fail "cannot install the agent"
 [ -x /newroot/usr/bin/python3 ] || fail "the root filesystem has no /usr/bin/python3"

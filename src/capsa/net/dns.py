@@ -6,21 +6,27 @@ Allowed ``A`` questions are forwarded; the addresses in the answer are recorded 
 :class:`PinTable` (domain rules later match only those addresses) and addresses in internal ranges
 are removed unless the gateway allows internal destinations. ``AAAA`` gets an empty answer (the guest
 has no IPv6 route). Wire format: ``dnslib``; nothing from the guest is trusted.
+
+Bounded per VM, whatever the guest sends: one UDP socket per upstream, shared by every question in
+flight (each goes out under a random id; an answer counts only for its id and question, from that
+upstream's address), and at most :data:`MAX_PENDING` questions waiting for upstream. Beyond that a
+question gets SERVFAIL at once, and so does one for which no upstream socket can be opened.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from dnslib import QTYPE, RCODE, A, DNSRecord
+from dnslib import QTYPE, RCODE, RR, A, DNSHeader, DNSQuestion, DNSRecord
 
+from capsa._tasks import TaskSet
 from capsa.net.policy import NetworkPolicy, is_internal, normalize_name
 
 log = logging.getLogger(__name__)
@@ -29,6 +35,8 @@ MAX_PINS = 4096
 MIN_PIN_SECONDS = 30  # a short TTL must not break a connection opened right after the answer
 MAX_QUERY = 512
 UPSTREAM_TIMEOUT = 2.0
+MAX_PENDING = 64  # questions waiting for an upstream at once, per VM; more get SERVFAIL at once
+ROTATE_SECONDS = 1.0  # a new upstream socket (a new random source port) this often, when asked
 
 
 class LoopbackMap:
@@ -93,15 +101,79 @@ class DnsEvent:
 Upstream = tuple[str, int]
 
 
-class _Receiver(asyncio.DatagramProtocol):
-    """Resolves ``future`` with the first datagram (the upstream's answer)."""
+class _UpstreamSocket(asyncio.DatagramProtocol):
+    """One connected UDP socket to one upstream resolver, shared by every question in flight (the
+    kernel drops datagrams from other addresses). Each question goes out under a random id of its
+    own; an answer is taken only for the id and the very question it was sent with."""
 
-    def __init__(self, future: asyncio.Future[bytes]) -> None:
-        self._future = future
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.opened = time.monotonic()
+        self._retired = False
+        self._waiting: dict[int, tuple[DNSQuestion, asyncio.Future[DNSRecord | None]]] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for _, waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("upstream DNS socket: %r", exc)  # e.g. ICMP port unreachable; questions time out
 
     def datagram_received(self, data: bytes, addr: object) -> None:
-        if not self._future.done():
-            self._future.set_result(data)
+        entry = self._waiting.get(int.from_bytes(data[:2], "big")) if len(data) >= 12 else None
+        if entry is None:
+            return
+        question, waiter = entry
+        try:
+            answer = DNSRecord.parse(data)
+        except Exception:  # dnslib raises assorted errors on garbage
+            return
+        if answer.header.qr and answer.questions == [question] and not waiter.done():
+            waiter.set_result(answer)
+
+    async def ask(self, question: DNSQuestion, timeout: float) -> DNSRecord | None:
+        if self.transport is None or self.transport.is_closing():
+            return None
+        ident = secrets.randbelow(1 << 16)
+        while ident in self._waiting:  # at most MAX_PENDING of 65536 are taken
+            ident = secrets.randbelow(1 << 16)
+        waiter: asyncio.Future[DNSRecord | None] = asyncio.get_running_loop().create_future()
+        self._waiting[ident] = (question, waiter)
+        try:
+            self.transport.sendto(bytes(DNSRecord(DNSHeader(id=ident, rd=1), q=question).pack()))
+            return await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            del self._waiting[ident]
+            if self._retired and not self._waiting:
+                self.close()
+
+    def usable(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing() and not self._retired
+
+    def retire(self) -> None:
+        """Take no more questions; close once those in flight are answered or timed out."""
+        self._retired = True
+        if not self._waiting:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """A question the policy allows, to be asked upstream."""
+
+    query: DNSRecord
+    name: str
+    rule: str
 
 
 class DnsProxy:
@@ -115,7 +187,10 @@ class DnsProxy:
         on_event: Callable[[DnsEvent], None] | None = None,
         timeout: float = UPSTREAM_TIMEOUT,
         loopback: LoopbackMap | None = None,
+        max_pending: int = MAX_PENDING,
+        local: Callable[[str], ipaddress.IPv4Address | None] | None = None,
     ) -> None:
+        self._local = local or (lambda name: None)  # names answered here before the policy
         self._loopback = loopback or LoopbackMap()
         self._policy = policy
         self._upstreams = list(upstreams)
@@ -123,9 +198,76 @@ class DnsProxy:
         self._allow_internal = allow_internal
         self._on_event = on_event or (lambda event: None)
         self._timeout = timeout
+        self._max_pending = max(1, min(max_pending, 1 << 15))  # ids must stay easy to find
+        self._pending = 0
+        self._sockets: dict[Upstream, _UpstreamSocket] = {}
+        self._retired: set[_UpstreamSocket] = set()  # draining their questions
+        self._opening = asyncio.Lock()
+        self._tasks = TaskSet(log)
+
+    def submit(self, packet: bytes, respond: Callable[[bytes], None]) -> None:
+        """Take one datagram from the guest; ``respond`` gets the reply, if there is one. Whatever
+        can be answered here is answered at once; a question for upstream starts a task only while
+        fewer than ``max_pending`` wait, else it gets SERVFAIL at once. So a flood costs the caller
+        no task and the host at most ``max_pending`` tasks and one socket per upstream."""
+        judged = self._judge(packet)
+        if not isinstance(judged, _Forward):
+            if judged is not None:
+                respond(judged)
+            return
+        if not self._admit(judged):
+            respond(self._reply(judged.query, RCODE.SERVFAIL))
+            return
+        self._tasks.spawn(self._answer_later(judged, respond), name="dns-question")
 
     async def handle(self, packet: bytes) -> bytes | None:
-        """The reply to one query from the guest, or ``None`` to drop something that is not one."""
+        """The reply to one query from the guest, or ``None`` to drop something that is not one
+        (the same bound on questions in flight as :meth:`submit`)."""
+        judged = self._judge(packet)
+        if not isinstance(judged, _Forward):
+            return judged
+        if not self._admit(judged):
+            return self._reply(judged.query, RCODE.SERVFAIL)
+        try:
+            return await self._resolve(judged)
+        finally:
+            self._pending -= 1
+
+    def close(self) -> None:
+        """Stop the questions in flight and close the upstream sockets."""
+        self._tasks.cancel()
+        for channel in (*self._sockets.values(), *self._retired):
+            channel.close()
+        self._sockets.clear()
+        self._retired.clear()
+
+    def _admit(self, question: _Forward) -> bool:
+        if self._pending >= self._max_pending:
+            reason = f"more than {self._max_pending} questions in flight"
+            self._on_event(DnsEvent(question.name, "A", "servfail", reason))
+            return False
+        self._pending += 1
+        return True
+
+    async def _answer_later(self, question: _Forward, respond: Callable[[bytes], None]) -> None:
+        try:
+            reply = await self._resolve(question)
+        finally:
+            self._pending -= 1
+        respond(reply)
+
+    async def _resolve(self, question: _Forward) -> bytes:
+        upstream_reply = await self._ask_upstream(question.query)
+        if upstream_reply is not None:
+            try:
+                return self._filter(question.query, upstream_reply, question.name, question.rule)
+            except Exception as exc:  # an answer dnslib parsed but that makes no sense
+                log.warning("unusable upstream DNS answer for %s: %r", question.name, exc)
+        self._on_event(DnsEvent(question.name, "A", "servfail", "no upstream answered"))
+        return self._reply(question.query, RCODE.SERVFAIL)
+
+    def _judge(self, packet: bytes) -> bytes | _Forward | None:
+        """The reply decided here, ``None`` to drop the datagram, or the question to ask upstream."""
         if len(packet) > MAX_QUERY:
             return None
         try:
@@ -140,6 +282,13 @@ class DnsProxy:
             name = normalize_name(str(question.qname))
         except Exception:
             return self._reply(query, RCODE.NXDOMAIN)
+        local = self._local(name)
+        if local is not None:  # a cluster member: answered here, never asked upstream
+            self._on_event(DnsEvent(name, qtype, "allow", "cluster member", (str(local),)))
+            reply = query.reply()
+            if qtype == "A":
+                reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(str(local)), ttl=5))
+            return bytes(reply.pack())
         decision = self._policy.decide_name(name)
         if not decision.allowed:
             self._on_event(DnsEvent(name, qtype, "deny", decision.rule))
@@ -150,11 +299,7 @@ class DnsProxy:
         if qtype != "A":
             self._on_event(DnsEvent(name, qtype, "deny", "only A and AAAA questions are answered"))
             return self._reply(query, RCODE.REFUSED)
-        upstream_reply = await self._ask_upstream(query)
-        if upstream_reply is None:
-            self._on_event(DnsEvent(name, qtype, "servfail", "no upstream answered"))
-            return self._reply(query, RCODE.SERVFAIL)
-        return self._filter(query, upstream_reply, name, decision.rule)
+        return _Forward(query, name, decision.rule)
 
     def _filter(self, query: DNSRecord, answer: DNSRecord, name: str, rule: str) -> bytes:
         reply = query.reply()
@@ -186,23 +331,38 @@ class DnsProxy:
         return bytes(reply.pack())
 
     async def _ask_upstream(self, query: DNSRecord) -> DNSRecord | None:
-        forwarded = DNSRecord(header=query.header, q=query.questions[0])
-        forwarded.header.rd = 1
-        payload = bytes(forwarded.pack())
-        loop = asyncio.get_running_loop()
-        for host, port in self._upstreams:
-            waiter: asyncio.Future[bytes] = loop.create_future()
-            transport, _ = await loop.create_datagram_endpoint(
-                functools.partial(_Receiver, waiter), remote_addr=(host, port)
-            )
+        for upstream in self._upstreams:
             try:
-                transport.sendto(payload)
-                data = await asyncio.wait_for(waiter, self._timeout)
-                answer = DNSRecord.parse(data)
-                if answer.header.id == query.header.id:
-                    return answer
-            except (TimeoutError, OSError, Exception) as exc:  # dnslib parse errors included
-                log.info("upstream DNS %s:%d failed: %r", host, port, exc)
-            finally:
-                transport.close()
+                channel = await self._socket(upstream)
+            except OSError as exc:  # out of file descriptors, no route, ...
+                log.warning("no socket for upstream DNS %s:%d: %r", *upstream, exc)
+                continue
+            answer = await channel.ask(query.questions[0], self._timeout)
+            if answer is not None:
+                return answer
+            log.info("upstream DNS %s:%d did not answer in %.1f s", *upstream, self._timeout)
         return None
+
+    async def _socket(self, upstream: Upstream) -> _UpstreamSocket:
+        """The socket to ask ``upstream`` on. A new one (on a new random port, so an off-path
+        spoofer has the port to guess as well as the id) replaces it every :data:`ROTATE_SECONDS`;
+        the old one closes once its questions are done, which takes at most the timeout. So per
+        upstream at most ``2 + timeout / ROTATE_SECONDS`` sockets are open, whatever the load."""
+        async with self._opening:
+            current = self._sockets.get(upstream)
+            age = time.monotonic() - current.opened if current is not None else ROTATE_SECONDS
+            if current is not None and current.usable() and age < ROTATE_SECONDS:
+                return current
+            loop = asyncio.get_running_loop()
+            try:
+                _, fresh = await loop.create_datagram_endpoint(_UpstreamSocket, remote_addr=upstream)
+            except OSError:
+                if current is not None and current.usable():
+                    return current  # keep asking on the old port rather than not at all
+                raise
+            self._retired = {c for c in self._retired if c.transport and not c.transport.is_closing()}
+            if current is not None:
+                current.retire()
+                self._retired.add(current)
+            self._sockets[upstream] = fresh
+            return fresh

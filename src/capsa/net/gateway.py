@@ -101,8 +101,9 @@ class Gateway:
         return replace(self, dns=tuple(_upstream(s) for s in servers))
 
     def allow_internal_destinations(self) -> Gateway:
-        """Let the guest reach loopback/private/link-local addresses (and DNS answers pointing there):
-        for tests against servers on 127.0.0.1. Off by default."""
+        """Let the guest reach loopback/private/link-local addresses and the host's own interface
+        addresses (and DNS answers pointing there): for tests against servers on 127.0.0.1. Off by
+        default."""
         return replace(self, internal_allowed=True)
 
     def forward_tcp(

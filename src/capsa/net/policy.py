@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from capsa.errors import ConfigError
+from capsa.net.host_addresses import is_host_address
 
 Protocol = Literal["tcp", "udp", "icmp", "dns"]
 PROTOCOLS = ("tcp", "udp", "icmp", "dns")
@@ -222,6 +223,10 @@ class NetworkPolicy:
 
     default: Action = Action.DENY
     rules: tuple[Rule, ...] = ()
+    # decide_name's verdicts by which domain patterns match (a guest's flood of names costs one)
+    _name_verdicts: dict[tuple[bool, ...], tuple[bool, str]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def allow_all(cls) -> NetworkPolicy:
@@ -279,45 +284,139 @@ class NetworkPolicy:
 
     def decide_name(self, name: str) -> Decision:
         """May the guest resolve ``name``? Denied names get NXDOMAIN locally and are never sent
-        upstream, so DNS cannot be used as a tunnel past the policy. In rule order: a DENY rule naming
-        the domain refuses it; an ALLOW rule naming it, or allowing any address (a port or protocol
-        rule, which lets data out anyway), permits it; IP and CIDR rules never make names resolvable.
+        upstream, so DNS cannot carry data past the policy.
+
+        A name resolves iff some TCP or UDP flow to it could be allowed: for some protocol, port
+        and destination address, with ``names={name}``, the rules in order (first match, LOG rules
+        not terminal) reach an ALLOW rule that does not rest on the address alone, or fall through
+        to a default allow. A rule rests on the address alone when it would match the flow without
+        the name too but not at every address: ``Ip``/``Cidr`` allowances (alone, or with ports and
+        protocols) never make names resolvable, since the answer's address is not known yet and
+        DNS would otherwise tunnel to names whose only allowed destinations are some addresses.
+        ICMP and ``Proto("dns")`` rules never match a TCP/UDP flow, so they make nothing
+        resolvable; a DENY rule covering only some ports or protocols leaves the name resolvable
+        for the rest. ``logged`` lists the LOG rules that name the domain.
         """
-        flow = Flow("dns", names=frozenset({normalize_name(name)}))
-        logged: list[str] = []
-        for rule in self.rules:
-            if rule.action is Action.LOG:
-                if _names_domain(rule.matcher, flow):
-                    logged.append(rule.describe())
-                continue
-            if _names_domain(rule.matcher, flow):
-                return Decision(rule.action is Action.ALLOW, rule.describe(), tuple(logged))
-            if rule.action is Action.ALLOW and _any_address(rule.matcher):
-                return Decision(True, rule.describe(), tuple(logged))
-        return Decision(self.default is Action.ALLOW, f"default {self.default.value}", tuple(logged))
+        names = frozenset({normalize_name(name)})
+        logged = tuple(
+            rule.describe()
+            for rule in self.rules
+            if rule.action is Action.LOG and _names_domain(rule.matcher, names)
+        )
+        key = self._name_key(names)
+        verdict = None if key is None else self._name_verdicts.get(key)
+        if verdict is None:
+            verdict = self._name_verdict(names)
+            if key is not None:
+                if len(self._name_verdicts) >= _MAX_NAME_VERDICTS:
+                    self._name_verdicts.clear()
+                self._name_verdicts[key] = verdict
+        return Decision(verdict[0], verdict[1], logged)
+
+    def _name_key(self, names: frozenset[str]) -> tuple[bool, ...] | None:
+        """What the verdict for ``names`` depends on: which domain patterns match. ``None`` when a
+        matcher of an unknown kind may look at the names some other way."""
+        leaves = [leaf for rule in self.rules for leaf in _leaves(rule.matcher)]
+        if not all(isinstance(leaf, (Domain, Cidr, Port, Proto)) for leaf in leaves):
+            return None
+        return tuple(leaf.matches_name(n) for leaf in leaves if isinstance(leaf, Domain) for n in names)
+
+    def _name_verdict(self, names: frozenset[str]) -> tuple[bool, str]:
+        """Evaluate the rules on one representative flow per cell of (protocol x port range x
+        address range): matchers are constant on each cell, whose corners are the bounds of every
+        ``Port`` and ``Cidr`` in the rules that can still match flows to ``names``."""
+        rules = [(rule, _given_names(rule.matcher, names)) for rule in self.rules]
+        live = [(rule, m) for rule, m in rules if m is not False and rule.action is not Action.LOG]
+        if self.default is not Action.ALLOW and not any(r.action is Action.ALLOW for r, _ in live):
+            first = Flow("tcp", ipaddress.IPv4Address(0), _FIRST_PORT, names)  # nothing can allow
+            rule = next((r for r, m in live if _matches(m, first)), None)
+            return False, "default deny" if rule is None else rule.describe()
+        ports, addresses = _corners([m for _, m in live if not isinstance(m, bool)])
+        refused: str | None = None
+        for proto in ("tcp", "udp"):
+            for port in ports:
+                for address in addresses:
+                    flow = Flow(proto, address, port, names)
+                    rule = next((r for r, m in live if _matches(m, flow)), None)
+                    if rule is None:
+                        if self.default is Action.ALLOW:
+                            return True, "default allow"
+                        refused = refused or "default deny"
+                    elif rule.action is Action.DENY:
+                        refused = refused or rule.describe()
+                    elif not _address_only(rule.matcher, flow, addresses):
+                        return True, rule.describe()
+        return False, refused or "only address rules allow it (they never make names resolvable)"
 
 
-def _names_domain(matcher: Matcher, flow: Flow) -> bool:
+_MAX_NAME_VERDICTS = 1024
+_FIRST_PORT, _LAST_PORT = 1, 65535
+_LAST_ADDRESS = int(ipaddress.IPv4Address("255.255.255.255"))
+
+
+def _leaves(matcher: Matcher) -> list[Matcher]:
+    if isinstance(matcher, (All, AnyOf)):
+        return [leaf for part in matcher.parts for leaf in _leaves(part)]
+    return [matcher]
+
+
+def _matches(matcher: Matcher | bool, flow: Flow) -> bool:
+    return matcher if isinstance(matcher, bool) else matcher.matches(flow)
+
+
+def _names_domain(matcher: Matcher, names: frozenset[str]) -> bool:
     """Does the matcher constrain the name, and accept this one?"""
+    flow = Flow("tcp", names=names)
     if isinstance(matcher, Domain):
         return matcher.matches(flow)
     if isinstance(matcher, All):
         domains = [p for p in matcher.parts if isinstance(p, Domain)]
         return bool(domains) and all(d.matches(flow) for d in domains)
     if isinstance(matcher, AnyOf):
-        return any(_names_domain(p, flow) for p in matcher.parts)
+        return any(_names_domain(p, names) for p in matcher.parts)
     return False
 
 
-def _any_address(matcher: Matcher) -> bool:
-    """Does the matcher accept flows to any destination address (ports/protocols only)?"""
-    if isinstance(matcher, (Port, Proto)):
-        return True
-    if isinstance(matcher, All):
-        return all(_any_address(p) for p in matcher.parts)
-    if isinstance(matcher, AnyOf):
-        return any(_any_address(p) for p in matcher.parts)
-    return False
+def _given_names(matcher: Matcher, names: frozenset[str]) -> Matcher | bool:
+    """The matcher with its domain patterns decided for ``names``: ``True``/``False`` when nothing
+    else is left to decide, else what remains (ports, protocols, addresses)."""
+    if isinstance(matcher, Domain):
+        return any(matcher.matches_name(n) for n in names)
+    if isinstance(matcher, (All, AnyOf)):
+        decisive = isinstance(matcher, AnyOf)  # a True part decides AnyOf, a False part All
+        rest: list[Matcher] = []
+        for part in matcher.parts:
+            value = _given_names(part, names)
+            if value is decisive:
+                return decisive
+            if not isinstance(value, bool):
+                rest.append(value)
+        if not rest:
+            return not decisive
+        return rest[0] if len(rest) == 1 else type(matcher)(*rest)
+    return matcher
+
+
+def _corners(matchers: list[Matcher]) -> tuple[list[int], list[ipaddress.IPv4Address]]:
+    """The lowest port and address of every cell the matchers' ``Port`` and ``Cidr`` bounds cut."""
+    ports, addresses = {_FIRST_PORT}, {0}
+    for leaf in (leaf for m in matchers for leaf in _leaves(m)):
+        if isinstance(leaf, Port):
+            high = leaf.low if leaf.high is None else leaf.high
+            ports.update(p for p in (leaf.low, high + 1) if p <= _LAST_PORT)
+        elif isinstance(leaf, Cidr):
+            net = ipaddress.IPv4Network(leaf.network, strict=False)
+            first, after = int(net.network_address), int(net.broadcast_address) + 1
+            addresses.update(a for a in (first, after) if a <= _LAST_ADDRESS)
+    return sorted(ports), [ipaddress.IPv4Address(a) for a in sorted(addresses)]
+
+
+def _address_only(matcher: Matcher, flow: Flow, addresses: list[ipaddress.IPv4Address]) -> bool:
+    """Does the match of ``flow`` rest on its address alone? True when the matcher also matches
+    without the name, but not at every address."""
+    if not matcher.matches(replace(flow, names=frozenset())):
+        return False  # the name is needed: a domain rule (possibly narrowed to some addresses)
+    return not all(matcher.matches(replace(flow, dst_ip=a)) for a in addresses)
 
 
 _INTERNAL = [
@@ -339,6 +438,8 @@ _INTERNAL = [
 
 
 def is_internal(address: ipaddress.IPv4Address) -> bool:
-    """Loopback, private, link-local/metadata, CGNAT, multicast or reserved: refused as destinations
-    (and in DNS answers) unless the gateway opts in with ``allow_internal_destinations()``."""
-    return any(address in net for net in _INTERNAL)
+    """Loopback, private, link-local/metadata, CGNAT, multicast or reserved, or an address of the
+    host itself in whatever range (asked of the kernel each time: :mod:`capsa.net.host_addresses`):
+    refused as destinations (and in DNS answers) unless the gateway opts in with
+    ``allow_internal_destinations()``."""
+    return any(address in net for net in _INTERNAL) or is_host_address(address)

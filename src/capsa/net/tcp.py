@@ -54,6 +54,7 @@ class TcpEndpoint:
     guest_fin: bool = False  # the guest will send no more
     host_fin: bool = False  # the host side will send no more (FIN queued after outbound)
     fin_sent: bool = False
+    syn_ack_sent: bool = False  # a passive open answers nothing before the host connect succeeded
 
     @classmethod
     def accept(cls, syn: Tcp, guest_ip: ipaddress.IPv4Address, remote_ip: ipaddress.IPv4Address,
@@ -101,6 +102,8 @@ class TcpEndpoint:
         return min(room >> (OUR_WSCALE if self.scaling else 0), 0xFFFF)
 
     def syn_ack(self) -> bytes:
+        """Our SYN-ACK: only once the host side is connected (until then the guest hears nothing)."""
+        self.syn_ack_sent = True
         wscale = OUR_WSCALE if self.scaling else None
         segment = self._segment(TCP_SYN | TCP_ACK, seq=self.isn, mss=OUR_MSS, wscale=wscale)
         self.snd_nxt = (self.isn + 1) & 0xFFFFFFFF
@@ -117,10 +120,18 @@ class TcpEndpoint:
         return self._segment(TCP_RST | TCP_ACK)
 
     @staticmethod
-    def refuse(syn: Tcp, guest_ip: ipaddress.IPv4Address, remote_ip: ipaddress.IPv4Address) -> bytes:
-        """An immediate RST for a connection the policy denies (a denial must not look like a hang)."""
-        return Tcp.build(remote_ip, guest_ip, syn.dst_port, syn.src_port, seq=0,
-                         ack=(syn.seq + 1) & 0xFFFFFFFF, flags=TCP_RST | TCP_ACK, window=0)  # fmt: skip
+    def refuse(segment: Tcp, guest_ip: ipaddress.IPv4Address, remote_ip: ipaddress.IPv4Address) -> bytes:
+        """The RST answering a segment of no connection we hold (RFC 9293 3.10.7.1): a denied SYN, a
+        flow the NAT never opened or no longer knows (after a restore or fork). With an ACK in the
+        segment, ``<SEQ=SEG.ACK><CTL=RST>``, the one sequence the guest's window accepts; without,
+        ``<SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>``. A denial must never look like a hang."""
+        if segment.flags & TCP_ACK:
+            return Tcp.build(remote_ip, guest_ip, segment.dst_port, segment.src_port,
+                             seq=segment.ack, ack=0, flags=TCP_RST, window=0)  # fmt: skip
+        length = len(segment.payload) + bool(segment.flags & TCP_SYN) + bool(segment.flags & TCP_FIN)
+        return Tcp.build(remote_ip, guest_ip, segment.dst_port, segment.src_port, seq=0,
+                         ack=(segment.seq + length) & 0xFFFFFFFF, flags=TCP_RST | TCP_ACK,
+                         window=0)  # fmt: skip
 
     # -- the guest's segments --
 
@@ -133,6 +144,8 @@ class TcpEndpoint:
         if tcp.flags & TCP_RST:
             self.state = State.CLOSED
             return []
+        if self.state is State.SYN_RECEIVED and not self.syn_ack_sent:
+            return []  # the host connect is pending: a retransmitted SYN must not look answered
         if tcp.flags & TCP_SYN:  # a retransmitted SYN: answer again
             return [self.syn_ack_again()] if self.state is State.SYN_RECEIVED else []
         replies: list[bytes] = []

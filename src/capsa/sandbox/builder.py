@@ -15,10 +15,18 @@ from capsa.accelerator import resolve_accelerator
 from capsa.backend.qemu.process import find_qemu
 from capsa.boot import LinuxDirectBoot
 from capsa.errors import ConfigError, ImageError, SnapshotError
+from capsa.image.custom import Image
 from capsa.image.sandbox import SandboxImage, sandbox_image
 from capsa.net.gateway import VirtualNetwork
 from capsa.sandbox.handle import AGENT_PORT, Sandbox, restore_sandbox
-from capsa.shares.spec import AccessMode, Mechanism, ShareSpec, check_shares, make_share
+from capsa.shares.spec import (
+    AccessMode,
+    Mechanism,
+    ShareSpec,
+    check_shares,
+    for_template,
+    make_share,
+)
 from capsa.snapshot.store import (
     Snapshot,
     check_compatible,
@@ -27,7 +35,14 @@ from capsa.snapshot.store import (
     load_snapshot,
     remove_snapshot,
 )
-from capsa.vm.config import Accelerator, VMConfig, validate_cpus, validate_memory_mb
+from capsa.vm.config import (
+    Accelerator,
+    DiskSpec,
+    VMConfig,
+    validate_cpus,
+    validate_lifetime,
+    validate_memory_mb,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +63,8 @@ class SandboxConfig:
     cold: bool = False
     snapshot: Path | None = None
     network: VirtualNetwork | None = None
+    lifetime: float | None = None  # seconds from build() (from take() for a pool) to stop-and-remove
+    image: Image | None = None  # a user image (capsa.Image): commands run in its root
 
 
 def _existing_file(path: str | Path, what: str) -> Path:
@@ -103,6 +120,14 @@ class SandboxBuilder:
         python3-msgpack."""
         return self._with(rootfs=_existing_file(path, "rootfs"))
 
+    def image(self, image: Image) -> SandboxBuilder:
+        """Run commands and file operations in ``image`` (``capsa.Image.from_oci(...)``), built
+        (or found in the cache) at ``build()``, before the boot timeout starts. The agent keeps
+        capsa's own root, so the image needs no Python."""
+        if not isinstance(image, Image):
+            raise ConfigError("image() takes a capsa.Image")
+        return self._with(image=image)
+
     def share(
         self,
         host_path: str | Path,
@@ -112,7 +137,8 @@ class SandboxBuilder:
         mechanism: Mechanism = "auto",
     ) -> SandboxBuilder:
         """Share a host directory; it is mounted at ``guest_path`` before ``build()`` returns.
-        READ_ONLY is enforced on the host (guest root cannot remount it writable)."""
+        READ_ONLY is enforced on the host (guest root cannot remount it writable). ``auto`` uses 9p
+        so the sandbox restores from a template (virtio-fs with ``cold()``); docs/shares.md."""
         spec = make_share(host_path, guest_path, mode, mechanism)
         shares = (*self._config.shares, spec)
         check_shares(shares)
@@ -127,6 +153,12 @@ class SandboxBuilder:
         (image, cpus, memory) is the one that was saved."""
         path = snapshot.path if isinstance(snapshot, Snapshot) else Path(snapshot).expanduser()
         return self._with(snapshot=path)
+
+    def lifetime(self, seconds: float) -> SandboxBuilder:
+        """Stop and remove the sandbox ``seconds`` after ``build()`` returns (for a pool: after
+        ``take()``); from then on every call on it raises ``VMNotRunning`` saying its lifetime
+        expired. ``vm.set_lifetime(s)`` extends or shortens it while it runs."""
+        return self._with(lifetime=validate_lifetime(seconds))
 
     def accelerator(self, name: str) -> SandboxBuilder:
         if name not in _ACCELERATORS:
@@ -143,12 +175,27 @@ class SandboxBuilder:
         image = await asyncio.to_thread(_default_image)
         return c.kernel or image.kernel, c.initrd or image.initrd, c.rootfs or image.rootfs
 
+    async def _kernel_has_9p(self) -> bool:
+        """capsa's own kernel has 9p built in; Debian's cloud kernel (the fallback) and a kernel of
+        the user's may not, so their ``auto`` shares stay on virtio-fs."""
+        if self._config.kernel is not None:
+            return False
+        image = await asyncio.to_thread(_default_image)
+        return image.kernel_kind == "capsa"
+
     async def vm_config(self) -> VMConfig:
         """The raw VM configuration this sandbox runs as (resolving the default image)."""
         kernel, initrd, rootfs = await self._image()
         boot = LinuxDirectBoot(kernel, initrd).with_root_disk(rootfs, read_only=True)
         c = self._config
         cmdline: tuple[tuple[str, str | None], ...] = (("quiet", None),)
+        disks: tuple[DiskSpec, ...] = ()
+        if c.image is not None:
+            built = await asyncio.to_thread(
+                c.image.build, progress=lambda step: log.warning("image: %s", step)
+            )
+            disks = tuple(DiskSpec(layer, read_only=True) for layer in built.layers)
+            cmdline += (("capsa.image", None),)
         if c.network is not None:
             gw = c.network.gateway
             address = f"{gw.guest_ip}/{gw.network.prefixlen},{gw.gateway_ip}"
@@ -163,20 +210,32 @@ class SandboxBuilder:
             name=c.name,
             virtio_ports=(AGENT_PORT,),
             shares=c.shares,
+            disks=disks,
         )
 
     async def build(self, timeout: float = DEFAULT_BUILD_TIMEOUT) -> Sandbox:
         """Return a running sandbox once its agent has answered (``timeout`` in seconds).
 
         The first build of a configuration boots cold and records a template snapshot; later builds
-        restore that template (tens of times faster), unless ``cold()`` or shares are set."""
+        restore that template (tens of times faster), unless ``cold()`` is set or a share is on
+        virtio-fs (``mechanism="virtiofs"``, or a writable ``auto`` share on a host filesystem without
+        user xattrs): ``auto`` shares go on 9p here, see docs/shares.md."""
+        vm = await self._build(timeout)
+        if self._config.lifetime is not None:
+            await vm._start_lifetime(self._config.lifetime)
+        return vm
+
+    async def _build(self, timeout: float) -> Sandbox:
         c = self._config
+        templated = c.shares
+        if c.shares and await self._kernel_has_9p():
+            templated = tuple(for_template(share) for share in c.shares)  # see docs/shares.md
         if c.snapshot is not None:
-            return await restore_sandbox(load_snapshot(c.snapshot), timeout, c.shares, c.network)
+            return await restore_sandbox(load_snapshot(c.snapshot), timeout, templated, c.network)
         config = await self.vm_config()
-        if c.cold or any(share.mechanism != "9p" for share in c.shares):
+        if c.cold or any(share.mechanism != "9p" for share in templated):
             return await _cold(config, timeout)  # virtio-fs cannot be migrated: no template
-        return await _from_template(config, timeout)
+        return await _from_template(replace(config, shares=templated), timeout)
 
     async def __aenter__(self) -> Sandbox:
         self._vm = await self.build()

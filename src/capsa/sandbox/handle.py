@@ -20,6 +20,7 @@ from capsa.agent._channel import Channel
 from capsa.agent.client import Agent
 from capsa.backend.qemu.process import find_qemu
 from capsa.errors import (
+    BackendError,
     CapsaError,
     CapsaTimeoutError,
     ConfigError,
@@ -33,10 +34,9 @@ from capsa.errors import (
 from capsa.image.sandbox import INIT_ERROR_MARKER
 from capsa.net.gateway import VirtualNetwork
 from capsa.shares.spec import AccessMode, ShareSpec
-from capsa.snapshot.memory import place_memory_image, split_memory
+from capsa.snapshot.memory import write_snapshot_files
 from capsa.snapshot.migration import fsync, load_state, save_state
 from capsa.snapshot.store import (
-    MEMORY,
     STATE,
     Snapshot,
     check_compatible,
@@ -60,6 +60,8 @@ DEFAULT_SNAPSHOT_TIMEOUT = 120.0
 class Sandbox(VM):
     """A VM with a guest agent. Create it with ``await capsa.sandbox().build()``; ``async with`` it
     (or ``await vm.stop()``) to power it off and clean up."""
+
+    _KIND = "sandbox"
 
     def __init__(self, config: VMConfig) -> None:
         super().__init__(config)
@@ -167,7 +169,13 @@ class Sandbox(VM):
 
     async def snapshot(self, path: str | Path, timeout: float = DEFAULT_SNAPSHOT_TIMEOUT) -> Snapshot:
         """Save this running sandbox to the directory ``path`` (created; it must not exist). The VM
-        pauses while QEMU writes its memory (~0.1-0.5 s) and then keeps running."""
+        pauses while QEMU writes its memory (~0.1-0.5 s) and then keeps running.
+
+        Nothing may be in flight: a spawned process that is still running (``wait()`` for it or
+        ``kill()`` it; one whose output nobody reads cannot end) or a transfer makes it raise
+        :class:`SnapshotError` at once, naming them. Finished processes never block it, waited or not.
+        """
+        self._check_lifetime()
         if self._shares and (self._shares_mounted or any(s.mechanism != "9p" for s in self._shares)):
             raise SnapshotError(
                 "a sandbox with mounted shared directories cannot be snapshotted",
@@ -177,17 +185,16 @@ class Sandbox(VM):
         process, monitor, channel = self._process, self._monitor, self._channel
         if process is None or monitor is None or channel is None or process.returncode is not None:
             raise VMNotRunning("only a running sandbox can be snapshotted")
-        if channel._calls:
-            raise SnapshotError(
-                "the agent is busy (commands or transfers in flight)",
-                hint="wait for them to finish: a snapshot must not capture half a conversation",
-            )
+        _check_idle(channel)
         target = Path(path).expanduser()  # noqa: ASYNC240 - local metadata calls, microseconds
         if target.exists():
             raise SnapshotError(f"{target} already exists", path=target, hint="pick a new directory")
         assert self._qemu is not None
         record = config_record(self.config, self._qemu, self.accelerator)
-        partial = new_partial_dir(target)
+        try:
+            partial = new_partial_dir(target)
+        except OSError as exc:
+            raise _save_failed(target, exc) from exc
         work = new_vm_dir("snapshot-")  # RAM-backed: the full stream and the image are made here
         if free_bytes(work) < (2 * self.config.memory_mb) << 20:  # stream + fully allocated image
             remove_snapshot(work)
@@ -197,21 +204,28 @@ class Sandbox(VM):
             stream = work / "stream"
             started = time.monotonic()
             try:
+                # Paused first: one pass over RAM, no dirty-page tracking and no page sent twice
+                # (~15% faster than a live save under TCG, and the guest barely runs meanwhile).
+                try:
+                    await monitor.execute("stop")
+                except BackendError as exc:
+                    raise SnapshotError(f"pausing the VM failed: {exc.message}", path=target) from exc
                 await save_state(monitor, stream, timeout)
             finally:
                 await self._resume_if_paused()
             paused = time.monotonic()
-            await split_memory(self.config, stream, work / MEMORY, partial / STATE, timeout)
-            split = time.monotonic()
-            await place_memory_image(work / MEMORY, partial / MEMORY)
+            how = await write_snapshot_files(self.config, stream, work, partial, timeout)
             remove_snapshot(work)  # before the rename: it may live inside ``partial``
             await fsync(partial / STATE)
             log.info(
-                "snapshot %s: VM paused %.0f ms, memory image %.0f ms, copy %.0f ms", target,
-                (paused - started) * 1000, (split - paused) * 1000, (time.monotonic() - split) * 1000,
+                "snapshot %s: VM paused %.0f ms, memory image and state %.0f ms (%s)", target,
+                (paused - started) * 1000, (time.monotonic() - paused) * 1000, how,
             )  # fmt: skip
             write_metadata(partial, record)
             partial.rename(target)
+        except OSError as exc:  # ENOSPC, EIO... from any on-disk stage: never a bare OSError
+            remove_snapshot(partial)
+            raise _save_failed(target, exc) from exc
         except BaseException:
             remove_snapshot(partial)
             raise
@@ -224,6 +238,7 @@ class Sandbox(VM):
         with its own identity (entropy, clock, hostname). This sandbox keeps running."""
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ConfigError(f"fork count must be a positive integer, got {count!r}")
+        self._check_lifetime()
         scratch = new_vm_dir("fork-")
         try:
             snapshot = await self.snapshot(scratch / "snapshot", timeout)
@@ -240,7 +255,16 @@ class Sandbox(VM):
             for clone in clones:
                 await clone.kill()
             raise failures[0]
+        for clone in clones:
+            self._pass_lifetime_to(clone)
         return clones
+
+    def _pass_lifetime_to(self, clone: Sandbox) -> None:
+        """A fork keeps its parent's deadline (the time the parent had left when it was forked):
+        copying a sandbox never extends how long it may run. ``clone.set_lifetime`` changes it."""
+        remaining = self.lifetime_remaining
+        if remaining is not None and self._lifetime is not None:
+            clone._arm_lifetime(remaining, self._lifetime)
 
     def _clone_network(self) -> VirtualNetwork | None:
         """This sandbox's network for its forks: the same gateway and policy, with each port forward
@@ -266,6 +290,7 @@ class Sandbox(VM):
 
     async def _mount_shares(self) -> None:
         self._shares_mounted = bool(self._shares)
+        caches = {spec.guest_path: spec.guest_cache for spec in self.config.shares}
         for share in self._shares:
             agent = self.agent
             await agent.mkdir(share.guest_path, parents=True)
@@ -276,6 +301,8 @@ class Sandbox(VM):
             )
             if share.mode is AccessMode.READ_ONLY:
                 options.append("ro")  # the host refuses writes anyway; this makes them fail fast
+            if share.mechanism == "9p" and caches.get(share.guest_path) == "loose":
+                options.append("cache=loose")  # auto's read-only 9p shares: docs/shares.md
             argv = ["-t", share.mechanism, *(["-o", ",".join(options)] if options else [])]
             done = await agent.exec("mount").args([*argv, share.tag, share.guest_path]).timeout(30).run()
             if done.exit_code == 0 and share.mechanism == "virtiofs":
@@ -318,8 +345,34 @@ class Sandbox(VM):
 
     async def _cleanup(self) -> None:
         if self._channel is not None:
-            await self._channel.close(VMNotRunning("the sandbox is stopped"))
+            await self._channel.close(self._expired or VMNotRunning("the sandbox is stopped"))
         await super()._cleanup()
+
+
+def _save_failed(target: Path, exc: OSError) -> SnapshotError:
+    return SnapshotError(
+        f"saving the snapshot {target} failed: {exc.strerror or exc}",
+        path=target,
+        hint="a snapshot needs room for the guest's used memory (tens of MiB) where it is written",
+    )
+
+
+def _check_idle(channel: Channel) -> None:
+    """Refuse to snapshot while a request is in flight (the copy would hold half a conversation the
+    new host end knows nothing about). A call whose end arrived is finished, even if not waited."""
+    busy = [call for call in channel._calls.values() if not call.end.done()]
+    if not busy:
+        return
+    what = [
+        f"process {call.label} is still running" if call.label else f"request {call.id} is in flight"
+        for call in busy
+    ]
+    raise SnapshotError(
+        f"the sandbox cannot be snapshotted while the agent is busy: {'; '.join(what[:10])}"
+        + (f" (and {len(what) - 10} more)" if len(what) > 10 else ""),
+        hint="wait() for spawned processes or kill() them (a process whose output nobody reads "
+        "cannot end), and let transfers finish: a snapshot must not capture half a conversation",
+    )
 
 
 def new_hostname() -> str:

@@ -3,7 +3,9 @@
 Each reserved sandbox is used by one caller and destroyed when released (never recycled: a sandbox
 that ran untrusted code is not trusted again); the pool builds a replacement in the background. With
 the template cache a replacement is a snapshot restore, so refilling is cheap. A build that fails is
-recorded in ``last_error`` and retried with back-off: the pool keeps serving what it has.
+recorded in ``last_error`` (any exception, logged; ``take()`` names it when it times out) and retried
+with back-off: the pool keeps serving what it has. A builder's ``lifetime`` starts when a sandbox is
+handed out by ``take()``/``try_reserve()``, not while it waits in the pool.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator
 
+from capsa._tasks import TaskSet
 from capsa.errors import CapsaError, CapsaTimeoutError, ConfigError, VMNotRunning
 from capsa.sandbox.builder import SandboxBuilder
 from capsa.sandbox.handle import Sandbox
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MAX_POOL = 64
 _BACKOFF_MAX = 30.0
+_CLOSE_TIMEOUT = 30.0
 
 
 class Pool:
@@ -37,14 +41,23 @@ class Pool:
         self._changed = asyncio.Event()
         self._wake_filler = asyncio.Event()
         self._closed = False
-        self.last_error: CapsaError | None = None
-        self._reapers: set[asyncio.Task[None]] = set()
-        self._filler = asyncio.ensure_future(self._fill())
+        self.last_error: BaseException | None = None
+        self._lifetime = builder.config.lifetime  # starts at take(), not while waiting in the pool
+        self._build_with = builder if self._lifetime is None else builder._with(lifetime=None)
+        self._reapers = TaskSet(log)
+        self._background = TaskSet(log, self._filler_died)
+        self._filler = self._background.spawn(self._fill(), name="capsa-pool-filler")
 
     @property
     def available(self) -> int:
         """Sandboxes booted and waiting."""
         return sum(1 for vm in self._ready if vm.status is RunState.RUNNING)
+
+    def _filler_died(self, error: BaseException) -> None:
+        """The refill task died (a bug: it retries every failure; the traceback is logged already):
+        remember why, so that ``take()`` says it, and wake the callers waiting in ``take()``."""
+        self.last_error = error
+        self._changed.set()
 
     async def _fill(self) -> None:
         backoff = 1.0
@@ -54,12 +67,19 @@ class Pool:
                 await self._wake_filler.wait()
                 continue
             try:
-                vm = await self._builder.build()
-            except CapsaError as exc:
+                vm = await self._build_with.build()
+            except Exception as exc:  # any failure: record it, back off, retry
                 self.last_error = exc
-                log.warning(
-                    "pool: building a sandbox failed (retrying in %.0fs): %s", backoff, exc.message
-                )
+                if isinstance(exc, CapsaError):
+                    log.warning(
+                        "pool: building a sandbox failed (retrying in %.0fs): %s", backoff, exc.message
+                    )
+                else:  # not one of ours: a bug or an environment failure; keep the traceback
+                    log.error(
+                        "pool: building a sandbox failed (retrying in %.0fs): %r",
+                        backoff, exc, exc_info=exc,
+                    )  # fmt: skip
+                self._changed.set()  # wake take(): it reports the error if its time is up
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
@@ -77,10 +97,10 @@ class Pool:
             vm = self._ready.popleft()
             self._wake_filler.set()
             if vm.status is RunState.RUNNING:
+                if self._lifetime is not None:
+                    vm.set_lifetime(self._lifetime)
                 return vm
-            reaper = asyncio.ensure_future(vm.kill())  # died while waiting: clean it up
-            self._reapers.add(reaper)
-            reaper.add_done_callback(self._reapers.discard)
+            self._reapers.spawn(vm.kill(), name="capsa-pool-reaper")  # died while waiting: clean up
         return None
 
     async def take(self, timeout: float = 30.0) -> Sandbox:
@@ -91,9 +111,14 @@ class Pool:
             vm = self.try_reserve()
             if vm is not None:
                 return vm
+            if self._filler.done():  # only a bug gets here: the filler retries every failure
+                raise CapsaError(
+                    f"the pool stopped refilling: {_describe(self.last_error or RuntimeError())}",
+                    hint="see the logged traceback; close this pool and make a new one",
+                )
             remaining = deadline - loop.time()
             if remaining <= 0:
-                why = f"; last build error: {self.last_error.message}" if self.last_error else ""
+                why = f"; last build error: {_describe(self.last_error)}" if self.last_error else ""
                 raise CapsaTimeoutError(f"no pooled sandbox became ready within {timeout}s{why}")
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
@@ -117,18 +142,24 @@ class Pool:
         self._closed = True
         self._wake_filler.set()
         self._filler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._filler
+        await asyncio.gather(self._filler, return_exceptions=True)  # its failure is logged already
         while self._ready:
-            await self._ready.popleft().kill()
-        if self._reapers:
-            await asyncio.gather(*self._reapers, return_exceptions=True)
+            vm = self._ready.popleft()
+            try:
+                await vm.kill()
+            except Exception:  # destroy the others anyway
+                log.exception("pool: destroying a waiting sandbox failed")
+        await self._reapers.wait_all(_CLOSE_TIMEOUT)
 
     async def __aenter__(self) -> Pool:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def _describe(error: BaseException) -> str:
+    return error.message if isinstance(error, CapsaError) else f"{type(error).__name__}: {error}"
 
 
 async def pool(builder: SandboxBuilder, size: int = 4) -> Pool:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import enum
+import errno
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -29,6 +30,9 @@ class ShareSpec:
     guest_path: str
     mode: AccessMode = AccessMode.READ_ONLY
     mechanism: Mechanism = "auto"
+    # 9p only: "loose" lets the guest cache attributes, names and pages (for read-only shares that
+    # ``auto`` put on 9p so the sandbox restores from a template; see docs/shares.md)
+    guest_cache: Literal["none", "loose"] = "none"
 
     @property
     def read_only(self) -> bool:
@@ -85,7 +89,35 @@ def make_share(
     host = check_host_dir(host_path)
     if mode is AccessMode.READ_WRITE and not os.access(host, os.W_OK):
         raise ConfigError(f"share: host directory is not writable: {host}", hint="share it READ_ONLY")
+    if mode is AccessMode.READ_WRITE and mechanism == "9p":
+        check_user_xattrs(host)
     return ShareSpec(host, check_guest_path(guest_path), mode, mechanism)
+
+
+def check_user_xattrs(host: Path) -> None:
+    """A writable 9p share keeps the guest's owners and modes in ``user.*`` xattrs
+    (``security_model=mapped-xattr``): the host filesystem must support them."""
+    try:
+        os.getxattr(host, "user.capsa.probe")
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise ConfigError(
+                f"share: {host} is on a filesystem without user xattrs, which a writable 9p share needs",
+                hint="share it with mechanism='virtiofs', or READ_ONLY",
+            ) from None
+
+
+def for_template(spec: ShareSpec) -> ShareSpec:
+    """What ``auto`` means in a sandbox restored from a template. A read-only share becomes 9p, which
+    QEMU migrates once it is unmounted (virtio-fs cannot be migrated, so it would boot cold), with
+    the guest caching it (``ls -l`` would otherwise be several times slower than virtio-fs). A
+    writable share stays on virtio-fs and boots cold: uncached 9p lists a directory 5-15x slower
+    and, to keep set-uid files and device nodes off the host, stores the guest's symlinks and modes
+    in xattrs (``mapped-xattr``), which a checkout's tools would not expect. Ask for
+    ``mechanism="9p"`` to trade those for a template start."""
+    if spec.mechanism != "auto" or not spec.read_only:
+        return spec
+    return replace(spec, mechanism="9p", guest_cache="loose")
 
 
 def check_shares(shares: tuple[ShareSpec, ...]) -> None:

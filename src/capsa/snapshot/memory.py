@@ -19,6 +19,8 @@ from pathlib import Path
 from capsa.errors import CapsaError, SnapshotError
 from capsa.net.gateway import VirtualNetwork
 from capsa.snapshot.migration import load_state, save_state
+from capsa.snapshot.store import MEMORY, STATE
+from capsa.snapshot.stream import UnsupportedStream, ram_block_name, split_stream
 from capsa.vm.config import MemoryFile, VMConfig
 from capsa.vm.handle import VM
 
@@ -28,6 +30,30 @@ _PAGE = 4096
 _CHUNK = 1 << 20
 _ZERO_PAGE = bytes(_PAGE)
 _ZERO_CHUNK = bytes(_CHUNK)
+
+
+async def write_snapshot_files(
+    config: VMConfig, stream: Path, work: Path, directory: Path, timeout: float
+) -> str:
+    """``directory``'s memory image and state from the full migration ``stream`` of a VM started
+    with ``config`` (``stream`` is removed). Split in-process (:mod:`capsa.snapshot.stream`); a
+    stream layout the splitter does not know goes through the helper QEMU. Returns which was used."""
+    memory, state = directory / MEMORY, directory / STATE
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.to_thread(split_stream, stream, memory, state, ram_block_name(config.machine))
+    except UnsupportedStream as exc:
+        log.warning("migration stream not split in-process (%s); using a helper QEMU", exc)
+        memory.unlink(missing_ok=True)
+        state.unlink(missing_ok=True)
+    except TimeoutError:
+        raise SnapshotError(f"writing the memory image took over {timeout:.0f}s", path=memory) from None
+    else:
+        stream.unlink(missing_ok=True)  # noqa: ASYNC240
+        return "in-process"
+    await split_memory(config, stream, work / MEMORY, state, timeout)
+    await place_memory_image(work / MEMORY, memory)
+    return "helper"
 
 
 def _without_forwards(network: VirtualNetwork | None) -> VirtualNetwork | None:

@@ -90,6 +90,9 @@ class SyncExecBuilder:
     def cwd(self, path: str) -> SyncExecBuilder:
         return self._wrap(self._builder.cwd(path))
 
+    def user(self, user: str) -> SyncExecBuilder:
+        return self._wrap(self._builder.user(user))
+
     def stdin(self, data: bytes | str) -> SyncExecBuilder:
         return self._wrap(self._builder.stdin(data))
 

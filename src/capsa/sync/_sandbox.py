@@ -10,6 +10,7 @@ from typing import Any
 from capsa._guardian import new_vm_dir
 from capsa._portal import Portal
 from capsa.errors import ConfigError
+from capsa.image.custom import Image
 from capsa.net.gateway import VirtualNetwork
 from capsa.sandbox.builder import DEFAULT_BUILD_TIMEOUT, SandboxBuilder, SandboxConfig
 from capsa.sandbox.builder import sandbox as _async_sandbox
@@ -17,7 +18,7 @@ from capsa.sandbox.handle import DEFAULT_SNAPSHOT_TIMEOUT, Sandbox, restore_sand
 from capsa.shares.spec import AccessMode, Mechanism
 from capsa.snapshot.store import Snapshot, remove_snapshot
 from capsa.sync._agent import SyncAgent
-from capsa.sync._vm import SyncVM
+from capsa.sync._vm import SyncVM, _on_loop
 
 
 class SyncSandbox(SyncVM):
@@ -50,7 +51,12 @@ class SyncSandbox(SyncVM):
             clones: list[SyncSandbox] = []
             try:
                 for ip in self._sandbox._fork_addresses(count):
-                    clones.append(_start(partial(restore_sandbox, snap, timeout, (), network, ip)))
+                    clone = _start(partial(restore_sandbox, snap, timeout, (), network, ip))
+                    clones.append(clone)
+                    # the parent's deadline, armed on the clone's own loop (see Sandbox.fork)
+                    clone._portal.call(
+                        _on_loop(partial(self._sandbox._pass_lifetime_to, clone._sandbox))
+                    )
             except BaseException:
                 for clone in clones:
                     clone.kill()
@@ -104,6 +110,12 @@ class SyncSandboxBuilder:
         mechanism: Mechanism = "auto",
     ) -> SyncSandboxBuilder:
         return self._wrap(self._builder.share(host_path, guest_path, mode, mechanism=mechanism))
+
+    def lifetime(self, seconds: float) -> SyncSandboxBuilder:
+        return self._wrap(self._builder.lifetime(seconds))
+
+    def image(self, image: Image) -> SyncSandboxBuilder:
+        return self._wrap(self._builder.image(image))
 
     def accelerator(self, name: str) -> SyncSandboxBuilder:
         return self._wrap(self._builder.accelerator(name))

@@ -17,7 +17,7 @@ from capsa.net.stack import LogEntry, NetworkStack
 from capsa.shares.spec import AccessMode, Mechanism, Share
 from capsa.vm.builder import VMBuilder
 from capsa.vm.builder import vm as _async_vm
-from capsa.vm.config import DiskFormat, VMConfig
+from capsa.vm.config import DiskFormat, VMConfig, validate_lifetime
 from capsa.vm.handle import DEFAULT_STOP_TIMEOUT, VM
 from capsa.vm.runstate import RunState
 
@@ -111,8 +111,27 @@ class SyncVM:
     def shutdown_reason(self) -> str | None:
         return self._vm.shutdown_reason
 
+    @property
+    def lifetime_remaining(self) -> float | None:
+        return self._vm.lifetime_remaining
+
+    @property
+    def lifetime_expired(self) -> bool:
+        return self._vm.lifetime_expired
+
+    def set_lifetime(self, seconds: float) -> None:
+        validate_lifetime(seconds)  # a bad value fails here, even on a closed handle
+        if self._portal.closed:
+            self._vm.set_lifetime(seconds)  # raises: stopped (or its lifetime expired)
+        self._portal.call(_on_loop(lambda: self._vm.set_lifetime(seconds)))
+
     def port_socket(self, name: str) -> socket.socket:
         return self._vm.port_socket(name)
+
+    def wait_for_state(self, *states: RunState, timeout: float | None = None) -> RunState:
+        if self._portal.closed and self._vm.status in states:  # stopped: the state is final
+            return self._vm.status
+        return self._portal.call(self._vm.wait_for_state(*states, timeout=timeout))
 
     def wait(self, timeout: float | None = None) -> int:
         code = self._portal.call(self._vm.wait(timeout))
@@ -153,6 +172,9 @@ class SyncVMBuilder:
 
     def _wrap(self, builder: VMBuilder) -> SyncVMBuilder:
         return SyncVMBuilder(builder)
+
+    def lifetime(self, seconds: float) -> SyncVMBuilder:
+        return self._wrap(self._builder.lifetime(seconds))
 
     def cpus(self, count: int) -> SyncVMBuilder:
         return self._wrap(self._builder.cpus(count))

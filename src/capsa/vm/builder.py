@@ -20,6 +20,7 @@ from capsa.vm.config import (
     validate_cmdline_text,
     validate_cmdline_value,
     validate_cpus,
+    validate_lifetime,
     validate_memory_mb,
     validate_port_name,
 )
@@ -34,8 +35,9 @@ class VMBuilder:
     """Each method returns a new builder; the original is unchanged. ``await builder.build()`` starts
     the VM. ``async with capsa.vm(boot)... as vm:`` builds, then stops the VM on exit."""
 
-    def __init__(self, config: VMConfig) -> None:
+    def __init__(self, config: VMConfig, lifetime: float | None = None) -> None:
         self._config = config
+        self._lifetime = lifetime
         self._vm: VM | None = None
 
     @property
@@ -43,7 +45,12 @@ class VMBuilder:
         return self._config
 
     def _with(self, **changes: Any) -> VMBuilder:
-        return VMBuilder(replace(self._config, **changes))
+        return VMBuilder(replace(self._config, **changes), self._lifetime)
+
+    def lifetime(self, seconds: float) -> VMBuilder:
+        """Stop and remove the VM ``seconds`` after ``build()`` returns; from then on every call on it
+        raises ``VMNotRunning`` saying its lifetime expired. ``vm.set_lifetime(s)`` changes it later."""
+        return VMBuilder(self._config, validate_lifetime(seconds))
 
     def cpus(self, count: int) -> VMBuilder:
         return self._with(cpus=validate_cpus(count))
@@ -130,6 +137,8 @@ class VMBuilder:
         """Validate, start QEMU, and return the running VM (the guest is booting)."""
         vm = VM(self._config)
         await vm._start(timeout)
+        if self._lifetime is not None:
+            await vm._start_lifetime(self._lifetime)
         return vm
 
     async def __aenter__(self) -> VM:

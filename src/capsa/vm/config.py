@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -44,6 +45,27 @@ def validate_cpus(cpus: int) -> int:
     if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= MAX_CPUS:
         raise ConfigError(f"cpus must be an integer from 1 to {MAX_CPUS}, got {cpus!r}")
     return cpus
+
+
+def validate_lifetime(seconds: float) -> float:
+    """A lifetime: a positive, finite number of seconds (``int`` or ``float``)."""
+    value: float | None = None
+    if not isinstance(seconds, bool) and isinstance(seconds, (int, float)):
+        try:
+            value = float(seconds)
+        except OverflowError:
+            value = None
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ConfigError(
+            f"lifetime must be a positive, finite number of seconds, got {seconds!r}",
+            hint="e.g. .lifetime(300) stops and removes the VM five minutes after it is ready",
+        )
+    return value
+
+
+def format_seconds(seconds: float) -> str:
+    """``3`` → ``"3s"``, ``2.5`` → ``"2.5s"`` (for messages)."""
+    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
 
 
 def host_memory_mb() -> int:

@@ -12,11 +12,12 @@ from pathlib import Path
 from types import TracebackType
 
 from capsa._guardian import new_vm_dir
+from capsa._tasks import TaskSet
 from capsa.accelerator import host_tsc_khz, resolve_accelerator
 from capsa.backend.qemu.argv import LaunchPlan, PlannedShare, build_argv
 from capsa.backend.qemu.monitor import Monitor
 from capsa.backend.qemu.process import QemuProcess, find_qemu
-from capsa.boot import LinuxDirectBoot
+from capsa.boot import LinuxDirectBoot, UefiBoot
 from capsa.console import Console
 from capsa.errors import (
     BackendError,
@@ -26,11 +27,14 @@ from capsa.errors import (
     ShareError,
     VMExited,
     VMNotRunning,
+    VMStateError,
 )
-from capsa.net.stack import NetworkStack
+from capsa.net.stack import NetworkStack, open_stack
 from capsa.shares.spec import Share
 from capsa.shares.virtiofsd import find_virtiofsd, start_virtiofsd
-from capsa.vm.config import VMConfig
+from capsa.uefi.launch import prepare_uefi_async, release_uefi, uefi_accelerator
+from capsa.uefi.watch import watch_firmware
+from capsa.vm.config import VMConfig, format_seconds, validate_lifetime
 from capsa.vm.runstate import RunState
 
 log = logging.getLogger(__name__)
@@ -45,9 +49,12 @@ class VM:
     ``async with vm:`` stops it (gracefully, then by force) and removes its runtime directory.
     """
 
+    _KIND = "VM"  # how messages name this kind of handle
+
     def __init__(self, config: VMConfig) -> None:
         self.config = config
-        self._state = RunState.CREATED
+        self._state = RunState.CREATED  # changed only by _set_state()
+        self._state_waiters: list[tuple[frozenset[RunState], asyncio.Future[RunState]]] = []
         self._process: QemuProcess | None = None
         self._monitor: Monitor | None = None
         self._console: Console | None = None
@@ -66,12 +73,67 @@ class VM:
         self._guest_ip: ipaddress.IPv4Address | None = (
             None  # a restore's own address (else the gateway's default)
         )
+        self._tasks = TaskSet(log)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lifetime: float | None = None  # seconds, as last set (for messages)
+        self._deadline: float | None = None  # loop time when the lifetime ends
+        self._lifetime_timer: asyncio.TimerHandle | None = None
+        self._expired: VMNotRunning | None = None  # set once the lifetime has run out
 
     # -- properties --
 
     @property
     def status(self) -> RunState:
         return self._state
+
+    # -- state machine --
+
+    def _set_state(self, new: RunState) -> bool:
+        """The one place the state changes. A transition the lifecycle does not allow (see
+        ``RunState.can_become``; final states are final) is refused and returns False."""
+        old = self._state
+        if new is old:
+            return True
+        if not old.can_become(new):
+            if not old.is_final:
+                log.error("%s: refused state change %s -> %s", self._KIND, old.value, new.value)
+            return False
+        self._state = new
+        for states, future in self._state_waiters:
+            if new in states and not future.done():
+                future.set_result(new)
+        self._state_waiters = [(s, f) for s, f in self._state_waiters if not f.done()]
+        return True
+
+    async def wait_for_state(self, *states: RunState, timeout: float | None = None) -> RunState:
+        """Wait until the handle is in one of ``states`` (returns it); :class:`CapsaTimeoutError`
+        after ``timeout`` seconds."""
+        if self._state in states:
+            return self._state
+        future: asyncio.Future[RunState] = asyncio.get_running_loop().create_future()
+        entry = (frozenset(states), future)
+        self._state_waiters.append(entry)
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            wanted = " or ".join(s.value for s in states)
+            raise CapsaTimeoutError(
+                f"the {self._KIND} did not become {wanted} within {timeout}s; it is {self._state.value}"
+            ) from None
+        finally:
+            if entry in self._state_waiters:
+                self._state_waiters.remove(entry)
+
+    def _require(self, *states: RunState, action: str) -> None:
+        """Raise :class:`VMStateError` unless the handle is in one of ``states``."""
+        if self._state not in states:
+            wanted = " or ".join(s.value for s in states)
+            raise VMStateError(
+                f"{action} needs a {wanted} {self._KIND}; it is {self._state.value}",
+                state=self._state,
+                required=states,
+            )
 
     @property
     def accelerator(self) -> str:
@@ -125,34 +187,99 @@ class VM:
     def exit_code(self) -> int | None:
         return self._process.returncode if self._process else None
 
+    # -- lifetime --
+
+    @property
+    def lifetime_remaining(self) -> float | None:
+        """Seconds until the lifetime ends (``0.0`` once it has); ``None`` without a lifetime."""
+        if self._expired is not None:
+            return 0.0
+        if self._deadline is None or self._loop is None:
+            return None
+        return max(0.0, self._deadline - self._loop.time())
+
+    @property
+    def lifetime_expired(self) -> bool:
+        """True once the lifetime ran out and capsa stopped and removed the VM."""
+        return self._expired is not None
+
+    def set_lifetime(self, seconds: float) -> None:
+        """Stop and remove this VM ``seconds`` from now, replacing any earlier lifetime (so it
+        extends or shortens it). When it runs out the VM is killed and cleaned up, and every later
+        call raises :class:`VMNotRunning` saying the lifetime expired. Call it from the VM's loop."""
+        seconds = validate_lifetime(seconds)
+        self._check_lifetime()
+        self._require(RunState.RUNNING, action="a lifetime")
+        assert self._loop is not None  # set by _start()
+        self._arm_lifetime(seconds, seconds)
+
+    async def _start_lifetime(self, seconds: float) -> None:
+        """The builder's lifetime, right after ``build()``: a VM that cannot take it is killed."""
+        try:
+            self.set_lifetime(seconds)
+        except BaseException:
+            await self.kill()
+            raise
+
+    def _arm_lifetime(self, remaining: float, label: float) -> None:
+        """End the lifetime ``remaining`` seconds from now; messages call it a lifetime of ``label``."""
+        assert self._loop is not None
+        if self._lifetime_timer is not None:
+            self._lifetime_timer.cancel()
+        self._lifetime = label
+        self._deadline = self._loop.time() + remaining
+        self._lifetime_timer = self._loop.call_at(self._deadline, self._lifetime_ended)
+
+    def _lifetime_ended(self) -> None:
+        self._lifetime_timer = None
+        if self._stopping or self._cleaned or self._state is not RunState.RUNNING:
+            return
+        assert self._lifetime is not None
+        self._expired = VMNotRunning(
+            f"the {self._KIND}'s lifetime of {format_seconds(self._lifetime)} expired: "
+            "it was stopped and removed",
+            hint="give it a longer lifetime, or extend it while it runs with set_lifetime(seconds)",
+        )
+        self._failure = self._expired  # the reason every waiter and later call is given
+        log.info("%s %s: %s", self._KIND, self._dir.name if self._dir else "?", self._expired.message)
+        self._tasks.spawn(self.kill(), name=f"capsa-lifetime-{self._KIND}")
+
+    def _check_lifetime(self) -> None:
+        """Raise the expiry error if the lifetime ran out (for calls that need a running VM)."""
+        if self._expired is not None:
+            raise self._expired
+
     # -- start --
 
     async def _start(self, timeout: float = _QMP_HANDSHAKE_TIMEOUT, *, incoming: bool = False) -> None:
-        if self._state is not RunState.CREATED:
-            raise CapsaError(f"a VM handle starts once; this one is {self._state.value}")
-        self._state = RunState.STARTING
+        self._require(RunState.CREATED, action="starting (a VM handle starts once)")
+        self._set_state(RunState.STARTING)
+        self._loop = asyncio.get_running_loop()
         try:
             await self._launch(timeout, incoming)
         except BaseException:
-            self._state = RunState.FAILED
+            self._set_state(RunState.FAILED)
             await self._cleanup()
             raise
-        self._state = RunState.RUNNING
+        self._set_state(RunState.RUNNING)  # refused if QEMU already exited: the state stays final
 
     async def _launch(self, timeout: float, incoming: bool = False) -> None:
         config = self.config
         config.validate()
         qemu = self._qemu = find_qemu()
         boot = config.boot
-        assert isinstance(boot, LinuxDirectBoot)  # validate() refuses the rest
-        self._accelerator = await resolve_accelerator(config.accelerator, boot.kernel)
+        if isinstance(boot, LinuxDirectBoot):
+            self._accelerator = await resolve_accelerator(config.accelerator, boot.kernel)
+        else:
+            self._accelerator = await uefi_accelerator(config.accelerator)
         self._dir = new_vm_dir()
+        uefi = await prepare_uefi_async(boot, self._dir) if isinstance(boot, UefiBoot) else None
         logs = self._dir / "logs"
         logs.mkdir()
         planned = await self._start_shares(logs)
         net_socket = net_mac = None
         if config.network is not None:
-            self._network = NetworkStack(config.network.gateway, guest_ip=self._guest_ip)
+            self._network = open_stack(config.network.gateway, self._guest_ip)
             net_socket = self._dir / "net.sock"
             await self._network.start(net_socket)
             net_mac = ":".join(f"{b:02x}" for b in self._network.guest_mac)
@@ -172,6 +299,7 @@ class VM:
                 incoming=incoming,
                 net_socket=net_socket,
                 net_mac=net_mac,
+                uefi=uefi,
             )
             argv = build_argv(config, plan)
             (logs / "qemu.argv").write_text("\n".join(argv) + "\n")
@@ -206,12 +334,25 @@ class VM:
                 qemu_log_tail=process.log_tail(),
                 hint="see the QEMU log tail; 'capsa doctor' checks the installation",
             ) from exc
-        self._exit_watch = asyncio.ensure_future(self._watch_exit())
+        self._exit_watch = self._tasks.spawn(self._watch_exit(), name="capsa-vm-exit")
         for daemon, share in zip(
             self._daemons, [s for s in self._shares if s.mechanism == "virtiofs"], strict=True
         ):
-            self._daemon_watches.append(asyncio.ensure_future(self._watch_daemon(daemon, share)))
+            watch = self._tasks.spawn(self._watch_daemon(daemon, share), name="capsa-virtiofsd")
+            self._daemon_watches.append(watch)
+        if uefi is not None:  # firmware that finds nothing to boot would loop until a timeout
+            watch = self._tasks.spawn(self._watch_firmware(logs / "console.log"), name="capsa-uefi")
+            self._daemon_watches.append(watch)
         log.info("VM %s started (pid %d, %s)", self._dir.name, self._process.pid, self._accelerator)
+
+    async def _watch_firmware(self, transcript: Path) -> None:
+        """UEFI firmware that gave up booting: stop the VM, and tell waiters which loader failed."""
+        failure = await watch_firmware(transcript, lambda: self.exit_code is None)
+        if failure is None or self._stopping or self._cleaned or self._process is None:
+            return
+        self._failure = failure
+        log.error("%s", failure.message)
+        await self._process.kill_and_wait()
 
     async def _start_shares(self, logs: Path) -> list[PlannedShare]:
         """Decide each share's mechanism and start a virtiofsd per virtio-fs share (before QEMU,
@@ -263,10 +404,7 @@ class VM:
         assert self._process is not None
         code = await self._process.exited
         reason = self._monitor.shutdown_reason if self._monitor else None
-        if self._stopping or (code == 0):
-            self._state = RunState.STOPPED
-        else:
-            self._state = RunState.FAILED
+        self._set_state(RunState.STOPPED if self._stopping or code == 0 else RunState.FAILED)
         log.info("VM exited: code %s, reason %s", code, reason)
         if self._console is not None:
             self._console._mark_exited(lambda: self._exited_error(code, reason))
@@ -305,7 +443,7 @@ class VM:
         process = self._process
         if process is not None and process.returncode is None:
             self._stopping = True
-            self._state = RunState.STOPPING
+            self._set_state(RunState.STOPPING)
             if self._monitor is not None and timeout > 0:
                 with contextlib.suppress(BackendError):
                     await self._monitor.execute("system_powerdown", timeout=min(timeout, 5.0))
@@ -327,13 +465,16 @@ class VM:
         if self._exit_watch is not None:
             await self._exit_watch
         if self._state is RunState.CREATED:
-            self._state = RunState.STOPPED
+            self._set_state(RunState.STOPPED)
         await self._cleanup()
 
     async def _cleanup(self) -> None:
         if self._cleaned:
             return
         self._cleaned = True
+        if self._lifetime_timer is not None:
+            self._lifetime_timer.cancel()
+            self._lifetime_timer = None
         if self._process is not None and self._process.returncode is None:
             await self._process.kill_and_wait()
         if self._monitor is not None:
@@ -351,6 +492,7 @@ class VM:
         if self._network is not None:
             await self._network.close()
         if self._dir is not None:
+            release_uefi(self._dir)  # unlock a UefiBoot's vars= file, if it has one
             shutil.rmtree(self._dir, ignore_errors=True)
 
     # -- context manager --

@@ -19,3 +19,19 @@ class RunState(enum.Enum):
     @property
     def is_final(self) -> bool:
         return self in (RunState.STOPPED, RunState.FAILED)
+
+    def can_become(self, new: RunState) -> bool:
+        """Whether the lifecycle allows going from this state to ``new`` (final states are final)."""
+        return new in _TRANSITIONS[self]
+
+
+_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
+    RunState.CREATED: frozenset({RunState.STARTING, RunState.STOPPED}),
+    RunState.STARTING: frozenset(
+        {RunState.RUNNING, RunState.STOPPING, RunState.STOPPED, RunState.FAILED}
+    ),
+    RunState.RUNNING: frozenset({RunState.STOPPING, RunState.STOPPED, RunState.FAILED}),
+    RunState.STOPPING: frozenset({RunState.STOPPED, RunState.FAILED}),
+    RunState.STOPPED: frozenset(),
+    RunState.FAILED: frozenset(),
+}

@@ -9,6 +9,7 @@ import errno
 import fcntl
 import socket
 import struct
+from typing import NamedTuple
 
 from capsa.agent.guest.sessions import BadRequest
 
@@ -30,12 +31,22 @@ def _ifreq(payload: bytes) -> bytes:
     return struct.pack("16s24s", _IFNAME, payload)
 
 
-def take_link_identity(network: object) -> None:
+class LinkIdentity(NamedTuple):
+    hw: bytes  # the MAC, 6 bytes
+    ip: bytes  # the address, 4 bytes
+    prefix: int
+    gateway: bytes
+
+
+def parse_link_identity(network: object) -> LinkIdentity:
+    """The ``network`` argument of ``refresh``, checked whole before anything is changed."""
     if not isinstance(network, dict):
         raise BadRequest("'network' must be a map")
     mac, address, gateway = (network.get(key) for key in ("mac", "address", "gateway"))
     bad = BadRequest("'network' needs 'mac', 'address' (ip/prefix) and 'gateway'")
     if not (isinstance(mac, str) and isinstance(address, str) and isinstance(gateway, str)):
+        raise bad
+    if max(len(mac), len(address), len(gateway)) > 64 or "\0" in mac + address + gateway:
         raise bad
     ip, _, prefix = address.partition("/")
     try:
@@ -46,15 +57,19 @@ def take_link_identity(network: object) -> None:
         raise bad from None
     if len(hw) != 6 or not 8 <= bits <= 30:
         raise bad
-    mask = struct.pack("!I", (0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF)
+    return LinkIdentity(hw, ip4, bits, gw4)
+
+
+def take_link_identity(link: LinkIdentity) -> None:
+    mask = struct.pack("!I", (0xFFFFFFFF << (32 - link.prefix)) & 0xFFFFFFFF)
     route = struct.pack(
-        "@L16s16s16sHh", 0, _sockaddr_in(bytes(4)), _sockaddr_in(gw4), _sockaddr_in(bytes(4)),
-        _RTF_UP_GATEWAY, 0,
+        "@L16s16s16sHh", 0, _sockaddr_in(bytes(4)), _sockaddr_in(link.gateway),
+        _sockaddr_in(bytes(4)), _RTF_UP_GATEWAY, 0,
     ).ljust(_RTENTRY_SIZE, b"\0")  # fmt: skip
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:
-            fcntl.ioctl(sock, _SIOCSIFHWADDR, _ifreq(struct.pack("H14s", _ARPHRD_ETHER, hw)))
-            fcntl.ioctl(sock, _SIOCSIFADDR, _ifreq(_sockaddr_in(ip4)))
+            fcntl.ioctl(sock, _SIOCSIFHWADDR, _ifreq(struct.pack("H14s", _ARPHRD_ETHER, link.hw)))
+            fcntl.ioctl(sock, _SIOCSIFADDR, _ifreq(_sockaddr_in(link.ip)))
             fcntl.ioctl(sock, _SIOCSIFNETMASK, _ifreq(_sockaddr_in(mask)))
         except OSError as exc:
             raise BadRequest(f"cannot configure eth0: {exc.strerror}") from None

@@ -4,31 +4,42 @@ It is one single-threaded ``selectors`` loop, not asyncio: under TCG every line 
 for the first time is translated by QEMU, and importing asyncio would add a visible share to each cold
 start. Being PID 1 it also reaps every orphan in the guest (``waitpid(-1)`` on ``SIGCHLD``).
 
-The protocol is documented in :mod:`capsa.agent.wire`. This side trusts the host (the host owns the
-VM) but still answers a malformed request with a ``bad_request`` error instead of dying, because a
-dead PID 1 takes the whole guest down.
+The protocol is documented in :mod:`capsa.agent.wire`. A dead PID 1 is a kernel panic (the whole
+sandbox is gone), so nothing a request carries may raise out of the loop: every field is checked
+(:mod:`capsa.agent.guest.fields`) and answered with a ``bad_request`` error when wrong, a request
+whose id no reply could carry is dropped, a frame that does not decode is skipped, and a catch-all at
+the request boundary (and one round the whole loop) answers or logs anything else and keeps serving.
+Files the guest may have planted (a FIFO, ``/proc/kmsg``) are opened and read without blocking.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
 import selectors
-import signal
 import stat
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import msgpack
 
 from capsa.agent import wire
-from capsa.agent.guest.link import take_link_identity
+from capsa.agent.guest import fields
+from capsa.agent.guest.init import (
+    INIT_ERROR_MARKER,
+    StartupError,
+    find_port,
+    open_power_buttons,
+    power_off,
+    set_identity,
+    startup_failed,
+    take_signals,
+)
+from capsa.agent.guest.link import parse_link_identity
 from capsa.agent.guest.sessions import (
     OUTBOX_HIGH,
     BadRequest,
@@ -40,12 +51,12 @@ from capsa.agent.guest.sessions import (
     WriteSession,
     error_body,
     log,
+    safe_text,
 )
 from capsa.agent.guest.spawn import TIOCSWINSZ, spawn_pipes, spawn_pty
+from capsa.agent.guest.userroot import ImageDefaults, enter_user_root, resolve_user
 
 AGENT_VERSION = "1"
-PORT_NAME = "capsa.agent"
-PORT_WAIT_SECONDS = 10.0
 PORT_READ = 2 << 20
 DEFAULT_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -53,65 +64,36 @@ DEFAULT_ENV = {
     "LANG": "C.UTF-8",
     "TERM": "xterm-256color",
 }
-_LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
-_RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
-_RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
-INIT_ERROR_MARKER = "CAPSA-INIT-ERROR"  # same as capsa.image.sandbox's (the host looks for it)
+_OPEN_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY  # a FIFO or a tty must not block or adopt us
 
-
-def _str(m: Message, key: str) -> str:
-    value = m.get(key)
-    if not isinstance(value, str) or not value or "\0" in value:
-        raise BadRequest(f"{key!r} must be a non-empty string")
-    return value
-
-
-def _int(m: Message, key: str, default: int) -> int:
-    value = m.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise BadRequest(f"{key!r} must be an integer")
-    return value
-
-
-# -- the port ------------------------------------------------------------------------------------
-
-
-def find_port(name: str = PORT_NAME, wait: float = PORT_WAIT_SECONDS) -> str:
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            entries = os.listdir("/sys/class/virtio-ports")
-        except OSError:
-            entries = []
-        for entry in entries:
-            try:
-                with open(f"/sys/class/virtio-ports/{entry}/name") as fh:
-                    if fh.read().strip() == name:
-                        return f"/dev/{entry}"
-            except OSError:
-                continue
-        if time.monotonic() > deadline:
-            raise StartupError(f"no virtio-serial port named {name} (virtio_console driver missing?)")
-        time.sleep(0.01)
-
-
-class StartupError(Exception):
-    """The agent cannot serve; reported on the console like the init's own errors."""
-
-
-# -- the agent -------------------------------------------------------------------------------------
+__all__ = ["INIT_ERROR_MARKER", "Agent", "StartupError", "main"]
 
 
 class Agent:
-    def __init__(self, port_fd: int) -> None:
+    """Serves one host over ``port_fd`` (the virtio port, or any stream socket).
+
+    ``init=True`` only as the guest's PID 1: it then takes ``SIGCHLD`` and reaps every orphan,
+    watches the power button, applies ``refresh`` to the machine and powers off on ``shutdown``.
+    An embedded agent (``init=False``, the default: tests serving a socketpair) does none of that:
+    it polls for its own children only, ``refresh`` checks its arguments and changes nothing, and
+    ``shutdown`` makes :meth:`run` return.
+    """
+
+    def __init__(self, port_fd: int, *, init: bool = False) -> None:
+        self.init = init
+        os.set_blocking(port_fd, False)  # the loop never blocks on the port, only in select()
         self.outbox = Outbox(port_fd)
         self.port_fd = port_fd
-        self.decoder = wire.FrameDecoder()
+        self.decoder = wire.FrameDecoder(skip_bad=True)
         self.sel = selectors.DefaultSelector()
         self.sessions: dict[int, Session] = {}
         self.by_pid: dict[int, ExecSession] = {}
         self.interest: dict[int, tuple[int, Any]] = {}
         self.power_off = False
+        self.image: ImageDefaults | None = None  # a user image's exec defaults (PID 1 in its root)
+        self.replied = 0  # the request id the last reply went to
+        self.failures = 0  # internal errors survived by the loop
+        self.failure_logged = 0.0
         self.ops: dict[str, Callable[[int, Message], None]] = {
             "ping": self.op_ping,
             "info": self.op_info,
@@ -128,17 +110,16 @@ class Agent:
             "refresh": self.op_refresh,
             "resize": self.op_resize,
         }
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.wake_fd = wake_r
-        signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        # PID 1 ignores signals it has no handler for; a no-op handler (reset by exec in children)
-        # keeps a guest "kill -INT 1" from raising KeyboardInterrupt in the agent.
-        signal.signal(signal.SIGINT, lambda *_: None)
-        self.sel.register(wake_r, selectors.EVENT_READ, "wake")
+        self.wake_fd = -1
+        self.power_fds: list[int] = []
+        if init:
+            self.wake_fd = take_signals()
+            self.sel.register(self.wake_fd, selectors.EVENT_READ, "wake")
+            self.power_fds = open_power_buttons()
+            for fd in self.power_fds:
+                self.sel.register(fd, selectors.EVENT_READ, "power")
         self.sel.register(port_fd, selectors.EVENT_READ, "port")
         self.interest[port_fd] = (selectors.EVENT_READ, "port")
-        self.power_fds = self._open_power_button()
 
     # registration bookkeeping: one epoll_ctl only when interest changes
     def want(self, fd: int, events: int, data: Any) -> None:
@@ -160,47 +141,50 @@ class Agent:
         os.close(fd)
 
     def forget(self, session: Session) -> None:
-        self.sessions.pop(session.id, None)
-        if isinstance(session, ExecSession):
-            self.by_pid.pop(session.pid, None)
-
-    def _open_power_button(self) -> list[int]:
-        fds: list[int] = []
-        try:
-            names = os.listdir("/sys/class/input")
-        except OSError:
-            return fds
-        for name in names:
-            if not name.startswith("event"):
-                continue
-            try:
-                with open(f"/sys/class/input/{name}/device/name") as fh:
-                    if fh.read().strip() != "Power Button":
-                        continue
-                fd = os.open(f"/dev/input/{name}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError:
-                continue
-            self.sel.register(fd, selectors.EVENT_READ, "power")
-            fds.append(fd)
-        return fds
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+        if isinstance(session, ExecSession) and self.by_pid.get(session.pid) is session:
+            del self.by_pid[session.pid]
 
     # -- main loop --
 
     def run(self) -> None:
+        """Serve until ``shutdown`` (or the power button). Returns only for an embedded agent; PID 1
+        powers the machine off instead."""
         self.outbox.send({"t": "hello", "v": wire.PROTOCOL_VERSION, "pid": os.getpid()})
         while not self.power_off:
-            producing = self.update_interest()
-            timeout: float | None = 0 if producing else None
-            if any(isinstance(s, ExecSession) and s.status is not None for s in self.sessions.values()):
-                timeout = 0.1 if timeout is None else timeout
-            for key, mask in self.sel.select(timeout):
-                self.dispatch(key, mask)
-            now = time.monotonic()
-            for session in list(self.sessions.values()):
-                if isinstance(session, ExecSession):
-                    session.check_grace(now)
-            self.outbox.flush()
-        self.shutdown_now()
+            try:
+                self.step()
+            except Exception as exc:  # the last line of defence: PID 1 must outlive any bug
+                self.survive(exc)
+        if self.init:
+            self.shutdown_now()
+        self.outbox.flush_blocking(2.0)
+
+    def step(self) -> None:
+        producing = self.update_interest()
+        timeout: float | None = 0 if producing else None
+        if any(isinstance(s, ExecSession) and s.status is not None for s in self.sessions.values()):
+            timeout = 0.1 if timeout is None else timeout
+        if not self.init and self.by_pid:  # no SIGCHLD wakeups: poll for exits
+            timeout = 0.02 if timeout is None else min(timeout, 0.02)
+        for key, mask in self.sel.select(timeout):
+            self.dispatch(key, mask)
+        if not self.init:
+            self.reap()
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            if isinstance(session, ExecSession):
+                session.check_grace(now)
+        self.outbox.flush()
+
+    def survive(self, exc: Exception) -> None:
+        self.failures += 1
+        now = time.monotonic()
+        if now - self.failure_logged >= 1.0:  # a bug that repeats must not flood the console
+            self.failure_logged = now
+            log(f"internal error #{self.failures}, still serving: {exc!r:.300}")
+        time.sleep(0.01)
 
     def update_interest(self) -> bool:
         room = self.outbox.size < OUTBOX_HIGH
@@ -256,24 +240,39 @@ class Agent:
                 data = os.read(self.port_fd, PORT_READ)
             except BlockingIOError:
                 break
+            except OSError as exc:  # not expected of a virtio port; never fatal
+                log(f"reading the port failed: {exc}")
+                time.sleep(0.05)
+                break
             if not data:
                 if not chunks:  # no host connected: the port reads EOF until one is
+                    if self.decoder.buffered:  # the next host starts at a frame boundary
+                        self.decoder = wire.FrameDecoder(skip_bad=True)
                     time.sleep(0.05)
                 break
             chunks.append(data)
             total += len(data)
         if not chunks:
             return
-        try:
-            messages = self.decoder.feed(b"".join(chunks))
-        except wire.WireError as exc:
-            log(f"host sent a bad frame ({exc}); resetting the decoder")
-            self.decoder = wire.FrameDecoder()
-            return
+        dropped = self.decoder.dropped
+        messages = self.decoder.feed(b"".join(chunks))
+        if self.decoder.dropped != dropped:
+            count = self.decoder.dropped - dropped
+            log(f"dropped {count} bad frame(s) from the host: {self.decoder.last_error}")
         for message in messages:
             self.on_message(message)
 
     def reap(self) -> None:
+        if not self.init:  # embedded: only our own children, by polling
+            for pid, session in list(self.by_pid.items()):
+                if session.status is None:
+                    try:
+                        done, status = os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:  # reaped behind our back: its status is lost
+                        done, status = pid, 0
+                    if done:
+                        session.on_reaped(status)
+            return
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -281,45 +280,75 @@ class Agent:
                 return
             if pid == 0:
                 return
-            session = self.by_pid.get(pid)
-            if session is not None:
-                session.on_reaped(status)
+            reaped = self.by_pid.get(pid)
+            if reaped is not None:
+                reaped.on_reaped(status)
 
     # -- messages --
 
     def on_message(self, m: Message) -> None:
+        try:
+            self.route(m)
+        except Exception as exc:
+            log(f"dropped a {safe_text(m['t'][:20])!r} message: {exc!r:.300}")
+
+    def route(self, m: Message) -> None:
         kind = m["t"]
-        sid = m.get("id")
-        if kind == "req" and isinstance(sid, int):
-            self.on_request(sid, m)
+        sid = fields.request_id(m.get("id"))
+        if kind == "req":
+            if sid is None:  # a reply to it would break the host's side of the protocol
+                log("dropped a request without a valid id")
+            else:
+                self.on_request(sid, m)
             return
-        session = self.sessions.get(sid) if isinstance(sid, int) else None
+        session = self.sessions.get(sid) if sid is not None else None
         if session is None:
             return  # late traffic for a finished request
         stream = m.get("s")
-        if kind == "data" and isinstance(m.get("d"), bytes) and isinstance(stream, str):
-            session.on_data(stream, m["d"])
-        elif kind == "eof" and isinstance(stream, str):
-            session.on_eof(stream)
-        elif kind == "ack" and isinstance(stream, str) and isinstance(m.get("n"), int):
-            session.on_ack(stream, m["n"])
-        elif kind == "cancel":
+        if kind == "cancel":
             session.cancel()
+        elif not isinstance(stream, str):
+            return
+        elif kind == "data":
+            data = m.get("d")
+            if isinstance(data, bytes) and data:
+                session.on_data(stream, data)
+        elif kind == "eof":
+            session.on_eof(stream)
+        elif kind == "ack":
+            n = m.get("n")
+            if type(n) is int and 0 < n <= wire.WINDOW:
+                session.on_ack(stream, n)
 
     def on_request(self, sid: int, m: Message) -> None:
-        op = self.ops.get(m.get("op"))  # type: ignore[arg-type]
+        name = m.get("op")
+        self.replied = 0
         try:
+            if not isinstance(name, str):
+                raise BadRequest(f"'op' must be a string, not {type(name).__name__}")
+            op = self.ops.get(name)
             if op is None:
-                raise BadRequest(f"unknown operation {m.get('op')!r}")
+                raise BadRequest(f"unknown operation {safe_text(name[:80])!r}")
+            if sid in self.sessions:
+                raise BadRequest(f"request id {sid} is in use")
             op(sid, m)
-        except (OSError, BadRequest, ValueError, TypeError, subprocess.SubprocessError) as exc:
-            self.reply_error(sid, exc)
+        except Exception as exc:  # anything a request can cause is its error, never the agent's end
+            if self.replied == sid:
+                log(f"request {sid} failed after its reply: {exc!r:.300}")
+            else:
+                self.reply_error(sid, exc)
 
     def reply(self, sid: int, **body: Any) -> None:
-        self.outbox.send({"t": "res", "id": sid, "ok": True, **body})
+        message = {"t": "res", "id": sid, "ok": True, **body}
+        try:
+            self.outbox.send(message)
+        except UnicodeEncodeError:  # a name from the guest that is not UTF-8
+            self.outbox.send(fields.safe_value(message))
+        self.replied = sid
 
     def reply_error(self, sid: int, exc: BaseException) -> None:
         self.outbox.send({"t": "res", "id": sid, "ok": False, "err": error_body(exc)})
+        self.replied = sid
 
     # -- operations --
 
@@ -348,27 +377,24 @@ class Agent:
             agent_version=AGENT_VERSION,
             python_version=sys.version.split()[0],
             uptime=uptime,
+            image=self.image.name if self.image is not None else None,
         )
 
     def op_exec(self, sid: int, m: Message) -> None:
-        argv = m.get("argv")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise BadRequest("'argv' must be a non-empty list of strings")
-        env = dict(DEFAULT_ENV)
-        user_env = m.get("env") or {}
-        if not isinstance(user_env, dict):
-            raise BadRequest("'env' must be a map")
-        env.update({str(k): str(v) for k, v in user_env.items()})
-        cwd = m.get("cwd") or "/"
-        if not isinstance(cwd, str):
-            raise BadRequest("'cwd' must be a string")
+        argv = fields.argv(m)
+        env = {**DEFAULT_ENV, **fields.environment(m)}
+        cwd = fields.working_directory(m)
+        if self.image is not None:
+            env = {**DEFAULT_ENV, **self.image.env, **fields.environment(m)}
+            if not m.get("cwd") and self.image.cwd is not None:
+                cwd = self.image.cwd
+        ids = self.exec_identity(m, env)
         size = m.get("pty")
         if size is not None:
-            if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)):
-                raise BadRequest("'pty' must be [rows, cols]")
-            popen, fds = spawn_pty(argv, env, cwd, size[0], size[1])
+            rows, cols = fields.terminal_size(size)
+            popen, fds = spawn_pty(argv, env, cwd, rows, cols, ids=ids)
         else:
-            popen, fds = spawn_pipes(argv, env, cwd, bool(m.get("stdin")))
+            popen, fds = spawn_pipes(argv, env, cwd, fields.flag(m, "stdin"), ids=ids)
         for fd in fds.values():
             os.set_blocking(fd, False)
         session = ExecSession(self, sid, popen, fds)
@@ -380,65 +406,79 @@ class Agent:
             self.outbox.send({"t": "eof", "id": sid, "s": "stderr"})
         self.reap()  # a child that exited at once would otherwise wait for the next SIGCHLD wakeup
 
+    def exec_identity(self, m: Message, env: dict[str, str]) -> tuple[int, int] | None:
+        """The request's ``user``, else the image's ``User``; None: run as the agent (root)."""
+        value = m.get("user")
+        spec = fields.text(value, "'user'", limit=256) if value is not None else None
+        if spec is None and self.image is not None:
+            spec = self.image.user
+        if not spec:
+            return None
+        try:
+            who = resolve_user(spec)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        if who.home and "HOME" not in fields.environment(m):
+            env["HOME"] = who.home
+        return None if (who.uid, who.gid) == (0, 0) else (who.uid, who.gid)
+
     def op_resize(self, sid: int, m: Message) -> None:
-        target = self.sessions.get(_int(m, "target", 0))
+        rows = fields.integer(m, "rows", 24, 1, fields.MAX_TERMINAL)
+        cols = fields.integer(m, "cols", 80, 1, fields.MAX_TERMINAL)
+        target = self.sessions.get(fields.request_id(m.get("target")) or 0)
         if not isinstance(target, ExecSession) or target.pty_fd is None:
             raise BadRequest("resize needs a running command with a terminal")
-        rows, cols = _int(m, "rows", 24), _int(m, "cols", 80)
         fcntl.ioctl(target.pty_fd, TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         self.reply(sid)
 
     def op_kill(self, sid: int, m: Message) -> None:
-        target = self.sessions.get(_int(m, "target", 0))
-        signum = _int(m, "signal", signal.SIGKILL)
+        signum = fields.signal_number(m)
+        target = self.sessions.get(fields.request_id(m.get("target")) or 0)
         if not isinstance(target, ExecSession):
-            self.outbox.send(
-                {
-                    "t": "res",
-                    "id": sid,
-                    "ok": False,
-                    "err": {
-                        "kind": "unknown_target",
-                        "msg": "no such process",
-                        "errno": None,
-                        "path": None,
-                    },
-                }
-            )
+            err = {"kind": "unknown_target", "msg": "no such process", "errno": None, "path": None}
+            self.outbox.send({"t": "res", "id": sid, "ok": False, "err": err})
+            self.replied = sid
             return
         target.signal(signum)
         self.reply(sid)
 
     def op_read_file(self, sid: int, m: Message) -> None:
-        path = _str(m, "path")
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        path = fields.path(m)
+        fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "not a regular file", path)
-            os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)
             raise
+        # The fd stays non-blocking: a "regular" file that blocks (/proc/kmsg) fails the read
+        # instead of stopping the agent.
         self.sessions[sid] = ReadSession(self, sid, fd)
         self.reply(sid, size=st.st_size)
 
     def op_write_file(self, sid: int, m: Message) -> None:
-        path = _str(m, "path")
-        mode = _int(m, "mode", 0o644) & 0o7777
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        path = fields.path(m)
+        mode = fields.mode(m, 0o644)
+        # Not O_TRUNC: only a regular file may be truncated. A FIFO without a reader fails (ENXIO)
+        # instead of blocking the agent until one comes.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | _OPEN_FLAGS, mode)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", path)
+            os.ftruncate(fd, 0)
             os.fchmod(fd, mode)
-        except OSError:
+            os.set_blocking(fd, True)
+        except BaseException:
             os.close(fd)
             raise
         self.sessions[sid] = WriteSession(self, sid, fd)
         self.reply(sid)
 
     def op_list_dir(self, sid: int, m: Message) -> None:
-        path = _str(m, "path")
+        path = fields.path(m)
         entries = []
         with os.scandir(path) as it:
             for entry in it:
@@ -446,8 +486,9 @@ class Agent:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
+                name = safe_text(entry.name)
                 entries.append(
-                    [entry.name, file_type(st.st_mode), st.st_size, st.st_mode & 0o7777, st.st_mtime]
+                    [name, file_type(st.st_mode), st.st_size, st.st_mode & 0o7777, st.st_mtime]
                 )
         entries.sort()
         payload: bytes = msgpack.packb(entries, use_bin_type=True)
@@ -455,10 +496,10 @@ class Agent:
         self.reply(sid, size=len(payload))
 
     def op_stat(self, sid: int, m: Message) -> None:
-        path = _str(m, "path")
-        follow = bool(m.get("follow", True))
+        path = fields.path(m)
+        follow = fields.flag(m, "follow", True)
         st = os.stat(path, follow_symlinks=follow)
-        target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
+        target = safe_text(os.readlink(path)) if stat.S_ISLNK(st.st_mode) else None
         self.reply(
             sid,
             type=file_type(st.st_mode),
@@ -471,22 +512,23 @@ class Agent:
         )
 
     def op_exists(self, sid: int, m: Message) -> None:
-        self.reply(sid, exists=os.path.exists(_str(m, "path")))
+        self.reply(sid, exists=os.path.exists(fields.path(m)))
 
     def op_mkdir(self, sid: int, m: Message) -> None:
-        path = _str(m, "path")
-        mode = _int(m, "mode", 0o755) & 0o7777
-        if m.get("parents"):
+        path = fields.path(m)
+        mode = fields.mode(m, 0o755)
+        if fields.flag(m, "parents"):
             os.makedirs(path, mode, exist_ok=True)
         else:
             os.mkdir(path, mode)
         self.reply(sid)
 
     def op_remove(self, sid: int, m: Message) -> None:
-        path = _str(m, "path")
+        path = fields.path(m)
+        recursive = fields.flag(m, "recursive")
         st = os.lstat(path)
         if stat.S_ISDIR(st.st_mode):
-            if m.get("recursive"):
+            if recursive:
                 import shutil  # noqa: PLC0415 - rarely needed; keeps cold start short
 
                 shutil.rmtree(path)
@@ -497,25 +539,13 @@ class Agent:
         self.reply(sid)
 
     def op_refresh(self, sid: int, m: Message) -> None:
-        """A restored or forked guest takes a new identity: fresh entropy (the RNG state came from
-        the snapshot, shared by every clone), the host's clock, its own hostname, and with a network
-        its own MAC and address."""
-        entropy = m.get("entropy")
-        hostname = _str(m, "hostname")
-        now = m.get("time")
-        if not isinstance(entropy, bytes) or len(entropy) < 32 or not isinstance(now, (int, float)):
-            raise BadRequest("refresh needs 'entropy' (>= 32 bytes) and 'time'")
-        with open("/dev/urandom", "wb") as fh:
-            fcntl.ioctl(fh, _RNDADDENTROPY, struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy)
-            fcntl.ioctl(fh, _RNDRESEEDCRNG)
-        time.clock_settime(time.CLOCK_REALTIME, float(now))
-        with open("/proc/sys/kernel/hostname", "w") as fh:
-            fh.write(hostname)
-        with open("/etc/hostname", "w") as fh:
-            fh.write(hostname + "\n")
+        """A restored or forked guest takes a new identity (see :func:`init.set_identity`). Every
+        argument is checked before anything changes."""
+        entropy, now, hostname = fields.entropy(m), fields.clock(m), fields.hostname(m)
         network = m.get("network")
-        if network is not None:
-            take_link_identity(network)
+        link = parse_link_identity(network) if network is not None else None
+        if self.init:
+            set_identity(entropy, now, hostname, link)
         self.reply(sid)
 
     def op_shutdown(self, sid: int, m: Message) -> None:
@@ -537,28 +567,23 @@ def file_type(mode: int) -> str:
     return "other"
 
 
-def power_off() -> NoReturn:
-    with contextlib.suppress(OSError):
-        os.kill(-1, signal.SIGKILL)  # every process but PID 1
-    os.sync()
-    import ctypes  # noqa: PLC0415 - only needed once, at power-off
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.reboot(_LINUX_REBOOT_CMD_POWER_OFF)
-    log(f"reboot(POWER_OFF) failed: {os.strerror(ctypes.get_errno())}")
-    os._exit(1)
-
-
 def main() -> None:
     os.chdir("/")
     try:
         path = find_port()
     except StartupError as exc:
-        sys.stderr.write(f"{INIT_ERROR_MARKER}: {exc}\n")
-        sys.stderr.flush()
-        power_off()
+        startup_failed(exc)
     fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-    Agent(fd).run()
+    agent = Agent(fd, init=True)
+    try:
+        agent.image = enter_user_root()
+    except (OSError, ValueError) as exc:
+        startup_failed(exc)
+    try:
+        agent.run()  # as PID 1 it returns only by powering off
+    except BaseException as exc:  # never reached in practice: a clean power-off beats the panic
+        log(f"the agent's loop ended: {exc!r:.300}")  # of a dead PID 1
+    power_off()
 
 
 if __name__ == "__main__":

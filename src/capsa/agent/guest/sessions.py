@@ -29,6 +29,8 @@ _ERRNO_KIND = {
     errno.ENOTEMPTY: "not_empty",
 }
 
+_TRANSIENT = (errno.ENOMEM, errno.ENOBUFS, errno.ENOSPC)
+
 Message = dict[str, Any]
 
 
@@ -51,12 +53,28 @@ def log(text: str) -> None:
     sys.stderr.flush()
 
 
+def safe_text(value: str) -> str:
+    """``value`` made encodable as UTF-8: names from the guest's filesystem (or its hostname) may
+    hold bytes that are not UTF-8, which Python keeps as lone surrogates."""
+    if value.isascii():
+        return value
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = value.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
+
+
 def error_body(exc: BaseException) -> dict[str, Any]:
+    """The ``err`` map of a reply; never raises, and always encodes."""
     if isinstance(exc, OSError):
         kind = _ERRNO_KIND.get(exc.errno or 0, "os_error")
-        path = exc.filename if isinstance(exc.filename, str) else None
-        return {"kind": kind, "msg": exc.strerror or str(exc), "errno": exc.errno, "path": path}
-    return {"kind": "bad_request", "msg": str(exc) or type(exc).__name__, "errno": None, "path": None}
+        path = safe_text(exc.filename[:4096]) if isinstance(exc.filename, str) else None
+        errno_ = exc.errno if isinstance(exc.errno, int) else None
+        msg = exc.strerror if isinstance(exc.strerror, str) else str(exc)
+        return {"kind": kind, "msg": safe_text(msg[:1000]), "errno": errno_, "path": path}
+    msg = str(exc) if isinstance(exc, BadRequest) else f"{type(exc).__name__}: {exc}"
+    return {"kind": "bad_request", "msg": safe_text(msg[:1000]), "errno": None, "path": None}
 
 
 class Outbox:
@@ -75,12 +93,28 @@ class Outbox:
             self.size += len(part)
 
     def flush(self) -> None:
+        stalls = 0
         while self.chunks:
             head = self.chunks[0]
             try:
                 n = os.write(self.fd, head)
             except BlockingIOError:
                 return
+            except OSError as exc:
+                if exc.errno in _TRANSIENT:  # the port's kmalloc failed: memory is short, retry
+                    time.sleep(0.005)
+                    return
+                # The host end is gone (a closed socket, an unplugged port): what is queued can
+                # never be delivered.
+                log(f"writing to the host failed ({exc}); dropping {self.size} queued bytes")
+                self.chunks.clear()
+                self.size = 0
+                return
+            if n <= 0:  # virtio_console returns 0 when it could not queue the buffer just now:
+                stalls += 1  # retry at once (the fast path of bulk transfers), but not for ever
+                if stalls > 10_000:
+                    return
+                continue
             self.size -= n
             if n == len(head):
                 self.chunks.popleft()
@@ -127,6 +161,7 @@ class ExecSession:
         self.outs = {name: OutStream(agent, name, fd) for name, fd in fds.items() if name != "stdin"}
         self.stdin_fd: int | None = fds.get("stdin")
         self.stdin_pending: deque[tuple[memoryview, int]] = deque()
+        self.stdin_owed = 0  # credit the host has spent and not got back: at most one window
         self.stdin_eof = False
         self.status: int | None = None
         self.reaped_at = 0.0
@@ -140,6 +175,10 @@ class ExecSession:
         if self.stdin_fd is None:
             self.agent.outbox.send({"t": "ack", "id": self.id, "s": "stdin", "n": charge})
             return
+        if self.stdin_owed + charge > wire.WINDOW:
+            log(f"the host overran the stdin window of request {self.id}; data dropped")
+            return
+        self.stdin_owed += charge
         self.stdin_pending.append((memoryview(data), charge))
         self.pump_stdin()
 
@@ -162,6 +201,7 @@ class ExecSession:
                 self.stdin_pending[0] = (view[n:], charge)
                 continue
             self.stdin_pending.popleft()
+            self.stdin_owed -= charge
             self.agent.outbox.send({"t": "ack", "id": self.id, "s": "stdin", "n": charge})
         if self.stdin_eof and not self.stdin_pending:
             self.close_stdin()
@@ -170,6 +210,7 @@ class ExecSession:
         for _, charge in self.stdin_pending:
             self.agent.outbox.send({"t": "ack", "id": self.id, "s": "stdin", "n": charge})
         self.stdin_pending.clear()
+        self.stdin_owed = 0
         if self.stdin_fd is not None:
             self.agent.close_fd(self.stdin_fd)
             self.stdin_fd = None
@@ -259,9 +300,12 @@ class ReadSession:
         else:
             try:
                 data = os.read(self.fd, size)
+            except BlockingIOError:  # a "regular" file that would block, such as /proc/kmsg
+                message = "reading would block (not a plain file)"
+                self.fail(OSError(errno.EAGAIN, message))
+                return
             except OSError as exc:
-                self.agent.outbox.send({"t": "end", "id": self.id, "ok": False, "err": error_body(exc)})
-                self.close()
+                self.fail(exc)
                 return
         if not data:
             self.agent.outbox.send({"t": "eof", "id": self.id, "s": "file"})
@@ -270,8 +314,13 @@ class ReadSession:
         self.credit -= wire.cost(len(data))
         self.agent.outbox.send({"t": "data", "id": self.id, "s": "file", "d": data})
 
+    def fail(self, exc: OSError) -> None:
+        self.agent.outbox.send({"t": "end", "id": self.id, "ok": False, "err": error_body(exc)})
+        self.close()
+
     def on_ack(self, stream: str, n: int) -> None:
-        self.credit += n
+        if stream == "file":
+            self.credit += n
 
     def on_data(self, stream: str, data: bytes) -> None:
         pass
@@ -298,6 +347,8 @@ class WriteSession:
         self.fd = fd
 
     def on_data(self, stream: str, data: bytes) -> None:
+        if stream != "file" or self.fd < 0:
+            return
         view = memoryview(data)
         try:
             while view:
@@ -308,6 +359,8 @@ class WriteSession:
         self.agent.outbox.send({"t": "ack", "id": self.id, "s": "file", "n": wire.cost(len(data))})
 
     def on_eof(self, stream: str) -> None:
+        if stream != "file" or self.fd < 0:
+            return
         try:
             os.close(self.fd)
         except OSError as exc:

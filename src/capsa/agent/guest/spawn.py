@@ -12,7 +12,12 @@ TIOCSCTTY = 0x540E
 
 
 def spawn_pipes(
-    argv: list[str], env: dict[str, str], cwd: str, with_stdin: bool
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    with_stdin: bool,
+    *,
+    ids: tuple[int, int] | None = None,
 ) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     parent: list[int] = []
     child: list[int] = []
@@ -38,6 +43,9 @@ def spawn_pipes(
             cwd=cwd,
             env=env,
             start_new_session=True,
+            user=ids[0] if ids else None,  # the child runs as (uid, gid), no other groups
+            group=ids[1] if ids else None,
+            extra_groups=[] if ids else None,
         )
     except BaseException:
         for fd in parent:
@@ -55,7 +63,13 @@ def _take_terminal() -> None:
 
 
 def spawn_pty(
-    argv: list[str], env: dict[str, str], cwd: str, rows: int, cols: int
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    rows: int,
+    cols: int,
+    *,
+    ids: tuple[int, int] | None = None,
 ) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     """The command on a new pseudo-terminal: its stdin, stdout and stderr are the terminal."""
     master, slave = os.openpty()
@@ -70,6 +84,9 @@ def spawn_pty(
             env=env,
             start_new_session=True,
             preexec_fn=_take_terminal,  # noqa: PLW1509 - runs in the child before exec, by design
+            user=ids[0] if ids else None,  # the child runs as (uid, gid), no other groups
+            group=ids[1] if ids else None,
+            extra_groups=[] if ids else None,
         )
     except BaseException:
         os.close(master)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from capsa.backend.qemu.process import SECCOMP
-from capsa.boot import LinuxDirectBoot
+from capsa.boot import LinuxDirectBoot, UefiBoot
 from capsa.errors import ConfigError
+from capsa.uefi.launch import UefiLaunch
 from capsa.vm.config import VMConfig, kernel_cmdline
 
 
@@ -37,6 +38,7 @@ class LaunchPlan:
     incoming: bool = False  # start paused, waiting for a migration stream (snapshot restore)
     net_socket: Path | None = None  # where capsa's network stack listens (-netdev stream)
     net_mac: str | None = None
+    uefi: UefiLaunch | None = None  # a UefiBoot's firmware, variable store and disk overlay
 
 
 def qemu_escape(value: str) -> str:
@@ -55,14 +57,25 @@ def default_cmdline(config: VMConfig, plan: LaunchPlan) -> dict[str, str | None]
     if isinstance(boot, LinuxDirectBoot) and boot.root_disk is not None:
         defaults["root"] = "/dev/vda"
     if plan.accelerator == "tcg" and config.machine == "microvm" and plan.host_khz:
-        # Without it ~3% of microvm boots under TCG hang calibrating the TSC (DESIGN.md §4).
+        # Without it ~3% of microvm boots under TCG hang calibrating the TSC
+        # (docs/architecture.md §Facts).
         defaults["tsc_early_khz"] = str(plan.host_khz)
     return defaults
 
 
 def build_argv(config: VMConfig, plan: LaunchPlan) -> list[str]:
     boot = config.boot
-    if not isinstance(boot, LinuxDirectBoot):
+    if isinstance(boot, UefiBoot):
+        if plan.uefi is None:
+            raise ConfigError("internal: a UefiBoot needs its prepared firmware and disk")
+        if config.cmdline or config.cmdline_override is not None:
+            raise ConfigError(
+                "a UefiBoot's kernel command line comes from the loader on its disk; "
+                "cmdline_arg(), cmdline_flag() and cmdline_override() do not apply",
+                hint="capsa.image.uefi_disk(..., cmdline=...) bakes one into the image",
+            )
+        config = replace(config, machine="q35")  # OVMF needs PCI; microvm cannot run it
+    elif not isinstance(boot, LinuxDirectBoot):
         raise ConfigError(f"{type(boot).__name__} is not supported by the QEMU backend")
     suffix = device_suffix(config.machine)
     argv = [plan.qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
@@ -80,6 +93,10 @@ def build_argv(config: VMConfig, plan: LaunchPlan) -> list[str]:
         argv += ["-M", f"microvm,acpi=on,pcie=off,rtc=on{memory}"]
         if virtiofs:  # vhost-user-fs refuses legacy virtio-mmio
             argv += ["-global", "virtio-mmio.force-legacy=false"]
+    elif plan.uefi is not None:
+        smm = "on" if plan.uefi.secure_boot else "off"
+        argv += ["-M", f"q35,smm={smm},pflash0=uefi-code,pflash1=uefi-vars{memory}"]
+        argv += uefi_args(plan.uefi)
     else:
         argv += ["-M", f"q35{memory}"]
     if virtiofs:  # vhost-user-fs needs guest RAM that virtiofsd can map: a shared memfd
@@ -94,15 +111,21 @@ def build_argv(config: VMConfig, plan: LaunchPlan) -> list[str]:
         argv += ["-accel", "tcg,thread=multi", "-cpu", "max"]
     argv += ["-smp", str(config.cpus), "-m", f"{config.memory_mb}M"]
     argv += ["-sandbox", SECCOMP]
-    argv += ["-kernel", str(boot.kernel)]
-    if boot.initrd is not None:
-        argv += ["-initrd", str(boot.initrd)]
-    argv += ["-append", kernel_cmdline(config, default_cmdline(config, plan))]
+    if isinstance(boot, LinuxDirectBoot):
+        argv += ["-kernel", str(boot.kernel)]
+        if boot.initrd is not None:
+            argv += ["-initrd", str(boot.initrd)]
+        argv += ["-append", kernel_cmdline(config, default_cmdline(config, plan))]
     argv += ["-chardev", f"socket,id=console,fd={plan.console_fd}", "-serial", "chardev:console"]
     argv += ["-chardev", f"socket,id=qmp,fd={plan.qmp_fd}", "-mon", "chardev=qmp,mode=control"]
+    if plan.uefi is not None:  # the boot disk first, and the firmware's first boot option
+        drive = f"id=uefidisk,file={qemu_escape(str(plan.uefi.disk))},if=none,"
+        drive += f"format={plan.uefi.disk_format},cache=writeback,discard=unmap"
+        argv += ["-drive", drive, "-device", "virtio-blk-pci,drive=uefidisk,bootindex=0"]
     for index, disk in enumerate(config.all_disks()):
         drive = (
-            f"id=disk{index},file={qemu_escape(str(disk.path))},if=none,format={disk.format},"
+            # Absolute: a relative name such as "nbd:host:port" or "json:{...}" is a protocol.
+            f"id=disk{index},file={qemu_escape(str(disk.path.absolute()))},if=none,format={disk.format},"
             f"readonly={'on' if disk.read_only else 'off'},cache=writeback"
         )
         argv += ["-drive", drive, "-device", f"virtio-blk-{suffix},drive=disk{index}"]
@@ -126,6 +149,17 @@ def build_argv(config: VMConfig, plan: LaunchPlan) -> list[str]:
     return argv
 
 
+def uefi_args(uefi: UefiLaunch) -> list[str]:
+    """OVMF as two pflash chips: the code read-only, this VM's variable store writable. With Secure
+    Boot, SMM guards the store so the guest OS cannot rewrite the key databases."""
+    code = f"driver=file,node-name=uefi-code,filename={qemu_escape(str(uefi.code))},read-only=on"
+    store = f"driver=file,node-name=uefi-vars,filename={qemu_escape(str(uefi.vars))}"
+    argv = ["-blockdev", code, "-blockdev", store]
+    if uefi.secure_boot:
+        argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+    return argv
+
+
 def share_args(shares: tuple[PlannedShare, ...], suffix: str) -> list[str]:
     argv: list[str] = []
     for index, share in enumerate(shares):
@@ -134,11 +168,16 @@ def share_args(shares: tuple[PlannedShare, ...], suffix: str) -> list[str]:
             argv += ["-chardev", f"socket,id=fs{index},path={qemu_escape(str(share.socket_path))}"]
             argv += ["-device", f"vhost-user-fs-{suffix},chardev=fs{index},tag={share.tag}"]
         else:
-            # readonly=on: QEMU itself refuses every write (host-enforced); security_model=none:
-            # files are created as QEMU's user, no ownership emulation.
-            fsdev = f"local,id=fsdev{index},path={qemu_escape(str(share.host_path))},security_model=none"
+            # readonly=on: QEMU itself refuses every write (host-enforced). A writable share uses
+            # security_model=mapped-xattr: files are created as QEMU's user with mode 0600 (dirs
+            # 0700) and the guest's view of owner, mode and device numbers lives in user.virtfs.*
+            # xattrs, so guest root can never leave a set-uid/set-gid file, a device node or a
+            # symlink on the host (``none`` passed chmod 4755 and mknod through, as root too).
+            path = qemu_escape(str(share.host_path))
             if share.read_only:
-                fsdev += ",readonly=on"
+                fsdev = f"local,id=fsdev{index},path={path},security_model=none,readonly=on"
+            else:
+                fsdev = f"local,id=fsdev{index},path={path},security_model=mapped-xattr"
             argv += [
                 "-fsdev",
                 fsdev,

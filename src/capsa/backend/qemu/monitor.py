@@ -11,6 +11,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
+from capsa._tasks import TaskSet
 from capsa.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -24,13 +25,14 @@ class Monitor:
         self._client = QMPClient(name)
         self.shutdown_reason: str | None = None
         self._events: asyncio.Task[None] | None = None
+        self._tasks = TaskSet(log)
 
     async def connect(self, sock: socket.socket, timeout: float) -> None:
         try:
             await asyncio.wait_for(self._client.connect(sock), timeout)
         except (QMPError, OSError, TimeoutError) as exc:
             raise BackendError(f"QMP handshake with QEMU failed: {exc}") from exc
-        self._events = asyncio.ensure_future(self._watch_events())
+        self._events = self._tasks.spawn(self._watch_events(), name="capsa-qmp-events")
 
     async def _watch_events(self) -> None:
         try:

@@ -7,10 +7,11 @@ import contextlib
 import logging
 import shutil
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from capsa._guardian import die_with_parent
+from capsa._tasks import TaskSet
 from capsa.errors import CapsaTimeoutError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -52,13 +53,28 @@ class QemuProcess:
         self._proc = proc
         self.log_path = log_path
         self.name = name
-        self._waiter: asyncio.Task[int] = asyncio.ensure_future(proc.wait())
+        self._tasks = TaskSet(log)
+        self._waiter: asyncio.Task[int] = self._tasks.spawn(proc.wait(), name=f"capsa-wait-{name}")
 
     @classmethod
     async def start(
-        cls, argv: Sequence[str], *, pass_fds: Sequence[int], log_path: Path, name: str = "QEMU"
+        cls,
+        argv: Sequence[str],
+        *,
+        pass_fds: Sequence[int],
+        log_path: Path,
+        name: str = "QEMU",
+        confine: Callable[[], None] | None = None,
     ) -> QemuProcess:
+        """``confine`` runs in the child just before exec (virtiofsd's seccomp filter)."""
         log.debug("starting %s", " ".join(argv))
+        die = die_with_parent()
+
+        def preexec() -> None:
+            die()
+            if confine is not None:
+                confine()
+
         with log_path.open("ab") as log_file:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -66,7 +82,7 @@ class QemuProcess:
                 stdout=log_file,
                 stderr=log_file,
                 pass_fds=tuple(pass_fds),
-                preexec_fn=die_with_parent(),
+                preexec_fn=preexec,
                 start_new_session=True,
             )
         return cls(proc, log_path, name)

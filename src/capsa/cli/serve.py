@@ -1,0 +1,133 @@
+"""``capsa serve``: run sandboxes behind an HTTP API that the E2B SDKs talk to unchanged."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from capsa.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "serve",
+        help="serve sandboxes to the E2B SDKs (e2b, e2b-code-interpreter)",
+        description=(
+            "Run an HTTP server that the E2B Python/JS SDKs use unchanged: point them at it with\n"
+            "E2B_API_URL=http://HOST:PORT, E2B_SANDBOX_URL=http://HOST:PORT and E2B_API_KEY=KEY.\n"
+            "One port serves the control plane, every sandbox's envd API and code interpreter,\n"
+            "GET /health (unauthenticated) and GET /metrics (Prometheus). Needs the server extra:\n"
+            "pip install 'capsa[server]'."
+        ),
+        epilog=(
+            "examples:\n"
+            "  CAPSA_API_KEY=secret capsa serve\n"
+            "  capsa serve --api-key-file keys.txt --pool base=4 --pool code-interpreter-v1=2\n\n"
+            "templates: base (capsa's default image), code-interpreter-v1 (the same, with the\n"
+            "Python interpreter started at create). On SIGTERM the server stops accepting and\n"
+            "kills its sandboxes."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=3000, help="port to bind (default 3000)")
+    parser.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="accepted API keys, one per line (CAPSA_API_KEY adds one more)",
+    )
+    parser.add_argument(
+        "--pool",
+        action="append",
+        default=[],
+        metavar="TEMPLATE=N",
+        help="keep N sandboxes of TEMPLATE booted and waiting, so create is a take; repeatable",
+    )
+    parser.add_argument(
+        "--max-sandboxes",
+        type=int,
+        metavar="N",
+        help="refuse to create more than N sandboxes at a time (HTTP 429)",
+    )
+    parser.add_argument(
+        "--dns-server",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="upstream resolver for sandboxes with a network (default: the host's); repeatable",
+    )
+    parser.add_argument(
+        "--allow-internal-destinations",
+        action="store_true",
+        help="let sandboxes with a network reach loopback/private addresses (as on Gateway)",
+    )
+    parser.add_argument(
+        "--memory", type=int, default=512, metavar="MB", help="guest memory per sandbox (default 512)"
+    )
+    parser.set_defaults(handler=_serve)
+
+
+def parse_pool(text: str) -> tuple[str, int]:
+    name, sep, count = text.partition("=")
+    if not sep or not name or not count.isdigit() or int(count) < 1:
+        raise ConfigError(f"--pool takes TEMPLATE=N with N >= 1, got {text!r}")
+    return name, int(count)
+
+
+def load_keys(path: str | None) -> tuple[str, ...]:
+    keys: list[str] = []
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read --api-key-file {path}: {exc.strerror}") from None
+        keys += [line.strip() for line in text.splitlines() if line.strip()]
+    env_key = os.environ.get("CAPSA_API_KEY", "").strip()
+    if env_key:
+        keys.append(env_key)
+    if not keys:
+        raise ConfigError(
+            "no API key configured",
+            hint="set CAPSA_API_KEY or pass --api-key-file FILE (one key per line)",
+        )
+    return tuple(keys)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn  # noqa: PLC0415 (optional dependency)
+
+        from capsa.server import ServerConfig, create_app  # noqa: PLC0415
+    except ImportError as exc:
+        raise ConfigError(
+            f"capsa serve needs the server extra ({exc.name} is missing)",
+            hint="pip install 'capsa[server]'",
+        ) from None
+    if args.max_sandboxes is not None and args.max_sandboxes < 1:
+        raise ConfigError("--max-sandboxes must be at least 1")
+    config = ServerConfig(
+        api_keys=load_keys(args.api_key_file),
+        pools=dict(parse_pool(p) for p in args.pool),
+        max_sandboxes=args.max_sandboxes,
+        memory_mb=args.memory,
+        dns_servers=tuple(args.dns_server),
+        allow_internal_destinations=args.allow_internal_destinations,
+    )
+    server = create_app(config)
+    if not logging.getLogger().handlers or not args.verbose:
+        logging.getLogger("capsa.server").setLevel(logging.INFO)
+    uvicorn.run(
+        server.app,
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        access_log=False,  # capsa.server.access logs each request with its sandbox and duration
+        timeout_graceful_shutdown=10,
+        interface="asgi3",
+    )
+    return 0

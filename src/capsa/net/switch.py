@@ -1,0 +1,200 @@
+"""The switch joining the links of a cluster's members, in the host process (no TAP, no root).
+
+Every member's stack is a port. A frame to the gateway's MAC, or a broadcast, goes to the gateway's
+services for the member that sent it (ARP, DHCP, DNS, the NAT and its policy); a broadcast also goes
+to every other member; a frame to a member's MAC goes to that member only. Frames between members
+never pass the NAT or the egress policy; they pass the cluster's own rules instead: partitions
+(dropped, as a cut cable), pairs blocked by policy (a TCP connect gets an RST, the rest is dropped),
+and per-pair delay and loss. Between members only IPv4 and ARP pass, and only from the sender's own
+address (a member cannot pass for another). Member frames queue on a link within the link's bound,
+and delayed frames within :data:`MAX_DELAYED` bytes per pair, so no member can make the host hold
+more.
+
+A standalone VM's stack has a switch with that one port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+from typing import TYPE_CHECKING
+
+from capsa.net.gateway import Gateway
+from capsa.net.link import MAX_BACKLOG
+from capsa.net.packets import (
+    ETH_ARP,
+    ETH_IPV4,
+    PROTO_TCP,
+    TCP_ACK,
+    TCP_RST,
+    TCP_SYN,
+    Ethernet,
+    IPv4,
+    PacketError,
+    Tcp,
+)
+from capsa.net.tcp import TcpEndpoint
+
+if TYPE_CHECKING:
+    from capsa.net.stack import NetworkStack
+
+log = logging.getLogger(__name__)
+
+GATEWAY_MAC = bytes.fromhex("525400000002")
+MAX_DELAYED = MAX_BACKLOG  # bytes held back by delay() per pair of members
+
+
+def _pair(a: str | None, b: str | None) -> frozenset[str | None]:
+    return frozenset((a, b))
+
+
+class Switch:
+    """One L2 segment: member ports, the gateway behind each, and the rules between members."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._ports: dict[str | None, NetworkStack] = {}
+        self._names: dict[str, ipaddress.IPv4Address] = {}  # members, also while one is down
+        self._groups: list[frozenset[str]] = []
+        self._blocked: set[frozenset[str | None]] = set()
+        self._delay: dict[frozenset[str | None], float] = {}
+        self._loss: dict[frozenset[str | None], float] = {}
+        self._delayed: dict[frozenset[str | None], int] = {}
+        self.dropped = 0  # frames between members dropped by a partition, loss or a full queue
+
+    # -- membership --
+
+    def assign(self, name: str, address: ipaddress.IPv4Address | None) -> None:
+        """``name`` resolves to ``address`` for every member (the gateway's DNS answers it); None
+        forgets the name."""
+        if address is None:
+            self._names.pop(name, None)
+        else:
+            self._names[name] = address
+
+    def attach(self, port: NetworkStack) -> None:
+        old = self._ports.get(port.name)
+        if old is not None and old is not port:
+            log.debug("member %s re-attached (its previous link is gone)", port.name)
+        self._ports[port.name] = port
+
+    def detach(self, port: NetworkStack) -> None:
+        if self._ports.get(port.name) is port:
+            del self._ports[port.name]
+
+    def port(self, name: str) -> NetworkStack | None:
+        return self._ports.get(name)
+
+    def resolve(self, name: str) -> ipaddress.IPv4Address | None:
+        return self._names.get(name)
+
+    def is_member(self, address: ipaddress.IPv4Address) -> bool:
+        return address in self._names.values()
+
+    # -- rules --
+
+    def partition(self, *groups: frozenset[str]) -> None:
+        self._groups = list(groups)
+
+    def heal(self) -> None:
+        """Undo partitions, delays and losses (pairs blocked by policy stay blocked)."""
+        self._groups = []
+        self._delay.clear()
+        self._loss.clear()
+
+    def block(self, a: str, b: str, blocked: bool) -> None:
+        if blocked:
+            self._blocked.add(_pair(a, b))
+        else:
+            self._blocked.discard(_pair(a, b))
+
+    def set_delay(self, a: str, b: str, seconds: float) -> None:
+        self._delay[_pair(a, b)] = seconds
+
+    def set_loss(self, a: str, b: str, fraction: float) -> None:
+        self._loss[_pair(a, b)] = fraction
+
+    def _cut(self, a: str | None, b: str | None) -> bool:
+        group_a = next((i for i, g in enumerate(self._groups) if a in g), None)
+        group_b = next((i for i, g in enumerate(self._groups) if b in g), None)
+        return group_a is not None and group_b is not None and group_a != group_b
+
+    # -- frames --
+
+    def on_frame(self, src: NetworkStack, frame: memoryview) -> None:
+        try:
+            eth = Ethernet.parse(frame)
+            if eth.dst == GATEWAY_MAC or len(self._ports) <= 1:
+                src.on_gateway_frame(eth)
+                return
+            if eth.dst[0] & 1:  # broadcast or multicast: the gateway and every other member
+                src.on_gateway_frame(eth)
+                for port in list(self._ports.values()):
+                    if port is not src:
+                        self._deliver(src, port, eth, frame)
+                return
+            for port in self._ports.values():
+                if port.guest_mac == eth.dst and port is not src:
+                    self._deliver(src, port, eth, frame)
+                    return
+        except PacketError as exc:
+            log.debug("dropped a frame from the guest: %s", exc)
+
+    def _deliver(self, src: NetworkStack, dst: NetworkStack, eth: Ethernet, frame: memoryview) -> None:
+        if not self._own_address(src, eth):
+            self.dropped += 1
+            return
+        pair = _pair(src.name, dst.name)
+        if self._cut(src.name, dst.name):
+            self.dropped += 1
+            return
+        if pair in self._blocked:
+            if eth.ethertype == ETH_ARP:
+                dst.link.send(bytes(frame))  # so that a connect reaches us and is refused
+            elif eth.ethertype == ETH_IPV4:
+                self._refuse(src, dst, IPv4.parse(eth.payload))
+            return
+        loss = self._loss.get(pair, 0.0)
+        if loss and random.random() < loss:
+            self.dropped += 1
+            return
+        delay = self._delay.get(pair, 0.0)
+        if delay <= 0:
+            if not dst.link.send(bytes(frame)):
+                self.dropped += 1
+            return
+        held = self._delayed.get(pair, 0)
+        if held + len(frame) > MAX_DELAYED:
+            self.dropped += 1
+            return
+        self._delayed[pair] = held + len(frame)
+        data = bytes(frame)
+
+        def later() -> None:
+            self._delayed[pair] -= len(data)
+            dst.link.send(data)
+
+        asyncio.get_running_loop().call_later(delay, later)
+
+    @staticmethod
+    def _own_address(src: NetworkStack, eth: Ethernet) -> bool:
+        """Members speak to members from their own address only (IPv4 source, ARP sender)."""
+        own = src.guest_ip.packed
+        if eth.ethertype == ETH_IPV4:
+            return bytes(eth.payload[12:16]) == own
+        if eth.ethertype == ETH_ARP:
+            return bytes(eth.payload[14:18]) == own
+        return False
+
+    def _refuse(self, src: NetworkStack, dst: NetworkStack, ip: IPv4) -> None:
+        """A blocked pair: an RST for a TCP connect (a denial never looks like a hang), logged."""
+        if ip.proto != PROTO_TCP:
+            return
+        tcp = Tcp.parse(ip)
+        if tcp.flags & TCP_RST:
+            return
+        if tcp.flags & TCP_SYN and not tcp.flags & TCP_ACK:
+            src._record(("tcp", ip.dst, tcp.dst_port, dst.name, "policy_between", "deny"))
+        src.send_ip(ip.dst, PROTO_TCP, TcpEndpoint.refuse(tcp, ip.src, ip.dst))

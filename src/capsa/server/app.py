@@ -1,0 +1,143 @@
+"""The ASGI application of ``capsa serve``: one port for the control plane (``X-API-KEY``), the
+sandboxes' envd and code interpreter (routed by the ``E2b-Sandbox-Id``/``E2b-Sandbox-Port`` headers
+the SDKs send when ``E2B_SANDBOX_URL`` points here), ``/health`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from capsa.errors import CapsaError
+from capsa.server.control import ControlPlane, api_error, error_response
+from capsa.server.metrics import Metrics
+from capsa.server.registry import Registry
+from capsa.server.sandbox_api import SandboxApi
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("capsa.server.access")
+
+_PUBLIC = ("/health", "/metrics")
+
+
+@dataclass
+class ServerConfig:
+    api_keys: tuple[str, ...]
+    pools: dict[str, int] = field(default_factory=dict)
+    max_sandboxes: int | None = None
+    memory_mb: int = 512
+    dns_servers: tuple[str, ...] = ()
+    allow_internal_destinations: bool = False
+
+
+class CapsaServer:
+    """Holds the registry and builds the ASGI app (``server.app``)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.registry = Registry(
+            memory_mb=config.memory_mb,
+            pools=config.pools,
+            max_sandboxes=config.max_sandboxes,
+            dns_servers=config.dns_servers,
+            allow_internal_destinations=config.allow_internal_destinations,
+        )
+        self.metrics = Metrics(lambda: len(self.registry))
+        self.ready = False
+        control = ControlPlane(self.registry, self.metrics)
+        routes = [
+            Route("/health", self._health, methods=["GET"]),
+            Route("/metrics", self._metrics, methods=["GET"]),
+            *control.routes(),
+        ]
+        self._control: ASGIApp = Starlette(
+            routes=routes,
+            lifespan=self._lifespan,
+            exception_handlers={CapsaError: self._on_error},
+        )
+        self._sandbox = SandboxApi(self.registry, self.metrics)
+        self.app: ASGIApp = self._dispatch
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.registry.start()
+        self.ready = True
+        log.info("capsa serve ready")
+        try:
+            yield
+        finally:
+            self.ready = False
+            log.info("capsa serve stopping: killing %d sandboxes", len(self.registry))
+            await self.registry.close()
+
+    async def _on_error(self, request: Request, exc: Exception) -> Response:
+        return api_error(exc)
+
+    async def _health(self, request: Request) -> Response:
+        if not self.ready or self.registry.closed:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse({"status": "ok", "sandboxes": len(self.registry)})
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    def _key_ok(self, headers: dict[str, str]) -> bool:
+        key = headers.get("x-api-key")
+        if key is None:
+            bearer = headers.get("authorization", "")
+            key = bearer.removeprefix("Bearer ") if bearer.startswith("Bearer ") else None
+        return key is not None and any(
+            secrets.compare_digest(key.encode(), k.encode()) for k in self.config.api_keys
+        )
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._control(scope, receive, send)
+            return
+        headers = _headers(scope["headers"])
+        started = time.monotonic()
+        status = [0]
+
+        async def send_logged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if "e2b-sandbox-id" in headers:
+                await self._sandbox_asgi(scope, receive, send_logged)
+            elif scope["path"] in _PUBLIC or self._key_ok(headers):
+                await self._control(scope, receive, send_logged)
+            else:
+                await error_response(401, "invalid API key")(scope, receive, send_logged)
+        finally:
+            self.metrics.requests.labels(status=str(status[0])).inc()
+            access_log.info(
+                "%s %s %s %.1fms sandbox=%s",
+                scope["method"],
+                scope["path"],
+                status[0],
+                (time.monotonic() - started) * 1000,
+                headers.get("e2b-sandbox-id", "-"),
+            )
+
+    async def _sandbox_asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self._sandbox(Request(scope, receive))
+        await response(scope, receive, send)
+
+
+def _headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
+
+
+def create_app(config: ServerConfig) -> CapsaServer:
+    return CapsaServer(config)

@@ -1,0 +1,201 @@
+"""The E2B control plane (``api.e2b.app``): create, list, inspect, time out and kill sandboxes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.parse
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from capsa.errors import CapsaError
+from capsa.server.interpreter import interpreter_for
+from capsa.server.metrics import Metrics
+from capsa.server.network import e2b_policy
+from capsa.server.registry import (
+    DEFAULT_TIMEOUT,
+    ENVD_VERSION,
+    INTERPRETER_TEMPLATE,
+    ApiError,
+    Entry,
+    Registry,
+    check_timeout,
+)
+
+log = logging.getLogger(__name__)
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"code": status, "message": message}, status_code=status)
+
+
+def _iso(stamp: Any) -> str:
+    return str(stamp.isoformat().replace("+00:00", "Z"))
+
+
+def sandbox_json(entry: Entry) -> dict[str, Any]:
+    return {
+        "templateID": entry.template,
+        "sandboxID": entry.id,
+        "clientID": "capsa",
+        "envdVersion": ENVD_VERSION,
+        "envdAccessToken": entry.token,
+        "trafficAccessToken": entry.token,
+        "alias": entry.template,
+    }
+
+
+def listed_json(entry: Entry) -> dict[str, Any]:
+    return {
+        "templateID": entry.template,
+        "alias": entry.template,
+        "sandboxID": entry.id,
+        "clientID": "capsa",
+        "startedAt": _iso(entry.started_at),
+        "endAt": _iso(entry.end_at),
+        "cpuCount": 1,
+        "memoryMB": entry.memory_mb,
+        "diskSizeMB": 0,
+        "state": entry.state,
+        "envdVersion": ENVD_VERSION,
+        "metadata": entry.metadata,
+    }
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise ApiError(400, "the request body is not JSON") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return value
+
+
+def _strings(value: object, what: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ApiError(400, f"{what} must map strings to strings")
+    return value
+
+
+class ControlPlane:
+    def __init__(self, registry: Registry, metrics: Metrics) -> None:
+        self.registry = registry
+        self.metrics = metrics
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/sandboxes", self.create, methods=["POST"]),
+            Route("/v2/sandboxes", self.create, methods=["POST"]),
+            Route("/sandboxes", self.list, methods=["GET"]),
+            Route("/v2/sandboxes", self.list, methods=["GET"]),
+            Route("/sandboxes/{sandbox_id}", self.get, methods=["GET"]),
+            Route("/sandboxes/{sandbox_id}", self.kill, methods=["DELETE"]),
+            Route("/sandboxes/{sandbox_id}/timeout", self.set_timeout, methods=["POST"]),
+            Route("/sandboxes/{sandbox_id}/refreshes", self.refresh, methods=["POST"]),
+            Route("/sandboxes/{sandbox_id}/connect", self.connect, methods=["POST"]),
+            Route("/v2/sandboxes/{sandbox_id}/connect", self.connect, methods=["POST"]),
+            Route("/sandboxes/{sandbox_id}/metrics", self.metrics_of, methods=["GET"]),
+            Route("/sandboxes/{sandbox_id}/pause", self.pause, methods=["POST"]),
+            Route("/sandboxes/{sandbox_id}/resume", self.connect, methods=["POST"]),
+            *(
+                Route(f"/sandboxes/{{sandbox_id}}/{name}", self.unsupported, methods=["POST"])
+                for name in ("fork", "snapshots")
+            ),
+            Route("/sandboxes/{sandbox_id}/network", self.unsupported, methods=["PUT"]),
+        ]
+
+    async def create(self, request: Request) -> Response:
+        body = await _body(request)
+        template = body.get("templateID") or "base"
+        if not isinstance(template, str):
+            raise ApiError(400, "templateID must be a string")
+        timeout = check_timeout(body.get("timeout", DEFAULT_TIMEOUT))
+        policy = e2b_policy(
+            body.get("allow_internet_access", body.get("allowInternetAccess")), body.get("network")
+        )
+        started = time.monotonic()
+        entry = await self.registry.create(
+            template,
+            timeout=timeout,
+            metadata=_strings(body.get("metadata"), "metadata"),
+            envs=_strings(body.get("envVars"), "envVars"),
+            policy=policy,
+        )
+        self.metrics.created(time.monotonic() - started, template)
+        if template == INTERPRETER_TEMPLATE:
+            await interpreter_for(entry).warm()
+        return JSONResponse(sandbox_json(entry), status_code=201)
+
+    async def list(self, request: Request) -> Response:
+        entries = self.registry.list()
+        states = request.query_params.get("state")
+        if states is not None:
+            entries = [e for e in entries if e.state in states.split(",")]
+        wanted = dict(urllib.parse.parse_qsl(request.query_params.get("metadata") or ""))
+        entries = [e for e in entries if all(e.metadata.get(k) == v for k, v in wanted.items())]
+        return JSONResponse([listed_json(e) for e in entries])
+
+    async def get(self, request: Request) -> Response:
+        entry = self.registry.find(request.path_params["sandbox_id"])
+        detail = listed_json(entry)
+        detail["envdAccessToken"] = entry.token
+        return JSONResponse(detail)
+
+    async def kill(self, request: Request) -> Response:
+        await self.registry.kill(request.path_params["sandbox_id"])
+        return Response(status_code=204)
+
+    async def set_timeout(self, request: Request) -> Response:
+        entry = self.registry.get(request.path_params["sandbox_id"])
+        entry.set_timeout(check_timeout((await _body(request)).get("timeout")))
+        return Response(status_code=204)
+
+    async def refresh(self, request: Request) -> Response:
+        entry = self.registry.get(request.path_params["sandbox_id"])
+        duration = (await _body(request)).get("duration")
+        if duration is not None:
+            entry.set_timeout(check_timeout(duration))
+        return Response(status_code=204)
+
+    async def metrics_of(self, request: Request) -> Response:
+        self.registry.get(request.path_params["sandbox_id"])
+        return JSONResponse([])  # per-sandbox CPU/memory series are not collected (yet)
+
+    async def unsupported(self, request: Request) -> Response:
+        self.registry.get(request.path_params["sandbox_id"])
+        action = request.url.path.rsplit("/", 1)[-1]
+        raise ApiError(501, f"{action} is not supported by capsa serve yet")
+
+    async def pause(self, request: Request) -> Response:
+        await self.registry.pause(request.path_params["sandbox_id"])
+        return Response(status_code=204)
+
+    async def connect(self, request: Request) -> Response:
+        """Connect to a sandbox; a paused one is resumed from its snapshot first."""
+        timeout = (await _body(request)).get("timeout")
+        entry = await self.registry.resume(
+            request.path_params["sandbox_id"], None if timeout is None else check_timeout(timeout)
+        )
+        return JSONResponse(sandbox_json(entry), status_code=200)
+
+
+def api_error(exc: Exception) -> JSONResponse:
+    if isinstance(exc, ApiError):
+        return error_response(exc.status, exc.message)
+    if isinstance(exc, CapsaError):
+        log.warning("request failed: %s", exc)
+        return error_response(500, exc.message)
+    log.exception("request failed")
+    return error_response(500, f"internal error: {type(exc).__name__}")

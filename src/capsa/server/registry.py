@@ -1,0 +1,360 @@
+"""The server's sandboxes: creation (from warm pools when there are), lookup, lifetimes, removal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import secrets
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import capsa
+from capsa._tasks import TaskSet
+from capsa.errors import CapsaError
+from capsa.server.interpreter import Interpreter
+from capsa.vm import RunState
+
+if TYPE_CHECKING:
+    from capsa.server.envd import ProcessTable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 300  # seconds, as in E2B
+MAX_TIMEOUT = 24 * 3600
+ENVD_VERSION = "0.5.7"
+INTERPRETER_TEMPLATE = "code-interpreter-v1"
+TEMPLATES = ("base", INTERPRETER_TEMPLATE)
+_REAP_INTERVAL = 0.5
+_POOL_TAKE_TIMEOUT = 60.0
+
+
+class ApiError(CapsaError):
+    """A control-plane request failed; ``status`` is the HTTP status the client gets."""
+
+    def __init__(self, status: int, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+
+
+@dataclass(eq=False)
+class Entry:
+    """One sandbox the server runs for its clients."""
+
+    id: str
+    template: str
+    vm: capsa.Sandbox
+    token: str
+    metadata: dict[str, str]
+    envs: dict[str, str]
+    started_at: datetime.datetime
+    end_at: datetime.datetime
+    memory_mb: int
+    processes: ProcessTable | None = None
+    interpreter: Interpreter | None = None
+    closing: bool = False
+    policy: capsa.NetworkPolicy | None = None
+    paused: Path | None = None  # the snapshot of a paused sandbox (its VM is gone)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def running(self) -> bool:
+        return not self.closing and self.paused is None and self.vm.status is RunState.RUNNING
+
+    @property
+    def state(self) -> str:
+        return "paused" if self.paused is not None else "running"
+
+    def set_timeout(self, seconds: int) -> None:
+        self.vm.set_lifetime(seconds)
+        self.end_at = _now() + datetime.timedelta(seconds=seconds)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def check_timeout(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_TIMEOUT:
+        raise ApiError(400, f"timeout must be seconds from 1 to {MAX_TIMEOUT}, got {value!r:.40}")
+    return int(value)
+
+
+class Registry:
+    """Creates sandboxes per template (taking them from ``pools`` when one is configured), stops
+    them when their E2B timeout (a capsa lifetime) ends, and kills them all on ``close()``."""
+
+    def __init__(
+        self,
+        *,
+        memory_mb: int = 512,
+        pools: dict[str, int] | None = None,
+        max_sandboxes: int | None = None,
+        on_removed: Callable[[Entry], None] | None = None,
+        dns_servers: tuple[str, ...] = (),
+        allow_internal_destinations: bool = False,
+    ) -> None:
+        for name in pools or {}:
+            if name not in TEMPLATES:
+                raise CapsaError(f"unknown template {name!r} in --pool", hint=f"templates: {TEMPLATES}")
+        self.memory_mb = memory_mb
+        self.max_sandboxes = max_sandboxes
+        self._pool_sizes = dict(pools or {})
+        self._pools: dict[str, capsa.Pool] = {}
+        # code-interpreter sandboxes taken from their pool with the interpreter already started
+        self._warm: deque[tuple[capsa.Sandbox, Interpreter]] = deque()
+        self._warm_wanted = asyncio.Event()
+        self._entries: dict[str, Entry] = {}
+        self._creating = 0
+        self._tasks = TaskSet(log)
+        self._reaper: asyncio.Task[None] | None = None
+        self._on_removed = on_removed
+        self._paused_root: Path | None = None
+        self._dns_servers = dns_servers
+        self._internal = allow_internal_destinations
+        self.closed = False
+
+    def builder(self, template: str, policy: capsa.NetworkPolicy | None = None) -> capsa.SandboxBuilder:
+        builder = capsa.sandbox().memory_mb(self.memory_mb)
+        if policy is None:
+            return builder
+        gateway = capsa.Gateway().policy(policy)
+        if self._dns_servers:
+            gateway = gateway.dns_servers(list(self._dns_servers))
+        if self._internal:
+            gateway = gateway.allow_internal_destinations()
+        return builder.network(capsa.VirtualNetwork.with_gateway(gateway))
+
+    async def start(self) -> None:
+        for name, size in self._pool_sizes.items():
+            self._pools[name] = await capsa.pool(self.builder(name), size)
+        self._reaper = self._tasks.spawn(self._reap(), name="capsa-server-reaper")
+        if INTERPRETER_TEMPLATE in self._pools:
+            self._tasks.spawn(self._keep_warm(), name="capsa-server-interpreter-warmer")
+
+    async def _keep_warm(self) -> None:
+        """Keep the code-interpreter pool's sandboxes with their interpreter started, so that a
+        create is a take and the first ``run_code`` needs no Python start-up."""
+        pool = self._pools[INTERPRETER_TEMPLATE]
+        while not self.closed:
+            self._warm = deque(pair for pair in self._warm if pair[0].status is RunState.RUNNING)
+            if len(self._warm) >= self._pool_sizes[INTERPRETER_TEMPLATE]:
+                self._warm_wanted.clear()
+                await self._warm_wanted.wait()
+                continue
+            try:
+                vm = await pool.take(_POOL_TAKE_TIMEOUT)
+            except CapsaError as exc:
+                log.warning("warming an interpreter sandbox: %s", exc.message)
+                await asyncio.sleep(1.0)
+                continue
+            interpreter = Interpreter(vm, {})
+            try:
+                await interpreter.warm()
+            except Exception as exc:
+                log.warning("starting the interpreter of a pooled sandbox failed: %s", exc)
+                await vm.kill()
+                await asyncio.sleep(1.0)
+                continue
+            if self.closed:
+                await vm.kill()
+                return
+            self._warm.append((vm, interpreter))
+
+    def pool_ready(self) -> bool:
+        return all(pool.available > 0 for pool in self._pools.values())
+
+    # -- create / lookup --
+
+    async def create(
+        self,
+        template: str,
+        *,
+        timeout: int = DEFAULT_TIMEOUT,
+        metadata: dict[str, str] | None = None,
+        envs: dict[str, str] | None = None,
+        policy: capsa.NetworkPolicy | None = None,
+    ) -> Entry:
+        if self.closed:
+            raise ApiError(503, "the server is shutting down")
+        if template not in TEMPLATES:
+            raise ApiError(404, f"template {template!r} not found", hint=f"templates: {TEMPLATES}")
+        if self.max_sandboxes is not None and len(self._entries) + self._creating >= self.max_sandboxes:
+            raise ApiError(
+                429,
+                f"this server runs at most {self.max_sandboxes} sandboxes (--max-sandboxes)",
+                hint="kill a sandbox or wait for one to time out",
+            )
+        self._creating += 1
+        interpreter = None
+        try:
+            if policy is not None:  # a network of its own: never from a pool
+                vm = await self.builder(template, policy).build()
+            elif template == INTERPRETER_TEMPLATE and self._warm:
+                vm, interpreter = self._warm.popleft()
+                self._warm_wanted.set()
+            else:
+                pool = self._pools.get(template)
+                vm = await (pool.take(_POOL_TAKE_TIMEOUT) if pool else self.builder(template).build())
+        finally:
+            self._creating -= 1
+        started = _now()
+        entry = Entry(
+            id=f"i{secrets.token_hex(10)}",
+            template=template,
+            vm=vm,
+            token=secrets.token_urlsafe(24),
+            metadata=dict(metadata or {}),
+            envs=dict(envs or {}),
+            started_at=started,
+            end_at=started,
+            memory_mb=self.memory_mb,
+            interpreter=interpreter,
+        )
+        try:
+            if interpreter is not None:
+                await interpreter.set_env(entry.envs)
+            entry.set_timeout(timeout)
+        except BaseException:
+            await vm.kill()
+            raise
+        entry.policy = policy
+        self._entries[entry.id] = entry
+        if self.closed:  # close() ran while this one was booting
+            await self.kill(entry.id)
+            raise ApiError(503, "the server is shutting down")
+        log.info("sandbox %s created (template %s, timeout %ss)", entry.id, template, timeout)
+        return entry
+
+    def get(self, sandbox_id: str) -> Entry:
+        entry = self._entries.get(sandbox_id)
+        if entry is None or not entry.running:
+            raise ApiError(404, f"sandbox {sandbox_id!r} not found")
+        return entry
+
+    def list(self) -> list[Entry]:
+        """Running and paused sandboxes."""
+        return [e for e in self._entries.values() if e.running or (e.paused and not e.closing)]
+
+    def find(self, sandbox_id: str) -> Entry:
+        """A running or paused sandbox."""
+        entry = self._entries.get(sandbox_id)
+        if entry is None or not (entry.running or entry.paused is not None):
+            raise ApiError(404, f"sandbox {sandbox_id!r} not found")
+        return entry
+
+    def __len__(self) -> int:
+        return sum(1 for entry in self._entries.values() if entry.running)
+
+    # -- pause / resume (capsa snapshots) --
+
+    async def pause(self, sandbox_id: str) -> None:
+        """Save the sandbox's memory and files to a snapshot and free its VM. Commands still
+        running and the code interpreter's process are killed first (a snapshot needs an idle
+        guest): what they held in memory is lost; files, and the guest's own memory, are kept."""
+        entry = self.find(sandbox_id)
+        if entry.paused is not None:
+            raise ApiError(409, f"sandbox {sandbox_id!r} is already paused")
+        if entry.processes is not None:
+            await entry.processes.kill_all()
+            entry.processes = None
+        if entry.interpreter is not None:
+            await entry.interpreter.stop()
+            entry.interpreter = None
+        if self._paused_root is None:
+            self._paused_root = Path(tempfile.mkdtemp(prefix="capsa-serve-paused-"))
+        target = self._paused_root / entry.id
+        try:
+            await entry.vm.snapshot(target)
+        except CapsaError as exc:
+            raise ApiError(409, f"cannot pause sandbox {sandbox_id!r}: {exc.message}") from None
+        entry.paused = target
+        await entry.vm.kill()
+        log.info("sandbox %s paused to %s", entry.id, target)
+
+    async def resume(self, sandbox_id: str, timeout: int | None) -> Entry:
+        entry = self.find(sandbox_id)
+        if entry.paused is None:
+            if timeout is not None:
+                entry.set_timeout(timeout)
+            return entry
+        if self.max_sandboxes is not None and len(self) + self._creating >= self.max_sandboxes:
+            raise ApiError(429, f"this server runs at most {self.max_sandboxes} sandboxes")
+        self._creating += 1
+        try:
+            vm = await self.builder(entry.template, entry.policy).from_snapshot(entry.paused).build()
+        finally:
+            self._creating -= 1
+        entry.vm = vm
+        shutil.rmtree(entry.paused, ignore_errors=True)
+        entry.paused = None
+        entry.set_timeout(timeout or DEFAULT_TIMEOUT)
+        log.info("sandbox %s resumed", entry.id)
+        return entry
+
+    # -- removal --
+
+    async def kill(self, sandbox_id: str) -> None:
+        entry = self._entries.get(sandbox_id)
+        if entry is not None and (entry.running or entry.paused is not None):
+            self._entries.pop(sandbox_id)
+        else:
+            entry = None
+        if entry is None:
+            raise ApiError(404, f"sandbox {sandbox_id!r} not found")
+        await self._destroy(entry)
+
+    async def _destroy(self, entry: Entry) -> None:
+        entry.closing = True
+        if self._on_removed is not None:
+            self._on_removed(entry)
+        if entry.processes is not None:
+            entry.processes.close()
+        if entry.interpreter is not None:
+            entry.interpreter.close()
+        try:
+            await entry.vm.kill()
+        except Exception:
+            log.exception("killing sandbox %s failed", entry.id)
+        if entry.paused is not None:
+            shutil.rmtree(entry.paused, ignore_errors=True)
+        log.info("sandbox %s removed", entry.id)
+
+    async def _reap(self) -> None:
+        """Forget sandboxes whose lifetime ended (capsa already stopped their VM) or that died."""
+        while True:
+            await asyncio.sleep(_REAP_INTERVAL)
+            for entry in list(self._entries.values()):
+                if entry.paused is None and entry.vm.status is not RunState.RUNNING:
+                    self._entries.pop(entry.id, None)
+                    log.info("sandbox %s ended (timeout or exit)", entry.id)
+                    await self._destroy(entry)
+
+    async def close(self) -> None:
+        """Stop everything: pools, sandboxes, background tasks."""
+        self.closed = True
+        started = time.monotonic()
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        entries = list(self._entries.values())
+        self._entries.clear()
+        await asyncio.gather(*(self._destroy(e) for e in entries), return_exceptions=True)
+        self._warm_wanted.set()
+        while self._warm:
+            vm, _ = self._warm.popleft()
+            with contextlib.suppress(Exception):
+                await vm.kill()
+        await asyncio.gather(*(p.close() for p in self._pools.values()), return_exceptions=True)
+        await self._tasks.wait_all(10.0)
+        if self._paused_root is not None:
+            shutil.rmtree(self._paused_root, ignore_errors=True)
+        log.info("stopped %d sandboxes in %.1fs", len(entries), time.monotonic() - started)

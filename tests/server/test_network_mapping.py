@@ -1,0 +1,55 @@
+"""E2B network settings -> capsa NetworkPolicy decisions (pure logic, no guest)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from capsa.net.policy import Flow
+from capsa.server.network import e2b_policy
+from capsa.server.registry import ApiError
+
+
+def allowed(policy: object, ip: str, names: tuple[str, ...] = ()) -> bool:
+    flow = Flow("tcp", ipaddress.IPv4Address(ip), 80, frozenset(names))
+    return bool(policy.decide(flow).allowed)  # type: ignore[attr-defined]
+
+
+def test_no_settings_means_no_network() -> None:
+    assert e2b_policy(None, None) is None
+    assert e2b_policy(False, None) is None  # no egress at all: no interface
+    assert e2b_policy(None, {}) is None
+
+
+def test_allow_out_takes_precedence_over_deny_out() -> None:
+    policy = e2b_policy(None, {"allowOut": ["allowed.test", "10.1.2.3"], "denyOut": ["0.0.0.0/0"]})
+    assert allowed(policy, "203.0.113.7", ("allowed.test",))
+    assert allowed(policy, "10.1.2.3")
+    assert not allowed(policy, "203.0.113.7", ("other.test",))
+    assert not allowed(policy, "203.0.113.8")
+    assert policy.decide_name("allowed.test").allowed
+    assert not policy.decide_name("other.test").allowed
+
+
+def test_deny_out_alone_blocks_only_what_it_names() -> None:
+    policy = e2b_policy(True, {"denyOut": ["198.51.100.0/24", "*.blocked.test"]})
+    assert allowed(policy, "203.0.113.7")
+    assert not allowed(policy, "198.51.100.9")
+    assert not allowed(policy, "203.0.113.7", ("x.blocked.test",))
+
+
+def test_no_internet_with_an_allowlist() -> None:
+    policy = e2b_policy(False, {"allow_out": ["pypi.test"]})
+    assert allowed(policy, "203.0.113.7", ("pypi.test",))
+    assert not allowed(policy, "203.0.113.7")
+
+
+@pytest.mark.parametrize(
+    "network",
+    [{"allowOut": "x.test"}, {"denyOut": [1]}, {"allowOut": ["bad domain!"]}, {"denyOut": ["::/0"]}, []],
+)
+def test_malformed_settings_are_refused(network: object) -> None:
+    with pytest.raises(ApiError) as failed:
+        e2b_policy(None, network)
+    assert failed.value.status == 400

@@ -1,0 +1,42 @@
+"""``capsa serve`` argument handling (no server started)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from capsa.cli import build_parser, main
+from capsa.cli.serve import load_keys, parse_pool
+from capsa.errors import ConfigError
+
+
+def test_pool_flags() -> None:
+    assert parse_pool("base=4") == ("base", 4)
+    for bad in ("base", "base=0", "=2", "base=x"):
+        with pytest.raises(ConfigError):
+            parse_pool(bad)
+
+
+def test_keys_come_from_the_file_and_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("one\n\n  two  \n")
+    monkeypatch.setenv("CAPSA_API_KEY", "three")
+    assert load_keys(str(keys)) == ("one", "two", "three")
+    monkeypatch.delenv("CAPSA_API_KEY")
+    with pytest.raises(ConfigError, match="no API key"):
+        load_keys(None)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_keys(str(tmp_path / "missing"))
+
+
+def test_defaults_bind_loopback_port_3000() -> None:
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.pool, args.max_sandboxes) == ("127.0.0.1", 3000, [], None)
+
+
+def test_refuses_to_start_without_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CAPSA_API_KEY", raising=False)
+    assert main(["serve", "--port", "1"]) == 2
