@@ -103,3 +103,31 @@ def test_a_failed_build_names_its_log_and_the_fallback(
     logs = list((tmp_path / "cache" / "kernels").glob("*.build.log"))
     assert len(logs) == 1 and "tar" in logs[0].read_text()
     assert not list((tmp_path / "cache" / "kernels").glob(".build-*"))  # the work tree is gone
+
+
+def test_a_long_build_step_reports_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel compile runs for minutes: setup must say it is alive, not print nothing."""
+    from capsa.image.kernel import build
+
+    monkeypatch.setattr(build, "REPORT_EVERY", 0.3)
+    log_path = tmp_path / "build.log"
+    said: list[str] = []
+    script = "echo '  CC a.o'; echo '  CC b.o'; sleep 1.2; echo '  AS c.o'"
+    with log_path.open("w") as log_file:
+        runner = build._StepRunner(tmp_path, log_file, log_path, said.append)
+        runner("compiling", ["sh", "-c", script])
+    assert said[0] == "kernel: compiling"
+    reports = [line for line in said[1:] if "files compiled" in line]
+    assert len(reports) >= 2, said
+    assert reports[-1].endswith("2 files compiled") or reports[-1].endswith("3 files compiled")
+
+
+def test_a_failing_build_step_names_its_log(tmp_path: Path) -> None:
+    from capsa.errors import ImageError
+    from capsa.image.kernel import build
+
+    log_path = tmp_path / "build.log"
+    with log_path.open("w") as log_file:
+        runner = build._StepRunner(tmp_path, log_file, log_path, None)
+        with pytest.raises(ImageError, match="exit 3"):
+            runner("configuring", ["sh", "-c", "exit 3"])

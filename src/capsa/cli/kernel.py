@@ -34,8 +34,11 @@ def register(commands: Any) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
-    with console.status("checking the kernel cache") as status:
-        kernel = build_kernel(status.update, rebuild=args.rebuild)
+    if console.is_terminal:
+        with console.status("checking the kernel cache") as status:
+            kernel = build_kernel(status.update, rebuild=args.rebuild)
+    else:  # a log (setup in CI): one line per step and per progress report
+        kernel = build_kernel(console.print, rebuild=args.rebuild)
     emit(
         {
             "bzimage": str(kernel.bzimage),

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ CONFIG_FRAGMENT = Path(__file__).with_name("capsa.config")
 SOURCE_GLOB = "/usr/src/linux-source-6.1.tar.xz"
 RECIPE_VERSION = "1"  # bump when the build steps change in a way that changes the result
 STEP_TIMEOUT = 3600.0
+REPORT_EVERY = 15.0  # seconds between progress reports of a long step
 ARCH = "ARCH=x86_64"  # tinyconfig would default to 32-bit without it
 _TOOLS = {
     "gcc": "build-essential",
@@ -243,20 +245,51 @@ class _StepRunner:
         log.info("kernel build: %s", title)
         self.log_file.write(f"\n$ {' '.join(argv)}\n")
         self.log_file.flush()
+        started = self.log_file.tell()
+        process = subprocess.Popen(
+            argv, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
         try:
-            done = subprocess.run(
-                argv, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=self.log_file,
-                stderr=subprocess.STDOUT, timeout=STEP_TIMEOUT, check=False,
-            )  # fmt: skip
-        except subprocess.TimeoutExpired:
+            code = self._wait(process, title, started)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        if code != 0:
             raise ImageError(
-                f"kernel build step '{title}' timed out", hint=f"see {self.log_path}"
-            ) from None
-        if done.returncode != 0:
-            raise ImageError(
-                f"kernel build failed while {title} (exit {done.returncode}); log: {self.log_path}",
+                f"kernel build failed while {title} (exit {code}); log: {self.log_path}",
                 hint="sandboxes fall back to the stock Debian kernel meanwhile",
             )
+
+    def _wait(self, process: subprocess.Popen[bytes], title: str, log_offset: int) -> int:
+        """Wait for one step, telling ``progress`` every :data:`REPORT_EVERY` seconds how long it
+        has run and how many files it compiled: a silent step of several minutes looks hung."""
+        began = time.monotonic()
+        report_at = began + REPORT_EVERY
+        while True:
+            try:
+                return process.wait(timeout=min(1.0, REPORT_EVERY))
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if now - began > STEP_TIMEOUT:
+                raise ImageError(f"kernel build step '{title}' timed out", hint=f"see {self.log_path}")
+            if self.progress and now >= report_at:
+                compiled = _compiled_files(self.log_path, log_offset)
+                self.progress(f"kernel: {title}: {now - began:.0f}s, {compiled} files compiled")
+                report_at = now + REPORT_EVERY
+
+
+def _compiled_files(log_path: Path, offset: int) -> int:
+    """How many ``  CC``/``  AS`` lines the build log has after ``offset``."""
+    try:
+        with log_path.open("rb") as log_file:
+            log_file.seek(offset)
+            text = log_file.read()
+    except OSError:
+        return 0
+    return sum(1 for line in text.splitlines() if line.startswith((b"  CC ", b"  AS ")))
 
 
 def parse_config(text: str) -> dict[str, str]:
