@@ -17,7 +17,7 @@ fi
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
     qemu-system-x86 qemu-utils busybox-static mmdebstrap squashfs-tools-ng \
     python3 python3-venv ca-certificates ovmf mtools dosfstools systemd-boot-efi grub-efi-amd64-bin \
-    shim-signed grub-efi-amd64-signed \
+    shim-signed grub-efi-amd64-signed binutils \
     $KERNEL_PACKAGES
 
 echo "==> virtualenv in .venv"
