@@ -14,11 +14,11 @@ import statistics
 import threading
 import time
 
-from dnslib import QTYPE, RR, A
-from dnslib.server import BaseResolver, DNSServer
+from dnslib.server import DNSServer
 
 import capsa
 from bench._report import figure, header
+from bench.network import LoopbackResolver
 from capsa import Gateway, NetworkPolicy, VirtualNetwork
 
 
@@ -28,14 +28,6 @@ class _Sink(socketserver.StreamRequestHandler):
         while chunk := self.rfile.read1(1 << 20):
             total += len(chunk)
         self.wfile.write(b"%d\n" % total)
-
-
-class _Resolver(BaseResolver):
-    def resolve(self, request, handler):  # type: ignore[no-untyped-def]
-        reply = request.reply()
-        if request.q.qtype == QTYPE.A:
-            reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A("127.0.0.1"), ttl=60))
-        return reply
 
 
 RECEIVE = """
@@ -149,7 +141,7 @@ async def main(mib: int, pings: int, runs: int) -> None:
     sink = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Sink)
     sink.daemon_threads = True
     threading.Thread(target=sink.serve_forever, daemon=True).start()
-    dns = DNSServer(_Resolver(), address="127.0.0.1", port=0)
+    dns = DNSServer(LoopbackResolver(), address="127.0.0.1", port=0)
     dns.start_thread()
     gateway = (
         Gateway("10.0.7.0/24")

@@ -38,7 +38,9 @@ class _Http(socketserver.StreamRequestHandler):
         self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
 
 
-class _Resolver(BaseResolver):
+class LoopbackResolver(BaseResolver):
+    """Answers every A question with 127.0.0.1 (the benches' servers listen there)."""
+
     def resolve(self, request, handler):  # type: ignore[no-untyped-def]
         reply = request.reply()
         if request.q.qtype == QTYPE.A:
@@ -107,7 +109,7 @@ async def main(mib: int, connects: int, runs: int) -> None:
     http.daemon_threads = True
     threading.Thread(target=http.serve_forever, daemon=True).start()
     port = http.server_address[1]
-    dns = DNSServer(_Resolver(), address="127.0.0.1", port=0)
+    dns = DNSServer(LoopbackResolver(), address="127.0.0.1", port=0)
     dns.start_thread()
     gateway = (
         Gateway("10.0.2.0/24")

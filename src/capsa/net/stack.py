@@ -108,8 +108,8 @@ class NetworkStack:
         )  # fmt: skip
         self._dhcp = DhcpServer(gateway.gateway_ip, self.guest_ip, gateway.network, hostname=hostname)
         self.nat = Nat(gateway, self.guest_ip, pins=self._pins, loopback=self._loopback,
-                       send=self.send_ip, record=self._record, tasks=self._tasks)  # fmt: skip
-        self._forwards = Forwarder(self.nat, self.send_ip, self._record, lambda: self.link.connected)
+                       send=self.send_ip, record=self.record, tasks=self._tasks)  # fmt: skip
+        self._forwards = Forwarder(self.nat, self.send_ip, self.record, lambda: self.link.connected)
         self._ident = 0
         self._closed = False
         self.switch.attach(self)
@@ -241,9 +241,10 @@ class NetworkStack:
         self._dns.submit(bytes(udp.payload), respond)  # bounded by the proxy: no task per query
 
     def _dns_event(self, event: DnsEvent) -> None:
-        self._record(("dns", self.gateway.gateway_ip, 53, event.name, event.rule, event.action))
+        self.record(("dns", self.gateway.gateway_ip, 53, event.name, event.rule, event.action))
 
-    def _record(self, entry: Decision) -> None:
+    def record(self, entry: Decision) -> None:
+        """Add one allow/deny decision to this member's egress log."""
         proto, dst, port, domain, rule, action = entry
         self._log.append(LogEntry(time.time(), proto, str(dst), port, domain, rule, action, self.name))
 

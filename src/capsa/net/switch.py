@@ -196,5 +196,5 @@ class Switch:
         if tcp.flags & TCP_RST:
             return
         if tcp.flags & TCP_SYN and not tcp.flags & TCP_ACK:
-            src._record(("tcp", ip.dst, tcp.dst_port, dst.name, "policy_between", "deny"))
+            src.record(("tcp", ip.dst, tcp.dst_port, dst.name, "policy_between", "deny"))
         src.send_ip(ip.dst, PROTO_TCP, TcpEndpoint.refuse(tcp, ip.src, ip.dst))
