@@ -37,6 +37,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "uefi_boot": ([], []),
     "clusters": ([], []),
     "server": ([], []),
+    "ray": ([], ["--runs", "1", "--calls", "50"]),
 }
 TIMEOUT = 3600
 

@@ -5,7 +5,8 @@
 - ``commands.run("true")`` round trip through the server vs the in-process agent (goal <= 2x). The
   SDK runs every command as ``/bin/bash -l -c CMD``; the in-process figure runs that same argv (and
   plain ``true`` is printed too, for scale);
-- ``run_code("1+1")`` round trip once the interpreter is warm (goal <= 20 ms under TCG).
+- ``run_code("1+1")`` round trip once the interpreter is warm (goal <= 20 ms under TCG);
+- ``run_command("true")`` round trip through ``capsa mcp`` (the MCP face), for comparison.
 
     .venv/bin/python -m bench.server [--runs 10]
 """
@@ -23,6 +24,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import TextIO
 
 import capsa
 from bench._report import figure, header
@@ -111,6 +113,33 @@ async def figures(url: str, runs: int) -> dict[str, float]:
     }
 
 
+async def mcp_figure(runs: int, errlog: TextIO) -> float:
+    """``run_command("true")`` round trip through ``capsa mcp`` and the ``mcp`` SDK's stdio client."""
+    from mcp import ClientSession, StdioServerParameters, stdio_client
+
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "capsa.cli", "mcp", "--memory", str(MEMORY), "--pool", "base=1"],
+        env=dict(os.environ),
+    )
+    async with (
+        stdio_client(params, errlog=errlog) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        created = await session.call_tool("create_sandbox", {})
+        sandbox_id = (created.structured_content or {})["sandbox_id"]
+        arguments = {"sandbox_id": sandbox_id, "command": "true"}
+        await session.call_tool("run_command", arguments)
+        samples = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            await session.call_tool("run_command", arguments)
+            samples.append(time.perf_counter() - start)
+        await session.call_tool("kill_sandbox", {"sandbox_id": sandbox_id})
+    return ms(samples)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=10)
@@ -136,6 +165,11 @@ def main() -> None:
         print(f"{name:28} {remote:8.1f}ms {here:9.1f}ms {remote / here:6.2f}x  <= {goal}x")
     print(f"{'in-process exec(true)':28} {'':>10} {f['plain']:9.1f}ms   (no bash, for scale)")
     print(f"{'run_code(1+1) round trip':28} {f['run_code']:8.1f}ms {'':>11} {'':>7}  <= 20ms")
+    with open(os.devnull, "w") as devnull:  # capsa mcp's log
+        mcp_run = asyncio.run(mcp_figure(args.runs, devnull))
+    print(f"{'capsa mcp run_command(true)':28} {mcp_run:8.1f}ms {f['local_run']:9.1f}ms "
+          f"{mcp_run / f['local_run']:6.2f}x")  # fmt: skip
+    figure("mcp_run_true_ms", mcp_run, "ms")
     figure("server_create_first_ms", f["sdk_create"], "ms")
     figure("server_create_first_ratio", f["sdk_create"] / f["local_create"], "x", "<= 1.5")
     figure("server_run_true_ms", f["sdk_run"], "ms")

@@ -1,26 +1,21 @@
-"""An integration test of a client and a server, each in its own VM on one private network.
+"""An integration test of a client and a server, each in its own VM on one private network, run by
+pytest through capsa's plugin (plain tests, no asyncio):
 
     .venv/bin/pytest examples/cluster_integration_test.py
 
-The server VM runs a small key-value service over TCP; the client VM reaches it by name ("server").
-The cluster's policy denies everything outside the cluster, so the test also shows the client cannot
-leave it. Then a partition: the client's connect fails, and after ``heal()`` it works again.
-(Clusters are asynchronous: these tests use pytest-asyncio, which capsa's test extras install.)
+The ``capsa_cluster`` fixture gives a :class:`capsa.sync.SyncCluster` whose policy lets nothing leave
+it; it is stopped, with its members, after the test (and a failing test's report carries every
+member's console transcript). The server VM runs a small key-value service over TCP; the client VM
+reaches it by name ("server"). Then a partition: the client's connect fails, and after ``heal()`` it
+works again. Last, the server is killed and restarted: same name and address, a fresh guest.
 """
 
 from __future__ import annotations
 
-import asyncio
-import shutil
-
 import pytest
 
-import capsa
-from capsa import Gateway, NetworkPolicy, VirtualNetwork
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("qemu-system-x86_64") is None, reason="QEMU is not installed"
-)
+from capsa import ExecResult, sync
+from capsa.sync import SyncCluster, SyncSandbox
 
 SERVER = """
 import socketserver
@@ -47,42 +42,55 @@ for _ in range(60):  # the server may still be starting
     except ConnectionRefusedError:
         time.sleep(0.5)
 io = conn.makefile("rw")
-io.write("SET colour blue\\nGET colour\\n"); io.flush()
+io.write(f"SET colour {sys.argv[2]}\\nGET colour\\n"); io.flush()
 print(io.readline().strip(), io.readline().strip())
 """
 
-NET = VirtualNetwork.with_gateway(Gateway("10.0.9.0/24").policy(NetworkPolicy.deny_all()))
+
+def member(c: SyncCluster, name: str) -> SyncSandbox:
+    vm = c[name]
+    assert isinstance(vm, SyncSandbox)
+    return vm
 
 
-async def client(c: capsa.Cluster, timeout: float = 10.0) -> capsa.ExecResult:
-    vm = c["client"]
-    assert isinstance(vm, capsa.Sandbox)
-    return await vm.agent.exec("python3").args(["-c", CLIENT, str(timeout)]).timeout(60).run()
+def client(c: SyncCluster, colour: str = "blue", timeout: float = 10.0) -> ExecResult:
+    args = ["-c", CLIENT, str(timeout), colour]
+    return member(c, "client").agent.exec("python3").args(args).timeout(60).run()
 
 
-@pytest.mark.asyncio
+def serve(c: SyncCluster) -> None:
+    member(c, "server").agent.exec("python3").args(["-c", SERVER]).spawn()
+
+
 @pytest.mark.timeout(300)
-async def test_the_client_talks_to_the_server_by_name_and_survives_a_partition() -> None:
-    async with capsa.cluster(NET) as c:
-        server = await c.add("server", capsa.sandbox())
-        await c.add("client", capsa.sandbox())
-        assert isinstance(server, capsa.Sandbox)
-        await server.agent.exec("python3").args(["-c", SERVER]).spawn()
+def test_the_client_talks_to_the_server_by_name_and_survives_faults(
+    capsa_cluster: SyncCluster,
+) -> None:
+    capsa_cluster.add("server", sync.sandbox().memory_mb(256))
+    capsa_cluster.add("client", sync.sandbox().memory_mb(256))
+    serve(capsa_cluster)
 
-        result = await client(c)
-        assert result.stdout.split() == ["OK", "blue"], result.stderr
+    result = client(capsa_cluster)
+    assert result.stdout.split() == ["OK", "blue"], result.stderr
 
-        c.partition({"client"}, {"server"})
-        cut = await client(c, timeout=2.0)
-        assert cut.exit_code != 0 and "timed out" in cut.stderr
-        c.heal()
-        await asyncio.sleep(0.1)
-        assert (await client(c)).stdout.split() == ["OK", "blue"]
+    # a cut cable between the two: the connect times out; heal() restores the link
+    capsa_cluster.partition({"client"}, {"server"})
+    cut = client(capsa_cluster, timeout=2.0)
+    assert cut.exit_code != 0 and "timed out" in cut.stderr
+    capsa_cluster.heal()
+    assert client(capsa_cluster, "green").stdout.split() == ["OK", "green"]
 
-        # nothing leaves the cluster: the policy denies it, and the log names who tried
-        outside = "import urllib.request as u; u.urlopen('http://example.com/', timeout=5)"
-        vm = c["client"]
-        assert isinstance(vm, capsa.Sandbox)
-        denied = await vm.agent.exec("python3").args(["-c", outside]).timeout(60).run()
-        assert denied.exit_code != 0
-        assert any(e.member == "client" and e.action == "deny" for e in c.log())
+    # nothing leaves the cluster: the policy denies it, and the log names who tried
+    outside = "import urllib.request as u; u.urlopen('http://example.com/', timeout=5)"
+    denied = member(capsa_cluster, "client").agent.exec("python3").args(["-c", outside]).run()
+    assert denied.exit_code != 0
+    assert any(e.member == "client" and e.action == "deny" for e in capsa_cluster.log())
+
+    # the server dies and comes back under its name and address (a fresh guest)
+    address = capsa_cluster.address("server")
+    capsa_cluster.kill("server")
+    assert {m.name: m.alive for m in capsa_cluster.members()} == {"server": False, "client": True}
+    capsa_cluster.restart("server")
+    assert capsa_cluster.address("server") == address
+    serve(capsa_cluster)
+    assert client(capsa_cluster, "red").stdout.split() == ["OK", "red"]

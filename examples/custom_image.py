@@ -1,13 +1,18 @@
-"""Run commands in your own container image instead of capsa's Debian root.
+"""Run commands in your own container image, or in a recipe, instead of capsa's Debian root.
 
     docker save alpine:3.20 -o alpine.tar        # or: podman save, or an OCI layout (dir or tar)
     .venv/bin/python examples/custom_image.py alpine.tar cat /etc/os-release
+    .venv/bin/python examples/custom_image.py --recipe    # a recipe on capsa's Debian base
 
 Without an archive the example writes a tiny busybox-only image itself (from the host's static
 /bin/busybox), so it runs offline. The image is imported once (layers merged, digests checked,
 squashed read-only) and cached by content; the first sandbox of an image records a template, so
 later ones restore in a fraction of a second. The image needs no Python: capsa's agent keeps its
 own root and runs your commands inside the image's.
+
+``--recipe`` builds ``capsa.Image.debian()`` with a copied directory, a ``run()`` step (in a build VM),
+an env variable and a workdir, each step a cached layer (a second run finds them all cached), and
+warms the template with ``warmup()``.
 """
 
 from __future__ import annotations
@@ -64,14 +69,33 @@ async def run_in_image(archive: Path, argv: list[str]) -> capsa.ExecResult:
         return await vm.agent.exec(argv[0]).args(argv[1:]).timeout(60).run()
 
 
+async def run_recipe(directory: Path) -> capsa.ExecResult:
+    app = directory / "app"
+    app.mkdir()
+    (app / "main.py").write_text("import os\nprint('hello from', os.getcwd(), os.environ['APP_MODE'])\n")
+    image = (
+        capsa.Image.debian(name="example-recipe")
+        .copy(app, "/opt/app")  # the directory's contents land at /opt/app
+        .run("python3 -m compileall -q /opt/app")  # in a build VM; its changes become a layer
+        .env("APP_MODE", "example")
+        .workdir("/opt/app")
+    )
+    image.build(progress=lambda line: sys.stderr.write(f"  {line}\n"))  # or let build() do it
+    builder = capsa.sandbox().image(image).memory_mb(384).warmup("python3 -c 'import json'")
+    async with await builder.build() as vm:
+        return await vm.agent.exec("python3").arg("main.py").timeout(60).run()
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
-        if len(sys.argv) > 1:
-            archive, argv = Path(sys.argv[1]), sys.argv[2:] or ["cat", "/etc/os-release"]
+        if sys.argv[1:] == ["--recipe"]:
+            job = run_recipe(Path(tmp))
+        elif len(sys.argv) > 1:
+            job = run_in_image(Path(sys.argv[1]), sys.argv[2:] or ["cat", "/etc/os-release"])
         else:
-            archive, argv = busybox_archive(Path(tmp)), ["cat", "/etc/os-release"]
+            job = run_in_image(busybox_archive(Path(tmp)), ["cat", "/etc/os-release"])
         try:
-            result = asyncio.run(run_in_image(archive, argv))
+            result = asyncio.run(job)
         except capsa.ImageError as exc:
             sys.stderr.write(f"cannot use the image: {exc}\n")
             return 2

@@ -22,7 +22,7 @@ $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-reco
 
 echo "==> virtualenv in .venv"
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[dev,server,ray]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev,server,ray,images]'
 
 echo "==> guest kernel: capsa's own, from linux-source-6.1 (a few minutes the first time; cached)"
 if [ -n "$KERNEL_PACKAGES" ]; then

@@ -27,16 +27,19 @@ import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
+from capsa._guardian import new_vm_dir
 from capsa.errors import ConfigError
 from capsa.net.forward import ForwardedPort
 from capsa.net.gateway import Gateway, PortForward, VirtualNetwork
 from capsa.net.stack import ATTACH, GATEWAY_MAC, LogEntry, NetworkStack
 from capsa.net.switch import Switch
-from capsa.sandbox.builder import SandboxBuilder
+from capsa.sandbox.builder import SandboxBuilder, sandbox
 from capsa.sandbox.handle import Sandbox
+from capsa.snapshot.store import remove_snapshot
 from capsa.vm.builder import VMBuilder
 from capsa.vm.handle import VM
 
@@ -85,10 +88,11 @@ class Cluster:
         self._gateway: Gateway = network.gateway
         self._switch = Switch(self._gateway)
         self._vms: dict[str, VM] = {}
-        self._builders: dict[str, SandboxBuilder | VMBuilder | None] = {}
+        self._builders: dict[str, SandboxBuilder | VMBuilder] = {}
         self._addresses: dict[str, ipaddress.IPv4Address] = {}
         self._macs: dict[str, bytes] = {}
         self._forwards: dict[str, list[ForwardedPort]] = {}
+        self._snapshots: Path | None = None  # where the snapshots of add_forks() are kept
         self._state = "created"
 
     # -- lifecycle --
@@ -116,6 +120,8 @@ class Cluster:
             if isinstance(result, BaseException):
                 log.warning("a cluster member did not stop cleanly (%r); killing it", result)
                 await vm.kill()
+        if self._snapshots is not None:
+            remove_snapshot(self._snapshots)
 
     # -- members --
 
@@ -185,7 +191,7 @@ class Cluster:
             ATTACH.reset(token)
         try:
             if isinstance(vm, Sandbox):
-                await vm.agent._refresh(name, vm.network.identity())  # its name and address
+                await vm.agent.refresh(name, vm.network.identity())  # its name and address
         except BaseException:
             await vm.kill()
             raise
@@ -198,7 +204,10 @@ class Cluster:
         self, name: str, source: Sandbox, count: int, timeout: float = DEFAULT_ADD_TIMEOUT
     ) -> list[Sandbox]:
         """``count`` forks of the running sandbox ``source`` (a member or not; it needs a network)
-        as members ``name-0`` … ``name-{count-1}``, each with a fresh MAC and address."""
+        as members ``name-0`` … ``name-{count-1}``, each with a fresh MAC and address.
+
+        The cluster keeps the snapshot the forks start from until it stops, so :meth:`restart` of
+        a fork brings it back as it was when forked, with the same name, address and MAC."""
         self._check_running()
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ConfigError(f"fork count must be a positive integer, got {count!r}")
@@ -215,31 +224,37 @@ class Cluster:
             for member in names:
                 self._reserve(member)
                 reserved.append(member)
-        except ConfigError:
+            builder = await self._fork_builder(names[0], source, timeout)
+        except BaseException:
             for member in reserved:
                 self._release(member)
             raise
-        pending = list(names)
-        token = ATTACH.set(lambda gateway, guest_ip: self._port(pending.pop(0)))
-        try:
-            clones = await source.fork(count, timeout)
-        except BaseException:
-            for member in names:
+        results = await asyncio.gather(
+            *(self._build(member, builder, timeout) for member in names), return_exceptions=True
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            for member, result in zip(names, results, strict=True):
+                if isinstance(result, VM):
+                    await result.kill()
+                self._vms.pop(member, None)
                 self._release(member)
-            raise
-        finally:
-            ATTACH.reset(token)
-        try:
-            for clone in clones:
-                joined = str(clone.network.name)
-                await clone.agent._refresh(joined, clone.network.identity())
-                self._vms[joined] = clone
-                self._builders[joined] = None
-        except BaseException:
-            for clone in clones:
-                await clone.kill()
-            raise
-        return sorted(clones, key=lambda clone: names.index(str(clone.network.name)))
+            assert self._snapshots is not None
+            remove_snapshot(self._snapshots / names[0])
+            raise failures[0]
+        for member in names:
+            self._builders[member] = builder
+        return [r for r in results if isinstance(r, Sandbox)]
+
+    async def _fork_builder(self, first: str, source: Sandbox, timeout: float) -> SandboxBuilder:
+        """A builder restoring a snapshot of ``source`` taken now (kept until the cluster stops),
+        with the time ``source`` has left to live (a fork never outlives its parent's deadline)."""
+        if self._snapshots is None:
+            self._snapshots = new_vm_dir("cluster-")
+        snapshot = await source.snapshot(self._snapshots / first, timeout)
+        builder = sandbox().from_snapshot(snapshot)
+        remaining = source.lifetime_remaining
+        return builder if remaining is None else builder.lifetime(max(remaining, 0.001))
 
     def __getitem__(self, name: str) -> VM:
         return self._vm(name)
@@ -331,15 +346,12 @@ class Cluster:
         await self._vm(name).kill()
 
     async def restart(self, name: str, timeout: float = DEFAULT_ADD_TIMEOUT) -> Sandbox | VM:
-        """Kill member ``name`` if it runs, and build it again from its builder: same name, address
-        and MAC, a fresh guest (forks cannot restart: they have no builder)."""
+        """Kill member ``name`` if it runs, and build it again: same name, address and MAC, a fresh
+        guest from its builder (a fork: restored from the snapshot it was forked from)."""
         self._check_running()
         vm = self._vm(name)
-        builder = self._builders.get(name.lower())
-        if builder is None:
-            raise ConfigError(f"{name!r} is a fork: it has no builder to restart from")
         await vm.kill()
-        return await self._build(name.lower(), builder, timeout)
+        return await self._build(name.lower(), self._builders[name.lower()], timeout)
 
     async def forward_tcp(
         self, host_port: int, name: str, guest_port: int, *, host_address: str = "127.0.0.1"

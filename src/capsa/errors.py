@@ -13,6 +13,7 @@ QEMU log tail, an exit status) as attributes, plus a ``hint`` that says how to f
     ├── ProtocolError                       a guest sent bytes that break the protocol
     ├── ShareError                          a shared directory's server failed (``log_tail``)
     ├── SnapshotError                       a snapshot could not be saved, read or restored
+    ├── SandboxLost                         a remote sandbox's node or host actor died (``node_id``)
     ├── AgentError                          the guest agent refused or failed a request
     │   ├── ExecOutputLimitError            a command printed more than ``run()`` keeps
     │   └── GuestFileError                  a guest path operation failed (``path``, ``errno``)
@@ -145,6 +146,16 @@ class SnapshotError(CapsaError):
         self.path = path
 
 
+class SandboxLost(CapsaError):
+    """A sandbox placed through :mod:`capsa.ray` is gone: its node or its host actor died (with every
+    VM on it). ``node_id`` is Ray's hex node id. Calls are never retried behind your back (an exec is
+    not idempotent): build a new sandbox, which lands on a node that is still alive."""
+
+    def __init__(self, message: str, *, node_id: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.node_id = node_id
+
+
 class AgentError(CapsaError):
     """The guest agent answered a request with an error. ``kind`` is the agent's error kind (see
     :data:`capsa.agent.wire.ERROR_KINDS`); ``errno`` the guest errno when there is one."""
@@ -259,6 +270,7 @@ __all__ = [
     "GuestPermissionError",
     "ImageError",
     "ProtocolError",
+    "SandboxLost",
     "ShareError",
     "SnapshotError",
     "StartTimeoutError",

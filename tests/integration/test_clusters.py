@@ -174,10 +174,11 @@ async def test_a_raw_vm_joins_by_dhcp_and_pings_a_sandbox() -> None:
 
 @pytest.mark.asyncio
 @pytest.mark.timeout(300)
-async def test_forks_of_a_member_join_with_their_own_addresses() -> None:
+async def test_forks_of_a_member_join_with_their_own_addresses_and_restart() -> None:
     async with capsa.cluster(NET) as c:
         app = await c.add("app", capsa.sandbox())
         assert isinstance(app, capsa.Sandbox)
+        await app.agent.write_file("/tmp/before-fork", b"from the source")
         workers = await c.add_forks("worker", app, 4)
         addresses = {c.address(f"worker-{i}") for i in range(4)}
         assert len(addresses | {c.address("app")}) == 5
@@ -198,4 +199,20 @@ async def test_forks_of_a_member_join_with_their_own_addresses() -> None:
         )
         names = [f"worker-{i}" for i in range(4)]
         result = await app.agent.exec("python3").args(["-c", probe, *names]).timeout(120).run()
+        assert result.stdout.strip() == "done", (result.stdout, result.stderr)
+
+        # a fork restarts as it was forked: same name, address and MAC, the source's files, not
+        # what it did since (restarting a fork used to fail: it had no builder)
+        await workers[1].agent.write_file("/tmp/after-fork", b"gone after a restart")
+        address = c.address("worker-1")
+        await c.kill("worker-1")
+        assert [m.name for m in c.members() if not m.alive] == ["worker-1"]
+        again = await c.restart("worker-1")
+        assert isinstance(again, capsa.Sandbox) and again is not workers[1]
+        assert c.address("worker-1") == address and c["worker-1"] is again
+        assert (await again.agent.exec("hostname").run()).stdout.strip() == "worker-1"
+        assert await again.agent.read_file("/tmp/before-fork") == b"from the source"
+        assert not await again.agent.exists("/tmp/after-fork")
+        await again.agent.exec("python3").args(["-m", "http.server", "8000"]).spawn()
+        result = await app.agent.exec("python3").args(["-c", probe, "worker-1"]).timeout(120).run()
         assert result.stdout.strip() == "done", (result.stdout, result.stderr)

@@ -140,3 +140,15 @@ def test_pytest_suite_example() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "5 passed" in done.stdout
+
+
+@pytest.mark.timeout(600)
+def test_cluster_integration_test_example() -> None:
+    """A client and a server VM exercised by a plain pytest test through the plugin's cluster."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", str(EXAMPLES / "cluster_integration_test.py"), "-q",
+         "-p", "no:cacheprovider"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout

@@ -54,3 +54,37 @@ def test_sync_builder_context_and_errors(test_guest: GuestFiles) -> None:
     assert vm.status is capsa.RunState.STOPPED
     with pytest.raises(capsa.ConfigError):
         sync.vm(capsa.LinuxDirectBoot("/nonexistent/vmlinuz")).build()
+
+
+NET = capsa.VirtualNetwork.with_gateway(
+    capsa.Gateway("10.0.8.0/24").policy(capsa.NetworkPolicy.deny_all()).dns_servers(["127.0.0.1:9"])
+)
+
+
+@pytest.mark.timeout(300)
+def test_sync_cluster_members_share_its_thread_and_streams_block() -> None:
+    with sync.cluster(NET) as c:
+        app = c.add("app", sync.sandbox().memory_mb(256))
+        assert isinstance(app, sync.SyncSandbox) and c["app"].status is capsa.RunState.RUNNING
+        proc = app.agent.exec("sh").args(["-c", "echo one; echo two"]).spawn()
+        assert proc.stdout.readline() == b"one\n"
+        assert b"".join(proc.stdout) == b"two\n"  # iteration continues after readline()
+        assert proc.wait(timeout=30) == 0 and proc.returncode == 0
+
+        [worker] = c.add_forks("worker", app, 1)  # the source: a member, on the cluster's thread
+        assert worker.agent.exec("hostname").run().stdout.strip() == "worker-0"
+        server = worker.agent.exec("python3").args(["-m", "http.server", "8000"]).spawn()
+        fetch = "import urllib.request as u; print(u.urlopen('http://worker-0:8000/').status)"
+        for _ in range(30):  # the server takes a moment to listen under TCG
+            r = app.agent.exec("python3").args(["-c", fetch]).timeout(60).run()
+            if r.exit_code == 0:
+                break
+        assert r.stdout.strip() == "200", r.stderr
+        server.kill()
+
+        app.stop()  # stops that member only: the cluster's thread and the others run on
+        assert {m.name: m.alive for m in c.members()} == {"app": False, "worker-0": True}
+        assert worker.agent.exec("true").run().exit_code == 0
+    assert worker.status in (capsa.RunState.STOPPED, capsa.RunState.FAILED)
+    with pytest.raises(capsa.ConfigError):
+        c.add("late", sync.sandbox())

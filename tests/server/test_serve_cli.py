@@ -40,3 +40,28 @@ def test_defaults_bind_loopback_port_3000() -> None:
 def test_refuses_to_start_without_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CAPSA_API_KEY", raising=False)
     assert main(["serve", "--port", "1"]) == 2
+
+
+def test_mcp_flags_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(
+        ["mcp", "--pool", "base=2", "--max-sandboxes", "3", "--memory", "256"]
+    )
+    assert (args.pool, args.max_sandboxes, args.memory) == (["base=2"], 3, 256)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["mcp", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--pool", "--max-sandboxes", "--dns-server", "--allow-internal-destinations"):
+        assert flag in text
+    assert "mcpServers" in text
+    assert main(["mcp", "--pool", "nosuch=1"]) == 2  # refused before reading stdin
+
+
+def test_ray_flag_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--ray ADDRESS`` (off by default) and the help text that explains it."""
+    assert build_parser().parse_args(["serve"]).ray is None
+    args = build_parser().parse_args(["serve", "--ray", "10.0.0.1:6379", "--pool", "base=2"])
+    assert (args.ray, args.pool) == ("10.0.0.1:6379", ["base=2"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = capsys.readouterr().out
+    assert "--ray ADDRESS" in text and "capsa_slots" in text and "per node" in text

@@ -20,6 +20,7 @@ from e2b import (  # noqa: E402
     AsyncSandbox,
     AuthenticationException,
     CommandExitException,
+    FilesystemEventType,
     NotFoundException,
     RateLimitException,
     Sandbox,
@@ -217,6 +218,43 @@ def test_files(sbx: Sandbox) -> None:
         sbx.files.read("/tmp/files/a.txt")
 
 
+def test_watch_dir_sync_and_async(sbx: Sandbox) -> None:
+    """Both ways the SDKs watch: CreateWatcher/GetWatcherEvents (sync), WatchDir stream (async)."""
+    sbx.files.make_dir("/tmp/watched/sub")
+    handle = sbx.files.watch_dir("/tmp/watched")
+    sbx.files.write("/tmp/watched/a.txt", "1")
+    assert [(e.name, e.type) for e in handle.get_new_events()] == [("a.txt", FilesystemEventType.CREATE)]
+    sbx.files.write("/tmp/watched/a.txt", "22")
+    sbx.commands.run("chmod 600 /tmp/watched/sub/../a.txt; touch /tmp/watched/sub/deep")
+    seen = {(e.name, e.type) for e in handle.get_new_events()}
+    assert ("a.txt", FilesystemEventType.WRITE) in seen
+    assert not any(name == "sub/deep" for name, _ in seen)  # not recursive
+    sbx.files.remove("/tmp/watched/a.txt")
+    assert ("a.txt", FilesystemEventType.REMOVE) in {(e.name, e.type) for e in handle.get_new_events()}
+    handle.stop()
+    with pytest.raises(SandboxException):
+        handle.get_new_events()
+
+    async def watch_async() -> set[tuple[str, object]]:
+        sandbox = await AsyncSandbox.connect(sbx.sandbox_id)
+        events: list[tuple[str, object]] = []
+        watch = await sandbox.files.watch_dir(
+            "/tmp/watched", lambda e: events.append((e.name, e.type)), recursive=True
+        )
+        await sandbox.files.write("/tmp/watched/sub/new.txt", "x")
+        deadline = time.monotonic() + 10
+        while ("sub/new.txt", FilesystemEventType.CREATE) not in events:
+            assert time.monotonic() < deadline, events
+            await asyncio.sleep(0.1)
+        await watch.stop()
+        return set(events)
+
+    assert ("sub/new.txt", FilesystemEventType.CREATE) in asyncio.run(watch_async())
+    with pytest.raises(NotFoundException):
+        sbx.files.watch_dir("/tmp/no-such-dir")
+    sbx.files.remove("/tmp/watched")
+
+
 def test_path_traversal_stays_in_the_guest(sbx: Sandbox, tmp_path: object) -> None:
     """Attack: a client reads or writes ``../..`` paths hoping to reach the server's filesystem."""
     guest_hostname = sbx.commands.run("hostname").stdout.strip()
@@ -385,8 +423,24 @@ def test_network_allow_out_reaches_only_that(server: Server) -> None:
         assert result[urls[0]] == "ok"
         assert result[urls[1]].startswith("failed")
         assert result[urls[2]].startswith("failed")
+        # the two denials are counted in /metrics, for this sandbox and in total
+        mine = f'capsa_server_sandbox_egress_denials_total{{sandbox="{sandbox.sandbox_id}"}}'
+        assert _metric(server, mine) >= 2
+        assert _metric(server, "capsa_server_egress_denials_total") >= 2
     finally:
         sandbox.kill()
+    assert _metric(server, mine) is None  # a removed sandbox's series goes with it
+    assert _metric(server, "capsa_server_egress_denials_total") >= 2
+
+
+def _metric(server: Server, name: str) -> float | None:
+    """The value of one series in ``/metrics`` (summed over its labels when ``name`` has none)."""
+    values = []
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series == name or ("{" not in name and series.startswith(name + "{")):
+            values.append(float(value))
+    return sum(values) if values else None
 
 
 def test_metrics(server: Server) -> None:

@@ -376,3 +376,140 @@ def test_device_nodes_are_dropped_and_absolute_names_stay_inside(tmp_path: Path)
     assert "dev/evil" not in tree
     assert tree["abs/file"][4] == b"inside\n"
     assert tree["link-out"] == ("l", None, 0, 0, "/../../../etc/shadow")  # data, resolved in-guest
+
+
+# -- the layer tar reader and writer (capsa.image.tarstream), against Python's tarfile ------------
+
+
+def _merged(layers: list[bytes], tmp_path: Path) -> dict[str, tarfile.TarInfo | bytes]:
+    """Merge ``layers`` into an in-memory tar with merge_layers and read it back with tarfile."""
+    from capsa.image.layers import merge_layers
+    from capsa.image.oci import open_image
+
+    archive, manifest = open_image(docker_archive(tmp_path / "img.tar", layers))
+    buf = io.BytesIO()
+    with archive, tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as out:
+        merge_layers(archive, manifest.layers, out, "rootfs/")
+    result: dict[str, tarfile.TarInfo | bytes] = {}
+    buf.seek(0)
+    with tarfile.open(fileobj=buf) as tar:
+        for member in tar:
+            result[member.name] = member
+            if member.isreg():
+                result[member.name + ":data"] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    return result
+
+
+@pytest.mark.parametrize(
+    "fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT], ids=["pax", "gnu", "ustar"]
+)
+def test_long_names_big_ids_and_xattrs_survive_each_tar_format(tmp_path: Path, fmt: int) -> None:
+    deep = "d" * 90 + "/" + "e" * 50 + "/" + "f" * 60  # > 100 bytes: prefix, PAX or GNU longname
+    ustar = fmt == tarfile.USTAR_FORMAT  # no large uids, no long link targets
+    long_target = "/" + "t" * 150
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        big = tarfile.TarInfo(deep)
+        big.size, big.uid, big.gid, big.mode, big.mtime = 3, 7 if ustar else 2_000_000, 42, 0o4711, 1
+        if fmt == tarfile.PAX_FORMAT:
+            big.pax_headers = {"SCHILY.xattr.user.note": "hello", "comment": "dropped"}
+        tar.addfile(big, io.BytesIO(b"abc"))
+        link = tarfile.TarInfo("sym")
+        link.type, link.linkname = tarfile.SYMTYPE, "/short" if ustar else long_target
+        tar.addfile(link)
+        for name in ("ünïcode-name", "dir-no-type/"):
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.AREGTYPE
+            tar.addfile(info)
+    merged = _merged([buf.getvalue()], tmp_path)
+    member = merged["rootfs/" + deep]
+    assert isinstance(member, tarfile.TarInfo)
+    assert (member.size, member.mode, member.gid, member.mtime) == (3, 0o4711, 42, 1)
+    assert member.uid == (7 if ustar else 2_000_000)
+    assert merged["rootfs/" + deep + ":data"] == b"abc"
+    if fmt == tarfile.PAX_FORMAT:
+        assert member.pax_headers.get("SCHILY.xattr.user.note") == "hello"
+        assert "comment" not in member.pax_headers
+    sym = merged["rootfs/sym"]
+    assert isinstance(sym, tarfile.TarInfo) and sym.linkname == ("/short" if ustar else long_target)
+    assert isinstance(merged["rootfs/dir-no-type"], tarfile.TarInfo)
+    assert merged["rootfs/dir-no-type"].isdir()
+    assert "rootfs/ünïcode-name" in merged
+
+
+def test_compressed_layers_multi_member_gzip_and_xz(tmp_path: Path) -> None:
+    import lzma
+
+    top, base = top_layer(), base_layer()
+    half = len(base) // 2
+    two_members = gzip.compress(base[:half], mtime=0) + gzip.compress(base[half:], mtime=0) + bytes(9)
+    layout = oci_layout(tmp_path / "layout", [base, top], compress=False)
+    blobs = layout / "blobs" / "sha256"
+    index = json.loads((layout / "index.json").read_text())
+    manifest_path = blobs / index["manifests"][0]["digest"].removeprefix("sha256:")
+    manifest = json.loads(manifest_path.read_text())
+    for entry, data in zip(manifest["layers"], [two_members, lzma.compress(top)], strict=True):
+        (blobs / sha(data).removeprefix("sha256:")).write_bytes(data)
+        entry["digest"], entry["size"] = sha(data), len(data)
+    data = json.dumps(manifest).encode()
+    (blobs / sha(data).removeprefix("sha256:")).write_bytes(data)
+    index["manifests"][0].update(digest=sha(data), size=len(data))
+    (layout / "index.json").write_text(json.dumps(index))
+    check_tree(Image.from_oci(layout).build().layers[0])
+
+
+@pytest.mark.parametrize(
+    "cut", [10, 512 + 100, 1024 + 2000], ids=["mid-header", "mid-second-header", "mid-data"]
+)
+def test_truncated_layer_is_refused(tmp_path: Path, cut: int) -> None:
+    layer = layer_tar([D("etc"), E("etc/big", b"x" * 4000)])
+    short = layer[:cut]
+    archive = docker_archive(tmp_path / "img.tar", [short])
+    with pytest.raises(ImageError, match=r"not a readable tar|unexpected end"):
+        Image.from_oci(archive).build()
+    assert not list((tmp_path / "cache").rglob("*.sqfs"))
+
+
+def test_corrupt_gzip_layer_is_refused(tmp_path: Path) -> None:
+    layout = oci_layout(tmp_path / "layout", [base_layer()])
+    blobs = sorted((layout / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size)
+    data = bytearray(blobs[-1].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blobs[-1].write_bytes(bytes(data))
+    with pytest.raises(ImageError, match=r"digest|not a readable tar"):
+        Image.from_oci(layout).build()
+
+
+def _raw_layer(headers: list[tuple[tarfile.TarInfo, bytes]], fmt: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for info, data in headers:
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT], ids=["pax", "gnu"])
+def test_long_hostile_names_are_refused(tmp_path: Path, fmt: int) -> None:
+    """Attack: ``..`` hidden in a name only a PAX ``path`` record or a GNU longname carries (the
+    ustar name field holds a harmless truncation)."""
+    info = tarfile.TarInfo("a/" * 60 + "../" * 70 + "escape")
+    info.size = 1
+    archive = docker_archive(tmp_path / "img.tar", [_raw_layer([(info, b"x")], fmt)])
+    with pytest.raises(ImageError, match="escapes"):
+        Image.from_oci(archive).build()
+    link = tarfile.TarInfo("hl")
+    link.type, link.linkname = tarfile.LNKTYPE, "b/" * 60 + "../" * 70 + "etc/passwd"
+    archive = docker_archive(tmp_path / "img2.tar", [_raw_layer([(link, b"")], fmt)])
+    with pytest.raises(ImageError, match="escapes"):
+        Image.from_oci(archive).build()
+
+
+def test_huge_extended_header_is_refused(tmp_path: Path) -> None:
+    """Attack: a PAX header claiming gigabytes of records, to make the importer hold them in memory."""
+    from capsa.image.tarstream import BLOCK, _ustar
+
+    header = _ustar(b"././@PaxHeader", b"x", size=4 << 30)
+    layer = header + bytes(BLOCK * 4)
+    archive = docker_archive(tmp_path / "img.tar", [layer])
+    with pytest.raises(ImageError, match="extended header"):
+        Image.from_oci(archive).build()

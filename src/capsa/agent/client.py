@@ -92,14 +92,16 @@ class Agent:
         await self._request("shutdown", {}, timeout)
         self._channel.fail(VMNotRunning("the sandbox was shut down", hint="build a new sandbox"))
 
-    async def _refresh(
+    async def refresh(
         self,
         hostname: str,
         network: dict[str, str] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        """New identity for a restored guest: entropy from the host's CSPRNG, the host's clock, a
-        hostname and, when it has a network, its MAC and address (see the agent's ``refresh``)."""
+        """Give the guest a new identity, as a restored or forked sandbox gets one: fresh entropy
+        from the host's CSPRNG, the host's clock, the hostname ``hostname`` and, when ``network``
+        is given (``vm.network.identity()``: the MAC and address the host side now uses), that
+        link identity. The guest checks every argument before changing anything."""
         args: dict[str, object] = {"entropy": os.urandom(64), "time": time.time(), "hostname": hostname}
         if network is not None:
             args["network"] = network

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from capsa.cli import doctor, exec, image, kernel, run, serve, shell
+from capsa.cli import doctor, exec, image, kernel, mcp, run, serve, shell
 from capsa.errors import CapsaError
 
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     image.register(commands)
     kernel.register(commands)
     serve.register(commands)
+    mcp.register(commands)
     return parser
 
 

@@ -11,8 +11,10 @@ from typing import Any, BinaryIO
 import capsa
 from capsa._tasks import TaskSet
 from capsa.cli._network import add_network_arguments, network_from_args
+from capsa.cli._progress import build_steps
 from capsa.cli._terminal import stdin_chunks
 from capsa.errors import AgentError, ConfigError, VMNotRunning
+from capsa.image.store import resolve_image
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,8 @@ def register(commands: Any) -> None:
             "  capsa exec --env NAME=world -- sh -c 'echo hello $NAME'\n"
             "  capsa exec --share .:/src --share ./out:/out:rw -- sh -c 'cp -r /src/* /out/'\n"
             "  capsa exec --allow-domain pypi.org --allow-domain '*.pythonhosted.org' -- pip download\n"
-            "  echo 'print(6 * 7)' | capsa exec -- python3\n\n"
+            "  echo 'print(6 * 7)' | capsa exec -- python3\n"
+            "  capsa exec --image myapp -- cat /etc/os-release  # capsa image import X --name myapp\n\n"
             "exit status: the command's own (128+N if signal N killed it); 124 if --timeout or\n"
             "--lifetime ran out;\n"
             "2 if capsa itself failed (the message says why)."
@@ -48,6 +51,7 @@ def register(commands: Any) -> None:
         metavar="HOST:GUEST[:ro|rw]",
         help="share a host directory (read-only unless :rw)",
     )
+    add_image_argument(parser)
     add_network_arguments(parser)
     parser.add_argument("--cwd", help="working directory in the guest (absolute)")
     parser.add_argument("--timeout", type=float, help="kill the command after this many seconds")
@@ -93,9 +97,33 @@ def _exec(args: argparse.Namespace) -> int:
     return asyncio.run(_run(sandbox_from_args(args), command, args))
 
 
+def add_image_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--image",
+        metavar="NAME|FILE",
+        help="run in this image: a name from `capsa image import/build --name`, a .toml recipe, "
+        "or a `docker save` / OCI archive or layout (default: capsa's Debian image)",
+    )
+
+
+def image_from_args(args: argparse.Namespace) -> capsa.Image | None:
+    """``--image``, resolved and built now (with per-step progress), so the boot finds it cached."""
+    ref = getattr(args, "image", None)
+    if ref is None:
+        return None
+    image = resolve_image(ref)
+    with build_steps() as steps:
+        image.build(progress=steps)
+    return image
+
+
 def sandbox_from_args(args: argparse.Namespace) -> capsa.SandboxBuilder:
-    """The sandbox ``exec`` and ``shell`` boot: --cpus, --memory, --share and the network flags."""
+    """The sandbox ``exec`` and ``shell`` boot: --cpus, --memory, --share, --image and the network
+    flags."""
     builder = capsa.sandbox().cpus(args.cpus).memory_mb(parse_memory(args.memory))
+    image = image_from_args(args)
+    if image is not None:
+        builder = builder.image(image)
     for item in args.share:
         host, guest, mode = parse_share(item)
         builder = builder.share(host, guest, mode)

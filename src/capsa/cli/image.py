@@ -6,6 +6,7 @@ import argparse
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,9 @@ from rich.console import Console
 from capsa._paths import cache_dir
 from capsa.backend.qemu.process import find_qemu
 from capsa.cli._output import emit
-from capsa.errors import ImageError, SnapshotError
-from capsa.image import busybox_guest
+from capsa.cli._progress import build_steps
+from capsa.errors import ConfigError, ImageError, SnapshotError
+from capsa.image import busybox_guest, store
 from capsa.image.sandbox import sandbox_image
 from capsa.sandbox.builder import template_root
 from capsa.snapshot.store import check_compatible, load_snapshot, remove_snapshot
@@ -25,26 +27,42 @@ def register(commands: Any) -> None:
     parser = commands.add_parser("image", help="build and locate guest images")
     sub = parser.add_subparsers(dest="image_command", required=True)
     build = sub.add_parser(
-        "build", help="build the default sandbox image (Debian kernel, initramfs, rootfs); cached"
+        "build",
+        help="build a TOML recipe (FILE), or with no FILE the default sandbox image; cached",
     )
+    build.add_argument("file", nargs="?", metavar="FILE", help="a TOML image recipe")
+    build.add_argument("--name", help="with FILE: register the image as NAME (for --image NAME)")
     build.add_argument("--json", action="store_true", help="print the image paths as JSON")
-    build.add_argument("--rebuild", action="store_true", help="build again even if cached")
+    build.add_argument("--rebuild", action="store_true", help="without FILE: build again")
     build.set_defaults(handler=_build)
+    imports = sub.add_parser(
+        "import",
+        help="import a `docker save` / OCI archive or layout as image NAME (for --image NAME)",
+    )
+    imports.add_argument("archive", metavar="ARCHIVE", help="archive (.tar) or OCI layout directory")
+    imports.add_argument("--name", required=True, help="the name to give the image")
+    imports.add_argument("--json", action="store_true", help="machine-readable output")
+    imports.set_defaults(handler=_import)
     busybox = sub.add_parser(
         "busybox", help="fetch the Debian kernel and build the busybox raw-VM guest; print paths"
     )
     busybox.add_argument("--flavour", default="cloud-amd64", help="Debian kernel flavour")
     busybox.add_argument("--json", action="store_true", help="machine-readable output")
     busybox.set_defaults(handler=_busybox)
-    listing = sub.add_parser("ls", help="list everything capsa keeps in its cache, with sizes")
+    listing = sub.add_parser(
+        "ls", help="list the named images (layers, size, last use), then everything in the cache"
+    )
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(handler=_ls)
     path = sub.add_parser("path", help="print the default sandbox image's files (exit 1 if not built)")
     path.add_argument("--json", action="store_true", help="machine-readable output")
     path.set_defaults(handler=_path)
     remove = sub.add_parser(
-        "rm", help="remove the cached sandbox images and templates (--all: the whole cache)"
+        "rm",
+        help="remove image NAME and its templates; with no NAME the cached sandbox images and "
+        "templates (--all: the whole cache)",
     )
+    remove.add_argument("name", nargs="?", metavar="NAME", help="a named image")
     remove.add_argument("--all", action="store_true", help="also kernels, test guests, verdicts")
     remove.set_defaults(handler=_rm)
     templates = sub.add_parser(
@@ -60,6 +78,10 @@ def register(commands: Any) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
+    if args.file is not None:
+        return _build_recipe(args)
+    if args.name is not None:
+        raise ConfigError("--name needs a recipe FILE", hint="capsa image build FILE --name NAME")
     console = Console(stderr=True)
     with console.status("checking the image cache") as status:
         image = sandbox_image(rebuild=args.rebuild, progress=status.update)
@@ -73,6 +95,58 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_recipe(args: argparse.Namespace) -> int:
+    path = Path(args.file).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    image = store.load_recipe_file(path)
+    with build_steps() as steps:
+        if args.name is not None:
+            entry = store.register(args.name, image, kind="recipe", source=path.absolute(),
+                                   progress=steps)  # fmt: skip
+            emit(_entry_row(entry), args.json)
+            return 0
+        built = image.build(progress=steps)
+    data: dict[str, Any] = {
+        "name": built.name,
+        "key": built.key,
+        "layers": [str(p) for p in built.layers],
+    }
+    emit(data, args.json)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    store.check_name(args.name)
+    with build_steps() as steps:
+        entry = store.import_oci(args.name, args.archive, progress=steps)
+    emit(_entry_row(entry), args.json)
+    return 0
+
+
+def _entry_row(entry: store.NamedImage) -> dict[str, Any]:
+    return {
+        "kind": "named",
+        "name": entry.name,
+        "from": entry.kind,
+        "source": entry.source,
+        "layers": len(entry.layers),
+        "bytes": entry.size,
+        "last_used": entry.last_used,
+        "path": entry.directory,
+    }
+
+
+def _ago(when: float | None) -> str:
+    if when is None:
+        return "never"
+    seconds = max(0.0, time.time() - when)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
 def _size(path: Path) -> int:
     """Disk usage, not apparent size: a snapshot's memory image is sparse."""
     if path.is_file():
@@ -82,7 +156,8 @@ def _size(path: Path) -> int:
 
 def _ls(args: argparse.Namespace) -> int:
     root = cache_dir()
-    rows = []
+    named = [_entry_row(entry) for entry in store.named_images()]
+    rows: list[dict[str, Any]] = []
     for group in ("kernels", "images", "templates", "busybox-guests", "bench"):
         folder = root / group
         for entry in sorted(folder.iterdir()) if folder.exists() else []:
@@ -90,8 +165,16 @@ def _ls(args: argparse.Namespace) -> int:
                 continue
             rows.append({"kind": group, "name": entry.name, "bytes": _size(entry), "path": str(entry)})
     if args.json:
-        sys.stdout.write(json.dumps(rows) + "\n")
+        sys.stdout.write(json.dumps(named + rows) + "\n")
         return 0
+    if named:
+        sys.stdout.write(f"{'IMAGE':24} {'LAYERS':>6} {'SIZE':>12}  {'LAST USED':12} SOURCE\n")
+    for item in named:
+        size = f"{int(item['bytes']) / (1 << 20):8.1f} MiB"
+        sys.stdout.write(f"{item['name']:24} {item['layers']:>6} {size:>12}  "
+                         f"{_ago(item['last_used']):12} {item['source']}\n")  # fmt: skip
+    if named:
+        sys.stdout.write("\n")
     for row in rows:
         sys.stdout.write(f"{row['kind']:15} {int(row['bytes']) / (1 << 20):8.1f} MiB  {row['name']}\n")
     total = sum(int(r["bytes"]) for r in rows)
@@ -111,6 +194,12 @@ def _path(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
+    if args.name is not None:
+        if args.all:
+            raise ConfigError("give NAME or --all, not both")
+        for path in store.remove(args.name):
+            sys.stdout.write(f"removed {path}\n")
+        return 0
     root = cache_dir()
     targets = [root] if args.all else [root / "images", root / "templates", root / "bench"]
     for target in targets:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,15 @@ def register(commands: Any) -> None:
         epilog=(
             "examples:\n"
             "  CAPSA_API_KEY=secret capsa serve\n"
-            "  capsa serve --api-key-file keys.txt --pool base=4 --pool code-interpreter-v1=2\n\n"
+            "  capsa serve --api-key-file keys.txt --pool base=4 --pool code-interpreter-v1=2\n"
+            "  capsa serve --ray HEAD:6379 --pool base=2    # one endpoint for a Ray cluster\n\n"
             "templates: base (capsa's default image), code-interpreter-v1 (the same, with the\n"
             "Python interpreter started at create). On SIGTERM the server stops accepting and\n"
-            "kills its sandboxes."
+            "kills its sandboxes.\n\n"
+            "With --ray the sandboxes run on the Ray cluster's nodes that offer the custom resource\n"
+            "capsa_slots (one capsa host actor per node; see docs/scale-out.md), --pool T=N keeps N\n"
+            "per node, --max-sandboxes counts the whole cluster, and pause/resume is refused\n"
+            "(501). Needs the ray extra: pip install 'capsa[ray]'."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -42,6 +48,18 @@ def register(commands: Any) -> None:
         help="accepted API keys, one per line (CAPSA_API_KEY adds one more)",
     )
     parser.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="place the sandboxes on this Ray cluster (HEAD:6379, or 'auto' on a node) instead of "
+        "this machine; --pool N is then per node",
+    )
+    add_sandbox_flags(parser)
+    parser.set_defaults(handler=_serve)
+
+
+def add_sandbox_flags(parser: argparse.ArgumentParser) -> None:
+    """The sandbox flags ``capsa serve`` and ``capsa mcp`` share (pools, limits, network, memory)."""
+    parser.add_argument(
         "--pool",
         action="append",
         default=[],
@@ -52,7 +70,7 @@ def register(commands: Any) -> None:
         "--max-sandboxes",
         type=int,
         metavar="N",
-        help="refuse to create more than N sandboxes at a time (HTTP 429)",
+        help="refuse to create more than N sandboxes at a time (the server answers 429)",
     )
     parser.add_argument(
         "--dns-server",
@@ -69,7 +87,6 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--memory", type=int, default=512, metavar="MB", help="guest memory per sandbox (default 512)"
     )
-    parser.set_defaults(handler=_serve)
 
 
 def parse_pool(text: str) -> tuple[str, int]:
@@ -117,17 +134,28 @@ def _serve(args: argparse.Namespace) -> int:
         memory_mb=args.memory,
         dns_servers=tuple(args.dns_server),
         allow_internal_destinations=args.allow_internal_destinations,
+        ray_address=args.ray,
     )
+    if args.ray is not None:  # before uvicorn: its signal handlers must replace Ray's SIGTERM one
+        from capsa.server._cluster import connect_driver  # noqa: PLC0415
+
+        connect_driver(args.ray)
     server = create_app(config)
     if not logging.getLogger().handlers or not args.verbose:
         logging.getLogger("capsa.server").setLevel(logging.INFO)
-    uvicorn.run(
-        server.app,
-        host=args.host,
-        port=args.port,
-        log_level="info",
-        access_log=False,  # capsa.server.access logs each request with its sandbox and duration
-        timeout_graceful_shutdown=10,
-        interface="asgi3",
-    )
+    try:
+        uvicorn.run(
+            server.app,
+            host=args.host,
+            port=args.port,
+            log_level="info",
+            access_log=False,  # capsa.server.access logs each request with its sandbox and duration
+            timeout_graceful_shutdown=10,
+            interface="asgi3",
+        )
+    except SystemExit as exc:
+        # uvicorn re-raises the SIGTERM it shut down on; with --ray, Ray's handler turns it into
+        # SystemExit(SIGTERM) after the sandboxes and host actors are already gone: a clean exit
+        if args.ray is None or exc.code != signal.SIGTERM:
+            raise
     return 0

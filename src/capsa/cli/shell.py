@@ -15,10 +15,13 @@ import capsa
 from capsa._tasks import TaskSet
 from capsa.cli._network import add_network_arguments
 from capsa.cli._terminal import raw_terminal, stdin_chunks
-from capsa.cli.exec import sandbox_from_args
+from capsa.cli.exec import add_image_argument, sandbox_from_args
 from capsa.errors import AgentError
 
 log = logging.getLogger(__name__)
+
+# A user image may have no bash (busybox, alpine): its login shell, else sh.
+_ANY_SHELL = ["/bin/sh", "-c", "command -v bash >/dev/null && exec bash -l; exec sh -l"]
 
 
 def register(commands: Any) -> None:
@@ -31,15 +34,19 @@ def register(commands: Any) -> None:
         ),
         epilog=(
             "examples:\n  capsa shell\n  capsa shell --share .:/src -- python3\n"
-            "  capsa shell --allow-domain pypi.org --allow-domain files.pythonhosted.org"
+            "  capsa shell --allow-domain pypi.org --allow-domain files.pythonhosted.org\n"
+            "  capsa shell --image myapp -- /bin/sh   # an image without bash"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--share", action="append", default=[], metavar="HOST:GUEST[:ro|rw]")
+    add_image_argument(parser)
     add_network_arguments(parser)
     parser.add_argument("--cpus", type=int, default=1)
     parser.add_argument("--memory", default="512M")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="program to run (default: bash -l)")
+    parser.add_argument(
+        "command", nargs=argparse.REMAINDER, help="program to run (default: bash -l, else sh -l)"
+    )
     parser.set_defaults(handler=_shell)
 
 
@@ -50,11 +57,14 @@ def _shell(args: argparse.Namespace) -> int:
 async def _main(args: argparse.Namespace) -> int:
     builder = sandbox_from_args(args)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    command = command or ["/bin/bash", "-l"]
+    own_image = getattr(args, "image", None) is not None
+    command = command or (_ANY_SHELL if own_image else ["/bin/bash", "-l"])
     async with await builder.build() as vm:
         size = shutil.get_terminal_size()
         spec = vm.agent.exec(command[0]).args(command[1:]).pty(size.lines, size.columns)
-        spec = spec.env("TERM", os.environ.get("TERM", "xterm-256color")).cwd("/root")
+        spec = spec.env("TERM", os.environ.get("TERM", "xterm-256color"))
+        if not own_image:  # a user image's WorkingDir is the default there
+            spec = spec.cwd("/root")
         process = await spec.spawn()
         loop = asyncio.get_running_loop()
         background = TaskSet(log)  # input pump and resizes: failures are logged, never lost

@@ -1,10 +1,12 @@
 """``capsa.Image``: a user's own guest environment, built once and cached by content hash.
 
 This module holds the public description (:class:`Image`, immutable, cheap to create) and its build
-into read-only SquashFS layers under ``<cache>/images/custom/``. Today an image comes from a container
-image (``Image.from_oci``: a ``docker save`` / ``podman save`` archive, an OCI layout directory or its
-tar), squashed into one layer; recipes (``Image.debian().apt_install(...)...``) will add per-step
-layers on the same cache.
+into read-only SquashFS layers under ``<cache>/images/``. An image comes from a container image
+(``Image.from_oci``: a ``docker save`` / ``podman save`` archive, an OCI layout directory or its tar),
+squashed into one layer, or from a recipe (``Image.debian().apt_install(...)...``) with one cached
+layer per step, stacked on capsa's own root (built by :mod:`capsa.image.recipe`). An imported image
+takes the host-only steps too (``copy``, ``env``, ``workdir``: :data:`HOST_ONLY_STEPS`), stacked on
+its own root instead of capsa's.
 
 A built image is a :class:`BuiltImage`: its layers (bottom first) and the config whose ``Env``,
 ``WorkingDir`` and ``User`` become exec defaults in the guest. A build is atomic: the metadata file is
@@ -13,6 +15,7 @@ written last, so an interrupted build is simply redone and never used half-made.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -24,16 +27,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from capsa._paths import cache_dir
-from capsa.errors import ImageError
+from capsa.errors import ConfigError, ImageError
 from capsa.image.layers import MERGE_VERSION, merge_layers, squash
 from capsa.image.oci import ImageConfig, open_image
+
+if TYPE_CHECKING:
+    from capsa.image.recipe import Step
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+# The steps an imported (OCI) image takes: built on the host, they assume nothing about its root
+# (a run(), pip or apt step needs capsa's Debian root: a shell, GNU tar, Python, dpkg).
+HOST_ONLY_STEPS = ("copy", "env", "workdir")
 _META = "image.json"
 # Inside each layer's SquashFS: the user's tree under ROOT_PREFIX, and the image's config beside it
 # (read by the guest's init for exec defaults, invisible in the user's root).
@@ -58,11 +67,85 @@ class BuiltImage:
 
 @dataclass(frozen=True)
 class Image:
-    """A guest environment to run sandboxes in. Create one with :meth:`from_oci`."""
+    """A guest environment to run sandboxes in: :meth:`from_oci`, or a recipe from :meth:`debian`.
 
-    kind: Literal["oci"]
-    source: Path
+    Recipe steps return a new image (the description is immutable); nothing is built until
+    :meth:`build` (or a sandbox's ``build()``), and each step's layer is cached on its own."""
+
+    kind: Literal["oci", "debian"]
+    source: Path  # the archive (oci); unused for a recipe
     name: str
+    steps: tuple[Step, ...] = ()
+
+    @classmethod
+    def debian(cls, *, name: str = "debian") -> Image:
+        """capsa's default root (Debian bookworm with python3 and pip) as the base of a recipe."""
+        if not isinstance(name, str) or not name or "\0" in name or "/" in name:
+            raise ConfigError(f"invalid image name {name!r}")
+        return cls("debian", Path("/"), name)
+
+    def _step(self, step: Step) -> Image:
+        from capsa.image.recipe import MAX_STEPS  # noqa: PLC0415 - recipe imports this module
+
+        if self.kind != "debian" and step.kind not in HOST_ONLY_STEPS:
+            raise ConfigError(
+                f"{step.kind}() steps build on capsa.Image.debian(), not on an imported image",
+                hint="an imported image takes copy(), env() and workdir() steps; run commands or "
+                "install packages when building the container image (its Dockerfile), or start "
+                "the recipe with capsa.Image.debian()",
+            )
+        if len(self.steps) >= MAX_STEPS:
+            raise ConfigError(f"a recipe has at most {MAX_STEPS} steps", hint="merge run() steps")
+        return dataclasses.replace(self, steps=(*self.steps, step))
+
+    def copy(self, src: str | Path, dst: str) -> Image:
+        """Copy a host file or directory into the image, as Docker's COPY: a directory's contents
+        land at ``dst``; a file lands at ``dst`` (inside it when ``dst`` ends with ``/``). Owned
+        by root, modes kept, symlinks copied as links. A relative ``dst`` follows :meth:`workdir`."""
+        from capsa.image.recipe import copy_step  # noqa: PLC0415
+
+        return self._step(copy_step(Path(src).expanduser().absolute(), dst))
+
+    def env(self, key: str, value: str) -> Image:
+        """Set an environment variable for later ``run()`` steps and every command in the sandbox."""
+        from capsa.image.recipe import env_step  # noqa: PLC0415
+
+        return self._step(env_step(key, value))
+
+    def workdir(self, path: str) -> Image:
+        """The working directory of later ``run()`` steps and of commands without ``.cwd()``."""
+        from capsa.image.recipe import workdir_step  # noqa: PLC0415
+
+        return self._step(workdir_step(path))
+
+    def run(self, command: str, *, timeout: float = 1800.0, network: bool = False) -> Image:
+        """Run a shell command in a build VM booted on the image so far and keep what it changed
+        as a layer. A non-zero exit raises :class:`ImageError` with the output. ``network=True``
+        gives the build VM capsa's NAT (no policy); the default is no network."""
+        from capsa.image.recipe import run_step  # noqa: PLC0415
+
+        return self._step(run_step(command, timeout, network))
+
+    def pip_install(
+        self,
+        *requirements: str,
+        index_url: str | None = None,
+        find_links: str | Path | None = None,
+    ) -> Image:
+        """Install binary wheels for the guest's Python (3.11, x86_64 manylinux), resolved and
+        unpacked on the host (no build VM, no root) into ``/usr/local/lib/python3.11/dist-packages``.
+        ``find_links`` (a wheel directory) without ``index_url`` installs from that directory only."""
+        from capsa.image.recipe_pip import pip_step  # noqa: PLC0415
+
+        return self._step(pip_step(requirements, index_url, find_links))
+
+    def apt_install(self, *packages: str, sources: str | None = None) -> Image:
+        """Install Debian packages with their dependencies: resolved and downloaded by the host's
+        apt (the host's Debian sources, or ``sources``: apt source lines), installed by ``dpkg -i``
+        in a build VM (see docs/images.md for why)."""
+        from capsa.image.recipe import apt_step  # noqa: PLC0415
+
+        return self._step(apt_step(packages, sources))
 
     @classmethod
     def from_oci(cls, path: str | Path, *, name: str | None = None) -> Image:
@@ -75,7 +158,11 @@ class Image:
         """Build the image (or find it in the cache) and return its layers; blocking.
 
         Raises :class:`ImageError` for a missing or malformed archive, a layer whose digest does not
-        match, or a layer entry escaping the image root."""
+        match, a layer entry escaping the image root, or a recipe step that fails."""
+        if self.kind == "debian" or self.steps:
+            from capsa.image.recipe import build_recipe  # noqa: PLC0415
+
+            return build_recipe(self, progress)
         return _build_oci(self, progress)
 
 
@@ -86,7 +173,8 @@ def images_root() -> Path:
 def _load(directory: Path) -> BuiltImage | None:
     try:
         meta = json.loads((directory / _META).read_text())
-        layers = tuple(directory / name for name in meta["layers"])
+        # Names relative to the image's directory (a recipe's step layers live in a shared folder).
+        layers = tuple(Path(os.path.normpath(directory / name)) for name in meta["layers"])
         if not all(layer.is_file() for layer in layers):
             return None
         return BuiltImage(
@@ -96,12 +184,28 @@ def _load(directory: Path) -> BuiltImage | None:
         return None
 
 
+def oci_base(image: Image) -> tuple[str, ImageConfig]:
+    """The cache key and config of an imported image (its recipe steps aside): reads the manifest."""
+    archive, manifest = open_image(image.source)
+    with archive:
+        return _oci_key(image, manifest.digest), manifest.config
+
+
+def _oci_key(image: Image, digest: str) -> str:
+    # The name is baked into the image (the guest reports it), so it is part of the key.
+    identity = f"oci:{MERGE_VERSION}:{digest}:{image.name}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:20]
+
+
+def build_oci(image: Image, progress: Progress | None) -> BuiltImage:
+    """Import the container image of ``image`` (its recipe steps aside)."""
+    return _build_oci(dataclasses.replace(image, steps=()), progress)
+
+
 def _build_oci(image: Image, progress: Progress | None) -> BuiltImage:
     archive, manifest = open_image(image.source)
     with archive:
-        # The name is baked into the image (the guest reports it), so it is part of the key.
-        identity = f"oci:{MERGE_VERSION}:{manifest.digest}:{image.name}"
-        key = hashlib.sha256(identity.encode()).hexdigest()[:20]
+        key = _oci_key(image, manifest.digest)
         directory = images_root() / key
         built = _load(directory)
         if built is not None:

@@ -15,18 +15,17 @@ guest, never on the host, where nothing is unpacked.
 
 from __future__ import annotations
 
-import gzip
-import hashlib
+import fcntl
 import logging
-import lzma
 import subprocess
 import tarfile
 import threading
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO, Any
 
 from capsa.errors import ImageError
+from capsa.image import tarstream
 from capsa.image.oci import Archive, Layer
 from capsa.image.rootfs import _require
 
@@ -36,26 +35,8 @@ MERGE_VERSION = "1"  # part of every cache key: bump when the merged tree could 
 SQUASH_TIMEOUT = 1800.0
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
-_KEEP_PAX = ("SCHILY.xattr.", "LIBARCHIVE.xattr.")
 _CHUNK = 1 << 20
-
-
-class _Hashing:
-    """A reader that hashes what passes through it."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw = raw
-        self.sha = hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.sha.update(data)
-        return data
-
-    def drain(self) -> str:
-        while self.read(_CHUNK):
-            pass
-        return "sha256:" + self.sha.hexdigest()
+_DIRECT = 1 << 16  # writes at least this large skip the gathering buffer
 
 
 def _compression(raw: IO[bytes], name: str) -> str:
@@ -74,16 +55,8 @@ def _compression(raw: IO[bytes], name: str) -> str:
     return "plain"
 
 
-def _wrap(reader: IO[bytes], kind: str) -> IO[bytes]:
-    if kind == "gzip":
-        return gzip.GzipFile(fileobj=reader, mode="rb")  # type: ignore[return-value]
-    if kind == "xz":
-        return lzma.LZMAFile(reader, "rb")
-    return reader
-
-
 def _clean(name: str, what: str) -> str:
-    parts = [p for p in PurePosixPath(name).parts if p not in (".", "/")]
+    parts = [p for p in name.split("/") if p and p != "."]
     if ".." in parts:
         raise ImageError(f"{what} escapes the image root: {name!r}")
     return "/".join(parts)
@@ -101,7 +74,8 @@ class _Merge:
         self.kind: dict[str, bool] = {}  # emitted path -> is a directory
         self.hidden: set[str] = set()  # whited out by an upper layer (with all below)
         self.opaque: set[str] = set()  # lower layers' contents of these directories are hidden
-        self.links: list[tarfile.TarInfo] = []  # hard links, written last once targets are known
+        # hard links (member, path, target), written last once their targets are known
+        self.links: list[tuple[tarstream.Member, str, str]] = []
         self.files: set[str] = set()  # emitted regular files (hard-link targets)
 
     def visible(self, path: str) -> bool:
@@ -113,16 +87,11 @@ class _Merge:
         return True
 
 
-def _entry(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
-    out = tarfile.TarInfo(path)
-    out.type, out.mode, out.uid, out.gid = member.type, member.mode, member.uid, member.gid
-    out.mtime, out.size, out.linkname = member.mtime, member.size, member.linkname
-    out.uname = out.gname = ""
-    out.pax_headers = {k: v for k, v in member.pax_headers.items() if k.startswith(_KEEP_PAX)}
-    return out
+Write = Callable[[bytes | memoryview], None]
+_KEPT = (tarstream.REG, tarstream.DIR, tarstream.SYM, tarstream.LNK, tarstream.FIFO)
 
 
-def _apply(merge: _Merge, layer: tarfile.TarFile, out: tarfile.TarFile, name: str, prefix: str) -> None:
+def _apply(merge: _Merge, layer: tarstream.Reader, write: Write, name: str, prefix: str) -> None:
     hidden: set[str] = set()
     opaque: set[str] = set()
     dropped: list[str] = []
@@ -139,27 +108,45 @@ def _apply(merge: _Merge, layer: tarfile.TarFile, out: tarfile.TarFile, name: st
             continue
         if not merge.visible(path):
             continue
-        if not (member.isreg() or member.isdir() or member.issym() or member.islnk() or member.isfifo()):
+        kind = member.type
+        if kind not in _KEPT:
             dropped.append(path)  # device nodes (the guest's /dev is devtmpfs), unknown types
             continue
-        entry = _entry(member, prefix + path)
-        merge.kind[path] = member.isdir()
-        if member.islnk():
+        merge.kind[path] = kind == tarstream.DIR
+        if kind == tarstream.LNK:
             target = _clean(member.linkname, f"hard link /{path} in layer {name}")
-            entry.linkname = target
-            merge.links.append(entry)
+            merge.links.append((member, path, target))
             continue
-        if member.isreg():
+        if kind == tarstream.REG:
             merge.files.add(path)
-            out.addfile(entry, layer.extractfile(member))
+            write(tarstream.header(member, prefix + path, ""))
+            layer.copy(member.size, write)
+            write(tarstream.padding(member.size))
         else:
-            entry.size = 0
-            out.addfile(entry)
+            link = member.linkname if kind == tarstream.SYM else ""
+            write(tarstream.header(member, prefix + path, link))
     merge.hidden |= hidden
     merge.opaque |= opaque
     if dropped:
         log.info("layer %s: dropped %d device nodes or special files: /%s", name, len(dropped),
                  ", /".join(dropped[:5]) + (", ..." if len(dropped) > 5 else ""))  # fmt: skip
+
+
+def _writer(tar: tarfile.TarFile) -> Write:
+    """Raw bytes into ``tar``'s stream, keeping its offset right for what it writes after us."""
+    fileobj: Any = tar.fileobj
+    direct = isinstance(fileobj, _Pipe)
+
+    def write(data: bytes | memoryview) -> None:
+        if direct:
+            fileobj.write(data)
+        else:  # another TarFile (e.g. a stream): pieces keep its buffering linear
+            view = memoryview(data)
+            for start in range(0, len(view), 1 << 16):
+                fileobj.write(bytes(view[start : start + (1 << 16)]))
+        tar.offset += len(data)
+
+    return write
 
 
 def merge_layers(
@@ -168,31 +155,70 @@ def merge_layers(
     """Write the merged tree of ``layers`` (bottom first) to ``out`` under ``prefix`` (empty, or a
     directory name ending in ``/``), checking every digest."""
     merge = _Merge()
+    write = _writer(out)
     for layer in reversed(layers):
         with archive.open(layer.name) as raw:
             kind = _compression(raw, layer.name)
-            hashed = _Hashing(raw) if layer.verify == "raw" else _Hashing(_wrap(raw, kind))
-            stream: Any = _wrap(hashed, kind) if layer.verify == "raw" else hashed  # type: ignore[arg-type]
-            try:
-                with tarfile.open(fileobj=stream, mode="r|") as tar:
-                    _apply(merge, tar, out, layer.name, prefix)
-                while stream.read(_CHUNK):
-                    pass
-                actual = hashed.drain()
-            except (tarfile.TarError, EOFError, lzma.LZMAError, gzip.BadGzipFile) as exc:
-                raise ImageError(f"layer {layer.name} is not a readable tar: {exc}") from exc
+            broken: tarstream.TarError | None = None
+            with tarstream.Reader(raw, kind, hash_decoded=layer.verify != "raw") as reader:
+                try:
+                    _apply(merge, reader, write, layer.name, prefix)
+                except tarstream.TarError as exc:
+                    broken = exc  # a digest mismatch, if any, is the better explanation
+                try:
+                    actual = reader.digest()
+                except tarstream.TarError as exc:
+                    broken, actual = broken or exc, layer.digest
+        if broken is not None and actual == layer.digest:
+            raise ImageError(f"layer {layer.name} is not a readable tar: {broken}") from broken
         if actual != layer.digest:
             raise ImageError(
                 f"layer {layer.name} does not match its digest",
                 hint=f"expected {layer.digest}, read {actual}: the archive is corrupt or altered",
             )
-    for link in merge.links:
-        if link.linkname in merge.files:
-            link.linkname = prefix + link.linkname
-            out.addfile(link)
+    for member, path, target in merge.links:
+        if target in merge.files:
+            write(tarstream.header(member, prefix + path, prefix + target))
         else:
             log.warning("dropping hard link /%s: its target /%s is not in the image",
-                        link.name, link.linkname)  # fmt: skip
+                        path, target)  # fmt: skip
+
+
+def _widen(pipe: IO[bytes]) -> None:
+    """A 1 MiB pipe (not 64 KiB): far fewer hand-offs between us and tar2sqfs on a busy machine."""
+    try:
+        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, _CHUNK)
+    except OSError as exc:  # over /proc/sys/fs/pipe-max-size for this user: keep the default
+        log.debug("cannot widen the pipe to tar2sqfs: %s", exc)
+
+
+class _Pipe:
+    """The tar stream into ``tar2sqfs``: small writes are gathered, large ones go straight in."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self._buf = bytearray()
+        self._count = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        size = len(data)
+        self._count += size
+        if size >= _DIRECT:
+            self.flush()
+            self._raw.write(data)
+        else:
+            self._buf += data
+            if len(self._buf) >= _CHUNK:
+                self.flush()
+        return size
+
+    def tell(self) -> int:
+        return self._count
+
+    def flush(self) -> None:
+        if self._buf:
+            self._raw.write(self._buf)
+            self._buf = bytearray()
 
 
 def squash(write: Callable[[tarfile.TarFile], None], out: Path) -> Path:
@@ -203,14 +229,17 @@ def squash(write: Callable[[tarfile.TarFile], None], out: Path) -> Path:
             "--block-size", "131072", str(partial)]  # fmt: skip
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdin is not None and proc.stderr is not None
+    _widen(proc.stdin)
     stderr: list[bytes] = []
     reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
     reader.start()
     watchdog = threading.Timer(SQUASH_TIMEOUT, proc.kill)
     watchdog.start()
     try:
-        with tarfile.open(fileobj=proc.stdin, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        pipe = _Pipe(proc.stdin)
+        with tarfile.TarFile(fileobj=pipe, mode="w", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[arg-type]
             write(tar)
+        pipe.flush()
         proc.stdin.close()
         rc = proc.wait(timeout=SQUASH_TIMEOUT)
     except BaseException as exc:

@@ -48,6 +48,19 @@ AGENT_DIR = "/usr/lib/capsa"  # where the agent lands in the guest root
 USER_ROOT = "/run/capsa/root"
 IMAGE_CONFIG = "capsa-image.json"
 IMAGE_CONFIG_COPY = "/run/capsa/image.json"
+# Recipe layers (capsa.image.recipe): beside the config, a layer's depth in the stack (1 = bottom) and
+# a marker saying the stack sits on capsa's own root (Image.debian()); where a build VM sees the
+# writable layer of the user's root.
+LAYER_DEPTH = "capsa-depth"
+LAYER_BASE = "capsa-base"
+BUILD_UPPER = "/.capsa-upper"
+# A build VM's own disks, told apart from the layers by a tag in their first 16 bytes (the host writes
+# it; ext4 leaves its first 1024 bytes alone, the captured tar overwrites it): an ext4 scratch disk
+# that holds the writable layers instead of a RAM-backed tmpfs, and a raw disk that receives the tar
+# of what a step changed (its device name is in BUILD_OUTPUT_NAME, under BUILD_UPPER).
+BUILD_SCRATCH_TAG = b"CAPSA-BUILD-RW00"
+BUILD_OUTPUT_TAG = b"CAPSA-BUILD-OUT0"
+BUILD_OUTPUT_NAME = "output-device"
 AGENT_COMMAND = f"/usr/bin/python3 -E -s {AGENT_DIR}/capsa-agent"
 _LAUNCHER = b"""#!/usr/bin/python3 -E -s
 from capsa.agent.guest.main import main
@@ -67,32 +80,84 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 for m in /lib/modules/*.ko; do insmod "$m" 2>/dev/null; done
 echo 1 > /proc/sys/kernel/printk
-i=0
-while [ ! -b /dev/vda ]; do
-  i=$((i + 1)); [ $i -gt 500 ] && fail "no root disk /dev/vda (virtio-blk driver missing?)"
-  sleep 0.01
-done
 mkdir -p /lower /rw /newroot
-mount -t squashfs -o ro /dev/vda /lower || fail "cannot mount the squashfs root on /dev/vda"
 image=""
-case " $cmdline " in *" capsa.image "*) image=1;; esac
+build=""
+scratch=""
+output=""
+for arg in $cmdline; do
+  case "$arg" in
+    capsa.image) image=1;;
+    capsa.image=*) image="${{arg#capsa.image=}}";;
+    capsa.build) build=0;;
+    capsa.build=*) build="${{arg#capsa.build=}}";;
+  esac
+done
 if [ -n "$image" ]; then
-  # A user image (capsa.Image) on the second disk; disks may enumerate in either order.
+  # A user image (capsa.Image): $image read-only layers besides capsa's root, on disks that may
+  # enumerate in any order. Each layer holds {IMAGE_CONFIG} and its depth ({LAYER_DEPTH}, 1 when
+  # absent; a recipe leaves out layers that only changed the config, so depths may skip), capsa's
+  # root holds neither. The deepest layer is the top; if it is marked {LAYER_BASE}, the stack sits
+  # on capsa's root.
+  case "$image" in *[!0-9]*|0) fail "malformed capsa.image=$image";; esac
+  case "$build" in *[!0-9]*) fail "malformed capsa.build=$build";; esac
+  want=$((image + 1 + ${{build:-0}}))
   i=0
-  while [ ! -b /dev/vdb ]; do
-    i=$((i + 1)); [ $i -gt 500 ] && fail "no image disk /dev/vdb"
+  while :; do
+    set -- /sys/block/vd*
+    [ -e "$1" ] && [ $# -ge $want ] && break
+    i=$((i + 1)); [ $i -gt 500 ] && fail "expected $want disks (capsa's root, $image layers, build's)"
     sleep 0.01
   done
-  mkdir -p /image
-  other=/dev/vdb
-  if [ -e /lower/{IMAGE_CONFIG} ]; then
-    umount /lower; other=/dev/vda
-    mount -t squashfs -o ro /dev/vdb /lower || fail "cannot mount the squashfs root on /dev/vdb"
-  fi
-  mount -t squashfs -o ro $other /image || fail "cannot mount the image on $other"
-  [ -e /image/{IMAGE_CONFIG} ] || fail "the image disk has no {IMAGE_CONFIG}"
+  mkdir -p /d
+  max=0
+  for dev in "$@"; do
+    dev=${{dev##*/}}
+    if [ -n "$build" ]; then
+      case "$(head -c 16 /dev/$dev 2>/dev/null)" in
+        {BUILD_SCRATCH_TAG.decode()}) scratch=/dev/$dev; continue;;
+        {BUILD_OUTPUT_TAG.decode()}) output=/dev/$dev; continue;;
+      esac
+    fi
+    mkdir -p /d/$dev
+    mount -t squashfs -o ro /dev/$dev /d/$dev || fail "cannot mount the squashfs on /dev/$dev"
+    if [ -e /d/$dev/{IMAGE_CONFIG} ]; then
+      depth=1
+      [ -e /d/$dev/{LAYER_DEPTH} ] && read -r depth < /d/$dev/{LAYER_DEPTH}
+      case "$depth" in *[!0-9]*|"") fail "layer /dev/$dev has a malformed depth";; esac
+      eval "layer_$depth=/d/$dev"
+      [ "$depth" -gt $max ] && max=$depth
+    else
+      mount --move /d/$dev /lower || fail "cannot move capsa's root from /dev/$dev"
+    fi
+  done
+  [ -x /lower/usr/bin/python3 ] || fail "no capsa root disk among the disks"
+  [ $max -gt 0 ] || fail "no image layer among the disks"
+  eval "top=\\$layer_$max"
+  lowers=""
+  n=0
+  d=$max
+  while [ $d -gt 0 ]; do
+    eval "l=\\$layer_$d"
+    [ -n "$l" ] && lowers="$lowers${{lowers:+:}}$l/rootfs" && n=$((n + 1))
+    d=$((d - 1))
+  done
+  [ $n -eq $image ] || fail "found $n image layers, expected $image (two with the same depth?)"
+  [ -e $top/{LAYER_BASE} ] && lowers="$lowers:/lower"
+else
+  i=0
+  while [ ! -b /dev/vda ]; do
+    i=$((i + 1)); [ $i -gt 500 ] && fail "no root disk /dev/vda (virtio-blk driver missing?)"
+    sleep 0.01
+  done
+  mount -t squashfs -o ro /dev/vda /lower || fail "cannot mount the squashfs root on /dev/vda"
 fi
-mount -t tmpfs -o mode=0755 tmpfs /rw || fail "cannot mount tmpfs"
+if [ -n "$scratch" ]; then
+  # A build VM: the writable layers on a (sparse, host-side) ext4 disk, not limited by guest memory.
+  mount -t ext4 -o noinit_itable,nodiscard $scratch /rw || fail "cannot mount the build scratch disk"
+else
+  mount -t tmpfs -o mode=0755 tmpfs /rw || fail "cannot mount tmpfs"
+fi
 mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot \\
   || fail "cannot mount the overlay root (overlay driver missing?)"
@@ -105,13 +170,20 @@ if [ -n "$image" ]; then
   # The agent keeps capsa's root and chroots into this one (capsa.agent.guest.userroot).
   user=/newroot{USER_ROOT}
   mkdir -p /rw/iupper /rw/iwork $user
-  mount -t overlay overlay -o lowerdir=/image/rootfs,upperdir=/rw/iupper,workdir=/rw/iwork $user \\
+  mount -t overlay overlay -o lowerdir=$lowers,upperdir=/rw/iupper,workdir=/rw/iwork $user \\
     || fail "cannot mount the image's overlay root"
+  if [ -n "$build" ]; then
+    # A recipe's build VM (capsa.image.recipe_run): the writable layer, reachable from the user's
+    # root so that what a run() step changed can be packed into a new layer.
+    mkdir -p $user{BUILD_UPPER} && mount --bind /rw $user{BUILD_UPPER} \\
+      || fail "cannot bind the upper layer"
+    [ -n "$output" ] && echo $output > /rw/{BUILD_OUTPUT_NAME}
+  fi
   for fs in proc sys dev; do
     mkdir -p $user/$fs && mount -o rbind /newroot/$fs $user/$fs || fail "cannot bind /$fs into the image"
   done
   mkdir -p $user/etc $user/tmp
-  cp /image/{IMAGE_CONFIG} /newroot{IMAGE_CONFIG_COPY} || fail "cannot copy the image config"
+  cp $top/{IMAGE_CONFIG} /newroot{IMAGE_CONFIG_COPY} || fail "cannot copy the image config"
 fi
 ip link set lo up
 net=""

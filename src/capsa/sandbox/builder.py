@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -47,6 +48,7 @@ from capsa.vm.config import (
 log = logging.getLogger(__name__)
 
 DEFAULT_BUILD_TIMEOUT = 120.0
+DEFAULT_WARMUP_TIMEOUT = 600.0
 _ACCELERATORS = ("auto", "kvm", "tcg")
 
 
@@ -65,6 +67,8 @@ class SandboxConfig:
     network: VirtualNetwork | None = None
     lifetime: float | None = None  # seconds from build() (from take() for a pool) to stop-and-remove
     image: Image | None = None  # a user image (capsa.Image): commands run in its root
+    warmup: str | None = None  # a shell command run once before the template is recorded
+    warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT
 
 
 def _existing_file(path: str | Path, what: str) -> Path:
@@ -127,6 +131,16 @@ class SandboxBuilder:
         if not isinstance(image, Image):
             raise ConfigError("image() takes a capsa.Image")
         return self._with(image=image)
+
+    def warmup(self, command: str, *, timeout: float = DEFAULT_WARMUP_TIMEOUT) -> SandboxBuilder:
+        """Run the shell command ``command`` once after the first (cold) boot, before the template
+        is recorded, so what it loads is in the page cache of every restore. The command is part of
+        the template's key; a non-zero exit fails ``build()`` with :class:`ImageError`."""
+        if not isinstance(command, str) or not command.strip() or "\0" in command:
+            raise ConfigError("warmup() takes a non-empty shell command")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise ConfigError(f"warmup timeout must be a positive number of seconds, got {timeout!r}")
+        return self._with(warmup=command, warmup_timeout=float(timeout))
 
     def share(
         self,
@@ -195,7 +209,9 @@ class SandboxBuilder:
                 c.image.build, progress=lambda step: log.warning("image: %s", step)
             )
             disks = tuple(DiskSpec(layer, read_only=True) for layer in built.layers)
-            cmdline += (("capsa.image", None),)
+            cmdline += (("capsa.image", str(len(built.layers))),)
+        if c.warmup is not None:  # only to key the template: the guest ignores it
+            cmdline += (("capsa.warmup", hashlib.sha256(c.warmup.encode()).hexdigest()[:16]),)
         if c.network is not None:
             gw = c.network.gateway
             address = f"{gw.guest_ip}/{gw.network.prefixlen},{gw.gateway_ip}"
@@ -233,9 +249,12 @@ class SandboxBuilder:
         if c.snapshot is not None:
             return await restore_sandbox(load_snapshot(c.snapshot), timeout, templated, c.network)
         config = await self.vm_config()
+        warmup = (c.warmup, c.warmup_timeout) if c.warmup is not None else None
         if c.cold or any(share.mechanism != "9p" for share in templated):
-            return await _cold(config, timeout)  # virtio-fs cannot be migrated: no template
-        return await _from_template(replace(config, shares=templated), timeout)
+            vm = await _cold(config, timeout)  # virtio-fs cannot be migrated: no template
+            await _warm(vm, warmup)
+            return vm
+        return await _from_template(replace(config, shares=templated), timeout, warmup)
 
     async def __aenter__(self) -> Sandbox:
         self._vm = await self.build()
@@ -262,8 +281,29 @@ def template_root() -> Path:
     return cache_dir() / "templates"
 
 
-async def _from_template(config: VMConfig, timeout: float) -> Sandbox:
-    """Restore this configuration's template, or boot cold and record one."""
+async def _warm(vm: Sandbox, warmup: tuple[str, float] | None) -> None:
+    """Run the builder's warmup command in a freshly booted sandbox (stopping it if that fails)."""
+    if warmup is None:
+        return
+    command, timeout = warmup
+    try:
+        result = await vm.agent.exec("/bin/sh").args(["-c", command]).timeout(timeout).run()
+    except BaseException:
+        await vm.kill()
+        raise
+    if result.exit_code != 0:
+        await vm.kill()
+        output = (result.stdout + result.stderr)[-4000:]
+        raise ImageError(
+            f"the warmup command exited with {result.exit_code}: {command}\n{output}",
+            hint="fix the command given to warmup(); no template was recorded",
+        )
+
+
+async def _from_template(
+    config: VMConfig, timeout: float, warmup: tuple[str, float] | None = None
+) -> Sandbox:
+    """Restore this configuration's template, or boot cold (run the warmup) and record one."""
     boot = config.boot
     assert isinstance(boot, LinuxDirectBoot)
     qemu = find_qemu()
@@ -282,6 +322,7 @@ async def _from_template(config: VMConfig, timeout: float) -> Sandbox:
             )
             remove_snapshot(directory)
     vm = await _cold(config, timeout, mount=False)  # 9p exports must be unmounted to migrate
+    await _warm(vm, warmup)
     try:
         try:
             await vm.snapshot(directory)

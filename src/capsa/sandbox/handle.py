@@ -113,7 +113,7 @@ class Sandbox(VM):
         self._agent = Agent(self._channel)
         try:
             async with asyncio.timeout(max(1.0, timeout - (time.monotonic() - started))):
-                await self._agent._refresh(new_hostname())
+                await self._agent.refresh(new_hostname())
                 if mount:
                     await self._mount_shares()
         except BaseException:
@@ -136,7 +136,7 @@ class Sandbox(VM):
                 await self._resume_if_paused()
                 agent = Agent(self._channel)
                 identity = self._network.identity() if self._network is not None else None
-                await agent._refresh(new_hostname(), identity)  # also the proof the agent answers
+                await agent.refresh(new_hostname(), identity)  # also the proof the agent answers
                 self._agent = agent
                 await self._mount_shares()
         except TimeoutError:

@@ -37,6 +37,7 @@ class ServerConfig:
     memory_mb: int = 512
     dns_servers: tuple[str, ...] = ()
     allow_internal_destinations: bool = False
+    ray_address: str | None = None  # place sandboxes on this Ray cluster (capsa serve --ray)
 
 
 class CapsaServer:
@@ -44,14 +45,17 @@ class CapsaServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        self.metrics = Metrics(lambda: len(self.registry))
         self.registry = Registry(
             memory_mb=config.memory_mb,
             pools=config.pools,
             max_sandboxes=config.max_sandboxes,
+            on_removed=self.metrics.removed,
+            on_paused=self.metrics.count_denials,
             dns_servers=config.dns_servers,
             allow_internal_destinations=config.allow_internal_destinations,
+            ray_address=config.ray_address,
         )
-        self.metrics = Metrics(lambda: len(self.registry))
         self.ready = False
         control = ControlPlane(self.registry, self.metrics)
         routes = [
@@ -88,7 +92,8 @@ class CapsaServer:
         return JSONResponse({"status": "ok", "sandboxes": len(self.registry)})
 
     async def _metrics(self, request: Request) -> Response:
-        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        body = await self.metrics.collect(e for e in self.registry.list() if e.paused is None)
+        return Response(body, media_type="text/plain; version=0.0.4")
 
     def _key_ok(self, headers: dict[str, str]) -> bool:
         key = headers.get("x-api-key")

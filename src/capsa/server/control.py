@@ -62,8 +62,17 @@ def listed_json(entry: Entry) -> dict[str, Any]:
         "diskSizeMB": 0,
         "state": entry.state,
         "envdVersion": ENVD_VERSION,
-        "metadata": entry.metadata,
+        "metadata": _metadata(entry),
     }
+
+
+NODE_KEY = "capsa_ray_node_id"  # in a --ray sandbox's metadata: the Ray node it runs on
+
+
+def _metadata(entry: Entry) -> dict[str, str]:
+    if entry.node_id is None:
+        return entry.metadata
+    return {**entry.metadata, NODE_KEY: entry.node_id}
 
 
 async def _body(request: Request) -> dict[str, Any]:
@@ -159,14 +168,14 @@ class ControlPlane:
 
     async def set_timeout(self, request: Request) -> Response:
         entry = self.registry.get(request.path_params["sandbox_id"])
-        entry.set_timeout(check_timeout((await _body(request)).get("timeout")))
+        await entry.set_timeout(check_timeout((await _body(request)).get("timeout")))
         return Response(status_code=204)
 
     async def refresh(self, request: Request) -> Response:
         entry = self.registry.get(request.path_params["sandbox_id"])
         duration = (await _body(request)).get("duration")
         if duration is not None:
-            entry.set_timeout(check_timeout(duration))
+            await entry.set_timeout(check_timeout(duration))
         return Response(status_code=204)
 
     async def metrics_of(self, request: Request) -> Response:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import capsa
 from capsa._tasks import TaskSet
 from capsa.errors import CapsaError
-from capsa.server._guest_interpreter import SOURCE
+from capsa.server._guest_interpreter import BOOTSTRAP, SOURCE
 
 if TYPE_CHECKING:
     from capsa.server.registry import Entry
@@ -44,10 +44,11 @@ class Interpreter:
     async def _ensure(self) -> capsa.Process:
         if self._process is not None and self._process.returncode is None:
             return self._process
-        builder = self._vm.agent.exec("python3").args(["-u", "-c", SOURCE])
+        builder = self._vm.agent.exec("python3").args(["-u", "-c", BOOTSTRAP])
         for key, value in self._envs.items():
             builder = builder.env(key, value)
         process = await builder.spawn()
+        await process.write_stdin(json.dumps(SOURCE).encode() + b"\n")
         async with asyncio.timeout(START_TIMEOUT):
             first = await process.stdout.readline(_LINE_LIMIT)
         if json.loads(first or b"{}").get("type") != "ready":

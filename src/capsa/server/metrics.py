@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import inspect
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from capsa.errors import CapsaError
+
+if TYPE_CHECKING:
+    from capsa.server.registry import Entry
 
 
 class Metrics:
@@ -32,6 +40,57 @@ class Metrics:
         self.requests = Counter(
             "capsa_server_requests", "HTTP requests", ["status"], registry=self.registry
         )
+
+        self.egress_denials = Counter(
+            "capsa_server_egress_denials",
+            "Egress flows and DNS lookups denied by a sandbox's network policy",
+            ["proto"],
+            registry=self.registry,
+        )
+        self.sandbox_denials = Counter(
+            "capsa_server_sandbox_egress_denials",
+            "Egress denials per sandbox (the series goes when its sandbox is removed)",
+            ["sandbox"],
+            registry=self.registry,
+        )
+
+    async def count_denials(self, entry: Entry) -> None:
+        """Count the denials in ``entry``'s network log since the last count. The log is the
+        network stack's (``vm.network.log()``, its newest 10 000 decisions); counted when
+        ``/metrics`` is scraped, when a sandbox is paused and when it is removed."""
+        if entry.policy is None:
+            return  # no network interface
+        try:
+            decisions = entry.vm.network.log()
+            if inspect.isawaitable(decisions):  # a sandbox on a Ray node (capsa serve --ray)
+                decisions = await decisions
+        except CapsaError:
+            return
+        seen = entry.extra.get("denials_seen")
+        fresh = []
+        for decision in reversed(decisions):
+            if decision == seen:  # a remote sandbox's log comes as copies: compare values
+                break
+            fresh.append(decision)
+        if decisions:
+            entry.extra["denials_seen"] = decisions[-1]
+        denied = [d for d in fresh if d.action == "deny"]
+        for decision in denied:
+            self.egress_denials.labels(proto=decision.proto).inc()
+        if denied:
+            self.sandbox_denials.labels(sandbox=entry.id).inc(len(denied))
+
+    async def removed(self, entry: Entry) -> None:
+        """Called as a sandbox is removed (its VM still there): count, then drop its series."""
+        await self.count_denials(entry)
+        with contextlib.suppress(KeyError):
+            self.sandbox_denials.remove(entry.id)
+
+    async def collect(self, entries: Iterable[Entry]) -> bytes:
+        """The exposition text, after counting the running sandboxes' new denials."""
+        for entry in entries:
+            await self.count_denials(entry)
+        return self.render()
 
     def created(self, seconds: float, template: str) -> None:
         self.creates.labels(template=template).inc()

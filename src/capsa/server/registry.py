@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import inspect
 import logging
 import secrets
 import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import capsa
 from capsa._tasks import TaskSet
 from capsa.errors import CapsaError
+from capsa.server import _cluster
 from capsa.server.interpreter import Interpreter
 from capsa.vm import RunState
 
@@ -33,6 +35,8 @@ ENVD_VERSION = "0.5.7"
 INTERPRETER_TEMPLATE = "code-interpreter-v1"
 TEMPLATES = ("base", INTERPRETER_TEMPLATE)
 _REAP_INTERVAL = 0.5
+_PROBE_INTERVAL = 2.0  # how often the reaper asks the Ray nodes whether their sandboxes still run
+_PROBE_TIMEOUT = 10.0
 _POOL_TAKE_TIMEOUT = 60.0
 
 
@@ -46,7 +50,13 @@ class ApiError(CapsaError):
 
 @dataclass(eq=False)
 class Entry:
-    """One sandbox the server runs for its clients."""
+    """One sandbox the server runs for its clients.
+
+    ``vm`` is a local :class:`capsa.Sandbox`, or with ``--ray`` a :class:`capsa.ray.RaySandbox`
+    (``node_id`` set): the server only uses the API both share (the remote handle's surface is
+    derived from ``capsa.Sandbox``), except that plain methods (``set_lifetime``,
+    ``network.log()``) are awaitable on the remote one, so their callers await them if they must
+    (:func:`resolved`)."""
 
     id: str
     template: str
@@ -62,6 +72,7 @@ class Entry:
     closing: bool = False
     policy: capsa.NetworkPolicy | None = None
     paused: Path | None = None  # the snapshot of a paused sandbox (its VM is gone)
+    node_id: str | None = None  # the Ray node it runs on (``capsa serve --ray``)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -72,9 +83,40 @@ class Entry:
     def state(self) -> str:
         return "paused" if self.paused is not None else "running"
 
-    def set_timeout(self, seconds: int) -> None:
-        self.vm.set_lifetime(seconds)
+    async def set_timeout(self, seconds: int) -> None:
+        vm: Any = self.vm  # a remote handle's set_lifetime is awaitable
+        await resolved(vm.set_lifetime(seconds))
         self.end_at = _now() + datetime.timedelta(seconds=seconds)
+
+
+async def resolved(value: Any) -> Any:
+    """``value``, awaited if it is awaitable: a plain method of a local sandbox answers at once,
+    the same method of a remote (Ray) handle answers with an awaitable."""
+    return await value if inspect.isawaitable(value) else value
+
+
+_TEMPLATES_HINT = f"templates: {', '.join(TEMPLATES)}, or a name from `capsa image ls`"
+
+
+def named_image(name: str) -> capsa.Image | None:
+    """The image registered as ``name`` (``capsa image import/build --name``), or None."""
+    try:
+        from capsa.image import store  # noqa: PLC0415 (the named-image registry, optional here)
+    except ImportError:
+        return None
+    if store.lookup(name) is None:
+        return None
+    try:
+        return store.resolve_image(name)
+    except CapsaError as exc:
+        log.warning("image %s: %s", name, exc.message)
+        return None
+
+
+def _close_watchers(entry: Entry) -> None:
+    watchers = entry.extra.pop("watchers", None)
+    if watchers is not None:
+        watchers.close()
 
 
 def _now() -> datetime.datetime:
@@ -97,13 +139,15 @@ class Registry:
         memory_mb: int = 512,
         pools: dict[str, int] | None = None,
         max_sandboxes: int | None = None,
-        on_removed: Callable[[Entry], None] | None = None,
+        on_removed: Callable[[Entry], Awaitable[None]] | None = None,
+        on_paused: Callable[[Entry], Awaitable[None]] | None = None,
         dns_servers: tuple[str, ...] = (),
         allow_internal_destinations: bool = False,
+        ray_address: str | None = None,
     ) -> None:
         for name in pools or {}:
-            if name not in TEMPLATES:
-                raise CapsaError(f"unknown template {name!r} in --pool", hint=f"templates: {TEMPLATES}")
+            if name not in TEMPLATES and named_image(name) is None:
+                raise CapsaError(f"unknown template {name!r} in --pool", hint=_TEMPLATES_HINT)
         self.memory_mb = memory_mb
         self.max_sandboxes = max_sandboxes
         self._pool_sizes = dict(pools or {})
@@ -116,13 +160,18 @@ class Registry:
         self._tasks = TaskSet(log)
         self._reaper: asyncio.Task[None] | None = None
         self._on_removed = on_removed
+        self._on_paused = on_paused  # called with the VM still there, before it is freed
         self._paused_root: Path | None = None
         self._dns_servers = dns_servers
         self._internal = allow_internal_destinations
+        self.ray_address = ray_address  # place sandboxes on a Ray cluster's capsa host actors
         self.closed = False
 
     def builder(self, template: str, policy: capsa.NetworkPolicy | None = None) -> capsa.SandboxBuilder:
         builder = capsa.sandbox().memory_mb(self.memory_mb)
+        image = None if template in TEMPLATES else named_image(template)
+        if image is not None:
+            builder = builder.image(image)
         if policy is None:
             return builder
         gateway = capsa.Gateway().policy(policy)
@@ -133,6 +182,12 @@ class Registry:
         return builder.network(capsa.VirtualNetwork.with_gateway(gateway))
 
     async def start(self) -> None:
+        if self.ray_address is not None:
+            await _cluster.connect(self.ray_address)
+            for name, size in self._pool_sizes.items():  # --pool T=N: N per node
+                await _cluster.warm(self.builder(name), size)
+            self._reaper = self._tasks.spawn(self._reap(), name="capsa-server-reaper")
+            return
         for name, size in self._pool_sizes.items():
             self._pools[name] = await capsa.pool(self.builder(name), size)
         self._reaper = self._tasks.spawn(self._reap(), name="capsa-server-reaper")
@@ -184,8 +239,8 @@ class Registry:
     ) -> Entry:
         if self.closed:
             raise ApiError(503, "the server is shutting down")
-        if template not in TEMPLATES:
-            raise ApiError(404, f"template {template!r} not found", hint=f"templates: {TEMPLATES}")
+        if template not in TEMPLATES and named_image(template) is None:
+            raise ApiError(404, f"template {template!r} not found", hint=_TEMPLATES_HINT)
         if self.max_sandboxes is not None and len(self._entries) + self._creating >= self.max_sandboxes:
             raise ApiError(
                 429,
@@ -195,7 +250,9 @@ class Registry:
         self._creating += 1
         interpreter = None
         try:
-            if policy is not None:  # a network of its own: never from a pool
+            if self.ray_address is not None:  # on a node (from its warm pool when there is one)
+                vm = await _cluster.build(self.builder(template, policy))
+            elif policy is not None:  # a network of its own: never from a pool
                 vm = await self.builder(template, policy).build()
             elif template == INTERPRETER_TEMPLATE and self._warm:
                 vm, interpreter = self._warm.popleft()
@@ -217,11 +274,12 @@ class Registry:
             end_at=started,
             memory_mb=self.memory_mb,
             interpreter=interpreter,
+            node_id=getattr(vm, "node_id", None),
         )
         try:
             if interpreter is not None:
                 await interpreter.set_env(entry.envs)
-            entry.set_timeout(timeout)
+            await entry.set_timeout(timeout)
         except BaseException:
             await vm.kill()
             raise
@@ -262,12 +320,20 @@ class Registry:
         entry = self.find(sandbox_id)
         if entry.paused is not None:
             raise ApiError(409, f"sandbox {sandbox_id!r} is already paused")
+        if entry.node_id is not None:
+            raise ApiError(
+                501,
+                "pause is not supported by capsa serve --ray: the snapshot would stay on the "
+                f"sandbox's Ray node ({entry.node_id[:12]}) and tie its resume to that node",
+                hint="keep the sandbox running (set_timeout extends it), or serve without --ray",
+            )
         if entry.processes is not None:
             await entry.processes.kill_all()
             entry.processes = None
         if entry.interpreter is not None:
             await entry.interpreter.stop()
             entry.interpreter = None
+        _close_watchers(entry)
         if self._paused_root is None:
             self._paused_root = Path(tempfile.mkdtemp(prefix="capsa-serve-paused-"))
         target = self._paused_root / entry.id
@@ -276,6 +342,8 @@ class Registry:
         except CapsaError as exc:
             raise ApiError(409, f"cannot pause sandbox {sandbox_id!r}: {exc.message}") from None
         entry.paused = target
+        if self._on_paused is not None:
+            await self._on_paused(entry)
         await entry.vm.kill()
         log.info("sandbox %s paused to %s", entry.id, target)
 
@@ -283,7 +351,7 @@ class Registry:
         entry = self.find(sandbox_id)
         if entry.paused is None:
             if timeout is not None:
-                entry.set_timeout(timeout)
+                await entry.set_timeout(timeout)
             return entry
         if self.max_sandboxes is not None and len(self) + self._creating >= self.max_sandboxes:
             raise ApiError(429, f"this server runs at most {self.max_sandboxes} sandboxes")
@@ -295,7 +363,7 @@ class Registry:
         entry.vm = vm
         shutil.rmtree(entry.paused, ignore_errors=True)
         entry.paused = None
-        entry.set_timeout(timeout or DEFAULT_TIMEOUT)
+        await entry.set_timeout(timeout or DEFAULT_TIMEOUT)
         log.info("sandbox %s resumed", entry.id)
         return entry
 
@@ -314,13 +382,22 @@ class Registry:
     async def _destroy(self, entry: Entry) -> None:
         entry.closing = True
         if self._on_removed is not None:
-            self._on_removed(entry)
+            try:
+                await self._on_removed(entry)
+            except Exception:
+                log.exception("counting the removal of sandbox %s failed", entry.id)
         if entry.processes is not None:
             entry.processes.close()
         if entry.interpreter is not None:
             entry.interpreter.close()
+        _close_watchers(entry)
         try:
             await entry.vm.kill()
+        except CapsaError as exc:
+            if entry.node_id is None:
+                log.exception("killing sandbox %s failed", entry.id)
+            else:  # its node ended it already (lifetime) or is gone with it (SandboxLost)
+                log.info("sandbox %s on node %s: %s", entry.id, entry.node_id[:12], exc.message)
         except Exception:
             log.exception("killing sandbox %s failed", entry.id)
         if entry.paused is not None:
@@ -329,10 +406,17 @@ class Registry:
 
     async def _reap(self) -> None:
         """Forget sandboxes whose lifetime ended (capsa already stopped their VM) or that died."""
+        probed = time.monotonic()
         while True:
             await asyncio.sleep(_REAP_INTERVAL)
+            ended: set[int] = set()
+            if self.ray_address is not None and time.monotonic() - probed >= _PROBE_INTERVAL:
+                probed = time.monotonic()
+                live = [e.vm for e in self._entries.values() if e.paused is None and not e.closing]
+                ended = await _cluster.probe(live, _PROBE_TIMEOUT)
             for entry in list(self._entries.values()):
-                if entry.paused is None and entry.vm.status is not RunState.RUNNING:
+                gone = id(entry.vm) in ended or entry.vm.status is not RunState.RUNNING
+                if entry.paused is None and gone:
                     self._entries.pop(entry.id, None)
                     log.info("sandbox %s ended (timeout or exit)", entry.id)
                     await self._destroy(entry)
@@ -354,6 +438,8 @@ class Registry:
             with contextlib.suppress(Exception):
                 await vm.kill()
         await asyncio.gather(*(p.close() for p in self._pools.values()), return_exceptions=True)
+        if self.ray_address is not None:
+            await _cluster.close()
         await self._tasks.wait_all(10.0)
         if self._paused_root is not None:
             shutil.rmtree(self._paused_root, ignore_errors=True)

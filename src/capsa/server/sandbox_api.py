@@ -19,6 +19,7 @@ from capsa.server.envd import Filesystem, guest_path, processes_for, stream_proc
 from capsa.server.interpreter import InterpreterError, interpreter_for
 from capsa.server.metrics import Metrics
 from capsa.server.registry import ApiError, Entry, Registry
+from capsa.server.watch import Watcher, watchers_for
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,8 @@ class SandboxApi:
         self, service: str, method: str, message: dict[str, Any], entry: Entry
     ) -> dict[str, Any]:
         if service == "filesystem.Filesystem":
+            if method in ("CreateWatcher", "GetWatcherEvents", "RemoveWatcher"):
+                return await watchers_for(entry).call(method, message)
             return await Filesystem(entry.vm).call(method, message)
         table = processes_for(entry)
         if method == "List":
@@ -130,6 +133,11 @@ class SandboxApi:
     async def _stream(
         self, service: str, method: str, message: dict[str, Any], entry: Entry, request: Request
     ) -> AsyncIterator[dict[str, Any]]:
+        if service == "filesystem.Filesystem" and method == "WatchDir":
+            watcher = Watcher(entry.vm, guest_path(message.get("path")), bool(message.get("recursive")))
+            await watcher.start()
+            deadline = connect.timeout_seconds(request.headers.get("connect-timeout-ms"))
+            return watcher.stream(deadline)
         if service != "process.Process" or method not in ("Start", "Connect"):
             raise ConnectError("unimplemented", f"{service}/{method} is not implemented")
         table = processes_for(entry)
