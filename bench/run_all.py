@@ -38,6 +38,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "clusters": ([], []),
     "server": ([], []),
     "ray": ([], ["--runs", "1", "--calls", "50"]),
+    "images": ([], ["--only", "oci,start", "--runs", "3"]),
 }
 TIMEOUT = 3600
 

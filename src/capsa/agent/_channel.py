@@ -212,6 +212,11 @@ class Channel:
         assert self._hello is not None
         return await asyncio.shield(self._hello)
 
+    def unfinished_calls(self) -> list[Call]:
+        """Calls whose end has not arrived (requests in flight, processes still running): what a
+        snapshot must not capture."""
+        return [call for call in self._calls.values() if not call.end.done()]
+
     @property
     def failure(self) -> CapsaError | None:
         return self._failure

@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from capsa._paths import cache_dir
 from capsa.errors import CapsaError, ImageError
@@ -42,6 +42,9 @@ from capsa.image.sandbox import (
     BUILD_SCRATCH_TAG,
     BUILD_UPPER,
 )
+
+if TYPE_CHECKING:
+    from capsa.sandbox.handle import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +214,9 @@ async def _run(
     return output
 
 
-async def _step(vm: Any, command: str, *, timeout: float, label: str, files: dict[str, Path]) -> None:
+async def _step(
+    vm: Sandbox, command: str, *, timeout: float, label: str, files: dict[str, Path]
+) -> None:
     """Write ``files``, run ``command``, pack what it changed onto the output disk."""
     folders = sorted({path.rpartition("/")[0] for path in files})
     if folders:

@@ -262,7 +262,7 @@ class HostActor:
         """QEMU pids of every sandbox this actor owns, pooled ones included (for leak checks)."""
         vms = list(self._roots.values())
         for pool in self._pools.values():
-            vms.extend(pool._ready)
+            vms.extend(pool.waiting)
         return [vm.pid for vm in vms if vm.pid is not None and not vm.status.is_final]
 
     async def close(self) -> None:

@@ -360,7 +360,7 @@ def _save_failed(target: Path, exc: OSError) -> SnapshotError:
 def _check_idle(channel: Channel) -> None:
     """Refuse to snapshot while a request is in flight (the copy would hold half a conversation the
     new host end knows nothing about). A call whose end arrived is finished, even if not waited."""
-    busy = [call for call in channel._calls.values() if not call.end.done()]
+    busy = channel.unfinished_calls()
     if not busy:
         return
     what = [

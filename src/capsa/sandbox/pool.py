@@ -49,6 +49,11 @@ class Pool:
         self._filler = self._background.spawn(self._fill(), name="capsa-pool-filler")
 
     @property
+    def waiting(self) -> tuple[Sandbox, ...]:
+        """The sandboxes booted and waiting to be taken (a snapshot: taking one does not change it)."""
+        return tuple(self._ready)
+
+    @property
     def available(self) -> int:
         """Sandboxes booted and waiting."""
         return sum(1 for vm in self._ready if vm.status is RunState.RUNNING)
