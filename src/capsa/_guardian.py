@@ -7,6 +7,11 @@ hold. When this process exits for any reason the kernel closes that end, ``cat``
 guardian removes the root. The guardian runs in its own session so a terminal's Ctrl-C does not take it
 down early.
 
+A process tree killed as a whole (Ray kills an actor's children with it; a container runtime kills a
+cgroup) takes the guardian down too. So the creator also holds a lock on ``ROOT/.owner`` for life, and
+each new root sweeps the roots in the same base whose lock nobody holds any more: a kernel-released
+lock is proof that the owner is gone, whatever pid namespace it ran in.
+
 Only the process that created the root removes it. An ``os.fork()``ed child (a worker pool, a
 daemonising tool) inherits the parent's state, ``atexit`` handlers and pipe: at fork, the child forgets
 the parent's root, closes its copy of the guardian's pipe (so the parent's guardian still fires when the
@@ -19,9 +24,13 @@ import atexit
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
+import logging
 import os
+import re
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -30,7 +39,11 @@ from pathlib import Path
 
 from capsa._paths import runtime_base
 
+log = logging.getLogger(__name__)
+
 _PR_SET_PDEATHSIG = 1
+OWNER_FILE = ".owner"  # in each root: locked by its creator for life
+_ROOT_NAME = re.compile(r"capsa-\d+-[a-z0-9_]{8}")  # tempfile.mkdtemp(prefix="capsa-PID-")
 _lock = threading.Lock()
 _root: Path | None = None
 _guardian_pid: int | None = None
@@ -63,7 +76,12 @@ def runtime_root() -> Path:
     with _lock:
         if _root is not None and _root.exists() and _creator_pid == os.getpid():
             return _root
-        root = Path(tempfile.mkdtemp(prefix=f"capsa-{os.getpid()}-", dir=runtime_base()))
+        base = runtime_base()
+        root = Path(tempfile.mkdtemp(prefix=f"capsa-{os.getpid()}-", dir=base))
+        owner = os.open(root / OWNER_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(owner, fcntl.LOCK_EX)
+        _keep_open.append(owner)  # released by the kernel when this process dies
+        sweep_orphaned_roots(base, keep=root)
         read_end, write_end = os.pipe()
         try:
             guardian = subprocess.Popen(
@@ -86,6 +104,36 @@ def runtime_root() -> Path:
 
 
 _keep_open: list[int] = []
+
+
+def sweep_orphaned_roots(base: Path, keep: Path | None = None) -> list[Path]:
+    """Remove the runtime roots under ``base`` whose owner died along with its guardian (see the
+    module): ours only (same uid, real directories), and only when their ``.owner`` lock is free."""
+    removed: list[Path] = []
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        if path == keep or not _ROOT_NAME.fullmatch(path.name):
+            continue
+        try:
+            st = path.lstat()
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            fd = os.open(path / OWNER_FILE, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue  # not a root of this scheme (or already gone)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its owner is alive
+        finally:
+            os.close(fd)
+        log.info("removing the runtime root %s: its process and guardian are gone", path)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def _remove_root(root: Path, creator: int) -> None:

@@ -12,7 +12,8 @@ from capsa import _guardian
 
 
 def _leftovers(root: Path) -> tuple[list[str], list[int]]:
-    dirs = sorted(p.name for p in root.iterdir()) if root.exists() else []
+    entries = root.iterdir() if root.exists() else iter(())
+    dirs = sorted(p.name for p in entries if p.name != _guardian.OWNER_FILE)
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():

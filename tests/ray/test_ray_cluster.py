@@ -14,11 +14,15 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from capsa import _guardian
+from capsa._paths import runtime_base
 
 SUITE = Path(__file__).with_name("netns_suite.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +60,10 @@ def suite_run(tmp_path_factory: pytest.TempPathFactory) -> SuiteRun:
         pytest.skip("needs root, unshare and ip (a network namespace for the Ray cluster)")
     report = tmp_path_factory.mktemp("ray") / "junit.xml"
     script = 'ip link set lo up && exec "$0" -m pytest "$1" -q -p no:cacheprovider --junitxml "$2"'
-    env = {**os.environ, "CAPSA_RAY_NETNS": "1"}
+    # Ray's session files (logs, sockets) go to a short directory of this run's, removed afterwards,
+    # instead of piling up in /tmp/ray (a pytest tmp path is too long for Ray's unix sockets).
+    ray_tmp = tempfile.mkdtemp(prefix="capsa-ray-")
+    env = {**os.environ, "CAPSA_RAY_NETNS": "1", "RAY_TMPDIR": ray_tmp}
     try:
         done = subprocess.run(
             ["unshare", "-n", "sh", "-c", script, sys.executable, str(SUITE), str(report)],
@@ -71,6 +78,11 @@ def suite_run(tmp_path_factory: pytest.TempPathFactory) -> SuiteRun:
     except subprocess.TimeoutExpired as exc:
         out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
         pytest.fail(f"the Ray suite ran past {SUITE_TIMEOUT}s:\n{out[-5000:]}")
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        # Ray kills an actor's children with it, the guardian of its runtime root included: the
+        # roots the killed host actors leave are swept (the next capsa process would do the same).
+        _guardian.sweep_orphaned_roots(runtime_base())
     run = SuiteRun(done.stdout + done.stderr, done.returncode)
     if report.exists():
         for case in ET.parse(report).getroot().iter("testcase"):
