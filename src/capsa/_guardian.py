@@ -42,6 +42,9 @@ from capsa._paths import runtime_base
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+# Waits for EOF (this process gone), then removes the root; a second try because a dying QEMU may
+# still add a file while the first one runs.
+_GUARDIAN_SCRIPT = 'cat >/dev/null; rm -rf -- "$0" || { sleep 1; rm -rf -- "$0"; }'
 OWNER_FILE = ".owner"  # in each root: locked by its creator for life
 _ROOT_NAME = re.compile(r"capsa-\d+-[a-z0-9_]{8}")  # tempfile.mkdtemp(prefix="capsa-PID-")
 _lock = threading.Lock()
@@ -85,7 +88,7 @@ def runtime_root() -> Path:
         read_end, write_end = os.pipe()
         try:
             guardian = subprocess.Popen(
-                ["sh", "-c", 'cat >/dev/null; rm -rf -- "$0"', str(root)],
+                ["sh", "-c", _GUARDIAN_SCRIPT, str(root)],
                 stdin=read_end,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
