@@ -22,7 +22,8 @@ def test_sync_vm_console_and_stop(test_guest: GuestFiles) -> None:
         vm.console.write_line("echo sync-facade")
         index, _ = vm.console.wait_for_any(["nothing", "sync-facade\r\n"], timeout=10)
         assert index == 1
-        vm.console.write_line("sleep 100")
+        vm.console.wait_for(PROMPT, timeout=10)  # else "sleep 100" is echoed before the prompt,
+        vm.console.write_line("sleep 100")  # and the prompt left unread passes for the one after ^C
         vm.console.wait_for("sleep 100", timeout=10)
         # ash's line editor may still own the tty for a moment; a person presses Ctrl-C again too.
         for _ in range(10):
