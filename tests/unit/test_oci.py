@@ -280,7 +280,7 @@ def test_second_build_comes_from_the_cache(tmp_path: Path, monkeypatch: pytest.M
     def no_squash(*_: object) -> None:
         raise AssertionError("rebuilt a cached image")
 
-    monkeypatch.setattr("capsa.image.custom.squash", no_squash)
+    monkeypatch.setattr("capsa.image.custom.import_layers", no_squash)
     assert Image.from_oci(archive).build() == first
 
 
@@ -513,3 +513,64 @@ def test_huge_extended_header_is_refused(tmp_path: Path) -> None:
     archive = docker_archive(tmp_path / "img.tar", [layer])
     with pytest.raises(ImageError, match="extended header"):
         Image.from_oci(archive).build()
+
+
+# -- Docker's reading of odd layers (see docs/images.md: "What capsa makes of a layer") -----------
+
+
+def _pax_entry(pairs: tuple[tuple[str, bytes], ...], name: bytes, data: bytes = b"") -> bytes:
+    from capsa.image.tarstream import BLOCK, _record, _ustar, padding
+
+    records = b"".join(_record(key, value) for key, value in pairs)
+    return (
+        _ustar(b"././@PaxHeader", b"x", size=len(records)) + records + bytes(-len(records) % BLOCK)
+        + _ustar(name, b"0", size=len(data)) + data + padding(len(data))
+    )  # fmt: skip
+
+
+def test_one_zero_block_then_the_end_is_a_clean_end(tmp_path: Path) -> None:
+    from capsa.image.tarstream import BLOCK
+
+    layer = layer_tar([E("f", b"x")])
+    end = layer.rindex(b"x") + BLOCK  # just after f's data block
+    tree = read_tree(
+        Image.from_oci(docker_archive(tmp_path / "img.tar", [layer[:end] + bytes(BLOCK)]))
+        .build()
+        .layers[0]
+    )
+    assert tree["f"][4] == b"x"
+
+
+@pytest.mark.parametrize(
+    ("records", "match"),
+    [
+        ((("size", b"9" * 19),), "over 64 bits"),
+        ((("size", b"9" * 21),), "invalid PAX value"),
+        ((("size", b"-5"),), "negative size"),
+    ],
+    ids=["size-over-int64", "size-too-many-digits", "size-negative"],
+)
+def test_bad_sizes_are_refused(
+    tmp_path: Path, records: tuple[tuple[str, bytes], ...], match: str
+) -> None:
+    layer = _pax_entry(records, b"f", b"x") + bytes(1024)
+    with pytest.raises(ImageError, match=match):
+        Image.from_oci(docker_archive(tmp_path / "img.tar", [layer])).build()
+
+
+def test_unstorable_xattrs_are_dropped_and_empty_pax_values_unset(tmp_path: Path) -> None:
+    """squashfs stores user/trusted/security attributes only: an ACL is dropped (Docker ignores what
+    its filesystem refuses), not a failed import; an empty PAX value removes the record (Go)."""
+    records = (("SCHILY.xattr.system.posix_acl_access", b"\x02\0\0\0"), ("path", b""))
+    layer = _pax_entry(records, b"f", b"x") + bytes(1024)
+    tree = read_tree(Image.from_oci(docker_archive(tmp_path / "img.tar", [layer])).build().layers[0])
+    assert tree["f"][4] == b"x"
+
+
+def test_aufs_metadata_is_skipped_and_a_file_cannot_be_a_parent(tmp_path: Path) -> None:
+    layer = layer_tar([E(".wh..wh.plnk/123.456", b"aufs"), D(".wh..wh.orph"), E("f", b"x")])
+    tree = read_tree(Image.from_oci(docker_archive(tmp_path / "img.tar", [layer])).build().layers[0])
+    assert list(tree) == ["f"]
+    bad = layer_tar([E("a", b"file"), E("a/b", b"below a file")])  # Docker: ENOTDIR
+    with pytest.raises(ImageError, match="not a directory"):
+        Image.from_oci(docker_archive(tmp_path / "bad.tar", [bad])).build()

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from capsa._paths import cache_dir
 from capsa.errors import ConfigError, ImageError
-from capsa.image.layers import MERGE_VERSION, merge_layers, squash
+from capsa.image.layers import MERGE_VERSION, import_layers
 from capsa.image.oci import ImageConfig, open_image
 
 if TYPE_CHECKING:
@@ -222,14 +222,15 @@ def _build_oci(image: Image, progress: Progress | None) -> BuiltImage:
             started = time.monotonic()
             config = manifest.config.to_json() | {"name": image.name, "key": key}
 
-            def write(tar: tarfile.TarFile) -> None:
-                merge_layers(archive, manifest.layers, tar, ROOT_PREFIX)
+            def add_config(tar: tarfile.TarFile) -> None:
                 data = json.dumps(config).encode()
                 info = tarfile.TarInfo(IMAGE_CONFIG_NAME)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
 
-            layer = squash(write, directory / "root.sqfs")
+            layer = import_layers(
+                archive, manifest.layers, directory / "root.sqfs", ROOT_PREFIX, add_config
+            )
             log.info("imported %s in %.1fs", image.source, time.monotonic() - started)
             meta: dict[str, Any] = {
                 "key": key,

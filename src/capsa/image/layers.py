@@ -21,20 +21,23 @@ import subprocess
 import tarfile
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from capsa.errors import ImageError
-from capsa.image import tarstream
+from capsa.image import mergetree, tarstream
 from capsa.image.oci import Archive, Layer
 from capsa.image.rootfs import _require
+from capsa.image.tarheader import encode
 
 log = logging.getLogger(__name__)
 
-MERGE_VERSION = "1"  # part of every cache key: bump when the merged tree could change
+MERGE_VERSION = "2"  # part of every cache key: bump when the merged tree could change
 SQUASH_TIMEOUT = 1800.0
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
+AUFS_META = ".wh..wh."
 _CHUNK = 1 << 20
 _DIRECT = 1 << 16  # writes at least this large skip the gathering buffer
 
@@ -55,81 +58,165 @@ def _compression(raw: IO[bytes], name: str) -> str:
     return "plain"
 
 
-def _clean(name: str, what: str) -> str:
-    parts = [p for p in name.split("/") if p and p != "."]
-    if ".." in parts:
-        raise ImageError(f"{what} escapes the image root: {name!r}")
-    return "/".join(parts)
-
-
-def _ancestors(path: str) -> list[str]:
-    parts = path.split("/")
-    return ["/".join(parts[:i]) for i in range(1, len(parts))]
-
-
-class _Merge:
-    """The state of a top-down merge: what upper layers decided."""
-
-    def __init__(self) -> None:
-        self.kind: dict[str, bool] = {}  # emitted path -> is a directory
-        self.hidden: set[str] = set()  # whited out by an upper layer (with all below)
-        self.opaque: set[str] = set()  # lower layers' contents of these directories are hidden
-        # hard links (member, path, target), written last once their targets are known
-        self.links: list[tuple[tarstream.Member, str, str]] = []
-        self.files: set[str] = set()  # emitted regular files (hard-link targets)
-
-    def visible(self, path: str) -> bool:
-        if path in self.kind or path in self.hidden:
-            return False
-        for parent in _ancestors(path):
-            if parent in self.hidden or parent in self.opaque or self.kind.get(parent) is False:
-                return False
-        return True
-
-
 Write = Callable[[bytes | memoryview], None]
+Plan = tuple[frozenset[int], ...]  # per layer (as given, bottom first): the entries to skip
+_KINDS = {tarstream.REG: mergetree.FILE, tarstream.DIR: mergetree.DIR}
 _KEPT = (tarstream.REG, tarstream.DIR, tarstream.SYM, tarstream.LNK, tarstream.FIFO)
 
 
-def _apply(merge: _Merge, layer: tarstream.Reader, write: Write, name: str, prefix: str) -> None:
-    hidden: set[str] = set()
-    opaque: set[str] = set()
+def _whiteout(path: list[str]) -> tuple[str, list[str]] | None:
+    """("opaque", the directory) or ("hidden", the path) for a whiteout entry, else None."""
+    base = path[-1]
+    if not base.startswith(WHITEOUT):
+        return None
+    if base == OPAQUE:
+        return "opaque", path[:-1]
+    return "hidden", [*path[:-1], base[len(WHITEOUT) :]]
+
+
+def _skipped(path: list[str]) -> bool:
+    """The root itself, and AUFS metadata at the layer root (``.wh..wh.plnk``...): Docker skips them."""
+    return not path or (path[0].startswith(AUFS_META) and path != [OPAQUE])
+
+
+@dataclass
+class _Merge:
+    """The merge's state and output: the tree of decisions, and hard links written last (once
+    their targets are known)."""
+
+    write: Write
+    prefix: str
+    tree: mergetree.Tree = field(default_factory=mergetree.Tree)
+    links: list[tuple[tarstream.Member, str, list[str]]] = field(default_factory=list)
+
+
+def _apply(merge: _Merge, layer: tarstream.Reader, where: str, skip: frozenset[int]) -> None:
+    tree, write, prefix = merge.tree, merge.write, merge.prefix
+    hidden: list[list[str]] = []
+    opaque: list[list[str]] = []
     dropped: list[str] = []
-    for member in layer:
-        path = _clean(member.name, f"an entry of layer {name}")
-        if not path:
-            continue  # the root itself
-        folder, _, base = path.rpartition("/")
-        if base == OPAQUE:
-            opaque.add(folder)
+    for index, member in enumerate(layer):
+        path = mergetree.parts(member.name, f"an entry of {where}")
+        if _skipped(path) or index in skip:
             continue
-        if base.startswith(WHITEOUT):
-            hidden.add(f"{folder}/{base[len(WHITEOUT) :]}".lstrip("/"))
-            continue
-        if not merge.visible(path):
+        whiteout = _whiteout(path)
+        if whiteout is not None:
+            what, target = whiteout
+            if what == "opaque":
+                opaque.append(target)
+            elif target[-1]:
+                hidden.append(target)
             continue
         kind = member.type
+        if not tree.claim(path, _KINDS.get(kind, mergetree.OTHER), where):
+            continue
+        name = "/".join(path)
         if kind not in _KEPT:
-            dropped.append(path)  # device nodes (the guest's /dev is devtmpfs), unknown types
-            continue
-        merge.kind[path] = kind == tarstream.DIR
-        if kind == tarstream.LNK:
-            target = _clean(member.linkname, f"hard link /{path} in layer {name}")
-            merge.links.append((member, path, target))
-            continue
-        if kind == tarstream.REG:
-            merge.files.add(path)
-            write(tarstream.header(member, prefix + path, ""))
+            dropped.append(name)  # device nodes (the guest's /dev is devtmpfs), unknown types
+        elif kind == tarstream.LNK:
+            target = mergetree.parts(member.linkname, f"hard link /{name} in {where}")
+            merge.links.append((member, name, target))
+        elif kind == tarstream.REG:
+            write(tarstream.header(member, prefix + name, ""))
             layer.copy(member.size, write)
             write(tarstream.padding(member.size))
         else:
             link = member.linkname if kind == tarstream.SYM else ""
-            write(tarstream.header(member, prefix + path, link))
-    merge.hidden |= hidden
-    merge.opaque |= opaque
+            if len(encode(link)) >= mergetree.PATH_MAX:
+                raise ImageError(f"symlink /{name} in {where} has a target over PATH_MAX")
+            write(tarstream.header(member, prefix + name, link))
+    tree.end_layer(hidden, opaque)
     if dropped:
-        log.info("layer %s: dropped %d device nodes or special files: /%s", name, len(dropped),
+        log.info("%s: dropped %d device nodes or special files: /%s", where, len(dropped),
                  ", /".join(dropped[:5]) + (", ..." if len(dropped) > 5 else ""))  # fmt: skip
+
+
+def _read(archive: Archive, layer: Layer, use: Callable[[tarstream.Reader], None]) -> None:
+    """Run ``use`` on the layer's entries, then check the layer's digest (read to its end)."""
+    with archive.open(layer.name) as raw:
+        kind = _compression(raw, layer.name)
+        broken: tarstream.TarError | None = None
+        with tarstream.Reader(raw, kind, hash_decoded=layer.verify != "raw") as reader:
+            try:
+                use(reader)
+            except tarstream.TarError as exc:
+                broken = exc  # a digest mismatch, if any, is the better explanation
+            try:
+                actual = reader.digest()
+            except tarstream.TarError as exc:
+                broken, actual = broken or exc, layer.digest
+    if broken is not None and actual == layer.digest:
+        raise ImageError(
+            f"layer {layer.name} is not a readable tar: {broken}",
+            hint="the image is corrupt, or built to attack its importer; Docker refuses it too "
+            "unless the message names a capsa limit (docs/images.md)",
+        ) from broken
+    if actual != layer.digest:
+        raise ImageError(
+            f"layer {layer.name} does not match its digest",
+            hint=f"expected {layer.digest}, read {actual}: the archive is corrupt or altered",
+        )
+
+
+def plan_layers(archive: Archive, layers: tuple[Layer, ...]) -> Plan:
+    """For each layer, the entries a later entry of the same path replaces (Docker: the last one
+    wins): a header-only pass, needed only by images whose layers repeat a path."""
+
+    def planned(layer: Layer) -> frozenset[int]:
+        planner = mergetree.Planner(f"layer {layer.name}")
+
+        def use(reader: tarstream.Reader) -> None:
+            for index, member in enumerate(reader):
+                path = mergetree.parts(member.name, f"an entry of layer {layer.name}")
+                if not _skipped(path) and _whiteout(path) is None:
+                    planner.add(index, path, member.type == tarstream.DIR)
+
+        _read(archive, layer, use)
+        return frozenset(planner.superseded)
+
+    return tuple(planned(layer) for layer in layers)
+
+
+def merge_layers(
+    archive: Archive, layers: tuple[Layer, ...], out: tarfile.TarFile, prefix: str = "",
+    plan: Plan | None = None,
+) -> None:  # fmt: skip
+    """Write the merged tree of ``layers`` (bottom first) to ``out`` under ``prefix`` (empty, or a
+    directory name ending in ``/``), checking every digest. Without a ``plan``, a layer that repeats
+    a path raises :class:`~capsa.image.mergetree.Repeated` (see :func:`import_layers`)."""
+    merge = _Merge(_writer(out), prefix)
+    for position in reversed(range(len(layers))):
+        layer = layers[position]
+        skip = plan[position] if plan is not None else frozenset()
+        where = f"layer {layer.name}"
+        _read(archive, layer, lambda r: _apply(merge, r, where, skip))  # noqa: B023 - called here
+    for member, path, target in merge.links:
+        if merge.tree.is_file(target):
+            merge.write(tarstream.header(member, prefix + path, prefix + "/".join(target)))
+        else:
+            log.warning("dropping hard link /%s: its target /%s is not in the image",
+                        path, "/".join(target))  # fmt: skip
+
+
+def import_layers(
+    archive: Archive, layers: tuple[Layer, ...], out: Path, prefix: str,
+    extra: Callable[[tarfile.TarFile], None],
+) -> Path:  # fmt: skip
+    """Merge ``layers`` (then ``extra`` entries) into the SquashFS ``out``. Streaming needs no plan
+    unless a layer repeats a path: then the merge is redone with one (:func:`plan_layers`)."""
+
+    def write(plan: Plan | None) -> Callable[[tarfile.TarFile], None]:
+        def run(tar: tarfile.TarFile) -> None:
+            merge_layers(archive, layers, tar, prefix, plan)
+            extra(tar)
+
+        return run
+
+    try:
+        return squash(write(None), out)
+    except mergetree.Repeated as exc:
+        log.info("%s: merging again, the last entry of each path winning", exc)
+    return squash(write(plan_layers(archive, layers)), out)
 
 
 def _writer(tar: tarfile.TarFile) -> Write:
@@ -147,41 +234,6 @@ def _writer(tar: tarfile.TarFile) -> Write:
         tar.offset += len(data)
 
     return write
-
-
-def merge_layers(
-    archive: Archive, layers: tuple[Layer, ...], out: tarfile.TarFile, prefix: str = ""
-) -> None:
-    """Write the merged tree of ``layers`` (bottom first) to ``out`` under ``prefix`` (empty, or a
-    directory name ending in ``/``), checking every digest."""
-    merge = _Merge()
-    write = _writer(out)
-    for layer in reversed(layers):
-        with archive.open(layer.name) as raw:
-            kind = _compression(raw, layer.name)
-            broken: tarstream.TarError | None = None
-            with tarstream.Reader(raw, kind, hash_decoded=layer.verify != "raw") as reader:
-                try:
-                    _apply(merge, reader, write, layer.name, prefix)
-                except tarstream.TarError as exc:
-                    broken = exc  # a digest mismatch, if any, is the better explanation
-                try:
-                    actual = reader.digest()
-                except tarstream.TarError as exc:
-                    broken, actual = broken or exc, layer.digest
-        if broken is not None and actual == layer.digest:
-            raise ImageError(f"layer {layer.name} is not a readable tar: {broken}") from broken
-        if actual != layer.digest:
-            raise ImageError(
-                f"layer {layer.name} does not match its digest",
-                hint=f"expected {layer.digest}, read {actual}: the archive is corrupt or altered",
-            )
-    for member, path, target in merge.links:
-        if target in merge.files:
-            write(tarstream.header(member, prefix + path, prefix + target))
-        else:
-            log.warning("dropping hard link /%s: its target /%s is not in the image",
-                        path, target)  # fmt: skip
 
 
 def _widen(pipe: IO[bytes]) -> None:

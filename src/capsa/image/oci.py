@@ -2,8 +2,9 @@
 
 Three forms are accepted: a Docker archive (a tar with ``manifest.json``), an OCI image layout
 directory (``oci-layout`` + ``index.json`` + ``blobs/``), or that layout packed in a tar. Nothing is
-unpacked onto the host: blobs are read in place (through :mod:`tarfile` for archives), and every name
-a manifest gives is checked to stay inside the archive before it is opened.
+unpacked onto the host: blobs are read in place (an archive is indexed by capsa's own tar header
+decoder), and every name a manifest gives is checked to stay inside the archive before it is opened.
+Every field of the JSON documents is type-checked: a malformed one raises :class:`ImageError`.
 
 Every blob is checked against its digest while it is read: OCI blobs against their content address,
 Docker layers against the config's ``rootfs.diff_ids`` (digests of the uncompressed layer tars).
@@ -12,16 +13,19 @@ Docker layers against the config's ``rootfs.diff_ids`` (digests of the uncompres
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import re
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal
 
 from capsa.errors import ImageError
+from capsa.image import tarheader
 
 MAX_JSON_BYTES = 16 << 20
+MAX_ARCHIVE_MEMBERS = 100_000  # entries of the outer archive (a layout's blobs, a save's layers)
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _INDEX_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -89,38 +93,104 @@ def _clean_name(name: str, what: str) -> str:
     return "/".join(parts)
 
 
+class _Slice(io.RawIOBase):
+    """One member's data inside the archive file: a seekable reader of its bytes only."""
+
+    def __init__(self, path: Path, offset: int, size: int) -> None:
+        super().__init__()
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._offset, self._size, self._pos = offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        want = min(len(view), self._size - self._pos)
+        if want <= 0:
+            return 0
+        data = os.pread(self._fd, want, self._offset + self._pos)
+        if not data:
+            raise OSError(f"the archive ends inside a member ({self._size} bytes at {self._offset})")
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+def _index(path: Path) -> dict[str, tuple[int, int]]:
+    """The regular files of a plain tar: name -> (data offset, size), read header by header with
+    seeks over the data. capsa's own header decoder (:mod:`capsa.image.tarheader`) and not
+    :mod:`tarfile`, whose PAX parser is quadratic on Python before 3.11.10 (CVE-2024-6232)."""
+    members: dict[str, tuple[int, int]] = {}
+    with path.open("rb") as fh:
+        end = os.fstat(fh.fileno()).st_size
+
+        def block() -> bytes | None:
+            data = fh.read(tarheader.BLOCK)
+            if len(data) not in (0, tarheader.BLOCK):
+                raise tarheader.TarError("the archive ends inside a header")
+            return data or None
+
+        def meta(size: int) -> bytes:
+            data = fh.read(size + (-size % tarheader.BLOCK))
+            if len(data) < size:
+                raise tarheader.TarError("the archive ends inside an extended header")
+            return data[:size]
+
+        count = 0
+        while True:
+            member = tarheader.next_member(block, meta)
+            if member is None:
+                return members
+            count += 1
+            if count > MAX_ARCHIVE_MEMBERS:
+                raise tarheader.TarError(f"over {MAX_ARCHIVE_MEMBERS} entries: not an image")
+            offset, skip = fh.tell(), tarheader.data_size(member)
+            if offset + skip > end:
+                raise tarheader.TarError(f"the archive ends inside {member.name!r}")
+            fh.seek(skip, io.SEEK_CUR)
+            try:
+                name = _clean_name(member.name, "the archive")
+            except ImageError:
+                continue  # never looked up: a manifest naming it is refused the same way
+            if member.isreg():
+                members[name] = (offset, member.size)
+
+
 class Archive:
     """Read-only access to the files of an image archive (a tar) or layout (a directory)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._tar: tarfile.TarFile | None = None
-        self._members: dict[str, tarfile.TarInfo] = {}
+        self._members: dict[str, tuple[int, int]] | None = None
         if path.is_dir():
             return
         try:
-            self._tar = tarfile.open(path, "r:")  # noqa: SIM115 - closed by close()
-        except (OSError, tarfile.TarError) as exc:
+            self._members = _index(path)
+        except (OSError, tarheader.TarError) as exc:
             raise ImageError(
                 f"cannot read the image archive {path}: {exc}",
                 hint="give a `docker save` / `podman save` tar, an OCI layout directory or its tar",
             ) from exc
-        try:
-            for member in self._tar.getmembers():
-                try:
-                    name = _clean_name(member.name, "the archive")
-                except ImageError:
-                    continue  # never looked up: a manifest naming it is refused the same way
-                if member.isfile():
-                    self._members[name] = member
-        except (OSError, tarfile.TarError) as exc:
-            self.close()
-            raise ImageError(f"the image archive {path} is not a readable tar: {exc}") from exc
 
     def close(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
+        """Nothing stays open between :meth:`open` calls (kept for the context manager)."""
 
     def __enter__(self) -> Archive:
         return self
@@ -130,7 +200,7 @@ class Archive:
 
     def has(self, name: str) -> bool:
         name = _clean_name(name, "the image")
-        if self._tar is None:
+        if self._members is None:
             return self._dir_path(name).is_file()
         return name in self._members
 
@@ -144,19 +214,24 @@ class Archive:
     def open(self, name: str) -> IO[bytes]:
         """A seekable reader of file ``name``; ImageError if the image lacks it."""
         clean = _clean_name(name, "the image")
-        if self._tar is None:
+        if self._members is None:
             try:
                 return self._dir_path(clean).open("rb")
             except OSError as exc:
-                raise ImageError(f"the image {self.path} has no readable {name!r}: {exc}") from exc
+                raise ImageError(
+                    f"the image {self.path} has no readable {name!r}: {exc}",
+                    hint="the layout is incomplete or not an image",
+                ) from exc
         member = self._members.get(clean)
-        reader = self._tar.extractfile(member) if member is not None else None
-        if reader is None:
+        if member is None:
             raise ImageError(
                 f"the image {self.path} has no file {name!r}",
                 hint="the archive is incomplete or not an image",
             )
-        return reader
+        try:
+            return io.BufferedReader(_Slice(self.path, *member), 1 << 16)
+        except OSError as exc:
+            raise ImageError(f"cannot read the image archive {self.path}: {exc}") from exc
 
     def read_json(self, name: str, digest: str | None = None) -> Any:
         with self.open(name) as fh:
@@ -177,94 +252,123 @@ def _blob(digest: Any, what: str) -> str:
     return "blobs/sha256/" + digest.removeprefix("sha256:")
 
 
+_MALFORMED = "the image is malformed: re-export it (`docker save`, `skopeo copy ... oci:DIR`)"
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ImageError(f"{what} is not a JSON object", hint=_MALFORMED)
+    return value
+
+
+def _list(value: Any, what: str, *, optional: bool = False) -> list[Any]:
+    if value is None and optional:
+        return []
+    if not isinstance(value, list):
+        raise ImageError(f"{what} is not a JSON list", hint=_MALFORMED)
+    return value
+
+
+def _strings(value: Any, what: str) -> tuple[str, ...]:
+    """A list of strings (or null: none), as Docker's config fields ``Cmd``, ``Entrypoint``..."""
+    items = _list(value, what, optional=True)
+    if not all(isinstance(item, str) for item in items):
+        raise ImageError(f"{what} is not a list of strings", hint=_MALFORMED)
+    return tuple(items)
+
+
+def _string(value: Any, what: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ImageError(f"{what} is not a string", hint=_MALFORMED)
+    return value or None
+
+
 def _config(data: Any) -> ImageConfig:
-    if not isinstance(data, dict):
-        raise ImageError("the image config is not a JSON object")
-    inner = data.get("config") or {}
-    if not isinstance(inner, dict):
-        raise ImageError("the image config's 'config' is not a JSON object")
+    inner = _object(_object(data, "the image config").get("config") or {}, "the config's 'config'")
     env: list[tuple[str, str]] = []
-    for item in inner.get("Env") or []:
-        if isinstance(item, str) and "=" in item:
+    for item in _strings(inner.get("Env"), "the config's Env"):
+        if "=" in item:
             key, _, value = item.partition("=")
             env.append((key, value))
-
-    def strings(value: Any) -> tuple[str, ...]:
-        return tuple(str(v) for v in value) if isinstance(value, list) else ()
-
     return ImageConfig(
         env=tuple(env),
-        workdir=inner.get("WorkingDir") or None,
-        user=inner.get("User") or None,
-        entrypoint=strings(inner.get("Entrypoint")),
-        cmd=strings(inner.get("Cmd")),
+        workdir=_string(inner.get("WorkingDir"), "the config's WorkingDir"),
+        user=_string(inner.get("User"), "the config's User"),
+        entrypoint=_strings(inner.get("Entrypoint"), "the config's Entrypoint"),
+        cmd=_strings(inner.get("Cmd"), "the config's Cmd"),
     )
 
 
 def _docker(archive: Archive) -> ImageManifest:
-    entries = archive.read_json("manifest.json")
-    if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict):
-        raise ImageError(f"manifest.json in {archive.path} lists no image")
-    entry = entries[0]
+    entries = _list(archive.read_json("manifest.json"), "manifest.json")
+    if not entries:
+        raise ImageError(f"manifest.json in {archive.path} lists no image", hint=_MALFORMED)
+    entry = _object(entries[0], "the image in manifest.json")
     config_name = entry.get("Config")
-    layer_names = entry.get("Layers")
-    if not isinstance(config_name, str) or not isinstance(layer_names, list):
-        raise ImageError(f"manifest.json in {archive.path} lacks Config or Layers")
+    if not isinstance(config_name, str):
+        raise ImageError(f"manifest.json in {archive.path} lacks Config", hint=_MALFORMED)
+    layer_names = _strings(entry.get("Layers"), "the Layers of manifest.json")
     with archive.open(config_name) as fh:
         raw = fh.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise ImageError(f"the image config {config_name!r} is too large", hint=_MALFORMED)
     try:
         config = json.loads(raw)
-        diff_ids = config["rootfs"]["diff_ids"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ImageError(f"the image config {config_name!r} has no rootfs.diff_ids") from exc
-    if not isinstance(diff_ids, list) or len(diff_ids) != len(layer_names):
+    except ValueError as exc:
+        raise ImageError(f"the image config {config_name!r} is not JSON: {exc}") from exc
+    rootfs = _object(_object(config, "the image config").get("rootfs"), "the config's rootfs")
+    diff_ids = _list(rootfs.get("diff_ids"), "the config's rootfs.diff_ids")
+    if len(diff_ids) != len(layer_names):
         raise ImageError(
-            f"the image config lists {len(diff_ids)} layer digests for {len(layer_names)} layers"
+            f"the image config lists {len(diff_ids)} layer digests for {len(layer_names)} layers",
+            hint=_MALFORMED,
         )
     layers = []
     for name, digest in zip(layer_names, diff_ids, strict=True):
         _blob(digest, f"layer {name!r}")
-        layers.append(Layer(_clean_name(str(name), "manifest.json"), digest, "uncompressed"))
-    tags = tuple(str(t) for t in entry.get("RepoTags") or [])
+        layers.append(Layer(_clean_name(name, "manifest.json"), digest, "uncompressed"))
+    tags = _strings(entry.get("RepoTags"), "the RepoTags of manifest.json")
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     return ImageManifest("docker", tuple(layers), _config(config), digest, tags)
 
 
+def _descriptor(value: Any, what: str) -> tuple[str, str]:
+    """An OCI descriptor's digest and the name of its blob."""
+    digest = _object(value, what).get("digest")
+    name = _blob(digest, what)
+    return str(digest), name
+
+
 def _pick(manifests: Any) -> dict[str, Any]:
-    if not isinstance(manifests, list) or not manifests:
-        raise ImageError("the image index lists no manifest")
-    for item in manifests:
-        platform = item.get("platform") if isinstance(item, dict) else None
+    items = [_object(m, "a manifest entry of the image index") for m in _list(manifests, "the index")]
+    if not items:
+        raise ImageError("the image index lists no manifest", hint=_MALFORMED)
+    for item in items:
+        platform = item.get("platform")
         if isinstance(platform, dict) and platform.get("architecture") == "amd64":
-            picked: dict[str, Any] = item
-            return picked
-    first = manifests[0]
-    if not isinstance(first, dict):
-        raise ImageError("the image index has a malformed manifest entry")
-    return first
+            return item
+    return items[0]
 
 
 def _oci(archive: Archive) -> ImageManifest:
-    descriptor = _pick(archive.read_json("index.json").get("manifests"))
+    index = _object(archive.read_json("index.json"), "index.json")
+    descriptor = _pick(index.get("manifests"))
     for _ in range(4):  # nested indexes (multi-platform images)
-        name = _blob(descriptor.get("digest"), "the image index")
-        manifest = archive.read_json(name, descriptor["digest"])
-        if not isinstance(manifest, dict):
-            raise ImageError("the image manifest is not a JSON object")
+        digest, name = _descriptor(descriptor, "the image index")
+        manifest = _object(archive.read_json(name, digest), "the image manifest")
         if manifest.get("mediaType") in _INDEX_TYPES or "manifests" in manifest:
             descriptor = _pick(manifest.get("manifests"))
             continue
         break
     else:
-        raise ImageError("the image index nests too deeply")
-    config_desc = manifest.get("config") or {}
-    config = archive.read_json(_blob(config_desc.get("digest"), "the config"), config_desc["digest"])
+        raise ImageError("the image index nests too deeply", hint=_MALFORMED)
+    config_digest, config_name = _descriptor(manifest.get("config"), "the manifest's config")
+    config = archive.read_json(config_name, config_digest)
     layers = []
-    for item in manifest.get("layers") or []:
-        if not isinstance(item, dict):
-            raise ImageError("the image manifest has a malformed layer entry")
-        layers.append(Layer(_blob(item.get("digest"), "a layer"), item["digest"], "raw"))
-    return ImageManifest("oci", tuple(layers), _config(config), descriptor["digest"])
+    for item in _list(manifest.get("layers"), "the manifest's layers", optional=True):
+        layer_digest, layer_name = _descriptor(item, "a layer of the manifest")
+        layers.append(Layer(layer_name, layer_digest, "raw"))
+    return ImageManifest("oci", tuple(layers), _config(config), digest)
 
 
 def open_image(path: str | Path) -> tuple[Archive, ImageManifest]:

@@ -5,10 +5,11 @@ header into a ``TarInfo``, re-encodes it through the PAX machinery and copies da
 This module does only what the merge needs: it reads the layer in 1 MiB chunks (decompressing and
 hashing them on a second thread: ``zlib`` (or ISA-L's, faster, when the ``isal`` package is
 installed), ``lzma`` and ``hashlib`` release the GIL), decodes the
-ustar / GNU / PAX header fields the merge keeps, and writes plain ustar headers (PAX only for long
-names, large numbers and extended attributes) with the file data passed through as memoryviews.
+ustar / GNU / PAX header fields the merge keeps (:mod:`capsa.image.tarheader`, with Go's rules and
+bounds), and writes plain ustar headers (PAX only for long names, large numbers and extended
+attributes) with the file data passed through as memoryviews.
 
-Header checksums are checked; a truncated entry, a bad header or a corrupt compressed stream raises
+A truncated entry, a bad header, a limit broken or a corrupt compressed stream raises
 :class:`TarError`, which the caller turns into an :class:`~capsa.errors.ImageError`.
 """
 
@@ -17,12 +18,30 @@ from __future__ import annotations
 import hashlib
 import lzma
 import queue
-import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import IO, Any
+
+from capsa.image.tarheader import (
+    BLOCK,
+    DIR,
+    FIFO,
+    LNK,
+    MAX_META,
+    REG,
+    SYM,
+    Member,
+    TarError,
+    data_size,
+    encode,
+    next_member,
+)
+
+__all__ = [
+    "BLOCK", "CHUNK", "DIR", "FIFO", "LNK", "MAX_META", "REG", "SYM", "Member", "Reader", "TarError",
+    "header", "padding",
+]  # fmt: skip
 
 _inflate: Any
 try:  # ISA-L inflates about twice as fast as zlib (the `images` extra); the same API
@@ -30,70 +49,14 @@ try:  # ISA-L inflates about twice as fast as zlib (the `images` extra); the sam
 except ImportError:  # pragma: no cover - depends on the install
     _inflate = zlib
 
-BLOCK = 512
 CHUNK = 1 << 20
-MAX_META = 1 << 20  # a PAX or GNU long-name header's data: names and xattrs, never file data
-_ZERO = bytes(BLOCK)
 _QUEUE_CHUNKS = 8  # decoded chunks read ahead (memory bound: 8 MiB, plus decompression bursts)
 _TIMEOUT = 600.0  # the reader thread never waits longer than this for the merge to take a chunk
-
-REG, LNK, SYM, CHR, BLK, DIR, FIFO = b"0", b"1", b"2", b"3", b"4", b"5", b"6"
-_REGULAR = (b"0", b"\0", b"7")  # regular, old-style regular, contiguous
-_BUILTIN = (b"0", b"\0", b"7", b"1", b"2", b"3", b"4", b"5", b"6")
-_PAX_TYPES = (b"x", b"g", b"X")
-_GNU_LONG = (b"L", b"K")
-_GNU_SPARSE = b"S"
-
-
-class TarError(Exception):
-    """The layer is not a readable tar (or its compression is corrupt)."""
 
 
 _READ_ERRORS: tuple[type[Exception], ...] = (
     zlib.error, _inflate.error, lzma.LZMAError, EOFError, OSError, TarError,
 )  # fmt: skip
-
-
-@dataclass
-class Member:
-    """The fields of one tar entry the merge uses (``type`` is normalised: regular is ``b"0"``)."""
-
-    name: str
-    type: bytes
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    mtime: int
-    linkname: str
-    xattrs: dict[str, bytes] = field(default_factory=dict)  # PAX keys kept verbatim
-
-    def isreg(self) -> bool:
-        return self.type == REG
-
-
-def _decode(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape")
-
-
-def _nts(raw: bytes) -> bytes:
-    end = raw.find(b"\0")
-    return raw if end < 0 else raw[:end]
-
-
-def _number(raw: bytes) -> int:
-    try:
-        return int(raw.partition(b"\0")[0] or b"0", 8)  # the common case: octal, NUL-terminated
-    except ValueError:
-        pass
-    if raw[:1] in (b"\x80", b"\xff"):  # GNU base-256
-        value = int.from_bytes(raw[1:], "big")
-        return value - (256 ** (len(raw) - 1)) if raw[:1] == b"\xff" else value
-    text = _nts(raw).strip(b" ")
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise TarError(f"invalid number field {raw!r}") from None
 
 
 class _Chunks:
@@ -214,7 +177,6 @@ class Reader:
         self._buf = b""
         self._pos = 0
         self._pending = 0  # data (with padding) of the last member not yet read or skipped
-        self._global: dict[str, bytes] = {}
 
     def close(self) -> None:
         self._chunks.close()
@@ -277,11 +239,15 @@ class Reader:
             self._pos += step
             size -= step
 
-    def _block(self, size: int) -> bytes:
-        if size > MAX_META:
-            raise TarError(f"a {size}-byte extended header (over {MAX_META}): not a sane layer")
-        data = self._take(size + (-size % BLOCK))
-        return data[:size]
+    def _header(self) -> bytes | None:
+        if not self._fill(BLOCK):
+            if len(self._buf) - self._pos:
+                raise TarError("unexpected end of data")
+            return None  # the end of the input
+        return self._take(BLOCK)
+
+    def _meta(self, size: int) -> bytes:
+        return self._take(size + (-size % BLOCK))[:size]
 
     def __iter__(self) -> Iterator[Member]:
         return self
@@ -290,121 +256,11 @@ class Reader:
         if self._pending:
             self.skip(self._pending)
             self._pending = 0
-        pax: dict[str, bytes] = {}
-        long_name: bytes | None = None
-        long_link: bytes | None = None
-        while True:
-            if not self._fill(BLOCK):
-                if len(self._buf) - self._pos:
-                    raise TarError("unexpected end of data")
-                raise StopIteration  # a tar without its end-of-archive blocks
-            header = self._take(BLOCK)
-            if header == _ZERO:
-                raise StopIteration
-            member = _parse(header)
-            kind = member.type
-            if kind in _PAX_TYPES:
-                records = _pax(self._block(member.size))
-                if kind == b"g":
-                    self._global.update(records)
-                else:
-                    pax.update(records)
-                continue
-            if kind in _GNU_LONG:
-                value = _nts(self._block(member.size))
-                if kind == b"L":
-                    long_name = value
-                else:
-                    long_link = value
-                continue
-            if kind == _GNU_SPARSE or any(k.startswith("GNU.sparse.") for k in pax):
-                raise TarError(f"sparse file {member.name!r}: not supported in image layers")
-            if long_name is not None:
-                member.name = _decode(long_name)
-            if long_link is not None:
-                member.linkname = _decode(long_link)
-            _apply_pax(member, {**self._global, **pax})
-            if member.type in _REGULAR:
-                if member.type == b"\0" and member.name.endswith("/"):
-                    member.type = DIR
-                else:
-                    member.type = REG
-            if member.type == REG or member.type not in _BUILTIN:
-                self._pending = member.size + (-member.size % BLOCK)
-            return member
-
-
-_FIELDS = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
-
-
-def _parse(header: bytes) -> Member:
-    (name, mode, uid, gid, size, mtime, chksum, kind, link, magic, _, _, _, _, _, prefix) = (
-        _FIELDS.unpack(header)
-    )
-    stored = _number(chksum)
-    computed = sum(header) - sum(chksum) + 256
-    if stored != computed:
-        high = sum(1 for b in header[:148] + header[156:] if b > 127)
-        if stored != computed - 256 * high:  # old tars summed signed chars
-            raise TarError("invalid header (bad checksum)")
-    name = _nts(name)
-    if magic == b"ustar\0" and prefix[0]:  # POSIX: a prefix extends the name (GNU uses the field)
-        name = _nts(prefix) + b"/" + name
-    return Member(
-        name=_decode(name),
-        type=kind,
-        mode=_number(mode),
-        uid=_number(uid),
-        gid=_number(gid),
-        size=_number(size),
-        mtime=_number(mtime),
-        linkname=_decode(_nts(link)),
-    )
-
-
-def _pax(data: bytes) -> dict[str, bytes]:
-    records: dict[str, bytes] = {}
-    pos = 0
-    while pos < len(data) and data[pos] != 0:
-        space = data.find(b" ", pos)
-        if space < 0:
-            raise TarError("invalid PAX header")
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise TarError("invalid PAX header") from None
-        end = pos + length
-        if length <= 0 or end > len(data) or data[end - 1 : end] != b"\n":
-            raise TarError("invalid PAX header")
-        key, sep, value = data[space + 1 : end - 1].partition(b"=")
-        if not sep:
-            raise TarError("invalid PAX header")
-        records[_decode(key)] = value
-        pos = end
-    return records
-
-
-def _apply_pax(member: Member, pax: dict[str, bytes]) -> None:
-    for key, value in pax.items():
-        try:
-            if key == "path":
-                member.name = _decode(value)
-            elif key == "linkpath":
-                member.linkname = _decode(value)
-            elif key == "size":
-                member.size = int(value)
-            elif key == "uid":
-                member.uid = int(value)
-            elif key == "gid":
-                member.gid = int(value)
-            elif key == "mtime":
-                member.mtime = int(float(value))
-            elif key.startswith(("SCHILY.xattr.", "LIBARCHIVE.xattr.")):
-                member.xattrs[key] = value
-        except ValueError:
-            raise TarError(f"invalid PAX value {key}={value!r}") from None
-    if member.size < 0:
-        raise TarError(f"negative size for {member.name!r}")
+        member = next_member(self._header, self._meta)
+        if member is None:
+            raise StopIteration
+        self._pending = data_size(member)
+        return member
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -422,7 +278,7 @@ def _ustar(name: bytes, kind: bytes, *, mode: int = 0o644, uid: int = 0, gid: in
 
 
 def _record(key: str, value: bytes) -> bytes:
-    body = b" " + key.encode() + b"=" + value + b"\n"
+    body = b" " + encode(key) + b"=" + value + b"\n"
     length = len(body) + 1
     while len(str(length)) + len(body) != length:
         length = len(str(length)) + len(body)
@@ -431,8 +287,8 @@ def _record(key: str, value: bytes) -> bytes:
 
 def header(member: Member, name: str, linkname: str) -> bytes:
     """The ustar header of ``member`` as ``name`` (``linkname``), PAX-extended when needed."""
-    raw_name = name.encode("utf-8", "surrogateescape")
-    raw_link = linkname.encode("utf-8", "surrogateescape")
+    raw_name = encode(name)
+    raw_link = encode(linkname)
     pax: list[bytes] = []
     if len(raw_name) > 100:
         pax.append(_record("path", raw_name))
