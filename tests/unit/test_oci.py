@@ -574,3 +574,14 @@ def test_aufs_metadata_is_skipped_and_a_file_cannot_be_a_parent(tmp_path: Path) 
     bad = layer_tar([E("a", b"file"), E("a/b", b"below a file")])  # Docker: ENOTDIR
     with pytest.raises(ImageError, match="not a directory"):
         Image.from_oci(docker_archive(tmp_path / "bad.tar", [bad])).build()
+
+
+def test_lower_file_under_an_upper_directory_is_hidden(tmp_path: Path) -> None:
+    """The upper layer has ``a/b`` (so ``a`` is its directory), the lower one a file ``a``: the
+    directory wins, as in overlayfs (tar2sqfs refused the file over the directory before)."""
+    lower = layer_tar([E("a", b"lower file")])
+    upper = layer_tar([E("a/b", b"upper")])
+    tree = read_tree(
+        Image.from_oci(docker_archive(tmp_path / "img.tar", [lower, upper])).build().layers[0]
+    )
+    assert tree["a/b"][4] == b"upper" and tree["a"][0] == "d"

@@ -90,8 +90,13 @@ class _Merge:
     links: list[tuple[tarstream.Member, str, list[str]]] = field(default_factory=list)
 
 
-def _apply(merge: _Merge, layer: tarstream.Reader, where: str, skip: frozenset[int]) -> None:
+def _apply(merge: _Merge, layer: tarstream.Reader, where: str, skip: frozenset[int] | None) -> None:
+    """Stream the layer's visible entries. Without a plan (``skip``), replay the layer as Docker
+    would on the side, and stop (:class:`~capsa.image.mergetree.Repeated`) at the first entry that
+    replaces an earlier one: what was streamed is then wrong, whether it was visible or not."""
     tree, write, prefix = merge.tree, merge.write, merge.prefix
+    planner = mergetree.Planner(where) if skip is None else None
+    skip = skip or frozenset()
     hidden: list[list[str]] = []
     opaque: list[list[str]] = []
     dropped: list[str] = []
@@ -108,6 +113,10 @@ def _apply(merge: _Merge, layer: tarstream.Reader, where: str, skip: frozenset[i
                 hidden.append(target)
             continue
         kind = member.type
+        if planner is not None:
+            planner.add(index, path, kind == tarstream.DIR)
+            if planner.superseded:
+                raise mergetree.Repeated(f"{where} replaces an earlier entry with /{'/'.join(path)}")
         if not tree.claim(path, _KINDS.get(kind, mergetree.OTHER), where):
             continue
         name = "/".join(path)
@@ -187,7 +196,7 @@ def merge_layers(
     merge = _Merge(_writer(out), prefix)
     for position in reversed(range(len(layers))):
         layer = layers[position]
-        skip = plan[position] if plan is not None else frozenset()
+        skip = plan[position] if plan is not None else None
         where = f"layer {layer.name}"
         _read(archive, layer, lambda r: _apply(merge, r, where, skip))  # noqa: B023 - called here
     for member, path, target in merge.links:

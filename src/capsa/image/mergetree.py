@@ -69,6 +69,7 @@ class Tree:
         self.root = _Node(-1)
         self.layer = 0  # the layer being applied: 0 is the top one
         self.nodes = 1
+        self._cut: list[_Node] = []  # directories above that this layer has as a non-directory
 
     def _child(self, node: _Node, name: str) -> _Node:
         children = node.children
@@ -117,6 +118,8 @@ class Tree:
         elif child.flags & _ENTRY or (kind != DIR and child.children):
             if child.layer == layer:
                 raise Repeated(f"{where} has more than one entry for /{'/'.join(path)}")
+            if kind != DIR and not child.flags & OTHER:
+                self._cut.append(child)  # hidden, yet it hides the lower layers' tree below it
             return False  # an upper layer's entry, or its directory (it has entries below)
         for parent in parents:  # directories no layer had an entry for: entries below them now
             parent.layer = layer
@@ -138,6 +141,9 @@ class Tree:
             for name in path:
                 node = self._child(node, name)
             node.flags |= flag
+        for node in self._cut:  # overlayfs looks no further down than a non-directory
+            node.flags |= _OPAQUE
+        self._cut.clear()
         self.layer += 1
 
 
@@ -162,22 +168,21 @@ class Planner:
 
     def add(self, index: int, path: list[str], is_dir: bool) -> None:
         node = self.root
-        for name in path[:-1]:
+        for name in path:
             if node.index >= 0 and not node.is_dir:
                 raise ImageError(f"{self.where}: a parent of /{'/'.join(path)} is not a directory")
-            children = node.children if node.children is not None else {}
-            node.children = children
-            node = children.setdefault(name, _Slot())
-        if node.index >= 0 and not node.is_dir:
-            raise ImageError(f"{self.where}: a parent of /{'/'.join(path)} is not a directory")
-        children = node.children if node.children is not None else {}
-        node.children = children
-        slot = children.setdefault(path[-1], _Slot())
-        if slot.index >= 0:
-            self.superseded.add(slot.index)
-        if not (is_dir and (slot.is_dir or slot.index < 0)):  # RemoveAll(path) in Docker
-            self._drop_below(slot)
-        slot.index, slot.is_dir = index, is_dir
+            children = node.children
+            if children is None:
+                children = node.children = {}
+            child = children.get(name)
+            if child is None:
+                child = children[name] = _Slot()
+            node = child
+        if node.index >= 0:
+            self.superseded.add(node.index)
+        if not (is_dir and (node.is_dir or node.index < 0)):  # RemoveAll(path) in Docker
+            self._drop_below(node)
+        node.index, node.is_dir = index, is_dir
 
     def _drop_below(self, slot: _Slot) -> None:
         stack = list(slot.children.values()) if slot.children else []

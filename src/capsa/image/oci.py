@@ -112,12 +112,11 @@ class _Slice(io.RawIOBase):
         want = min(len(view), self._size - self._pos)
         if want <= 0:
             return 0
-        data = os.pread(self._fd, want, self._offset + self._pos)
-        if not data:
+        got = os.preadv(self._fd, [view[:want]], self._offset + self._pos)
+        if not got:
             raise OSError(f"the archive ends inside a member ({self._size} bytes at {self._offset})")
-        view[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
+        self._pos += got
+        return got
 
     def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]

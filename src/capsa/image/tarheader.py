@@ -82,6 +82,12 @@ def _nts(raw: bytes) -> bytes:
 
 def number(raw: bytes) -> int:
     """A numeric header field: octal (NUL / space padded) or GNU base-256, within 64 bits."""
+    text = raw.partition(b"\0")[0]
+    if text.isdigit():  # the common case (int() alone would take a sign, "_" or spaces)
+        try:
+            return int(text, 8)
+        except ValueError:
+            raise TarError(f"invalid number field {raw!r}") from None
     if raw[0] & 0x80:  # base-256: the bits after the first are a two's complement number
         bits = 8 * len(raw) - 1
         value = int.from_bytes(raw, "big") & ((1 << bits) - 1)
@@ -90,10 +96,10 @@ def number(raw: bytes) -> int:
         if not -_INT64 <= value < _INT64:
             raise TarError(f"a number field over 64 bits: {raw!r}")
         return value
-    text = _nts(raw.strip(b" \0"))
+    text = _nts(raw.strip(b" \0"))  # Go trims NULs and spaces around the digits
     if not text:
         return 0
-    if not text.isdigit():  # int() would take a sign, underscores or spaces
+    if not text.isdigit():
         raise TarError(f"invalid number field {raw!r}")
     try:
         return int(text, 8)
@@ -211,8 +217,6 @@ def _check(member: Member) -> None:
         raise TarError(f"negative size for {member.name!r}")
     if not (0 <= member.uid <= MAX_ID and 0 <= member.gid <= MAX_ID):
         raise TarError(f"uid/gid {member.uid}/{member.gid} of {member.name!r} out of range")
-    if b"\0" in encode(member.name) or b"\0" in encode(member.linkname):
-        raise TarError(f"a name with a NUL byte: {member.name!r}")
 
 
 Block = Callable[[], "bytes | None"]  # the next 512-byte block; None at a clean end of the input
@@ -252,7 +256,7 @@ def next_member(block: Block, meta: Meta) -> Member | None:
             else:
                 long_link = _nts(data)
             continue
-        if kind == _GNU_SPARSE or any(k.startswith(b"GNU.sparse.") for k in pax):
+        if kind == _GNU_SPARSE or (pax and any(k.startswith(b"GNU.sparse.") for k in pax)):
             raise TarError(f"sparse file {member.name!r}: not supported in image layers")
         if long_name is not None:
             member.name = _name(long_name, "path")
