@@ -1,16 +1,22 @@
 """Merge container image layers into one tar stream and squash it, without unpacking anything.
 
-Layers are read top (newest) first, so each path is decided once: the first layer that has it wins,
-a whiteout ``.wh.<name>`` hides ``<name>`` (and all below it) in the layers under it, and an opaque
-marker ``.wh..wh..opq`` hides everything the lower layers have inside its directory. A non-directory
-in an upper layer also hides what lower layers have below that path. The winning entries stream, in
-the order they are read, into ``tar2sqfs`` (which accepts children before parents and hard links
-before their targets), keeping modes, set-uid bits, ownership and extended attributes.
+The result is what Docker (overlay2) shows for the image. Layers are read top (newest) first, so each
+path is decided once (:mod:`capsa.image.mergetree`): an upper layer's entry wins, a whiteout
+``.wh.<name>`` hides ``<name>`` (and all below it) in the layers under it, an opaque marker
+``.wh..wh..opq`` hides everything the lower layers have inside its directory (at the layer root:
+every lower layer), and a non-directory hides what lower layers have below its path. Within a layer
+the last entry of a path wins, as Docker applies entries in order: the first merge replays each
+layer's headers beside it (:class:`~capsa.image.mergetree.Planner`) and stops at the first entry
+that replaces another; :func:`import_layers` then plans every layer and merges again, skipping the
+replaced entries. The winning entries stream, in the order they are read, into ``tar2sqfs`` (which
+accepts children before parents and hard links before their targets), keeping modes, set-uid bits,
+ownership and extended attributes.
 
-Hostile entries: a name or hard-link target with ``..`` (or nothing left after normalising) raises
-:class:`ImageError`; device nodes are dropped (the guest's ``/dev`` is devtmpfs); symlinks are kept
-verbatim, since they are data inside the image: they are resolved inside the image's own root in the
-guest, never on the host, where nothing is unpacked.
+Hostile entries: a name or hard-link target with ``..``, or a path over ``PATH_MAX`` / ``NAME_MAX``
+raises :class:`ImageError` (so does what :mod:`capsa.image.tarheader` refuses); device nodes are
+dropped (the guest's ``/dev`` is devtmpfs); symlinks are kept verbatim, since they are data inside
+the image: they are resolved inside the image's own root in the guest, never on the host, where
+nothing is unpacked.
 """
 
 from __future__ import annotations

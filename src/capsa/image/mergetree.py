@@ -8,9 +8,10 @@ was quadratic in the depth (a 1 MiB ``d/d/d/...`` PAX path took gigabytes).
 
 Within one layer, Docker applies entries in order and a later entry replaces an earlier one of the
 same path (a directory replacing a directory only updates its metadata; anything else removes the
-earlier entry and everything under it). The merge streams entries as it reads them, so when a layer
-repeats a path, :meth:`Tree.claim` raises :class:`Repeated` and the caller redoes the merge with a
-:func:`plan` of the entries each layer supersedes (a header-only pass), skipping those.
+earlier entry and everything the layer put under it). The merge streams entries as it reads them, so
+a :class:`Planner` replays each layer beside it; when an entry replaces another, the merge stops
+(:class:`Repeated`) and is redone with the entries each layer replaces (a header-only pass of the
+planner over every layer), skipping those.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ _ENTRY = DIR | OTHER
 
 
 class Repeated(ImageError):
-    """A layer has two entries for one path: the merge must be planned (see :func:`plan`)."""
+    """A layer has an entry replacing another: the merge must be planned (:class:`Planner`)."""
 
 
 class _Node:
@@ -148,7 +149,7 @@ class Tree:
 
 
 class _Slot:
-    """A path of one layer in :func:`plan`: the entry now there (``index``, -1: none)."""
+    """A path of one layer in a :class:`Planner`: the entry now there (``index``, -1: none)."""
 
     __slots__ = ("children", "index", "is_dir")
 
