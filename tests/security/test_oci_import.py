@@ -184,6 +184,16 @@ def test_outer_archive_entry_count_is_bounded(tmp_path: Path, monkeypatch: pytes
         Image.from_oci(tmp_path / "many.tar").build()
 
 
+@pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden-by-upper-layer"])
+def test_merge_state_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hidden: bool) -> None:
+    """Attack: millions of tiny entries (512 bytes each in the layer) to grow the merge's memory,
+    visible ones or ones an upper layer hides (still replayed to find repeated paths)."""
+    monkeypatch.setattr("capsa.image.mergetree.MAX_NODES", 40)
+    many = b"".join(entry(b"d%d/f" % i, b"x") for i in range(30)) + END
+    upper = [layer_tar([E(".wh..wh..opq")])] if hidden else []
+    refused(tmp_path, many, *upper, match="over 40 paths")
+
+
 # -- malformed headers: ImageError, never a traceback ---------------------------------------------
 
 

@@ -585,3 +585,14 @@ def test_lower_file_under_an_upper_directory_is_hidden(tmp_path: Path) -> None:
         Image.from_oci(docker_archive(tmp_path / "img.tar", [lower, upper])).build().layers[0]
     )
     assert tree["a/b"][4] == b"upper" and tree["a"][0] == "d"
+
+
+def test_opaque_marker_alone_makes_its_directory_hide_a_lower_file(tmp_path: Path) -> None:
+    """``d/.wh..wh..opq`` without a ``d`` entry: the layer still has ``d`` as a directory (Docker
+    creates it), so a lower file ``d`` is hidden, not shown under it."""
+    lower = layer_tar([E("d", b"lower file"), E("kept", b"k")])
+    upper = layer_tar([E("d/.wh..wh..opq")])
+    tree = read_tree(
+        Image.from_oci(docker_archive(tmp_path / "img.tar", [lower, upper])).build().layers[0]
+    )
+    assert "d" not in tree and tree["kept"][4] == b"k"

@@ -25,6 +25,7 @@ MAX_NODES = 4_000_000  # paths in one image (entries and their parents): about 1
 
 DIR, OTHER, FILE = 1, 2, 2 | 4  # the kinds of entry :meth:`Tree.claim` takes (a file is an OTHER)
 _HIDDEN, _OPAQUE = 8, 16
+_TOO_MANY = "capsa refuses larger trees to bound the memory an import takes"
 _ENTRY = DIR | OTHER
 
 
@@ -80,10 +81,7 @@ class Tree:
         if child is None:
             self.nodes += 1
             if self.nodes > MAX_NODES:
-                raise ImageError(
-                    f"the image has over {MAX_NODES} paths",
-                    hint="capsa refuses larger trees to bound the memory an import takes",
-                )
+                raise ImageError(f"the image has over {MAX_NODES} paths", hint=_TOO_MANY)
             child = children[name] = _Node(self.layer)
         return child
 
@@ -116,12 +114,12 @@ class Tree:
             child = self._child(node, path[-1])
         elif child.flags & _HIDDEN:
             return False
-        elif child.flags & _ENTRY or (kind != DIR and child.children):
+        elif child.flags & _ENTRY or (kind != DIR and (child.children or child.flags & _OPAQUE)):
             if child.layer == layer:
                 raise Repeated(f"{where} has more than one entry for /{'/'.join(path)}")
             if kind != DIR and not child.flags & OTHER:
                 self._cut.append(child)  # hidden, yet it hides the lower layers' tree below it
-            return False  # an upper layer's entry, or its directory (it has entries below)
+            return False  # an upper layer's entry, or its directory (entries or an opaque marker below)
         for parent in parents:  # directories no layer had an entry for: entries below them now
             parent.layer = layer
         child.flags |= kind
@@ -166,6 +164,7 @@ class Planner:
         self.root = _Slot()
         self.superseded: set[int] = set()
         self.where = where
+        self.slots = 1
 
     def add(self, index: int, path: list[str], is_dir: bool) -> None:
         node = self.root
@@ -177,6 +176,9 @@ class Planner:
                 children = node.children = {}
             child = children.get(name)
             if child is None:
+                self.slots += 1
+                if self.slots > MAX_NODES:
+                    raise ImageError(f"{self.where} has over {MAX_NODES} paths", hint=_TOO_MANY)
                 child = children[name] = _Slot()
             node = child
         if node.index >= 0:
