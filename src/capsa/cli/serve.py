@@ -54,7 +54,67 @@ def register(commands: Any) -> None:
         "this machine; --pool N is then per node",
     )
     add_sandbox_flags(parser)
+    add_limit_flags(parser)
     parser.set_defaults(handler=_serve)
+
+
+def add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """The HTTP limits of ``capsa serve`` (docs/server.md, "Limits")."""
+    group = parser.add_argument_group("HTTP limits")
+    group.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="close a connection whose request headers are not complete within S seconds (default 10)",
+    )
+    group.add_argument(
+        "--keep-alive-timeout",
+        type=int,
+        default=5,
+        metavar="S",
+        help="close an idle keep-alive connection after S seconds (default 5)",
+    )
+    group.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="answer 408 when a request body pauses for S seconds (default 30)",
+    )
+    group.add_argument(
+        "--max-connections",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="answer 503 past N open connections (default 1000)",
+    )
+    group.add_argument(
+        "--max-upload-mb",
+        type=int,
+        default=1024,
+        metavar="MB",
+        help="largest /files upload, streamed to the guest (default 1024; control-plane bodies: 1 MiB)",
+    )
+
+
+def limits_from(args: argparse.Namespace) -> Any:
+    """The server's :class:`~capsa.server.limits.Limits` from the flags (checked)."""
+    from capsa.server.limits import Limits, MiB  # noqa: PLC0415 (optional dependency)
+
+    if not 0 < args.header_timeout <= 3600 or not 0 < args.body_timeout <= 3600:
+        raise ConfigError("--header-timeout and --body-timeout take seconds from 0 to 3600")
+    if not 1 <= args.keep_alive_timeout <= 3600:
+        raise ConfigError("--keep-alive-timeout takes seconds from 1 to 3600")
+    if args.max_connections < 1 or args.max_upload_mb < 1:
+        raise ConfigError("--max-connections and --max-upload-mb must be at least 1")
+    return Limits(
+        header_timeout=args.header_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
+        body_timeout=args.body_timeout,
+        max_connections=args.max_connections,
+        max_upload_bytes=args.max_upload_mb * MiB,
+    )
 
 
 def add_sandbox_flags(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +180,7 @@ def _serve(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: PLC0415 (optional dependency)
 
         from capsa.server import ServerConfig, create_app  # noqa: PLC0415
+        from capsa.server.http_guard import protocol_with  # noqa: PLC0415
     except ImportError as exc:
         raise ConfigError(
             f"capsa serve needs the server extra ({exc.name} is missing)",
@@ -135,6 +196,7 @@ def _serve(args: argparse.Namespace) -> int:
         dns_servers=tuple(args.dns_server),
         allow_internal_destinations=args.allow_internal_destinations,
         ray_address=args.ray,
+        limits=limits_from(args),
     )
     if args.ray is not None:  # before uvicorn: its signal handlers must replace Ray's SIGTERM one
         from capsa.server._cluster import connect_driver  # noqa: PLC0415
@@ -152,6 +214,10 @@ def _serve(args: argparse.Namespace) -> int:
             access_log=False,  # capsa.server.access logs each request with its sandbox and duration
             timeout_graceful_shutdown=10,
             interface="asgi3",
+            http=protocol_with(config.limits.header_timeout),
+            timeout_keep_alive=config.limits.keep_alive_timeout,
+            limit_concurrency=config.limits.max_connections,
+            h11_max_incomplete_event_size=config.limits.max_header_bytes,
         )
     except SystemExit as exc:
         # uvicorn re-raises the SIGTERM it shut down on; with --ray, Ray's handler turns it into

@@ -19,6 +19,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from capsa.errors import CapsaError
 from capsa.server.control import ControlPlane, api_error, error_response
+from capsa.server.limits import (
+    LimitedBody,
+    Limits,
+    RequestRejected,
+    content_length,
+    log_safe,
+    single_header,
+)
 from capsa.server.metrics import Metrics
 from capsa.server.registry import Registry
 from capsa.server.sandbox_api import SandboxApi
@@ -38,6 +46,7 @@ class ServerConfig:
     dns_servers: tuple[str, ...] = ()
     allow_internal_destinations: bool = False
     ray_address: str | None = None  # place sandboxes on this Ray cluster (capsa serve --ray)
+    limits: Limits = field(default_factory=Limits)
 
 
 class CapsaServer:
@@ -68,7 +77,7 @@ class CapsaServer:
             lifespan=self._lifespan,
             exception_handlers={CapsaError: self._on_error},
         )
-        self._sandbox = SandboxApi(self.registry, self.metrics)
+        self._sandbox = SandboxApi(self.registry, self.metrics, config.limits)
         self.app: ASGIApp = self._dispatch
 
     @contextlib.asynccontextmanager
@@ -117,27 +126,64 @@ class CapsaServer:
                 status[0] = message["status"]
             await send(message)
 
+        sandbox_id: str | None = None
         try:
-            if "e2b-sandbox-id" in headers:
-                await self._sandbox_asgi(scope, receive, send_logged)
+            sandbox_id, body = self._admit(scope)
+            if sandbox_id is not None:
+                await self._sandbox_asgi(scope, body.bind(receive), send_logged)
             elif scope["path"] in _PUBLIC or self._key_ok(headers):
-                await self._control(scope, receive, send_logged)
+                await self._control(scope, body.bind(receive), send_logged)
             else:
                 await error_response(401, "invalid API key")(scope, receive, send_logged)
+        except RequestRejected as exc:
+            if status[0]:  # the response had begun: all that is left is to end the connection
+                raise
+            reply = error_response(exc.status, exc.message)
+            reply.headers["connection"] = "close"  # the unread rest of the request is discarded
+            await reply(scope, receive, send_logged)
         finally:
             self.metrics.requests.labels(status=str(status[0])).inc()
             access_log.info(
                 "%s %s %s %.1fms sandbox=%s",
-                scope["method"],
-                scope["path"],
+                log_safe(scope["method"]),
+                log_safe(scope["path"]),
                 status[0],
                 (time.monotonic() - started) * 1000,
-                headers.get("e2b-sandbox-id", "-"),
+                "-" if sandbox_id is None else log_safe(sandbox_id),
             )
+
+    def _admit(self, scope: Scope) -> tuple[str | None, _BodyCap]:
+        """Check what every route relies on before any runs: the routing headers are single (a
+        proxy and this server must agree on the sandbox) and printable, and a declared body fits
+        the request's cap (else 413 before a byte of it is read)."""
+        raw = scope["headers"]
+        sandbox_id = single_header(raw, b"e2b-sandbox-id")
+        for name in (b"e2b-sandbox-port", b"x-access-token", b"e2b-traffic-access-token"):
+            single_header(raw, name)
+        limits = self.config.limits
+        if sandbox_id is None:
+            cap = limits.max_json_bytes
+        elif scope["path"] == "/files":
+            cap = limits.max_upload_bytes
+        else:
+            cap = limits.max_rpc_bytes
+        declared = content_length(raw)
+        if declared is not None and declared > cap:
+            raise RequestRejected(413, f"the request body is larger than {cap} bytes")
+        return sandbox_id, _BodyCap(cap, limits.body_timeout)
 
     async def _sandbox_asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = await self._sandbox(Request(scope, receive))
         await response(scope, receive, send)
+
+
+@dataclass(frozen=True)
+class _BodyCap:
+    limit: int
+    idle_timeout: float
+
+    def bind(self, receive: Receive) -> Receive:
+        return LimitedBody(receive, self.limit, self.idle_timeout)
 
 
 def _headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
