@@ -81,7 +81,7 @@ async def _body(request: Request) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep
         raise ApiError(400, "the request body is not JSON") from None
     if not isinstance(value, dict):
         raise ApiError(400, "the request body must be a JSON object")

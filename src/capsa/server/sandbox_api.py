@@ -260,7 +260,7 @@ async def _json_object(request: Request) -> dict[str, Any]:
     raw = await request.body()
     try:
         value = json.loads(raw or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep
         raise ApiError(400, "the request body is not JSON") from None
     if not isinstance(value, dict):
         raise ApiError(400, "the request body must be a JSON object")
