@@ -157,16 +157,6 @@ def test_slowloris_connections_are_closed_while_health_answers(server: Server) -
     assert max(health_times) < 2.0
 
 
-def test_header_block_size_is_capped(server: Server) -> None:
-    """Header flood: one request head of 1 MiB of headers is refused, not buffered."""
-    head = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * (1 << 20) + b"\r\n\r\n"
-    try:
-        reply = _raw(server, head, wait=5)
-    except ConnectionResetError:
-        return  # closed while we still sent: refused
-    assert reply == b"" or reply.split(b" ", 2)[1] in (b"400", b"413", b"431"), reply[:200]
-
-
 # -- bodies --
 
 
@@ -262,12 +252,14 @@ def test_stalled_stream_reader_holds_back_the_guest_not_server_memory(
         ) as reply,
     ):
         assert reply.status_code == 200
-        next(reply.iter_raw(1024))  # the stream is up; now stop reading
+        chunks = reply.iter_raw(1024)  # kept: a dropped iterator would close the response
+        next(chunks)  # the stream is up; now stop reading
         peak = before
         for _ in range(20):
             time.sleep(0.5)
             peak = max(peak, _rss(server))
         finished = _run(server, sandbox, "cat /tmp/flood 2>/dev/null || echo running")
+        assert next(chunks)  # still streaming: held back, not cut off
     _run(server, sandbox, "pkill -f 'head -c 300M' || true")
     assert peak - before < 64 << 20, f"server RSS grew {(peak - before) >> 20} MiB"
     assert finished.strip() == "running"
@@ -285,11 +277,13 @@ def test_download_is_streamed_not_loaded(server: Server, sandbox: dict[str, Any]
         ) as reply,
     ):
         assert reply.status_code == 200
-        next(reply.iter_raw(1024))
+        chunks = reply.iter_raw(1024)
+        next(chunks)
         peak = before
         for _ in range(10):
             time.sleep(0.5)
             peak = max(peak, _rss(server))
+        assert next(chunks)  # still streaming
     assert peak - before < 64 << 20, f"server RSS grew {(peak - before) >> 20} MiB"
 
 
@@ -298,7 +292,7 @@ def test_download_is_streamed_not_loaded(server: Server, sandbox: dict[str, Any]
 
 def test_non_ascii_access_token_is_not_a_500(server: Server, sandbox: dict[str, Any]) -> None:
     """Header fuzz: a non-ASCII X-Access-Token used to raise in compare_digest (500 + traceback)."""
-    headers = [("E2b-Sandbox-Id", sandbox["sandboxID"]), ("X-Access-Token", "t\u00e9st")]
+    headers = [("E2b-Sandbox-Id", sandbox["sandboxID"]), ("X-Access-Token", "t\u00e9st".encode())]
     for path in ("/health", "/files?path=/etc/hostname"):
         reply = httpx.get(f"{server.url}{path}", headers=headers)
         assert 400 <= reply.status_code < 500, reply.text

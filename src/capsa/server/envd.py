@@ -21,7 +21,7 @@ from capsa.agent import streams
 from capsa.agent.client import Agent
 from capsa.errors import CapsaError, GuestFileExistsError, GuestFileNotFoundError, GuestPermissionError
 from capsa.server.connect import ConnectError
-from capsa.server.limits import Limits
+from capsa.server.limits import Limits, RequestRejected
 from capsa.server.redact import client_message
 
 if TYPE_CHECKING:
@@ -471,6 +471,8 @@ class Filesystem:
                 parent = path.rsplit("/", 1)[0] or "/"
                 await self._agent.mkdir(parent, parents=True)
                 await self._write_once(agent, path, data)
+        except RequestRejected:
+            raise  # the upload broke a limit: the app answers 413/408
         except Exception as exc:
             raise map_error(exc, path) from None
         return {"name": path.rsplit("/", 1)[-1], "type": "file", "path": path}
