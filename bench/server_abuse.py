@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -143,16 +144,23 @@ async def abuse(port: int, a: dict[str, Any], b: dict[str, Any], seconds: float)
         while chunk := await trickle_reader.read(65536):
             got += len(chunk)
 
+    closed = 0
+
     async def slowloris() -> None:
+        nonlocal closed
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /health HTTP/1.1\r\n")
         try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /health HTTP/1.1\r\n")
             while True:
                 writer.write(b"X")
                 await writer.drain()
-                await asyncio.sleep(1)
+                with contextlib.suppress(TimeoutError):
+                    if not await asyncio.wait_for(reader.read(4096), 1):
+                        break
         except OSError:
-            return  # closed by the server
+            pass
+        closed += 1  # by the server (a 408, then the end of the connection)
+        writer.close()
 
     tasks = [asyncio.create_task(read_trickle()), *(asyncio.create_task(slowloris()) for _ in range(50))]
     await asyncio.sleep(seconds)
@@ -161,7 +169,7 @@ async def abuse(port: int, a: dict[str, Any], b: dict[str, Any], seconds: float)
     await asyncio.gather(*tasks, return_exceptions=True)
     for _, writer in (stalled, (trickle_reader, trickle_writer)):
         writer.close()
-    return {"trickled": got}
+    return {"trickled": got, "slowloris_closed": closed}
 
 
 def quantile(samples: list[float], q: float) -> float:
@@ -171,7 +179,7 @@ def quantile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def measure(port: int, pid: int, seconds: float, during: Any) -> tuple[Sampler, Any]:
+def measure(port: int, pid: int, during: Any) -> tuple[Sampler, Any]:
     sampler = Sampler(port, pid)
     sampler.start()
     try:
@@ -194,10 +202,8 @@ def main() -> None:
     server = start_server(port, log)
     try:
         a, b = create(port), create(port)
-        idle, _ = measure(port, server.pid, args.seconds / 2, lambda: time.sleep(args.seconds / 2))
-        busy, extra = measure(
-            port, server.pid, args.seconds, lambda: asyncio.run(abuse(port, a, b, args.seconds))
-        )
+        idle, _ = measure(port, server.pid, lambda: time.sleep(args.seconds / 2))
+        busy, extra = measure(port, server.pid, lambda: asyncio.run(abuse(port, a, b, args.seconds)))
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -213,7 +219,10 @@ def main() -> None:
     print(f"{'':20} {'idle':>10} {'abused':>10} {'ratio':>8}")
     for name, quiet, loud, unit in rows:
         print(f"{name:20} {quiet:8.1f}{unit:>2} {loud:8.1f}{unit:>2} {loud / quiet:7.2f}x")
-    print(f"/health failures under abuse: {busy.failures}; trickled bytes read: {extra['trickled']}")
+    print(
+        f"/health failures under abuse: {busy.failures}; trickled bytes read: {extra['trickled']}; "
+        f"slowloris connections closed by the server: {extra['slowloris_closed']}/50"
+    )
     figure("abuse_rss_max_mib", max(busy.rss), "MiB")
     figure("abuse_rss_growth_mib", max(busy.rss) - max(idle.rss), "MiB")
     figure("abuse_health_p99_ms", quantile(busy.lag, 0.99) * 1000, "ms")
