@@ -366,3 +366,24 @@ def test_a_build_vm_writing_a_hostile_archive_is_refused() -> None:
         for item in planned[1:]:
             shutil.rmtree(layers_root() / item.key, ignore_errors=True)
         shutil.rmtree(images_root() / ("r" + planned[-1].key), ignore_errors=True)
+
+
+@pytest.mark.skipif(shutil.which("tar2sqfs") is None, reason="needs squashfs-tools-ng")
+def test_a_huge_dpkg_status_written_by_a_guest_is_not_read_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resource exhaustion: a run() step (root in its VM) leaves a huge /var/lib/dpkg/status in its
+    layer; the next apt_install reads it on the host, where it would be held in memory whole."""
+    from capsa.image import recipe_apt
+    from capsa.image.layers import squash
+
+    monkeypatch.setattr(recipe_apt, "MAX_STATUS", 1 << 20, raising=False)  # the default: 256 MiB
+
+    def write(tar: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo("rootfs/var/lib/dpkg/status")
+        info.size = 8 << 20
+        tar.addfile(info, io.BytesIO(b"Package: x\n" * (info.size // 11) + b"\n" * (info.size % 11)))
+
+    layer = squash(write, tmp_path / "layer.sqfs")
+    with pytest.raises(ImageError, match="over"):
+        recipe_apt.guest_status([layer], tmp_path / "no-rootfs")
