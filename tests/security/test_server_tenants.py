@@ -31,6 +31,7 @@ KEY_G = f"gamma-{secrets.token_hex(16)}"
 ADMIN = API_KEY  # CAPSA_API_KEY of start_server: the default tenant's admin key
 UNKNOWN = "i" + "0" * 20  # a well-formed id no sandbox has
 DENIED_NET = "192.0.2.0/24"  # TEST-NET-1: the victim's policy denies it, so a probe is counted
+MARK = f"CAPSA_TEST_TENANTS_MARK={secrets.token_hex(8)}"  # in the environment of the server's QEMUs
 
 
 def _sdk(server: Server, key: str) -> dict[str, Any]:
@@ -51,7 +52,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         f"{KEY_B} tenant=beta\n"
         f"{KEY_G} tenant=gamma max_sandboxes=1 creates_per_minute=2\n"
     )
-    srv = start_server(tmp, "--api-key-file", str(keys), "--memory", "256", "--max-sandboxes", "6")
+    name, _, value = MARK.partition("=")
+    srv = start_server(
+        tmp,
+        *("--api-key-file", str(keys), "--memory", "256", "--max-sandboxes", "6"),
+        env={name: value},
+    )
     try:
         yield srv
     finally:
@@ -195,6 +201,46 @@ def test_tenant_limits(server: Server, victim: dict[str, Any]) -> None:
         Sandbox.create(timeout=120, **opts)
     # the other tenants are not held back by gamma's limits
     assert httpx.get(f"{server.url}/sandboxes/{victim['sandboxID']}", headers=_hdr(KEY_A)).is_success
+
+
+def _vms() -> int:
+    """The QEMU processes of the tenants server (they inherit ``MARK`` from its environment)."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"qemu-system" in (entry / "cmdline").read_bytes():
+                    count += MARK.encode() in (entry / "environ").read_bytes()
+            except OSError:
+                continue
+    return count
+
+
+@pytest.mark.timeout(240)
+def test_concurrent_resumes_build_one_vm(server: Server, victim: dict[str, Any]) -> None:
+    """Attack: a tenant pauses its sandbox, then connects to it many times at once, so that each
+    connect restores a VM of its own: all but one keep running untracked, outside every cap."""
+    sandbox = Sandbox.create(timeout=120, **_sdk(server, KEY_B))
+    try:
+        sandbox.files.write("/root/kept", "yes")
+        held = _vms()
+        sandbox.pause()
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.url, headers=_hdr(KEY_B), timeout=120) as c:
+                url = f"/sandboxes/{sandbox.sandbox_id}/connect"
+                return await asyncio.gather(*(c.post(url, json={"timeout": 120}) for _ in range(4)))
+
+        replies = asyncio.run(burst())
+        assert [r.status_code for r in replies] == [200] * 4, [r.text[:100] for r in replies]
+        deadline = time.monotonic() + 15
+        while _vms() > held and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert _vms() <= held
+        again = Sandbox.connect(sandbox.sandbox_id, **_sdk(server, KEY_B))
+        assert again.files.read("/root/kept") == "yes"
+    finally:
+        Sandbox.kill(sandbox.sandbox_id, **_sdk(server, KEY_B))
 
 
 def _series(text: str, sandbox_id: str) -> list[str]:

@@ -76,7 +76,7 @@ class Entry:
     paused: Path | None = None  # the snapshot of a paused sandbox (its VM is gone)
     node_id: str | None = None  # the Ray node it runs on (``capsa serve --ray``)
     tenant: str = DEFAULT_TENANT  # its creator's: only that tenant (and admin keys) see it
-    resuming: bool = False  # a resume is building its VM (a second one is refused)
+    resume_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one VM per resume, not two
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -391,27 +391,25 @@ class Registry:
         log.info("sandbox %s paused to %s", entry.id, target)
 
     async def resume(self, sandbox_id: str, timeout: int | None, tenant: str | None = None) -> Entry:
-        """Restore a paused sandbox (it kept its slot while paused). One resume at a time: a
-        second concurrent one would build a second VM for the same entry."""
+        """Restore a paused sandbox (it kept its slot while paused). Concurrent resumes of one
+        sandbox wait for the first, which builds the one VM: each building its own would leave
+        all but the last running, untracked and uncounted."""
         entry = self.find(sandbox_id, tenant)
-        if entry.paused is None:
-            if timeout is not None:
-                await entry.set_timeout(timeout)
-            return entry
-        if entry.resuming:
-            raise ApiError(409, f"sandbox {sandbox_id!r} is being resumed")
-        entry.resuming = True
-        try:
+        async with entry.resume_lock:
+            if entry.closing:  # killed while this one waited
+                raise ApiError(404, f"sandbox {sandbox_id!r} not found")
+            if entry.paused is None:  # running, or resumed by the resume this one waited for
+                if timeout is not None:
+                    await entry.set_timeout(timeout)
+                return entry
             vm = await self.builder(entry.template, entry.policy).from_snapshot(entry.paused).build()
-        finally:
-            entry.resuming = False
-        if entry.closing:  # killed while it was being restored
-            await vm.kill()
-            raise ApiError(404, f"sandbox {sandbox_id!r} not found")
-        entry.vm = vm
-        shutil.rmtree(entry.paused, ignore_errors=True)
-        entry.paused = None
-        await entry.set_timeout(timeout or DEFAULT_TIMEOUT)
+            if entry.closing:  # killed while it was being restored
+                await vm.kill()
+                raise ApiError(404, f"sandbox {sandbox_id!r} not found")
+            entry.vm = vm
+            shutil.rmtree(entry.paused, ignore_errors=True)
+            entry.paused = None
+            await entry.set_timeout(timeout or DEFAULT_TIMEOUT)
         log.info("sandbox %s resumed", entry.id)
         return entry
 
