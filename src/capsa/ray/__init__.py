@@ -29,8 +29,9 @@ from typing import Any
 
 from capsa.errors import ConfigError, SandboxLost
 from capsa.ray._host import CONFIG_STEP, NoSlotError, Step
-from capsa.ray._placement import SLOT_RESOURCE, Constraint, placer
+from capsa.ray._placement import Constraint, placer
 from capsa.ray._remote import RaySandbox, Remote, RemoteBuilder
+from capsa.ray._slots import SLOT_RESOURCE
 from capsa.ray._surface import surface
 from capsa.sandbox.builder import DEFAULT_BUILD_TIMEOUT, SandboxBuilder
 
