@@ -335,7 +335,7 @@ async def test_two_drivers_cannot_fill_a_node_twice(nodes: Nodes) -> None:
     deadline = time.monotonic() + 20
     while ray.available_resources().get("capsa_slots", 0) < free and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-    assert ray.available_resources().get("capsa_slots", 0) == free
+    assert ray.available_resources().get("capsa_slots", 0) >= free
 
 
 async def test_no_free_slot_is_a_clear_error_after_a_bounded_wait(nodes: Nodes, shared: Any) -> None:
@@ -394,6 +394,7 @@ async def test_fanout_example_spreads_over_both_nodes(nodes: Nodes) -> None:
 async def test_killed_host_actor_takes_its_qemu_and_raises_sandbox_lost(nodes: Nodes) -> None:
     """kill -9 of a host actor: its QEMU dies with it (PR_SET_PDEATHSIG, not Ray's cleanup), calls
     raise SandboxLost (never retried), and the node gets a new actor for new sandboxes."""
+    free = ray.available_resources().get("capsa_slots", 0)
     vm = await builder("b").build()
     host, pids = await vm_pids(nodes.b)
     assert pids and sorted(qemu_children([host.pid])) == sorted(pids)
@@ -408,6 +409,10 @@ async def test_killed_host_actor_takes_its_qemu_and_raises_sandbox_lost(nodes: N
     again = await builder("b").build()
     assert again.node_id == nodes.b
     await again.stop()
+    deadline = time.monotonic() + 20  # the dead actor's slot reservation is removed by the driver
+    while ray.available_resources().get("capsa_slots", 0) < free and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert ray.available_resources().get("capsa_slots", 0) >= free
 
 
 async def test_removed_node_raises_sandbox_lost_and_new_sandboxes_go_to_survivors(

@@ -15,6 +15,7 @@ without Ray; ``_placement`` wraps the class with ``ray.remote``.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import itertools
 import logging
@@ -41,6 +42,7 @@ MAX_OBJECTS = 100_000
 STREAM_WINDOW = 8  # output chunks in flight per stream before the actor stops reading
 RESERVE_WAIT = 2.0  # how long one build waits for Ray to grant a slot (the placer tries again)
 MAX_RESERVE_WAIT = 60.0
+REAP_INTERVAL = 1.0  # how soon a sandbox that ended on its own gives its Ray slot back
 
 
 class NoSlotError(CapsaError):
@@ -110,6 +112,7 @@ class HostActor:
         self._held: dict[int | str, Reservation] = {}  # root oid (or pool key) -> its Ray slots
         self._ids = itertools.count(1)
         self._node_id = ""
+        self._reaper: asyncio.Task[None] | None = None
 
     # -- bookkeeping --
 
@@ -150,6 +153,17 @@ class HostActor:
         for oid, vm in list(self._roots.items()):
             if vm.status.is_final:
                 self._forget(oid)
+
+    def _watch(self) -> None:
+        """Reap on a timer while sandboxes hold Ray slots: one that ends on its own (lifetime,
+        power-off) frees its slot for every driver, even if this one never calls again."""
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_while_held())
+
+    async def _reap_while_held(self) -> None:
+        while self._held:
+            await asyncio.sleep(REAP_INTERVAL)
+            self._reap()
 
     def _used(self) -> int:
         self._reap()
@@ -229,6 +243,7 @@ class HostActor:
             self._building -= 1
         ref = self._ref(vm, None)
         self._held[ref.oid] = reservation
+        self._watch()
         return ("ok", ref, None)
 
     async def warm(self, steps: list[Step], size: int) -> Reply:
@@ -369,6 +384,7 @@ class HostActor:
             oid = self._by_identity.get(id(clone))
             if forks and oid is not None and oid in self._roots and oid not in self._held:
                 self._held[oid] = forks.pop()
+                self._watch()
         for reservation in forks:
             reservation.release()
         forks.clear()
