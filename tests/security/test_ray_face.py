@@ -115,8 +115,8 @@ async def test_host_paths_resolve_inside_the_root_only(node: Path, tmp_path: Pat
 async def test_images_forwards_internal_and_writable_shares_follow_the_node(
     node: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Attack: an image that imports the node's files (an archive, copy() of a folder, a file: apt
-    source or pip index), a forward on the node's network, the node's internal networks, and a
+    """Attack: an image, made field by field, that imports the node's files (an archive, copy() of a
+    folder, a file: apt source or pip index, a local .deb as a package name), a forward on the node's network, the node's internal networks, and a
     writable share (with which the guest could plant a snapshot's metadata under the root)."""
     from capsa.image.custom import Image
     from capsa.image.recipe import Step
@@ -131,6 +131,9 @@ async def test_images_forwards_internal_and_writable_shares_follow_the_node(
         debian.apt_install("hello", sources="deb [trusted=yes] file:/var/cache/apt/archives ./"),
         debian.pip_install("attrs", index_url="file:///root/wheels"),
         Image("debian", Path("/"), "x", (Step("pip", ("attrs",), (("find_links", "/root"),)),)),
+        Image("any", Path("/etc/shadow"), "x"),  # a kind of its own: its archive is read too
+        Image("debian", Path("/"), "x", (Step("apt", ("/root/secret.deb",)),)),  # a local .deb
+        Image("debian", Path("/"), "x", (Step("exfil", ("/etc",)),)),  # type: ignore[arg-type]
     ):
         with pytest.raises(capsa.ConfigError):
             policy.image(image)

@@ -39,6 +39,8 @@ from urllib.parse import urlsplit
 from capsa.errors import ConfigError
 from capsa.image.custom import Image
 from capsa.image.recipe import Step as RecipeStep
+from capsa.image.recipe import apt_step, copy_step, env_step, run_step, workdir_step
+from capsa.image.recipe_pip import pip_step
 from capsa.net.gateway import PortForward, VirtualNetwork
 from capsa.sandbox.builder import SandboxConfig
 from capsa.shares.spec import AccessMode
@@ -153,34 +155,47 @@ class NodePolicy:
         return network
 
     def image(self, image: object) -> Image:
-        if not isinstance(image, Image):
+        """``image`` rebuilt from its parts through capsa's own step constructors (a driver can
+        send an ``Image`` made field by field), with its host inputs checked and resolved."""
+        if not isinstance(image, Image) or not isinstance(image.steps, tuple):
             raise ConfigError(f"image() takes a capsa.Image, got {type(image).__name__}")
         source = image.source
-        if image.kind == "oci":
+        if image.kind != "debian":  # an archive is read for any other kind
             source = self.host_path(image.source, "the image archive")
         steps = tuple(self._recipe_step(step) for step in image.steps)
         return dataclasses.replace(image, source=source, steps=steps)
 
-    def _recipe_step(self, step: RecipeStep) -> RecipeStep:
-        if step.kind == "copy":
-            src = self.host_path(step.args[0], "copy()'s source")
-            return dataclasses.replace(step, args=(str(src), *step.args[1:]))
-        options = dict(step.options)
-        if step.kind == "pip":
-            self._url(options.get("index_url"), "pip_install()'s index_url")
-            links = options.get("find_links")
-            if links and "://" in links:
-                self._url(links, "pip_install()'s find_links")
-            elif links:
-                options["find_links"] = str(self.host_path(links, "pip_install()'s find_links"))
-        if step.kind == "apt":
+    def _recipe_step(self, step: object) -> RecipeStep:
+        if not isinstance(step, RecipeStep) or not all(isinstance(a, str) for a in step.args):
+            raise ConfigError("an image's steps must be capsa recipe steps")
+        kind, args, options = step.kind, step.args, dict(step.options)
+        if kind == "copy" and len(args) == 2:
+            return copy_step(self.host_path(args[0], "copy()'s source"), args[1])
+        if kind == "env" and len(args) == 2:
+            return env_step(args[0], args[1])
+        if kind == "workdir" and len(args) == 1:
+            return workdir_step(args[0])
+        if kind == "run" and len(args) == 1:
+            try:
+                timeout = float(options.get("timeout", "1800"))
+            except ValueError:
+                raise ConfigError("run(): invalid timeout") from None
+            return run_step(args[0], timeout, options.get("network") == "1")
+        if kind == "apt":
             for line in options.get("sources", "").splitlines():
                 match = _APT_URI.match(line)
                 if match is not None:
                     self._url(match.group(1), "apt_install()'s sources")
-                elif not line.lstrip().startswith("#"):
-                    raise ConfigError(f"apt_install(): unreadable source line {line!r:.80}")
-        return dataclasses.replace(step, options=tuple(options.items()))
+            return apt_step(args, options.get("sources"))  # package names checked again
+        if kind == "pip":
+            self._url(options.get("index_url"), "pip_install()'s index_url")
+            links: str | Path | None = options.get("find_links")
+            if links and "://" in str(links):
+                self._url(str(links), "pip_install()'s find_links")
+            elif links:
+                links = self.host_path(links, "pip_install()'s find_links")
+            return pip_step(args, options.get("index_url"), links)
+        raise ConfigError(f"an image step {kind!r} with {len(args)} arguments is no capsa recipe step")
 
     @staticmethod
     def _url(url: str | None, what: str) -> None:
