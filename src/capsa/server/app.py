@@ -1,12 +1,14 @@
 """The ASGI application of ``capsa serve``: one port for the control plane (``X-API-KEY``), the
 sandboxes' envd and code interpreter (routed by the ``E2b-Sandbox-Id``/``E2b-Sandbox-Port`` headers
-the SDKs send when ``E2B_SANDBOX_URL`` points here), ``/health`` and ``/metrics``."""
+the SDKs send when ``E2B_SANDBOX_URL`` points here), ``/health`` and ``/metrics``.
+
+Every request but ``/health`` and the sandboxes' own (authorized by their access token) needs an
+API key; the key's :class:`Principal` (its tenant) goes to the routes in the ASGI scope."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from capsa.errors import CapsaError
-from capsa.server.control import ControlPlane, api_error, error_response
+from capsa.server.control import PRINCIPAL, ControlPlane, api_error, error_response, principal_of
 from capsa.server.limits import (
     LimitedBody,
     Limits,
@@ -30,16 +32,17 @@ from capsa.server.limits import (
 from capsa.server.metrics import Metrics
 from capsa.server.registry import Registry
 from capsa.server.sandbox_api import SandboxApi
+from capsa.server.tenants import KeyRing, Principal
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("capsa.server.access")
 
-_PUBLIC = ("/health", "/metrics")
+_PUBLIC = ("/health",)
 
 
 @dataclass
 class ServerConfig:
-    api_keys: tuple[str, ...]
+    api_keys: KeyRing  # the accepted keys, their tenants and the tenants' limits
     pools: dict[str, int] = field(default_factory=dict)
     max_sandboxes: int | None = None
     memory_mb: int = 512
@@ -59,6 +62,7 @@ class CapsaServer:
             memory_mb=config.memory_mb,
             pools=config.pools,
             max_sandboxes=config.max_sandboxes,
+            tenant_limits=dict(config.api_keys.limits),
             on_removed=self.metrics.removed,
             on_paused=self.metrics.count_denials,
             dns_servers=config.dns_servers,
@@ -101,17 +105,22 @@ class CapsaServer:
         return JSONResponse({"status": "ok", "sandboxes": len(self.registry)})
 
     async def _metrics(self, request: Request) -> Response:
-        body = await self.metrics.collect(e for e in self.registry.list() if e.paused is None)
+        """Server-wide series for any key; the per-sandbox ones only for the caller's
+        sandboxes (all of them for an admin key)."""
+        scope = principal_of(request).scope
+        own = None if scope is None else {e.id for e in self.registry.list(scope)}
+        body = await self.metrics.collect(
+            (e for e in self.registry.list() if e.paused is None),
+            None if own is None else own.__contains__,
+        )
         return Response(body, media_type="text/plain; version=0.0.4")
 
-    def _key_ok(self, headers: dict[str, str]) -> bool:
+    def _principal(self, headers: dict[str, str]) -> Principal | None:
         key = headers.get("x-api-key")
         if key is None:
             bearer = headers.get("authorization", "")
             key = bearer.removeprefix("Bearer ") if bearer.startswith("Bearer ") else None
-        return key is not None and any(
-            secrets.compare_digest(key.encode(), k.encode()) for k in self.config.api_keys
-        )
+        return self.config.api_keys.principal(key)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -131,8 +140,10 @@ class CapsaServer:
             sandbox_id, body = self._admit(scope)
             if sandbox_id is not None:
                 await self._sandbox_asgi(scope, body.bind(receive), send_logged)
-            elif scope["path"] in _PUBLIC or self._key_ok(headers):
+            elif scope["path"] in _PUBLIC:
                 await self._control(scope, body.bind(receive), send_logged)
+            elif (principal := self._principal(headers)) is not None:
+                await self._control({**scope, PRINCIPAL: principal}, body.bind(receive), send_logged)
             else:
                 await error_response(401, "invalid API key")(scope, receive, send_logged)
         except RequestRejected as exc:
