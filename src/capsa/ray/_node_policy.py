@@ -170,7 +170,8 @@ class NodePolicy:
             raise ConfigError("an image's steps must be capsa recipe steps")
         kind, args, options = step.kind, step.args, dict(step.options)
         if kind == "copy" and len(args) == 2:
-            return copy_step(self.host_path(args[0], "copy()'s source"), args[1])
+            source = self.host_path(args[0], "copy()'s source")  # inside the root, or ConfigError
+            return copy_step(source.parent, source, args[1])
         if kind == "env" and len(args) == 2:
             return env_step(args[0], args[1])
         if kind == "workdir" and len(args) == 1:
@@ -194,7 +195,8 @@ class NodePolicy:
                 self._url(str(links), "pip_install()'s find_links")
             elif links:
                 links = self.host_path(links, "pip_install()'s find_links")
-            return pip_step(args, options.get("index_url"), links)
+            context = links.parent if isinstance(links, Path) else None
+            return pip_step(args, options.get("index_url"), links, context)
         raise ConfigError(f"an image step {kind!r} with {len(args)} arguments is no capsa recipe step")
 
     @staticmethod
