@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
+from ipaddress import IPv4Address
 
 import httpx
 import pytest
 
 from capsa.agent.exec import OutputStream
+from capsa.net.dns import MAX_PINS, PinTable
 from capsa.net.policy import Flow, NetworkPolicy
 from tests.server.conftest import API_KEY, Server, start_server
 
@@ -93,6 +95,24 @@ def test_dns_verdicts_on_a_large_address_allowlist_are_fast() -> None:
     assert not policy.decide_name("a.other.test").allowed
     assert policy.decide_name("a.corp.test").allowed
     assert time.perf_counter() - started < 0.25
+
+
+def test_a_full_pin_table_keeps_flow_decisions_cheap() -> None:
+    """Attack: the guest resolves thousands of names, filling its pin table, then opens flows
+    (SYNs to any port): each new flow looked its destination up by a pass over every pin; and
+    thousands of names on one address made each flow to it weigh them all."""
+    pins = PinTable()
+    for i in range(MAX_PINS):
+        pins.add(f"n{i}.corp.test", IPv4Address(0x0B000000 + i), 300)
+    started = time.perf_counter()
+    for i in range(2000):
+        assert pins.names_for(IPv4Address(0x0B000000 + i)) == {f"n{i}.corp.test"}
+    assert time.perf_counter() - started < 0.25  # a pass over the pins per lookup: about 4 s
+    shared = PinTable()
+    for i in range(MAX_PINS):
+        shared.add(f"n{i}.corp.test", IPv4Address("203.0.113.7"), 300)
+    names = shared.names_for(IPv4Address("203.0.113.7"))
+    assert len(names) <= 64 and f"n{MAX_PINS - 1}.corp.test" in names  # the newest are kept
 
 
 # -- the server: network lists, admission order, watchers ------------------------------------------------
