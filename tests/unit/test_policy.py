@@ -459,6 +459,20 @@ def test_a_chain_of_many_rules_builds_in_linear_time() -> None:
     assert time.perf_counter() - started < 1.0  # quadratic: about 2 s
 
 
+def test_a_policy_pickles_as_its_rules() -> None:
+    import copy
+    import pickle
+
+    policy = NetworkPolicy.allow_all()
+    for i in range(5000):  # a chain deeper than pickle's recursion could follow
+        policy = policy.deny_domain(f"h{i}.example.test")
+    assert policy.decide_name("h1.example.test").allowed is False  # indexes made: not pickled
+    again = pickle.loads(pickle.dumps(policy))
+    assert again == policy and again.default is ALLOW
+    assert not again.decide_name("h4999.example.test").allowed
+    assert copy.deepcopy(policy) == policy
+
+
 def test_cidr_spellings_parse_as_ipaddress_does() -> None:
     for text in ("10.1.2.3", "10.1.2.3/8", "0.0.0.0/0", "255.255.255.255/32", "10.0.0.0/255.0.0.0"):
         assert Cidr(text).describe() == f"cidr {IPv4Network(text, strict=False)}"

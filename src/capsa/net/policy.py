@@ -325,6 +325,11 @@ class NetworkPolicy:
     def __repr__(self) -> str:
         return f"NetworkPolicy(default={self._default}, rules={self.rules!r})"
 
+    def __reduce__(self) -> tuple[type[NetworkPolicy], tuple[Action, tuple[Rule, ...]]]:
+        """Pickled (to a Ray node, say) as its default and rules: not the chain of the policies it
+        was built from, nor its indexes."""
+        return NetworkPolicy, (self._default, self.rules)
+
     @classmethod
     def allow_all(cls) -> NetworkPolicy:
         return cls(Action.ALLOW)
