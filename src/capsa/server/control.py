@@ -19,7 +19,7 @@ from starlette.routing import Route
 from capsa.errors import CapsaError
 from capsa.server.interpreter import interpreter_for
 from capsa.server.metrics import Metrics
-from capsa.server.network import e2b_policy
+from capsa.server.network import check_network, e2b_policy
 from capsa.server.registry import (
     DEFAULT_TIMEOUT,
     ENVD_VERSION,
@@ -150,16 +150,16 @@ class ControlPlane:
         if not isinstance(template, str):
             raise ApiError(400, "templateID must be a string")
         timeout = check_timeout(body.get("timeout", DEFAULT_TIMEOUT))
-        policy = e2b_policy(
-            body.get("allow_internet_access", body.get("allowInternetAccess")), body.get("network")
-        )
+        internet = body.get("allow_internet_access", body.get("allowInternetAccess"))
+        network = body.get("network")
+        check_network(internet, network)  # cheap; the policy is made once a slot is taken
         started = time.monotonic()
         entry = await self.registry.create(
             template,
             timeout=timeout,
             metadata=_strings(body.get("metadata"), "metadata"),
             envs=_strings(body.get("envVars"), "envVars"),
-            policy=policy,
+            make_policy=lambda: e2b_policy(internet, network),
             tenant=principal_of(request).tenant,
         )
         self.metrics.created(time.monotonic() - started, template)

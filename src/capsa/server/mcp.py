@@ -27,7 +27,7 @@ from mcp.types import CallToolResult, ContentBlock, ImageContent, TextContent
 from capsa.errors import CapsaError
 from capsa.server.envd import Filesystem, guest_path, processes_for, stream_process
 from capsa.server.interpreter import interpreter_for
-from capsa.server.network import e2b_policy
+from capsa.server.network import check_network, e2b_policy
 from capsa.server.registry import DEFAULT_TIMEOUT, INTERPRETER_TEMPLATE, Entry, Registry, check_timeout
 
 log = logging.getLogger(__name__)
@@ -121,13 +121,13 @@ class SandboxTools:
             network = None
             if allow_out is not None or deny_out is not None:
                 network = {"allow_out": allow_out or [], "deny_out": deny_out or []}
-            policy = e2b_policy(allow_internet_access, network)
+            check_network(allow_internet_access, network)  # the policy: once a slot is taken
             entry = await self.registry.create(
                 template,
                 timeout=check_timeout(timeout),
                 metadata=metadata,
                 envs=envs,
-                policy=policy,
+                make_policy=lambda: e2b_policy(allow_internet_access, network),
             )
             if template == INTERPRETER_TEMPLATE:
                 await interpreter_for(entry).warm()

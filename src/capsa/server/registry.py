@@ -251,9 +251,12 @@ class Registry:
         envs: dict[str, str] | None = None,
         policy: capsa.NetworkPolicy | None = None,
         tenant: str = DEFAULT_TENANT,
+        make_policy: Callable[[], capsa.NetworkPolicy | None] | None = None,
     ) -> Entry:
         """A new sandbox of ``tenant``. Its slot (:class:`Quota`) is taken before the first
-        ``await`` and kept by the entry, or given back if the create fails."""
+        ``await`` and kept by the entry, or given back if the create fails. ``make_policy``, when
+        given, makes the policy once the slot is taken: a request refused by the cheap checks
+        costs the server's event loop nothing for its network lists."""
         if self.closed:
             raise ApiError(503, "the server is shutting down")
         if template not in TEMPLATES and named_image(template) is None:
@@ -263,6 +266,8 @@ class Registry:
         except LimitReached as exc:
             raise ApiError(429, exc.message, hint=exc.hint) from None
         try:
+            if make_policy is not None:
+                policy = make_policy()
             entry = await self._boot(template, timeout, metadata, envs, policy=policy, tenant=tenant)
         except BaseException:
             self.quota.release(tenant)

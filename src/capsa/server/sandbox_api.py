@@ -22,7 +22,7 @@ from capsa.server.metrics import Metrics
 from capsa.server.redact import client_message
 from capsa.server.registry import ApiError, Entry, Registry
 from capsa.server.uploads import MultipartFiles
-from capsa.server.watch import Watcher, watchers_for
+from capsa.server.watch import watchers_for
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +147,8 @@ class SandboxApi:
         self, service: str, method: str, message: dict[str, Any], entry: Entry, request: Request
     ) -> AsyncIterator[dict[str, Any]]:
         if service == "filesystem.Filesystem" and method == "WatchDir":
-            watcher = Watcher(entry.vm, guest_path(message.get("path")), bool(message.get("recursive")))
-            await watcher.start()
+            path, recursive = guest_path(message.get("path")), bool(message.get("recursive"))
+            watcher = await watchers_for(entry).open(path, recursive)
             deadline = connect.timeout_seconds(request.headers.get("connect-timeout-ms"))
             return watcher.stream(deadline)
         if service != "process.Process" or method not in ("Start", "Connect"):
