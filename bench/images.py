@@ -240,7 +240,7 @@ def _recipe_sources(work: Path) -> Path:
 def _recipe(work: Path, name: str, token: str = "", apt: bool = False) -> object:
     import capsa
 
-    image = capsa.Image.debian(name=name)
+    image = capsa.Image.debian(name=name, context=work)
     if apt:
         image = image.apt_install("jq")
     image = image.pip_install("six", "attrs", find_links=work / "wheels")

@@ -34,6 +34,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "shares": ([], ["--runs", "1"]),
     "shares_start": ([], ["--runs", "2"]),
     "network": ([], []),
+    "policy": ([], []),
     "uefi_boot": ([], []),
     "clusters": ([], []),
     "server": ([], []),

@@ -74,7 +74,7 @@ async def run_recipe(directory: Path) -> capsa.ExecResult:
     app.mkdir()
     (app / "main.py").write_text("import os\nprint('hello from', os.getcwd(), os.environ['APP_MODE'])\n")
     image = (
-        capsa.Image.debian(name="example-recipe")
+        capsa.Image.debian(name="example-recipe", context=directory)
         .copy(app, "/opt/app")  # the directory's contents land at /opt/app
         .run("python3 -m compileall -q /opt/app")  # in a build VM; its changes become a layer
         .env("APP_MODE", "example")

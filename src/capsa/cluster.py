@@ -282,6 +282,12 @@ class Cluster:
             for name, vm in self._vms.items()
         ]
 
+    @property
+    def spoofed_frames(self) -> int:
+        """Frames the switch dropped because a member sent them from a MAC or address not its own
+        (a forged Ethernet source, IPv4 source or ARP sender); the first of each member is logged."""
+        return self._switch.spoofed
+
     def log(self) -> list[LogEntry]:
         """Every egress decision of every member, oldest first; ``entry.member`` names the member."""
         entries: list[LogEntry] = []

@@ -54,7 +54,7 @@ async def test_a_step_writing_more_than_the_build_vms_memory(
     file, more than the build VM's RAM-backed writable layer can hold; the build must not fail
     with "No space left on device", and the image must carry the whole file."""
     image = (
-        capsa.Image.debian(name="big-step")
+        capsa.Image.debian(name="big-step", context=token)
         .copy(token, "/opt/token")
         .run(  # incompressible at the start (checked below), zeros after it (faster under TCG)
             f"head -c {RANDOM_MIB}M /dev/urandom > /opt/big && sha256sum < /opt/big > /opt/big.sum "
@@ -117,7 +117,7 @@ def _build_and_kill(token: Path, command: str, marker: Path) -> tuple[int, list[
     """Build the recipe in a child Python process, SIGKILL it mid-step; its pid and its QEMUs'."""
     script = (
         "import pathlib, capsa\n"
-        f"img = capsa.Image.debian(name='killed').copy({str(token)!r}, '/opt/token').run({command!r})\n"
+        f"img = capsa.Image.debian(name='killed', context={str(token)!r}).copy({str(token)!r}, '/opt/token').run({command!r})\n"
         f"marker = pathlib.Path({str(marker)!r})\n"
         "def progress(line):\n"
         "    if line.startswith('step 2/2') and line.endswith(': building'):\n"
@@ -158,7 +158,7 @@ async def test_a_build_killed_mid_step_is_redone(
     in the build VM. No QEMU of that build may survive, no temporary file may stay in the layer
     cache, and the next build must redo the step (not find a partial layer) and work."""
     command = f"sleep {STEP_SLEEP}; echo redone > /opt/redone"
-    image = capsa.Image.debian(name="killed").copy(token, "/opt/token").run(command)
+    image = capsa.Image.debian(name="killed", context=token).copy(token, "/opt/token").run(command)
     made.images.append(image)
     pid, qemus = _build_and_kill(token, command, tmp_path / "started")
     assert not [pid for pid in qemus if _alive(pid)], "a QEMU of the killed build survived"

@@ -100,7 +100,7 @@ def local_apt_repo(repo: Path) -> Path:
 def recipe(sources: Path) -> capsa.Image:
     """Every step kind, offline (packages from a local apt repository, wheels from a directory)."""
     return (
-        capsa.Image.debian(name="recipe-test")
+        capsa.Image.debian(name="recipe-test", context=sources)
         .apt_install("capsa-hello", sources=f"deb [trusted=yes] file:{sources / 'repo'} ./")
         .pip_install("capsatiny", find_links=sources / "wheels")
         .copy(sources / "app", "/opt/app")
@@ -231,7 +231,7 @@ async def test_host_only_steps_on_an_imported_image(
     if not BUSYBOX.exists():
         pytest.skip("needs a static /bin/busybox")
     archive = docker_archive(tmp_path / "bb.tar", [base_layer(), top_layer()])
-    imported = capsa.Image.from_oci(archive, name=f"bb-{uuid.uuid4().hex[:8]}")
+    imported = capsa.Image.from_oci(archive, name=f"bb-{uuid.uuid4().hex[:8]}", context=sources)
     image = imported.copy(sources / "app", "app").env("APP_MODE", "oci").workdir("app")
     made.images.append(image)
     try:

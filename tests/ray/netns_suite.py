@@ -1,19 +1,24 @@
 """capsa.ray on a simulated multi-node Ray cluster. Run ONLY inside a network namespace with just
 loopback up (Ray binds to the host's interface address): test_ray_cluster.py starts this file in
 ``unshare -n`` and reports each test here as one of its own. Nodes: a head without capsa slots,
-"a" and "b" with 3 slots each; the destructive tests (actor kill, node removal, driver kill) come
-last and use node "b" or a node of their own, so the shared sandbox on "a" survives them."""
+"a" and "b" with 3 slots each, "b" allowing remote callers host paths under a root of its own
+(``CAPSA_RAY_HOST_ROOT`` in its environment); the destructive tests (actor kill, node removal,
+driver kill) come last and use node "b" or a node of their own, so the shared sandbox on "a"
+survives them."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -30,7 +35,9 @@ ray = pytest.importorskip("ray")
 cray = pytest.importorskip("capsa.ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from capsa.ray._placement import placer  # noqa: E402
+from capsa.ray._placement import Constraint, Placer, placer  # noqa: E402
+from capsa.ray._remote import RaySandbox  # noqa: E402
+from capsa.ray._wire import decode_error  # noqa: E402
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
 
@@ -40,6 +47,7 @@ if os.environ.get("CAPSA_RAY_NETNS") != "1":
     )
 
 log = logging.getLogger(__name__)
+ROOT_ENV = "CAPSA_RAY_HOST_ROOT"  # read by a node's host actors (capsa.ray._node_policy)
 MEMORY = 256
 LOST_WITHIN = 15.0  # the issue's bound for SandboxLost under Ray's default health checks
 DRIVER = Path(__file__).with_name("driver_script.py")
@@ -51,20 +59,29 @@ class Nodes:
     cluster: Any
     a: str
     b: str
+    root: Path  # node b's host root (node a takes no host paths)
 
 
 @pytest.fixture(scope="module")
 def nodes() -> Iterator[Nodes]:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    a = cluster.add_node(num_cpus=1, resources={"capsa_slots": 3}, labels={"zone": "a"})
-    b = cluster.add_node(num_cpus=1, resources={"capsa_slots": 3}, labels={"zone": "b"})
-    ray.init(address=cluster.address, logging_level="warning")
+    root = Path(tempfile.mkdtemp(prefix="capsa-ray-root-")).resolve()
     try:
-        yield Nodes(cluster, a.node_id, b.node_id)
+        a = cluster.add_node(num_cpus=1, resources={"capsa_slots": 3}, labels={"zone": "a"})
+        os.environ[ROOT_ENV] = str(root)  # node b's raylet, and so its workers, inherit it
+        try:
+            b = cluster.add_node(num_cpus=1, resources={"capsa_slots": 3}, labels={"zone": "b"})
+        finally:
+            del os.environ[ROOT_ENV]
+        ray.init(address=cluster.address, logging_level="warning")
+        try:
+            yield Nodes(cluster, a.node_id, b.node_id, root)
+        finally:
+            asyncio.run(cray.shutdown())
+            ray.shutdown()
     finally:
-        asyncio.run(cray.shutdown())
-        ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def builder(zone: str | None = None) -> Any:
@@ -237,7 +254,7 @@ async def test_case_through_ray(shared: Any, case: Case) -> None:
     await case(shared)
 
 
-async def test_snapshot_fork_and_network_log_on_the_same_node(nodes: Nodes, tmp_path: Path) -> None:
+async def test_snapshot_fork_and_network_log_on_the_same_node(nodes: Nodes) -> None:
     net = capsa.VirtualNetwork.with_gateway(
         capsa.Gateway("10.0.2.0/24").policy(capsa.NetworkPolicy.deny_all())
     )
@@ -245,8 +262,8 @@ async def test_snapshot_fork_and_network_log_on_the_same_node(nodes: Nodes, tmp_
     clones: list[Any] = []
     try:
         await vm.agent.write_file("/tmp/mark", b"before fork")
-        snap = await vm.snapshot(tmp_path / "snap")
-        assert Path(snap.path).name == "snap"
+        snap = await vm.snapshot("snap")  # relative to node b's host root
+        assert Path(snap.path) == nodes.root / "snap"
         clones = await vm.fork(1)
         assert [c.node_id for c in clones] == [nodes.b]
         assert await clones[0].agent.read_file("/tmp/mark") == b"before fork"
@@ -261,6 +278,64 @@ async def test_snapshot_fork_and_network_log_on_the_same_node(nodes: Nodes, tmp_
         assert any(e.proto == "udp" and e.action == "deny" for e in log), log
     finally:
         await asyncio.gather(vm.stop(), *(c.stop() for c in clones))
+
+
+async def test_a_hostile_driver_calling_the_actor_gets_no_host_path(nodes: Nodes, shared: Any) -> None:
+    """Attack: a driver calls the host actors' methods itself (not through capsa.ray's handle) to
+    share /etc into a guest on node b (whose root is elsewhere), boot node a's /etc/passwd as a
+    kernel (node a takes no host paths), snapshot the shared sandbox to /tmp on node a, and bind
+    0.0.0.0:2222 on node b. Each is a ConfigError from the actor, and nothing is built or written."""
+    host_a, host_b = placer().hosts[nodes.a], placer().hosts[nodes.b]
+    target = Path(tempfile.gettempdir()) / f"capsa-hostile-{os.getpid()}"
+    forward = capsa.VirtualNetwork.with_gateway(
+        capsa.Gateway().forward_tcp(2222, 22, host_address="0.0.0.0")
+    )
+    before = sorted(nodes.root.iterdir())
+    attempts = [
+        (host_b, host_b.actor.build.remote([("share", ("/etc", "/mnt/etc"), {})], 60)),
+        (host_b, host_b.actor.build.remote([("share", ("../../etc", "/mnt/etc"), {})], 60)),
+        (host_a, host_a.actor.build.remote([("kernel", ("/etc/passwd",), {})], 60)),
+        (host_a, host_a.actor.call.remote(shared._ref.oid, [("snapshot", (str(target),), {})])),
+        (host_b, host_b.actor.build.remote([("network", (forward,), {})], 60)),
+    ]
+    for host, call in attempts:
+        status, error, _ = await host.request(call, 60)
+        assert status == "err"
+        decoded = decode_error(error, host.where)
+        assert isinstance(decoded, capsa.ConfigError), decoded
+    assert not target.exists() and sorted(nodes.root.iterdir()) == before
+    assert {n["node_id"]: n["used"] for n in await cray.nodes()}[nodes.b] == 0
+    with pytest.raises(capsa.ConfigError, match="outside this Ray node's host root"):
+        await builder("b").share("/root", "/mnt/root").build()  # the handle's way: the same
+
+
+async def test_two_drivers_cannot_fill_a_node_twice(nodes: Nodes) -> None:
+    """Two drivers (two placers, each with its own host actors and counts) build 2 sandboxes each
+    on node b, which has 3 capsa_slots: Ray grants 3, the fourth build gets NoSlotError after its
+    wait, and every slot is Ray's again once they stop."""
+    other = Placer(job_id="second-driver")
+    free = ray.available_resources().get("capsa_slots", 0)
+
+    async def second() -> Any:
+        host, ref = await other.place([("memory_mb", (MEMORY,), {})], Constraint(label="zone=b"), 8, 120)
+        return RaySandbox(host, ref)
+
+    builds = [builder("b").placement_timeout(8).build() for _ in range(2)] + [second(), second()]
+    results = await asyncio.gather(*builds, return_exceptions=True)
+    built = [r for r in results if isinstance(r, RaySandbox)]
+    try:
+        assert len(built) <= 3 and any(isinstance(r, cray.NoSlotError) for r in results), results
+        assert all(vm.node_id == nodes.b for vm in built)
+    finally:
+        await asyncio.gather(*(vm.stop() for vm in built), return_exceptions=True)
+        for host in other.hosts.values():
+            with contextlib.suppress(Exception):
+                await host.request(host.actor.close.remote(), 60)
+            ray.kill(host.actor, no_restart=True)
+    deadline = time.monotonic() + 20
+    while ray.available_resources().get("capsa_slots", 0) < free and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert ray.available_resources().get("capsa_slots", 0) >= free
 
 
 async def test_no_free_slot_is_a_clear_error_after_a_bounded_wait(nodes: Nodes, shared: Any) -> None:
@@ -319,6 +394,7 @@ async def test_fanout_example_spreads_over_both_nodes(nodes: Nodes) -> None:
 async def test_killed_host_actor_takes_its_qemu_and_raises_sandbox_lost(nodes: Nodes) -> None:
     """kill -9 of a host actor: its QEMU dies with it (PR_SET_PDEATHSIG, not Ray's cleanup), calls
     raise SandboxLost (never retried), and the node gets a new actor for new sandboxes."""
+    free = ray.available_resources().get("capsa_slots", 0)
     vm = await builder("b").build()
     host, pids = await vm_pids(nodes.b)
     assert pids and sorted(qemu_children([host.pid])) == sorted(pids)
@@ -333,6 +409,10 @@ async def test_killed_host_actor_takes_its_qemu_and_raises_sandbox_lost(nodes: N
     again = await builder("b").build()
     assert again.node_id == nodes.b
     await again.stop()
+    deadline = time.monotonic() + 20  # the dead actor's slot reservation is removed by the driver
+    while ray.available_resources().get("capsa_slots", 0) < free and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert ray.available_resources().get("capsa_slots", 0) >= free
 
 
 async def test_removed_node_raises_sandbox_lost_and_new_sandboxes_go_to_survivors(

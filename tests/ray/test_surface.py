@@ -3,9 +3,11 @@ that capsa (and capsa.ray) import without Ray installed."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,8 +16,10 @@ import capsa.ray as cray
 from capsa.agent.client import Agent
 from capsa.agent.exec import Process
 from capsa.ray._host import HostActor, NoSlotError, replay
-from capsa.ray._surface import PROXIED, surface
+from capsa.ray._node_policy import PLAIN_CONFIG_FIELDS, NodePolicy, host_parameters
+from capsa.ray._surface import BUILDERS, PROXIED, surface
 from capsa.ray._wire import decode_error, encode_error
+from capsa.sandbox.builder import SandboxConfig
 
 
 def test_surface_is_the_public_async_api() -> None:
@@ -84,6 +88,44 @@ async def test_host_actor_refuses_names_outside_the_surface() -> None:
     status, error, _ = await host.call(1, [("_channel", (), {})])
     assert status == "err" and isinstance(decode_error(error, "here"), capsa.ConfigError)
     assert await host.load() == (0, 1)
+
+
+def test_every_host_naming_parameter_of_the_surface_is_known() -> None:
+    """The parameters the node policy checks are derived from annotations; this inventory shows a
+    change (a new method taking a path is checked without a change here, but should be seen)."""
+    found = set()
+    for name, cls in {**PROXIED, **BUILDERS}.items():
+        shape = surface(name)
+        for method in shape.calls | set(shape.chains):
+            found |= {f"{name}.{method}({p})" for p in host_parameters(getattr(cls, method))}
+    assert found == {
+        "SandboxBuilder.kernel(path)",
+        "SandboxBuilder.initrd(path)",
+        "SandboxBuilder.rootfs(path)",
+        "SandboxBuilder.share(host_path)",
+        "SandboxBuilder.from_snapshot(snapshot)",
+        "SandboxBuilder.image(image)",
+        "SandboxBuilder.network(network)",
+        "Sandbox.snapshot(path)",
+        "NetworkStack.add_forward(forward)",
+    }
+    checked = {"kernel", "initrd", "rootfs", "snapshot", "shares", "image", "network"}
+    fields = {f.name for f in dataclasses.fields(SandboxConfig)}
+    assert fields == checked | PLAIN_CONFIG_FIELDS, "classify the new SandboxConfig field"
+
+
+def test_replay_hands_the_builder_resolved_paths_inside_the_root(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "kernel").write_bytes(b"k")
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    policy = NodePolicy(root=tmp_path)
+    built = replay([("share", ("link", "/mnt/data"), {}), ("kernel", ("kernel",), {})], policy)
+    assert built.config.shares[0].host_path == tmp_path / "data"
+    assert built.config.kernel == tmp_path / "kernel"
+    with pytest.raises(capsa.ConfigError):
+        replay([("share", (), {"host_path": "/etc", "guest_path": "/mnt"})], policy)
+    with pytest.raises(capsa.ConfigError):
+        replay([("kernel", (), {"path": "/etc/passwd", "extra": 1})], policy)
 
 
 def test_capsa_imports_without_ray() -> None:

@@ -24,7 +24,12 @@ def test_keys_come_from_the_file_and_the_environment(
     keys = tmp_path / "keys"
     keys.write_text("one\n\n  two  \n")
     monkeypatch.setenv("CAPSA_API_KEY", "three")
-    assert load_keys(str(keys)) == ("one", "two", "three")
+    ring = load_keys(str(keys))
+    assert [(k.key, k.tenant, k.admin) for k in ring.keys] == [
+        ("one", "default", False),
+        ("two", "default", False),
+        ("three", "default", True),
+    ]
     monkeypatch.delenv("CAPSA_API_KEY")
     with pytest.raises(ConfigError, match="no API key"):
         load_keys(None)

@@ -68,6 +68,6 @@ def test_ten_clients_twenty_commands_each(load_server: Server, tmp_path: Path) -
         "%d clients x %d commands in %.1fs; create min/median/max %.2f/%.2f/%.2fs",
         *(CLIENTS, COMMANDS, elapsed, creates[0], creates[len(creates) // 2], creates[-1]),
     )
-    metrics = httpx.get(f"{load_server.url}/metrics").text
+    metrics = httpx.get(f"{load_server.url}/metrics", headers={"X-API-KEY": API_KEY}).text
     assert f"capsa_server_commands_total {float(CLIENTS * COMMANDS)}" in metrics
     assert httpx.get(f"{load_server.url}/health").json()["sandboxes"] == 0

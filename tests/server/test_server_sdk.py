@@ -29,7 +29,7 @@ from e2b import (  # noqa: E402
     TimeoutException,
 )
 
-from tests.server.conftest import Server  # noqa: E402
+from tests.server.conftest import API_KEY, Server  # noqa: E402
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(180)]
 
@@ -436,15 +436,22 @@ def test_network_allow_out_reaches_only_that(server: Server) -> None:
 def _metric(server: Server, name: str) -> float | None:
     """The value of one series in ``/metrics`` (summed over its labels when ``name`` has none)."""
     values = []
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+    for line in _scrape(server).splitlines():
         series, _, value = line.rpartition(" ")
         if series == name or ("{" not in name and series.startswith(name + "{")):
             values.append(float(value))
     return sum(values) if values else None
 
 
+def _scrape(server: Server) -> str:
+    reply = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    reply.raise_for_status()
+    return reply.text
+
+
 def test_metrics(server: Server) -> None:
-    text = httpx.get(f"{server.url}/metrics").text
+    assert httpx.get(f"{server.url}/metrics").status_code == 401  # it needs a key
+    text = _scrape(server)
     assert "capsa_server_sandboxes_running" in text
     assert "capsa_server_sandbox_create_seconds_bucket" in text
     assert "capsa_server_commands_total" in text

@@ -352,3 +352,140 @@ def test_decide_name_matches_the_definition(
                 names,
             )
             assert not _lets_out(policy, flow, addresses), flow
+
+
+# -- the indexes behind decide/decide_name against a linear scan, on policies of many simple rules ----
+
+INDEXED_ATOMS = [Domain(X), Domain("*.corp.test"), Domain("*.x.corp.test"), Domain("corp.test"),
+                 Domain(Y), Cidr("198.51.0.0/16"), Cidr(C), Cidr("198.51.100.0/25"),
+                 Cidr("198.51.100.128/25"), Ip("198.51.100.7"), Ip("203.0.113.7"), Cidr("0.0.0.0/0"),
+                 Cidr("0.0.0.0/1"), Cidr("128.0.0.0/1"), Port(443), Proto("udp")]  # fmt: skip
+NAMES = [X, Y, "a.x.corp.test", "corp.test", "z.corp.test", "nothing.test"]
+ADDRESSES = sorted(
+    {a for m in INDEXED_ATOMS if isinstance(m, Cidr) for a in (m.first, m.last, m.last + 1)} - {2**32}
+)
+simple_policies = st.builds(
+    lambda default, rules: NetworkPolicy(default, tuple(Rule(a, m) for a, m in rules)),
+    st.sampled_from([Action.ALLOW, Action.DENY]),
+    st.lists(
+        st.tuples(
+            st.sampled_from(list(Action)),
+            st.one_of(st.sampled_from(INDEXED_ATOMS), st.sampled_from(INDEXED_ATOMS[:5]), matchers),
+        ),
+        max_size=12,
+    ),
+)
+
+
+def _linear_decide(policy: NetworkPolicy, flow: Flow) -> tuple[bool, str, tuple[str, ...]]:
+    logged: list[str] = []
+    for rule in policy.rules:
+        if rule.matcher.matches(flow):
+            if rule.action is LOG:
+                logged.append(rule.describe())
+                continue
+            return rule.action is ALLOW, rule.describe(), tuple(logged)
+    return policy.default is ALLOW, f"default {policy.default.value}", tuple(logged)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    policy=simple_policies,
+    names=st.frozensets(st.sampled_from(NAMES), max_size=2),
+    address=st.one_of(st.sampled_from(ADDRESSES), st.integers(0, 2**32 - 1)),
+    port=st.sampled_from([1, 53, 442, 443, 444, 65535]),
+    proto=st.sampled_from(["tcp", "udp", "icmp"]),
+)
+def test_indexed_decide_is_the_linear_first_match(
+    policy: NetworkPolicy, names: frozenset[str], address: int, port: int, proto: str
+) -> None:
+    flow = Flow(proto, IPv4Address(address), port, names)  # type: ignore[arg-type]
+    decision = policy.decide(flow)
+    assert (decision.allowed, decision.rule, decision.logged) == _linear_decide(policy, flow)
+
+
+@settings(max_examples=300, deadline=None)
+@given(policy=simple_policies, name=st.sampled_from(NAMES))
+def test_indexed_decide_name_matches_the_definition(policy: NetworkPolicy, name: str) -> None:
+    """The same brute-force definition as above, on policies where most rules are indexed; when
+    the name resolves, the deciding rule is the first (in protocol, port, address order) letting
+    a flow out."""
+    ports, addresses = _corner_values(policy)
+    flows = [
+        Flow(p, a, port, frozenset({name})) for p in ("tcp", "udp") for port in ports for a in addresses
+    ]
+    first = next((f for f in flows if _lets_out(policy, f, addresses)), None)
+    decision = policy.decide_name(name)
+    assert decision.allowed is (first is not None)
+    if first is not None:
+        rule = next((r for r in policy.rules if r.action is not LOG and r.matcher.matches(first)), None)
+        assert decision.rule == ("default allow" if rule is None else rule.describe())
+    expected_logs = tuple(
+        r.describe()
+        for r in policy.rules
+        if r.action is LOG and any(leaf.matches(Flow("tcp", names=frozenset({name})))
+                                   for leaf in _leaf_matchers(r.matcher) if isinstance(leaf, Domain))
+    )  # fmt: skip
+    if all(isinstance(r.matcher, (Domain, Cidr, Port, Proto)) for r in policy.rules):
+        assert decision.logged == expected_logs
+
+
+def test_rules_added_one_at_a_time_share_nothing_visible() -> None:
+    base = NetworkPolicy.deny_all().allow_domain(X)
+    left = base.allow_port(443)
+    right = base.deny_domain(Y).allow_ip("203.0.113.7")
+    assert [r.describe() for r in left.rules] == [f"allow domain {X}", "allow port 443"]
+    assert [r.describe() for r in right.rules] == [
+        f"allow domain {X}", f"deny domain {Y}", "allow cidr 203.0.113.7/32"
+    ]  # fmt: skip
+    assert base.rules == (Rule(ALLOW, Domain(X)),)
+    assert left.extend(right.rules[1:]).rules == (*left.rules, *right.rules[1:])
+    assert left == NetworkPolicy(DENY, left.rules) and hash(left) == hash(
+        NetworkPolicy(DENY, left.rules)
+    )
+    assert left != right and left.default is DENY
+
+
+def test_a_chain_of_many_rules_builds_in_linear_time() -> None:
+    import time
+
+    domains = [Domain(f"h{i}.example.test") for i in range(20_000)]
+    started = time.perf_counter()
+    policy = NetworkPolicy.deny_all()
+    for domain in domains:
+        policy = policy.rule(ALLOW, domain)
+    assert len(policy.rules) == 20_000
+    assert policy.decide_name("h19999.example.test").allowed
+    assert time.perf_counter() - started < 1.0  # quadratic: about 2 s
+
+
+def test_a_policy_pickles_as_its_rules() -> None:
+    import copy
+    import pickle
+
+    policy = NetworkPolicy.allow_all()
+    for i in range(5000):  # a chain deeper than pickle's recursion could follow
+        policy = policy.deny_domain(f"h{i}.example.test")
+    assert policy.decide_name("h1.example.test").allowed is False  # indexes made: not pickled
+    again = pickle.loads(pickle.dumps(policy))
+    assert again == policy and again.default is ALLOW
+    assert not again.decide_name("h4999.example.test").allowed
+    assert copy.deepcopy(policy) == policy
+
+
+def test_cidr_spellings_parse_as_ipaddress_does() -> None:
+    for text in ("10.1.2.3", "10.1.2.3/8", "0.0.0.0/0", "255.255.255.255/32", "10.0.0.0/255.0.0.0"):
+        assert Cidr(text).describe() == f"cidr {IPv4Network(text, strict=False)}"
+    for bad in (
+        "10.1.2.256",
+        "010.1.2.3",
+        "10.1.2.3/33",
+        "10.1.2",
+        "1.2.3.4/",
+        " 1.2.3.4",
+        "1.2.3.4/08x",
+    ):
+        with pytest.raises(ConfigError):
+            Cidr(bad)
+    with pytest.raises(ConfigError):
+        Ip("1.2.3.4/32")

@@ -93,7 +93,9 @@ def test_steps_validate_at_the_call(tmp_path: Path) -> None:
 def test_changing_the_last_step_changes_only_its_key(tmp_path: Path) -> None:
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "main.py").write_text("print(1)\n")
-    common = capsa.Image.debian(name="t").copy(tmp_path / "app", "/opt/app").env("A", "1")
+    common = (
+        capsa.Image.debian(name="t", context=tmp_path).copy(tmp_path / "app", "/opt/app").env("A", "1")
+    )
     first = plan(common.run("echo one"))
     second = plan(common.run("echo two"))
     assert [p.key for p in first[:-1]] == [p.key for p in second[:-1]]
@@ -140,7 +142,11 @@ def test_copy_follows_docker_semantics(tmp_path: Path) -> None:
 
 def test_wheels_unpack_into_the_guests_site_packages(tmp_path: Path) -> None:
     make_wheel(tmp_path / "wheels")
-    step = capsa.Image.debian().pip_install("capsatiny", find_links=tmp_path / "wheels").steps[-1]
+    step = (
+        capsa.Image.debian(context=tmp_path)
+        .pip_install("capsatiny", find_links=tmp_path / "wheels")
+        .steps[-1]
+    )
     members = _members(lambda layer: add_wheels(layer, step))
     assert f"rootfs/{SITE}/capsatiny/__init__.py" in members
     assert f"rootfs/{SITE}/capsatiny-1.0.dist-info/METADATA" in members
@@ -199,7 +205,7 @@ def test_pip_install_from_an_index_on_localhost_uses_only_that_index(
 
 def test_a_wheel_missing_for_the_guests_python_is_an_image_error(tmp_path: Path) -> None:
     make_wheel(tmp_path / "wheels", name="onlynew", tag="cp312-cp312-manylinux_2_17_x86_64")
-    image = capsa.Image.debian()
+    image = capsa.Image.debian(context=tmp_path)
     for requirement in ("onlynew", "doesnotexist"):
         step = image.pip_install(requirement, find_links=tmp_path / "wheels").steps[-1]
         with pytest.raises(ImageError) as caught:
@@ -234,7 +240,7 @@ workdir = "/opt/app"
     )
     loaded = load_recipe(recipe)
     expected = (
-        capsa.Image.debian(name="web")
+        capsa.Image.debian(name="web", context=tmp_path)
         .apt_install("git", "jq", sources="deb [trusted=yes] http://127.0.0.1:8000/ ./")
         .pip_install("capsatiny", find_links=tmp_path / "wheels")
         .copy(tmp_path / "app", "/opt/app")
@@ -283,7 +289,11 @@ def test_an_interrupted_layer_is_built_again(tmp_path: Path) -> None:
     after squashing, before its metadata) is built again; the layers below it are not."""
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "token").write_text(str(tmp_path))  # unique: never cached before
-    image = capsa.Image.debian(name="interrupt").copy(tmp_path / "app", "/opt/app").env("X", "1")
+    image = (
+        capsa.Image.debian(name="interrupt", context=tmp_path)
+        .copy(tmp_path / "app", "/opt/app")
+        .env("X", "1")
+    )
     planned = plan(image)
     try:
         lines: list[str] = []
@@ -320,7 +330,11 @@ def test_a_wheel_entry_escaping_its_root_is_refused(tmp_path: Path) -> None:
     wheel = make_wheel(tmp_path / "wheels")
     with zipfile.ZipFile(wheel, "a") as archive:
         archive.writestr("../../etc/cron.d/evil", b"* * * * * root sh\n")
-    step = capsa.Image.debian().pip_install("capsatiny", find_links=tmp_path / "wheels").steps[-1]
+    step = (
+        capsa.Image.debian(context=tmp_path)
+        .pip_install("capsatiny", find_links=tmp_path / "wheels")
+        .steps[-1]
+    )
     with pytest.raises(ImageError, match="escaping its root"):
         _members(lambda layer: add_wheels(layer, step))
 

@@ -232,3 +232,16 @@ async def test_a_member_cannot_pass_for_another(pair: tuple[Switch, Guest, Guest
     a.send(b.mac, ETH_IPV4, IPv4.build(forged, b.ip, PROTO_TCP, segment))
     a.send(BROADCAST_MAC, ETH_ARP, Arp(1, a.mac, forged, bytes(6), b.ip).build())
     assert await b.nothing()
+
+
+async def test_only_forgeries_count_as_spoofed(pair: tuple[Switch, Guest, Guest]) -> None:
+    """A gratuitous ARP for b's address is a forgery (dropped and counted); IPv6 between members is
+    dropped too, but is what every Linux guest sends (neighbour discovery), so it is no forgery."""
+    switch, a, b = pair
+    a.send(BROADCAST_MAC, ETH_ARP, Arp(2, a.mac, b.ip, BROADCAST_MAC, b.ip).build())
+    a.send(BROADCAST_MAC, ETH_ARP, Arp(7, a.mac, a.ip, bytes(6), b.ip).build())  # no such opcode
+    a.send(bytes.fromhex("333300000001"), 0x86DD, bytes(48))
+    assert await b.nothing()
+    assert (switch.spoofed, switch.dropped) == (2, 3)
+    a.send(BROADCAST_MAC, ETH_ARP, Arp(1, a.mac, a.ip, a.mac, a.ip).build())  # its own: passes
+    assert Arp.parse((await b.frame()).payload).sender_ip == a.ip

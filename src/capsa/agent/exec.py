@@ -7,10 +7,10 @@ import contextlib
 import signal as signals
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from capsa.agent import wire
-from capsa.agent._channel import Call, Channel, InStream
+from capsa.agent._channel import Call, Channel
 from capsa.agent.errors import agent_error, check_timeout
 from capsa.agent.types import ExecResult
 from capsa.errors import (
@@ -57,20 +57,33 @@ def _check_text(value: str, what: str) -> str:
     return value
 
 
+class ChunkSource(Protocol):
+    """Where an :class:`OutputStream` reads from: a call's stream from the guest agent."""
+
+    async def read(self) -> bytes | None: ...
+
+
 class OutputStream:
     """A running process's stdout or stderr: ``async for chunk in proc.stdout`` yields bytes as the
-    guest produces them. Unread output holds the process back (back-pressure), it is never lost."""
+    guest produces them. Unread output holds the process back (back-pressure), it is never lost.
 
-    def __init__(self, stream: InStream) -> None:
+    ``readline`` costs time linear in the bytes read however the guest splits them (a guest
+    trickling a byte at a time must not make the host re-copy the line per byte: the host's event
+    loop is shared by every sandbox), and memory bounded by its ``limit``."""
+
+    def __init__(self, stream: ChunkSource) -> None:
         self._stream = stream
-        self._pending = b""  # read past a line end by readline()
+        self._buffer = bytearray()  # read from the stream, not yet returned
+        self._scanned = 0  # how much of the buffer is known to hold no line end
 
     def __aiter__(self) -> OutputStream:
         return self
 
     async def __anext__(self) -> bytes:
-        if self._pending:
-            data, self._pending = self._pending, b""
+        if self._buffer:
+            data = bytes(self._buffer)
+            self._buffer.clear()
+            self._scanned = 0
             return data
         chunk = await self._stream.read()
         if chunk is None:
@@ -83,19 +96,30 @@ class OutputStream:
 
     async def readline(self, limit: int = 1 << 20) -> bytes:
         """The next line including its ``\n`` (less at the end of the stream), e.g. to wait for a
-        server's "ready". Raises ``ValueError`` past ``limit`` bytes without a line end."""
-        line = b""
+        server's "ready". A line longer than ``limit`` bytes raises ``ValueError`` and, as
+        ``asyncio.StreamReader.readline`` does, is dropped: up to its line end if that has arrived,
+        else what has arrived of it (the next call goes on from there)."""
+        buffer = self._buffer
         while True:
-            end = line.find(b"\n")
-            if end >= 0:
-                self._pending = line[end + 1 :] + self._pending
-                return line[: end + 1]
-            if len(line) > limit:
-                raise ValueError(f"no line end within {limit} bytes of output")
-            try:
-                line += await self.__anext__()
-            except StopAsyncIteration:
+            end = buffer.find(b"\n", self._scanned)
+            if end >= 0 or len(buffer) > limit:
+                break
+            self._scanned = len(buffer)
+            chunk = await self._stream.read()
+            if chunk is None:
+                line = bytes(buffer)
+                buffer.clear()
+                self._scanned = 0
                 return line
+            buffer += chunk
+        if end < 0 or end >= limit:
+            del buffer[: len(buffer) if end < 0 else end + 1]
+            self._scanned = 0
+            raise ValueError(f"no line end within {limit} bytes of output")
+        line = bytes(buffer[: end + 1])
+        del buffer[: end + 1]  # a bytearray drops a prefix without moving the rest
+        self._scanned = 0
+        return line
 
 
 class Process:

@@ -6,7 +6,7 @@ import argparse
 import logging
 from typing import Any
 
-from capsa.cli.serve import add_sandbox_flags, parse_pool
+from capsa.cli.serve import add_sandbox_flags, max_sandboxes, parse_pool
 from capsa.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,9 @@ def _mcp(args: argparse.Namespace) -> int:
             f"capsa mcp needs the server extra ({exc.name} is missing)",
             hint="pip install 'capsa[server]'",
         ) from None
-    if args.max_sandboxes is not None and args.max_sandboxes < 1:
-        raise ConfigError("--max-sandboxes must be at least 1")
     config = McpConfig(
         pools=dict(parse_pool(p) for p in args.pool),
-        max_sandboxes=args.max_sandboxes,
+        max_sandboxes=max_sandboxes(args),
         memory_mb=args.memory,
         dns_servers=tuple(args.dns_server),
         allow_internal_destinations=args.allow_internal_destinations,

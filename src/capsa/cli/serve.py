@@ -7,9 +7,13 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from capsa.errors import ConfigError
+
+if TYPE_CHECKING:
+    from capsa.server.quota import TenantLimits
+    from capsa.server.tenants import ApiKey, KeyRing
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +26,20 @@ def register(commands: Any) -> None:
             "Run an HTTP server that the E2B Python/JS SDKs use unchanged: point them at it with\n"
             "E2B_API_URL=http://HOST:PORT, E2B_SANDBOX_URL=http://HOST:PORT and E2B_API_KEY=KEY.\n"
             "One port serves the control plane, every sandbox's envd API and code interpreter,\n"
-            "GET /health (unauthenticated) and GET /metrics (Prometheus). Needs the server extra:\n"
-            "pip install 'capsa[server]'."
+            "GET /health (unauthenticated) and GET /metrics (Prometheus, any API key). Needs the\n"
+            "server extra: pip install 'capsa[server]'."
         ),
         epilog=(
             "examples:\n"
             "  CAPSA_API_KEY=secret capsa serve\n"
             "  capsa serve --api-key-file keys.txt --pool base=4 --pool code-interpreter-v1=2\n"
             "  capsa serve --ray HEAD:6379 --pool base=2    # one endpoint for a Ray cluster\n\n"
+            "API key file: one key per line; '#' starts a comment line. A plain KEY belongs to the\n"
+            "tenant 'default'; KEY tenant=NAME [admin] [max_sandboxes=N] [creates_per_minute=N]\n"
+            "names its tenant. A sandbox belongs to its creator's tenant: other tenants' keys get\n"
+            "404 for it and do not list it; an admin key sees every tenant's. max_sandboxes and\n"
+            "creates_per_minute limit the tenant (HTTP 429), beside --max-sandboxes. CAPSA_API_KEY\n"
+            "is an admin key of the tenant 'default'.\n\n"
             "templates: base (capsa's default image), code-interpreter-v1 (the same, with the\n"
             "Python interpreter started at create). On SIGTERM the server stops accepting and\n"
             "kills its sandboxes.\n\n"
@@ -45,7 +55,8 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--api-key-file",
         metavar="FILE",
-        help="accepted API keys, one per line (CAPSA_API_KEY adds one more)",
+        help="accepted API keys, one per line, each optionally with tenant=NAME, admin, "
+        "max_sandboxes=N, creates_per_minute=N (see below; CAPSA_API_KEY adds an admin key)",
     )
     parser.add_argument(
         "--ray",
@@ -54,7 +65,67 @@ def register(commands: Any) -> None:
         "this machine; --pool N is then per node",
     )
     add_sandbox_flags(parser)
+    add_limit_flags(parser)
     parser.set_defaults(handler=_serve)
+
+
+def add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """The HTTP limits of ``capsa serve`` (docs/server.md, "Limits")."""
+    group = parser.add_argument_group("HTTP limits")
+    group.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="close a connection whose request headers are not complete within S seconds (default 10)",
+    )
+    group.add_argument(
+        "--keep-alive-timeout",
+        type=int,
+        default=5,
+        metavar="S",
+        help="close an idle keep-alive connection after S seconds (default 5)",
+    )
+    group.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="answer 408 when a request body pauses for S seconds (default 30)",
+    )
+    group.add_argument(
+        "--max-connections",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="answer 503 past N open connections (default 1000)",
+    )
+    group.add_argument(
+        "--max-upload-mb",
+        type=int,
+        default=1024,
+        metavar="MB",
+        help="largest /files upload, streamed to the guest (default 1024; control-plane bodies: 1 MiB)",
+    )
+
+
+def limits_from(args: argparse.Namespace) -> Any:
+    """The server's :class:`~capsa.server.limits.Limits` from the flags (checked)."""
+    from capsa.server.limits import Limits, MiB  # noqa: PLC0415 (optional dependency)
+
+    if not 0 < args.header_timeout <= 3600 or not 0 < args.body_timeout <= 3600:
+        raise ConfigError("--header-timeout and --body-timeout take seconds from 0 to 3600")
+    if not 1 <= args.keep_alive_timeout <= 3600:
+        raise ConfigError("--keep-alive-timeout takes seconds from 1 to 3600")
+    if args.max_connections < 1 or args.max_upload_mb < 1:
+        raise ConfigError("--max-connections and --max-upload-mb must be at least 1")
+    return Limits(
+        header_timeout=args.header_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
+        body_timeout=args.body_timeout,
+        max_connections=args.max_connections,
+        max_upload_bytes=args.max_upload_mb * MiB,
+    )
 
 
 def add_sandbox_flags(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +141,9 @@ def add_sandbox_flags(parser: argparse.ArgumentParser) -> None:
         "--max-sandboxes",
         type=int,
         metavar="N",
-        help="refuse to create more than N sandboxes at a time (the server answers 429)",
+        help="refuse to hold more than N sandboxes at a time, paused ones included (the server "
+        "answers 429); default: what fits in the memory available at start (--memory plus "
+        "overhead each, pools deducted), at most 8 per core; none with --ray",
     )
     parser.add_argument(
         "--dns-server",
@@ -96,23 +169,38 @@ def parse_pool(text: str) -> tuple[str, int]:
     return name, int(count)
 
 
-def load_keys(path: str | None) -> tuple[str, ...]:
-    keys: list[str] = []
+def load_keys(path: str | None) -> KeyRing:
+    """The keys of ``--api-key-file`` (with their tenants and limits) and ``CAPSA_API_KEY``."""
+    from capsa.server.tenants import key_ring, parse_key_file  # noqa: PLC0415 (server extra)
+
+    keys: list[ApiKey] = []
+    limits: dict[str, TenantLimits] = {}
     if path is not None:
         try:
             text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read --api-key-file {path}: {exc.strerror}") from None
-        keys += [line.strip() for line in text.splitlines() if line.strip()]
-    env_key = os.environ.get("CAPSA_API_KEY", "").strip()
-    if env_key:
-        keys.append(env_key)
-    if not keys:
-        raise ConfigError(
-            "no API key configured",
-            hint="set CAPSA_API_KEY or pass --api-key-file FILE (one key per line)",
-        )
-    return tuple(keys)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+            raise ConfigError(f"cannot read --api-key-file {path}: {reason}") from None
+        numbered, limits = parse_key_file(text, path)
+        keys = [key for _, key in numbered]
+    return key_ring(keys, limits, os.environ.get("CAPSA_API_KEY", "").strip() or None)
+
+
+def max_sandboxes(args: argparse.Namespace) -> int | None:
+    """``--max-sandboxes``, or the machine's default (none with ``--ray``: the nodes' slots
+    bound a cluster)."""
+    if args.max_sandboxes is not None:
+        if args.max_sandboxes < 1:
+            raise ConfigError("--max-sandboxes must be at least 1")
+        return int(args.max_sandboxes)
+    if getattr(args, "ray", None) is not None:
+        return None
+    from capsa.server.quota import machine_max_sandboxes  # noqa: PLC0415 (server extra)
+
+    pooled = sum(parse_pool(p)[1] for p in args.pool)
+    chosen, why = machine_max_sandboxes(args.memory, pooled)
+    log.info("at most %d sandboxes (%s); --max-sandboxes N to change", chosen, why)
+    return chosen
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -120,21 +208,24 @@ def _serve(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: PLC0415 (optional dependency)
 
         from capsa.server import ServerConfig, create_app  # noqa: PLC0415
+        from capsa.server.http_guard import protocol_with  # noqa: PLC0415
     except ImportError as exc:
         raise ConfigError(
             f"capsa serve needs the server extra ({exc.name} is missing)",
             hint="pip install 'capsa[server]'",
         ) from None
-    if args.max_sandboxes is not None and args.max_sandboxes < 1:
-        raise ConfigError("--max-sandboxes must be at least 1")
+    keys = load_keys(args.api_key_file)
+    if not args.verbose:
+        logging.getLogger(__name__).setLevel(logging.INFO)  # the derived --max-sandboxes
     config = ServerConfig(
-        api_keys=load_keys(args.api_key_file),
+        api_keys=keys,
         pools=dict(parse_pool(p) for p in args.pool),
-        max_sandboxes=args.max_sandboxes,
+        max_sandboxes=max_sandboxes(args),
         memory_mb=args.memory,
         dns_servers=tuple(args.dns_server),
         allow_internal_destinations=args.allow_internal_destinations,
         ray_address=args.ray,
+        limits=limits_from(args),
     )
     if args.ray is not None:  # before uvicorn: its signal handlers must replace Ray's SIGTERM one
         from capsa.server._cluster import connect_driver  # noqa: PLC0415
@@ -152,6 +243,10 @@ def _serve(args: argparse.Namespace) -> int:
             access_log=False,  # capsa.server.access logs each request with its sandbox and duration
             timeout_graceful_shutdown=10,
             interface="asgi3",
+            http=protocol_with(config.limits.header_timeout),
+            timeout_keep_alive=config.limits.keep_alive_timeout,
+            limit_concurrency=config.limits.max_connections,
+            h11_max_incomplete_event_size=config.limits.max_header_bytes,
         )
     except SystemExit as exc:
         # uvicorn re-raises the SIGTERM it shut down on; with --ray, Ray's handler turns it into

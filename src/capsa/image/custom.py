@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from capsa._paths import cache_dir
 from capsa.errors import ConfigError, ImageError
+from capsa.image.context import context_dir
 from capsa.image.layers import MERGE_VERSION, import_layers
 from capsa.image.oci import ImageConfig, open_image
 
@@ -76,13 +77,22 @@ class Image:
     source: Path  # the archive (oci); unused for a recipe
     name: str
     steps: tuple[Step, ...] = ()
+    # The only host directory copy() and find_links= read from (None: the current directory when
+    # a step is added); see capsa.image.context.
+    context: Path | None = None
 
     @classmethod
-    def debian(cls, *, name: str = "debian") -> Image:
-        """capsa's default root (Debian bookworm with python3 and pip) as the base of a recipe."""
+    def debian(cls, *, name: str = "debian", context: str | Path | None = None) -> Image:
+        """capsa's default root (Debian bookworm with python3 and pip) as the base of a recipe.
+
+        ``context`` is the directory whose files the recipe's ``copy()`` and ``find_links=`` may
+        read (nothing outside it); by default the current directory when the step is added."""
         if not isinstance(name, str) or not name or "\0" in name or "/" in name:
             raise ConfigError(f"invalid image name {name!r}")
-        return cls("debian", Path("/"), name)
+        return cls("debian", Path("/"), name, context=_context(context))
+
+    def _context_dir(self) -> Path:
+        return context_dir(self.context)
 
     def _step(self, step: Step) -> Image:
         from capsa.image.recipe import MAX_STEPS  # noqa: PLC0415 - recipe imports this module
@@ -101,10 +111,12 @@ class Image:
     def copy(self, src: str | Path, dst: str) -> Image:
         """Copy a host file or directory into the image, as Docker's COPY: a directory's contents
         land at ``dst``; a file lands at ``dst`` (inside it when ``dst`` ends with ``/``). Owned
-        by root, modes kept, symlinks copied as links. A relative ``dst`` follows :meth:`workdir`."""
+        by root, modes kept, symlinks inside a directory copied as links. A relative ``dst``
+        follows :meth:`workdir`. ``src`` is relative to the recipe's context directory (or absolute
+        inside it); anything that resolves outside it (``..``, ``~``, a symlink) is a ConfigError."""
         from capsa.image.recipe import copy_step  # noqa: PLC0415
 
-        return self._step(copy_step(Path(src).expanduser().absolute(), dst))
+        return self._step(copy_step(self._context_dir(), src, dst))
 
     def env(self, key: str, value: str) -> Image:
         """Set an environment variable for later ``run()`` steps and every command in the sandbox."""
@@ -134,10 +146,13 @@ class Image:
     ) -> Image:
         """Install binary wheels for the guest's Python (3.11, x86_64 manylinux), resolved and
         unpacked on the host (no build VM, no root) into ``/usr/local/lib/python3.11/dist-packages``.
-        ``find_links`` (a wheel directory) without ``index_url`` installs from that directory only."""
+        ``find_links`` (a wheel directory inside the context directory, or an http(s) URL) without
+        ``index_url`` installs from that directory only. Requirements are names with versions:
+        URLs, paths and direct references (``name @ url``) are refused, and nothing is ever built."""
         from capsa.image.recipe_pip import pip_step  # noqa: PLC0415
 
-        return self._step(pip_step(requirements, index_url, find_links))
+        context = self._context_dir() if find_links is not None else None
+        return self._step(pip_step(requirements, index_url, find_links, context))
 
     def apt_install(self, *packages: str, sources: str | None = None) -> Image:
         """Install Debian packages with their dependencies: resolved and downloaded by the host's
@@ -148,11 +163,14 @@ class Image:
         return self._step(apt_step(packages, sources))
 
     @classmethod
-    def from_oci(cls, path: str | Path, *, name: str | None = None) -> Image:
+    def from_oci(
+        cls, path: str | Path, *, name: str | None = None, context: str | Path | None = None
+    ) -> Image:
         """A container image: a ``docker save`` / ``podman save`` archive, an OCI image layout
-        directory, or that layout in a tar. Read (and its digests checked) at :meth:`build`."""
+        directory, or that layout in a tar. Read (and its digests checked) at :meth:`build`.
+        ``context``: where its ``copy()`` steps read from, as for :meth:`debian`."""
         source = Path(path).expanduser().absolute()
-        return cls("oci", source, name or source.name)
+        return cls("oci", source, name or source.name, context=_context(context))
 
     def build(self, *, progress: Progress | None = None) -> BuiltImage:
         """Build the image (or find it in the cache) and return its layers; blocking.
@@ -164,6 +182,10 @@ class Image:
 
             return build_recipe(self, progress)
         return _build_oci(self, progress)
+
+
+def _context(value: str | Path | None) -> Path | None:
+    return None if value is None else context_dir(value)
 
 
 def images_root() -> Path:

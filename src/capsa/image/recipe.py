@@ -48,6 +48,7 @@ from typing import IO, Any, Literal
 from capsa._paths import cache_dir
 from capsa.errors import ConfigError, ImageError
 from capsa.image import rootfs
+from capsa.image.context import inside, open_regular, still_inside
 from capsa.image.custom import (
     _META,
     IMAGE_CONFIG_NAME,
@@ -110,13 +111,13 @@ def _text(value: object, what: str) -> str:
     return value
 
 
-def copy_step(src: Path, dst: str) -> Step:
+def copy_step(context: Path, src: str | Path, dst: str) -> Step:
+    """``src`` resolved inside ``context`` (:func:`capsa.image.context.inside`: ConfigError if
+    it leaves it); the step keeps the resolved path."""
     _text(dst, "copy()'s destination")
     if not dst:
         raise ConfigError("copy() needs a destination path")
-    if not src.exists() and not src.is_symlink():
-        raise ConfigError(f"copy(): {src} does not exist")
-    return Step("copy", (str(src), dst))
+    return Step("copy", (str(inside(context, src, "copy()")), dst))
 
 
 def env_step(key: str, value: str) -> Step:
@@ -221,7 +222,7 @@ def _content_digest(path: Path) -> str:
         if stat.S_ISLNK(st.st_mode):
             sha.update(os.readlink(entry).encode())
         elif stat.S_ISREG(st.st_mode):
-            with entry.open("rb") as fh:
+            with open_regular(entry, st.st_size) as fh:
                 while chunk := fh.read(1 << 20):
                     sha.update(chunk)
         sha.update(b"\n")
@@ -277,13 +278,19 @@ class LayerTar:
             self.dirs.add(path)
         info.name = ROOT_PREFIX + path
         if info.islnk():
-            info.linkname = ROOT_PREFIX + info.linkname.strip("/")
+            target = posixpath.normpath("/" + info.linkname).strip("/")
+            if not target or ".." in info.linkname.split("/"):
+                raise ImageError(f"a hard link escapes the image root: {info.linkname!r}")
+            info.linkname = ROOT_PREFIX + target
         info.uname = info.gname = ""
         self.tar.addfile(info, data)
 
 
 def add_host_tree(layer: LayerTar, src: Path, dst: str) -> int:
-    """Docker COPY of ``src`` to the absolute guest path ``dst``; returns the number of entries."""
+    """Docker COPY of ``src`` to the absolute guest path ``dst``; returns the number of entries.
+    Symlinks below ``src`` are copied as links, never followed (``src`` itself was resolved inside
+    the recipe's context when the step was made)."""
+    still_inside(src, "copy()")
     target = dst.strip("/")
     if src.is_dir() and not src.is_symlink():
         base = target
@@ -307,7 +314,7 @@ def add_host_tree(layer: LayerTar, src: Path, dst: str) -> int:
             layer.add(info)
         elif stat.S_ISREG(st.st_mode):
             info.size = st.st_size
-            with entry.open("rb") as fh:
+            with open_regular(entry, st.st_size) as fh:
                 layer.add(info, fh)
         else:
             log.info("copy: skipping %s (not a file, directory or symlink)", entry)
@@ -538,7 +545,7 @@ def _squash_layer(image: Image, item: Planned, directory: Path, captured: IO[byt
 
             add_wheels(layer, step)
         elif captured is not None:
-            from capsa.image.recipe_run import add_captured  # noqa: PLC0415
+            from capsa.image.capture import add_captured  # noqa: PLC0415
 
             add_captured(layer, captured)
         _add_bytes(tar, IMAGE_CONFIG_NAME, json.dumps(config).encode())

@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import urllib.parse
 from pathlib import Path
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 APT_TIMEOUT = 900.0
 DEB_DIR = "/tmp/capsa-debs"
 STATUS = "var/lib/dpkg/status"
+MAX_STATUS = 256 << 20  # dpkg's status of a big image: a few MiB
 INSTALL_COMMAND = (
     f"export DEBIAN_FRONTEND=noninteractive; dpkg -i --force-confdef --force-confold {DEB_DIR}/*.deb; "
     f"rc=$?; rm -rf {DEB_DIR} /var/log/dpkg.log /var/lib/dpkg/*-old /var/cache/debconf/*-old; exit $rc"
@@ -63,17 +65,39 @@ def _sources(step: Step) -> tuple[str, str]:
 
 
 def guest_status(layers: list[Path], rootfs: Path) -> bytes:
-    """dpkg's status file as the image so far has it (the topmost layer that has one wins)."""
+    """dpkg's status file as the image so far has it (the topmost layer that has one wins).
+
+    A run() step's guest wrote it (it is root there): at most :data:`MAX_STATUS` bytes are read."""
     tool = shutil.which("rdsquashfs")
     if tool is None:
         raise ImageError("rdsquashfs not found", hint="install squashfs-tools-ng")
     for path, name in [*((layer, f"rootfs/{STATUS}") for layer in reversed(layers)), (rootfs, STATUS)]:
-        done = subprocess.run(
-            [tool, "-c", name, str(path)], capture_output=True, timeout=120, check=False
-        )
-        if done.returncode == 0 and done.stdout:
-            return done.stdout
+        content = _read_bounded([tool, "-c", name, str(path)], MAX_STATUS, f"dpkg's status in {path}")
+        if content:
+            return content
     raise ImageError("cannot read dpkg's status from the image: is it Debian-based?")
+
+
+def _read_bounded(argv: list[str], limit: int, what: str) -> bytes | None:
+    """The stdout of ``argv`` (None if it fails), refused past ``limit`` bytes, never held whole."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
+    try:
+        data = proc.stdout.read(limit + 1)
+        if len(data) > limit:
+            raise ImageError(
+                f"{what} is over {limit} bytes",
+                hint="a run() step wrote a huge /var/lib/dpkg/status; raise "
+                "capsa.image.recipe_apt.MAX_STATUS if it is genuine",
+            )
+        return data if proc.wait(120) == 0 else None
+    finally:
+        watchdog.cancel()
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 def _options(state: Path, status: Path, archives: Path) -> list[str]:

@@ -10,7 +10,8 @@ After the command, GNU tar (from capsa's Debian base) packs the user root's uppe
 overlayfs's own format (a deleted file is a 0/0 character device: a whiteout, honoured by overlayfs
 in every lower layer), straight onto the output disk; the host reads that tar from its own handle on
 the disk's file, without holding it in memory, and streams it under ``rootfs/`` into the layer's
-SquashFS.
+SquashFS. The guest is root in its VM: the host parses those bytes as hostile, bounded by what the
+guest really wrote (:mod:`capsa.image.capture`).
 
 Known limit: a directory that the command removed and created again is "opaque" in the upper
 directory (an extended attribute), which the stacked SquashFS layers cannot carry (capsa's kernel
@@ -23,10 +24,8 @@ import asyncio
 import concurrent.futures
 import logging
 import os
-import posixpath
 import shutil
 import subprocess
-import tarfile
 import tempfile
 from collections.abc import Coroutine
 from dataclasses import replace
@@ -35,7 +34,6 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from capsa._paths import cache_dir
 from capsa.errors import CapsaError, ImageError
-from capsa.image.recipe import LayerTar
 from capsa.image.sandbox import (
     BUILD_OUTPUT_NAME,
     BUILD_OUTPUT_TAG,
@@ -56,9 +54,6 @@ SCRATCH_BYTES = 64 << 30  # the writable layers of a build VM (what a step may w
 MAX_LAYER_BYTES = 32 << 30  # the output disk: the tar of what a step changed
 MKFS_TIMEOUT = 60.0
 _OUTPUT_TAIL = 8000
-_OPAQUE = "SCHILY.xattr.trusted.overlay.opaque"
-# Left by capsa itself in the user's root, never part of a layer.
-_SKIP = {BUILD_UPPER.strip("/"), "etc/resolv.conf", "etc/hostname"}
 # Onto the output disk, then flushed to the host (sync(2) flushes block devices too).
 _CAPTURE = (
     f'out=$(cat {BUILD_UPPER}/{BUILD_OUTPUT_NAME}) && [ -b "$out" ] || exit 3; '
@@ -247,44 +242,3 @@ async def _step(
             f"{label}: cannot pack what the command changed (tar exited {packed.exit_code})",
             hint=packed.stderr[-2000:] or None,
         )
-
-
-def add_captured(layer: LayerTar, data: IO[bytes]) -> int:
-    """Copy the captured upper directory (a tar, read as a stream) into ``layer``; returns the
-    number of entries."""
-    count = 0
-    opaque: list[str] = []
-    try:
-        with tarfile.open(fileobj=data, mode="r|") as tar:
-            for member in tar:
-                path = posixpath.normpath("/" + member.name).strip("/")
-                if not path or path in _SKIP or path.startswith(f"{BUILD_UPPER.strip('/')}/"):
-                    continue
-                if member.pax_headers.get(_OPAQUE) == "y":
-                    opaque.append(path)
-                if member.ischr() or member.isblk():
-                    if not (member.ischr() and member.devmajor == 0 and member.devminor == 0):
-                        continue  # device nodes: the guest's /dev is devtmpfs
-                elif not (member.isreg() or member.isdir() or member.issym() or member.islnk()
-                          or member.isfifo()):  # fmt: skip
-                    continue
-                info = tarfile.TarInfo(path)
-                info.type, info.mode, info.mtime = member.type, member.mode, member.mtime
-                info.uid, info.gid, info.linkname = member.uid, member.gid, member.linkname
-                info.devmajor, info.devminor = member.devmajor, member.devminor
-                if member.islnk():
-                    info.linkname = member.linkname.removeprefix("./")
-                if member.isreg():
-                    info.size = member.size
-                    layer.add(info, tar.extractfile(member))
-                else:
-                    layer.add(info)
-                count += 1
-    except tarfile.TarError as exc:
-        raise ImageError(f"the build VM's capture is not a readable tar: {exc}") from exc
-    if opaque:  # mostly directories new to the image (nothing below to hide): not worth a warning
-        log.info(
-            "run(): opaque directories keep the entries of the layers below, if any: /%s",
-            ", /".join(opaque[:5]),
-        )
-    return count

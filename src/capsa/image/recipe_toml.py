@@ -3,8 +3,8 @@
 The file names the image and lists ``[[steps]]`` tables, each with exactly one of ``copy`` (and
 ``to``), ``env`` (a table), ``workdir``, ``run`` (``timeout``, ``network``), ``pip_install``
 (``index_url``, ``find_links``) and ``apt_install`` (``sources``); the format is documented in
-docs/images.md. Relative ``copy`` sources and ``find_links`` directories resolve against the file's
-directory.
+docs/images.md. The file's directory is the recipe's context: ``copy`` sources and ``find_links``
+directories resolve inside it, and nothing outside it is read (:mod:`capsa.image.context`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ _TOML_KEYS = {"name", "base", "steps"}
 
 
 def read_recipe(path: Path) -> Image:
-    """An image recipe from a TOML file (format in docs/images.md); relative ``copy`` sources
-    resolve against the file's directory. ConfigError for a malformed recipe."""
-    path = Path(path).expanduser()
+    """An image recipe from a TOML file (format in docs/images.md); ``copy`` sources and
+    ``find_links`` resolve inside the file's directory. ConfigError for a malformed recipe."""
+    path = Path(path).expanduser().absolute()
     try:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
@@ -36,7 +36,7 @@ def read_recipe(path: Path) -> Image:
     base = data.get("base", "debian")
     if base != "debian":
         raise ConfigError(f'{path}: base must be "debian", got {base!r:.40}')
-    image = Image.debian(name=str(data.get("name") or path.stem))
+    image = Image.debian(name=str(data.get("name") or path.stem), context=path.parent)
     steps = data.get("steps", [])
     if not isinstance(steps, list):
         raise ConfigError(f"{path}: steps must be an array of tables ([[steps]])")
@@ -44,7 +44,7 @@ def read_recipe(path: Path) -> Image:
         if not isinstance(entry, dict):
             raise ConfigError(f"{path}: step {number} is not a table")
         try:
-            image = _toml_step(image, dict(entry), path.parent)
+            image = _toml_step(image, dict(entry))
         except ConfigError as exc:
             raise ConfigError(f"{path}: step {number}: {exc.message}", hint=exc.hint) from exc
     return image
@@ -57,7 +57,7 @@ def _strings(value: object, what: str) -> list[str]:
     return list(items)
 
 
-def _toml_step(image: Image, entry: dict[str, Any], folder: Path) -> Image:
+def _toml_step(image: Image, entry: dict[str, Any]) -> Image:
     kinds = [k for k in ("copy", "env", "workdir", "run", "pip_install", "apt_install") if k in entry]
     if len(kinds) != 1:
         raise ConfigError(
@@ -76,10 +76,9 @@ def _toml_step(image: Image, entry: dict[str, Any], folder: Path) -> Image:
     if extra:
         raise ConfigError(f"unknown keys for a {kind} step: {sorted(extra)}")
     if kind == "copy":
-        src = Path(_text(value, "copy")).expanduser()
         if "to" not in entry:
             raise ConfigError("a copy step needs `to` (the destination in the image)")
-        return image.copy(src if src.is_absolute() else folder / src, _text(entry["to"], "to"))
+        return image.copy(_text(value, "copy"), _text(entry["to"], "to"))
     if kind == "env":
         if not isinstance(value, dict) or not value:
             raise ConfigError('env takes a table, e.g. env = {APP_MODE = "test"}')
@@ -94,9 +93,9 @@ def _toml_step(image: Image, entry: dict[str, Any], folder: Path) -> Image:
             raise ConfigError("run's network is true or false")
         return image.run(_text(value, "run"), timeout=entry.get("timeout", 1800.0), network=network)
     if kind == "pip_install":
-        links: str | Path | None = entry.get("find_links")
-        if links is not None and "://" not in _text(links, "find_links"):
-            links = folder / Path(links).expanduser()  # an absolute path stays as it is
+        links = entry.get("find_links")
+        if links is not None:
+            _text(links, "find_links")
         index = entry.get("index_url")
         return image.pip_install(*_strings(value, "pip_install"), index_url=index, find_links=links)
     return image.apt_install(*_strings(value, "apt_install"), sources=entry.get("sources"))

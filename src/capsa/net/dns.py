@@ -32,6 +32,7 @@ from capsa.net.policy import NetworkPolicy, is_internal, normalize_name
 log = logging.getLogger(__name__)
 
 MAX_PINS = 4096
+MAX_NAMES_PER_ADDRESS = 64  # each new flow weighs every name of its destination
 MIN_PIN_SECONDS = 30  # a short TTL must not break a connection opened right after the answer
 MAX_QUERY = 512
 UPSTREAM_TIMEOUT = 2.0
@@ -67,23 +68,39 @@ class LoopbackMap:
 
 class PinTable:
     """Which names this VM's DNS proxy resolved to which addresses, until when. Bounded: the oldest
-    entries go first, so a guest asking for endless names cannot grow it without limit."""
+    entries go first, so a guest asking for endless names cannot grow it without limit. Indexed by
+    address too: every new flow asks for its destination's names, so that must not cost a pass over
+    the whole table."""
 
     def __init__(self, max_entries: int = MAX_PINS) -> None:
         self._entries: OrderedDict[tuple[ipaddress.IPv4Address, str], float] = OrderedDict()
+        self._by_address: dict[ipaddress.IPv4Address, dict[str, float]] = {}
         self._max = max_entries
 
     def add(self, name: str, address: ipaddress.IPv4Address, ttl: int, now: float | None = None) -> None:
         key = (address, name)
         self._entries.pop(key, None)
         moment = time.monotonic() if now is None else now
-        self._entries[key] = moment + max(ttl, MIN_PIN_SECONDS)
+        until = self._entries[key] = moment + max(ttl, MIN_PIN_SECONDS)
+        names = self._by_address.setdefault(address, {})
+        names.pop(name, None)
+        names[name] = until  # the oldest first, here too
+        if len(names) > MAX_NAMES_PER_ADDRESS:
+            self._forget(address, next(iter(names)))
         while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+            self._forget(*next(iter(self._entries)))
+
+    def _forget(self, address: ipaddress.IPv4Address, name: str) -> None:
+        del self._entries[(address, name)]
+        names = self._by_address[address]
+        del names[name]
+        if not names:
+            del self._by_address[address]
 
     def names_for(self, address: ipaddress.IPv4Address, now: float | None = None) -> frozenset[str]:
         moment = time.monotonic() if now is None else now
-        return frozenset(n for (a, n), until in self._entries.items() if a == address and until > moment)
+        names = self._by_address.get(address, {})
+        return frozenset(name for name, until in names.items() if until > moment)
 
     def __len__(self) -> int:
         return len(self._entries)

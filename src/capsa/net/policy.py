@@ -15,11 +15,15 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 from capsa.errors import ConfigError
 from capsa.net.host_addresses import is_host_address
+
+if TYPE_CHECKING:
+    from capsa.net.policy_index import RuleIndex
 
 Protocol = Literal["tcp", "udp", "icmp", "dns"]
 PROTOCOLS = ("tcp", "udp", "icmp", "dns")
@@ -88,6 +92,15 @@ class Domain(Matcher):
         object.__setattr__(self, "_suffix", name)
         object.__setattr__(self, "_wildcard", wildcard)
 
+    @property
+    def base(self) -> str:
+        """The normalized name: the pattern without its ``*.``."""
+        return self._suffix
+
+    @property
+    def wildcard(self) -> bool:
+        return self._wildcard
+
     def matches_name(self, name: str) -> bool:
         if self._wildcard:
             return name.endswith("." + self._suffix)
@@ -100,27 +113,72 @@ class Domain(Matcher):
         return f"domain {self.pattern}"
 
 
+_QUAD = r"(?:0|[1-9][0-9]{0,2})"
+_PLAIN_CIDR = re.compile(rf"({_QUAD})\.({_QUAD})\.({_QUAD})\.({_QUAD})(?:/(0|[1-9][0-9]?))?")
+
+
+def _parse_cidr(text: str) -> tuple[int, int]:
+    """``(first address, prefix length)`` of an IPv4 address or network, host bits cleared. The
+    common spellings are parsed here, the rest by :mod:`ipaddress` (a policy of 20,000 entries
+    must not spend a quarter second in it); both accept and refuse the same texts."""
+    plain = _PLAIN_CIDR.fullmatch(text)
+    if plain is not None:
+        *octets, length = plain.groups()
+        prefixlen = 32 if length is None else int(length)
+        values = [int(o) for o in octets]
+        if prefixlen <= 32 and max(values) <= 255:
+            address = values[0] << 24 | values[1] << 16 | values[2] << 8 | values[3]
+            return address & _MASKS[prefixlen], prefixlen
+    net = ipaddress.IPv4Network(text, strict=False)
+    return int(net.network_address), net.prefixlen
+
+
+_MASKS = [(0xFFFFFFFF << (32 - n)) & 0xFFFFFFFF for n in range(33)]
+
+
 @dataclass(frozen=True)
 class Cidr(Matcher):
     network: str
-    _net: ipaddress.IPv4Network = field(init=False, repr=False, compare=False)
+    _first: int = field(init=False, repr=False, compare=False)
+    _prefixlen: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         try:
-            net = ipaddress.IPv4Network(self.network, strict=False)
+            if not isinstance(self.network, str):
+                raise TypeError(f"expected a string, got {type(self.network).__name__}")
+            first, prefixlen = _parse_cidr(self.network)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"invalid IPv4 address or network {self.network!r}: {exc}") from None
-        object.__setattr__(self, "_net", net)
+        object.__setattr__(self, "_first", first)
+        object.__setattr__(self, "_prefixlen", prefixlen)
+
+    @property
+    def first(self) -> int:
+        """The network's first address, as an integer."""
+        return self._first
+
+    @property
+    def prefixlen(self) -> int:
+        return self._prefixlen
+
+    @property
+    def last(self) -> int:
+        return self._first | (~_MASKS[self._prefixlen] & 0xFFFFFFFF)
 
     def matches(self, flow: Flow) -> bool:
-        return flow.dst_ip is not None and flow.dst_ip in self._net
+        return flow.dst_ip is not None and int(flow.dst_ip) & _MASKS[self._prefixlen] == self._first
 
     def describe(self) -> str:
-        return f"cidr {self._net}"
+        return f"cidr {ipaddress.IPv4Address(self._first)}/{self._prefixlen}"
 
 
 def Ip(address: str) -> Cidr:
     """One IPv4 address."""
+    if isinstance(address, str) and _PLAIN_CIDR.fullmatch(address) and "/" not in address:
+        try:
+            return Cidr(address + "/32")
+        except ConfigError:
+            pass  # an octet over 255: let ipaddress say so
     try:
         return Cidr(str(ipaddress.IPv4Address(address)) + "/32")
     except (ValueError, TypeError) as exc:
@@ -217,16 +275,60 @@ class Decision:
     logged: tuple[str, ...] = ()  # LOG rules that matched on the way
 
 
-@dataclass(frozen=True)
 class NetworkPolicy:
-    """Immutable; every method returns a new policy. Start from ``allow_all()`` or ``deny_all()``."""
+    """Immutable; every method returns a new policy. Start from ``allow_all()`` or ``deny_all()``.
 
-    default: Action = Action.DENY
-    rules: tuple[Rule, ...] = ()
-    # decide_name's verdicts by which domain patterns match (a guest's flood of names costs one)
-    _name_verdicts: dict[tuple[bool, ...], tuple[bool, str]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
+    Adding a rule costs O(1) (the new policy points at the one it extends; the tuple of rules is
+    made once, when first asked for), so a policy of n rules built one rule at a time costs O(n).
+    Decisions use indexes over the rules (:mod:`capsa.net.policy_index`), built on the first one."""
+
+    __slots__ = ("_default", "_index", "_last", "_parent", "_rules")
+
+    def __init__(self, default: Action = Action.DENY, rules: Iterable[Rule] = ()) -> None:
+        if not isinstance(default, Action):
+            raise ConfigError(f"a policy's default is an Action, got {default!r:.40}")
+        items = tuple(rules)
+        if not all(isinstance(rule, Rule) for rule in items):
+            raise ConfigError("a policy's rules are Rule(action, matcher) objects")
+        self._default = default
+        self._parent: NetworkPolicy | None = None
+        self._last: Rule | None = None
+        self._rules: tuple[Rule, ...] | None = items
+        self._index: RuleIndex | None = None
+
+    @property
+    def default(self) -> Action:
+        return self._default
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        rules = self._rules
+        if rules is None:
+            newest: list[Rule] = []
+            node: NetworkPolicy = self
+            while node._rules is None:  # walk back to the nearest policy whose tuple exists
+                assert node._parent is not None and node._last is not None
+                newest.append(node._last)
+                node = node._parent
+            rules = self._rules = node._rules + tuple(reversed(newest))
+            self._parent = self._last = None  # let the chain of intermediate policies go
+        return rules
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NetworkPolicy):
+            return NotImplemented
+        return self._default is other._default and self.rules == other.rules
+
+    def __hash__(self) -> int:
+        return hash((self._default, self.rules))
+
+    def __repr__(self) -> str:
+        return f"NetworkPolicy(default={self._default}, rules={self.rules!r})"
+
+    def __reduce__(self) -> tuple[type[NetworkPolicy], tuple[Action, tuple[Rule, ...]]]:
+        """Pickled (to a Ray node, say) as its default and rules: not the chain of the policies it
+        was built from, nor its indexes."""
+        return NetworkPolicy, (self._default, self.rules)
 
     @classmethod
     def allow_all(cls) -> NetworkPolicy:
@@ -239,7 +341,17 @@ class NetworkPolicy:
     def rule(self, action: Action, matcher: Matcher) -> NetworkPolicy:
         if not isinstance(action, Action) or not isinstance(matcher, Matcher):
             raise ConfigError("rule() takes an Action and a matcher (Domain, Ip, Cidr, Port, All, ...)")
-        return replace(self, rules=(*self.rules, Rule(action, matcher)))
+        new = NetworkPolicy.__new__(NetworkPolicy)
+        new._default = self._default
+        new._parent = self
+        new._last = Rule(action, matcher)
+        new._rules = None
+        new._index = None
+        return new
+
+    def extend(self, rules: Iterable[Rule]) -> NetworkPolicy:
+        """These rules after this policy's, in order."""
+        return NetworkPolicy(self._default, (*self.rules, *rules))
 
     def allow_domain(self, pattern: str) -> NetworkPolicy:
         return self.rule(Action.ALLOW, Domain(pattern))
@@ -271,16 +383,18 @@ class NetworkPolicy:
     def allow_protocol(self, name: str) -> NetworkPolicy:
         return self.rule(Action.ALLOW, Proto(name))
 
+    def _rule_index(self) -> RuleIndex:
+        index = self._index
+        if index is None:
+            from capsa.net.policy_index import RuleIndex  # noqa: PLC0415 (it imports this module)
+
+            index = self._index = RuleIndex(self._default, self.rules)
+        return index
+
     def decide(self, flow: Flow) -> Decision:
-        logged: list[str] = []
-        for rule in self.rules:
-            if not rule.matcher.matches(flow):
-                continue
-            if rule.action is Action.LOG:
-                logged.append(rule.describe())
-                continue
-            return Decision(rule.action is Action.ALLOW, rule.describe(), tuple(logged))
-        return Decision(self.default is Action.ALLOW, f"default {self.default.value}", tuple(logged))
+        """The first ALLOW or DENY rule matching ``flow`` decides (else the default); ``logged``
+        lists the LOG rules that match before it."""
+        return self._rule_index().decide(flow)
 
     def decide_name(self, name: str) -> Decision:
         """May the guest resolve ``name``? Denied names get NXDOMAIN locally and are never sent
@@ -295,128 +409,10 @@ class NetworkPolicy:
         DNS would otherwise tunnel to names whose only allowed destinations are some addresses.
         ICMP and ``Proto("dns")`` rules never match a TCP/UDP flow, so they make nothing
         resolvable; a DENY rule covering only some ports or protocols leaves the name resolvable
-        for the rest. ``logged`` lists the LOG rules that name the domain.
+        for the rest. ``logged`` lists the LOG rules that name the domain; ``rule`` is the rule
+        that lets it out, or one that refuses it.
         """
-        names = frozenset({normalize_name(name)})
-        logged = tuple(
-            rule.describe()
-            for rule in self.rules
-            if rule.action is Action.LOG and _names_domain(rule.matcher, names)
-        )
-        key = self._name_key(names)
-        verdict = None if key is None else self._name_verdicts.get(key)
-        if verdict is None:
-            verdict = self._name_verdict(names)
-            if key is not None:
-                if len(self._name_verdicts) >= _MAX_NAME_VERDICTS:
-                    self._name_verdicts.clear()
-                self._name_verdicts[key] = verdict
-        return Decision(verdict[0], verdict[1], logged)
-
-    def _name_key(self, names: frozenset[str]) -> tuple[bool, ...] | None:
-        """What the verdict for ``names`` depends on: which domain patterns match. ``None`` when a
-        matcher of an unknown kind may look at the names some other way."""
-        leaves = [leaf for rule in self.rules for leaf in _leaves(rule.matcher)]
-        if not all(isinstance(leaf, (Domain, Cidr, Port, Proto)) for leaf in leaves):
-            return None
-        return tuple(leaf.matches_name(n) for leaf in leaves if isinstance(leaf, Domain) for n in names)
-
-    def _name_verdict(self, names: frozenset[str]) -> tuple[bool, str]:
-        """Evaluate the rules on one representative flow per cell of (protocol x port range x
-        address range): matchers are constant on each cell, whose corners are the bounds of every
-        ``Port`` and ``Cidr`` in the rules that can still match flows to ``names``."""
-        rules = [(rule, _given_names(rule.matcher, names)) for rule in self.rules]
-        live = [(rule, m) for rule, m in rules if m is not False and rule.action is not Action.LOG]
-        if self.default is not Action.ALLOW and not any(r.action is Action.ALLOW for r, _ in live):
-            first = Flow("tcp", ipaddress.IPv4Address(0), _FIRST_PORT, names)  # nothing can allow
-            rule = next((r for r, m in live if _matches(m, first)), None)
-            return False, "default deny" if rule is None else rule.describe()
-        ports, addresses = _corners([m for _, m in live if not isinstance(m, bool)])
-        refused: str | None = None
-        for proto in ("tcp", "udp"):
-            for port in ports:
-                for address in addresses:
-                    flow = Flow(proto, address, port, names)
-                    rule = next((r for r, m in live if _matches(m, flow)), None)
-                    if rule is None:
-                        if self.default is Action.ALLOW:
-                            return True, "default allow"
-                        refused = refused or "default deny"
-                    elif rule.action is Action.DENY:
-                        refused = refused or rule.describe()
-                    elif not _address_only(rule.matcher, flow, addresses):
-                        return True, rule.describe()
-        return False, refused or "only address rules allow it (they never make names resolvable)"
-
-
-_MAX_NAME_VERDICTS = 1024
-_FIRST_PORT, _LAST_PORT = 1, 65535
-_LAST_ADDRESS = int(ipaddress.IPv4Address("255.255.255.255"))
-
-
-def _leaves(matcher: Matcher) -> list[Matcher]:
-    if isinstance(matcher, (All, AnyOf)):
-        return [leaf for part in matcher.parts for leaf in _leaves(part)]
-    return [matcher]
-
-
-def _matches(matcher: Matcher | bool, flow: Flow) -> bool:
-    return matcher if isinstance(matcher, bool) else matcher.matches(flow)
-
-
-def _names_domain(matcher: Matcher, names: frozenset[str]) -> bool:
-    """Does the matcher constrain the name, and accept this one?"""
-    flow = Flow("tcp", names=names)
-    if isinstance(matcher, Domain):
-        return matcher.matches(flow)
-    if isinstance(matcher, All):
-        domains = [p for p in matcher.parts if isinstance(p, Domain)]
-        return bool(domains) and all(d.matches(flow) for d in domains)
-    if isinstance(matcher, AnyOf):
-        return any(_names_domain(p, names) for p in matcher.parts)
-    return False
-
-
-def _given_names(matcher: Matcher, names: frozenset[str]) -> Matcher | bool:
-    """The matcher with its domain patterns decided for ``names``: ``True``/``False`` when nothing
-    else is left to decide, else what remains (ports, protocols, addresses)."""
-    if isinstance(matcher, Domain):
-        return any(matcher.matches_name(n) for n in names)
-    if isinstance(matcher, (All, AnyOf)):
-        decisive = isinstance(matcher, AnyOf)  # a True part decides AnyOf, a False part All
-        rest: list[Matcher] = []
-        for part in matcher.parts:
-            value = _given_names(part, names)
-            if value is decisive:
-                return decisive
-            if not isinstance(value, bool):
-                rest.append(value)
-        if not rest:
-            return not decisive
-        return rest[0] if len(rest) == 1 else type(matcher)(*rest)
-    return matcher
-
-
-def _corners(matchers: list[Matcher]) -> tuple[list[int], list[ipaddress.IPv4Address]]:
-    """The lowest port and address of every cell the matchers' ``Port`` and ``Cidr`` bounds cut."""
-    ports, addresses = {_FIRST_PORT}, {0}
-    for leaf in (leaf for m in matchers for leaf in _leaves(m)):
-        if isinstance(leaf, Port):
-            high = leaf.low if leaf.high is None else leaf.high
-            ports.update(p for p in (leaf.low, high + 1) if p <= _LAST_PORT)
-        elif isinstance(leaf, Cidr):
-            net = ipaddress.IPv4Network(leaf.network, strict=False)
-            first, after = int(net.network_address), int(net.broadcast_address) + 1
-            addresses.update(a for a in (first, after) if a <= _LAST_ADDRESS)
-    return sorted(ports), [ipaddress.IPv4Address(a) for a in sorted(addresses)]
-
-
-def _address_only(matcher: Matcher, flow: Flow, addresses: list[ipaddress.IPv4Address]) -> bool:
-    """Does the match of ``flow`` rest on its address alone? True when the matcher also matches
-    without the name, but not at every address."""
-    if not matcher.matches(replace(flow, names=frozenset())):
-        return False  # the name is needed: a domain rule (possibly narrowed to some addresses)
-    return not all(matcher.matches(replace(flow, dst_ip=a)) for a in addresses)
+        return self._rule_index().decide_name(normalize_name(name))
 
 
 _INTERNAL = [

@@ -120,6 +120,11 @@ class NetworkStack:
         """Every allow/deny decision so far (the newest :data:`MAX_LOG`)."""
         return list(self._log)
 
+    @property
+    def fixed_mac(self) -> bool:
+        """Whether the guest's MAC was given (a cluster member's): frames from another are spoofed."""
+        return not self._learn_mac
+
     def identity(self) -> dict[str, str]:
         """The guest's link identity for a restored guest's agent to take on (MAC, address, route):
         the snapshot carries the identity of the VM it was taken from."""

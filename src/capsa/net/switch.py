@@ -5,10 +5,13 @@ services for the member that sent it (ARP, DHCP, DNS, the NAT and its policy); a
 to every other member; a frame to a member's MAC goes to that member only. Frames between members
 never pass the NAT or the egress policy; they pass the cluster's own rules instead: partitions
 (dropped, as a cut cable), pairs blocked by policy (a TCP connect gets an RST, the rest is dropped),
-and per-pair delay and loss. Between members only IPv4 and ARP pass, and only from the sender's own
-address (a member cannot pass for another). Member frames queue on a link within the link's bound,
-and delayed frames within :data:`MAX_DELAYED` bytes per pair, so no member can make the host hold
-more.
+and per-pair delay and loss. A member's MAC is fixed by the cluster: a frame from any other source
+MAC is dropped, whoever it is for. Between members only IPv4 and ARP pass, and only from the
+sender's own address: the IPv4 source, the ARP sender MAC and IP (no member can pass for another,
+nor poison another's ARP cache with a gratuitous ARP for someone else's address). Such frames are
+counted in ``spoofed`` and the first of each member is logged. Member frames queue on a link within
+the link's bound, and delayed frames within :data:`MAX_DELAYED` bytes per pair, so no member can
+make the host hold more.
 
 A standalone VM's stack has a switch with that one port.
 """
@@ -30,6 +33,7 @@ from capsa.net.packets import (
     TCP_ACK,
     TCP_RST,
     TCP_SYN,
+    Arp,
     Ethernet,
     IPv4,
     PacketError,
@@ -63,6 +67,8 @@ class Switch:
         self._loss: dict[frozenset[str | None], float] = {}
         self._delayed: dict[frozenset[str | None], int] = {}
         self.dropped = 0  # frames between members dropped by a partition, loss or a full queue
+        self.spoofed = 0  # frames dropped for a source (MAC, IPv4, ARP sender) not the member's own
+        self._warned: set[str | None] = set()
 
     # -- membership --
 
@@ -126,26 +132,39 @@ class Switch:
     def on_frame(self, src: NetworkStack, frame: memoryview) -> None:
         try:
             eth = Ethernet.parse(frame)
+            if src.fixed_mac and eth.src != src.guest_mac:
+                self._spoofed(src, f"source MAC {eth.src.hex(':')}")
+                return
             if eth.dst == GATEWAY_MAC or len(self._ports) <= 1:
                 src.on_gateway_frame(eth)
                 return
             if eth.dst[0] & 1:  # broadcast or multicast: the gateway and every other member
                 src.on_gateway_frame(eth)
-                for port in list(self._ports.values()):
-                    if port is not src:
-                        self._deliver(src, port, eth, frame)
+                if self._from_itself(src, eth):
+                    for port in list(self._ports.values()):
+                        if port is not src:
+                            self._deliver(src, port, eth, frame)
                 return
             for port in self._ports.values():
                 if port.guest_mac == eth.dst and port is not src:
-                    self._deliver(src, port, eth, frame)
+                    if self._from_itself(src, eth):
+                        self._deliver(src, port, eth, frame)
                     return
         except PacketError as exc:
             log.debug("dropped a frame from the guest: %s", exc)
 
-    def _deliver(self, src: NetworkStack, dst: NetworkStack, eth: Ethernet, frame: memoryview) -> None:
-        if not self._own_address(src, eth):
+    def _from_itself(self, src: NetworkStack, eth: Ethernet) -> bool:
+        """Whether a frame for other members may pass: IPv4 or ARP from the sender's own address."""
+        if eth.ethertype not in (ETH_IPV4, ETH_ARP):  # IPv6 neighbour discovery and the like
             self.dropped += 1
-            return
+            return False
+        if self._own_address(src, eth):
+            return True
+        kind = "an ARP packet" if eth.ethertype == ETH_ARP else "an IPv4 packet"
+        self._spoofed(src, f"{kind} to members not from its own address")
+        return False
+
+    def _deliver(self, src: NetworkStack, dst: NetworkStack, eth: Ethernet, frame: memoryview) -> None:
         pair = _pair(src.name, dst.name)
         if self._cut(src.name, dst.name):
             self.dropped += 1
@@ -180,13 +199,21 @@ class Switch:
 
     @staticmethod
     def _own_address(src: NetworkStack, eth: Ethernet) -> bool:
-        """Members speak to members from their own address only (IPv4 source, ARP sender)."""
-        own = src.guest_ip.packed
+        """Members speak to members from their own address only: the IPv4 source; for ARP, a
+        request or reply whose sender MAC and IP are the member's own (a gratuitous ARP included)."""
         if eth.ethertype == ETH_IPV4:
-            return bytes(eth.payload[12:16]) == own
-        if eth.ethertype == ETH_ARP:
-            return bytes(eth.payload[14:18]) == own
-        return False
+            return bytes(eth.payload[12:16]) == src.guest_ip.packed
+        arp = Arp.parse(eth.payload)
+        return arp.op in (1, 2) and arp.sender_mac == src.guest_mac and arp.sender_ip == src.guest_ip
+
+    def _spoofed(self, src: NetworkStack, what: str) -> None:
+        """Drop a frame that passes for someone else: counted, and logged once per member (a guest
+        could otherwise fill the host's log)."""
+        self.dropped += 1
+        self.spoofed += 1
+        if src.name not in self._warned:
+            self._warned.add(src.name)
+            log.warning("member %s sent %s: dropped (later ones counted, not logged)", src.name, what)
 
     def _refuse(self, src: NetworkStack, dst: NetworkStack, ip: IPv4) -> None:
         """A blocked pair: an RST for a TCP connect (a denial never looks like a hang), logged."""

@@ -11,7 +11,9 @@
     await sbx.stop()
 
 Nodes opt in with the custom resource ``capsa_slots: N``; each gets one host actor (started by the
-first build, not detached: it dies with the driver, and its VMs with it). Placement picks the
+first build, not detached: it dies with the driver, and its VMs with it). Each sandbox holds its
+slot through Ray, so drivers sharing a node never exceed its slots; the node's owner decides which
+host paths and ports remote callers may name (``_node_policy``). Placement picks the
 least-loaded node with a free slot; ``.node(label="zone=b")`` or ``.node(node_id=...)`` constrains
 it. The remote handle's API is derived from capsa's async classes (see ``_surface``); plain methods
 of the local API (``network.log()``, ``set_lifetime``) are awaited here, since they cross processes.
@@ -29,8 +31,9 @@ from typing import Any
 
 from capsa.errors import ConfigError, SandboxLost
 from capsa.ray._host import CONFIG_STEP, NoSlotError, Step
-from capsa.ray._placement import SLOT_RESOURCE, Constraint, placer
+from capsa.ray._placement import Constraint, placer
 from capsa.ray._remote import RaySandbox, Remote, RemoteBuilder
+from capsa.ray._slots import SLOT_RESOURCE
 from capsa.ray._surface import surface
 from capsa.sandbox.builder import DEFAULT_BUILD_TIMEOUT, SandboxBuilder
 
@@ -42,7 +45,8 @@ class RaySandboxBuilder:
 
     Every builder method of :class:`capsa.SandboxBuilder` is available (derived, not copied);
     values are checked when the actor replays them, so a bad one raises :class:`capsa.ConfigError`
-    from ``build()``. Paths (kernel, shares, snapshots) are paths on the node that builds."""
+    from ``build()``. Paths (kernel, shares, snapshots) are paths on the node that builds, inside
+    the host root its owner allowed (``CAPSA_RAY_HOST_ROOT``; none by default: docs/scale-out.md)."""
 
     def __init__(
         self,

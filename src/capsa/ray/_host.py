@@ -3,8 +3,11 @@
 It is an async actor: every sandbox, agent call, pool and network stack of the node runs on the
 actor's event loop with capsa's ordinary async API. Callers reach the objects through a table of
 ids (:meth:`HostActor.call` forwards a method by name, checked against the surface derived in
-``_surface``). The QEMU processes are children of the actor's process with ``PR_SET_PDEATHSIG``, so
-they die with it however it ends (driver exit, ``ray.kill``, ``kill -9``, node loss).
+``_surface``). Arguments that name the node's files or ports are checked here, in the actor, against
+the node owner's policy (``_node_policy``), since any driver can call these methods directly; and
+each sandbox holds its slot through Ray's resource accounting (``_slots``). The QEMU processes are
+children of the actor's process with ``PR_SET_PDEATHSIG``, so they die with it however it ends
+(driver exit, ``ray.kill``, ``kill -9``, node loss).
 
 This module imports Ray only inside methods that need it, so it can be imported (and unit-tested)
 without Ray; ``_placement`` wraps the class with ``ray.remote``.
@@ -12,6 +15,7 @@ without Ray; ``_placement`` wraps the class with ``ray.remote``.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import itertools
 import logging
@@ -22,9 +26,11 @@ from typing import Any
 
 from capsa import _guardian
 from capsa.errors import CapsaError, ConfigError, VMNotRunning
+from capsa.ray._node_policy import NodePolicy
+from capsa.ray._slots import Reservation, reserve
 from capsa.ray._surface import BUILDERS, ENDING_CALLS, is_plain, proxied_name, surface
 from capsa.ray._wire import EncodedError, Failure, Ref, encode_error
-from capsa.sandbox.builder import DEFAULT_BUILD_TIMEOUT, SandboxBuilder, SandboxConfig
+from capsa.sandbox.builder import DEFAULT_BUILD_TIMEOUT, SandboxBuilder
 from capsa.sandbox.handle import Sandbox
 from capsa.sandbox.pool import Pool
 
@@ -34,6 +40,9 @@ Step = tuple[str, tuple[Any, ...], dict[str, Any]]
 Reply = tuple[str, Any, Ref | None]  # ("ok", value, target) or ("err", EncodedError, target)
 MAX_OBJECTS = 100_000
 STREAM_WINDOW = 8  # output chunks in flight per stream before the actor stops reading
+RESERVE_WAIT = 2.0  # how long one build waits for Ray to grant a slot (the placer tries again)
+MAX_RESERVE_WAIT = 60.0
+REAP_INTERVAL = 1.0  # how soon a sandbox that ended on its own gives its Ray slot back
 
 
 class NoSlotError(CapsaError):
@@ -50,20 +59,22 @@ class NoSlotError(CapsaError):
 CONFIG_STEP = "__config__"  # the first step of ``capsa.ray.remote(local_builder)``
 
 
-def replay(steps: Sequence[Step]) -> SandboxBuilder:
-    """A local builder from the calls recorded on a ``capsa.ray`` builder."""
+def replay(steps: Sequence[Step], policy: NodePolicy | None = None) -> SandboxBuilder:
+    """A local builder from the calls recorded on a ``capsa.ray`` builder, each call's host paths
+    and ports checked against ``policy`` before the call (default: a node that allows none)."""
+    policy = policy or NodePolicy()
     allowed = surface("SandboxBuilder").chains
     builder = SandboxBuilder()
     for index, (name, args, kwargs) in enumerate(steps):
         if name == CONFIG_STEP and index == 0 and len(args) == 1 and not kwargs:
-            if not isinstance(args[0], SandboxConfig):
-                raise ConfigError("a remote builder's configuration must be a SandboxConfig")
-            builder = SandboxBuilder(args[0])
+            builder = SandboxBuilder(policy.config(args[0]))
             continue
         if name not in allowed:
             raise ConfigError(f"SandboxBuilder has no builder method {name!r}")
-        builder = getattr(builder, name)(*args, **kwargs)
-    return builder
+        method = getattr(builder, name)
+        checked, named = policy.arguments(method, tuple(args), dict(kwargs))
+        builder = method(*checked, **named)
+    return SandboxBuilder(policy.config(builder.config))  # all of it again, as the VM will see it
 
 
 class _PrewarmedBuilder(SandboxBuilder):
@@ -87,16 +98,21 @@ class _PrewarmedBuilder(SandboxBuilder):
 class HostActor:
     """Owns the sandboxes and warm pools of one node. Methods are called by ``capsa.ray``."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, policy: NodePolicy | None = None) -> None:
         self.slots = slots
+        # The node owner's limits, from this worker's environment (``ray start``'s), never the
+        # caller's; ``policy`` is for tests without Ray.
+        self.policy = policy if policy is not None else NodePolicy.from_environ()
         self._objects: dict[int, Any] = {}
         self._owner: dict[int, int] = {}  # oid -> oid of the sandbox it belongs to
         self._by_identity: dict[int, int] = {}  # id(object) -> oid
         self._roots: dict[int, Sandbox] = {}
         self._building = 0
         self._pools: dict[str, Pool] = {}
+        self._held: dict[int | str, Reservation] = {}  # root oid (or pool key) -> its Ray slots
         self._ids = itertools.count(1)
         self._node_id = ""
+        self._reaper: asyncio.Task[None] | None = None
 
     # -- bookkeeping --
 
@@ -121,12 +137,33 @@ class HostActor:
             if obj is not None:
                 self._by_identity.pop(id(obj), None)
         self._roots.pop(root, None)
+        self._release(root)
+
+    def _release(self, holder: int | str) -> None:
+        reservation = self._held.pop(holder, None)
+        if reservation is not None:
+            reservation.release()
+
+    async def _reserve(self, count: int, wait: float) -> Reservation | None:
+        """``count`` slots through Ray (None if Ray cannot grant them in ``wait`` seconds)."""
+        return await reserve(count, min(max(float(wait), 0.1), MAX_RESERVE_WAIT))
 
     def _reap(self) -> None:
         """Forget sandboxes that ended on their own (lifetime, guest power-off, crash)."""
         for oid, vm in list(self._roots.items()):
             if vm.status.is_final:
                 self._forget(oid)
+
+    def _watch(self) -> None:
+        """Reap on a timer while sandboxes hold Ray slots: one that ends on its own (lifetime,
+        power-off) frees its slot for every driver, even if this one never calls again."""
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_while_held())
+
+    async def _reap_while_held(self) -> None:
+        while self._held:
+            await asyncio.sleep(REAP_INTERVAL)
+            self._reap()
 
     def _used(self) -> int:
         self._reap()
@@ -171,6 +208,7 @@ class HostActor:
         self._node_id = ray.get_runtime_context().get_node_id()
         return {
             "node_id": self._node_id,
+            "actor_id": ray.get_runtime_context().get_actor_id() or "",
             "pid": os.getpid(),
             "slots": self.slots,
             "runtime_root": str(_guardian.runtime_root()),
@@ -180,37 +218,55 @@ class HostActor:
         """``(used, slots)``: live sandboxes, builds in flight and pool sizes against the slots."""
         return self._used(), self.slots
 
-    async def build(self, steps: list[Step], timeout: float) -> Reply | None:
+    async def build(
+        self, steps: list[Step], timeout: float, reserve_wait: float = RESERVE_WAIT
+    ) -> Reply | None:
         """Build a sandbox from recorded builder calls (from this node's warm pool when one matches);
-        ``None`` when this node has no free slot (the caller tries another node)."""
+        ``None`` when this node has no free slot (the caller tries another node): none by this
+        actor's count, or Ray granted none within ``reserve_wait`` (another driver holds them)."""
         if self._used() + 1 > self.slots:
             return None
         self._building += 1
+        reservation: Reservation | None = None
         try:
-            builder = replay(steps)
+            builder = replay(steps, self.policy)  # refused before any slot is taken
+            reservation = await self._reserve(1, reserve_wait)
+            if reservation is None:
+                return None
             pool = self._pools.get(repr(builder.config))
             vm = await (pool.take(timeout) if pool is not None else builder.build(timeout))
         except Exception as exc:
+            if reservation is not None:
+                reservation.release()
             return ("err", encode_error(exc), None)
         finally:
             self._building -= 1
-        return ("ok", self._ref(vm, None), None)
+        ref = self._ref(vm, None)
+        self._held[ref.oid] = reservation
+        self._watch()
+        return ("ok", ref, None)
 
     async def warm(self, steps: list[Step], size: int) -> Reply:
         """Keep ``size`` sandboxes of this recipe booted on this node (``size`` 0 removes the pool)."""
         try:
-            builder = replay(steps)
+            builder = replay(steps, self.policy)
             key = repr(builder.config)
             old = self._pools.pop(key, None)
             if old is not None:
                 await old.close()
+            self._release(key)
             if size > 0:
-                if self._used() + size > self.slots:
+                reservation = None
+                if self._used() + size <= self.slots:
+                    reservation = await self._reserve(size, RESERVE_WAIT)
+                if reservation is None:
                     raise NoSlotError(
                         f"a warm pool of {size} does not fit: {self._used()} of {self.slots} "
-                        "slots are used on this node",
+                        "slots are used on this node by this driver, or Ray has not that many "
+                        "free (other drivers' sandboxes hold slots too)",
                         hint="give the node more capsa_slots or warm fewer sandboxes per node",
                     )
+                self._held[key] = reservation
                 self._pools[key] = Pool(_PrewarmedBuilder(builder.config), size)
         except Exception as exc:
             return ("err", encode_error(exc), None)
@@ -220,6 +276,7 @@ class HostActor:
         """Call ``steps[-1]`` on the object ``oid`` after the recorded builder ``steps[:-1]``
         (e.g. ``exec("ls")``, ``arg("/")``, then ``run()``); only names of the derived surface."""
         target: object = None
+        forks: list[Reservation] = []
         try:
             target = self._get(oid)
             obj = target
@@ -230,18 +287,24 @@ class HostActor:
             name, args, kwargs = steps[-1]
             if name not in _surface_of(obj).calls:
                 raise ConfigError(f"{type(obj).__name__}.{name} is not available through capsa.ray")
+            method = getattr(obj, name)
+            args, kwargs = self.policy.arguments(method, tuple(args), dict(kwargs))
             if isinstance(obj, Sandbox) and name == "fork":
-                self._check_fork(args, kwargs)
-            result = getattr(obj, name)(*args, **kwargs)
+                forks = await self._reserve_forks(args, kwargs)
+            result = method(*args, **kwargs)
             if inspect.isawaitable(result):
                 result = await result
             owner = self._owner.get(oid)
             value = self._encode(result, owner)
+            if forks:
+                self._hold_forks(result, forks)
             ref = self._ref(target, owner) if oid in self._objects else None
             if isinstance(obj, Sandbox) and name in ENDING_CALLS:
                 self._forget(oid)
             return ("ok", value, ref)
         except Exception as exc:
+            for reservation in forks:
+                reservation.release()
             ref = None
             if target is not None and oid in self._objects:
                 ref = self._ref(target, self._owner.get(oid))
@@ -267,8 +330,9 @@ class HostActor:
 
     async def close(self) -> None:
         """Stop every pool and sandbox of this node (the actor may be killed afterwards)."""
-        for pool in list(self._pools.values()):
+        for key, pool in list(self._pools.items()):
             await pool.close()
+            self._release(key)
         self._pools.clear()
         for oid, vm in list(self._roots.items()):
             try:
@@ -289,14 +353,41 @@ class HostActor:
                 hint="build a new sandbox",
             ) from None
 
-    def _check_fork(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    async def _reserve_forks(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Reservation]:
+        """One Ray slot per fork, before forking (forks stay on their parent's node)."""
         count = kwargs.get("count", args[0] if args else 1)
-        if isinstance(count, int) and self._used() + count > self.slots:
-            raise NoSlotError(
-                f"fork({count}) needs {count} free slots on this node; "
-                f"{self._used()} of {self.slots} are used",
-                hint="forks stay on their parent's node: fork fewer, or give the node more slots",
-            )
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            return []  # fork() itself refuses it
+        error = NoSlotError(
+            f"fork({count}) needs {count} free slots on this node; "
+            f"{self._used()} of {self.slots} are used by this driver",
+            hint="forks stay on their parent's node: fork fewer, or give the node more slots "
+            "(other drivers' sandboxes hold slots too)",
+        )
+        if self._used() + count > self.slots:
+            raise error
+        held: list[Reservation] = []
+        for _ in range(count):
+            reservation = await self._reserve(1, RESERVE_WAIT)
+            if reservation is None:
+                for taken in held:
+                    taken.release()
+                raise error
+            held.append(reservation)
+        return held
+
+    def _hold_forks(self, result: object, forks: list[Reservation]) -> None:
+        """Each fork holds one of the slots reserved for it; slots of forks that did not come back
+        are released."""
+        clones = result if isinstance(result, list) else []
+        for clone in clones:
+            oid = self._by_identity.get(id(clone))
+            if forks and oid is not None and oid in self._roots and oid not in self._held:
+                self._held[oid] = forks.pop()
+                self._watch()
+        for reservation in forks:
+            reservation.release()
+        forks.clear()
 
 
 # What ``@ray.method`` would set, set without importing Ray (it reads them at ``ray.remote``): the

@@ -5,7 +5,10 @@ driver starts one host actor per such node, pinned there with a hard node-affini
 no CPU of its own. The actors are *not* detached: Ray kills them when the driver's job ends, and
 their QEMU children die with them (``PR_SET_PDEATHSIG``). Slots are counted by each actor (live
 sandboxes, builds in flight and warm pools), so a placement is one round trip: the least-loaded
-node is asked to build, and refuses if another caller took its last slot meanwhile.
+node is asked to build, and refuses if another caller took its last slot meanwhile. Each actor also
+holds every slot it uses through Ray (``_slots``), so another driver's sandboxes count too: a node
+whose slots Ray will not grant refuses as a full one does, and the placer tries again until its
+wait is over.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ from typing import Any
 
 from capsa._tasks import TaskSet
 from capsa.errors import CapsaError, SandboxLost
-from capsa.ray._host import HostActor, NoSlotError, Step
+from capsa.ray._host import RESERVE_WAIT, HostActor, NoSlotError, Step
+from capsa.ray._slots import SLOT_RESOURCE, release_orphans
 from capsa.ray._wire import decode_error
 
 log = logging.getLogger(__name__)
 
-SLOT_RESOURCE = "capsa_slots"
 HELLO_TIMEOUT = 120.0  # a new worker process on a busy node can take a while to start
 LOAD_TIMEOUT = 15.0
 NODES_TIMEOUT = 30.0
@@ -45,6 +48,7 @@ class Host:
     slots: int
     labels: dict[str, str]
     pid: int = 0
+    actor_id: str = ""
     runtime_root: str = ""
     lost: bool = False
     pending: int = 0  # this driver's builds sent here and not answered yet
@@ -144,6 +148,7 @@ class Placer:
                         host = self.hosts.pop(node_id)
                         if node_id in wanted:  # the actor died but the node lives: a new actor
                             _kill_quietly(host.actor)
+                        self._tasks.spawn(_release_orphans(host), name="capsa-ray-release")
                 for node_id, node in wanted.items():
                     if node_id not in self.hosts and node_id not in self._starting:
                         self._starting[node_id] = self._tasks.spawn(
@@ -188,6 +193,7 @@ class Placer:
         host = Host(node_id, actor, slots, labels)
         info = await host.request(actor.hello.remote(), HELLO_TIMEOUT)
         host.pid, host.runtime_root = info["pid"], info["runtime_root"]
+        host.actor_id = info["actor_id"]
         for steps, size in self.warm.values():
             await host.reply(actor.warm.remote(steps, size), HELLO_TIMEOUT)
         log.info("capsa.ray: host actor on node %s (%d slots)", node_id[:12], slots)
@@ -220,14 +226,15 @@ class Placer:
                 if used + host.pending >= slots:
                     continue
                 host.pending += 1  # before any await: concurrent placements see it and spread
+                reserve_wait = min(RESERVE_WAIT, max(0.5, deadline - time.monotonic()))
                 try:
-                    reply = await host.request(host.actor.build.remote(steps, timeout))
+                    reply = await host.request(host.actor.build.remote(steps, timeout, reserve_wait))
                 except SandboxLost:
                     continue  # nothing ran there that a caller saw: another node may build it
                 finally:
                     host.pending -= 1
                 if reply is None:
-                    continue  # another caller took the last slot meanwhile
+                    continue  # another caller (or driver) took the last slot meanwhile
                 status, value, _ = reply
                 if status == "err":
                     raise decode_error(value, host.where)
@@ -253,11 +260,20 @@ def _no_slot(seen: list[tuple[str, int, int]], constraint: Constraint, wait: flo
         )
     usage = ", ".join(f"{node[:12]} {used}/{slots}" for node, used, slots in seen)
     return NoSlotError(
-        f"every Ray node{which} has all its capsa slots in use after waiting {wait:g}s ({usage})",
+        f"every Ray node{which} has all its capsa slots in use after waiting {wait:g}s (used by "
+        f"this driver: {usage}; other drivers' sandboxes hold slots too)",
         nodes=seen,
         hint="stop sandboxes you no longer need, add nodes with capsa_slots, or wait longer "
         "with .placement_timeout(seconds)",
     )
+
+
+async def _release_orphans(host: Host) -> None:
+    """The Ray slots a dead host actor still held (placement groups outlive their actor)."""
+    if host.actor_id:
+        removed = await asyncio.wait_for(asyncio.to_thread(release_orphans, host.actor_id), 60)
+        if removed:
+            log.info("capsa.ray: released %d slot reservation(s) of a dead host actor", removed)
 
 
 def _kill_quietly(actor: Any) -> None:

@@ -4,5 +4,7 @@ Needs the ``server`` extra (``pip install 'capsa[server]'``): Starlette, uvicorn
 """
 
 from capsa.server.app import CapsaServer, ServerConfig, create_app
+from capsa.server.quota import TenantLimits
+from capsa.server.tenants import ApiKey, KeyRing
 
-__all__ = ["CapsaServer", "ServerConfig", "create_app"]
+__all__ = ["ApiKey", "CapsaServer", "KeyRing", "ServerConfig", "TenantLimits", "create_app"]

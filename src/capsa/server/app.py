@@ -1,12 +1,14 @@
 """The ASGI application of ``capsa serve``: one port for the control plane (``X-API-KEY``), the
 sandboxes' envd and code interpreter (routed by the ``E2b-Sandbox-Id``/``E2b-Sandbox-Port`` headers
-the SDKs send when ``E2B_SANDBOX_URL`` points here), ``/health`` and ``/metrics``."""
+the SDKs send when ``E2B_SANDBOX_URL`` points here), ``/health`` and ``/metrics``.
+
+Every request but ``/health`` and the sandboxes' own (authorized by their access token) needs an
+API key; the key's :class:`Principal` (its tenant) goes to the routes in the ASGI scope."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -18,26 +20,36 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from capsa.errors import CapsaError
-from capsa.server.control import ControlPlane, api_error, error_response
+from capsa.server.control import PRINCIPAL, ControlPlane, api_error, error_response, principal_of
+from capsa.server.limits import (
+    LimitedBody,
+    Limits,
+    RequestRejected,
+    content_length,
+    log_safe,
+    single_header,
+)
 from capsa.server.metrics import Metrics
 from capsa.server.registry import Registry
 from capsa.server.sandbox_api import SandboxApi
+from capsa.server.tenants import KeyRing, Principal
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("capsa.server.access")
 
-_PUBLIC = ("/health", "/metrics")
+_PUBLIC = ("/health",)
 
 
 @dataclass
 class ServerConfig:
-    api_keys: tuple[str, ...]
+    api_keys: KeyRing  # the accepted keys, their tenants and the tenants' limits
     pools: dict[str, int] = field(default_factory=dict)
     max_sandboxes: int | None = None
     memory_mb: int = 512
     dns_servers: tuple[str, ...] = ()
     allow_internal_destinations: bool = False
     ray_address: str | None = None  # place sandboxes on this Ray cluster (capsa serve --ray)
+    limits: Limits = field(default_factory=Limits)
 
 
 class CapsaServer:
@@ -50,6 +62,7 @@ class CapsaServer:
             memory_mb=config.memory_mb,
             pools=config.pools,
             max_sandboxes=config.max_sandboxes,
+            tenant_limits=dict(config.api_keys.limits),
             on_removed=self.metrics.removed,
             on_paused=self.metrics.count_denials,
             dns_servers=config.dns_servers,
@@ -68,7 +81,7 @@ class CapsaServer:
             lifespan=self._lifespan,
             exception_handlers={CapsaError: self._on_error},
         )
-        self._sandbox = SandboxApi(self.registry, self.metrics)
+        self._sandbox = SandboxApi(self.registry, self.metrics, config.limits)
         self.app: ASGIApp = self._dispatch
 
     @contextlib.asynccontextmanager
@@ -92,17 +105,22 @@ class CapsaServer:
         return JSONResponse({"status": "ok", "sandboxes": len(self.registry)})
 
     async def _metrics(self, request: Request) -> Response:
-        body = await self.metrics.collect(e for e in self.registry.list() if e.paused is None)
+        """Server-wide series for any key; the per-sandbox ones only for the caller's
+        sandboxes (all of them for an admin key)."""
+        scope = principal_of(request).scope
+        own = None if scope is None else {e.id for e in self.registry.list(scope)}
+        body = await self.metrics.collect(
+            (e for e in self.registry.list() if e.paused is None),
+            None if own is None else own.__contains__,
+        )
         return Response(body, media_type="text/plain; version=0.0.4")
 
-    def _key_ok(self, headers: dict[str, str]) -> bool:
+    def _principal(self, headers: dict[str, str]) -> Principal | None:
         key = headers.get("x-api-key")
         if key is None:
             bearer = headers.get("authorization", "")
             key = bearer.removeprefix("Bearer ") if bearer.startswith("Bearer ") else None
-        return key is not None and any(
-            secrets.compare_digest(key.encode(), k.encode()) for k in self.config.api_keys
-        )
+        return self.config.api_keys.principal(key)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -117,27 +135,66 @@ class CapsaServer:
                 status[0] = message["status"]
             await send(message)
 
+        sandbox_id: str | None = None
         try:
-            if "e2b-sandbox-id" in headers:
-                await self._sandbox_asgi(scope, receive, send_logged)
-            elif scope["path"] in _PUBLIC or self._key_ok(headers):
-                await self._control(scope, receive, send_logged)
+            sandbox_id, body = self._admit(scope)
+            if sandbox_id is not None:
+                await self._sandbox_asgi(scope, body.bind(receive), send_logged)
+            elif scope["path"] in _PUBLIC:
+                await self._control(scope, body.bind(receive), send_logged)
+            elif (principal := self._principal(headers)) is not None:
+                await self._control({**scope, PRINCIPAL: principal}, body.bind(receive), send_logged)
             else:
                 await error_response(401, "invalid API key")(scope, receive, send_logged)
+        except RequestRejected as exc:
+            if status[0]:  # the response had begun: all that is left is to end the connection
+                raise
+            reply = error_response(exc.status, exc.message)
+            reply.headers["connection"] = "close"  # the unread rest of the request is discarded
+            await reply(scope, receive, send_logged)
         finally:
             self.metrics.requests.labels(status=str(status[0])).inc()
             access_log.info(
                 "%s %s %s %.1fms sandbox=%s",
-                scope["method"],
-                scope["path"],
+                log_safe(scope["method"]),
+                log_safe(scope["path"]),
                 status[0],
                 (time.monotonic() - started) * 1000,
-                headers.get("e2b-sandbox-id", "-"),
+                "-" if sandbox_id is None else log_safe(sandbox_id),
             )
+
+    def _admit(self, scope: Scope) -> tuple[str | None, _BodyCap]:
+        """Check what every route relies on before any runs: the routing headers are single (a
+        proxy and this server must agree on the sandbox) and printable, and a declared body fits
+        the request's cap (else 413 before a byte of it is read)."""
+        raw = scope["headers"]
+        sandbox_id = single_header(raw, b"e2b-sandbox-id")
+        for name in (b"e2b-sandbox-port", b"x-access-token", b"e2b-traffic-access-token"):
+            single_header(raw, name)
+        limits = self.config.limits
+        if sandbox_id is None:
+            cap = limits.max_json_bytes
+        elif scope["path"] == "/files":
+            cap = limits.max_upload_bytes
+        else:
+            cap = limits.max_rpc_bytes
+        declared = content_length(raw)
+        if declared is not None and declared > cap:
+            raise RequestRejected(413, f"the request body is larger than {cap} bytes")
+        return sandbox_id, _BodyCap(cap, limits.body_timeout)
 
     async def _sandbox_asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = await self._sandbox(Request(scope, receive))
         await response(scope, receive, send)
+
+
+@dataclass(frozen=True)
+class _BodyCap:
+    limit: int
+    idle_timeout: float
+
+    def bind(self, receive: Receive) -> Receive:
+        return LimitedBody(receive, self.limit, self.idle_timeout)
 
 
 def _headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:

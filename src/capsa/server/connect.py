@@ -88,7 +88,7 @@ def parse_message(data: bytes) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise ConnectError("invalid_argument", f"malformed JSON message: {exc}") from None
     if not isinstance(value, dict):
         raise ConnectError("invalid_argument", "a message must be a JSON object")

@@ -1,4 +1,8 @@
-"""The E2B control plane (``api.e2b.app``): create, list, inspect, time out and kill sandboxes."""
+"""The E2B control plane (``api.e2b.app``): create, list, inspect, time out and kill sandboxes.
+
+Every route acts for the :class:`Principal` the app put in the request's scope (the API key's
+tenant): a sandbox belongs to its creator's tenant, and another tenant's id is not found (the same
+404 as an unknown id), unless the key is an admin key."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from starlette.routing import Route
 from capsa.errors import CapsaError
 from capsa.server.interpreter import interpreter_for
 from capsa.server.metrics import Metrics
-from capsa.server.network import e2b_policy
+from capsa.server.network import check_network, e2b_policy
 from capsa.server.registry import (
     DEFAULT_TIMEOUT,
     ENVD_VERSION,
@@ -25,8 +29,22 @@ from capsa.server.registry import (
     Registry,
     check_timeout,
 )
+from capsa.server.tenants import Principal
 
 log = logging.getLogger(__name__)
+
+PRINCIPAL = "capsa.principal"  # the ASGI scope key under which the app passes the caller
+
+
+def principal_of(request: Request) -> Principal:
+    principal = request.scope.get(PRINCIPAL)
+    if not isinstance(principal, Principal):  # the app routes no unauthenticated call here
+        raise ApiError(401, "invalid API key")
+    return principal
+
+
+def _scope(request: Request) -> str | None:
+    return principal_of(request).scope
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -63,6 +81,7 @@ def listed_json(entry: Entry) -> dict[str, Any]:
         "state": entry.state,
         "envdVersion": ENVD_VERSION,
         "metadata": _metadata(entry),
+        "tenant": entry.tenant,  # not E2B's: the SDKs ignore it; admin keys see whose it is
     }
 
 
@@ -81,7 +100,7 @@ async def _body(request: Request) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep
         raise ApiError(400, "the request body is not JSON") from None
     if not isinstance(value, dict):
         raise ApiError(400, "the request body must be a JSON object")
@@ -131,16 +150,17 @@ class ControlPlane:
         if not isinstance(template, str):
             raise ApiError(400, "templateID must be a string")
         timeout = check_timeout(body.get("timeout", DEFAULT_TIMEOUT))
-        policy = e2b_policy(
-            body.get("allow_internet_access", body.get("allowInternetAccess")), body.get("network")
-        )
+        internet = body.get("allow_internet_access", body.get("allowInternetAccess"))
+        network = body.get("network")
+        check_network(internet, network)  # cheap; the policy is made once a slot is taken
         started = time.monotonic()
         entry = await self.registry.create(
             template,
             timeout=timeout,
             metadata=_strings(body.get("metadata"), "metadata"),
             envs=_strings(body.get("envVars"), "envVars"),
-            policy=policy,
+            make_policy=lambda: e2b_policy(internet, network),
+            tenant=principal_of(request).tenant,
         )
         self.metrics.created(time.monotonic() - started, template)
         if template == INTERPRETER_TEMPLATE:
@@ -148,7 +168,7 @@ class ControlPlane:
         return JSONResponse(sandbox_json(entry), status_code=201)
 
     async def list(self, request: Request) -> Response:
-        entries = self.registry.list()
+        entries = self.registry.list(_scope(request))
         states = request.query_params.get("state")
         if states is not None:
             entries = [e for e in entries if e.state in states.split(",")]
@@ -157,45 +177,47 @@ class ControlPlane:
         return JSONResponse([listed_json(e) for e in entries])
 
     async def get(self, request: Request) -> Response:
-        entry = self.registry.find(request.path_params["sandbox_id"])
+        entry = self.registry.find(request.path_params["sandbox_id"], _scope(request))
         detail = listed_json(entry)
         detail["envdAccessToken"] = entry.token
         return JSONResponse(detail)
 
     async def kill(self, request: Request) -> Response:
-        await self.registry.kill(request.path_params["sandbox_id"])
+        await self.registry.kill(request.path_params["sandbox_id"], _scope(request))
         return Response(status_code=204)
 
     async def set_timeout(self, request: Request) -> Response:
-        entry = self.registry.get(request.path_params["sandbox_id"])
+        entry = self.registry.get(request.path_params["sandbox_id"], _scope(request))
         await entry.set_timeout(check_timeout((await _body(request)).get("timeout")))
         return Response(status_code=204)
 
     async def refresh(self, request: Request) -> Response:
-        entry = self.registry.get(request.path_params["sandbox_id"])
+        entry = self.registry.get(request.path_params["sandbox_id"], _scope(request))
         duration = (await _body(request)).get("duration")
         if duration is not None:
             await entry.set_timeout(check_timeout(duration))
         return Response(status_code=204)
 
     async def metrics_of(self, request: Request) -> Response:
-        self.registry.get(request.path_params["sandbox_id"])
+        self.registry.get(request.path_params["sandbox_id"], _scope(request))
         return JSONResponse([])  # per-sandbox CPU/memory series are not collected (yet)
 
     async def unsupported(self, request: Request) -> Response:
-        self.registry.get(request.path_params["sandbox_id"])
+        self.registry.get(request.path_params["sandbox_id"], _scope(request))
         action = request.url.path.rsplit("/", 1)[-1]
         raise ApiError(501, f"{action} is not supported by capsa serve yet")
 
     async def pause(self, request: Request) -> Response:
-        await self.registry.pause(request.path_params["sandbox_id"])
+        await self.registry.pause(request.path_params["sandbox_id"], _scope(request))
         return Response(status_code=204)
 
     async def connect(self, request: Request) -> Response:
         """Connect to a sandbox; a paused one is resumed from its snapshot first."""
         timeout = (await _body(request)).get("timeout")
         entry = await self.registry.resume(
-            request.path_params["sandbox_id"], None if timeout is None else check_timeout(timeout)
+            request.path_params["sandbox_id"],
+            None if timeout is None else check_timeout(timeout),
+            _scope(request),
         )
         return JSONResponse(sandbox_json(entry), status_code=200)
 

@@ -10,14 +10,19 @@ import datetime
 import logging
 import posixpath
 import signal as signals
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import capsa
 from capsa._tasks import TaskSet
+from capsa.agent import streams
+from capsa.agent.client import Agent
 from capsa.errors import CapsaError, GuestFileExistsError, GuestFileNotFoundError, GuestPermissionError
 from capsa.server.connect import ConnectError
+from capsa.server.limits import Limits, RequestRejected
+from capsa.server.redact import client_message
 
 if TYPE_CHECKING:
     from capsa.server.registry import Entry
@@ -27,6 +32,8 @@ log = logging.getLogger(__name__)
 HOME = "/home/user"
 _SIGNALS = {"SIGNAL_SIGKILL": signals.SIGKILL, "SIGNAL_SIGTERM": signals.SIGTERM, 9: 9, 15: 15}
 _READ_CHUNK = 1 << 16
+MAX_LIST_DEPTH = 32  # ListDir levels (each one a guest round trip per directory)
+MAX_LIST_ENTRIES = 100_000  # entries of one ListDir reply
 
 
 def guest_path(path: object) -> str:
@@ -45,18 +52,68 @@ def map_error(exc: Exception, path: str = "") -> ConnectError:
         return ConnectError("already_exists", f"path already exists: {path}")
     if isinstance(exc, GuestPermissionError):
         return ConnectError("permission_denied", exc.message)
-    if isinstance(exc, CapsaError):
-        return ConnectError("internal", exc.message)
-    return ConnectError("internal", f"{type(exc).__name__}: {exc}")
+    return ConnectError("internal", client_message(exc))
 
 
 # -- processes --
 
 
-def processes_for(entry: Entry) -> ProcessTable:
+def processes_for(entry: Entry, limits: Limits | None = None) -> ProcessTable:
     if entry.processes is None:
-        entry.processes = ProcessTable(entry.vm, entry.envs)
+        entry.processes = ProcessTable(entry.vm, entry.envs, limits or Limits())
     return entry.processes
+
+
+class Subscriber:
+    """One stream's view of a command's output: at most ``limit`` events are buffered. The output
+    pump waits for room (so a client that stops reading stops the pump, the agent's window fills
+    and the guest process blocks on write: back-pressure, not server memory); the end of the
+    output is always delivered. ``dropped`` is set when the pump gave up on this subscriber."""
+
+    def __init__(self, limit: int) -> None:
+        self._items: deque[dict[str, Any] | None] = deque()
+        self._limit = limit
+        self._changed = asyncio.Event()
+        self.closed = False
+        self.dropped = False
+
+    async def put(self, event: dict[str, Any], stall: float | None) -> None:
+        """Append ``event`` once there is room; after ``stall`` seconds without room (None: wait
+        as long as it takes) the subscriber is dropped instead."""
+        while len(self._items) >= self._limit and not self.closed:
+            self._changed.clear()
+            try:
+                async with asyncio.timeout(stall):
+                    await self._changed.wait()
+            except TimeoutError:
+                self.dropped = self.closed = True
+                self._changed.set()
+                return
+        if not self.closed:
+            self._items.append(event)
+            self._changed.set()
+
+    def finish(self, event: dict[str, Any] | None) -> None:
+        """Append the end of the output (past the limit: at most two events)."""
+        self._items.append(event)
+        self._changed.set()
+
+    async def get(self) -> dict[str, Any] | None:
+        while not self._items:
+            if self.dropped:
+                raise ConnectError(
+                    "resource_exhausted",
+                    "this stream fell too far behind the command's output and was dropped",
+                )
+            self._changed.clear()
+            await self._changed.wait()
+        item = self._items.popleft()
+        self._changed.set()
+        return item
+
+    def close(self) -> None:
+        self.closed = True
+        self._changed.set()
 
 
 @dataclass(eq=False)
@@ -64,41 +121,69 @@ class Proc:
     process: capsa.Process
     config: dict[str, Any]
     tag: str | None
-    subscribers: set[asyncio.Queue[dict[str, Any] | None]] = field(default_factory=set)
+    limits: Limits = field(default_factory=Limits)
+    subscribers: set[Subscriber] = field(default_factory=set)
     end: dict[str, Any] | None = None
 
-    def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]:
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    def subscribe(self) -> Subscriber:
+        sub = Subscriber(self.limits.stream_queue)
         if self.end is not None:
-            queue.put_nowait({"end": self.end})
-            queue.put_nowait(None)
+            sub.finish({"end": self.end})
+            sub.finish(None)
         else:
-            self.subscribers.add(queue)
-        return queue
+            self.subscribers.add(sub)
+        return sub
 
-    def publish(self, event: dict[str, Any] | None) -> None:
-        for queue in self.subscribers:
-            queue.put_nowait(event)
+    def unsubscribe(self, sub: Subscriber) -> None:
+        sub.close()  # wakes the pump if it waits for this one
+        self.subscribers.discard(sub)
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        """Hand ``event`` to every subscriber, at the pace of the slowest: a lone subscriber is
+        waited for as long as it takes (its command just runs slower), but when several are
+        connected one that stays full for ``stream_stall`` seconds is dropped, so a stalled
+        ``Connect`` cannot hold up the client that started the command."""
+        stall = self.limits.stream_stall if len(self.subscribers) > 1 else None
+        for sub in list(self.subscribers):
+            await sub.put(event, stall)
+            if sub.dropped:
+                self.subscribers.discard(sub)
+
+    def finish(self, event: dict[str, Any] | None) -> None:
+        for sub in self.subscribers:
+            sub.finish(event)
 
 
 class ProcessTable:
     """The commands started in one sandbox, by guest pid, with their output fanned out to every
     stream connected to them (``Start`` and ``Connect``)."""
 
-    def __init__(self, vm: capsa.Sandbox, envs: dict[str, str]) -> None:
+    def __init__(self, vm: capsa.Sandbox, envs: dict[str, str], limits: Limits) -> None:
         self._vm = vm
         self._envs = envs
+        self._limits = limits
         self._procs: dict[int, Proc] = {}
         self._tasks = TaskSet(log)
         self._deadlines = TaskSet(log)
 
     async def start(self, request: dict[str, Any]) -> Proc:
         config = request.get("process") or {}
+        if not isinstance(config, dict):
+            raise ConnectError("invalid_argument", "process must be an object")
         cmd = config.get("cmd")
         if not isinstance(cmd, str) or not cmd:
             raise ConnectError("invalid_argument", "process.cmd is required")
-        builder = self._vm.agent.exec(cmd).args([str(a) for a in config.get("args") or []])
-        for key, value in {**self._envs, **(config.get("envs") or {})}.items():
+        args, envs = config.get("args") or [], config.get("envs") or {}
+        if not isinstance(args, list) or not isinstance(envs, dict):
+            raise ConnectError("invalid_argument", "process.args must be a list, process.envs an object")
+        tag = request.get("tag")
+        if tag is not None and not isinstance(tag, str):
+            raise ConnectError("invalid_argument", "tag must be a string")
+        try:
+            builder = self._vm.agent.exec(cmd).args([str(a) for a in args])
+        except CapsaError as exc:
+            raise map_error(exc) from None
+        for key, value in {**self._envs, **envs}.items():
             builder = builder.env(str(key), str(value))
         if config.get("cwd"):
             builder = builder.cwd(guest_path(config["cwd"]))
@@ -108,7 +193,7 @@ class ProcessTable:
             raise map_error(exc, str(config.get("cwd") or cmd)) from None
         if not request.get("stdin"):
             await process.close_stdin()
-        proc = Proc(process, config, request.get("tag"))
+        proc = Proc(process, config, tag, self._limits)
         self._procs[process.pid] = proc
         return proc
 
@@ -128,8 +213,8 @@ class ProcessTable:
 
     async def _pump(self, proc: Proc) -> None:
         async def forward(stream: capsa.OutputStream, name: str) -> None:
-            async for chunk in stream:
-                proc.publish({"data": {name: base64.b64encode(chunk).decode()}})
+            async for chunk in stream:  # the next chunk is read once every subscriber took this one
+                await proc.publish({"data": {name: base64.b64encode(chunk).decode()}})
 
         try:
             await asyncio.gather(
@@ -139,18 +224,21 @@ class ProcessTable:
             status = f"signal: {proc.process.signal}" if proc.process.signal else f"exit status {code}"
             proc.end = {"exitCode": code, "exited": proc.process.signal is None, "status": status}
         except Exception as exc:  # the sandbox went away
-            proc.end = {"exitCode": -1, "exited": False, "status": "error", "error": str(exc)}
+            error = client_message(exc)
+            proc.end = {"exitCode": -1, "exited": False, "status": "error", "error": error}
         finally:
             self._procs.pop(proc.process.pid, None)
             if proc.end is not None:
-                proc.publish({"end": proc.end})
-            proc.publish(None)
+                proc.finish({"end": proc.end})
+            proc.finish(None)
 
     def find(self, selector: object) -> Proc:
         if isinstance(selector, dict):
             pid, tag = selector.get("pid"), selector.get("tag")
+            if isinstance(pid, str) and pid.isdigit() and len(pid) < 12:
+                pid = int(pid)
             for proc in self._procs.values():
-                if (pid is not None and proc.process.pid == int(pid)) or (
+                if (pid is not None and proc.process.pid == pid) or (
                     tag is not None and proc.tag == tag
                 ):
                     return proc
@@ -167,18 +255,24 @@ class ProcessTable:
 
     async def signal(self, request: dict[str, Any]) -> None:
         proc = self.find(request.get("process"))
-        sig = _SIGNALS.get(request.get("signal"))
+        requested = request.get("signal")
+        sig = _SIGNALS.get(requested) if isinstance(requested, str | int) else None
         if sig is None:
             raise ConnectError("invalid_argument", f"unsupported signal {request.get('signal')!r}")
         await proc.process.kill(sig)
 
     async def send_input(self, request: dict[str, Any]) -> None:
         proc = self.find(request.get("process"))
-        data = (request.get("input") or {}).get("stdin")
-        if data is None:
-            raise ConnectError("invalid_argument", "only stdin input is supported")
+        given = request.get("input") or {}
+        data = given.get("stdin") if isinstance(given, dict) else None
+        if not isinstance(data, str):
+            raise ConnectError("invalid_argument", "only stdin input (base64) is supported")
         try:
-            await proc.process.write_stdin(base64.b64decode(data))
+            raw = base64.b64decode(data, validate=True)
+        except ValueError:
+            raise ConnectError("invalid_argument", "input.stdin is not base64") from None
+        try:
+            await proc.process.write_stdin(raw)
         except CapsaError as exc:
             raise ConnectError("failed_precondition", exc.message) from None
 
@@ -221,7 +315,7 @@ async def stream_process(
                 return
             yield {"event": event}
     finally:
-        proc.subscribers.discard(queue)
+        proc.unsubscribe(queue)
 
 
 # -- filesystem --
@@ -296,23 +390,34 @@ class Filesystem:
         if method == "ListDir":
             path = guest_path(request.get("path"))
             depth = request.get("depth") or 1
-            if not isinstance(depth, int) or depth < 1:
-                raise ConnectError("invalid_argument", "depth must be at least 1")
-            entries: list[dict[str, Any]] = []
-            await self._list(path, depth, entries)
-            return {"entries": entries}
+            if not isinstance(depth, int) or not 1 <= depth <= MAX_LIST_DEPTH:
+                raise ConnectError("invalid_argument", f"depth must be from 1 to {MAX_LIST_DEPTH}")
+            return {"entries": await self._list(path, depth)}
         raise ConnectError("unimplemented", f"filesystem.Filesystem/{method} is not implemented")
 
-    async def _list(self, path: str, depth: int, into: list[dict[str, Any]]) -> None:
-        try:
-            rows = await self._agent.list_dir(path)
-        except Exception as exc:
-            raise map_error(exc, path) from None
-        for row in rows:
-            child = f"{path.rstrip('/')}/{row.name}"
-            into.append(entry_info(child, row.type, row.size, row.mode, row.mtime))
-            if row.type == "dir" and depth > 1:
-                await self._list(child, depth - 1, into)
+    async def _list(self, top: str, depth: int) -> list[dict[str, Any]]:
+        """The entries under ``top`` down to ``depth`` levels, walked without recursion (a deep tree
+        must not exhaust the server's stack) and at most :data:`MAX_LIST_ENTRIES` of them."""
+        entries: list[dict[str, Any]] = []
+        pending = [(top, depth)]
+        while pending:
+            path, levels = pending.pop()
+            try:
+                rows = await self._agent.list_dir(path)
+            except Exception as exc:
+                raise map_error(exc, path) from None
+            children = []
+            for row in rows:
+                child = f"{path.rstrip('/')}/{row.name}"
+                entries.append(entry_info(child, row.type, row.size, row.mode, row.mtime))
+                if row.type == "dir" and levels > 1:
+                    children.append((child, levels - 1))
+            if len(entries) > MAX_LIST_ENTRIES:
+                raise ConnectError(
+                    "resource_exhausted", f"more than {MAX_LIST_ENTRIES} entries; list a smaller tree"
+                )
+            pending.extend(reversed(children))
+        return entries
 
     async def _move(self, request: dict[str, Any]) -> dict[str, Any]:
         source = guest_path(request.get("source"))
@@ -324,20 +429,60 @@ class Filesystem:
             raise ConnectError("internal", f"rename failed: {result.stderr.strip()[:500]}")
         return await self.stat(destination)
 
-    async def read(self, path: str) -> bytes:
+    def _local_agent(self) -> Agent | None:
+        """The agent when it runs in this process (the chunked transfers need its channel; a
+        ``--ray`` sandbox's agent is a proxy that moves whole files)."""
+        return self._agent if isinstance(self._agent, Agent) else None
+
+    async def read_chunks(self, path: str, limit: int) -> AsyncGenerator[bytes, None]:
+        """The file's content as it streams from the guest (at most ``limit`` bytes through a Ray
+        proxy, which reads whole files). Errors raise on the first ``anext``."""
+        agent = self._local_agent()
         try:
-            return await self._agent.read_file(path)
+            if agent is None:
+                yield await self._agent.read_file(path, limit=limit)
+                return
+            async for chunk in streams.read_chunks(agent, path):
+                yield chunk
         except Exception as exc:
             raise map_error(exc, path) from None
 
-    async def write(self, path: str, data: bytes) -> dict[str, Any]:
+    async def read_head(self, path: str, limit: int) -> tuple[bytes, bool]:
+        """At most ``limit`` bytes from the start of the file, and whether it is longer; the rest
+        is not transferred."""
+        agent = self._local_agent()
+        try:
+            if agent is None:
+                stat = await self._agent.stat(path)
+                data = await self._agent.read_file(path, limit=max(limit, stat.size))
+                return data[:limit], len(data) > limit
+            return await streams.read_head(agent, path, limit)
+        except Exception as exc:
+            raise map_error(exc, path) from None
+
+    async def write(self, path: str, data: bytes | AsyncIterable[bytes]) -> dict[str, Any]:
+        """Create or replace the file (and its missing parents, as envd does) with ``data``, which
+        may be a stream of chunks: they are pulled as the guest takes them."""
+        agent = self._local_agent()
         try:
             try:
-                await self._agent.write_file(path, data)
-            except GuestFileNotFoundError:  # envd creates the parent directories
+                await self._write_once(agent, path, data)
+            except GuestFileNotFoundError:  # raised before any chunk was pulled
                 parent = path.rsplit("/", 1)[0] or "/"
                 await self._agent.mkdir(parent, parents=True)
-                await self._agent.write_file(path, data)
+                await self._write_once(agent, path, data)
+        except RequestRejected:
+            raise  # the upload broke a limit: the app answers 413/408
         except Exception as exc:
             raise map_error(exc, path) from None
         return {"name": path.rsplit("/", 1)[-1], "type": "file", "path": path}
+
+    async def _write_once(
+        self, agent: Agent | None, path: str, data: bytes | AsyncIterable[bytes]
+    ) -> None:
+        if isinstance(data, bytes):
+            await self._agent.write_file(path, data)
+        elif agent is not None:
+            await streams.write_chunks(agent, path, data)
+        else:  # through a Ray proxy: whole (the request body cap bounds it)
+            await self._agent.write_file(path, b"".join([chunk async for chunk in data]))

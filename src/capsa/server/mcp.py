@@ -8,6 +8,7 @@ through its ``Filesystem`` and code through its persistent ``Interpreter``. Buil
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -26,13 +27,15 @@ from mcp.types import CallToolResult, ContentBlock, ImageContent, TextContent
 from capsa.errors import CapsaError
 from capsa.server.envd import Filesystem, guest_path, processes_for, stream_process
 from capsa.server.interpreter import interpreter_for
-from capsa.server.network import e2b_policy
+from capsa.server.network import check_network, e2b_policy
 from capsa.server.registry import DEFAULT_TIMEOUT, INTERPRETER_TEMPLATE, Entry, Registry, check_timeout
 
 log = logging.getLogger(__name__)
 
 OUTPUT_LIMIT = 1 << 20  # bytes of stdout/stderr (and of a file read) returned to the model
+IMAGES_LIMIT = 8 << 20  # base64 bytes of run_code's images returned to the model
 COMMAND_TIMEOUT = 60
+CODE_TIMEOUT = 300
 MAX_COMMAND_TIMEOUT = 3600
 _CLOSE_TIMEOUT = 60.0
 
@@ -58,11 +61,32 @@ def _fail(exc: CapsaError) -> ToolError:
     return ToolError(exc.message + (f" (hint: {exc.hint})" if exc.hint else ""))
 
 
-def _clip(data: bytes) -> str:
+def _clip(data: bytes, truncated: bool = False) -> str:
     text = data[:OUTPUT_LIMIT].decode("utf-8", errors="replace")
-    if len(data) > OUTPUT_LIMIT:
+    if truncated or len(data) > OUTPUT_LIMIT:
         text += f"\n[capsa: output truncated at {OUTPUT_LIMIT} bytes]"
     return text
+
+
+class _Kept:
+    """Text kept up to :data:`OUTPUT_LIMIT` bytes; the rest is counted, not held."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.truncated = False
+
+    def add(self, text: object) -> None:
+        data = str(text).encode()
+        room = OUTPUT_LIMIT - self.size
+        if len(data) > room:
+            self.truncated = True
+            data = data[: max(room, 0)]
+        self.parts.append(data)
+        self.size += len(data)
+
+    def text(self) -> str:
+        return _clip(b"".join(self.parts), self.truncated)
 
 
 class SandboxTools:
@@ -97,13 +121,13 @@ class SandboxTools:
             network = None
             if allow_out is not None or deny_out is not None:
                 network = {"allow_out": allow_out or [], "deny_out": deny_out or []}
-            policy = e2b_policy(allow_internet_access, network)
+            check_network(allow_internet_access, network)  # the policy: once a slot is taken
             entry = await self.registry.create(
                 template,
                 timeout=check_timeout(timeout),
                 metadata=metadata,
                 envs=envs,
-                policy=policy,
+                make_policy=lambda: e2b_policy(allow_internet_access, network),
             )
             if template == INTERPRETER_TEMPLATE:
                 await interpreter_for(entry).warm()
@@ -172,38 +196,55 @@ class SandboxTools:
         }
 
     async def run_code(
-        self, sandbox_id: str, code: str, context_id: str | None = None
+        self, sandbox_id: str, code: str, context_id: str | None = None, timeout: int = CODE_TIMEOUT
     ) -> Annotated[CallToolResult, dict[str, Any]]:
         """Run Python code in the sandbox's persistent interpreter: variables stay between calls.
         Returns the last expression's value as text, stdout, stderr, an error (name, value,
         traceback) if the code raised, and PNG images (matplotlib figures, values with
-        _repr_png_) as image content."""
+        _repr_png_) as image content. Output is cut at 1 MiB per stream. timeout: seconds (1 to
+        3600) before the interpreter is restarted (its variables are then lost)."""
         entry = self._entry(sandbox_id)
-        stdout: list[str] = []
-        stderr: list[str] = []
+        if not 0 < timeout <= MAX_COMMAND_TIMEOUT:
+            raise ToolError(f"timeout must be seconds from 1 to {MAX_COMMAND_TIMEOUT}")
+        stdout, stderr = _Kept(), _Kept()
         result: str | None = None
         error: dict[str, str] | None = None
         images: list[str] = []
+        images_size = 0
+        interpreter = interpreter_for(entry)
         try:
-            async for event in interpreter_for(entry).execute(code, context_id, None):
-                kind = event.get("type")
-                if kind == "stdout":
-                    stdout.append(event["text"])
-                elif kind == "stderr":
-                    stderr.append(event["text"])
-                elif kind == "result":
-                    if event.get("is_main_result"):
-                        result = event.get("text")
-                    if isinstance(event.get("png"), str):
-                        images.append(event["png"])
-                elif kind == "error":
-                    error = {k: event.get(k, "") for k in ("name", "value", "traceback")}
+            async with asyncio.timeout(timeout):
+                async for event in interpreter.execute(code, context_id, None):
+                    kind = event.get("type")
+                    if kind == "stdout":
+                        stdout.add(event.get("text", ""))
+                    elif kind == "stderr":
+                        stderr.add(event.get("text", ""))
+                    elif kind == "result":
+                        text = event.get("text")
+                        if event.get("is_main_result") and text is not None:
+                            result = _clip(str(text).encode())
+                        png = event.get("png")
+                        if isinstance(png, str) and images_size + len(png) <= IMAGES_LIMIT:
+                            images.append(png)
+                            images_size += len(png)
+                    elif kind == "error":
+                        error = {
+                            k: _clip(str(event.get(k, "")).encode())
+                            for k in ("name", "value", "traceback")
+                        }
+        except TimeoutError:
+            await interpreter.stop()  # the cell may never end: only a new interpreter is usable
+            raise ToolError(
+                f"the code ran longer than {timeout}s; the interpreter was restarted "
+                "(its variables are lost)"
+            ) from None
         except CapsaError as exc:
             raise _fail(exc) from None
         summary = {
             "text": result,
-            "stdout": _clip("".join(stdout).encode()),
-            "stderr": _clip("".join(stderr).encode()),
+            "stdout": stdout.text(),
+            "stderr": stderr.text(),
             "error": error,
             "images": len(images),
         }
@@ -216,9 +257,10 @@ class SandboxTools:
         Relative paths are relative to /home/user."""
         entry = self._entry(sandbox_id)
         try:
-            return _clip(await Filesystem(entry.vm).read(guest_path(path)))
+            head, more = await Filesystem(entry.vm).read_head(guest_path(path), OUTPUT_LIMIT)
         except CapsaError as exc:
             raise _fail(exc) from None
+        return _clip(head, more)
 
     async def write_file(self, sandbox_id: str, path: str, content: str) -> dict[str, Any]:
         """Write text to a file in the sandbox (parent directories are created)."""

@@ -1,13 +1,15 @@
-"""Prometheus metrics for ``capsa serve`` (one registry per server, served at ``/metrics``)."""
+"""Prometheus metrics for ``capsa serve`` (one registry per server, served at ``/metrics`` to any
+API key; the series labelled with a sandbox id only to its tenant and admin keys)."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from capsa.errors import CapsaError
 
@@ -86,15 +88,40 @@ class Metrics:
         with contextlib.suppress(KeyError):
             self.sandbox_denials.remove(entry.id)
 
-    async def collect(self, entries: Iterable[Entry]) -> bytes:
-        """The exposition text, after counting the running sandboxes' new denials."""
+    async def collect(
+        self, entries: Iterable[Entry], keep_sandbox: Callable[[str], bool] | None = None
+    ) -> bytes:
+        """The exposition text, after counting the running sandboxes' new denials; with
+        ``keep_sandbox``, only the per-sandbox samples of the sandbox ids it accepts."""
         for entry in entries:
             await self.count_denials(entry)
-        return self.render()
+        return self.render(keep_sandbox)
 
     def created(self, seconds: float, template: str) -> None:
         self.creates.labels(template=template).inc()
         self.create_seconds.observe(seconds)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, keep_sandbox: Callable[[str], bool] | None = None) -> bytes:
+        if keep_sandbox is None:
+            return generate_latest(self.registry)
+        return generate_latest(_SandboxFilter(self.registry, keep_sandbox))
+
+
+class _SandboxFilter:
+    """A view of a registry (what ``generate_latest`` reads: ``collect()``) without the samples
+    labelled with a sandbox id ``keep`` refuses."""
+
+    def __init__(self, registry: CollectorRegistry, keep: Callable[[str], bool]) -> None:
+        self._registry = registry
+        self._keep = keep
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            if not any("sandbox" in sample.labels for sample in family.samples):
+                yield family
+                continue
+            kept = Metric(family.name, family.documentation, family.type, family.unit)
+            kept.samples = [
+                s for s in family.samples if "sandbox" not in s.labels or self._keep(s.labels["sandbox"])
+            ]
+            yield kept

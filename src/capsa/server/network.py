@@ -13,8 +13,11 @@ import ipaddress
 from typing import Any
 
 from capsa.errors import ConfigError
-from capsa.net.policy import Action, NetworkPolicy
+from capsa.net.policy import Action, Cidr, Domain, Ip, NetworkPolicy, Rule
 from capsa.server.registry import ApiError
+
+MAX_ENTRIES = 1000  # per list: a request's policy costs the shared event loop O(entries)
+MAX_ENTRY = 256  # characters: a domain has at most 253 (255 with "*.")
 
 
 def _entries(network: dict[str, Any], *keys: str) -> list[str]:
@@ -24,47 +27,59 @@ def _entries(network: dict[str, Any], *keys: str) -> list[str]:
             continue
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ApiError(400, f"network.{key} must be a list of strings")
+        if len(value) > MAX_ENTRIES:
+            raise ApiError(
+                400,
+                f"network.{key} has {len(value)} entries; at most {MAX_ENTRIES} are accepted",
+                hint="allow a wildcard domain (*.example.com) or a CIDR instead of many entries",
+            )
+        if any(len(v) > MAX_ENTRY for v in value):
+            raise ApiError(400, f"network.{key} has an entry over {MAX_ENTRY} characters")
         return value
     return []
 
 
-def _add(policy: NetworkPolicy, action: Action, entry: str) -> NetworkPolicy:
+def _rule(action: Action, entry: str) -> Rule:
     text = entry.strip()
     try:
         if "/" in text:
             network = ipaddress.ip_network(text, strict=False)
             if network.version != 4:
                 raise ApiError(400, f"only IPv4 networks are supported, got {entry!r}")
-            return (
-                policy.deny_cidr(str(network))
-                if action is Action.DENY
-                else policy.allow_cidr(str(network))
-            )
+            return Rule(action, Cidr(str(network)))
         try:
             address = ipaddress.ip_address(text)
         except ValueError:
-            return policy.deny_domain(text) if action is Action.DENY else policy.allow_domain(text)
-        return policy.deny_ip(str(address)) if action is Action.DENY else policy.allow_ip(str(address))
+            return Rule(action, Domain(text))
+        return Rule(action, Ip(str(address)))
     except (ConfigError, ValueError) as exc:
         raise ApiError(400, f"invalid network entry {entry!r}: {exc}") from None
 
 
-def e2b_policy(allow_internet_access: object, network: object) -> NetworkPolicy | None:
-    """The policy for a create request, or None when the sandbox needs no network interface."""
+def check_network(allow_internet_access: object, network: object) -> None:
+    """Refuse malformed or oversized settings: cheap (no policy is built), so it runs before the
+    server's admission checks, and :func:`e2b_policy` after them."""
     if network is not None and not isinstance(network, dict):
         raise ApiError(400, "network must be an object")
     if allow_internet_access is not None and not isinstance(allow_internet_access, bool):
         raise ApiError(400, "allow_internet_access must be a boolean")
     settings = network or {}
+    _entries(settings, "allowOut", "allow_out")
+    _entries(settings, "denyOut", "deny_out")
+
+
+def e2b_policy(allow_internet_access: object, network: object) -> NetworkPolicy | None:
+    """The policy for a create request, or None when the sandbox needs no network interface.
+    Linear in the entries (at most :data:`MAX_ENTRIES` per list)."""
+    check_network(allow_internet_access, network)
+    settings = network if isinstance(network, dict) else {}
     allow = _entries(settings, "allowOut", "allow_out")
     deny = _entries(settings, "denyOut", "deny_out")
     if allow_internet_access is None and not network:
         return None
     if allow_internet_access is False and not allow:
         return None  # no egress at all: no interface (and a pooled sandbox)
-    policy = NetworkPolicy.deny_all() if allow_internet_access is False else NetworkPolicy.allow_all()
-    for entry in allow:  # first match wins: allow_out before deny_out
-        policy = _add(policy, Action.ALLOW, entry)
-    for entry in deny:
-        policy = _add(policy, Action.DENY, entry)
-    return policy
+    default = Action.DENY if allow_internet_access is False else Action.ALLOW
+    # first match wins: allow_out before deny_out
+    rules = [_rule(Action.ALLOW, entry) for entry in allow] + [_rule(Action.DENY, e) for e in deny]
+    return NetworkPolicy(default, rules)

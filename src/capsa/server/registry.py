@@ -22,6 +22,8 @@ from capsa._tasks import TaskSet
 from capsa.errors import CapsaError
 from capsa.server import _cluster
 from capsa.server.interpreter import Interpreter
+from capsa.server.quota import LimitReached, Quota, TenantLimits
+from capsa.server.tenants import DEFAULT_TENANT
 from capsa.vm import RunState
 
 if TYPE_CHECKING:
@@ -73,6 +75,8 @@ class Entry:
     policy: capsa.NetworkPolicy | None = None
     paused: Path | None = None  # the snapshot of a paused sandbox (its VM is gone)
     node_id: str | None = None  # the Ray node it runs on (``capsa serve --ray``)
+    tenant: str = DEFAULT_TENANT  # its creator's: only that tenant (and admin keys) see it
+    resume_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one VM per resume, not two
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -113,6 +117,13 @@ def named_image(name: str) -> capsa.Image | None:
         return None
 
 
+def visible(owner: str, scope: str | None) -> bool:
+    """Whether a caller whose key sees ``scope`` (a tenant; None: every tenant, for admin keys
+    and ``capsa mcp``) may see something ``owner`` created. Sandboxes use it; snapshots and
+    volumes, when the server keeps them, should too."""
+    return scope is None or owner == scope
+
+
 def _close_watchers(entry: Entry) -> None:
     watchers = entry.extra.pop("watchers", None)
     if watchers is not None:
@@ -139,6 +150,7 @@ class Registry:
         memory_mb: int = 512,
         pools: dict[str, int] | None = None,
         max_sandboxes: int | None = None,
+        tenant_limits: dict[str, TenantLimits] | None = None,
         on_removed: Callable[[Entry], Awaitable[None]] | None = None,
         on_paused: Callable[[Entry], Awaitable[None]] | None = None,
         dns_servers: tuple[str, ...] = (),
@@ -150,13 +162,13 @@ class Registry:
                 raise CapsaError(f"unknown template {name!r} in --pool", hint=_TEMPLATES_HINT)
         self.memory_mb = memory_mb
         self.max_sandboxes = max_sandboxes
+        self.quota = Quota(max_sandboxes, tenant_limits)
         self._pool_sizes = dict(pools or {})
         self._pools: dict[str, capsa.Pool] = {}
         # code-interpreter sandboxes taken from their pool with the interpreter already started
         self._warm: deque[tuple[capsa.Sandbox, Interpreter]] = deque()
         self._warm_wanted = asyncio.Event()
         self._entries: dict[str, Entry] = {}
-        self._creating = 0
         self._tasks = TaskSet(log)
         self._reaper: asyncio.Task[None] | None = None
         self._on_removed = on_removed
@@ -222,6 +234,8 @@ class Registry:
                 await vm.kill()
                 return
             self._warm.append((vm, interpreter))
+            wanted = self._pool_sizes[INTERPRETER_TEMPLATE]
+            log.info("interpreter sandboxes warm: %d of %d", len(self._warm), wanted)
 
     def pool_ready(self) -> bool:
         return all(pool.available > 0 for pool in self._pools.values())
@@ -236,32 +250,63 @@ class Registry:
         metadata: dict[str, str] | None = None,
         envs: dict[str, str] | None = None,
         policy: capsa.NetworkPolicy | None = None,
+        tenant: str = DEFAULT_TENANT,
+        make_policy: Callable[[], capsa.NetworkPolicy | None] | None = None,
     ) -> Entry:
+        """A new sandbox of ``tenant``. Its slot (:class:`Quota`) is taken before the first
+        ``await`` and kept by the entry, or given back if the create fails. ``make_policy``, when
+        given, makes the policy once the slot is taken: a request refused by the cheap checks
+        costs the server's event loop nothing for its network lists."""
         if self.closed:
             raise ApiError(503, "the server is shutting down")
         if template not in TEMPLATES and named_image(template) is None:
             raise ApiError(404, f"template {template!r} not found", hint=_TEMPLATES_HINT)
-        if self.max_sandboxes is not None and len(self._entries) + self._creating >= self.max_sandboxes:
-            raise ApiError(
-                429,
-                f"this server runs at most {self.max_sandboxes} sandboxes (--max-sandboxes)",
-                hint="kill a sandbox or wait for one to time out",
-            )
-        self._creating += 1
-        interpreter = None
         try:
-            if self.ray_address is not None:  # on a node (from its warm pool when there is one)
-                vm = await _cluster.build(self.builder(template, policy))
-            elif policy is not None:  # a network of its own: never from a pool
-                vm = await self.builder(template, policy).build()
-            elif template == INTERPRETER_TEMPLATE and self._warm:
-                vm, interpreter = self._warm.popleft()
-                self._warm_wanted.set()
-            else:
-                pool = self._pools.get(template)
-                vm = await (pool.take(_POOL_TAKE_TIMEOUT) if pool else self.builder(template).build())
-        finally:
-            self._creating -= 1
+            self.quota.reserve(tenant)
+        except LimitReached as exc:
+            raise ApiError(429, exc.message, hint=exc.hint) from None
+        try:
+            if make_policy is not None:
+                policy = make_policy()
+            entry = await self._boot(template, timeout, metadata, envs, policy=policy, tenant=tenant)
+        except BaseException:
+            self.quota.release(tenant)
+            raise
+        self._entries[entry.id] = entry  # the slot is the entry's now: _destroy gives it back
+        if self.closed:  # close() ran while this one was booting
+            await self.kill(entry.id)
+            raise ApiError(503, "the server is shutting down")
+        log.info(
+            "sandbox %s created (template %s, tenant %s, timeout %ss)",
+            entry.id,
+            template,
+            tenant,
+            timeout,
+        )
+        return entry
+
+    async def _boot(
+        self,
+        template: str,
+        timeout: int,
+        metadata: dict[str, str] | None,
+        envs: dict[str, str] | None,
+        *,
+        policy: capsa.NetworkPolicy | None,
+        tenant: str,
+    ) -> Entry:
+        """Take or build the VM and make its entry (not stored yet: the caller does)."""
+        interpreter = None
+        if self.ray_address is not None:  # on a node (from its warm pool when there is one)
+            vm = await _cluster.build(self.builder(template, policy))
+        elif policy is not None:  # a network of its own: never from a pool
+            vm = await self.builder(template, policy).build()
+        elif template == INTERPRETER_TEMPLATE and self._warm:
+            vm, interpreter = self._warm.popleft()
+            self._warm_wanted.set()
+        else:
+            pool = self._pools.get(template)
+            vm = await (pool.take(_POOL_TAKE_TIMEOUT) if pool else self.builder(template).build())
         started = _now()
         entry = Entry(
             id=f"i{secrets.token_hex(10)}",
@@ -275,6 +320,8 @@ class Registry:
             memory_mb=self.memory_mb,
             interpreter=interpreter,
             node_id=getattr(vm, "node_id", None),
+            tenant=tenant,
+            policy=policy,
         )
         try:
             if interpreter is not None:
@@ -283,28 +330,29 @@ class Registry:
         except BaseException:
             await vm.kill()
             raise
-        entry.policy = policy
-        self._entries[entry.id] = entry
-        if self.closed:  # close() ran while this one was booting
-            await self.kill(entry.id)
-            raise ApiError(503, "the server is shutting down")
-        log.info("sandbox %s created (template %s, timeout %ss)", entry.id, template, timeout)
         return entry
 
-    def get(self, sandbox_id: str) -> Entry:
+    def get(self, sandbox_id: str, tenant: str | None = None) -> Entry:
+        """A running sandbox that a caller seeing ``tenant`` (None: all) may see. Another
+        tenant's sandbox is not found, with the same answer as an unknown id."""
         entry = self._entries.get(sandbox_id)
-        if entry is None or not entry.running:
+        if entry is None or not entry.running or not visible(entry.tenant, tenant):
             raise ApiError(404, f"sandbox {sandbox_id!r} not found")
         return entry
 
-    def list(self) -> list[Entry]:
-        """Running and paused sandboxes."""
-        return [e for e in self._entries.values() if e.running or (e.paused and not e.closing)]
+    def list(self, tenant: str | None = None) -> list[Entry]:
+        """Running and paused sandboxes (of ``tenant``; None: all)."""
+        return [
+            e
+            for e in self._entries.values()
+            if (e.running or (e.paused and not e.closing)) and visible(e.tenant, tenant)
+        ]
 
-    def find(self, sandbox_id: str) -> Entry:
-        """A running or paused sandbox."""
+    def find(self, sandbox_id: str, tenant: str | None = None) -> Entry:
+        """A running or paused sandbox (that a caller seeing ``tenant`` may see)."""
         entry = self._entries.get(sandbox_id)
-        if entry is None or not (entry.running or entry.paused is not None):
+        live = entry is not None and (entry.running or entry.paused is not None)
+        if entry is None or not live or not visible(entry.tenant, tenant):
             raise ApiError(404, f"sandbox {sandbox_id!r} not found")
         return entry
 
@@ -313,11 +361,11 @@ class Registry:
 
     # -- pause / resume (capsa snapshots) --
 
-    async def pause(self, sandbox_id: str) -> None:
+    async def pause(self, sandbox_id: str, tenant: str | None = None) -> None:
         """Save the sandbox's memory and files to a snapshot and free its VM. Commands still
         running and the code interpreter's process are killed first (a snapshot needs an idle
         guest): what they held in memory is lost; files, and the guest's own memory, are kept."""
-        entry = self.find(sandbox_id)
+        entry = self.find(sandbox_id, tenant)
         if entry.paused is not None:
             raise ApiError(409, f"sandbox {sandbox_id!r} is already paused")
         if entry.node_id is not None:
@@ -347,40 +395,41 @@ class Registry:
         await entry.vm.kill()
         log.info("sandbox %s paused to %s", entry.id, target)
 
-    async def resume(self, sandbox_id: str, timeout: int | None) -> Entry:
-        entry = self.find(sandbox_id)
-        if entry.paused is None:
-            if timeout is not None:
-                await entry.set_timeout(timeout)
-            return entry
-        if self.max_sandboxes is not None and len(self) + self._creating >= self.max_sandboxes:
-            raise ApiError(429, f"this server runs at most {self.max_sandboxes} sandboxes")
-        self._creating += 1
-        try:
+    async def resume(self, sandbox_id: str, timeout: int | None, tenant: str | None = None) -> Entry:
+        """Restore a paused sandbox (it kept its slot while paused). Concurrent resumes of one
+        sandbox wait for the first, which builds the one VM: each building its own would leave
+        all but the last running, untracked and uncounted."""
+        entry = self.find(sandbox_id, tenant)
+        async with entry.resume_lock:
+            if entry.closing:  # killed while this one waited
+                raise ApiError(404, f"sandbox {sandbox_id!r} not found")
+            if entry.paused is None:  # running, or resumed by the resume this one waited for
+                if timeout is not None:
+                    await entry.set_timeout(timeout)
+                return entry
             vm = await self.builder(entry.template, entry.policy).from_snapshot(entry.paused).build()
-        finally:
-            self._creating -= 1
-        entry.vm = vm
-        shutil.rmtree(entry.paused, ignore_errors=True)
-        entry.paused = None
-        await entry.set_timeout(timeout or DEFAULT_TIMEOUT)
+            if entry.closing:  # killed while it was being restored
+                await vm.kill()
+                raise ApiError(404, f"sandbox {sandbox_id!r} not found")
+            entry.vm = vm
+            shutil.rmtree(entry.paused, ignore_errors=True)
+            entry.paused = None
+            await entry.set_timeout(timeout or DEFAULT_TIMEOUT)
         log.info("sandbox %s resumed", entry.id)
         return entry
 
     # -- removal --
 
-    async def kill(self, sandbox_id: str) -> None:
-        entry = self._entries.get(sandbox_id)
-        if entry is not None and (entry.running or entry.paused is not None):
-            self._entries.pop(sandbox_id)
-        else:
-            entry = None
-        if entry is None:
-            raise ApiError(404, f"sandbox {sandbox_id!r} not found")
+    async def kill(self, sandbox_id: str, tenant: str | None = None) -> None:
+        entry = self.find(sandbox_id, tenant)  # no await between the lookup and the pop
+        self._entries.pop(sandbox_id)
         await self._destroy(entry)
 
     async def _destroy(self, entry: Entry) -> None:
+        """Remove a sandbox its caller has taken out of ``_entries`` (so this runs once per
+        entry, which gives back its slot)."""
         entry.closing = True
+        self.quota.release(entry.tenant)
         if self._on_removed is not None:
             try:
                 await self._on_removed(entry)

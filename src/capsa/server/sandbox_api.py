@@ -7,7 +7,7 @@ import datetime
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
@@ -17,9 +17,12 @@ from capsa.server import connect
 from capsa.server.connect import ConnectError
 from capsa.server.envd import Filesystem, guest_path, processes_for, stream_process
 from capsa.server.interpreter import InterpreterError, interpreter_for
+from capsa.server.limits import Limits, RequestRejected
 from capsa.server.metrics import Metrics
+from capsa.server.redact import client_message
 from capsa.server.registry import ApiError, Entry, Registry
-from capsa.server.watch import Watcher, watchers_for
+from capsa.server.uploads import MultipartFiles
+from capsa.server.watch import watchers_for
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +40,14 @@ def _envd_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"code": status, "message": message}, status_code=status)
 
 
+MAX_UPLOAD_FILES = 1000  # file parts in one multipart upload
+
+
 class SandboxApi:
-    def __init__(self, registry: Registry, metrics: Metrics) -> None:
+    def __init__(self, registry: Registry, metrics: Metrics, limits: Limits | None = None) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.limits = limits or Limits()
 
     def _entry(self, request: Request, *, interpreter: bool = False) -> Entry | None:
         try:
@@ -53,7 +60,11 @@ class SandboxApi:
         tokens = [request.headers.get("x-access-token")]
         if interpreter:
             tokens.append(request.headers.get("e2b-traffic-access-token"))
-        return any(t is not None and secrets.compare_digest(t, entry.token) for t in tokens)
+        expected = entry.token.encode()
+        # bytes: compare_digest refuses non-ASCII str (a 500 before); the headers are latin-1
+        return any(
+            t is not None and secrets.compare_digest(t.encode("latin-1"), expected) for t in tokens
+        )
 
     async def __call__(self, request: Request) -> Response:
         port = request.headers.get("e2b-sandbox-port", ENVD_PORT)
@@ -105,9 +116,11 @@ class SandboxApi:
             return JSONResponse(await self._unary(service, method, message, entry))
         except ConnectError as exc:
             return _connect_error_response(exc, streaming)
+        except RequestRejected:
+            raise  # answered by the app (413/408) before any Connect framing
         except Exception as exc:
             log.exception("%s/%s failed", service, method)
-            return _connect_error_response(ConnectError("internal", str(exc)), streaming)
+            return _connect_error_response(ConnectError("internal", client_message(exc)), streaming)
 
     async def _unary(
         self, service: str, method: str, message: dict[str, Any], entry: Entry
@@ -116,7 +129,7 @@ class SandboxApi:
             if method in ("CreateWatcher", "GetWatcherEvents", "RemoveWatcher"):
                 return await watchers_for(entry).call(method, message)
             return await Filesystem(entry.vm).call(method, message)
-        table = processes_for(entry)
+        table = processes_for(entry, self.limits)
         if method == "List":
             return {"processes": table.list()}
         if method == "SendSignal":
@@ -134,13 +147,13 @@ class SandboxApi:
         self, service: str, method: str, message: dict[str, Any], entry: Entry, request: Request
     ) -> AsyncIterator[dict[str, Any]]:
         if service == "filesystem.Filesystem" and method == "WatchDir":
-            watcher = Watcher(entry.vm, guest_path(message.get("path")), bool(message.get("recursive")))
-            await watcher.start()
+            path, recursive = guest_path(message.get("path")), bool(message.get("recursive"))
+            watcher = await watchers_for(entry).open(path, recursive)
             deadline = connect.timeout_seconds(request.headers.get("connect-timeout-ms"))
             return watcher.stream(deadline)
         if service != "process.Process" or method not in ("Start", "Connect"):
             raise ConnectError("unimplemented", f"{service}/{method} is not implemented")
-        table = processes_for(entry)
+        table = processes_for(entry, self.limits)
         deadline = connect.timeout_seconds(request.headers.get("connect-timeout-ms"))
         if method == "Start":
             proc = await table.start(message)
@@ -168,26 +181,29 @@ class SandboxApi:
     # -- /files --
 
     async def _files(self, request: Request, entry: Entry) -> Response:
+        """Downloads stream from the guest as the client reads them; uploads stream to the guest
+        as the client sends them (multipart parts parsed on the fly), within the upload cap."""
         fs = Filesystem(entry.vm)
         try:
             if request.method == "GET":
                 path = guest_path(request.query_params.get("path"))
-                data = await fs.read(path)
-                return Response(data, media_type="application/octet-stream")
+                chunks = fs.read_chunks(path, self.limits.max_upload_bytes)
+                first = await anext(chunks, b"")  # a missing file is an error, not a 200
+                return StreamingResponse(
+                    _prepend_bytes(first, chunks), media_type="application/octet-stream"
+                )
             if request.method != "POST":
                 return _envd_error(405, "method not allowed")
             written = []
-            if request.headers.get("content-type", "").startswith("multipart/form-data"):
-                async with request.form(max_files=10000, max_part_size=1 << 30) as form:
-                    for _, part in form.multi_items():
-                        if isinstance(part, str):
-                            continue
-                        name = part.filename or request.query_params.get("path")
-                        data = await part.read()
-                        written.append(await fs.write(guest_path(name), data))
+            content_type = request.headers.get("content-type", "")
+            if content_type.startswith("multipart/form-data"):
+                parts = MultipartFiles(request.stream(), content_type, MAX_UPLOAD_FILES)
+                async for name, part in parts:
+                    target = guest_path(name or request.query_params.get("path"))
+                    written.append(await fs.write(target, part))
             else:
                 path = guest_path(request.query_params.get("path"))
-                written.append(await fs.write(path, await request.body()))
+                written.append(await fs.write(path, request.stream()))
             return JSONResponse(written)
         except ConnectError as exc:
             return _envd_error(exc.status, exc.message)
@@ -199,19 +215,26 @@ class SandboxApi:
         path = request.url.path.rstrip("/")
         try:
             if path == "/execute" and request.method == "POST":
-                body = json.loads(await request.body() or b"{}")
-                code = body.get("code")
+                body = await _json_object(request)
+                code, context, env = body.get("code"), body.get("context_id"), body.get("env_vars")
                 if not isinstance(code, str):
                     return _envd_error(400, "code must be a string")
                 if body.get("language") not in (None, "python"):
-                    return _envd_error(400, f"language {body['language']!r} is not supported")
+                    return _envd_error(400, f"language {body['language']!r:.40} is not supported")
+                if context is not None and not isinstance(context, str):
+                    return _envd_error(400, "context_id must be a string")
+                if env is not None and not _is_str_map(env):
+                    return _envd_error(400, "env_vars must map strings to strings")
                 self.metrics.code_runs.inc()
-                events = interp.execute(code, body.get("context_id"), body.get("env_vars"))
+                events = interp.execute(code, context, env)
                 first = await anext(events, None)
                 return StreamingResponse(_lines(first, events), media_type="application/x-ndjson")
             if path == "/contexts" and request.method == "POST":
-                body = json.loads(await request.body() or b"{}")
-                ctx = await interp.create_context(body.get("cwd"), body.get("language"))
+                body = await _json_object(request)
+                cwd, language = body.get("cwd"), body.get("language")
+                if not all(v is None or isinstance(v, str) for v in (cwd, language)):
+                    return _envd_error(400, "cwd and language must be strings")
+                ctx = await interp.create_context(cwd, language)
                 return JSONResponse(ctx)
             if path == "/contexts" and request.method == "GET":
                 return JSONResponse(list(interp.contexts.values()))
@@ -223,10 +246,41 @@ class SandboxApi:
                 if len(parts) == 4 and parts[3] == "restart" and request.method == "POST":
                     await interp.restart_context(parts[2])
                     return Response(status_code=204)
+        except ApiError as exc:
+            if isinstance(exc, RequestRejected):
+                raise
+            return _envd_error(exc.status, exc.message)
         except InterpreterError as exc:
             status = 404 if "not found" in exc.message else 500
             return _envd_error(status, exc.message)
         return _envd_error(404, f"no route {path}")
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        value = json.loads(raw or b"{}")
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep
+        raise ApiError(400, "the request body is not JSON") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return value
+
+
+def _is_str_map(value: object) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    )
+
+
+async def _prepend_bytes(first: bytes, rest: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
+    try:
+        if first:
+            yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()  # a client that went away cancels the guest read now
 
 
 async def _prepend(
@@ -246,7 +300,7 @@ async def _frames(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]
         return
     except Exception as exc:
         log.exception("stream failed")
-        yield connect.end_stream(ConnectError("internal", str(exc)))
+        yield connect.end_stream(ConnectError("internal", client_message(exc)))
         return
     yield connect.end_stream()
 
