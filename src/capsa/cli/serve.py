@@ -64,6 +64,14 @@ def register(commands: Any) -> None:
         help="place the sandboxes on this Ray cluster (HEAD:6379, or 'auto' on a node) instead of "
         "this machine; --pool N is then per node",
     )
+    parser.add_argument(
+        "--metrics-interval",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="sample each running sandbox's CPU, memory and disk every S seconds, for "
+        "get_metrics and /metrics (default 5; 0 turns sampling off)",
+    )
     add_sandbox_flags(parser)
     add_limit_flags(parser)
     parser.set_defaults(handler=_serve)
@@ -215,6 +223,8 @@ def _serve(args: argparse.Namespace) -> int:
             hint="pip install 'capsa[server]'",
         ) from None
     keys = load_keys(args.api_key_file)
+    if args.metrics_interval != 0 and not 0.5 <= args.metrics_interval <= 3600:
+        raise ConfigError("--metrics-interval takes seconds from 0.5 to 3600 (0: off)")
     if not args.verbose:
         logging.getLogger(__name__).setLevel(logging.INFO)  # the derived --max-sandboxes
     config = ServerConfig(
@@ -226,6 +236,7 @@ def _serve(args: argparse.Namespace) -> int:
         allow_internal_destinations=args.allow_internal_destinations,
         ray_address=args.ray,
         limits=limits_from(args),
+        metrics_interval=args.metrics_interval,
     )
     if args.ray is not None:  # before uvicorn: its signal handlers must replace Ray's SIGTERM one
         from capsa.server._cluster import connect_driver  # noqa: PLC0415

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from capsa.errors import CapsaError
+from capsa.server.guest_metrics import MAX_BATCH, Sampler
 from capsa.server.interpreter import interpreter_for
 from capsa.server.metrics import Metrics
 from capsa.server.network import check_network, e2b_policy
@@ -117,10 +118,21 @@ def _strings(value: object, what: str) -> dict[str, str]:
     return value
 
 
+def _unix_param(request: Request, name: str) -> int | None:
+    value = request.query_params.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ApiError(400, f"{name} must be a unix timestamp in seconds") from None
+
+
 class ControlPlane:
-    def __init__(self, registry: Registry, metrics: Metrics) -> None:
+    def __init__(self, registry: Registry, metrics: Metrics, sampler: Sampler | None = None) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.sampler = sampler
 
     def routes(self) -> list[Route]:
         return [
@@ -128,6 +140,7 @@ class ControlPlane:
             Route("/v2/sandboxes", self.create, methods=["POST"]),
             Route("/sandboxes", self.list, methods=["GET"]),
             Route("/v2/sandboxes", self.list, methods=["GET"]),
+            Route("/sandboxes/metrics", self.metrics_batch, methods=["GET"]),  # before {sandbox_id}
             Route("/sandboxes/{sandbox_id}", self.get, methods=["GET"]),
             Route("/sandboxes/{sandbox_id}", self.kill, methods=["DELETE"]),
             Route("/sandboxes/{sandbox_id}/timeout", self.set_timeout, methods=["POST"]),
@@ -199,8 +212,33 @@ class ControlPlane:
         return Response(status_code=204)
 
     async def metrics_of(self, request: Request) -> Response:
-        self.registry.get(request.path_params["sandbox_id"], _scope(request))
-        return JSONResponse([])  # per-sandbox CPU/memory series are not collected (yet)
+        """The sandbox's guest samples from ``start`` to ``end`` (unix seconds, both optional),
+        oldest first; a paused sandbox's stop at its pause."""
+        entry = self.registry.find(request.path_params["sandbox_id"], _scope(request))
+        start, end = _unix_param(request, "start"), _unix_param(request, "end")
+        if start is not None and end is not None and start > end:
+            raise ApiError(400, "start must not be after end")
+        samples = [] if self.sampler is None else self.sampler.series(entry.id, start, end)
+        return JSONResponse([s.to_json() for s in samples])
+
+    async def metrics_batch(self, request: Request) -> Response:
+        """The latest sample of each sandbox in ``sandbox_ids`` (comma-separated): E2B's
+        ``{"sandboxes": {id: metric}}``; ids unknown to the caller, or not sampled yet, are left
+        out."""
+        raw = request.query_params.getlist("sandbox_ids")
+        ids = [i for value in raw for i in value.split(",") if i]
+        if not ids:
+            raise ApiError(400, "sandbox_ids is required")
+        if len(ids) > MAX_BATCH:
+            raise ApiError(400, f"at most {MAX_BATCH} sandbox_ids at a time")
+        scope = _scope(request)
+        visible = {e.id for e in self.registry.list(scope)}
+        found: dict[str, Any] = {}
+        for sandbox_id in ids:
+            latest = None if self.sampler is None else self.sampler.latest(sandbox_id)
+            if sandbox_id in visible and latest is not None:
+                found[sandbox_id] = latest.to_json()
+        return JSONResponse({"sandboxes": found})
 
     async def unsupported(self, request: Request) -> Response:
         self.registry.get(request.path_params["sandbox_id"], _scope(request))

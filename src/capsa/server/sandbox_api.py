@@ -141,6 +141,9 @@ class SandboxApi:
         if method == "CloseStdin":
             await table.close_stdin(message)
             return {}
+        if method == "Update":
+            await table.update(message)
+            return {}
         raise ConnectError("unimplemented", f"{service}/{method} is not implemented")
 
     async def _stream(
