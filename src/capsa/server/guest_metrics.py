@@ -175,8 +175,8 @@ class Sampler:
             return
         finally:
             state.busy = False
-        if self._states.get(entry.id) is not state:
-            return  # removed meanwhile
+        if self._states.get(entry.id) is not state or not entry.running:
+            return  # removed (or being removed) meanwhile: its gauges must not come back
         state.samples.append(sample)
         if self._publish is not None:
             self._publish(entry.id, sample)
