@@ -124,6 +124,10 @@ class SyncClusterMethods:
     def restart(self, name: str, timeout: float = 120.0) -> SyncSandbox | SyncVM:
         raise NotImplementedError
 
+    @property
+    def spoofed_frames(self) -> int:
+        raise NotImplementedError
+
     def stop(self) -> None:
         raise NotImplementedError
 
@@ -209,6 +213,10 @@ class SyncNetworkMethods:
 
     @property
     def closed(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def fixed_mac(self) -> bool:
         raise NotImplementedError
 
     def forwards(self) -> list[ForwardedPort]:
