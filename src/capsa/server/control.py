@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import urllib.parse
 from typing import Any
 
 from starlette.requests import Request
@@ -18,17 +17,20 @@ from starlette.routing import Route
 
 from capsa.errors import CapsaError
 from capsa.server.interpreter import interpreter_for
+from capsa.server.listing import NEXT_TOKEN, descending, filter_sandboxes, page, sandbox_key
 from capsa.server.metrics import Metrics
 from capsa.server.network import check_network, e2b_policy
 from capsa.server.registry import (
     DEFAULT_TIMEOUT,
     ENVD_VERSION,
     INTERPRETER_TEMPLATE,
+    TEMPLATES,
     ApiError,
     Entry,
     Registry,
     check_timeout,
 )
+from capsa.server.snapshot_api import SnapshotApi, create_from_snapshot
 from capsa.server.tenants import Principal
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ def _metadata(entry: Entry) -> dict[str, str]:
     return {**entry.metadata, NODE_KEY: entry.node_id}
 
 
-async def _body(request: Request) -> dict[str, Any]:
+async def read_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     if not raw:
         return {}
@@ -121,6 +123,7 @@ class ControlPlane:
     def __init__(self, registry: Registry, metrics: Metrics) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.snapshots = SnapshotApi(registry, sandbox_json, principal_of, read_body)
 
     def routes(self) -> list[Route]:
         return [
@@ -137,15 +140,12 @@ class ControlPlane:
             Route("/sandboxes/{sandbox_id}/metrics", self.metrics_of, methods=["GET"]),
             Route("/sandboxes/{sandbox_id}/pause", self.pause, methods=["POST"]),
             Route("/sandboxes/{sandbox_id}/resume", self.connect, methods=["POST"]),
-            *(
-                Route(f"/sandboxes/{{sandbox_id}}/{name}", self.unsupported, methods=["POST"])
-                for name in ("fork", "snapshots")
-            ),
+            *self.snapshots.routes(),
             Route("/sandboxes/{sandbox_id}/network", self.unsupported, methods=["PUT"]),
         ]
 
     async def create(self, request: Request) -> Response:
-        body = await _body(request)
+        body = await read_body(request)
         template = body.get("templateID") or "base"
         if not isinstance(template, str):
             raise ApiError(400, "templateID must be a string")
@@ -154,27 +154,38 @@ class ControlPlane:
         network = body.get("network")
         check_network(internet, network)  # cheap; the policy is made once a slot is taken
         started = time.monotonic()
-        entry = await self.registry.create(
-            template,
-            timeout=timeout,
-            metadata=_strings(body.get("metadata"), "metadata"),
-            envs=_strings(body.get("envVars"), "envVars"),
-            make_policy=lambda: e2b_policy(internet, network),
-            tenant=principal_of(request).tenant,
+        metadata = _strings(body.get("metadata"), "metadata")
+        envs = _strings(body.get("envVars"), "envVars")
+        tenant = principal_of(request).tenant
+        saved = (
+            None if template in TEMPLATES else self.registry.snapshots.find(template, _scope(request))
         )
+        if saved is not None:  # Sandbox.create(snapshot_id)
+            entry = await create_from_snapshot(
+                self.registry, saved, timeout=timeout, metadata=metadata, envs=envs, tenant=tenant
+            )
+        else:
+            entry = await self.registry.create(
+                template,
+                timeout=timeout,
+                metadata=metadata,
+                envs=envs,
+                make_policy=lambda: e2b_policy(internet, network),
+                tenant=tenant,
+            )
         self.metrics.created(time.monotonic() - started, template)
         if template == INTERPRETER_TEMPLATE:
             await interpreter_for(entry).warm()
         return JSONResponse(sandbox_json(entry), status_code=201)
 
     async def list(self, request: Request) -> Response:
-        entries = self.registry.list(_scope(request))
-        states = request.query_params.get("state")
-        if states is not None:
-            entries = [e for e in entries if e.state in states.split(",")]
-        wanted = dict(urllib.parse.parse_qsl(request.query_params.get("metadata") or ""))
-        entries = [e for e in entries if all(e.metadata.get(k) == v for k, v in wanted.items())]
-        return JSONResponse([listed_json(e) for e in entries])
+        """E2B's list: filters (state, metadata, template, startedAfter), order by start time
+        (newest first unless ``order=asc``) and pages of ``limit`` with an ``x-next-token``."""
+        query = request.query_params
+        entries = filter_sandboxes(self.registry.list(_scope(request)), query)
+        chosen, token = page(entries, sandbox_key, query, descending=descending(query))
+        headers = {NEXT_TOKEN: token} if token else None
+        return JSONResponse([listed_json(e) for e in chosen], headers=headers)
 
     async def get(self, request: Request) -> Response:
         entry = self.registry.find(request.path_params["sandbox_id"], _scope(request))
@@ -188,12 +199,12 @@ class ControlPlane:
 
     async def set_timeout(self, request: Request) -> Response:
         entry = self.registry.get(request.path_params["sandbox_id"], _scope(request))
-        await entry.set_timeout(check_timeout((await _body(request)).get("timeout")))
+        await entry.set_timeout(check_timeout((await read_body(request)).get("timeout")))
         return Response(status_code=204)
 
     async def refresh(self, request: Request) -> Response:
         entry = self.registry.get(request.path_params["sandbox_id"], _scope(request))
-        duration = (await _body(request)).get("duration")
+        duration = (await read_body(request)).get("duration")
         if duration is not None:
             await entry.set_timeout(check_timeout(duration))
         return Response(status_code=204)
@@ -213,7 +224,7 @@ class ControlPlane:
 
     async def connect(self, request: Request) -> Response:
         """Connect to a sandbox; a paused one is resumed from its snapshot first."""
-        timeout = (await _body(request)).get("timeout")
+        timeout = (await read_body(request)).get("timeout")
         entry = await self.registry.resume(
             request.path_params["sandbox_id"],
             None if timeout is None else check_timeout(timeout),
