@@ -161,6 +161,12 @@ class ControlPlane:
             None if template in TEMPLATES else self.registry.snapshots.find(template, _scope(request))
         )
         if saved is not None:  # Sandbox.create(snapshot_id)
+            if network:
+                raise ApiError(
+                    400,
+                    "a sandbox created from a snapshot keeps the snapshot's network settings",
+                    hint="leave out network, or create the source sandbox with the settings wanted",
+                )
             entry = await create_from_snapshot(
                 self.registry, saved, timeout=timeout, metadata=metadata, envs=envs, tenant=tenant
             )

@@ -102,23 +102,22 @@ class SnapshotApi:
         parent = self._live(request, "fork")
         tenant = self._principal(request).tenant
         slots = _reserve(self.registry, tenant, count)  # before the save: a full server saves nothing
-        if not any(slot is None for slot in slots):
-            raise slots[0] if isinstance(slots[0], ApiError) else ApiError(429, "no slot")
-        scratch = Path(tempfile.mkdtemp(prefix="capsa-serve-fork-"))
+        held = sum(1 for slot in slots if slot is None)
+        if not held:
+            raise slots[0] or ApiError(429, "no slot")
+        scratch: Path | None = None
         try:
-            try:
-                await self.registry.save(parent, scratch / "snapshot")
-            except BaseException:
-                for slot in slots:
-                    if slot is None:
-                        self.registry.quota.release(tenant)
-                raise
+            scratch = Path(tempfile.mkdtemp(prefix="capsa-serve-fork-"))
+            await self.registry.save(parent, scratch / "snapshot")
+        except BaseException:
+            for _ in range(held):  # no restore took them over
+                self.registry.quota.release(tenant)
+            if scratch is not None:
+                await asyncio.to_thread(shutil.rmtree, scratch, True)
+            raise
+        try:  # from here each restore owns its slot (and gives it back if it fails)
             results = await asyncio.gather(
-                *(
-                    self._fork_one(parent, scratch / "snapshot", timeout, tenant)
-                    for slot in slots
-                    if slot is None
-                ),
+                *(self._fork_one(parent, scratch / "snapshot", timeout, tenant) for _ in range(held)),
                 return_exceptions=True,
             )
         finally:
@@ -160,12 +159,13 @@ class SnapshotApi:
                 hint="take a full snapshot (the default mode)",
             )
         source = self._live(request, "snapshot")
+        tenant = self._principal(request).tenant  # the caller's, as a created sandbox is
         store = self.registry.snapshots
-        with store.reserving(source.tenant) as fits:
+        with store.reserving(tenant) as fits:
             if not fits:
                 raise ApiError(
                     429,
-                    f"tenant {source.tenant!r} may keep at most {store.max_per_tenant} snapshots",
+                    f"tenant {tenant!r} may keep at most {store.max_per_tenant} snapshots",
                     hint="delete snapshots you no longer need (Sandbox.delete_snapshot)",
                 )
             raw, target = store.new_path()
@@ -173,7 +173,7 @@ class SnapshotApi:
             saved = Saved(
                 id=raw,
                 name=name,
-                tenant=source.tenant,
+                tenant=tenant,
                 template=source.template,
                 source_id=source.id,
                 path=target,

@@ -95,9 +95,9 @@ class SnapshotStore:
         ``scope`` (None: every tenant) may use, or None."""
         key = ref.removesuffix(TAG)
         found = self._saved.get(key)
-        if found is None:
-            found = next((s for s in self._saved.values() if s.name == key and _sees(scope, s)), None)
-        return found if found is not None and _sees(scope, found) else None
+        if found is not None and _sees(scope, found):
+            return found
+        return next((s for s in self._saved.values() if s.name == key and _sees(scope, s)), None)
 
     def list(
         self, scope: str | None, source_id: str | None = None, name: str | None = None
