@@ -42,7 +42,7 @@ def _position(token: str) -> str:
         position = base64.b64decode(padded, altchars=b"-_", validate=True).decode()
     except (ValueError, binascii.Error, UnicodeDecodeError):
         position = ""
-    if "|" not in position:
+    if not position:
         raise ApiError(400, "nextToken is not a token this server gave")
     return position
 
