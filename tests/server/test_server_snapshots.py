@@ -205,3 +205,28 @@ def test_snapshot_outlives_its_source(server: Server, clean: None) -> None:
         e2b.Sandbox.create_snapshot("i" + "0" * 20, **_sdk(server))
     reply = httpx.delete(f"{server.url}/templates/base", headers={"X-API-KEY": API_KEY})
     assert reply.status_code == 501 and "deleting templates" in reply.text
+
+
+def test_bad_fork_and_snapshot_requests_are_clear_4xx(server: Server) -> None:
+    """Malformed counts, timeouts, names and queries are refused before anything is saved, with the
+    same answer for a known and an unknown sandbox id."""
+    hdr = {"X-API-KEY": KEY_A}
+    unknown = "i" + "0" * 20
+    for body in ({"count": 0}, {"count": 21}, {"count": "2"}, {"count": True}, {"timeout": -1}):
+        reply = httpx.post(f"{server.url}/sandboxes/{unknown}/fork", json=body, headers=hdr)
+        assert reply.status_code == 400, (body, reply.text)
+    for body, status in (
+        ({"name": "Bad Name"}, 400),
+        ({"name": "x" * 80}, 400),
+        ({"name": "base"}, 409),
+    ):
+        reply = httpx.post(f"{server.url}/sandboxes/{unknown}/snapshots", json=body, headers=hdr)
+        assert reply.status_code == status, (body, reply.text)
+    reply = httpx.post(f"{server.url}/sandboxes/{unknown}/snapshots", json={}, headers=hdr)
+    assert reply.status_code == 404
+    for params in ({"limit": "0"}, {"limit": "1000"}, {"nextToken": "!!"}):
+        reply = httpx.get(f"{server.url}/snapshots", params=params, headers=hdr)
+        assert reply.status_code == 400, (params, reply.text)
+    reply = httpx.delete(f"{server.url}/templates/no-such-snapshot:default", headers=hdr)
+    assert reply.status_code == 404
+    assert httpx.get(f"{server.url}/snapshots", headers={"X-API-KEY": "wrong"}).status_code == 401

@@ -14,7 +14,6 @@ import datetime
 import logging
 import re
 import shutil
-import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from capsa._guardian import new_vm_dir
 from capsa.errors import CapsaError
 from capsa.server.listing import NEXT_TOKEN, page
 from capsa.server.quota import LimitReached
@@ -107,7 +107,7 @@ class SnapshotApi:
             raise slots[0] or ApiError(429, "no slot")
         scratch: Path | None = None
         try:
-            scratch = Path(tempfile.mkdtemp(prefix="capsa-serve-fork-"))
+            scratch = new_vm_dir("serve-fork-")  # RAM-backed when it can, and guarded: as vm.fork's
             await self.registry.save(parent, scratch / "snapshot")
         except BaseException:
             for _ in range(held):  # no restore took them over
