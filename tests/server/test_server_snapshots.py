@@ -88,6 +88,9 @@ def test_list_pages_filters_and_order(server: Server, clean: None) -> None:
     running = e2b.SandboxQuery(metadata={"suite": tag}, state=[e2b.SandboxState.RUNNING])
     assert _ids(e2b.Sandbox.list(query=paused, **_sdk(server))) == [ids[0]]
     assert sorted(_ids(e2b.Sandbox.list(query=running, **_sdk(server)))) == sorted(ids[1:])
+    # E2B's v1 list has no pages: every sandbox in one reply
+    v1 = httpx.get(f"{server.url}/sandboxes", params={"order": "asc"}, headers={"X-API-KEY": KEY_A})
+    assert [s["sandboxID"] for s in v1.json()] == ids and "x-next-token" not in v1.headers
     # the other tenant sees none of them; bad queries are clear 400s
     assert _ids(e2b.Sandbox.list(query=query, **_sdk(server, KEY_B))) == []
     for params in ({"limit": "0"}, {"nextToken": "%%%"}, {"state": "sleeping"}, {"order": "up"}):

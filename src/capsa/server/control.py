@@ -186,9 +186,13 @@ class ControlPlane:
 
     async def list(self, request: Request) -> Response:
         """E2B's list: filters (state, metadata, template, startedAfter), order by start time
-        (newest first unless ``order=asc``) and pages of ``limit`` with an ``x-next-token``."""
+        (newest first unless ``order=asc``) and, on ``/v2``, pages of ``limit`` with an
+        ``x-next-token``."""
         query = request.query_params
         entries = filter_sandboxes(self.registry.list(_scope(request)), query)
+        if request.url.path == "/sandboxes":  # E2B's v1 list: every sandbox, in one reply
+            entries.sort(key=sandbox_key, reverse=descending(query))
+            return JSONResponse([listed_json(e) for e in entries])
         chosen, token = page(entries, sandbox_key, query, descending=descending(query))
         headers = {NEXT_TOKEN: token} if token else None
         return JSONResponse([listed_json(e) for e in chosen], headers=headers)
