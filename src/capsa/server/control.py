@@ -96,7 +96,7 @@ def _metadata(entry: Entry) -> dict[str, str]:
     return {**entry.metadata, NODE_KEY: entry.node_id}
 
 
-async def read_body(request: Request) -> dict[str, Any]:
+async def _body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     if not raw:
         return {}
@@ -123,7 +123,7 @@ class ControlPlane:
     def __init__(self, registry: Registry, metrics: Metrics) -> None:
         self.registry = registry
         self.metrics = metrics
-        self.snapshots = SnapshotApi(registry, sandbox_json, principal_of, read_body)
+        self.snapshots = SnapshotApi(registry, sandbox_json, principal_of, _body)
 
     def routes(self) -> list[Route]:
         return [
@@ -145,7 +145,7 @@ class ControlPlane:
         ]
 
     async def create(self, request: Request) -> Response:
-        body = await read_body(request)
+        body = await _body(request)
         template = body.get("templateID") or "base"
         if not isinstance(template, str):
             raise ApiError(400, "templateID must be a string")
@@ -209,12 +209,12 @@ class ControlPlane:
 
     async def set_timeout(self, request: Request) -> Response:
         entry = self.registry.get(request.path_params["sandbox_id"], _scope(request))
-        await entry.set_timeout(check_timeout((await read_body(request)).get("timeout")))
+        await entry.set_timeout(check_timeout((await _body(request)).get("timeout")))
         return Response(status_code=204)
 
     async def refresh(self, request: Request) -> Response:
         entry = self.registry.get(request.path_params["sandbox_id"], _scope(request))
-        duration = (await read_body(request)).get("duration")
+        duration = (await _body(request)).get("duration")
         if duration is not None:
             await entry.set_timeout(check_timeout(duration))
         return Response(status_code=204)
@@ -234,7 +234,7 @@ class ControlPlane:
 
     async def connect(self, request: Request) -> Response:
         """Connect to a sandbox; a paused one is resumed from its snapshot first."""
-        timeout = (await read_body(request)).get("timeout")
+        timeout = (await _body(request)).get("timeout")
         entry = await self.registry.resume(
             request.path_params["sandbox_id"],
             None if timeout is None else check_timeout(timeout),
