@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import urllib.parse
 from typing import Any
 
 from starlette.requests import Request
@@ -18,17 +17,20 @@ from starlette.routing import Route
 
 from capsa.errors import CapsaError
 from capsa.server.interpreter import interpreter_for
+from capsa.server.listing import NEXT_TOKEN, descending, filter_sandboxes, page, sandbox_key
 from capsa.server.metrics import Metrics
 from capsa.server.network import check_network, e2b_policy
 from capsa.server.registry import (
     DEFAULT_TIMEOUT,
     ENVD_VERSION,
     INTERPRETER_TEMPLATE,
+    TEMPLATES,
     ApiError,
     Entry,
     Registry,
     check_timeout,
 )
+from capsa.server.snapshot_api import SnapshotApi, create_from_snapshot
 from capsa.server.tenants import Principal
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,7 @@ class ControlPlane:
     def __init__(self, registry: Registry, metrics: Metrics) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.snapshots = SnapshotApi(registry, sandbox_json, principal_of, _body)
 
     def routes(self) -> list[Route]:
         return [
@@ -137,10 +140,7 @@ class ControlPlane:
             Route("/sandboxes/{sandbox_id}/metrics", self.metrics_of, methods=["GET"]),
             Route("/sandboxes/{sandbox_id}/pause", self.pause, methods=["POST"]),
             Route("/sandboxes/{sandbox_id}/resume", self.connect, methods=["POST"]),
-            *(
-                Route(f"/sandboxes/{{sandbox_id}}/{name}", self.unsupported, methods=["POST"])
-                for name in ("fork", "snapshots")
-            ),
+            *self.snapshots.routes(),
             Route("/sandboxes/{sandbox_id}/network", self.unsupported, methods=["PUT"]),
         ]
 
@@ -154,27 +154,48 @@ class ControlPlane:
         network = body.get("network")
         check_network(internet, network)  # cheap; the policy is made once a slot is taken
         started = time.monotonic()
-        entry = await self.registry.create(
-            template,
-            timeout=timeout,
-            metadata=_strings(body.get("metadata"), "metadata"),
-            envs=_strings(body.get("envVars"), "envVars"),
-            make_policy=lambda: e2b_policy(internet, network),
-            tenant=principal_of(request).tenant,
+        metadata = _strings(body.get("metadata"), "metadata")
+        envs = _strings(body.get("envVars"), "envVars")
+        tenant = principal_of(request).tenant
+        saved = (
+            None if template in TEMPLATES else self.registry.snapshots.find(template, _scope(request))
         )
+        if saved is not None:  # Sandbox.create(snapshot_id)
+            if network:
+                raise ApiError(
+                    400,
+                    "a sandbox created from a snapshot keeps the snapshot's network settings",
+                    hint="leave out network, or create the source sandbox with the settings wanted",
+                )
+            entry = await create_from_snapshot(
+                self.registry, saved, timeout=timeout, metadata=metadata, envs=envs, tenant=tenant
+            )
+        else:
+            entry = await self.registry.create(
+                template,
+                timeout=timeout,
+                metadata=metadata,
+                envs=envs,
+                make_policy=lambda: e2b_policy(internet, network),
+                tenant=tenant,
+            )
         self.metrics.created(time.monotonic() - started, template)
         if template == INTERPRETER_TEMPLATE:
             await interpreter_for(entry).warm()
         return JSONResponse(sandbox_json(entry), status_code=201)
 
     async def list(self, request: Request) -> Response:
-        entries = self.registry.list(_scope(request))
-        states = request.query_params.get("state")
-        if states is not None:
-            entries = [e for e in entries if e.state in states.split(",")]
-        wanted = dict(urllib.parse.parse_qsl(request.query_params.get("metadata") or ""))
-        entries = [e for e in entries if all(e.metadata.get(k) == v for k, v in wanted.items())]
-        return JSONResponse([listed_json(e) for e in entries])
+        """E2B's list: filters (state, metadata, template, startedAfter), order by start time
+        (newest first unless ``order=asc``) and, on ``/v2``, pages of ``limit`` with an
+        ``x-next-token``."""
+        query = request.query_params
+        entries = filter_sandboxes(self.registry.list(_scope(request)), query)
+        if request.url.path == "/sandboxes":  # E2B's v1 list: every sandbox, in one reply
+            entries.sort(key=sandbox_key, reverse=descending(query))
+            return JSONResponse([listed_json(e) for e in entries])
+        chosen, token = page(entries, sandbox_key, query, descending=descending(query))
+        headers = {NEXT_TOKEN: token} if token else None
+        return JSONResponse([listed_json(e) for e in chosen], headers=headers)
 
     async def get(self, request: Request) -> Response:
         entry = self.registry.find(request.path_params["sandbox_id"], _scope(request))

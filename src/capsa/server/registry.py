@@ -23,6 +23,7 @@ from capsa.errors import CapsaError
 from capsa.server import _cluster
 from capsa.server.interpreter import Interpreter
 from capsa.server.quota import LimitReached, Quota, TenantLimits
+from capsa.server.snapshots import SnapshotStore
 from capsa.server.tenants import DEFAULT_TENANT
 from capsa.vm import RunState
 
@@ -177,6 +178,7 @@ class Registry:
         self._dns_servers = dns_servers
         self._internal = allow_internal_destinations
         self.ray_address = ray_address  # place sandboxes on a Ray cluster's capsa host actors
+        self.snapshots = SnapshotStore()  # create_snapshot's, which outlive their sandboxes
         self.closed = False
 
     def builder(self, template: str, policy: capsa.NetworkPolicy | None = None) -> capsa.SandboxBuilder:
@@ -418,6 +420,89 @@ class Registry:
         log.info("sandbox %s resumed", entry.id)
         return entry
 
+    # -- saves and restores for fork and create_snapshot --
+
+    async def save(self, entry: Entry, target: Path) -> None:
+        """Snapshot the running ``entry`` to ``target``; it keeps running, with its id and end.
+        As for a pause, commands still running and the code interpreter's process are killed
+        first (a snapshot needs an idle guest)."""
+        if entry.node_id is not None:
+            raise ApiError(
+                501,
+                "snapshots and forks are not supported by capsa serve --ray: the snapshot would "
+                f"stay on the sandbox's Ray node ({entry.node_id[:12]})",
+                hint="serve without --ray",
+            )
+        async with entry.resume_lock:  # one save or resume of a sandbox at a time
+            if not entry.running:
+                state = "paused" if entry.paused is not None else "not running"
+                raise ApiError(409, f"sandbox {entry.id!r} is {state}", hint="resume it first")
+            if entry.processes is not None:
+                await entry.processes.kill_all()
+                entry.processes = None
+            if entry.interpreter is not None:
+                await entry.interpreter.stop()
+                entry.interpreter = None
+            _close_watchers(entry)
+            try:
+                await entry.vm.snapshot(target)
+            except CapsaError as exc:
+                raise ApiError(409, f"cannot snapshot sandbox {entry.id!r}: {exc.message}") from None
+
+    async def restore(
+        self,
+        snapshot: Path,
+        *,
+        template: str,
+        timeout: int,
+        tenant: str,
+        metadata: dict[str, str],
+        envs: dict[str, str],
+        policy: capsa.NetworkPolicy | None,
+        reserved: bool = False,
+    ) -> Entry:
+        """A new sandbox of ``tenant`` restored from ``snapshot`` (which it does not need once
+        started). Like :meth:`create`, it takes its slot before the first ``await``, unless the
+        caller ``reserved`` it (a fork takes all its slots at once); either way the slot is the
+        new entry's, or given back if the restore fails."""
+        if not reserved:
+            try:
+                self.quota.reserve(tenant)
+            except LimitReached as exc:
+                raise ApiError(429, exc.message, hint=exc.hint) from None
+        try:
+            if self.closed:
+                raise ApiError(503, "the server is shutting down")
+            vm = await self.builder(template, policy).from_snapshot(snapshot).build()
+        except BaseException:
+            self.quota.release(tenant)
+            raise
+        started = _now()
+        entry = Entry(
+            id=f"i{secrets.token_hex(10)}",
+            template=template,
+            vm=vm,
+            token=secrets.token_urlsafe(24),
+            metadata=dict(metadata),
+            envs=dict(envs),
+            started_at=started,
+            end_at=started,
+            memory_mb=self.memory_mb,
+            tenant=tenant,
+            policy=policy,
+        )
+        self._entries[entry.id] = entry  # the slot is the entry's now: _destroy gives it back
+        try:
+            await entry.set_timeout(timeout)
+        except BaseException:
+            await self.kill(entry.id)
+            raise
+        if self.closed:
+            await self.kill(entry.id)
+            raise ApiError(503, "the server is shutting down")
+        log.info("sandbox %s restored from %s (tenant %s)", entry.id, snapshot, tenant)
+        return entry
+
     # -- removal --
 
     async def kill(self, sandbox_id: str, tenant: str | None = None) -> None:
@@ -492,4 +577,5 @@ class Registry:
         await self._tasks.wait_all(10.0)
         if self._paused_root is not None:
             shutil.rmtree(self._paused_root, ignore_errors=True)
+        self.snapshots.close()
         log.info("stopped %d sandboxes in %.1fs", len(entries), time.monotonic() - started)
