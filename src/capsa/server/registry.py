@@ -442,6 +442,7 @@ class Registry:
             message = f"cannot pause sandbox {entry.id!r}: {exc.message}"
             raise ApiError(429, message, hint=exc.hint) from None
         entry.parked = entry.pausing = True
+        started = time.monotonic()
         if self._paused_root is None:
             self._paused_root = Path(tempfile.mkdtemp(prefix="capsa-serve-paused-"))
         target = self._paused_root / entry.id
@@ -472,7 +473,7 @@ class Registry:
         if self._on_paused is not None:
             await self._on_paused(entry)
         await entry.vm.kill()
-        log.info("sandbox %s paused to %s", entry.id, target)
+        log.info("sandbox %s paused to %s in %.2fs", entry.id, target, time.monotonic() - started)
 
     async def resume(self, sandbox_id: str, timeout: int | None, tenant: str | None = None) -> Entry:
         """Restore a paused sandbox, if a running slot is free (429 if not). Concurrent resumes of
