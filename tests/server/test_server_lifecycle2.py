@@ -12,6 +12,8 @@ import socket
 import socketserver
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -159,6 +161,15 @@ def test_on_timeout_pause_and_auto_resume(setup: Setup) -> None:
         _wait_state(sandbox.sandbox_id, "paused")
         info = Sandbox.get_info(sandbox.sandbox_id)
         assert info.lifecycle == {"on_timeout": "pause", "auto_resume": True}
+        # a call without the sandbox's token is refused and wakes nothing (its slot stays free)
+        stranger = urllib.request.Request(
+            f"{setup.server.url}/health",
+            headers={"E2b-Sandbox-Id": sandbox.sandbox_id, "X-Access-Token": "not-the-token"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(stranger, timeout=30)
+        assert refused.value.code == 401
+        assert Sandbox.get_info(sandbox.sandbox_id).state.value == "paused"
         # the next envd call resumes it, transparently
         assert sandbox.commands.run("cat /root/kept.txt /dev/shm/kept").stdout == (
             "survives the timeout" + "in-memory\n"
