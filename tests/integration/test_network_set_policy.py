@@ -13,7 +13,11 @@ import pytest
 import capsa
 from capsa import NetworkPolicy, VirtualNetwork
 from tests.conftest import SandboxFactory
-from tests.integration.test_network import Servers, servers  # noqa: F401 (the module's fixture)
+from tests.integration.test_network import (  # noqa: F401 (servers: the module's fixture)
+    GUEST_SERVERS,
+    Servers,
+    servers,
+)
 
 pytestmark = [pytest.mark.vm]
 
@@ -109,3 +113,51 @@ async def test_set_policy_resets_live_flows_and_judges_new_ones(
             vm.network.set_policy("deny all")  # type: ignore[arg-type]
     finally:
         server.close()
+
+
+# One UDP flow, used once per line on stdin: the reply, or the error the guest gets.
+UDP_CLIENT = """
+import socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.settimeout(10)
+sock.connect(("udp.test", int(sys.argv[1])))
+for line in sys.stdin:
+    sock.send(b"x")
+    try:
+        print("got", sock.recv(100).decode(), flush=True)
+    except OSError as exc:
+        print("error", type(exc).__name__, flush=True)
+"""
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(240)
+async def test_set_policy_drops_udp_flows_and_keeps_port_forwards(
+    servers: Servers,  # noqa: F811 (the fixture imported above)
+    sandbox_factory: SandboxFactory,
+) -> None:
+    """A UDP flow the new policy denies is dropped (the guest's next datagram is refused with an
+    ICMP unreachable); connections the host opened through a port forward are not egress and
+    stay, even under deny-all."""
+    gateway = servers.gateway(NetworkPolicy.allow_all()).forward_tcp(0, 8000)
+    vm = await sandbox_factory(capsa.sandbox().network(VirtualNetwork.with_gateway(gateway)))
+    (forward,) = vm.network.forwards()
+    guest_server = await vm.agent.exec("python3").args(["-u", "-c", GUEST_SERVERS]).spawn()
+    assert (await asyncio.wait_for(guest_server.stdout.readline(), 60)).strip() == b"ready"
+    reader, writer = await asyncio.open_connection("127.0.0.1", forward.host_port)
+    assert await asyncio.wait_for(reader.readline(), 30) == b"from 10.0.2.1\n"
+    client = await vm.agent.exec("python3").args(["-c", UDP_CLIENT, str(servers.udp_port)]).spawn()
+    await client.write_stdin(b"go\n")
+    assert await asyncio.wait_for(client.stdout.readline(), 30) == b"got echo:x\n"
+
+    vm.network.set_policy(NetworkPolicy.deny_all())
+    dropped = [e for e in vm.network.log() if e.proto == "udp" and "(dropped)" in e.rule]
+    assert [(e.action, e.domain) for e in dropped] == [("deny", "udp.test")]
+    await client.write_stdin(b"go\n")
+    assert await asyncio.wait_for(client.stdout.readline(), 30) == b"error ConnectionRefusedError\n"
+    writer.write(b"still here\n")
+    await writer.drain()
+    assert await asyncio.wait_for(reader.readline(), 30) == b"STILL HERE\n"  # the forward stays
+    writer.close()
+    await client.close_stdin()
+    assert await client.wait(30) == 0
