@@ -39,6 +39,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "clusters": ([], []),
     "server": ([], []),
     "server_fork": ([], ["--runs", "4"]),
+    "server_pause": ([], ["--runs", "3"]),
     "ray": ([], ["--runs", "1", "--calls", "50"]),
     "images": ([], ["--only", "oci,start", "--runs", "3"]),
 }

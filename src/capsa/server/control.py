@@ -19,7 +19,7 @@ from capsa.errors import CapsaError
 from capsa.server.interpreter import interpreter_for
 from capsa.server.listing import NEXT_TOKEN, descending, filter_sandboxes, page, sandbox_key
 from capsa.server.metrics import Metrics
-from capsa.server.network import check_network, e2b_policy
+from capsa.server.network import check_network, e2b_policy, update_policy
 from capsa.server.registry import (
     DEFAULT_TIMEOUT,
     ENVD_VERSION,
@@ -28,7 +28,7 @@ from capsa.server.registry import (
     ApiError,
     Entry,
     Registry,
-    check_timeout,
+    resolved,
 )
 from capsa.server.snapshot_api import SnapshotApi, create_from_snapshot
 from capsa.server.tenants import Principal
@@ -119,6 +119,30 @@ def _strings(value: object, what: str) -> dict[str, str]:
     return value
 
 
+def _lifecycle(body: dict[str, Any]) -> tuple[bool, bool]:
+    """``(auto_pause, auto_resume)`` of a create request: the SDKs send ``lifecycle`` as
+    ``autoPause``, ``autoPauseMemory`` and ``autoResume: {"enabled": ...}``."""
+    auto_pause = body.get("autoPause") or False
+    if not isinstance(auto_pause, bool):
+        raise ApiError(400, "autoPause must be a boolean")
+    if body.get("autoPauseMemory") is False:
+        raise ApiError(400, "a filesystem-only pause is not supported: capsa's pause keeps memory",
+                       hint="leave on_timeout's mode unset (or 'full')")  # fmt: skip
+    resume = body.get("autoResume")
+    enabled = resume.get("enabled") if isinstance(resume, dict) else resume
+    if enabled is None:
+        enabled = False
+    if not isinstance(enabled, bool):
+        raise ApiError(400, 'autoResume must be an object {"enabled": boolean}')
+    if enabled and not auto_pause:
+        raise ApiError(400, "auto_resume needs on_timeout='pause'")
+    return auto_pause, enabled
+
+
+def _lifecycle_json(entry: Entry) -> dict[str, Any]:
+    return {"onTimeout": "pause" if entry.auto_pause else "kill", "autoResume": entry.auto_resume}
+
+
 class ControlPlane:
     def __init__(self, registry: Registry, metrics: Metrics) -> None:
         self.registry = registry
@@ -141,7 +165,7 @@ class ControlPlane:
             Route("/sandboxes/{sandbox_id}/pause", self.pause, methods=["POST"]),
             Route("/sandboxes/{sandbox_id}/resume", self.connect, methods=["POST"]),
             *self.snapshots.routes(),
-            Route("/sandboxes/{sandbox_id}/network", self.unsupported, methods=["PUT"]),
+            Route("/sandboxes/{sandbox_id}/network", self.update_network, methods=["PUT"]),
         ]
 
     async def create(self, request: Request) -> Response:
@@ -149,7 +173,8 @@ class ControlPlane:
         template = body.get("templateID") or "base"
         if not isinstance(template, str):
             raise ApiError(400, "templateID must be a string")
-        timeout = check_timeout(body.get("timeout", DEFAULT_TIMEOUT))
+        timeout = self.registry.check_timeout(body.get("timeout", DEFAULT_TIMEOUT))
+        auto_pause, auto_resume = _lifecycle(body)
         internet = body.get("allow_internet_access", body.get("allowInternetAccess"))
         network = body.get("network")
         check_network(internet, network)  # cheap; the policy is made once a slot is taken
@@ -178,6 +203,8 @@ class ControlPlane:
                 envs=envs,
                 make_policy=lambda: e2b_policy(internet, network),
                 tenant=tenant,
+                auto_pause=auto_pause,
+                auto_resume=auto_resume,
             )
         self.metrics.created(time.monotonic() - started, template)
         if template == INTERPRETER_TEMPLATE:
@@ -201,6 +228,7 @@ class ControlPlane:
         entry = self.registry.find(request.path_params["sandbox_id"], _scope(request))
         detail = listed_json(entry)
         detail["envdAccessToken"] = entry.token
+        detail["lifecycle"] = _lifecycle_json(entry)
         return JSONResponse(detail)
 
     async def kill(self, request: Request) -> Response:
@@ -208,25 +236,49 @@ class ControlPlane:
         return Response(status_code=204)
 
     async def set_timeout(self, request: Request) -> Response:
-        entry = self.registry.get(request.path_params["sandbox_id"], _scope(request))
-        await entry.set_timeout(check_timeout((await _body(request)).get("timeout")))
+        timeout = self.registry.check_timeout((await _body(request)).get("timeout"))
+        entry = await self.registry.awake(request.path_params["sandbox_id"], _scope(request))
+        await entry.set_timeout(timeout)
         return Response(status_code=204)
 
     async def refresh(self, request: Request) -> Response:
-        entry = self.registry.get(request.path_params["sandbox_id"], _scope(request))
         duration = (await _body(request)).get("duration")
-        if duration is not None:
-            await entry.set_timeout(check_timeout(duration))
+        timeout = None if duration is None else self.registry.check_timeout(duration)
+        entry = await self.registry.awake(request.path_params["sandbox_id"], _scope(request))
+        if timeout is not None:
+            await entry.set_timeout(timeout)
         return Response(status_code=204)
 
     async def metrics_of(self, request: Request) -> Response:
-        self.registry.get(request.path_params["sandbox_id"], _scope(request))
+        await self.registry.awake(request.path_params["sandbox_id"], _scope(request))
         return JSONResponse([])  # per-sandbox CPU/memory series are not collected (yet)
 
     async def unsupported(self, request: Request) -> Response:
         self.registry.get(request.path_params["sandbox_id"], _scope(request))
         action = request.url.path.rsplit("/", 1)[-1]
         raise ApiError(501, f"{action} is not supported by capsa serve yet")
+
+    async def update_network(self, request: Request) -> Response:
+        """E2B's ``update_network``: the new egress policy replaces the old one at once
+        (``vm.network.set_policy``: live connections it denies are reset); a paused sandbox
+        gets it when it resumes."""
+        entry = self.registry.find(request.path_params["sandbox_id"], _scope(request))
+        policy = update_policy(await _body(request))
+        if entry.policy is None:
+            raise ApiError(
+                409,
+                f"sandbox {entry.id!r} was created without network settings, so it has no network "
+                "interface to update",
+                hint="create it with allow_internet_access or network={...} to change them later",
+            )
+        async with entry.resume_lock:  # not halfway through a pause or a resume
+            if entry.closing:
+                raise ApiError(404, f"sandbox {entry.id!r} not found")
+            if entry.paused is None:
+                network: Any = entry.vm.network  # a remote handle's set_policy is awaitable
+                await resolved(network.set_policy(policy))
+            entry.policy = policy
+        return Response(status_code=204)
 
     async def pause(self, request: Request) -> Response:
         await self.registry.pause(request.path_params["sandbox_id"], _scope(request))
@@ -237,7 +289,7 @@ class ControlPlane:
         timeout = (await _body(request)).get("timeout")
         entry = await self.registry.resume(
             request.path_params["sandbox_id"],
-            None if timeout is None else check_timeout(timeout),
+            None if timeout is None else self.registry.check_timeout(timeout),
             _scope(request),
         )
         return JSONResponse(sandbox_json(entry), status_code=200)

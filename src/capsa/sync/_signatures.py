@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from capsa.image.custom import Image
     from capsa.net.forward import ForwardedPort
     from capsa.net.gateway import PortForward, VirtualNetwork
+    from capsa.net.policy import NetworkPolicy
     from capsa.net.stack import LogEntry
     from capsa.sandbox.builder import SandboxConfig
     from capsa.shares.spec import Mechanism, Share
@@ -226,6 +227,13 @@ class SyncNetworkMethods:
         raise NotImplementedError
 
     def log(self) -> list[LogEntry]:
+        raise NotImplementedError
+
+    @property
+    def policy(self) -> NetworkPolicy:
+        raise NotImplementedError
+
+    def set_policy(self, policy: NetworkPolicy) -> None:
         raise NotImplementedError
 
 
