@@ -38,6 +38,8 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "uefi_boot": ([], []),
     "clusters": ([], []),
     "server": ([], []),
+    "server_fork": ([], ["--runs", "4"]),
+    "server_pause": ([], ["--runs", "3"]),
     "ray": ([], ["--runs", "1", "--calls", "50"]),
     "images": ([], ["--only", "oci,start", "--runs", "3"]),
 }

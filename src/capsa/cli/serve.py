@@ -149,9 +149,15 @@ def add_sandbox_flags(parser: argparse.ArgumentParser) -> None:
         "--max-sandboxes",
         type=int,
         metavar="N",
-        help="refuse to hold more than N sandboxes at a time, paused ones included (the server "
-        "answers 429); default: what fits in the memory available at start (--memory plus "
-        "overhead each, pools deducted), at most 8 per core; none with --ray",
+        help="refuse to run more than N sandboxes at a time (the server answers 429; as many "
+        "paused ones may wait beside them); default: what fits in the memory available at start "
+        "(--memory plus overhead each, pools deducted), at most 8 per core; none with --ray",
+    )
+    parser.add_argument(
+        "--max-timeout",
+        type=int,
+        metavar="SECONDS",
+        help="refuse sandbox timeouts longer than this (HTTP 400); default: no cap",
     )
     parser.add_argument(
         "--dns-server",
@@ -211,6 +217,12 @@ def max_sandboxes(args: argparse.Namespace) -> int | None:
     return chosen
 
 
+def max_timeout(args: argparse.Namespace) -> int | None:
+    if args.max_timeout is not None and args.max_timeout < 1:
+        raise ConfigError("--max-timeout must be at least 1 second")
+    return None if args.max_timeout is None else int(args.max_timeout)
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn  # noqa: PLC0415 (optional dependency)
@@ -231,6 +243,7 @@ def _serve(args: argparse.Namespace) -> int:
         api_keys=keys,
         pools=dict(parse_pool(p) for p in args.pool),
         max_sandboxes=max_sandboxes(args),
+        max_timeout=max_timeout(args),
         memory_mb=args.memory,
         dns_servers=tuple(args.dns_server),
         allow_internal_destinations=args.allow_internal_destinations,

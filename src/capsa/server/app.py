@@ -46,6 +46,7 @@ class ServerConfig:
     api_keys: KeyRing  # the accepted keys, their tenants and the tenants' limits
     pools: dict[str, int] = field(default_factory=dict)
     max_sandboxes: int | None = None
+    max_timeout: int | None = None  # seconds (--max-timeout); None: no cap
     memory_mb: int = 512
     dns_servers: tuple[str, ...] = ()
     allow_internal_destinations: bool = False
@@ -64,6 +65,7 @@ class CapsaServer:
             memory_mb=config.memory_mb,
             pools=config.pools,
             max_sandboxes=config.max_sandboxes,
+            max_timeout=config.max_timeout,
             tenant_limits=dict(config.api_keys.limits),
             on_removed=self.metrics.removed,
             on_paused=self.metrics.count_denials,

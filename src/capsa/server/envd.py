@@ -181,6 +181,7 @@ class ProcessTable:
         self._procs: dict[int, Proc] = {}
         self._tasks = TaskSet(log)
         self._deadlines = TaskSet(log)
+        self._killed_because: str | None = None  # kill_all's reason, for the commands' end
 
     async def start(self, request: dict[str, Any]) -> Proc:
         config = request.get("process") or {}
@@ -243,6 +244,8 @@ class ProcessTable:
             code = await proc.process.wait()
             status = f"signal: {proc.process.signal}" if proc.process.signal else f"exit status {code}"
             proc.end = {"exitCode": code, "exited": proc.process.signal is None, "status": status}
+            if self._killed_because is not None:
+                proc.end["error"] = self._killed_because
         except Exception as exc:  # the sandbox went away
             error = client_message(exc)
             proc.end = {"exitCode": -1, "exited": False, "status": "error", "error": error}
@@ -317,8 +320,10 @@ class ProcessTable:
     async def close_stdin(self, request: dict[str, Any]) -> None:
         await self.find(request.get("process")).process.close_stdin()
 
-    async def kill_all(self) -> None:
-        """Kill every command and wait for them (before a snapshot)."""
+    async def kill_all(self, reason: str | None = None) -> None:
+        """Kill every command and wait for them (before a snapshot); ``reason`` goes to their
+        clients as the commands' error."""
+        self._killed_because = reason
         for proc in list(self._procs.values()):
             with contextlib.suppress(CapsaError):
                 await proc.process.kill()
