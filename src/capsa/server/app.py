@@ -33,6 +33,7 @@ from capsa.server.limits import (
 from capsa.server.metrics import Metrics
 from capsa.server.registry import Registry
 from capsa.server.sandbox_api import SandboxApi
+from capsa.server.signed_urls import has_signature
 from capsa.server.tenants import KeyRing, Principal
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class CapsaServer:
         sandbox_id: str | None = None
         try:
             sandbox_id, body = self._admit(scope)
-            if sandbox_id is not None:
+            if sandbox_id is not None or _signed_url(scope):
                 await self._sandbox_asgi(scope, body.bind(receive), send_logged)
             elif scope["path"] in _PUBLIC:
                 await self._control(scope, body.bind(receive), send_logged)
@@ -179,7 +180,7 @@ class CapsaServer:
         for name in (b"e2b-sandbox-port", b"x-access-token", b"e2b-traffic-access-token"):
             single_header(raw, name)
         limits = self.config.limits
-        if sandbox_id is None:
+        if sandbox_id is None and not _signed_url(scope):
             cap = limits.max_json_bytes
         elif scope["path"] == "/files":
             cap = limits.max_upload_bytes
@@ -193,6 +194,12 @@ class CapsaServer:
     async def _sandbox_asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = await self._sandbox(Request(scope, receive))
         await response(scope, receive, send)
+
+
+def _signed_url(scope: Scope) -> bool:
+    """A ``/files`` request without routing headers but signed: the sandbox API finds its sandbox
+    by the signature (``signed_urls``)."""
+    return scope["path"] == "/files" and has_signature(scope.get("query_string", b""))
 
 
 @dataclass(frozen=True)

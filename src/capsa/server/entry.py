@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 300  # seconds, as in E2B
 # No cap by default (``--max-timeout`` sets one): only what a deadline can represent (68 years).
 MAX_TIMEOUT = 2**31 - 1
-ENVD_VERSION = "0.5.7"
+# the envd features served: file metadata (0.6.2), entries in watch events (0.6.3), allowNetworkMounts
+ENVD_VERSION = "0.6.4"
 INTERPRETER_TEMPLATE = "code-interpreter-v1"
 TEMPLATES = ("base", INTERPRETER_TEMPLATE)
 

@@ -6,23 +6,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import datetime
 import logging
 import posixpath
 import signal as signals
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import capsa
 from capsa._tasks import TaskSet
-from capsa.agent import streams
-from capsa.agent.client import Agent
 from capsa.agent.exec import MAX_TERMINAL
 from capsa.errors import CapsaError, GuestFileExistsError, GuestFileNotFoundError, GuestPermissionError
 from capsa.server.connect import ConnectError
-from capsa.server.limits import Limits, RequestRejected
+from capsa.server.limits import Limits
 from capsa.server.redact import client_message
 
 if TYPE_CHECKING:
@@ -33,8 +30,6 @@ log = logging.getLogger(__name__)
 HOME = "/home/user"
 _SIGNALS = {"SIGNAL_SIGKILL": signals.SIGKILL, "SIGNAL_SIGTERM": signals.SIGTERM, 9: 9, 15: 15}
 _READ_CHUNK = 1 << 16
-MAX_LIST_DEPTH = 32  # ListDir levels (each one a guest round trip per directory)
-MAX_LIST_ENTRIES = 100_000  # entries of one ListDir reply
 
 
 def guest_path(path: object) -> str:
@@ -91,6 +86,7 @@ class Subscriber:
         self._changed = asyncio.Event()
         self.closed = False
         self.dropped = False
+        self.error: ConnectError | None = None  # how the stream ends instead of its end event
 
     async def put(self, event: dict[str, Any], stall: float | None) -> None:
         """Append ``event`` once there is room; after ``stall`` seconds without room (None: wait
@@ -124,6 +120,8 @@ class Subscriber:
             await self._changed.wait()
         item = self._items.popleft()
         self._changed.set()
+        if item is None and self.error is not None:
+            raise self.error
         return item
 
     def close(self) -> None:
@@ -169,6 +167,11 @@ class Proc:
         for sub in self.subscribers:
             sub.finish(event)
 
+    def fail(self, error: ConnectError) -> None:
+        """End every stream of this command with ``error`` once its buffered output is out."""
+        for sub in self.subscribers:
+            sub.error = error
+
 
 class ProcessTable:
     """The commands started in one sandbox, by guest pid, with their output fanned out to every
@@ -205,8 +208,8 @@ class ProcessTable:
             builder = builder.pty(*size)
         for key, value in {**self._envs, **envs}.items():
             builder = builder.env(str(key), str(value))
-        if config.get("cwd"):
-            builder = builder.cwd(guest_path(config["cwd"]))
+        # as envd: by default in the user's home (every server sandbox has it; relative paths too)
+        builder = builder.cwd(guest_path(config.get("cwd") or HOME))
         try:
             process = await builder.spawn()
         except Exception as exc:
@@ -331,6 +334,12 @@ class ProcessTable:
         await self._tasks.wait_all(10)  # the output pumps end with their process
 
     def close(self) -> None:
+        """The sandbox is gone: its commands' streams end with ``unavailable`` (as envd's end
+        when its sandbox is killed mid-command; the SDK then probes the sandbox and reports it
+        gone) rather than as if the command had ended."""
+        gone = ConnectError("unavailable", "the connection to the sandbox ended: the sandbox was killed")
+        for proc in self._procs.values():
+            proc.fail(gone)
         self._tasks.cancel()
         self._deadlines.cancel()
 
@@ -359,173 +368,3 @@ async def stream_process(
             yield {"event": event}
     finally:
         proc.unsubscribe(queue)
-
-
-# -- filesystem --
-
-_TYPES = {"file": "FILE_TYPE_FILE", "dir": "FILE_TYPE_DIRECTORY", "symlink": "FILE_TYPE_SYMLINK"}
-
-
-def _permissions(kind: str, mode: int) -> str:
-    prefix = {"dir": "d", "symlink": "l"}.get(kind, "-")
-    bits = "".join(c if mode & (1 << (8 - i)) else "-" for i, c in enumerate("rwxrwxrwx"))
-    return prefix + bits
-
-
-def _time(seconds: float) -> str:
-    stamp = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
-    return stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def entry_info(path: str, kind: str, size: int, mode: int, mtime: float) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "name": path.rstrip("/").rsplit("/", 1)[-1] or "/",
-        "type": _TYPES.get(kind, "FILE_TYPE_UNSPECIFIED"),
-        "path": path,
-        "size": str(size),
-        "mode": mode & 0o7777,
-        "permissions": _permissions(kind, mode),
-        "owner": "root",
-        "group": "root",
-        "modifiedTime": _time(mtime),
-    }
-    return info
-
-
-class Filesystem:
-    """``filesystem.Filesystem`` for one sandbox."""
-
-    def __init__(self, vm: capsa.Sandbox) -> None:
-        self._agent = vm.agent
-        self._vm = vm
-
-    async def stat(self, path: str) -> dict[str, Any]:
-        try:
-            st = await self._agent.stat(path, follow_symlinks=False)
-        except Exception as exc:
-            raise map_error(exc, path) from None
-        info = entry_info(path, st.type, st.size, st.mode, st.mtime)
-        if st.target is not None:
-            info["symlinkTarget"] = st.target
-        return info
-
-    async def call(self, method: str, request: dict[str, Any]) -> dict[str, Any]:
-        if method == "Stat":
-            return {"entry": await self.stat(guest_path(request.get("path")))}
-        if method == "MakeDir":
-            path = guest_path(request.get("path"))
-            if await self._agent.exists(path):
-                raise ConnectError("already_exists", f"directory already exists: {path}")
-            try:
-                await self._agent.mkdir(path, parents=True)
-            except Exception as exc:
-                raise map_error(exc, path) from None
-            return {"entry": await self.stat(path)}
-        if method == "Remove":
-            path = guest_path(request.get("path"))
-            try:
-                await self._agent.remove(path, recursive=True)
-            except Exception as exc:
-                raise map_error(exc, path) from None
-            return {}
-        if method == "Move":
-            return {"entry": await self._move(request)}
-        if method == "ListDir":
-            path = guest_path(request.get("path"))
-            depth = request.get("depth") or 1
-            if not isinstance(depth, int) or not 1 <= depth <= MAX_LIST_DEPTH:
-                raise ConnectError("invalid_argument", f"depth must be from 1 to {MAX_LIST_DEPTH}")
-            return {"entries": await self._list(path, depth)}
-        raise ConnectError("unimplemented", f"filesystem.Filesystem/{method} is not implemented")
-
-    async def _list(self, top: str, depth: int) -> list[dict[str, Any]]:
-        """The entries under ``top`` down to ``depth`` levels, walked without recursion (a deep tree
-        must not exhaust the server's stack) and at most :data:`MAX_LIST_ENTRIES` of them."""
-        entries: list[dict[str, Any]] = []
-        pending = [(top, depth)]
-        while pending:
-            path, levels = pending.pop()
-            try:
-                rows = await self._agent.list_dir(path)
-            except Exception as exc:
-                raise map_error(exc, path) from None
-            children = []
-            for row in rows:
-                child = f"{path.rstrip('/')}/{row.name}"
-                entries.append(entry_info(child, row.type, row.size, row.mode, row.mtime))
-                if row.type == "dir" and levels > 1:
-                    children.append((child, levels - 1))
-            if len(entries) > MAX_LIST_ENTRIES:
-                raise ConnectError(
-                    "resource_exhausted", f"more than {MAX_LIST_ENTRIES} entries; list a smaller tree"
-                )
-            pending.extend(reversed(children))
-        return entries
-
-    async def _move(self, request: dict[str, Any]) -> dict[str, Any]:
-        source = guest_path(request.get("source"))
-        destination = guest_path(request.get("destination"))
-        if not await self._agent.exists(source):
-            raise ConnectError("not_found", f"path not found: {source}")
-        result = await self._agent.exec("mv").args(["-T", "--", source, destination]).timeout(60).run()
-        if not result.ok:
-            raise ConnectError("internal", f"rename failed: {result.stderr.strip()[:500]}")
-        return await self.stat(destination)
-
-    def _local_agent(self) -> Agent | None:
-        """The agent when it runs in this process (the chunked transfers need its channel; a
-        ``--ray`` sandbox's agent is a proxy that moves whole files)."""
-        return self._agent if isinstance(self._agent, Agent) else None
-
-    async def read_chunks(self, path: str, limit: int) -> AsyncGenerator[bytes, None]:
-        """The file's content as it streams from the guest (at most ``limit`` bytes through a Ray
-        proxy, which reads whole files). Errors raise on the first ``anext``."""
-        agent = self._local_agent()
-        try:
-            if agent is None:
-                yield await self._agent.read_file(path, limit=limit)
-                return
-            async for chunk in streams.read_chunks(agent, path):
-                yield chunk
-        except Exception as exc:
-            raise map_error(exc, path) from None
-
-    async def read_head(self, path: str, limit: int) -> tuple[bytes, bool]:
-        """At most ``limit`` bytes from the start of the file, and whether it is longer; the rest
-        is not transferred."""
-        agent = self._local_agent()
-        try:
-            if agent is None:
-                stat = await self._agent.stat(path)
-                data = await self._agent.read_file(path, limit=max(limit, stat.size))
-                return data[:limit], len(data) > limit
-            return await streams.read_head(agent, path, limit)
-        except Exception as exc:
-            raise map_error(exc, path) from None
-
-    async def write(self, path: str, data: bytes | AsyncIterable[bytes]) -> dict[str, Any]:
-        """Create or replace the file (and its missing parents, as envd does) with ``data``, which
-        may be a stream of chunks: they are pulled as the guest takes them."""
-        agent = self._local_agent()
-        try:
-            try:
-                await self._write_once(agent, path, data)
-            except GuestFileNotFoundError:  # raised before any chunk was pulled
-                parent = path.rsplit("/", 1)[0] or "/"
-                await self._agent.mkdir(parent, parents=True)
-                await self._write_once(agent, path, data)
-        except RequestRejected:
-            raise  # the upload broke a limit: the app answers 413/408
-        except Exception as exc:
-            raise map_error(exc, path) from None
-        return {"name": path.rsplit("/", 1)[-1], "type": "file", "path": path}
-
-    async def _write_once(
-        self, agent: Agent | None, path: str, data: bytes | AsyncIterable[bytes]
-    ) -> None:
-        if isinstance(data, bytes):
-            await self._agent.write_file(path, data)
-        elif agent is not None:
-            await streams.write_chunks(agent, path, data)
-        else:  # through a Ray proxy: whole (the request body cap bounds it)
-            await self._agent.write_file(path, b"".join([chunk async for chunk in data]))

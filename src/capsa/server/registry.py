@@ -31,6 +31,7 @@ from capsa.server.entry import (
     now,
     visible,
 )
+from capsa.server.envd import HOME
 from capsa.server.interpreter import Interpreter
 from capsa.server.quota import LimitReached, Quota, TenantLimits
 from capsa.server.snapshots import SnapshotStore
@@ -98,7 +99,8 @@ class Registry:
         return check_timeout(value, self.max_timeout)
 
     def builder(self, template: str, policy: capsa.NetworkPolicy | None = None) -> capsa.SandboxBuilder:
-        builder = capsa.sandbox().memory_mb(self.memory_mb)
+        # E2B's sandboxes have the user's home, where relative paths and commands start
+        builder = capsa.sandbox().memory_mb(self.memory_mb).warmup(f"mkdir -p {HOME}")
         image = None if template in TEMPLATES else named_image(template)
         if image is not None:
             builder = builder.image(image)

@@ -15,13 +15,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from capsa.server import connect
 from capsa.server.connect import ConnectError
+from capsa.server.content_encoding import accepts_gzip, content_encoding, gunzip, gzip_chunks
 from capsa.server.entry import ApiError, Entry
-from capsa.server.envd import Filesystem, guest_path, processes_for, stream_process
+from capsa.server.envd import guest_path, processes_for, stream_process
+from capsa.server.filesystem import Filesystem, upload_metadata
 from capsa.server.interpreter import InterpreterError, interpreter_for
 from capsa.server.limits import Limits, RequestRejected
 from capsa.server.metrics import Metrics
 from capsa.server.redact import client_message
 from capsa.server.registry import Registry
+from capsa.server.signed_urls import signed_sandbox
 from capsa.server.uploads import MultipartFiles
 from capsa.server.watch import watchers_for
 
@@ -42,6 +45,9 @@ def _envd_error(status: int, message: str) -> JSONResponse:
 
 
 MAX_UPLOAD_FILES = 1000  # file parts in one multipart upload
+# As the proxy in front of E2B's envd words it: the SDK reads "was not found" as "the sandbox is
+# gone" (a health probe after a dropped stream then reports it killed, not unreachable).
+NOT_FOUND = "the sandbox was not found: it is not running"
 
 
 class SandboxApi:
@@ -68,7 +74,7 @@ class SandboxApi:
             return await self.registry.awake(entry.id)
         except ApiError as exc:
             full = exc.status == 429
-            message = exc.message if exc.status != 404 else "sandbox not found or not running"
+            message = exc.message if exc.status != 404 else NOT_FOUND
             if rpc:
                 error = ConnectError("resource_exhausted" if full else "unavailable", message)
                 return _connect_error_response(error, streaming)
@@ -90,7 +96,7 @@ class SandboxApi:
         path = request.url.path
         if port == INTERPRETER_PORT:
             if entry is None:
-                return _envd_error(502, "sandbox not found or not running")
+                return _envd_error(502, NOT_FOUND)
             if not self._authorized(request, entry, interpreter=True):
                 return _envd_error(401, "invalid access token")
             awake = await self._awake(entry)
@@ -101,12 +107,17 @@ class SandboxApi:
             return _envd_error(502, f"port {port} is not served")
         streaming = request.headers.get("content-type", "").startswith(connect.STREAM_TYPE)
         is_rpc = path.startswith(("/process.Process/", "/filesystem.Filesystem/"))
+        if "e2b-sandbox-id" not in request.headers and path == "/files":  # a signed URL
+            try:
+                query = request.scope["query_string"]
+                entry = signed_sandbox(self.registry.list(), request.method, query)
+            except ApiError as exc:
+                return _envd_error(exc.status, exc.message)
+            return await self._signed_files(request, entry)
         if entry is None:
             if is_rpc:
-                return _connect_error_response(
-                    ConnectError("unavailable", "sandbox not found or not running"), streaming
-                )
-            return _envd_error(502, "sandbox not found or not running")
+                return _connect_error_response(ConnectError("unavailable", NOT_FOUND), streaming)
+            return _envd_error(502, NOT_FOUND)
         if not self._authorized(request, entry):
             if is_rpc:
                 return _connect_error_response(
@@ -124,6 +135,13 @@ class SandboxApi:
         if is_rpc:
             return await self._rpc(request, entry, streaming)
         return _envd_error(404, f"no route {path}")
+
+    async def _signed_files(self, request: Request, entry: Entry) -> Response:
+        """A ``/files`` request authorized by its signature (the signer holds the token)."""
+        awake = await self._awake(entry)
+        if not isinstance(awake, Entry):
+            return awake
+        return await self._files(request, awake)
 
     # -- Connect RPCs --
 
@@ -176,7 +194,8 @@ class SandboxApi:
     ) -> AsyncIterator[dict[str, Any]]:
         if service == "filesystem.Filesystem" and method == "WatchDir":
             path, recursive = guest_path(message.get("path")), bool(message.get("recursive"))
-            watcher = await watchers_for(entry).open(path, recursive)
+            include_entry = bool(message.get("includeEntry"))
+            watcher = await watchers_for(entry).open(path, recursive, include_entry)
             deadline = connect.timeout_seconds(request.headers.get("connect-timeout-ms"))
             return watcher.stream(deadline)
         if service != "process.Process" or method not in ("Start", "Connect"):
@@ -217,21 +236,27 @@ class SandboxApi:
                 path = guest_path(request.query_params.get("path"))
                 chunks = fs.read_chunks(path, self.limits.max_upload_bytes)
                 first = await anext(chunks, b"")  # a missing file is an error, not a 200
-                return StreamingResponse(
-                    _prepend_bytes(first, chunks), media_type="application/octet-stream"
-                )
+                body: AsyncIterator[bytes] = _prepend_bytes(first, chunks)
+                headers = {}
+                if accepts_gzip(request.headers.get("accept-encoding")):
+                    body, headers = gzip_chunks(body), {"content-encoding": "gzip"}
+                return StreamingResponse(body, media_type="application/octet-stream", headers=headers)
             if request.method != "POST":
                 return _envd_error(405, "method not allowed")
             written = []
             content_type = request.headers.get("content-type", "")
+            metadata = upload_metadata(request.headers)
+            stream: AsyncIterator[bytes] = request.stream()
+            if content_encoding(request.headers.get("content-encoding")) == "gzip":
+                stream = gunzip(stream, self.limits.max_upload_bytes)
             if content_type.startswith("multipart/form-data"):
-                parts = MultipartFiles(request.stream(), content_type, MAX_UPLOAD_FILES)
+                parts = MultipartFiles(stream, content_type, MAX_UPLOAD_FILES)
                 async for name, part in parts:
                     target = guest_path(name or request.query_params.get("path"))
-                    written.append(await fs.write(target, part))
+                    written.append(await fs.write(target, part, metadata))
             else:
                 path = guest_path(request.query_params.get("path"))
-                written.append(await fs.write(path, request.stream()))
+                written.append(await fs.write(path, stream, metadata))
             return JSONResponse(written)
         except ConnectError as exc:
             return _envd_error(exc.status, exc.message)

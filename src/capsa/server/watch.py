@@ -4,9 +4,12 @@ The agent has no inotify operation, so a watcher lists the directory (recursivel
 :data:`POLL_INTERVAL` seconds and reports the differences as envd ``FilesystemEvent``s: a new path
 is ``CREATE``, a gone one ``REMOVE``, a changed size or modification time ``WRITE``, changed
 permissions ``CHMOD``. A rename shows as ``REMOVE`` then ``CREATE``; changes undone within one
-interval are not seen. Served both ways the SDKs ask: the ``WatchDir`` stream (async SDK) and
-``CreateWatcher``/``GetWatcherEvents``/``RemoveWatcher`` (sync SDK; ``GetWatcherEvents`` polls once
-more before answering, so it reports every change made before it was called).
+interval are not seen. With ``includeEntry`` each event but ``REMOVE`` carries the entry's
+type, size, mode and modification time as the poll saw them (``allowNetworkMounts`` changes
+nothing: polling works the same on any filesystem). Served both ways the SDKs ask: the
+``WatchDir`` stream (async SDK) and ``CreateWatcher``/``GetWatcherEvents``/``RemoveWatcher`` (sync
+SDK; ``GetWatcherEvents`` polls once more before answering, so it reports every change made before
+it was called).
 
 Polling runs on the server's event loop, shared by every sandbox, so a sandbox's watchers are
 bounded together (:class:`WatcherTable`): at most 16, tracking at most 20,000 paths, listing about
@@ -27,6 +30,7 @@ from capsa._tasks import TaskSet
 from capsa.errors import CapsaError
 from capsa.server.connect import ConnectError
 from capsa.server.envd import guest_path, map_error
+from capsa.server.filesystem import entry_info
 
 if TYPE_CHECKING:
     from capsa.server.entry import Entry
@@ -47,11 +51,14 @@ class Watcher:
     """One watched directory of one sandbox. Made by :meth:`WatcherTable.open`, which counts it
     against the sandbox's :data:`MAX_WATCHERS` while it lives."""
 
-    def __init__(self, table: WatcherTable, path: str, recursive: bool) -> None:
+    def __init__(
+        self, table: WatcherTable, path: str, recursive: bool, include_entry: bool = False
+    ) -> None:
         self._table = table
         self._agent = table.vm.agent
         self.path = path
         self.recursive = recursive
+        self.include_entry = include_entry  # events carry the entry's info (where it still exists)
         self._state: _State = {}
         self._lock = asyncio.Lock()
 
@@ -103,16 +110,23 @@ class Watcher:
         events = []
         for name, now in state.items():
             before = old.get(name)
+            entry = self._entry(name, now)
             if before is None or before[0] != now[0]:
                 if before is not None:
                     events.append(_event(name, "REMOVE"))
-                events.append(_event(name, "CREATE"))
+                events.append(_event(name, "CREATE", entry))
             elif before[1:3] != now[1:3] and now[0] != "dir":
-                events.append(_event(name, "WRITE"))
+                events.append(_event(name, "WRITE", entry))
             elif before[3] != now[3]:
-                events.append(_event(name, "CHMOD"))
+                events.append(_event(name, "CHMOD", entry))
         events += [_event(name, "REMOVE") for name in old if name not in state]
         return events
+
+    def _entry(self, name: str, now: tuple[str, int, float, int]) -> dict[str, Any] | None:
+        if not self.include_entry:
+            return None
+        kind, size, mtime, mode = now
+        return entry_info(f"{self.path.rstrip('/')}/{name}", kind, size, mode, mtime)
 
     async def stream(self, deadline: float | None) -> AsyncIterator[dict[str, Any]]:
         """``WatchDirResponse`` messages: ``start``, then events until ``deadline`` (seconds).
@@ -138,8 +152,11 @@ class Watcher:
             self._table.release(self)
 
 
-def _event(name: str, kind: str) -> dict[str, Any]:
-    return {"name": name, "type": f"EVENT_TYPE_{kind}"}
+def _event(name: str, kind: str, entry: dict[str, Any] | None = None) -> dict[str, Any]:
+    event: dict[str, Any] = {"name": name, "type": f"EVENT_TYPE_{kind}"}
+    if entry is not None:
+        event["entry"] = entry
+    return event
 
 
 class WatcherTable:
@@ -159,14 +176,14 @@ class WatcherTable:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._taskset = TaskSet(log)
 
-    async def open(self, path: str, recursive: bool) -> Watcher:
+    async def open(self, path: str, recursive: bool, include_entry: bool = False) -> Watcher:
         """A started watcher, counted until :meth:`release` (or until it is dropped)."""
         if len(self._live) >= MAX_WATCHERS:
             raise ConnectError(
                 "resource_exhausted",
                 f"this sandbox already has {MAX_WATCHERS} directory watchers; stop one first",
             )
-        watcher = Watcher(self, path, recursive)
+        watcher = Watcher(self, path, recursive, include_entry)
         self._live.add(watcher)
         try:
             await watcher.start()
@@ -188,7 +205,11 @@ class WatcherTable:
 
     async def call(self, method: str, request: dict[str, Any]) -> dict[str, Any]:
         if method == "CreateWatcher":
-            watcher = await self.open(guest_path(request.get("path")), bool(request.get("recursive")))
+            watcher = await self.open(
+                guest_path(request.get("path")),
+                bool(request.get("recursive")),
+                bool(request.get("includeEntry")),
+            )
             new_id = secrets.token_hex(8)
             self._watchers[new_id] = (watcher, [])
             self._tasks[new_id] = self._taskset.spawn(

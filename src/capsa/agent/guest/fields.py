@@ -17,6 +17,7 @@ from capsa.agent.guest.sessions import BadRequest, Message, safe_text
 
 MAX_ID = (1 << 63) - 1  # request ids: positive and within msgpack's signed range
 MAX_PATH = 4096  # PATH_MAX, in bytes
+MAX_ARG = 131072 - 1  # MAX_ARG_STRLEN (32 pages) less the NUL: `bash -c` takes long scripts
 MAX_HOSTNAME = 64  # HOST_NAME_MAX
 MAX_TERMINAL = 0xFFFF  # struct winsize holds unsigned shorts
 MAX_SIGNAL = int(getattr(signal, "SIGRTMAX", 64))
@@ -82,7 +83,9 @@ def argv(m: Message) -> list[str]:
     value = m.get("argv")
     if not isinstance(value, list) or not value:
         raise BadRequest("'argv' must be a non-empty list of strings")
-    return [text(arg, "each argument", empty=index > 0) for index, arg in enumerate(value)]
+    return [
+        text(arg, "each argument", empty=index > 0, limit=MAX_ARG) for index, arg in enumerate(value)
+    ]
 
 
 def environment(m: Message) -> dict[str, str]:

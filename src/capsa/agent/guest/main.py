@@ -28,7 +28,7 @@ from typing import Any
 import msgpack
 
 from capsa.agent import wire
-from capsa.agent.guest import fields
+from capsa.agent.guest import details, fields
 from capsa.agent.guest.init import (
     INIT_ERROR_MARKER,
     StartupError,
@@ -110,6 +110,8 @@ class Agent:
             "refresh": self.op_refresh,
             "resize": self.op_resize,
         }
+        for name, op in details.OPS.items():  # file owner names and metadata (details.py)
+            self.ops[name] = lambda sid, m, op=op: op(self, sid, m)
         self.wake_fd = -1
         self.power_fds: list[int] = []
         if init:
