@@ -218,10 +218,16 @@ def test_watch_events_carry_entries(sbx: Sandbox) -> None:
     try:
         sbx.files.write("watched/new.txt", "hello")
         events = handle.get_new_events()
-        created = [e for e in events if e.type == FilesystemEventType.CREATE and e.name == "new.txt"]
-        assert created and created[0].entry is not None
-        assert created[0].entry.path == "/home/user/watched/new.txt"
-        assert created[0].entry.type == FileType.FILE and created[0].entry.size == 5
+        sbx.commands.run("touch watched/empty.txt")
+        events += handle.get_new_events()
+        assert [(e.name, e.type) for e in events] == [
+            ("new.txt", FilesystemEventType.CREATE),
+            ("new.txt", FilesystemEventType.WRITE),  # content: it was written after its creation
+            ("empty.txt", FilesystemEventType.CREATE),  # no content: only created
+        ]
+        entry = events[0].entry
+        assert entry is not None and entry.path == "/home/user/watched/new.txt"
+        assert entry.type == FileType.FILE and entry.size == 5
     finally:
         handle.stop()
 

@@ -2,7 +2,8 @@
 
 The agent has no inotify operation, so a watcher lists the directory (recursively if asked) every
 :data:`POLL_INTERVAL` seconds and reports the differences as envd ``FilesystemEvent``s: a new path
-is ``CREATE``, a gone one ``REMOVE``, a changed size or modification time ``WRITE``, changed
+is ``CREATE`` (then ``WRITE`` for a file that already has content, as inotify would have told
+both), a gone one ``REMOVE``, a changed size or modification time ``WRITE``, changed
 permissions ``CHMOD``. A rename shows as ``REMOVE`` then ``CREATE``; changes undone within one
 interval are not seen. With ``includeEntry`` each event but ``REMOVE`` carries the entry's
 type, size, mode and modification time as the poll saw them (``allowNetworkMounts`` changes
@@ -115,6 +116,8 @@ class Watcher:
                 if before is not None:
                     events.append(_event(name, "REMOVE"))
                 events.append(_event(name, "CREATE", entry))
+                if now[0] == "file" and now[1] > 0:  # it was written after its creation
+                    events.append(_event(name, "WRITE", entry))
             elif before[1:3] != now[1:3] and now[0] != "dir":
                 events.append(_event(name, "WRITE", entry))
             elif before[3] != now[3]:

@@ -89,14 +89,17 @@ def op_details(agent: _Replier, sid: int, m: Message) -> None:
     for path in checked:  # the first rows that fit in one reply; the host asks again for the rest
         try:
             st = os.lstat(path)
-            row = [_names(cache, "u", st.st_uid), _names(cache, "g", st.st_gid), metadata(path)]
+            owner, group = _names(cache, "u", st.st_uid), _names(cache, "g", st.st_gid)
+            meta = metadata(path)
         except OSError:
-            row = None
-        cost = 16 if row is None else 16 + sum(len(k) + len(v) for k, v in row[2].items())
+            cost, row = 16, None
+        else:
+            cost = 16 + len(owner) + len(group) + sum(len(k) + len(v) for k, v in meta.items())
+            row = [owner, group, meta]
         if rows and size + cost > REPLY_BUDGET:
             break
         rows.append(row)
-        size += cost + (0 if row is None else len(row[0]) + len(row[1]))
+        size += cost
     agent.reply(sid, rows=rows)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import selectors
 import stat
@@ -111,7 +112,7 @@ class Agent:
             "resize": self.op_resize,
         }
         for name, op in details.OPS.items():  # file owner names and metadata (details.py)
-            self.ops[name] = lambda sid, m, op=op: op(self, sid, m)
+            self.ops[name] = functools.partial(op, self)
         self.wake_fd = -1
         self.power_fds: list[int] = []
         if init:
