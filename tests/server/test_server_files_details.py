@@ -4,6 +4,7 @@ entries, the default working directory, long arguments, and a sandbox killed mid
 
 from __future__ import annotations
 
+import datetime
 import gzip
 import json
 import os
@@ -23,6 +24,7 @@ from e2b import (  # noqa: E402
     InvalidArgumentException,
     Sandbox,
     SandboxException,
+    SandboxQuery,
     TimeoutException,
 )
 from e2b.sandbox.filesystem.filesystem import WriteEntry  # noqa: E402
@@ -241,3 +243,17 @@ def test_killed_sandbox_ends_running_commands(server: Server) -> None:
         command.wait()
     assert "killed" in str(caught.value)
     assert time.monotonic() - started < 20  # promptly, not at the command's end
+
+
+def test_connect_never_shortens_and_started_after_includes_the_start(sbx: Sandbox) -> None:
+    before = Sandbox.get_info(sbx.sandbox_id)
+    Sandbox.connect(sbx.sandbox_id, timeout=10)  # shorter than what is left: no change
+    assert Sandbox.get_info(sbx.sandbox_id).end_at == before.end_at
+    Sandbox.connect(sbx.sandbox_id, timeout=3600)  # longer: extended
+    assert Sandbox.get_info(sbx.sandbox_id).end_at > before.end_at
+    listed = Sandbox.list(query=SandboxQuery(started_after=before.started_at)).next_items()
+    assert sbx.sandbox_id in [s.sandbox_id for s in listed]
+    later = before.started_at + datetime.timedelta(seconds=1)
+    assert sbx.sandbox_id not in [
+        s.sandbox_id for s in Sandbox.list(query=SandboxQuery(started_after=later)).next_items()
+    ]

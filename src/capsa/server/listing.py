@@ -92,7 +92,7 @@ def filter_sandboxes(entries: list[Entry], query: QueryParams) -> list[Entry]:
             raise ApiError(400, f"startedAfter is not an ISO 8601 time: {after!r:.40}") from None
         if since.tzinfo is None:
             since = since.replace(tzinfo=datetime.UTC)
-        entries = [e for e in entries if e.started_at > since]
+        entries = [e for e in entries if e.started_at >= since]  # as E2B: a start at `since` is in
     return entries
 
 

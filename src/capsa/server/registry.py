@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import secrets
 import shutil
@@ -364,7 +365,8 @@ class Registry:
             if entry.closing:  # killed while this one waited
                 raise ApiError(404, f"sandbox {sandbox_id!r} not found")
             if entry.paused is None:  # running, or resumed by the resume this one waited for
-                if timeout is not None:
+                # as in E2B, connecting to a running sandbox extends its timeout, never shortens it
+                if timeout is not None and now() + datetime.timedelta(seconds=timeout) > entry.end_at:
                     await entry.set_timeout(timeout)
                 return entry
             try:
