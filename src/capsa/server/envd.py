@@ -34,6 +34,17 @@ _SIGNALS = {"SIGNAL_SIGKILL": signals.SIGKILL, "SIGNAL_SIGTERM": signals.SIGTERM
 _READ_CHUNK = 1 << 16
 MAX_LIST_DEPTH = 32  # ListDir levels (each one a guest round trip per directory)
 MAX_LIST_ENTRIES = 100_000  # entries of one ListDir reply
+KEEPALIVE = 30.0  # seconds of silence on a command's stream before a keepalive event
+KEEPALIVE_RANGE = (1.0, 300.0)  # what a client's Keepalive-Ping-Interval header may ask for
+
+
+def keepalive_interval(header: str | None) -> float:
+    """The ``Keepalive-Ping-Interval`` header (seconds, what the SDKs send) within
+    :data:`KEEPALIVE_RANGE`; :data:`KEEPALIVE` when absent or malformed."""
+    if header is None or not header.strip().isdigit() or len(header) > 6:
+        return KEEPALIVE
+    low, high = KEEPALIVE_RANGE
+    return min(max(float(header), low), high)
 
 
 def guest_path(path: object) -> str:
@@ -293,10 +304,18 @@ class ProcessTable:
 
 
 async def stream_process(
-    proc: Proc, *, first: dict[str, Any] | None, deadline: float | None, on_timeout: Any
+    proc: Proc,
+    *,
+    first: dict[str, Any] | None,
+    deadline: float | None,
+    on_timeout: Any,
+    keepalive: float = KEEPALIVE,
 ) -> AsyncIterator[dict[str, Any]]:
     """The ``ProcessEvent``s of ``proc`` as Connect stream messages; raises ConnectError
-    ``deadline_exceeded`` (after ``on_timeout()``) if ``deadline`` (seconds) passes first."""
+    ``deadline_exceeded`` (after ``on_timeout()``) if ``deadline`` (seconds) passes first. A
+    ``keepalive`` event goes out after every ``keepalive`` seconds without output, as envd does:
+    a silent command's stream must not look dead to the client (Node's fetch aborts a response
+    body that sends nothing for 5 minutes)."""
     queue = proc.subscribe()
     if first is not None:
         yield {"event": first}
@@ -304,11 +323,14 @@ async def stream_process(
     until = None if deadline is None else loop.time() + deadline
     try:
         while True:
-            remaining = None if until is None else until - loop.time()
+            wait = keepalive if until is None else min(until - loop.time(), keepalive)
             try:
-                async with asyncio.timeout(remaining):
-                    event = await queue.get()
+                async with asyncio.timeout(wait):
+                    event = await queue.get()  # cancel-safe: no event is lost to the timeout
             except TimeoutError:
+                if until is None or loop.time() < until:
+                    yield {"event": {"keepalive": {}}}
+                    continue
                 await on_timeout()
                 raise ConnectError("deadline_exceeded", "the command timed out") from None
             if event is None:

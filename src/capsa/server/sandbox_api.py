@@ -15,13 +15,19 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from capsa.server import connect
 from capsa.server.connect import ConnectError
-from capsa.server.envd import Filesystem, guest_path, processes_for, stream_process
+from capsa.server.envd import (
+    Filesystem,
+    guest_path,
+    keepalive_interval,
+    processes_for,
+    stream_process,
+)
 from capsa.server.interpreter import InterpreterError, interpreter_for
 from capsa.server.limits import Limits, RequestRejected
 from capsa.server.metrics import Metrics
 from capsa.server.redact import client_message
 from capsa.server.registry import ApiError, Entry, Registry
-from capsa.server.uploads import MultipartFiles
+from capsa.server.uploads import MultipartFiles, gunzip
 from capsa.server.watch import watchers_for
 
 log = logging.getLogger(__name__)
@@ -155,6 +161,7 @@ class SandboxApi:
             raise ConnectError("unimplemented", f"{service}/{method} is not implemented")
         table = processes_for(entry, self.limits)
         deadline = connect.timeout_seconds(request.headers.get("connect-timeout-ms"))
+        keepalive = keepalive_interval(request.headers.get("keepalive-ping-interval"))
         if method == "Start":
             proc = await table.start(message)
             self.metrics.execs.inc()
@@ -163,6 +170,7 @@ class SandboxApi:
                 first={"start": {"pid": proc.process.pid}},
                 deadline=deadline,
                 on_timeout=proc.process.kill,
+                keepalive=keepalive,
             )
             first = await anext(events)  # subscribes before the output pump starts
             table.run(proc, deadline)
@@ -173,7 +181,11 @@ class SandboxApi:
                 return None
 
             events = stream_process(
-                proc, first={"start": {"pid": proc.process.pid}}, deadline=deadline, on_timeout=no_kill
+                proc,
+                first={"start": {"pid": proc.process.pid}},
+                deadline=deadline,
+                on_timeout=no_kill,
+                keepalive=keepalive,
             )
             first = await anext(events)
         return _prepend(first, events)
@@ -196,14 +208,20 @@ class SandboxApi:
                 return _envd_error(405, "method not allowed")
             written = []
             content_type = request.headers.get("content-type", "")
+            encoding = request.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("identity", "gzip"):
+                return _envd_error(415, f"Content-Encoding {encoding!r:.40} is not supported")
+            body = request.stream()
+            if encoding == "gzip":  # the SDKs' files.write(..., gzip=True)
+                body = gunzip(body, self.limits.max_upload_bytes)
             if content_type.startswith("multipart/form-data"):
-                parts = MultipartFiles(request.stream(), content_type, MAX_UPLOAD_FILES)
+                parts = MultipartFiles(body, content_type, MAX_UPLOAD_FILES)
                 async for name, part in parts:
                     target = guest_path(name or request.query_params.get("path"))
                     written.append(await fs.write(target, part))
             else:
                 path = guest_path(request.query_params.get("path"))
-                written.append(await fs.write(path, request.stream()))
+                written.append(await fs.write(path, body))
             return JSONResponse(written)
         except ConnectError as exc:
             return _envd_error(exc.status, exc.message)
