@@ -6,7 +6,7 @@
 // base sandbox and of the code interpreter run concurrently, to keep the node run short.
 //
 //   node sdk_checks.mjs            all groups
-//   node sdk_checks.mjs base       one group (base | interpreter | control)
+//   node sdk_checks.mjs base       one group (base | interpreter | lifecycle | control)
 import { CommandExitError, Sandbox, TimeoutError } from 'e2b'
 import { Sandbox as CodeSandbox } from '@e2b/code-interpreter'
 
@@ -160,6 +160,39 @@ async function baseChecks() {
       return { names, made, again, size: info.size, type: info.type, deep, exists, missing }
     })
 
+    await check('connect_kill_disconnect', async () => {
+      const handle = await sbx.commands.run('for i in $(seq 100); do echo tick $i; sleep 0.1; done', { background: true })
+      await handle.disconnect() // the command goes on without this client
+      const seen = []
+      const again = await sbx.commands.connect(handle.pid, { onStdout: (d) => seen.push(d) })
+      const deadline = Date.now() + 20_000
+      while (!seen.join('').includes('tick') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50))
+      const killed = await sbx.commands.kill(handle.pid)
+      const waited = await raised(() => again.wait())
+      const listed = (await sbx.commands.list()).map((p) => p.pid).includes(handle.pid)
+      return { seen: seen.join('').includes('tick'), killed, waited, listed, killedAgain: await sbx.commands.kill(handle.pid) }
+    })
+
+    await check('watch_dir', async () => {
+      await sbx.files.makeDir('/tmp/jswatch/sub')
+      const events = []
+      const watcher = await sbx.files.watchDir('/tmp/jswatch', (e) => events.push([e.name, e.type]), { recursive: true })
+      await sbx.files.write('/tmp/jswatch/sub/new.txt', 'x')
+      const deadline = Date.now() + 20_000
+      while (!events.some(([n, t]) => n === 'sub/new.txt' && t === 'create') && Date.now() < deadline) {
+        await new Promise((r) => setTimeout(r, 100))
+      }
+      await watcher.stop()
+      const missing = await raised(() => sbx.files.watchDir('/tmp/no-such-dir', () => {}))
+      await sbx.files.remove('/tmp/jswatch')
+      return { events, missing }
+    })
+
+    await check('info_and_metrics', async () => {
+      const info = await sbx.getInfo()
+      return { metadata: info.metadata, templateId: info.templateId, state: info.state, metrics: await sbx.getMetrics() }
+    })
+
     await check('list', async () => {
       const paginator = Sandbox.list({ query: { metadata: { suite: 'js' } } })
       const items = await paginator.nextItems()
@@ -228,6 +261,29 @@ async function interpreterChecks() {
   }
 }
 
+async function lifecycleChecks() {
+  const sbx = await Sandbox.create({ timeoutMs: 300_000, metadata: { suite: 'js-pause' } })
+  try {
+    await check('pause_resume', async () => {
+      await sbx.files.write('/root/kept.txt', 'survives a pause')
+      const paused = await sbx.pause()
+      const running = await sbx.isRunning()
+      const [listed] = await Sandbox.list({ query: { metadata: { suite: 'js-pause' } } }).nextItems()
+      const resumed = await Sandbox.connect(sbx.sandboxId, { timeoutMs: 120_000 })
+      return {
+        paused,
+        running,
+        listedState: listed?.state,
+        resumedRunning: await resumed.isRunning(),
+        kept: await resumed.files.read('/root/kept.txt'),
+        state: (await Sandbox.getInfo(sbx.sandboxId)).state,
+      }
+    })
+  } finally {
+    await Sandbox.kill(sbx.sandboxId)
+  }
+}
+
 async function controlChecks() {
   await check('bad_key', () => raised(() => Sandbox.create({ apiKey: 'wrong-key' })))
   await check('unknown_template', () => raised(() => Sandbox.create('no-such-template')))
@@ -237,7 +293,7 @@ async function controlChecks() {
   }))
 }
 
-const groups = { base: baseChecks, interpreter: interpreterChecks, control: controlChecks }
+const groups = { base: baseChecks, interpreter: interpreterChecks, lifecycle: lifecycleChecks, control: controlChecks }
 const wanted = process.argv.length > 2 ? process.argv.slice(2) : Object.keys(groups)
 await Promise.all(wanted.map((g) => check(`group_${g}`, groups[g])))
 process.stdout.write(JSON.stringify(results) + '\n')

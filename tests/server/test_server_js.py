@@ -88,7 +88,7 @@ def value(checks: dict[str, Any], name: str) -> Any:
 
 
 def test_every_group_ran(checks: dict[str, Any]) -> None:
-    for group in ("base", "interpreter", "control"):
+    for group in ("base", "interpreter", "lifecycle", "control"):
         assert "error" not in checks[f"group_{group}"], checks[f"group_{group}"]
 
 
@@ -144,6 +144,34 @@ def test_background_stdin_wait_and_kill(checks: dict[str, Any]) -> None:
     assert bg["waited"]["isCommandExitError"] is True  # killed: wait() raises
     assert bg["listedAfter"] is False
     assert bg["quick"] == "done\n"
+
+
+def test_connect_to_a_command_kill_and_disconnect(checks: dict[str, Any]) -> None:
+    follow = value(checks, "connect_kill_disconnect")
+    assert follow["seen"] is True  # output through commands.connect after handle.disconnect()
+    assert follow["killed"] is True and follow["killedAgain"] is False
+    assert follow["waited"]["isCommandExitError"] is True
+    assert follow["listed"] is False
+
+
+def test_watch_dir_stream(checks: dict[str, Any]) -> None:
+    watched = value(checks, "watch_dir")
+    assert ["sub/new.txt", "create"] in watched["events"]
+    assert watched["missing"]["name"] == "FileNotFoundError"
+
+
+def test_info_metrics_pause_and_resume(checks: dict[str, Any]) -> None:
+    info = value(checks, "info_and_metrics")
+    assert info == {"metadata": {"suite": "js"}, "templateId": "base", "state": "running", "metrics": []}
+    paused = value(checks, "pause_resume")
+    assert paused == {
+        "paused": True,
+        "running": False,
+        "listedState": "paused",
+        "resumedRunning": True,
+        "kept": "survives a pause",
+        "state": "running",
+    }
 
 
 def test_command_timeout_raises_timeout_error_and_kills(checks: dict[str, Any]) -> None:
