@@ -211,6 +211,12 @@ async function baseChecks() {
       const again = await Sandbox.connect(sbx.sandboxId)
       return (await again.commands.run('echo $FROM_CREATE')).stdout
     })
+
+    await check('run_code_on_base', async () => {
+      // any template: the interpreter starts on the first runCode, with the create-time envs
+      const code = await CodeSandbox.connect(sbx.sandboxId)
+      return (await code.runCode("import os; os.environ['FROM_CREATE']")).text
+    })
   } finally {
     await check('kill', async () => {
       const killed = await sbx.kill()
@@ -252,10 +258,35 @@ async function interpreterChecks() {
       const own = await sbx.runCode('y = 5; y', { context: ctx })
       const listed = (await sbx.listCodeContexts()).map((c) => c.id)
       await sbx.removeCodeContext(ctx)
-      return { isolated: isolated.error?.name, own: own.text, listed: listed.includes(ctx.id), main: (await sbx.runCode('x')).text }
+      const removed = await raised(() => sbx.runCode('1', { context: ctx }))
+      return {
+        isolated: isolated.error?.name,
+        own: own.text,
+        listed: listed.includes(ctx.id),
+        main: (await sbx.runCode('x')).text,
+        removed: removed?.name ?? null,
+      }
     })
 
     await check('ci_commands', async () => (await sbx.commands.run('echo from-ci')).stdout)
+
+    await check('ci_envs_and_results', async () => {
+      const results = []
+      const run = await sbx.runCode("import os; os.environ['PER_RUN']", {
+        envs: { PER_RUN: 'set' },
+        language: 'python',
+        onResult: (r) => results.push(r.text),
+      })
+      return { text: run.text, onResult: results }
+    })
+
+    await check('ci_timeout', async () => {
+      const started = performance.now()
+      const err = await raised(() => sbx.runCode('import time; time.sleep(5)', { timeoutMs: 1000 }))
+      const seconds = (performance.now() - started) / 1000
+      const after = await sbx.runCode('6 * 7') // runs once the abandoned cell has finished
+      return { err, seconds, after: after.text }
+    })
   } finally {
     await check('ci_kill', () => sbx.kill())
   }

@@ -226,9 +226,24 @@ def test_code_interpreter(checks: dict[str, Any]) -> None:
     assert error["name"] == "ValueError" and error["value"] == "bad value"
     assert "ValueError" in error["traceback"]
     ctx = value(checks, "ci_context")
-    assert ctx == {"isolated": "NameError", "own": "5", "listed": True, "main": "41"}
+    assert ctx == {
+        "isolated": "NameError",
+        "own": "5",
+        "listed": True,
+        "main": "41",
+        "removed": "NotFoundError",  # a removed context is a 404 before any streaming
+    }
     assert value(checks, "ci_commands") == "from-ci\n"
     assert value(checks, "ci_kill") is True
+    assert value(checks, "ci_envs_and_results") == {"text": "'set'", "onResult": ["'set'"]}
+    assert value(checks, "run_code_on_base") == "'yes'"
+
+
+def test_code_interpreter_timeout(checks: dict[str, Any]) -> None:
+    timed_out = value(checks, "ci_timeout")
+    assert timed_out["err"]["isTimeoutError"] is True, timed_out["err"]
+    assert timed_out["seconds"] < 4
+    assert timed_out["after"] == "42"
 
 
 def test_silent_command_stream_gets_keepalives(server: Server) -> None:

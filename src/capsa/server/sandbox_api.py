@@ -243,10 +243,13 @@ class SandboxApi:
                     return _envd_error(400, "context_id must be a string")
                 if env is not None and not _is_str_map(env):
                     return _envd_error(400, "env_vars must map strings to strings")
+                if (context or "default") not in interp.contexts:
+                    return _envd_error(404, f"context {context!r} not found")
                 self.metrics.code_runs.inc()
+                # the headers go out now, not with the first output: the JS SDK's runCode
+                # timeoutMs only starts counting once they have arrived
                 events = interp.execute(code, context, env)
-                first = await anext(events, None)
-                return StreamingResponse(_lines(first, events), media_type="application/x-ndjson")
+                return StreamingResponse(_lines(events), media_type="application/x-ndjson")
             if path == "/contexts" and request.method == "POST":
                 body = await _json_object(request)
                 cwd, language = body.get("cwd"), body.get("language")
@@ -323,12 +326,7 @@ async def _frames(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]
     yield connect.end_stream()
 
 
-async def _lines(
-    first: dict[str, Any] | None, events: AsyncIterator[dict[str, Any]]
-) -> AsyncIterator[bytes]:
-    if first is None:
-        return
-    yield json.dumps(first).encode() + b"\n"
+async def _lines(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     try:
         async for event in events:
             yield json.dumps(event).encode() + b"\n"
