@@ -211,7 +211,7 @@ class SandboxApi:
             encoding = request.headers.get("content-encoding", "identity").strip().lower()
             if encoding not in ("identity", "gzip"):
                 return _envd_error(415, f"Content-Encoding {encoding!r:.40} is not supported")
-            body = request.stream()
+            body: AsyncIterator[bytes] = request.stream()
             if encoding == "gzip":  # the SDKs' files.write(..., gzip=True)
                 body = gunzip(body, self.limits.max_upload_bytes)
             if content_type.startswith("multipart/form-data"):
