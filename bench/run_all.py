@@ -39,6 +39,8 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "clusters": ([], []),
     "server": ([], []),
     "server_js": ([], ["--runs", "5"]),
+    "server_fork": ([], ["--runs", "4"]),
+    "server_pause": ([], ["--runs", "3"]),
     "ray": ([], ["--runs", "1", "--calls", "50"]),
     "images": ([], ["--only", "oci,start", "--runs", "3"]),
 }

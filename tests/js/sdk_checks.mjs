@@ -190,7 +190,14 @@ async function baseChecks() {
 
     await check('info_and_metrics', async () => {
       const info = await sbx.getInfo()
-      return { metadata: info.metadata, templateId: info.templateId, state: info.state, metrics: await sbx.getMetrics() }
+      const metrics = await sbx.getMetrics()
+      return {
+        metadata: info.metadata,
+        templateId: info.templateId,
+        state: info.state,
+        metricsIsArray: Array.isArray(metrics),
+        metricKeys: metrics.length ? Object.keys(metrics[0]).sort() : null,
+      }
     })
 
     await check('list', async () => {

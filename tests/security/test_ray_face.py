@@ -129,7 +129,9 @@ async def test_images_forwards_internal_and_writable_shares_follow_the_node(
         Image("debian", Path("/"), "x", (Step("copy", ("/root", "/r")),)),
         Image("debian", Path("/"), "x", (Step("copy", (str(node / "out"), "/r")),)),
         debian.apt_install("hello", sources="deb [trusted=yes] file:/var/cache/apt/archives ./"),
-        debian.pip_install("attrs", index_url="file:///root/wheels"),
+        Image(
+            "debian", Path("/"), "x", (Step("pip", ("attrs",), (("index_url", "file:///root/wheels"),)),)
+        ),
         Image("debian", Path("/"), "x", (Step("pip", ("attrs",), (("find_links", "/root"),)),)),
         Image("any", Path("/etc/shadow"), "x"),  # a kind of its own: its archive is read too
         Image("debian", Path("/"), "x", (Step("apt", ("/root/secret.deb",)),)),  # a local .deb

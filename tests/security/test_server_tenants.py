@@ -269,6 +269,28 @@ def test_metrics_need_a_key_and_show_only_own_sandboxes(server: Server, victim: 
     assert "capsa_server_sandboxes_running" in scrapes[KEY_B].text  # server-wide series stay
 
 
+def test_other_tenant_cannot_read_guest_metrics(server: Server, victim: dict[str, Any]) -> None:
+    """Attack: tenant beta reads alpha's guest samples (CPU, memory, disk: what alpha's code is
+    doing) through the batch endpoint, which takes any list of ids, or the per-sandbox route."""
+    sid = victim["sandboxID"]
+    url = f"{server.url}/sandboxes/metrics"
+    deadline = time.monotonic() + 60  # the server samples every 5 s
+    own: dict[str, Any] = {}
+    while sid not in own and time.monotonic() < deadline:
+        time.sleep(0.5)
+        reply = httpx.get(url, params={"sandbox_ids": sid}, headers=_hdr(KEY_A))
+        assert reply.status_code == 200, reply.text
+        own = reply.json()["sandboxes"]
+    assert own[sid]["memTotal"] > 0
+    for ids in (sid, f"{UNKNOWN},{sid}"):
+        stolen = httpx.get(url, params={"sandbox_ids": ids}, headers=_hdr(KEY_B))
+        assert stolen.status_code == 200
+        assert stolen.json() == {"sandboxes": {}}
+    with pytest.raises(NotFoundException):
+        Sandbox.get_metrics(sid, **_sdk(server, KEY_B))
+    assert Sandbox.get_metrics(sid, **_sdk(server, KEY_A))
+
+
 # -- the --max-sandboxes race (item 5) --
 
 RACE_CAP = 2

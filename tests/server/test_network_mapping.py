@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from capsa.net.policy import Flow
-from capsa.server.network import e2b_policy
+from capsa.server.network import e2b_policy, update_policy
 from capsa.server.registry import ApiError
 
 
@@ -53,3 +53,24 @@ def test_malformed_settings_are_refused(network: object) -> None:
     with pytest.raises(ApiError) as failed:
         e2b_policy(None, network)
     assert failed.value.status == 400
+
+
+def test_update_network_replaces_everything() -> None:
+    """``update_network`` replaces the whole policy: omitted lists are empty, an empty body allows
+    all, and settings capsa does not enforce are refused rather than ignored."""
+    assert allowed(update_policy({}), "203.0.113.7")
+    assert not allowed(update_policy({"allow_internet_access": False}), "203.0.113.7")
+    allowlist = update_policy({"allowOut": ["allowed.test"], "denyOut": ["0.0.0.0/0"]})
+    assert allowed(allowlist, "203.0.113.7", ("allowed.test",))
+    assert not allowed(allowlist, "203.0.113.7")
+    assert not allowed(update_policy({"denyOut": ["denied.test"]}), "203.0.113.7", ("denied.test",))
+    for bad in (
+        {"egressProxy": {"address": "proxy.test:3128"}},
+        {"dnsServers": ["1.1.1.1"]},
+        {"allowOut": "allowed.test"},
+        {"denyOut": ["not a domain!"]},
+        {"allow_internet_access": "yes"},
+    ):
+        with pytest.raises(ApiError) as raised:
+            update_policy(bad)
+        assert raised.value.status == 400, bad

@@ -162,7 +162,10 @@ def test_watch_dir_stream(checks: dict[str, Any]) -> None:
 
 def test_info_metrics_pause_and_resume(checks: dict[str, Any]) -> None:
     info = value(checks, "info_and_metrics")
-    assert info == {"metadata": {"suite": "js"}, "templateId": "base", "state": "running", "metrics": []}
+    assert info["metadata"] == {"suite": "js"}
+    assert info["templateId"] == "base" and info["state"] == "running"
+    assert info["metricsIsArray"] is True  # samples once the sampler has taken some
+    assert info["metricKeys"] is None or "timestamp" in info["metricKeys"]
     paused = value(checks, "pause_resume")
     assert paused == {
         "paused": True,

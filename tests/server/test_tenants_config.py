@@ -96,6 +96,28 @@ def test_quota_checks_and_takes_a_slot_in_one_step() -> None:
     assert quota.held() == 2
 
 
+def test_paused_sandboxes_give_back_their_running_slot() -> None:
+    """A pause turns a running slot into a paused one (as many as running ones); a resume takes a
+    running slot again, or is refused when they are all taken; the tenant's cap counts both."""
+    quota = Quota(2, {"t": TenantLimits(max_sandboxes=3)})
+    quota.reserve("t")
+    quota.reserve("t")
+    quota.park()  # one of them paused: room for another running one
+    quota.reserve("t")
+    assert (quota.held(), quota.paused, quota.held("t")) == (2, 1, 3)
+    with pytest.raises(LimitReached, match="tenant 't' may hold at most 3"):
+        quota.reserve("t")
+    with pytest.raises(LimitReached, match="no room to resume"):
+        quota.unpark()
+    quota.park()
+    with pytest.raises(LimitReached, match="at most 2 paused sandboxes"):
+        quota.park()
+    quota.unpark()
+    quota.release("t", paused=True)  # a paused one removed
+    quota.release("t")
+    assert (quota.held(), quota.paused, quota.held("t")) == (1, 0, 1)
+
+
 def test_the_default_cap_fits_memory_and_cores() -> None:
     assert machine_max_sandboxes(512, available_mb=24 * 1024, cores=2)[0] == 16  # cores bind
     chosen, why = machine_max_sandboxes(512, 2, available_mb=4096, cores=16)

@@ -294,3 +294,56 @@ async def test_answers_from_another_address_are_ignored() -> None:
         reply = DNSRecord.parse(await pending)
         proxy.close()
     assert [str(r.rdata) for r in reply.rr] == ["140.82.112.3"]
+
+
+class Held(asyncio.DatagramProtocol):
+    """An upstream that answers only when told: the policy can change while a question waits."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[bytes, tuple[str, int]]] = []
+        self.arrived = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        query = DNSRecord.parse(data)
+        reply = query.reply()
+        reply.add_answer(RR(query.q.qname, QTYPE.A, rdata=A("140.82.112.3"), ttl=5))
+        self.waiting.append((bytes(reply.pack()), addr))
+        self.arrived.set()
+
+    def release(self) -> None:
+        for packet, addr in self.waiting:
+            self.transport.sendto(packet, addr)  # type: ignore[attr-defined]
+
+
+async def test_a_policy_change_judges_questions_in_flight_and_new_ones() -> None:
+    """``set_policy`` while a question waits upstream: its answer is not given (NXDOMAIN) if the
+    new policy denies the name, and no pin is kept; new questions follow the new policy."""
+    loop = asyncio.get_running_loop()
+    transport, held = await loop.create_datagram_endpoint(Held, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    pins = PinTable()
+    proxy = DnsProxy(NetworkPolicy.allow_all(), [("127.0.0.1", port)], pins, timeout=5.0)
+    pending = asyncio.ensure_future(proxy.handle(ask("api.github.com")))
+    await asyncio.wait_for(held.arrived.wait(), 5)
+    denied = NetworkPolicy.allow_all().deny_domain("api.github.com")
+    proxy.set_policy(denied)
+    assert proxy.policy is denied
+    held.release()
+    reply = DNSRecord.parse(await asyncio.wait_for(pending, 5))
+    assert reply.header.rcode == RCODE.NXDOMAIN and not reply.rr
+    assert not pins.names_for(IPv4Address("140.82.112.3"))
+    again = DNSRecord.parse(await proxy.handle(ask("api.github.com")))
+    assert again.header.rcode == RCODE.NXDOMAIN and len(held.waiting) == 1  # never asked upstream
+    proxy.set_policy(NetworkPolicy.allow_all())
+    allowed = asyncio.ensure_future(proxy.handle(ask("api.github.com")))
+    while len(held.waiting) < 2:
+        await asyncio.sleep(0.01)
+    held.release()
+    assert [str(r.rdata) for r in DNSRecord.parse(await asyncio.wait_for(allowed, 5)).rr] == [
+        "140.82.112.3"
+    ]
+    transport.close()
+    proxy.close()

@@ -6,7 +6,7 @@ import argparse
 import logging
 from typing import Any
 
-from capsa.cli.serve import add_sandbox_flags, max_sandboxes, parse_pool
+from capsa.cli.serve import add_sandbox_flags, max_sandboxes, max_timeout, parse_pool
 from capsa.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ def _mcp(args: argparse.Namespace) -> int:
     config = McpConfig(
         pools=dict(parse_pool(p) for p in args.pool),
         max_sandboxes=max_sandboxes(args),
+        max_timeout=max_timeout(args),
         memory_mb=args.memory,
         dns_servers=tuple(args.dns_server),
         allow_internal_destinations=args.allow_internal_destinations,

@@ -64,6 +64,14 @@ def register(commands: Any) -> None:
         help="place the sandboxes on this Ray cluster (HEAD:6379, or 'auto' on a node) instead of "
         "this machine; --pool N is then per node",
     )
+    parser.add_argument(
+        "--metrics-interval",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="sample each running sandbox's CPU, memory and disk every S seconds, for "
+        "get_metrics and /metrics (default 5; 0 turns sampling off)",
+    )
     add_sandbox_flags(parser)
     add_limit_flags(parser)
     parser.set_defaults(handler=_serve)
@@ -141,9 +149,15 @@ def add_sandbox_flags(parser: argparse.ArgumentParser) -> None:
         "--max-sandboxes",
         type=int,
         metavar="N",
-        help="refuse to hold more than N sandboxes at a time, paused ones included (the server "
-        "answers 429); default: what fits in the memory available at start (--memory plus "
-        "overhead each, pools deducted), at most 8 per core; none with --ray",
+        help="refuse to run more than N sandboxes at a time (the server answers 429; as many "
+        "paused ones may wait beside them); default: what fits in the memory available at start "
+        "(--memory plus overhead each, pools deducted), at most 8 per core; none with --ray",
+    )
+    parser.add_argument(
+        "--max-timeout",
+        type=int,
+        metavar="SECONDS",
+        help="refuse sandbox timeouts longer than this (HTTP 400); default: no cap",
     )
     parser.add_argument(
         "--dns-server",
@@ -203,6 +217,12 @@ def max_sandboxes(args: argparse.Namespace) -> int | None:
     return chosen
 
 
+def max_timeout(args: argparse.Namespace) -> int | None:
+    if args.max_timeout is not None and args.max_timeout < 1:
+        raise ConfigError("--max-timeout must be at least 1 second")
+    return None if args.max_timeout is None else int(args.max_timeout)
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn  # noqa: PLC0415 (optional dependency)
@@ -215,17 +235,21 @@ def _serve(args: argparse.Namespace) -> int:
             hint="pip install 'capsa[server]'",
         ) from None
     keys = load_keys(args.api_key_file)
+    if args.metrics_interval != 0 and not 0.5 <= args.metrics_interval <= 3600:
+        raise ConfigError("--metrics-interval takes seconds from 0.5 to 3600 (0: off)")
     if not args.verbose:
         logging.getLogger(__name__).setLevel(logging.INFO)  # the derived --max-sandboxes
     config = ServerConfig(
         api_keys=keys,
         pools=dict(parse_pool(p) for p in args.pool),
         max_sandboxes=max_sandboxes(args),
+        max_timeout=max_timeout(args),
         memory_mb=args.memory,
         dns_servers=tuple(args.dns_server),
         allow_internal_destinations=args.allow_internal_destinations,
         ray_address=args.ray,
         limits=limits_from(args),
+        metrics_interval=args.metrics_interval,
     )
     if args.ray is not None:  # before uvicorn: its signal handlers must replace Ray's SIGTERM one
         from capsa.server._cluster import connect_driver  # noqa: PLC0415

@@ -250,6 +250,15 @@ class DnsProxy:
         finally:
             self._pending -= 1
 
+    @property
+    def policy(self) -> NetworkPolicy:
+        return self._policy
+
+    def set_policy(self, policy: NetworkPolicy) -> None:
+        """Judge names by ``policy`` from now on, also the questions already sent upstream: an
+        answer that arrives after the change is given only if the new policy allows the name."""
+        self._policy = policy
+
     def close(self) -> None:
         """Stop the questions in flight and close the upstream sockets."""
         self._tasks.cancel()
@@ -275,6 +284,10 @@ class DnsProxy:
 
     async def _resolve(self, question: _Forward) -> bytes:
         upstream_reply = await self._ask_upstream(question.query)
+        verdict = self._policy.decide_name(question.name)  # the policy may have changed meanwhile
+        if not verdict.allowed:
+            self._on_event(DnsEvent(question.name, "A", "deny", verdict.rule))
+            return self._reply(question.query, RCODE.NXDOMAIN)
         if upstream_reply is not None:
             try:
                 return self._filter(question.query, upstream_reply, question.name, question.rule)

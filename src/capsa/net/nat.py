@@ -214,6 +214,33 @@ class Nat:
             udp.close()
         self.udp.clear()
 
+    def revoke(self, gateway: Gateway) -> int:
+        """Take ``gateway`` (a new policy) and end the live flows it denies: each such TCP flow
+        gets an RST to the guest and its host socket closed, each such UDP flow is dropped (the
+        guest's next datagram is a new flow, judged and refused). Judged by :meth:`decide`, as at
+        the flow's creation (pinned names included), and logged. Port forwards (flows the host
+        opened to the guest) are not egress and stay. Synchronous: no flow slips between the new
+        policy and its enforcement. Returns how many flows were ended."""
+        self.gateway = gateway
+        ended = 0
+        for key, flow in list(self.tcp.items()):
+            if key.remote_ip == gateway.gateway_ip:
+                continue  # a port forward
+            allowed, rule, domain = self.decide("tcp", key.remote_ip, key.remote_port)
+            if not allowed:
+                self._record(("tcp", key.remote_ip, key.remote_port, domain, f"{rule} (reset)", "deny"))
+                flow.abort()
+                ended += 1
+        for key, udp in list(self.udp.items()):
+            allowed, rule, domain = self.decide("udp", key.remote_ip, key.remote_port)
+            if not allowed:
+                dropped = f"{rule} (dropped)"
+                self._record(("udp", key.remote_ip, key.remote_port, domain, dropped, "deny"))
+                udp.close()
+                del self.udp[key]
+                ended += 1
+        return ended
+
     def decide(self, proto: str, dst: ipaddress.IPv4Address, port: int) -> tuple[bool, str, str | None]:
         """``dst`` as the guest sees it: pins are kept that way; IP rules see the real host address."""
         names = self._pins.names_for(dst)

@@ -17,10 +17,11 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from capsa._tasks import TaskSet
+from capsa.errors import CapsaError, ConfigError
 from capsa.net.dhcp import DhcpRequest, DhcpServer
 from capsa.net.dns import DnsEvent, DnsProxy, LoopbackMap, PinTable
 from capsa.net.forward import ForwardedPort, Forwarder
@@ -41,6 +42,7 @@ from capsa.net.packets import (
     Tcp,
     Udp,
 )
+from capsa.net.policy import NetworkPolicy
 from capsa.net.switch import Switch
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,26 @@ class NetworkStack:
         mac = ":".join(f"{b:02x}" for b in self.guest_mac)
         address = f"{self.guest_ip}/{self.gateway.network.prefixlen}"
         return {"mac": mac, "address": address, "gateway": str(self.gateway.gateway_ip)}
+
+    @property
+    def policy(self) -> NetworkPolicy:
+        """The egress policy in force (the gateway's, or the last :meth:`set_policy`'s)."""
+        return self.gateway.policy_value
+
+    def set_policy(self, policy: NetworkPolicy) -> None:
+        """Replace the egress policy, atomically: from this call's return every new connection,
+        datagram and DNS question is judged by ``policy`` (names it denies get NXDOMAIN, also for
+        questions already sent upstream), and live flows to destinations it denies are ended (TCP:
+        an RST to the guest and the host socket closed; UDP: dropped), each logged. One
+        synchronous step on the stack's event loop: no packet is judged by a mix of the two."""
+        if not isinstance(policy, NetworkPolicy):
+            raise ConfigError(f"set_policy() takes a NetworkPolicy, got {type(policy).__name__}")
+        if self._closed:
+            raise CapsaError("this VM's network is closed", hint="set the policy of a running VM")
+        self.gateway = replace(self.gateway, policy_value=policy)
+        self._dns.set_policy(policy)
+        ended = self.nat.revoke(self.gateway)
+        log.info("network policy replaced; %d live flows it denies were ended", ended)
 
     def forwards(self) -> list[ForwardedPort]:
         """The port forwards as bound on the host (with the real port where 0 was asked for)."""

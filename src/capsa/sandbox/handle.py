@@ -267,13 +267,15 @@ class Sandbox(VM):
             clone._arm_lifetime(remaining, self._lifetime)
 
     def _clone_network(self) -> VirtualNetwork | None:
-        """This sandbox's network for its forks: the same gateway and policy, with each port forward
-        on a free host port of its own (this sandbox keeps the ports it has)."""
+        """This sandbox's network for its forks: the same gateway and policy (the one in force, after
+        any ``network.set_policy``), with each port forward on a free host port of its own (this
+        sandbox keeps the ports it has)."""
         network = self.config.network
         if network is None:
             return None
         forwards = tuple(replace(f, host_port=0) for f in network.gateway.forwards)
-        return VirtualNetwork(replace(network.gateway, forwards=forwards))
+        policy = self._network.policy if self._network is not None else network.gateway.policy_value
+        return VirtualNetwork(replace(network.gateway, forwards=forwards, policy_value=policy))
 
     def _fork_addresses(self, count: int) -> list[ipaddress.IPv4Address | None]:
         """Distinct guest addresses for ``count`` forks, none this sandbox's own (each VM has its own

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from capsa.errors import CapsaError
 from capsa.server.control import PRINCIPAL, ControlPlane, api_error, error_response, principal_of
+from capsa.server.guest_metrics import DEFAULT_INTERVAL, Sampler
 from capsa.server.limits import (
     LimitedBody,
     Limits,
@@ -45,11 +46,13 @@ class ServerConfig:
     api_keys: KeyRing  # the accepted keys, their tenants and the tenants' limits
     pools: dict[str, int] = field(default_factory=dict)
     max_sandboxes: int | None = None
+    max_timeout: int | None = None  # seconds (--max-timeout); None: no cap
     memory_mb: int = 512
     dns_servers: tuple[str, ...] = ()
     allow_internal_destinations: bool = False
     ray_address: str | None = None  # place sandboxes on this Ray cluster (capsa serve --ray)
     limits: Limits = field(default_factory=Limits)
+    metrics_interval: float = DEFAULT_INTERVAL  # seconds between guest samples (0: none)
 
 
 class CapsaServer:
@@ -62,6 +65,7 @@ class CapsaServer:
             memory_mb=config.memory_mb,
             pools=config.pools,
             max_sandboxes=config.max_sandboxes,
+            max_timeout=config.max_timeout,
             tenant_limits=dict(config.api_keys.limits),
             on_removed=self.metrics.removed,
             on_paused=self.metrics.count_denials,
@@ -69,8 +73,9 @@ class CapsaServer:
             allow_internal_destinations=config.allow_internal_destinations,
             ray_address=config.ray_address,
         )
+        self.sampler = Sampler(self.registry, config.metrics_interval, self.metrics.sampled)
         self.ready = False
-        control = ControlPlane(self.registry, self.metrics)
+        control = ControlPlane(self.registry, self.metrics, self.sampler)
         routes = [
             Route("/health", self._health, methods=["GET"]),
             Route("/metrics", self._metrics, methods=["GET"]),
@@ -87,6 +92,7 @@ class CapsaServer:
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         await self.registry.start()
+        self.sampler.start()
         self.ready = True
         log.info("capsa serve ready")
         try:
@@ -94,6 +100,7 @@ class CapsaServer:
         finally:
             self.ready = False
             log.info("capsa serve stopping: killing %d sandboxes", len(self.registry))
+            await self.sampler.close()
             await self.registry.close()
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import urllib.parse
 from typing import Any
 
 from starlette.requests import Request
@@ -17,18 +16,22 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from capsa.errors import CapsaError
+from capsa.server.guest_metrics import MAX_BATCH, Sampler
 from capsa.server.interpreter import interpreter_for
+from capsa.server.listing import NEXT_TOKEN, descending, filter_sandboxes, page, sandbox_key
 from capsa.server.metrics import Metrics
-from capsa.server.network import check_network, e2b_policy
+from capsa.server.network import check_network, e2b_policy, update_policy
 from capsa.server.registry import (
     DEFAULT_TIMEOUT,
     ENVD_VERSION,
     INTERPRETER_TEMPLATE,
+    TEMPLATES,
     ApiError,
     Entry,
     Registry,
-    check_timeout,
+    resolved,
 )
+from capsa.server.snapshot_api import SnapshotApi, create_from_snapshot
 from capsa.server.tenants import Principal
 
 log = logging.getLogger(__name__)
@@ -117,10 +120,46 @@ def _strings(value: object, what: str) -> dict[str, str]:
     return value
 
 
+def _unix_param(request: Request, name: str) -> int | None:
+    value = request.query_params.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ApiError(400, f"{name} must be a unix timestamp in seconds") from None
+
+
+def _lifecycle(body: dict[str, Any]) -> tuple[bool, bool]:
+    """``(auto_pause, auto_resume)`` of a create request: the SDKs send ``lifecycle`` as
+    ``autoPause``, ``autoPauseMemory`` and ``autoResume: {"enabled": ...}``."""
+    auto_pause = body.get("autoPause") or False
+    if not isinstance(auto_pause, bool):
+        raise ApiError(400, "autoPause must be a boolean")
+    if body.get("autoPauseMemory") is False:
+        raise ApiError(400, "a filesystem-only pause is not supported: capsa's pause keeps memory",
+                       hint="leave on_timeout's mode unset (or 'full')")  # fmt: skip
+    resume = body.get("autoResume")
+    enabled = resume.get("enabled") if isinstance(resume, dict) else resume
+    if enabled is None:
+        enabled = False
+    if not isinstance(enabled, bool):
+        raise ApiError(400, 'autoResume must be an object {"enabled": boolean}')
+    if enabled and not auto_pause:
+        raise ApiError(400, "auto_resume needs on_timeout='pause'")
+    return auto_pause, enabled
+
+
+def _lifecycle_json(entry: Entry) -> dict[str, Any]:
+    return {"onTimeout": "pause" if entry.auto_pause else "kill", "autoResume": entry.auto_resume}
+
+
 class ControlPlane:
-    def __init__(self, registry: Registry, metrics: Metrics) -> None:
+    def __init__(self, registry: Registry, metrics: Metrics, sampler: Sampler | None = None) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.sampler = sampler
+        self.snapshots = SnapshotApi(registry, sandbox_json, principal_of, _body)
 
     def routes(self) -> list[Route]:
         return [
@@ -128,6 +167,7 @@ class ControlPlane:
             Route("/v2/sandboxes", self.create, methods=["POST"]),
             Route("/sandboxes", self.list, methods=["GET"]),
             Route("/v2/sandboxes", self.list, methods=["GET"]),
+            Route("/sandboxes/metrics", self.metrics_batch, methods=["GET"]),  # before {sandbox_id}
             Route("/sandboxes/{sandbox_id}", self.get, methods=["GET"]),
             Route("/sandboxes/{sandbox_id}", self.kill, methods=["DELETE"]),
             Route("/sandboxes/{sandbox_id}/timeout", self.set_timeout, methods=["POST"]),
@@ -137,11 +177,8 @@ class ControlPlane:
             Route("/sandboxes/{sandbox_id}/metrics", self.metrics_of, methods=["GET"]),
             Route("/sandboxes/{sandbox_id}/pause", self.pause, methods=["POST"]),
             Route("/sandboxes/{sandbox_id}/resume", self.connect, methods=["POST"]),
-            *(
-                Route(f"/sandboxes/{{sandbox_id}}/{name}", self.unsupported, methods=["POST"])
-                for name in ("fork", "snapshots")
-            ),
-            Route("/sandboxes/{sandbox_id}/network", self.unsupported, methods=["PUT"]),
+            *self.snapshots.routes(),
+            Route("/sandboxes/{sandbox_id}/network", self.update_network, methods=["PUT"]),
         ]
 
     async def create(self, request: Request) -> Response:
@@ -149,37 +186,62 @@ class ControlPlane:
         template = body.get("templateID") or "base"
         if not isinstance(template, str):
             raise ApiError(400, "templateID must be a string")
-        timeout = check_timeout(body.get("timeout", DEFAULT_TIMEOUT))
+        timeout = self.registry.check_timeout(body.get("timeout", DEFAULT_TIMEOUT))
+        auto_pause, auto_resume = _lifecycle(body)
         internet = body.get("allow_internet_access", body.get("allowInternetAccess"))
         network = body.get("network")
         check_network(internet, network)  # cheap; the policy is made once a slot is taken
         started = time.monotonic()
-        entry = await self.registry.create(
-            template,
-            timeout=timeout,
-            metadata=_strings(body.get("metadata"), "metadata"),
-            envs=_strings(body.get("envVars"), "envVars"),
-            make_policy=lambda: e2b_policy(internet, network),
-            tenant=principal_of(request).tenant,
+        metadata = _strings(body.get("metadata"), "metadata")
+        envs = _strings(body.get("envVars"), "envVars")
+        tenant = principal_of(request).tenant
+        saved = (
+            None if template in TEMPLATES else self.registry.snapshots.find(template, _scope(request))
         )
+        if saved is not None:  # Sandbox.create(snapshot_id)
+            if network:
+                raise ApiError(
+                    400,
+                    "a sandbox created from a snapshot keeps the snapshot's network settings",
+                    hint="leave out network, or create the source sandbox with the settings wanted",
+                )
+            entry = await create_from_snapshot(
+                self.registry, saved, timeout=timeout, metadata=metadata, envs=envs, tenant=tenant
+            )
+        else:
+            entry = await self.registry.create(
+                template,
+                timeout=timeout,
+                metadata=metadata,
+                envs=envs,
+                make_policy=lambda: e2b_policy(internet, network),
+                tenant=tenant,
+                auto_pause=auto_pause,
+                auto_resume=auto_resume,
+            )
         self.metrics.created(time.monotonic() - started, template)
         if template == INTERPRETER_TEMPLATE:
             await interpreter_for(entry).warm()
         return JSONResponse(sandbox_json(entry), status_code=201)
 
     async def list(self, request: Request) -> Response:
-        entries = self.registry.list(_scope(request))
-        states = request.query_params.get("state")
-        if states is not None:
-            entries = [e for e in entries if e.state in states.split(",")]
-        wanted = dict(urllib.parse.parse_qsl(request.query_params.get("metadata") or ""))
-        entries = [e for e in entries if all(e.metadata.get(k) == v for k, v in wanted.items())]
-        return JSONResponse([listed_json(e) for e in entries])
+        """E2B's list: filters (state, metadata, template, startedAfter), order by start time
+        (newest first unless ``order=asc``) and, on ``/v2``, pages of ``limit`` with an
+        ``x-next-token``."""
+        query = request.query_params
+        entries = filter_sandboxes(self.registry.list(_scope(request)), query)
+        if request.url.path == "/sandboxes":  # E2B's v1 list: every sandbox, in one reply
+            entries.sort(key=sandbox_key, reverse=descending(query))
+            return JSONResponse([listed_json(e) for e in entries])
+        chosen, token = page(entries, sandbox_key, query, descending=descending(query))
+        headers = {NEXT_TOKEN: token} if token else None
+        return JSONResponse([listed_json(e) for e in chosen], headers=headers)
 
     async def get(self, request: Request) -> Response:
         entry = self.registry.find(request.path_params["sandbox_id"], _scope(request))
         detail = listed_json(entry)
         detail["envdAccessToken"] = entry.token
+        detail["lifecycle"] = _lifecycle_json(entry)
         return JSONResponse(detail)
 
     async def kill(self, request: Request) -> Response:
@@ -187,25 +249,74 @@ class ControlPlane:
         return Response(status_code=204)
 
     async def set_timeout(self, request: Request) -> Response:
-        entry = self.registry.get(request.path_params["sandbox_id"], _scope(request))
-        await entry.set_timeout(check_timeout((await _body(request)).get("timeout")))
+        timeout = self.registry.check_timeout((await _body(request)).get("timeout"))
+        entry = await self.registry.awake(request.path_params["sandbox_id"], _scope(request))
+        await entry.set_timeout(timeout)
         return Response(status_code=204)
 
     async def refresh(self, request: Request) -> Response:
-        entry = self.registry.get(request.path_params["sandbox_id"], _scope(request))
         duration = (await _body(request)).get("duration")
-        if duration is not None:
-            await entry.set_timeout(check_timeout(duration))
+        timeout = None if duration is None else self.registry.check_timeout(duration)
+        entry = await self.registry.awake(request.path_params["sandbox_id"], _scope(request))
+        if timeout is not None:
+            await entry.set_timeout(timeout)
         return Response(status_code=204)
 
     async def metrics_of(self, request: Request) -> Response:
-        self.registry.get(request.path_params["sandbox_id"], _scope(request))
-        return JSONResponse([])  # per-sandbox CPU/memory series are not collected (yet)
+        """The sandbox's guest samples from ``start`` to ``end`` (unix seconds, both optional),
+        oldest first; a paused sandbox's stop at its pause."""
+        entry = self.registry.find(request.path_params["sandbox_id"], _scope(request))
+        start, end = _unix_param(request, "start"), _unix_param(request, "end")
+        if start is not None and end is not None and start > end:
+            raise ApiError(400, "start must not be after end")
+        samples = [] if self.sampler is None else self.sampler.series(entry.id, start, end)
+        return JSONResponse([s.to_json() for s in samples])
+
+    async def metrics_batch(self, request: Request) -> Response:
+        """The latest sample of each sandbox in ``sandbox_ids`` (comma-separated): E2B's
+        ``{"sandboxes": {id: metric}}``; ids unknown to the caller, or not sampled yet, are left
+        out."""
+        raw = request.query_params.getlist("sandbox_ids")
+        ids = [i for value in raw for i in value.split(",") if i]
+        if not ids:
+            raise ApiError(400, "sandbox_ids is required")
+        if len(ids) > MAX_BATCH:
+            raise ApiError(400, f"at most {MAX_BATCH} sandbox_ids at a time")
+        scope = _scope(request)
+        visible = {e.id for e in self.registry.list(scope)}
+        found: dict[str, Any] = {}
+        for sandbox_id in ids:
+            latest = None if self.sampler is None else self.sampler.latest(sandbox_id)
+            if sandbox_id in visible and latest is not None:
+                found[sandbox_id] = latest.to_json()
+        return JSONResponse({"sandboxes": found})
 
     async def unsupported(self, request: Request) -> Response:
         self.registry.get(request.path_params["sandbox_id"], _scope(request))
         action = request.url.path.rsplit("/", 1)[-1]
         raise ApiError(501, f"{action} is not supported by capsa serve yet")
+
+    async def update_network(self, request: Request) -> Response:
+        """E2B's ``update_network``: the new egress policy replaces the old one at once
+        (``vm.network.set_policy``: live connections it denies are reset); a paused sandbox
+        gets it when it resumes."""
+        entry = self.registry.find(request.path_params["sandbox_id"], _scope(request))
+        policy = update_policy(await _body(request))
+        if entry.policy is None:
+            raise ApiError(
+                409,
+                f"sandbox {entry.id!r} was created without network settings, so it has no network "
+                "interface to update",
+                hint="create it with allow_internet_access or network={...} to change them later",
+            )
+        async with entry.resume_lock:  # not halfway through a pause or a resume
+            if entry.closing:
+                raise ApiError(404, f"sandbox {entry.id!r} not found")
+            if entry.paused is None:
+                network: Any = entry.vm.network  # a remote handle's set_policy is awaitable
+                await resolved(network.set_policy(policy))
+            entry.policy = policy
+        return Response(status_code=204)
 
     async def pause(self, request: Request) -> Response:
         await self.registry.pause(request.path_params["sandbox_id"], _scope(request))
@@ -216,7 +327,7 @@ class ControlPlane:
         timeout = (await _body(request)).get("timeout")
         entry = await self.registry.resume(
             request.path_params["sandbox_id"],
-            None if timeout is None else check_timeout(timeout),
+            None if timeout is None else self.registry.check_timeout(timeout),
             _scope(request),
         )
         return JSONResponse(sandbox_json(entry), status_code=200)

@@ -19,6 +19,7 @@ import capsa
 from capsa._tasks import TaskSet
 from capsa.agent import streams
 from capsa.agent.client import Agent
+from capsa.agent.exec import MAX_TERMINAL
 from capsa.errors import CapsaError, GuestFileExistsError, GuestFileNotFoundError, GuestPermissionError
 from capsa.server.connect import ConnectError
 from capsa.server.limits import Limits, RequestRejected
@@ -67,6 +68,20 @@ def map_error(exc: Exception, path: str = "") -> ConnectError:
 
 
 # -- processes --
+
+
+def pty_size(pty: object) -> tuple[int, int]:
+    """(rows, cols) of a ``process.PTY`` message (``{"size": {"rows": r, "cols": c}}``)."""
+    size = pty.get("size") if isinstance(pty, dict) else None
+    rows = size.get("rows") if isinstance(size, dict) else None
+    cols = size.get("cols") if isinstance(size, dict) else None
+    for value in (rows, cols):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TERMINAL:
+            raise ConnectError(
+                "invalid_argument", f"pty.size needs rows and cols from 1 to {MAX_TERMINAL}"
+            )
+    assert isinstance(rows, int) and isinstance(cols, int)
+    return rows, cols
 
 
 def processes_for(entry: Entry, limits: Limits | None = None) -> ProcessTable:
@@ -135,6 +150,7 @@ class Proc:
     limits: Limits = field(default_factory=Limits)
     subscribers: set[Subscriber] = field(default_factory=set)
     end: dict[str, Any] | None = None
+    pty: bool = False  # started in a pseudo-terminal: its output goes out as ``pty`` data
 
     def subscribe(self) -> Subscriber:
         sub = Subscriber(self.limits.stream_queue)
@@ -176,6 +192,7 @@ class ProcessTable:
         self._procs: dict[int, Proc] = {}
         self._tasks = TaskSet(log)
         self._deadlines = TaskSet(log)
+        self._killed_because: str | None = None  # kill_all's reason, for the commands' end
 
     async def start(self, request: dict[str, Any]) -> Proc:
         config = request.get("process") or {}
@@ -190,10 +207,13 @@ class ProcessTable:
         tag = request.get("tag")
         if tag is not None and not isinstance(tag, str):
             raise ConnectError("invalid_argument", "tag must be a string")
+        size = None if request.get("pty") is None else pty_size(request.get("pty"))
         try:
             builder = self._vm.agent.exec(cmd).args([str(a) for a in args])
         except CapsaError as exc:
             raise map_error(exc) from None
+        if size is not None:
+            builder = builder.pty(*size)
         for key, value in {**self._envs, **envs}.items():
             builder = builder.env(str(key), str(value))
         if config.get("cwd"):
@@ -202,9 +222,9 @@ class ProcessTable:
             process = await builder.spawn()
         except Exception as exc:
             raise map_error(exc, str(config.get("cwd") or cmd)) from None
-        if not request.get("stdin"):
-            await process.close_stdin()
-        proc = Proc(process, config, tag, self._limits)
+        if size is None and not request.get("stdin"):
+            await process.close_stdin()  # a terminal's input stays open: it is how one types
+        proc = Proc(process, config, tag, self._limits, pty=size is not None)
         self._procs[process.pid] = proc
         return proc
 
@@ -228,12 +248,15 @@ class ProcessTable:
                 await proc.publish({"data": {name: base64.b64encode(chunk).decode()}})
 
         try:
-            await asyncio.gather(
-                forward(proc.process.stdout, "stdout"), forward(proc.process.stderr, "stderr")
+            await asyncio.gather(  # a terminal's output comes on stdout, its stderr stays empty
+                forward(proc.process.stdout, "pty" if proc.pty else "stdout"),
+                forward(proc.process.stderr, "stderr"),
             )
             code = await proc.process.wait()
             status = f"signal: {proc.process.signal}" if proc.process.signal else f"exit status {code}"
             proc.end = {"exitCode": code, "exited": proc.process.signal is None, "status": status}
+            if self._killed_because is not None:
+                proc.end["error"] = self._killed_because
         except Exception as exc:  # the sandbox went away
             error = client_message(exc)
             proc.end = {"exitCode": -1, "exited": False, "status": "error", "error": error}
@@ -273,11 +296,16 @@ class ProcessTable:
         await proc.process.kill(sig)
 
     async def send_input(self, request: dict[str, Any]) -> None:
+        """Write ``input.stdin`` or ``input.pty`` (base64) to the command's input: a terminal's
+        input is its stdin, so either reaches a PTY (``commands.send_stdin`` on a PTY's pid, as
+        ``pty.send_stdin`` does) and a plain command alike."""
         proc = self.find(request.get("process"))
         given = request.get("input") or {}
-        data = given.get("stdin") if isinstance(given, dict) else None
+        data = None
+        if isinstance(given, dict):
+            data = given.get("pty") if given.get("stdin") is None else given.get("stdin")
         if not isinstance(data, str):
-            raise ConnectError("invalid_argument", "only stdin input (base64) is supported")
+            raise ConnectError("invalid_argument", "input.stdin or input.pty (base64) is required")
         try:
             raw = base64.b64decode(data, validate=True)
         except ValueError:
@@ -287,11 +315,26 @@ class ProcessTable:
         except CapsaError as exc:
             raise ConnectError("failed_precondition", exc.message) from None
 
+    async def update(self, request: dict[str, Any]) -> None:
+        """Resize a PTY (``Update`` with ``pty.size``); the command gets SIGWINCH."""
+        proc = self.find(request.get("process"))
+        if request.get("pty") is None:
+            return  # nothing to change
+        rows, cols = pty_size(request.get("pty"))
+        if not proc.pty:
+            raise ConnectError("failed_precondition", "the process was not started with a PTY")
+        try:
+            await proc.process.resize(rows, cols)
+        except CapsaError as exc:
+            raise ConnectError("failed_precondition", exc.message) from None
+
     async def close_stdin(self, request: dict[str, Any]) -> None:
         await self.find(request.get("process")).process.close_stdin()
 
-    async def kill_all(self) -> None:
-        """Kill every command and wait for them (before a snapshot)."""
+    async def kill_all(self, reason: str | None = None) -> None:
+        """Kill every command and wait for them (before a snapshot); ``reason`` goes to their
+        clients as the commands' error."""
+        self._killed_because = reason
         for proc in list(self._procs.values()):
             with contextlib.suppress(CapsaError):
                 await proc.process.kill()

@@ -28,7 +28,7 @@ from capsa.errors import CapsaError
 from capsa.server.envd import Filesystem, guest_path, processes_for, stream_process
 from capsa.server.interpreter import interpreter_for
 from capsa.server.network import check_network, e2b_policy
-from capsa.server.registry import DEFAULT_TIMEOUT, INTERPRETER_TEMPLATE, Entry, Registry, check_timeout
+from capsa.server.registry import DEFAULT_TIMEOUT, INTERPRETER_TEMPLATE, Entry, Registry
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ INSTRUCTIONS = (
 class McpConfig:
     pools: dict[str, int] = field(default_factory=dict)
     max_sandboxes: int | None = None
+    max_timeout: int | None = None  # seconds; None: no cap
     memory_mb: int = 512
     dns_servers: tuple[str, ...] = ()
     allow_internal_destinations: bool = False
@@ -113,7 +114,7 @@ class SandboxTools:
         allow_out: list[str] | None = None,
         deny_out: list[str] | None = None,
     ) -> dict[str, Any]:
-        """Create a sandbox and return its sandbox_id. timeout: seconds it lives (1..86400).
+        """Create a sandbox and return its sandbox_id. timeout: seconds it lives.
         Network: none by default; allow_internet_access=True for all of it, or allow_out (domains
         like 'pypi.org' or '*.example.com', IPs, CIDRs) with deny_out=['0.0.0.0/0'] for an
         allowlist (allow_out wins over deny_out)."""
@@ -124,7 +125,7 @@ class SandboxTools:
             check_network(allow_internet_access, network)  # the policy: once a slot is taken
             entry = await self.registry.create(
                 template,
-                timeout=check_timeout(timeout),
+                timeout=self.registry.check_timeout(timeout),
                 metadata=metadata,
                 envs=envs,
                 make_policy=lambda: e2b_policy(allow_internet_access, network),
@@ -325,6 +326,7 @@ def build(config: McpConfig) -> tuple[MCPServer[None], Registry]:
         memory_mb=config.memory_mb,
         pools=config.pools,
         max_sandboxes=config.max_sandboxes,
+        max_timeout=config.max_timeout,
         dns_servers=config.dns_servers,
         allow_internal_destinations=config.allow_internal_destinations,
     )

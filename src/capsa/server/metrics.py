@@ -14,7 +14,19 @@ from prometheus_client.metrics_core import Metric
 from capsa.errors import CapsaError
 
 if TYPE_CHECKING:
+    from capsa.server.guest_metrics import Sample
     from capsa.server.registry import Entry
+
+# the per-sandbox gauges of the guest's samples: (metric name, Sample field, help)
+_GUEST_GAUGES = (
+    ("capsa_server_sandbox_cpu_count", "cpu_count", "CPUs the sandbox's guest sees"),
+    ("capsa_server_sandbox_cpu_used_percent", "cpu_used_pct", "Guest CPU use since the last sample"),
+    ("capsa_server_sandbox_memory_total_bytes", "mem_total", "Guest memory"),
+    ("capsa_server_sandbox_memory_used_bytes", "mem_used", "Guest memory not available"),
+    ("capsa_server_sandbox_memory_cache_bytes", "mem_cache", "Guest page cache"),
+    ("capsa_server_sandbox_disk_total_bytes", "disk_total", "Guest root filesystem size"),
+    ("capsa_server_sandbox_disk_used_bytes", "disk_used", "Guest root filesystem used"),
+)
 
 
 class Metrics:
@@ -56,6 +68,25 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.guest = {
+            attr: Gauge(
+                name,
+                f"{text} (latest sample; the series goes with its sandbox)",
+                ["sandbox"],
+                registry=self.registry,
+            )
+            for name, attr, text in _GUEST_GAUGES
+        }
+
+    def sampled(self, sandbox_id: str, sample: Sample | None) -> None:
+        """Set ``sandbox_id``'s gauges to ``sample``; None drops them (the sandbox is gone)."""
+        for attr, gauge in self.guest.items():
+            if sample is None:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(sandbox_id)
+            else:
+                gauge.labels(sandbox=sandbox_id).set(getattr(sample, attr))
+
     async def count_denials(self, entry: Entry) -> None:
         """Count the denials in ``entry``'s network log since the last count. The log is the
         network stack's (``vm.network.log()``, its newest 10 000 decisions); counted when
@@ -87,6 +118,7 @@ class Metrics:
         await self.count_denials(entry)
         with contextlib.suppress(KeyError):
             self.sandbox_denials.remove(entry.id)
+        self.sampled(entry.id, None)
 
     async def collect(
         self, entries: Iterable[Entry], keep_sandbox: Callable[[str], bool] | None = None

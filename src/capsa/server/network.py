@@ -68,6 +68,27 @@ def check_network(allow_internet_access: object, network: object) -> None:
     _entries(settings, "denyOut", "deny_out")
 
 
+UPDATE_FIELDS = ("allowOut", "allow_out", "denyOut", "deny_out", "allow_internet_access",
+                 "allowInternetAccess")  # fmt: skip
+
+
+def update_policy(body: dict[str, Any]) -> NetworkPolicy:
+    """The policy of an ``update_network`` request (``PUT /sandboxes/{id}/network``): it replaces
+    the whole egress policy, and an omitted list is an empty one. Settings capsa does not enforce
+    (egress proxies, per-domain transforms, DNS servers) are refused, never silently ignored."""
+    unknown = sorted(k for k, v in body.items() if k not in UPDATE_FIELDS and v not in (None, [], {}))
+    if unknown:
+        raise ApiError(400, f"update_network: {', '.join(unknown)} not supported by capsa serve",
+                       hint="allow_out, deny_out and allow_internet_access are")  # fmt: skip
+    internet = body.get("allow_internet_access", body.get("allowInternetAccess"))
+    check_network(internet, body)
+    allow = _entries(body, "allowOut", "allow_out")
+    deny = _entries(body, "denyOut", "deny_out")
+    default = Action.DENY if internet is False else Action.ALLOW
+    rules = [_rule(Action.ALLOW, entry) for entry in allow] + [_rule(Action.DENY, e) for e in deny]
+    return NetworkPolicy(default, rules)
+
+
 def e2b_policy(allow_internet_access: object, network: object) -> NetworkPolicy | None:
     """The policy for a create request, or None when the sandbox needs no network interface.
     Linear in the entries (at most :data:`MAX_ENTRIES` per list)."""

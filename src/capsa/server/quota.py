@@ -4,7 +4,13 @@ from the machine) and each tenant's cap and create rate.
 A slot is checked and taken in one synchronous step (:meth:`Quota.reserve`, no ``await`` in
 between, so concurrent creates cannot all pass the check before any of them counts), held by the
 sandbox until it is removed, and given back by :meth:`Quota.release` exactly once: by the create
-that failed, or by the removal of the sandbox that held it. A paused sandbox keeps its slot."""
+that failed, or by the removal of the sandbox that held it.
+
+A paused sandbox has no VM: it gives its running slot back (:meth:`Quota.park`), as E2B does not
+count paused sandboxes against the concurrency limit, and takes a paused slot instead, of which
+there are as many as running ones (its snapshot takes disk, so these are bounded too). A resume
+takes a running slot again (:meth:`Quota.unpark`), or is refused when all are taken. A tenant's own
+cap counts its paused sandboxes too."""
 
 from __future__ import annotations
 
@@ -52,6 +58,7 @@ class Quota:
         self._limits = dict(limits or {})
         self._clock = clock
         self._total = 0
+        self._paused = 0  # slots of paused sandboxes (held by their tenant, not in _total)
         self._held: Counter[str] = Counter()
         self._creates: dict[str, deque[float]] = {}
 
@@ -93,13 +100,47 @@ class Quota:
         self._total += 1
         self._held[tenant] += 1
 
-    def release(self, tenant: str) -> None:
-        """Give back a slot of ``tenant`` (its create failed, or its sandbox was removed)."""
+    def release(self, tenant: str, *, paused: bool = False) -> None:
+        """Give back a slot of ``tenant`` (its create failed, or its sandbox was removed; a
+        ``paused`` one gives back a paused slot)."""
         if self._held[tenant] <= 0:
             log.error("quota: tenant %r released a slot it did not hold", tenant)
             return
         self._held[tenant] -= 1
+        if paused:
+            self._paused -= 1
+        else:
+            self._total -= 1
+
+    @property
+    def paused(self) -> int:
+        return self._paused
+
+    def park(self, *, force: bool = False) -> None:
+        """A sandbox is being paused: its running slot becomes a paused one. Raises
+        :class:`LimitReached` when every paused slot is taken (not with ``force``: a resume that
+        failed goes back to paused whatever the count)."""
+        if not force and self.max_sandboxes is not None and self._paused >= self.max_sandboxes:
+            raise LimitReached(
+                f"this server keeps at most {self.max_sandboxes} paused sandboxes "
+                "(as many as --max-sandboxes)",
+                hint="kill or resume a paused sandbox first",
+            )
         self._total -= 1
+        self._paused += 1
+
+    def unpark(self, *, force: bool = False) -> None:
+        """A paused sandbox is being resumed: it takes a running slot again, or
+        :class:`LimitReached` when all are taken (not with ``force``: a pause that failed
+        keeps running)."""
+        if not force and self.max_sandboxes is not None and self._total >= self.max_sandboxes:
+            raise LimitReached(
+                f"this server runs at most {self.max_sandboxes} sandboxes (--max-sandboxes): "
+                "no room to resume a paused one",
+                hint="kill or pause a running sandbox, or wait for one to time out",
+            )
+        self._paused -= 1
+        self._total += 1
 
 
 def machine_max_sandboxes(

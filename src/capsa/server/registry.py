@@ -23,6 +23,7 @@ from capsa.errors import CapsaError
 from capsa.server import _cluster
 from capsa.server.interpreter import Interpreter
 from capsa.server.quota import LimitReached, Quota, TenantLimits
+from capsa.server.snapshots import SnapshotStore
 from capsa.server.tenants import DEFAULT_TENANT
 from capsa.vm import RunState
 
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 300  # seconds, as in E2B
-MAX_TIMEOUT = 24 * 3600
+# No cap by default (``--max-timeout`` sets one): only what a deadline can represent (68 years).
+MAX_TIMEOUT = 2**31 - 1
 ENVD_VERSION = "0.5.7"
 INTERPRETER_TEMPLATE = "code-interpreter-v1"
 TEMPLATES = ("base", INTERPRETER_TEMPLATE)
@@ -48,6 +50,21 @@ class ApiError(CapsaError):
     def __init__(self, status: int, message: str, *, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.status = status
+
+
+class SandboxPaused(ApiError):
+    """A call to a paused sandbox created without ``auto_resume``. The message says "was not
+    found", the words by which the E2B SDKs tell a sandbox that is not running (their
+    ``SandboxNotRunningException`` / ``SandboxNotFoundError``) from one they cannot reach."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__(
+            409,
+            f"The sandbox {sandbox_id} was not found running: it is paused (its lifecycle has "
+            "auto_resume off)",
+            hint="resume it with Sandbox.connect(), or create it with auto_resume=True",
+        )
+        self.sandbox_id = sandbox_id
 
 
 @dataclass(eq=False)
@@ -76,20 +93,35 @@ class Entry:
     paused: Path | None = None  # the snapshot of a paused sandbox (its VM is gone)
     node_id: str | None = None  # the Ray node it runs on (``capsa serve --ray``)
     tenant: str = DEFAULT_TENANT  # its creator's: only that tenant (and admin keys) see it
-    resume_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one VM per resume, not two
+    # held by a pause or a resume: one VM per resume, not two, and never a resume mid-pause
+    resume_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     extra: dict[str, Any] = field(default_factory=dict)
+    auto_pause: bool = False  # E2B's on_timeout="pause": the timeout pauses instead of killing
+    auto_resume: bool = False  # a call to the paused sandbox resumes it (else: the paused error)
+    timeout: int = DEFAULT_TIMEOUT  # the last one set: an auto-resume runs for as long again
+    pausing: bool = False  # a pause is saving its snapshot
+    parked: bool = False  # holds a paused slot of the quota, not a running one
 
     @property
     def running(self) -> bool:
-        return not self.closing and self.paused is None and self.vm.status is RunState.RUNNING
+        return (
+            not self.closing
+            and self.paused is None
+            and not self.pausing
+            and self.vm.status is RunState.RUNNING
+        )
 
     @property
     def state(self) -> str:
-        return "paused" if self.paused is not None else "running"
+        return "paused" if self.paused is not None or self.pausing else "running"
 
     async def set_timeout(self, seconds: int) -> None:
-        vm: Any = self.vm  # a remote handle's set_lifetime is awaitable
-        await resolved(vm.set_lifetime(seconds))
+        """The E2B timeout from now: the VM's lifetime, or with ``auto_pause`` the deadline at
+        which the registry pauses it (a capsa lifetime would kill it)."""
+        if not self.auto_pause:
+            vm: Any = self.vm  # a remote handle's set_lifetime is awaitable
+            await resolved(vm.set_lifetime(seconds))
+        self.timeout = seconds
         self.end_at = _now() + datetime.timedelta(seconds=seconds)
 
 
@@ -134,9 +166,12 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def check_timeout(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_TIMEOUT:
-        raise ApiError(400, f"timeout must be seconds from 1 to {MAX_TIMEOUT}, got {value!r:.40}")
+def check_timeout(value: object, limit: int | None = None) -> int:
+    """A timeout in seconds, at most ``limit`` (``--max-timeout``; None: no cap of the server's)."""
+    top = MAX_TIMEOUT if limit is None else min(limit, MAX_TIMEOUT)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= top:
+        flag = " (--max-timeout)" if limit is not None else ""
+        raise ApiError(400, f"timeout must be seconds from 1 to {top}{flag}, got {value!r:.40}")
     return int(value)
 
 
@@ -156,6 +191,7 @@ class Registry:
         dns_servers: tuple[str, ...] = (),
         allow_internal_destinations: bool = False,
         ray_address: str | None = None,
+        max_timeout: int | None = None,
     ) -> None:
         for name in pools or {}:
             if name not in TEMPLATES and named_image(name) is None:
@@ -177,7 +213,13 @@ class Registry:
         self._dns_servers = dns_servers
         self._internal = allow_internal_destinations
         self.ray_address = ray_address  # place sandboxes on a Ray cluster's capsa host actors
+        self.snapshots = SnapshotStore()  # create_snapshot's, which outlive their sandboxes
+        self.max_timeout = max_timeout
         self.closed = False
+
+    def check_timeout(self, value: object) -> int:
+        """A request's timeout, within this server's ``--max-timeout``."""
+        return check_timeout(value, self.max_timeout)
 
     def builder(self, template: str, policy: capsa.NetworkPolicy | None = None) -> capsa.SandboxBuilder:
         builder = capsa.sandbox().memory_mb(self.memory_mb)
@@ -252,6 +294,8 @@ class Registry:
         policy: capsa.NetworkPolicy | None = None,
         tenant: str = DEFAULT_TENANT,
         make_policy: Callable[[], capsa.NetworkPolicy | None] | None = None,
+        auto_pause: bool = False,
+        auto_resume: bool = False,
     ) -> Entry:
         """A new sandbox of ``tenant``. Its slot (:class:`Quota`) is taken before the first
         ``await`` and kept by the entry, or given back if the create fails. ``make_policy``, when
@@ -261,6 +305,12 @@ class Registry:
             raise ApiError(503, "the server is shutting down")
         if template not in TEMPLATES and named_image(template) is None:
             raise ApiError(404, f"template {template!r} not found", hint=_TEMPLATES_HINT)
+        if auto_pause and self.ray_address is not None:
+            raise ApiError(
+                501,
+                "on_timeout='pause' is not supported by capsa serve --ray",
+                hint="pause is not supported there either; use on_timeout='kill'",
+            )
         try:
             self.quota.reserve(tenant)
         except LimitReached as exc:
@@ -268,7 +318,10 @@ class Registry:
         try:
             if make_policy is not None:
                 policy = make_policy()
-            entry = await self._boot(template, timeout, metadata, envs, policy=policy, tenant=tenant)
+            entry = await self._boot(
+                template, timeout, metadata, envs, policy=policy, tenant=tenant, auto_pause=auto_pause
+            )
+            entry.auto_resume = auto_resume
         except BaseException:
             self.quota.release(tenant)
             raise
@@ -294,6 +347,7 @@ class Registry:
         *,
         policy: capsa.NetworkPolicy | None,
         tenant: str,
+        auto_pause: bool = False,
     ) -> Entry:
         """Take or build the VM and make its entry (not stored yet: the caller does)."""
         interpreter = None
@@ -322,6 +376,7 @@ class Registry:
             node_id=getattr(vm, "node_id", None),
             tenant=tenant,
             policy=policy,
+            auto_pause=auto_pause,
         )
         try:
             if interpreter is not None:
@@ -345,13 +400,13 @@ class Registry:
         return [
             e
             for e in self._entries.values()
-            if (e.running or (e.paused and not e.closing)) and visible(e.tenant, tenant)
+            if (e.running or ((e.paused or e.pausing) and not e.closing)) and visible(e.tenant, tenant)
         ]
 
     def find(self, sandbox_id: str, tenant: str | None = None) -> Entry:
         """A running or paused sandbox (that a caller seeing ``tenant`` may see)."""
         entry = self._entries.get(sandbox_id)
-        live = entry is not None and (entry.running or entry.paused is not None)
+        live = entry is not None and (entry.running or entry.paused is not None or entry.pausing)
         if entry is None or not live or not visible(entry.tenant, tenant):
             raise ApiError(404, f"sandbox {sandbox_id!r} not found")
         return entry
@@ -366,8 +421,6 @@ class Registry:
         running and the code interpreter's process are killed first (a snapshot needs an idle
         guest): what they held in memory is lost; files, and the guest's own memory, are kept."""
         entry = self.find(sandbox_id, tenant)
-        if entry.paused is not None:
-            raise ApiError(409, f"sandbox {sandbox_id!r} is already paused")
         if entry.node_id is not None:
             raise ApiError(
                 501,
@@ -375,29 +428,58 @@ class Registry:
                 f"sandbox's Ray node ({entry.node_id[:12]}) and tie its resume to that node",
                 hint="keep the sandbox running (set_timeout extends it), or serve without --ray",
             )
-        if entry.processes is not None:
-            await entry.processes.kill_all()
-            entry.processes = None
-        if entry.interpreter is not None:
-            await entry.interpreter.stop()
-            entry.interpreter = None
-        _close_watchers(entry)
+        async with entry.resume_lock:  # not while a resume (or another pause) is under way
+            if entry.closing:
+                raise ApiError(404, f"sandbox {sandbox_id!r} not found")
+            if entry.paused is not None:
+                raise ApiError(409, f"sandbox {sandbox_id!r} is already paused")
+            await self._pause(entry)
+
+    async def _pause(self, entry: Entry) -> None:
+        """Pause ``entry`` (its ``resume_lock`` held). Its running slot becomes a paused one first
+        (429 when those are all taken); a failed pause gives it back and leaves nothing behind."""
+        try:
+            self.quota.park()
+        except LimitReached as exc:
+            message = f"cannot pause sandbox {entry.id!r}: {exc.message}"
+            raise ApiError(429, message, hint=exc.hint) from None
+        entry.parked = entry.pausing = True
+        started = time.monotonic()
         if self._paused_root is None:
             self._paused_root = Path(tempfile.mkdtemp(prefix="capsa-serve-paused-"))
         target = self._paused_root / entry.id
         try:
+            if entry.processes is not None:
+                reason = "killed: the sandbox was paused (a pause keeps files, not running commands)"
+                await entry.processes.kill_all(reason)
+                entry.processes = None
+            if entry.interpreter is not None:
+                await entry.interpreter.stop()
+                entry.interpreter = None
+            _close_watchers(entry)
             await entry.vm.snapshot(target)
-        except CapsaError as exc:
-            raise ApiError(409, f"cannot pause sandbox {sandbox_id!r}: {exc.message}") from None
+        except BaseException as exc:
+            entry.pausing = False
+            shutil.rmtree(target, ignore_errors=True)
+            if not entry.closing:  # else its removal gave the paused slot back already
+                self.quota.unpark(force=True)
+                entry.parked = False
+            if isinstance(exc, CapsaError) and not isinstance(exc, ApiError):
+                raise ApiError(409, f"cannot pause sandbox {entry.id!r}: {exc.message}") from None
+            raise
+        entry.pausing = False
+        if entry.closing:  # killed while its snapshot was being saved
+            shutil.rmtree(target, ignore_errors=True)
+            raise ApiError(404, f"sandbox {entry.id!r} not found")
         entry.paused = target
         if self._on_paused is not None:
             await self._on_paused(entry)
         await entry.vm.kill()
-        log.info("sandbox %s paused to %s", entry.id, target)
+        log.info("sandbox %s paused to %s in %.2fs", entry.id, target, time.monotonic() - started)
 
     async def resume(self, sandbox_id: str, timeout: int | None, tenant: str | None = None) -> Entry:
-        """Restore a paused sandbox (it kept its slot while paused). Concurrent resumes of one
-        sandbox wait for the first, which builds the one VM: each building its own would leave
+        """Restore a paused sandbox, if a running slot is free (429 if not). Concurrent resumes of
+        one sandbox wait for the first, which builds the one VM: each building its own would leave
         all but the last running, untracked and uncounted."""
         entry = self.find(sandbox_id, tenant)
         async with entry.resume_lock:
@@ -407,7 +489,20 @@ class Registry:
                 if timeout is not None:
                     await entry.set_timeout(timeout)
                 return entry
-            vm = await self.builder(entry.template, entry.policy).from_snapshot(entry.paused).build()
+            try:
+                self.quota.unpark()
+            except LimitReached as exc:
+                raise ApiError(429, f"cannot resume sandbox {sandbox_id!r}: {exc.message}",
+                               hint=exc.hint) from None  # fmt: skip
+            entry.parked = False
+            try:
+                builder = self.builder(entry.template, entry.policy)
+                vm = await builder.from_snapshot(entry.paused).build()
+            except BaseException:
+                if not entry.closing:  # still paused: back to its paused slot
+                    self.quota.park(force=True)
+                    entry.parked = True
+                raise
             if entry.closing:  # killed while it was being restored
                 await vm.kill()
                 raise ApiError(404, f"sandbox {sandbox_id!r} not found")
@@ -417,6 +512,128 @@ class Registry:
             await entry.set_timeout(timeout or DEFAULT_TIMEOUT)
         log.info("sandbox %s resumed", entry.id)
         return entry
+
+    # -- saves and restores for fork and create_snapshot --
+
+    async def save(self, entry: Entry, target: Path) -> None:
+        """Snapshot the running ``entry`` to ``target``; it keeps running, with its id and end.
+        As for a pause, commands still running and the code interpreter's process are killed
+        first (a snapshot needs an idle guest)."""
+        if entry.node_id is not None:
+            raise ApiError(
+                501,
+                "snapshots and forks are not supported by capsa serve --ray: the snapshot would "
+                f"stay on the sandbox's Ray node ({entry.node_id[:12]})",
+                hint="serve without --ray",
+            )
+        async with entry.resume_lock:  # one save or resume of a sandbox at a time
+            if not entry.running:
+                state = "paused" if entry.paused is not None else "not running"
+                raise ApiError(409, f"sandbox {entry.id!r} is {state}", hint="resume it first")
+            if entry.processes is not None:
+                await entry.processes.kill_all()
+                entry.processes = None
+            if entry.interpreter is not None:
+                await entry.interpreter.stop()
+                entry.interpreter = None
+            _close_watchers(entry)
+            try:
+                await entry.vm.snapshot(target)
+            except CapsaError as exc:
+                raise ApiError(409, f"cannot snapshot sandbox {entry.id!r}: {exc.message}") from None
+
+    async def restore(
+        self,
+        snapshot: Path,
+        *,
+        template: str,
+        timeout: int,
+        tenant: str,
+        metadata: dict[str, str],
+        envs: dict[str, str],
+        policy: capsa.NetworkPolicy | None,
+        reserved: bool = False,
+    ) -> Entry:
+        """A new sandbox of ``tenant`` restored from ``snapshot`` (which it does not need once
+        started). Like :meth:`create`, it takes its slot before the first ``await``, unless the
+        caller ``reserved`` it (a fork takes all its slots at once); either way the slot is the
+        new entry's, or given back if the restore fails."""
+        if not reserved:
+            try:
+                self.quota.reserve(tenant)
+            except LimitReached as exc:
+                raise ApiError(429, exc.message, hint=exc.hint) from None
+        try:
+            if self.closed:
+                raise ApiError(503, "the server is shutting down")
+            vm = await self.builder(template, policy).from_snapshot(snapshot).build()
+        except BaseException:
+            self.quota.release(tenant)
+            raise
+        started = _now()
+        entry = Entry(
+            id=f"i{secrets.token_hex(10)}",
+            template=template,
+            vm=vm,
+            token=secrets.token_urlsafe(24),
+            metadata=dict(metadata),
+            envs=dict(envs),
+            started_at=started,
+            end_at=started,
+            memory_mb=self.memory_mb,
+            tenant=tenant,
+            policy=policy,
+        )
+        self._entries[entry.id] = entry  # the slot is the entry's now: _destroy gives it back
+        try:
+            await entry.set_timeout(timeout)
+        except BaseException:
+            await self.kill(entry.id)
+            raise
+        if self.closed:
+            await self.kill(entry.id)
+            raise ApiError(503, "the server is shutting down")
+        log.info("sandbox %s restored from %s (tenant %s)", entry.id, snapshot, tenant)
+        return entry
+
+    async def awake(self, sandbox_id: str, tenant: str | None = None) -> Entry:
+        """The sandbox a call is for, running: a paused one with ``auto_resume`` is resumed first
+        (for its last timeout again; concurrent calls share the one resume), one without raises
+        :class:`SandboxPaused`. Unknown ids (and other tenants') are a 404."""
+        entry = self.find(sandbox_id, tenant)
+        if entry.running:
+            return entry
+        if not entry.auto_resume:
+            raise SandboxPaused(entry.id)
+        return await self.resume(sandbox_id, entry.timeout, tenant)
+
+    def _pause_due(self) -> None:
+        """Start the pause of each ``auto_pause`` sandbox whose timeout has come."""
+        now = _now()
+        for entry in self._entries.values():
+            due = entry.auto_pause and entry.running and entry.end_at <= now
+            if due and "timeout_pause" not in entry.extra:
+                entry.extra["timeout_pause"] = True
+                self._tasks.spawn(self._pause_at_timeout(entry), name="capsa-server-auto-pause")
+
+    async def _pause_at_timeout(self, entry: Entry) -> None:
+        """E2B's ``on_timeout="pause"``. If the pause fails, the timeout ends the sandbox as a
+        plain one's would: it is removed."""
+        try:
+            async with entry.resume_lock:
+                if entry.closing or entry.paused is not None or entry.end_at > _now():
+                    return  # removed, paused, or given a new timeout meanwhile
+                await self._pause(entry)
+            log.info("sandbox %s paused at its timeout", entry.id)
+        except Exception as exc:
+            message = exc.message if isinstance(exc, CapsaError) else repr(exc)
+            log.warning("sandbox %s: pausing it at its timeout failed (%s); removing it", entry.id,
+                        message)  # fmt: skip
+            if self._entries.get(entry.id) is entry:
+                self._entries.pop(entry.id)
+                await self._destroy(entry)
+        finally:
+            entry.extra.pop("timeout_pause", None)
 
     # -- removal --
 
@@ -429,7 +646,7 @@ class Registry:
         """Remove a sandbox its caller has taken out of ``_entries`` (so this runs once per
         entry, which gives back its slot)."""
         entry.closing = True
-        self.quota.release(entry.tenant)
+        self.quota.release(entry.tenant, paused=entry.parked)
         if self._on_removed is not None:
             try:
                 await self._on_removed(entry)
@@ -458,6 +675,7 @@ class Registry:
         probed = time.monotonic()
         while True:
             await asyncio.sleep(_REAP_INTERVAL)
+            self._pause_due()
             ended: set[int] = set()
             if self.ray_address is not None and time.monotonic() - probed >= _PROBE_INTERVAL:
                 probed = time.monotonic()
@@ -465,7 +683,7 @@ class Registry:
                 ended = await _cluster.probe(live, _PROBE_TIMEOUT)
             for entry in list(self._entries.values()):
                 gone = id(entry.vm) in ended or entry.vm.status is not RunState.RUNNING
-                if entry.paused is None and gone:
+                if entry.paused is None and not entry.pausing and gone:
                     self._entries.pop(entry.id, None)
                     log.info("sandbox %s ended (timeout or exit)", entry.id)
                     await self._destroy(entry)
@@ -492,4 +710,5 @@ class Registry:
         await self._tasks.wait_all(10.0)
         if self._paused_root is not None:
             shutil.rmtree(self._paused_root, ignore_errors=True)
+        self.snapshots.close()
         log.info("stopped %d sandboxes in %.1fs", len(entries), time.monotonic() - started)

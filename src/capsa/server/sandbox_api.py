@@ -56,11 +56,28 @@ class SandboxApi:
         self.limits = limits or Limits()
 
     def _entry(self, request: Request, *, interpreter: bool = False) -> Entry | None:
+        """The sandbox the request is for, running or paused (:meth:`_awake` after the token)."""
         try:
-            entry = self.registry.get(request.headers.get("e2b-sandbox-id", ""))
+            entry = self.registry.find(request.headers.get("e2b-sandbox-id", ""))
         except ApiError:
             return None
         return entry
+
+    async def _awake(
+        self, entry: Entry, *, rpc: bool = False, streaming: bool = False
+    ) -> Entry | Response:
+        """The entry running (a paused one with auto_resume is resumed: the caller has shown its
+        token), or the answer why not: a paused one's (502, "... was not found ...", as the proxy
+        in front of E2B's envd words it), or 429 when no slot is free to resume it."""
+        try:
+            return await self.registry.awake(entry.id)
+        except ApiError as exc:
+            full = exc.status == 429
+            message = exc.message if exc.status != 404 else "sandbox not found or not running"
+            if rpc:
+                error = ConnectError("resource_exhausted" if full else "unavailable", message)
+                return _connect_error_response(error, streaming)
+            return _envd_error(429 if full else 502, message)
 
     def _authorized(self, request: Request, entry: Entry, *, interpreter: bool = False) -> bool:
         tokens = [request.headers.get("x-access-token")]
@@ -81,7 +98,10 @@ class SandboxApi:
                 return _envd_error(502, "sandbox not found or not running")
             if not self._authorized(request, entry, interpreter=True):
                 return _envd_error(401, "invalid access token")
-            return await self._interpreter(request, entry)
+            awake = await self._awake(entry)
+            if not isinstance(awake, Entry):
+                return awake
+            return await self._interpreter(request, awake)
         if port != ENVD_PORT:
             return _envd_error(502, f"port {port} is not served")
         streaming = request.headers.get("content-type", "").startswith(connect.STREAM_TYPE)
@@ -98,6 +118,10 @@ class SandboxApi:
                     ConnectError("unauthenticated", "invalid access token"), streaming
                 )
             return _envd_error(401, "invalid access token")
+        awake = await self._awake(entry, rpc=is_rpc, streaming=streaming)
+        if not isinstance(awake, Entry):
+            return awake
+        entry = awake
         if path == "/health":
             return Response(status_code=204)
         if path == "/files":
@@ -146,6 +170,9 @@ class SandboxApi:
             return {}
         if method == "CloseStdin":
             await table.close_stdin(message)
+            return {}
+        if method == "Update":
+            await table.update(message)
             return {}
         raise ConnectError("unimplemented", f"{service}/{method} is not implemented")
 

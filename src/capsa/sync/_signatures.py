@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from capsa.image.custom import Image
     from capsa.net.forward import ForwardedPort
     from capsa.net.gateway import PortForward, VirtualNetwork
+    from capsa.net.policy import NetworkPolicy
     from capsa.net.stack import LogEntry
     from capsa.sandbox.builder import SandboxConfig
     from capsa.shares.spec import Mechanism, Share
@@ -124,6 +125,10 @@ class SyncClusterMethods:
     def restart(self, name: str, timeout: float = 120.0) -> SyncSandbox | SyncVM:
         raise NotImplementedError
 
+    @property
+    def spoofed_frames(self) -> int:
+        raise NotImplementedError
+
     def stop(self) -> None:
         raise NotImplementedError
 
@@ -211,6 +216,10 @@ class SyncNetworkMethods:
     def closed(self) -> bool:
         raise NotImplementedError
 
+    @property
+    def fixed_mac(self) -> bool:
+        raise NotImplementedError
+
     def forwards(self) -> list[ForwardedPort]:
         raise NotImplementedError
 
@@ -218,6 +227,13 @@ class SyncNetworkMethods:
         raise NotImplementedError
 
     def log(self) -> list[LogEntry]:
+        raise NotImplementedError
+
+    @property
+    def policy(self) -> NetworkPolicy:
+        raise NotImplementedError
+
+    def set_policy(self, policy: NetworkPolicy) -> None:
         raise NotImplementedError
 
 

@@ -1,0 +1,216 @@
+"""Per-sandbox resource samples (``Sandbox.get_metrics()``): CPU, memory and disk as the guest
+sees them, taken every few seconds and kept, bounded, for the sandbox's life.
+
+Why from the guest: the host sees one QEMU process, not what the guest's kernel counts as used,
+cached or free. Why these reads: ``/proc/stat`` and ``/proc/meminfo`` come through the agent's
+``read_file`` (no process is spawned in the guest per sample); the root filesystem's size needs a
+``statfs``, which only a command gives (``stat -f``), so it is refreshed every
+``DISK_EVERY`` samples and reused in between. Paused sandboxes are skipped (their VM is gone) and
+keep their series; a removed sandbox's series goes with it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from capsa._tasks import TaskSet
+
+if TYPE_CHECKING:
+    from capsa.server.registry import Entry, Registry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL = 5.0  # seconds between two samples of a sandbox
+KEEP_SECONDS = 3600  # how far back a sandbox's series goes
+MAX_SAMPLES = 3600  # per sandbox, whatever the interval
+DISK_EVERY = 12  # statfs the root every this many samples (a guest command: ~50 ms of TCG CPU)
+CONCURRENCY = 4  # sandboxes sampled at once
+SAMPLE_TIMEOUT = 10.0
+MAX_BATCH = 100  # sandbox ids in one batch request, as E2B
+
+
+@dataclass(frozen=True)
+class Sample:
+    timestamp: float  # unix seconds
+    cpu_count: int
+    cpu_used_pct: float
+    mem_total: int
+    mem_used: int
+    mem_cache: int
+    disk_total: int
+    disk_used: int
+
+    def to_json(self) -> dict[str, Any]:
+        """The E2B API's ``SandboxMetric``."""
+        stamp = datetime.datetime.fromtimestamp(self.timestamp, datetime.UTC)
+        return {
+            "timestamp": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "timestampUnix": int(self.timestamp),
+            "cpuCount": self.cpu_count,
+            "cpuUsedPct": round(self.cpu_used_pct, 2),
+            "memTotal": self.mem_total,
+            "memUsed": self.mem_used,
+            "memCache": self.mem_cache,
+            "diskTotal": self.disk_total,
+            "diskUsed": self.disk_used,
+        }
+
+
+def cpu_times(stat: str) -> tuple[int, int, int]:
+    """(cpus, busy jiffies, total jiffies) from ``/proc/stat``."""
+    cpus, busy, total = 0, 0, 0
+    for line in stat.splitlines():
+        name, _, rest = line.partition(" ")
+        if name == "cpu":
+            values = [int(v) for v in rest.split()[:8]]
+            total = sum(values)
+            idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+            busy = total - idle
+        elif name.startswith("cpu") and name[3:].isdigit():
+            cpus += 1
+    return max(cpus, 1), busy, total
+
+
+def memory(meminfo: str) -> tuple[int, int, int]:
+    """(total, used, page cache) bytes from ``/proc/meminfo``: used is what is not available."""
+    fields: dict[str, int] = {}
+    for line in meminfo.splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            fields[name] = int(parts[0]) * 1024
+    total = fields.get("MemTotal", 0)
+    available = fields.get("MemAvailable", fields.get("MemFree", 0))
+    return total, max(total - available, 0), fields.get("Cached", 0)
+
+
+class _State:
+    """What a sandbox's next sample builds on."""
+
+    def __init__(self, keep: int) -> None:
+        self.samples: deque[Sample] = deque(maxlen=keep)
+        self.cpu: tuple[int, int] | None = None  # busy, total jiffies at the last sample
+        self.disk: tuple[int, int] = (0, 0)
+        self.taken = 0
+        self.busy = False  # a sample is under way (a slow guest does not pile them up)
+
+
+class Sampler:
+    """Samples every running sandbox of ``registry`` each ``interval`` seconds (0: never) and
+    hands each sample to ``publish(sandbox_id, sample)`` (the Prometheus gauges)."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        interval: float = DEFAULT_INTERVAL,
+        publish: Callable[[str, Sample | None], None] | None = None,
+    ) -> None:
+        self._registry = registry
+        self.interval = interval
+        self._keep = min(MAX_SAMPLES, max(1, math.ceil(KEEP_SECONDS / interval))) if interval else 1
+        self._publish = publish
+        self._states: dict[str, _State] = {}
+        self._tasks = TaskSet(log)
+        self._gate = asyncio.Semaphore(CONCURRENCY)
+
+    def start(self) -> None:
+        if self.interval > 0:
+            self._tasks.spawn(self._loop(), name="capsa-server-guest-metrics")
+
+    async def close(self) -> None:
+        self._tasks.cancel()
+        await self._tasks.wait_all(5)
+
+    def series(self, sandbox_id: str, start: int | None = None, end: int | None = None) -> list[Sample]:
+        """The samples from ``start`` to ``end`` (unix seconds, inclusive, compared with each
+        sample's whole second as the API gives it), oldest first."""
+        state = self._states.get(sandbox_id)
+        if state is None:
+            return []
+        return [
+            s
+            for s in state.samples
+            if (start is None or int(s.timestamp) >= start) and (end is None or int(s.timestamp) <= end)
+        ]
+
+    def latest(self, sandbox_id: str) -> Sample | None:
+        state = self._states.get(sandbox_id)
+        return state.samples[-1] if state is not None and state.samples else None
+
+    async def _loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            self.sweep()
+            await asyncio.sleep(max(self.interval - (time.monotonic() - started), 0.05))
+
+    def sweep(self) -> None:
+        """Start a sample of each running sandbox not being sampled; forget removed ones."""
+        entries = {e.id: e for e in self._registry.list()}
+        for gone in set(self._states) - set(entries):
+            del self._states[gone]
+            if self._publish is not None:
+                self._publish(gone, None)
+        for entry in entries.values():
+            if not entry.running:
+                continue  # paused: its VM is gone, its series stays
+            state = self._states.setdefault(entry.id, _State(self._keep))
+            if not state.busy:
+                state.busy = True
+                self._tasks.spawn(self._sample(entry, state), name=f"capsa-server-sample-{entry.id}")
+
+    async def _sample(self, entry: Entry, state: _State) -> None:
+        try:
+            async with self._gate, asyncio.timeout(SAMPLE_TIMEOUT):
+                sample = await self._take(entry, state)
+        except Exception as exc:  # the sandbox went away, or its guest is too busy to answer
+            log.debug("sampling sandbox %s failed: %r", entry.id, exc)
+            return
+        finally:
+            state.busy = False
+        if self._states.get(entry.id) is not state or not entry.running:
+            return  # removed (or being removed) meanwhile: its gauges must not come back
+        state.samples.append(sample)
+        if self._publish is not None:
+            self._publish(entry.id, sample)
+
+    async def _take(self, entry: Entry, state: _State) -> Sample:
+        agent: Any = entry.vm.agent
+        stat = (await agent.read_file("/proc/stat", limit=1 << 20)).decode("ascii", "replace")
+        meminfo = (await agent.read_file("/proc/meminfo", limit=1 << 20)).decode("ascii", "replace")
+        if state.taken % DISK_EVERY == 0:
+            state.disk = await _disk(agent)
+        state.taken += 1
+        cpus, busy, total = cpu_times(stat)
+        before = state.cpu or (0, 0)  # the first sample: the average since the guest booted
+        state.cpu = (busy, total)
+        spent = total - before[1]
+        pct = 100.0 * (busy - before[0]) / spent if spent > 0 else 0.0
+        mem_total, mem_used, mem_cache = memory(meminfo)
+        return Sample(
+            timestamp=time.time(),
+            cpu_count=cpus,
+            cpu_used_pct=min(max(pct, 0.0), 100.0),
+            mem_total=mem_total,
+            mem_used=mem_used,
+            mem_cache=mem_cache,
+            disk_total=state.disk[0],
+            disk_used=state.disk[1],
+        )
+
+
+async def _disk(agent: Any) -> tuple[int, int]:
+    """(total, used) bytes of the guest's root filesystem; (0, 0) if ``stat`` is missing."""
+    with contextlib.suppress(ValueError):
+        result = await agent.exec("stat").args(["-f", "-c", "%S %b %f", "/"]).timeout(5).run()
+        if result.ok:
+            size, blocks, free = (int(v) for v in result.stdout.split()[:3])
+            return size * blocks, size * (blocks - free)
+    return 0, 0
