@@ -188,6 +188,17 @@ async function baseChecks() {
       return { events, missing }
     })
 
+    await check('pty', async () => {
+      let data = ''
+      const decoder = new TextDecoder()
+      const pty = await sbx.pty.create({ cols: 80, rows: 24, onData: (d) => (data += decoder.decode(d)) })
+      await sbx.pty.sendInput(pty.pid, new TextEncoder().encode('echo pty-$((6*7))\n'))
+      const deadline = Date.now() + 20_000
+      while (!data.includes('pty-42') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50))
+      await sbx.pty.resize(pty.pid, { cols: 100, rows: 30 })
+      return { saw: data.includes('pty-42'), killed: await sbx.pty.kill(pty.pid) }
+    })
+
     await check('info_and_metrics', async () => {
       const info = await sbx.getInfo()
       const metrics = await sbx.getMetrics()
@@ -317,8 +328,40 @@ async function lifecycleChecks() {
         state: (await Sandbox.getInfo(sbx.sandboxId)).state,
       }
     })
+    await check('fork_and_snapshot', async () => {
+      await sbx.files.write('/tmp/state.txt', 'copied')
+      const forked = await sbx.fork()
+      const fork = Array.isArray(forked) ? forked[0] : forked
+      const inFork = await fork.files.read('/tmp/state.txt')
+      await fork.kill()
+      const snapshot = await sbx.createSnapshot()
+      const fromSnapshot = await Sandbox.create(snapshot.snapshotId, { timeoutMs: 60_000 })
+      const inRestored = await fromSnapshot.files.read('/tmp/state.txt')
+      await fromSnapshot.kill()
+      return { forks: Array.isArray(forked) ? forked.length : 1, inFork, inRestored }
+    })
+
+    await check('list_paging', async () => {
+      const other = await Sandbox.create({ timeoutMs: 60_000, metadata: { suite: 'js-pause' } })
+      const paginator = Sandbox.list({ limit: 1, query: { metadata: { suite: 'js-pause' } } })
+      const first = await paginator.nextItems()
+      const hasNext = paginator.hasNext
+      const second = hasNext ? await paginator.nextItems() : []
+      await other.kill()
+      const ids = [...first, ...second].map((s) => s.sandboxId).sort()
+      return { pages: [first.length, second.length], hasNext, ids: ids.length, both: ids.includes(sbx.sandboxId) && ids.includes(other.sandboxId) }
+    })
   } finally {
     await Sandbox.kill(sbx.sandboxId)
+  }
+  const fenced = await Sandbox.create({ timeoutMs: 120_000, network: { denyOut: ['0.0.0.0/0'] } })
+  try {
+    await check('update_network', async () => {
+      await fenced.updateNetwork({ allowOut: ['127.0.0.1'], denyOut: ['0.0.0.0/0'] })
+      return (await fenced.commands.run('echo still-up')).stdout
+    })
+  } finally {
+    await fenced.kill()
   }
 }
 
@@ -334,4 +377,6 @@ async function controlChecks() {
 const groups = { base: baseChecks, interpreter: interpreterChecks, lifecycle: lifecycleChecks, control: controlChecks }
 const wanted = process.argv.length > 2 ? process.argv.slice(2) : Object.keys(groups)
 await Promise.all(wanted.map((g) => check(`group_${g}`, groups[g])))
-process.stdout.write(JSON.stringify(results) + '\n')
+// exit once the output is flushed: the code interpreter SDK's runCode leaves its 60 s request timer
+// running when the call fails (the removed-context check), which would keep node alive that long
+process.stdout.write(JSON.stringify(results) + '\n', () => process.exit(0))

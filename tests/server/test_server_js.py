@@ -177,6 +177,18 @@ def test_info_metrics_pause_and_resume(checks: dict[str, Any]) -> None:
     }
 
 
+def test_pty(checks: dict[str, Any]) -> None:
+    assert value(checks, "pty") == {"saw": True, "killed": True}
+
+
+def test_fork_snapshot_list_paging_and_network_update(checks: dict[str, Any]) -> None:
+    copied = value(checks, "fork_and_snapshot")
+    assert copied == {"forks": 1, "inFork": "copied", "inRestored": "copied"}
+    pages = value(checks, "list_paging")
+    assert pages == {"pages": [1, 1], "hasNext": True, "ids": 2, "both": True}
+    assert value(checks, "update_network") == "still-up\n"
+
+
 def test_command_timeout_raises_timeout_error_and_kills(checks: dict[str, Any]) -> None:
     timed_out = value(checks, "command_timeout")
     assert timed_out["err"]["isTimeoutError"] is True, timed_out["err"]
