@@ -7,8 +7,8 @@ import ipaddress
 import pytest
 
 from capsa.net.policy import Flow
+from capsa.server.entry import ApiError
 from capsa.server.network import e2b_policy, update_policy
-from capsa.server.registry import ApiError
 
 
 def allowed(policy: object, ip: str, names: tuple[str, ...] = ()) -> bool:

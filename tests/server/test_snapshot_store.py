@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from starlette.datastructures import QueryParams
 
+from capsa.server.entry import ApiError
 from capsa.server.listing import page
-from capsa.server.registry import ApiError
 from capsa.server.snapshots import Saved, SnapshotStore
 
 

@@ -81,7 +81,7 @@ async def build(builder: capsa.SandboxBuilder) -> capsa.Sandbox:
     try:
         vm = await cray.remote(builder).build()
     except cray.NoSlotError as exc:
-        from capsa.server.registry import ApiError  # noqa: PLC0415 (a cycle at import time)
+        from capsa.server.entry import ApiError  # noqa: PLC0415 (a cycle at import time)
 
         raise ApiError(503, f"no Ray node has a free capsa slot: {exc.message}", hint=exc.hint) from None
     # Typed as the local class: the server uses only the API the remote handle derives from it.

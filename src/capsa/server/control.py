@@ -16,21 +16,21 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from capsa.errors import CapsaError
-from capsa.server.guest_metrics import MAX_BATCH, Sampler
-from capsa.server.interpreter import interpreter_for
-from capsa.server.listing import NEXT_TOKEN, descending, filter_sandboxes, page, sandbox_key
-from capsa.server.metrics import Metrics
-from capsa.server.network import check_network, e2b_policy, update_policy
-from capsa.server.registry import (
+from capsa.server.entry import (
     DEFAULT_TIMEOUT,
     ENVD_VERSION,
     INTERPRETER_TEMPLATE,
     TEMPLATES,
     ApiError,
     Entry,
-    Registry,
     resolved,
 )
+from capsa.server.guest_metrics import MAX_BATCH, Sampler
+from capsa.server.interpreter import interpreter_for
+from capsa.server.listing import NEXT_TOKEN, descending, filter_sandboxes, page, sandbox_key
+from capsa.server.metrics import Metrics
+from capsa.server.network import check_network, e2b_policy, update_policy
+from capsa.server.registry import Registry
 from capsa.server.snapshot_api import SnapshotApi, create_from_snapshot
 from capsa.server.tenants import Principal
 

@@ -26,7 +26,7 @@ from capsa.server.limits import Limits, RequestRejected
 from capsa.server.redact import client_message
 
 if TYPE_CHECKING:
-    from capsa.server.registry import Entry
+    from capsa.server.entry import Entry
 
 log = logging.getLogger(__name__)
 

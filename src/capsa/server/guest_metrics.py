@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from capsa._tasks import TaskSet
 
 if TYPE_CHECKING:
-    from capsa.server.registry import Entry, Registry
+    from capsa.server.entry import Entry
+    from capsa.server.registry import Registry
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from capsa.errors import CapsaError
 from capsa.server._guest_interpreter import BOOTSTRAP, SOURCE
 
 if TYPE_CHECKING:
-    from capsa.server.registry import Entry
+    from capsa.server.entry import Entry
 
 log = logging.getLogger(__name__)
 

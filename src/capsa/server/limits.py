@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from starlette.types import Message, Receive
 
-from capsa.server.registry import ApiError
+from capsa.server.entry import ApiError
 
 MiB = 1 << 20
 

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from starlette.datastructures import QueryParams
 
-from capsa.server.registry import ApiError, Entry
+from capsa.server.entry import ApiError, Entry
 
 MAX_PAGE = 100
 STATES = ("running", "paused")

@@ -25,10 +25,11 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, ContentBlock, ImageContent, TextContent
 
 from capsa.errors import CapsaError
+from capsa.server.entry import DEFAULT_TIMEOUT, INTERPRETER_TEMPLATE, Entry
 from capsa.server.envd import Filesystem, guest_path, processes_for, stream_process
 from capsa.server.interpreter import interpreter_for
 from capsa.server.network import check_network, e2b_policy
-from capsa.server.registry import DEFAULT_TIMEOUT, INTERPRETER_TEMPLATE, Entry, Registry
+from capsa.server.registry import Registry
 
 log = logging.getLogger(__name__)
 

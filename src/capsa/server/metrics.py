@@ -14,8 +14,8 @@ from prometheus_client.metrics_core import Metric
 from capsa.errors import CapsaError
 
 if TYPE_CHECKING:
+    from capsa.server.entry import Entry
     from capsa.server.guest_metrics import Sample
-    from capsa.server.registry import Entry
 
 # the per-sandbox gauges of the guest's samples: (metric name, Sample field, help)
 _GUEST_GAUGES = (

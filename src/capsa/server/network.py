@@ -14,7 +14,7 @@ from typing import Any
 
 from capsa.errors import ConfigError
 from capsa.net.policy import Action, Cidr, Domain, Ip, NetworkPolicy, Rule
-from capsa.server.registry import ApiError
+from capsa.server.entry import ApiError
 
 MAX_ENTRIES = 1000  # per list: a request's policy costs the shared event loop O(entries)
 MAX_ENTRY = 256  # characters: a domain has at most 253 (255 with "*.")

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from capsa.server import connect
 from capsa.server.connect import ConnectError
+from capsa.server.entry import ApiError, Entry
 from capsa.server.envd import (
     Filesystem,
     guest_path,
@@ -26,7 +27,7 @@ from capsa.server.interpreter import InterpreterError, interpreter_for
 from capsa.server.limits import Limits, RequestRejected
 from capsa.server.metrics import Metrics
 from capsa.server.redact import client_message
-from capsa.server.registry import ApiError, Entry, Registry
+from capsa.server.registry import Registry
 from capsa.server.uploads import MultipartFiles, gunzip
 from capsa.server.watch import watchers_for
 

@@ -24,9 +24,10 @@ from starlette.routing import Route
 
 from capsa._guardian import new_vm_dir
 from capsa.errors import CapsaError
+from capsa.server.entry import TEMPLATES, ApiError, Entry, check_timeout, named_image
 from capsa.server.listing import NEXT_TOKEN, page
 from capsa.server.quota import LimitReached
-from capsa.server.registry import TEMPLATES, ApiError, Entry, Registry, check_timeout, named_image
+from capsa.server.registry import Registry
 from capsa.server.snapshots import Saved
 from capsa.server.tenants import Principal
 

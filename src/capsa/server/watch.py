@@ -29,7 +29,7 @@ from capsa.server.connect import ConnectError
 from capsa.server.envd import guest_path, map_error
 
 if TYPE_CHECKING:
-    from capsa.server.registry import Entry
+    from capsa.server.entry import Entry
 
 log = logging.getLogger(__name__)
 

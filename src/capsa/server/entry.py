@@ -1,0 +1,159 @@
+"""One sandbox as the server keeps it (:class:`Entry`), the errors its API answers with, and the
+checks every face of the server shares (timeouts, tenant visibility, named images). Kept apart from
+:mod:`capsa.server.registry` so that the modules serving a sandbox need not import the registry."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import inspect
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import capsa
+from capsa.errors import CapsaError
+from capsa.server.tenants import DEFAULT_TENANT
+from capsa.vm import RunState
+
+if TYPE_CHECKING:
+    from capsa.server.envd import ProcessTable
+    from capsa.server.interpreter import Interpreter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 300  # seconds, as in E2B
+# No cap by default (``--max-timeout`` sets one): only what a deadline can represent (68 years).
+MAX_TIMEOUT = 2**31 - 1
+ENVD_VERSION = "0.5.7"
+INTERPRETER_TEMPLATE = "code-interpreter-v1"
+TEMPLATES = ("base", INTERPRETER_TEMPLATE)
+
+
+class ApiError(CapsaError):
+    """A control-plane request failed; ``status`` is the HTTP status the client gets."""
+
+    def __init__(self, status: int, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+
+
+class SandboxPaused(ApiError):
+    """A call to a paused sandbox created without ``auto_resume``. The message says "was not
+    found", the words by which the E2B SDKs tell a sandbox that is not running (their
+    ``SandboxNotRunningException`` / ``SandboxNotFoundError``) from one they cannot reach."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__(
+            409,
+            f"The sandbox {sandbox_id} was not found running: it is paused (its lifecycle has "
+            "auto_resume off)",
+            hint="resume it with Sandbox.connect(), or create it with auto_resume=True",
+        )
+        self.sandbox_id = sandbox_id
+
+
+@dataclass(eq=False)
+class Entry:
+    """One sandbox the server runs for its clients.
+
+    ``vm`` is a local :class:`capsa.Sandbox`, or with ``--ray`` a :class:`capsa.ray.RaySandbox`
+    (``node_id`` set): the server only uses the API both share (the remote handle's surface is
+    derived from ``capsa.Sandbox``), except that plain methods (``set_lifetime``,
+    ``network.log()``) are awaitable on the remote one, so their callers await them if they must
+    (:func:`resolved`)."""
+
+    id: str
+    template: str
+    vm: capsa.Sandbox
+    token: str
+    metadata: dict[str, str]
+    envs: dict[str, str]
+    started_at: datetime.datetime
+    end_at: datetime.datetime
+    memory_mb: int
+    processes: ProcessTable | None = None
+    interpreter: Interpreter | None = None
+    closing: bool = False
+    policy: capsa.NetworkPolicy | None = None
+    paused: Path | None = None  # the snapshot of a paused sandbox (its VM is gone)
+    node_id: str | None = None  # the Ray node it runs on (``capsa serve --ray``)
+    tenant: str = DEFAULT_TENANT  # its creator's: only that tenant (and admin keys) see it
+    # held by a pause or a resume: one VM per resume, not two, and never a resume mid-pause
+    resume_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    extra: dict[str, Any] = field(default_factory=dict)
+    auto_pause: bool = False  # E2B's on_timeout="pause": the timeout pauses instead of killing
+    auto_resume: bool = False  # a call to the paused sandbox resumes it (else: the paused error)
+    timeout: int = DEFAULT_TIMEOUT  # the last one set: an auto-resume runs for as long again
+    pausing: bool = False  # a pause is saving its snapshot
+    parked: bool = False  # holds a paused slot of the quota, not a running one
+
+    @property
+    def running(self) -> bool:
+        return (
+            not self.closing
+            and self.paused is None
+            and not self.pausing
+            and self.vm.status is RunState.RUNNING
+        )
+
+    @property
+    def state(self) -> str:
+        return "paused" if self.paused is not None or self.pausing else "running"
+
+    async def set_timeout(self, seconds: int) -> None:
+        """The E2B timeout from now: the VM's lifetime, or with ``auto_pause`` the deadline at
+        which the registry pauses it (a capsa lifetime would kill it)."""
+        if not self.auto_pause:
+            vm: Any = self.vm  # a remote handle's set_lifetime is awaitable
+            await resolved(vm.set_lifetime(seconds))
+        self.timeout = seconds
+        self.end_at = now() + datetime.timedelta(seconds=seconds)
+
+
+async def resolved(value: Any) -> Any:
+    """``value``, awaited if it is awaitable: a plain method of a local sandbox answers at once,
+    the same method of a remote (Ray) handle answers with an awaitable."""
+    return await value if inspect.isawaitable(value) else value
+
+
+def named_image(name: str) -> capsa.Image | None:
+    """The image registered as ``name`` (``capsa image import/build --name``), or None."""
+    try:
+        from capsa.image import store  # noqa: PLC0415 (the named-image registry, optional here)
+    except ImportError:
+        return None
+    if store.lookup(name) is None:
+        return None
+    try:
+        return store.resolve_image(name)
+    except CapsaError as exc:
+        log.warning("image %s: %s", name, exc.message)
+        return None
+
+
+def visible(owner: str, scope: str | None) -> bool:
+    """Whether a caller whose key sees ``scope`` (a tenant; None: every tenant, for admin keys
+    and ``capsa mcp``) may see something ``owner`` created. Sandboxes use it; snapshots and
+    volumes, when the server keeps them, should too."""
+    return scope is None or owner == scope
+
+
+def close_watchers(entry: Entry) -> None:
+    watchers = entry.extra.pop("watchers", None)
+    if watchers is not None:
+        watchers.close()
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def check_timeout(value: object, limit: int | None = None) -> int:
+    """A timeout in seconds, at most ``limit`` (``--max-timeout``; None: no cap of the server's)."""
+    top = MAX_TIMEOUT if limit is None else min(limit, MAX_TIMEOUT)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= top:
+        flag = " (--max-timeout)" if limit is not None else ""
+        raise ApiError(400, f"timeout must be seconds from 1 to {top}{flag}, got {value!r:.40}")
+    return int(value)
