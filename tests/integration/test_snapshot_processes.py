@@ -114,3 +114,24 @@ async def test_output_written_while_no_host_is_attached_is_kept_and_bounded(
     assert lines[-2:] == [b"done", b""]
     assert [int(x) for x in lines[:-2]] == list(range(1, 400001))
     assert await copy.wait(timeout=30) == 0
+
+
+@pytest.mark.timeout(240)
+async def test_a_terminal_session_is_attached_again_after_a_restore(
+    tmp_path: Path, sandbox_factory: SandboxFactory
+) -> None:
+    vm = await sandbox_factory()
+    shell = await vm.agent.exec("sh").pty(24, 80).spawn()
+    await shell.write_stdin(b"X=kept-in-the-shell\n")
+    snap = await vm.snapshot(tmp_path / "snap")
+    await shell.kill()
+    restored = await sandbox_factory(capsa.sandbox().from_snapshot(snap))
+    [info] = [p for p in await restored.agent.processes() if p.pid == shell.pid]
+    assert info.pty and info.running
+    copy = await restored.agent.attach(shell.pid)
+    assert await copy.stderr.read() == b""  # a terminal has one output stream
+    await copy.resize(30, 100)
+    await copy.write_stdin(b"echo value=$X; stty size; exit 3\n")
+    output = await asyncio.wait_for(copy.stdout.read(), 60)
+    assert b"value=kept-in-the-shell" in output and b"30 100" in output, output
+    assert await copy.wait(timeout=20) == 3

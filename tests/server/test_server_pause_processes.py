@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -78,5 +79,34 @@ def test_the_interpreter_keeps_its_variables_across_a_pause(server: Server) -> N
         sandbox.pause()
         resumed = code_interpreter.Sandbox.connect(sandbox.sandbox_id, timeout=60)
         assert resumed.run_code("x + 1").text == "42"
+    finally:
+        Sandbox.kill(sandbox.sandbox_id)
+
+
+def test_a_pause_during_a_running_cell_stops_the_interpreter_cleanly(server: Server) -> None:
+    """A cell still running when the pause comes cannot be carried across: its client gets an
+    error, the interpreter is stopped, and after the resume a new one answers (variables lost)."""
+    sandbox = code_interpreter.Sandbox.create(timeout=120)
+    try:
+        assert sandbox.run_code("y = 1").error is None
+        outcome: list[object] = []
+
+        def slow() -> None:
+            try:
+                outcome.append(sandbox.run_code("import time; time.sleep(60)", timeout=90))
+            except Exception as exc:  # the stream broke: what a pause mid-cell does
+                outcome.append(exc)
+
+        worker = threading.Thread(target=slow)
+        worker.start()
+        time.sleep(2.0)
+        sandbox.pause()
+        worker.join(60)
+        assert not worker.is_alive() and outcome
+        resumed = code_interpreter.Sandbox.connect(sandbox.sandbox_id, timeout=60)
+        assert resumed.run_code("1 + 1").text == "2"
+        assert resumed.run_code("y").error.name == "NameError"
+        procs = resumed.commands.run("cat /proc/[0-9]*/cmdline 2>/dev/null; true").stdout
+        assert procs.count("python3\x00-u\x00-c") == 1  # the new interpreter only: none leaked
     finally:
         Sandbox.kill(sandbox.sandbox_id)
