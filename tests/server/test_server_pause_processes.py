@@ -110,3 +110,33 @@ def test_a_pause_during_a_running_cell_stops_the_interpreter_cleanly(server: Ser
         assert procs.count("python3\x00-u\x00-c") == 1  # the new interpreter only: none leaked
     finally:
         Sandbox.kill(sandbox.sandbox_id)
+
+
+def test_a_fork_takes_up_the_parents_commands_and_starts_a_fresh_interpreter(server: Server) -> None:
+    parent = code_interpreter.Sandbox.create(timeout=120)
+    try:
+        assert parent.run_code("z = 7").error is None
+        handle = parent.commands.run(COUNTER, background=True)
+        time.sleep(1.0)
+        [child] = parent.fork(count=1, timeout=60)
+        try:
+            assert handle.pid in [p.pid for p in child.commands.list()]
+            seen: list[str] = []
+            for stdout, _, _ in child.commands.connect(handle.pid):
+                seen.append(stdout or "")
+                if len(_numbers("".join(seen))) >= 4:
+                    break
+            numbers = _numbers("".join(seen))
+            assert numbers == list(range(numbers[0], numbers[0] + len(numbers))) and numbers[0] > 0
+            assert child.commands.kill(handle.pid)
+            forked = code_interpreter.Sandbox.connect(child.sandbox_id)
+            assert forked.run_code("z").error.name == "NameError"  # a fresh interpreter
+            procs = child.commands.run("cat /proc/[0-9]*/cmdline 2>/dev/null; true").stdout
+            assert procs.count("python3\x00-u\x00-c") == 1  # the parent's copy was stopped
+        finally:
+            Sandbox.kill(child.sandbox_id)
+        assert handle.pid in [p.pid for p in parent.commands.list()]  # the parent's goes on
+        assert parent.run_code("z").text == "7"
+        assert parent.commands.kill(handle.pid)
+    finally:
+        Sandbox.kill(parent.sandbox_id)

@@ -371,6 +371,21 @@ class ProcessTable:
                     continue
             self.run(proc, None)
 
+    def copy_for(self, vm: capsa.Sandbox) -> ProcessTable:
+        """An empty table for ``vm`` (a fork), with this one's environment and limits."""
+        return ProcessTable(vm, self._envs, self._limits)
+
+    def configs(self) -> dict[int, tuple[dict[str, Any], str | None]]:
+        """Each command's config and tag, by guest pid (what a fork's copies are described by)."""
+        return {pid: (proc.config, proc.tag) for pid, proc in self._procs.items()}
+
+    async def adopt(self, info: capsa.ProcessInfo, config: dict[str, Any], tag: str | None) -> None:
+        """Take up a process of the guest that this table did not start (a fork's copy)."""
+        process = await self._vm.agent.attach(info.pid)
+        proc = Proc(process, config, tag, self._limits, pty=info.pty)
+        self._procs[info.pid] = proc
+        self.run(proc, None)
+
     def close(self) -> None:
         self._tasks.cancel()
         self._deadlines.cancel()

@@ -159,6 +159,12 @@ class Interpreter:
                     await process.wait()
         await self._tasks.wait_all(10)  # the stderr reader ends on its EOF
 
+    @property
+    def pid(self) -> int | None:
+        """The guest pid of its process (running or parked for a pause), if it has one."""
+        process = self._process or self._parked
+        return process.pid if process is not None else None
+
     async def detach(self) -> None:
         """Before a pause: the process (and its variables) is kept by the snapshot; requests wait
         until :meth:`reattach`. One busy with a cell cannot be carried across: it is stopped."""
