@@ -17,6 +17,7 @@ from capsa.agent.guest.sessions import BadRequest, ExecSession, Message, Outbox,
 
 SYNC_MAGIC = b"\x00\x00\x00\x00capsa-resync:"  # then the host's token; never the start of a frame
 MAX_LISTED = 1000  # processes in one listing (a reply must fit in one frame)
+MAX_REPLY = 900 << 10  # bytes of a listing: under wire.MAX_FRAME
 MAX_FINISHED = 256  # detached, finished, uncollected sessions kept; the oldest go first
 
 
@@ -59,7 +60,15 @@ def op_resync(agent: Agent, sid: int, m: Message) -> None:
 
 
 def op_processes(agent: Agent, sid: int, m: Message) -> None:
-    rows = [session.describe() for session in list(agent.by_pid.values())[:MAX_LISTED]]
+    """Up to MAX_LISTED processes, as many as fit in one frame (a word is at most 256 characters,
+    1 KiB of UTF-8): the oldest first."""
+    rows, size = [], 0
+    for session in list(agent.by_pid.values())[:MAX_LISTED]:
+        row = session.describe()
+        size += 256 + 4 * sum(len(word) + 1 for word in row["argv"])
+        if size > MAX_REPLY:
+            break
+        rows.append(row)
     agent.reply(sid, processes=rows)
 
 
