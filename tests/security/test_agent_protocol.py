@@ -301,6 +301,8 @@ REQUESTS: list[tuple[str, dict[str, Any]]] = [
     ("remove", {"path": "/tmp/a", "recursive": True}),
     ("refresh", {"entropy": bytes(64), "time": 1.7e9, "hostname": "capsa-fuzz", "network": NETWORK}),
     ("shutdown", {}),
+    ("processes", {}),
+    ("attach", {"pid": 2}),
 ]
 
 

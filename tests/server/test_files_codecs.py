@@ -1,4 +1,4 @@
-"""gzip transfer coding and signed ``/files`` URLs of ``capsa serve``, without a guest."""
+"""gzip downloads and signed ``/files`` URLs of ``capsa serve``, without a guest."""
 
 from __future__ import annotations
 
@@ -10,44 +10,14 @@ from urllib.parse import urlencode
 
 import pytest
 
-from capsa.server.content_encoding import accepts_gzip, content_encoding, gunzip, gzip_chunks
+from capsa.server.content_encoding import accepts_gzip, gzip_chunks
 from capsa.server.entry import ApiError
-from capsa.server.limits import RequestRejected
 from capsa.server.signed_urls import has_signature, signature, signed_sandbox
 
 
 async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
     for i in range(0, len(data), size):
         yield data[i : i + size]
-
-
-def _inflate(body: bytes, limit: int = 1 << 20, size: int = 7) -> bytes:
-    async def run() -> bytes:
-        return b"".join([piece async for piece in gunzip(_chunks(body, size), limit)])
-
-    return asyncio.run(run())
-
-
-def test_gunzip_streams_members_and_checks_the_body() -> None:
-    data = bytes(range(256)) * 300
-    assert _inflate(gzip.compress(data)) == data
-    assert _inflate(gzip.compress(b"ab") + gzip.compress(b"cd"), size=3) == b"abcd"
-    assert _inflate(b"") == b""
-    with pytest.raises(RequestRejected) as caught:
-        _inflate(gzip.compress(data)[:-5])
-    assert caught.value.status == 400 and "truncated" in caught.value.message
-    with pytest.raises(RequestRejected) as caught:
-        _inflate(b"not gzip at all")
-    assert caught.value.status == 400
-
-
-def test_gunzip_caps_the_inflated_size() -> None:
-    """A small body that inflates past the upload cap is refused (a gzip bomb)."""
-    bomb = gzip.compress(b"\0" * (4 << 20))
-    assert len(bomb) < 10_000
-    with pytest.raises(RequestRejected) as caught:
-        _inflate(bomb, limit=1 << 20, size=1 << 16)
-    assert caught.value.status == 413
 
 
 def test_gzip_chunks_round_trip() -> None:
@@ -57,12 +27,7 @@ def test_gzip_chunks_round_trip() -> None:
     assert gzip.decompress(asyncio.run(run())) == b"hello world" * 1000
 
 
-def test_encoding_headers() -> None:
-    assert content_encoding(None) is None and content_encoding("identity") is None
-    assert content_encoding(" GZIP ") == "gzip"
-    with pytest.raises(RequestRejected) as caught:
-        content_encoding("br")
-    assert caught.value.status == 415
+def test_accept_encoding() -> None:
     assert accepts_gzip("gzip, deflate") and accepts_gzip("br;q=1, gzip;q=0.5")
     assert not accepts_gzip(None) and not accepts_gzip("identity") and not accepts_gzip("gzip;q=0")
 

@@ -15,9 +15,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from capsa.server import connect
 from capsa.server.connect import ConnectError
-from capsa.server.content_encoding import accepts_gzip, content_encoding, gunzip, gzip_chunks
+from capsa.server.content_encoding import accepts_gzip, gzip_chunks
 from capsa.server.entry import ApiError, Entry
-from capsa.server.envd import guest_path, processes_for, stream_process
+from capsa.server.envd import guest_path, keepalive_interval, processes_for, stream_process
 from capsa.server.filesystem import Filesystem, upload_metadata
 from capsa.server.interpreter import InterpreterError, interpreter_for
 from capsa.server.limits import Limits, RequestRejected
@@ -25,7 +25,7 @@ from capsa.server.metrics import Metrics
 from capsa.server.redact import client_message
 from capsa.server.registry import Registry
 from capsa.server.signed_urls import signed_sandbox
-from capsa.server.uploads import MultipartFiles
+from capsa.server.uploads import MultipartFiles, gunzip
 from capsa.server.watch import watchers_for
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,7 @@ class SandboxApi:
             raise ConnectError("unimplemented", f"{service}/{method} is not implemented")
         table = processes_for(entry, self.limits)
         deadline = connect.timeout_seconds(request.headers.get("connect-timeout-ms"))
+        keepalive = keepalive_interval(request.headers.get("keepalive-ping-interval"))
         if method == "Start":
             proc = await table.start(message)
             self.metrics.execs.inc()
@@ -210,6 +211,7 @@ class SandboxApi:
                 first={"start": {"pid": proc.process.pid}},
                 deadline=deadline,
                 on_timeout=proc.process.kill,
+                keepalive=keepalive,
             )
             first = await anext(events)  # subscribes before the output pump starts
             table.run(proc, deadline)
@@ -220,7 +222,11 @@ class SandboxApi:
                 return None
 
             events = stream_process(
-                proc, first={"start": {"pid": proc.process.pid}}, deadline=deadline, on_timeout=no_kill
+                proc,
+                first={"start": {"pid": proc.process.pid}},
+                deadline=deadline,
+                on_timeout=no_kill,
+                keepalive=keepalive,
             )
             first = await anext(events)
         return _prepend(first, events)
@@ -236,27 +242,32 @@ class SandboxApi:
                 path = guest_path(request.query_params.get("path"))
                 chunks = fs.read_chunks(path, self.limits.max_upload_bytes)
                 first = await anext(chunks, b"")  # a missing file is an error, not a 200
-                body: AsyncIterator[bytes] = _prepend_bytes(first, chunks)
+                download: AsyncIterator[bytes] = _prepend_bytes(first, chunks)
                 headers = {}
                 if accepts_gzip(request.headers.get("accept-encoding")):
-                    body, headers = gzip_chunks(body), {"content-encoding": "gzip"}
-                return StreamingResponse(body, media_type="application/octet-stream", headers=headers)
+                    download, headers = gzip_chunks(download), {"content-encoding": "gzip"}
+                return StreamingResponse(
+                    download, media_type="application/octet-stream", headers=headers
+                )
             if request.method != "POST":
                 return _envd_error(405, "method not allowed")
             written = []
             content_type = request.headers.get("content-type", "")
             metadata = upload_metadata(request.headers)
-            stream: AsyncIterator[bytes] = request.stream()
-            if content_encoding(request.headers.get("content-encoding")) == "gzip":
-                stream = gunzip(stream, self.limits.max_upload_bytes)
+            encoding = request.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("identity", "gzip"):
+                return _envd_error(415, f"Content-Encoding {encoding!r:.40} is not supported")
+            body: AsyncIterator[bytes] = request.stream()
+            if encoding == "gzip":  # the SDKs' files.write(..., gzip=True)
+                body = gunzip(body, self.limits.max_upload_bytes)
             if content_type.startswith("multipart/form-data"):
-                parts = MultipartFiles(stream, content_type, MAX_UPLOAD_FILES)
+                parts = MultipartFiles(body, content_type, MAX_UPLOAD_FILES)
                 async for name, part in parts:
                     target = guest_path(name or request.query_params.get("path"))
                     written.append(await fs.write(target, part, metadata))
             else:
                 path = guest_path(request.query_params.get("path"))
-                written.append(await fs.write(path, stream, metadata))
+                written.append(await fs.write(path, body, metadata))
             return JSONResponse(written)
         except ConnectError as exc:
             return _envd_error(exc.status, exc.message)
@@ -278,10 +289,13 @@ class SandboxApi:
                     return _envd_error(400, "context_id must be a string")
                 if env is not None and not _is_str_map(env):
                     return _envd_error(400, "env_vars must map strings to strings")
+                if (context or "default") not in interp.contexts:
+                    return _envd_error(404, f"context {context!r} not found")
                 self.metrics.code_runs.inc()
+                # the headers go out now, not with the first output: the JS SDK's runCode
+                # timeoutMs only starts counting once they have arrived
                 events = interp.execute(code, context, env)
-                first = await anext(events, None)
-                return StreamingResponse(_lines(first, events), media_type="application/x-ndjson")
+                return StreamingResponse(_lines(events), media_type="application/x-ndjson")
             if path == "/contexts" and request.method == "POST":
                 body = await _json_object(request)
                 cwd, language = body.get("cwd"), body.get("language")
@@ -358,12 +372,7 @@ async def _frames(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]
     yield connect.end_stream()
 
 
-async def _lines(
-    first: dict[str, Any] | None, events: AsyncIterator[dict[str, Any]]
-) -> AsyncIterator[bytes]:
-    if first is None:
-        return
-    yield json.dumps(first).encode() + b"\n"
+async def _lines(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     try:
         async for event in events:
             yield json.dumps(event).encode() + b"\n"

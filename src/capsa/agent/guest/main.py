@@ -29,7 +29,7 @@ from typing import Any
 import msgpack
 
 from capsa.agent import wire
-from capsa.agent.guest import details, fields
+from capsa.agent.guest import attach, details, fields
 from capsa.agent.guest.init import (
     INIT_ERROR_MARKER,
     StartupError,
@@ -110,6 +110,9 @@ class Agent:
             "shutdown": self.op_shutdown,
             "refresh": self.op_refresh,
             "resize": self.op_resize,
+            "resync": lambda sid, m: attach.op_resync(self, sid, m),
+            "processes": lambda sid, m: attach.op_processes(self, sid, m),
+            "attach": lambda sid, m: attach.op_attach(self, sid, m),
         }
         for name, op in details.OPS.items():  # file owner names and metadata (details.py)
             self.ops[name] = functools.partial(op, self)
@@ -167,7 +170,7 @@ class Agent:
     def step(self) -> None:
         producing = self.update_interest()
         timeout: float | None = 0 if producing else None
-        if any(isinstance(s, ExecSession) and s.status is not None for s in self.sessions.values()):
+        if any(s.grace_pending() for s in self.by_pid.values()):
             timeout = 0.1 if timeout is None else timeout
         if not self.init and self.by_pid:  # no SIGCHLD wakeups: poll for exits
             timeout = 0.02 if timeout is None else min(timeout, 0.02)
@@ -176,9 +179,8 @@ class Agent:
         if not self.init:
             self.reap()
         now = time.monotonic()
-        for session in list(self.sessions.values()):
-            if isinstance(session, ExecSession):
-                session.check_grace(now)
+        for exec_session in list(self.by_pid.values()):  # attached or not
+            exec_session.check_grace(now)
         self.outbox.flush()
 
     def survive(self, exc: Exception) -> None:
@@ -197,14 +199,15 @@ class Agent:
                 while session.id in self.sessions and session.ready():
                     session.produce()
                 producing = producing or (session.id in self.sessions and session.ready())
-            elif isinstance(session, ExecSession):
-                for out in session.outs.values():
-                    if out.fd is not None:
-                        wanted = selectors.EVENT_READ if room and out.can_read() else 0
-                        self.want(out.fd, wanted, (session, out))
-                if session.stdin_fd is not None:
-                    wanted = selectors.EVENT_WRITE if session.stdin_pending else 0
-                    self.want(session.stdin_fd, wanted, (session, None))
+        for exec_session in list(self.by_pid.values()):  # attached or not: processes outlive hosts
+            exec_session.pump()
+            for out in exec_session.outs.values():
+                if out.fd is not None:
+                    readable = room and out.can_read(exec_session.attached)
+                    self.want(out.fd, selectors.EVENT_READ if readable else 0, (exec_session, out))
+            if exec_session.stdin_fd is not None:
+                wanted = selectors.EVENT_WRITE if exec_session.stdin_pending else 0
+                self.want(exec_session.stdin_fd, wanted, (exec_session, None))
         port_events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbox.chunks else 0)
         self.want(self.port_fd, port_events, "port")
         return producing
@@ -249,6 +252,8 @@ class Agent:
                 break
             if not data:
                 if not chunks:  # no host connected: the port reads EOF until one is
+                    if self.sessions:
+                        attach.detach_all(self)  # processes go on; their output is kept
                     if self.decoder.buffered:  # the next host starts at a frame boundary
                         self.decoder = wire.FrameDecoder(skip_bad=True)
                     time.sleep(0.05)
@@ -332,7 +337,7 @@ class Agent:
             op = self.ops.get(name)
             if op is None:
                 raise BadRequest(f"unknown operation {safe_text(name[:80])!r}")
-            if sid in self.sessions:
+            if sid in self.sessions and name != "resync":  # a new host's ids start again
                 raise BadRequest(f"request id {sid} is in use")
             op(sid, m)
         except Exception as exc:  # anything a request can cause is its error, never the agent's end
