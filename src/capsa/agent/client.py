@@ -12,6 +12,7 @@ import msgpack
 
 from capsa.agent import wire
 from capsa.agent._channel import Call, Channel
+from capsa.agent.connections import ConnectionWriter, open_connection
 from capsa.agent.errors import check_guest_path, check_mode, check_timeout, expect_ok
 from capsa.agent.exec import ExecBuilder, ExecSpec, _check_text
 from capsa.agent.types import DirEntry, FileStat, FileType, GuestInfo, Mount
@@ -106,6 +107,14 @@ class Agent:
         if network is not None:
             args["network"] = network
         await self._request("refresh", args, timeout)
+
+    async def open_connection(
+        self, port: int, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> tuple[asyncio.StreamReader, ConnectionWriter]:
+        """A TCP connection to ``127.0.0.1:port`` inside the guest, carried by the agent (the guest
+        needs no network for it): ``(reader, writer)`` as :func:`asyncio.open_connection` returns.
+        Raises :class:`~capsa.agent.connections.ConnectionRefused` when nothing listens there."""
+        return await open_connection(self._channel, port, timeout)
 
     # -- files --
 

@@ -29,6 +29,7 @@ import msgpack
 
 from capsa.agent import wire
 from capsa.agent.guest import fields
+from capsa.agent.guest.connections import ConnectSession, check_room, port_of, raise_fd_limit
 from capsa.agent.guest.init import (
     INIT_ERROR_MARKER,
     StartupError,
@@ -86,10 +87,11 @@ class Agent:
         self.port_fd = port_fd
         self.decoder = wire.FrameDecoder(skip_bad=True)
         self.sel = selectors.DefaultSelector()
-        self.sessions: dict[int, Session] = {}
+        self.sessions: dict[int, Session | ConnectSession] = {}
         self.by_pid: dict[int, ExecSession] = {}
         self.interest: dict[int, tuple[int, Any]] = {}
         self.power_off = False
+        self.raised_fd_limit = False
         self.image: ImageDefaults | None = None  # a user image's exec defaults (PID 1 in its root)
         self.replied = 0  # the request id the last reply went to
         self.failures = 0  # internal errors survived by the loop
@@ -109,6 +111,7 @@ class Agent:
             "shutdown": self.op_shutdown,
             "refresh": self.op_refresh,
             "resize": self.op_resize,
+            "connect": self.op_connect,
         }
         self.wake_fd = -1
         self.power_fds: list[int] = []
@@ -140,7 +143,7 @@ class Agent:
         self.want(fd, 0, None)
         os.close(fd)
 
-    def forget(self, session: Session) -> None:
+    def forget(self, session: Session | ConnectSession) -> None:
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
         if isinstance(session, ExecSession) and self.by_pid.get(session.pid) is session:
@@ -168,6 +171,11 @@ class Agent:
             timeout = 0.1 if timeout is None else timeout
         if not self.init and self.by_pid:  # no SIGCHLD wakeups: poll for exits
             timeout = 0.02 if timeout is None else min(timeout, 0.02)
+        connecting = any(
+            isinstance(s, ConnectSession) and not s.connected for s in self.sessions.values()
+        )
+        if connecting:  # a connect that never completes must time out
+            timeout = 1.0 if timeout is None else min(timeout, 1.0)
         for key, mask in self.sel.select(timeout):
             self.dispatch(key, mask)
         if not self.init:
@@ -176,6 +184,8 @@ class Agent:
         for session in list(self.sessions.values()):
             if isinstance(session, ExecSession):
                 session.check_grace(now)
+            elif isinstance(session, ConnectSession):
+                session.check_timeout(now)
         self.outbox.flush()
 
     def survive(self, exc: Exception) -> None:
@@ -202,6 +212,8 @@ class Agent:
                 if session.stdin_fd is not None:
                     wanted = selectors.EVENT_WRITE if session.stdin_pending else 0
                     self.want(session.stdin_fd, wanted, (session, None))
+            elif isinstance(session, ConnectSession):
+                self.want(session.fd, session.events(room), (session, "conn"))
         port_events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbox.chunks else 0)
         self.want(self.port_fd, port_events, "port")
         return producing
@@ -225,7 +237,9 @@ class Agent:
             self.power_off = True
         else:
             session, out = data
-            if out is None:
+            if out == "conn":
+                session.on_event(mask)
+            elif out is None:
                 session.pump_stdin()
             elif out.fd == key.fd:
                 session.on_readable(out)
@@ -537,6 +551,18 @@ class Agent:
         else:
             os.unlink(path)
         self.reply(sid)
+
+    def op_connect(self, sid: int, m: Message) -> None:
+        """A TCP connection to the guest's loopback; answered once connected (see connections)."""
+        port = port_of(m)
+        check_room(self.sessions.values())
+        if not self.raised_fd_limit:
+            self.raised_fd_limit = True
+            raise_fd_limit()
+        session = ConnectSession(self, sid, port)
+        self.sessions[sid] = session
+        if session.connected:
+            session.on_connected()
 
     def op_refresh(self, sid: int, m: Message) -> None:
         """A restored or forked guest takes a new identity (see :func:`init.set_identity`). Every
