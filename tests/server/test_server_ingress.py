@@ -50,6 +50,13 @@ class Echo(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
     def do_GET(self):
+        if self.path == "/forever":  # streams until the client goes away
+            self.send_response(200)
+            self.send_header("Content-Length", str(1 << 40))
+            self.end_headers()
+            chunk = b"x" * 65536
+            while True:
+                self.wfile.write(chunk)
         self.send_response(200)
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
@@ -175,6 +182,30 @@ def test_streamed_bodies_both_ways(ingress_server: Server, sbx: Sandbox) -> None
     with httpx.stream("GET", f"{ingress_server.url}/stream", headers=host) as reply:
         assert reply.status_code == 200
         assert b"".join(reply.iter_bytes()) == b"".join(b"part %d;" % i for i in range(5))
+
+
+def test_client_dropping_mid_stream_frees_the_guest_connection(
+    ingress_server: Server, sbx: Sandbox
+) -> None:
+    """A client that reads part of an endless download and hangs up: the relay ends, the guest
+    server's connection is closed (its write fails), nothing is left open."""
+    with httpx.stream(
+        "GET", f"{ingress_server.url}/forever", headers={"Host": sbx.get_host(8001)}, timeout=30
+    ) as reply:
+        assert reply.status_code == 200
+        got = 0
+        for chunk in reply.iter_raw():
+            got += len(chunk)
+            if got > 4 << 20:
+                break
+    deadline = time.monotonic() + 30
+    while (left := _guest_connections(sbx, 8001)) > 0:
+        assert time.monotonic() < deadline, f"{left} guest connections to 8001 left open"
+        time.sleep(0.5)
+    again = httpx.post(
+        f"{ingress_server.url}/echo", content=b"still here", headers={"Host": sbx.get_host(8001)}
+    )
+    assert again.content == b"still here"
 
 
 def _ws_connect(server: Server, host: str) -> tuple[socket.socket, WSConnection]:
