@@ -109,12 +109,14 @@ class Agent:
         await self._request("refresh", args, timeout)
 
     async def open_connection(
-        self, port: int, *, timeout: float = DEFAULT_TIMEOUT
+        self, port: int, *, timeout: float = DEFAULT_TIMEOUT, first: bytes = b""
     ) -> tuple[asyncio.StreamReader, ConnectionWriter]:
         """A TCP connection to ``127.0.0.1:port`` inside the guest, carried by the agent (the guest
         needs no network for it): ``(reader, writer)`` as :func:`asyncio.open_connection` returns.
-        Raises :class:`~capsa.agent.connections.ConnectionRefused` when nothing listens there."""
-        return await open_connection(self._channel, port, timeout)
+        ``first`` (up to 1 MiB) travels with the connect and is written as soon as it succeeds
+        (a request head: one round trip less). Raises
+        :class:`~capsa.agent.connections.ConnectionRefused` when nothing listens there."""
+        return await open_connection(self._channel, port, timeout, first)
 
     # -- files --
 

@@ -199,13 +199,19 @@ class AgentConnection:
 
 
 async def open_connection(
-    channel: Channel, port: int, timeout: float = CONNECT_TIMEOUT
+    channel: Channel, port: int, timeout: float = CONNECT_TIMEOUT, first: bytes = b""
 ) -> tuple[asyncio.StreamReader, ConnectionWriter]:
+    """See :meth:`capsa.agent.client.Agent.open_connection`."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ConfigError(f"port must be an integer from 1 to 65535, got {port!r:.40}")
     check_timeout(timeout)
+    if not isinstance(first, bytes) or len(first) > wire.CHUNK:
+        raise ConfigError(f"first must be bytes, at most {wire.CHUNK} of them")
     call = await channel.call("connect", {"port": port}, in_streams=("stdout",), out_streams=("stdin",))
     try:
+        if first:  # sent behind the request: the guest writes it once connected (one round trip less)
+            await call.credits["stdin"].take(wire.cost(len(first)), call.response.done)
+            await channel.send({"t": "data", "id": call.id, "s": "stdin", "d": first})
         async with asyncio.timeout(timeout):
             reply = await call.response
     except TimeoutError:

@@ -118,7 +118,9 @@ class Ingress:
             return None
         return sandbox_id, port
 
-    async def open(self, scope: Scope, sandbox_id: str, port: int) -> tuple[Any, ConnectionWriter]:
+    async def open(
+        self, scope: Scope, sandbox_id: str, port: int, first: bytes = b""
+    ) -> tuple[Any, ConnectionWriter]:
         """Check access, wake the sandbox, connect to the port; raises :class:`IngressError`."""
         try:
             entry = self.registry.find(sandbox_id)
@@ -138,7 +140,7 @@ class Ingress:
             status = 429 if exc.status == 429 else 502
             raise IngressError(status, f"sandbox {sandbox_id}: {exc.message}") from None
         try:
-            return await entry.vm.agent.open_connection(port, timeout=CONNECT_TIMEOUT)
+            return await entry.vm.agent.open_connection(port, timeout=CONNECT_TIMEOUT, first=first)
         except ConnectionRefused:
             message = f"nothing listens on port {port} in sandbox {sandbox_id}"
             raise IngressError(502, message) from None
@@ -148,16 +150,17 @@ class Ingress:
             raise IngressError(502, f"port {port} in sandbox {sandbox_id}: {exc.message}") from None
 
     async def http(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, port: int) -> None:
-        try:
-            reader, writer = await self.open(scope, sandbox_id, port)
+        body = LimitedBody(receive, self.limits.max_upload_bytes, self.limits.body_timeout)
+        relay = _Relay(scope, body, send, port)
+        try:  # the request head travels with the connect
+            relay.reader, relay.writer = await self.open(scope, sandbox_id, port, relay.start())
         except IngressError as exc:
             await _error(send, exc.status, exc.message)
             return
-        body = LimitedBody(receive, self.limits.max_upload_bytes, self.limits.body_timeout)
         try:
-            await _Relay(scope, body, send, reader, writer, port=port).run()
+            await relay.run()
         finally:
-            writer.close()  # the agent resets the guest side if it is still open
+            relay.writer.close()  # the agent resets the guest side if it is still open
 
 
 async def _error(send: Send, status: int, message: str) -> None:
@@ -179,16 +182,13 @@ class _Relay:
         scope: Scope,
         receive: LimitedBody,
         send: Send,
-        reader: Any,
-        writer: ConnectionWriter,
-        *,
         port: int,
     ) -> None:
         self.scope = scope
         self.receive = receive
         self.send = send
-        self.reader = reader
-        self.writer = writer
+        self.reader: Any = None
+        self.writer: Any = None
         self.port = port
         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
         self.started = False
@@ -247,9 +247,11 @@ class _Relay:
             target += b"?" + scope["query_string"]
         return h11.Request(method=scope["method"], target=target, headers=headers)
 
+    def start(self) -> bytes:
+        """The request head, to send with the connect."""
+        return self.conn.send(self.head()) or b""
+
     async def upload(self) -> None:
-        self.writer.write(self.conn.send(self.head()) or b"")
-        await self.writer.drain()
         while True:
             message: Message = await self.receive()  # RequestRejected (413/408) propagates
             chunk = message.get("body", b"")
