@@ -46,7 +46,7 @@ serve(8101, garbage)
 
 @pytest.fixture(scope="module")
 def private(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Sandbox]]:
-    srv = start_server(tmp_path_factory.mktemp("serve"), "--pool", "base=1", "--max-sandboxes", "2")
+    srv = start_server(tmp_path_factory.mktemp("serve"), "--pool", "base=1", "--max-sandboxes", "3")
     old = {k: os.environ.get(k) for k in srv.env()}
     os.environ.update(srv.env())
     sandbox = None
@@ -115,3 +115,20 @@ def test_hostile_guest_responses_get_a_502(private: tuple[Server, Sandbox]) -> N
         assert time.monotonic() - started < 30
     assert httpx.get(f"{srv.url}/health").status_code == 200
     assert _get(srv, sandbox, 8000, "/secret.txt").status_code == 200
+
+
+def test_forks_of_a_private_sandbox_are_private(private: tuple[Server, Sandbox]) -> None:
+    """Attack: fork a private sandbox (allow_public_traffic=False) and reach the clone's ports
+    without a token: the clone must keep the parent's setting (and answer its own token). Runs
+    last: a fork stops the parent's running commands."""
+    srv, sandbox = private
+    [clone] = sandbox.fork(count=1, timeout=120)
+    assert isinstance(clone, Sandbox)
+    try:
+        clone.commands.run("python3 -m http.server 8000 --directory /tmp/www", background=True)
+        _wait(srv, clone, 8000, "/secret.txt")
+        url, host = f"{srv.url}/secret.txt", clone.get_host(8000)
+        assert httpx.get(url, headers={"Host": host}).status_code == 403
+        assert _get(srv, clone, 8000, "/secret.txt").text == "secret\n"
+    finally:
+        clone.kill()

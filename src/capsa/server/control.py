@@ -168,7 +168,11 @@ class ControlPlane:
         self.registry = registry
         self.metrics = metrics
         self.sampler = sampler
-        self.snapshots = SnapshotApi(registry, sandbox_json, principal_of, _body)
+        self.snapshots = SnapshotApi(registry, self.sandbox_json, principal_of, _body)
+
+    def sandbox_json(self, entry: Entry) -> dict[str, Any]:
+        """A created, connected or forked sandbox, with the domain of its ports (``get_host``)."""
+        return {**sandbox_json(entry), "domain": self.domain}
 
     def routes(self) -> list[Route]:
         return [
@@ -228,11 +232,12 @@ class ControlPlane:
                 auto_pause=auto_pause,
                 auto_resume=auto_resume,
             )
-        set_public(entry, public_traffic(network))  # before any await: no public moment
+        public = saved.public_traffic if saved is not None else public_traffic(network)
+        set_public(entry, public)  # before any await: no public moment
         self.metrics.created(time.monotonic() - started, template)
         if template == INTERPRETER_TEMPLATE:
             await interpreter_for(entry).warm()
-        return JSONResponse({**sandbox_json(entry), "domain": self.domain}, status_code=201)
+        return JSONResponse(self.sandbox_json(entry), status_code=201)
 
     async def list(self, request: Request) -> Response:
         """E2B's list: filters (state, metadata, template, startedAfter), order by start time
@@ -340,7 +345,7 @@ class ControlPlane:
             None if timeout is None else self.registry.check_timeout(timeout),
             _scope(request),
         )
-        return JSONResponse({**sandbox_json(entry), "domain": self.domain}, status_code=200)
+        return JSONResponse(self.sandbox_json(entry), status_code=200)
 
 
 def api_error(exc: Exception) -> JSONResponse:

@@ -88,6 +88,12 @@ def set_public(entry: Entry, public: bool) -> None:
     entry.extra[PUBLIC_KEY] = public
 
 
+def is_public(entry: Entry) -> bool:
+    """Whether the sandbox's ports answer without its traffic token (forks and snapshots of a
+    private sandbox are private too)."""
+    return entry.extra.get(PUBLIC_KEY) is not False
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key.lower() == name:
@@ -126,7 +132,7 @@ class Ingress:
             entry = self.registry.find(sandbox_id)
         except ApiError:
             raise IngressError(502, f"sandbox {sandbox_id} not found or not running") from None
-        if entry.extra.get(PUBLIC_KEY) is False:
+        if not is_public(entry):
             token = _header(scope, b"e2b-traffic-access-token")
             if token is None or not secrets.compare_digest(
                 token.encode("latin-1"), entry.token.encode()
@@ -303,4 +309,4 @@ class _Relay:
         await _error(self.send, 502, message)
 
 
-__all__ = ["Ingress", "IngressError", "parse_host", "set_public"]
+__all__ = ["Ingress", "IngressError", "is_public", "parse_host", "set_public"]

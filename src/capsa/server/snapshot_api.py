@@ -25,6 +25,7 @@ from starlette.routing import Route
 from capsa._guardian import new_vm_dir
 from capsa.errors import CapsaError
 from capsa.server.entry import TEMPLATES, ApiError, Entry, check_timeout, named_image
+from capsa.server.ingress import is_public, set_public
 from capsa.server.listing import NEXT_TOKEN, page
 from capsa.server.quota import LimitReached
 from capsa.server.registry import Registry
@@ -139,7 +140,7 @@ class SnapshotApi:
         return JSONResponse(reply, status_code=201)
 
     async def _fork_one(self, parent: Entry, snapshot: Path, timeout: int, tenant: str) -> Entry:
-        return await self.registry.restore(
+        clone = await self.registry.restore(
             snapshot,
             template=parent.template,
             timeout=timeout,
@@ -149,6 +150,8 @@ class SnapshotApi:
             policy=parent.policy,
             reserved=True,
         )
+        set_public(clone, is_public(parent))  # before any await: a private parent's clones are private
+        return clone
 
     async def create_snapshot(self, request: Request) -> Response:
         body = await self._json(request)
@@ -181,6 +184,7 @@ class SnapshotApi:
                 envs=dict(source.envs),
                 created_at=datetime.datetime.now(datetime.UTC),
                 policy=source.policy,
+                public_traffic=is_public(source),
             )
             store.add(saved)
         return JSONResponse(saved.json(), status_code=201)
@@ -220,7 +224,7 @@ async def create_from_snapshot(
     sandbox's environment under ``envs`` and its network policy (a snapshot's devices are fixed:
     a restore cannot add or drop its network interface)."""
     with registry.snapshots.using(saved) as path:
-        return await registry.restore(
+        entry = await registry.restore(
             path,
             template=saved.template,
             timeout=timeout,
@@ -229,6 +233,8 @@ async def create_from_snapshot(
             envs={**saved.envs, **envs},
             policy=saved.policy,
         )
+    set_public(entry, saved.public_traffic)  # before any await: the source's ingress access
+    return entry
 
 
 def _reserve(registry: Registry, tenant: str, count: int) -> list[ApiError | None]:
