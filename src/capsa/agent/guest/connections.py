@@ -117,6 +117,7 @@ class ConnectSession:
                 return
             self.connected = True
             self.on_connected()
+            self.pump()  # what came with the connect (a request head) goes now, not a loop later
             return
         if mask & selectors.EVENT_WRITE:
             self.pump()
