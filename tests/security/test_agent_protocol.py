@@ -303,6 +303,8 @@ REQUESTS: list[tuple[str, dict[str, Any]]] = [
     ("refresh", {"entropy": bytes(64), "time": 1.7e9, "hostname": "capsa-fuzz", "network": NETWORK}),
     ("connect", {"port": 1}),  # the jail's network namespace has no address: refused at once
     ("shutdown", {}),
+    ("processes", {}),
+    ("attach", {"pid": 2}),
 ]
 
 

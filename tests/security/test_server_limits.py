@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
+import hashlib
 import json
 import socket
 import struct
@@ -225,6 +227,34 @@ def test_uploads_stream_within_the_cap_and_413_past_it(server: Server, sandbox: 
         params={"path": "/tmp/big.bin"},
         content=big(),
         headers=_envd(sandbox, **{"content-type": "application/octet-stream"}),
+        timeout=60,
+    )
+    assert reply.status_code == 413, reply.text
+
+
+def test_gzip_upload_bomb_gets_413(server: Server, sandbox: dict[str, Any]) -> None:
+    """Gzip bomb: a ~12 KiB ``Content-Encoding: gzip`` upload (what the SDKs' ``gzip=True``
+    sends) that inflates past --max-upload-mb is refused with 413, not written out in full; a
+    gzipped upload within the cap arrives inflated."""
+    headers = _envd(sandbox, **{"content-type": "application/octet-stream", "content-encoding": "gzip"})
+    reply = httpx.post(
+        f"{server.url}/files",
+        params={"path": "/tmp/gz.txt"},
+        content=gzip.compress(b"small and gzipped " * 1000),
+        headers=headers,
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
+    assert _run(server, sandbox, "md5sum < /tmp/gz.txt").split()[0] == (
+        hashlib.md5(b"small and gzipped " * 1000).hexdigest()
+    )
+    bomb = gzip.compress(b"\0" * ((UPLOAD_MB + 4) << 20), compresslevel=9)
+    assert len(bomb) < 64 << 10
+    reply = httpx.post(
+        f"{server.url}/files",
+        params={"path": "/tmp/bomb.bin"},
+        content=bomb,
+        headers=headers,
         timeout=60,
     )
     assert reply.status_code == 413, reply.text

@@ -93,7 +93,7 @@ def test_pause_and_resume_keep_files(server: Server) -> None:
     try:
         sandbox.files.write("/root/kept.txt", "survives a pause")
         sandbox.commands.run("echo in-memory > /tmp/tmpfs-or-disk.txt")
-        sandbox.commands.run("sleep 600", background=True)  # killed by the pause
+        sandbox.commands.run("sleep 600", background=True)  # kept by the pause
         sandbox.pause()
         assert not sandbox.is_running()
         [info] = Sandbox.list(query=SandboxQuery(metadata={"suite": "pause"})).next_items()
@@ -325,11 +325,12 @@ def test_code_interpreter_envs_from_a_warm_pool(server: Server) -> None:
     try:
         assert sandbox.run_code("import os; os.environ['CI_ENV']").text == "'warm'"
         assert sandbox.commands.run("echo $CI_ENV").stdout == "warm\n"
-        sandbox.run_code("lost = True")
-        sandbox.pause()  # the interpreter process is stopped for the snapshot
+        sandbox.run_code("kept = True")
+        sandbox.pause()  # the interpreter process is kept by the snapshot
         resumed = code_interpreter.Sandbox.connect(sandbox.sandbox_id)
         assert resumed.run_code("1 + 1").text == "2"
-        assert resumed.run_code("lost").error.name == "NameError"
+        assert resumed.run_code("kept").text == "True"
+        assert resumed.run_code("import os; os.environ['CI_ENV']").text == "'warm'"
     finally:
         sandbox.kill()
 

@@ -94,6 +94,7 @@ class _Entry:
         self.id = sandbox_id
         self.running = True
         self.vm = _Vm()
+        self.resume_lock = asyncio.Lock()
 
 
 class _Registry:
@@ -134,6 +135,28 @@ def test_sampler_keeps_a_bounded_series_and_forgets_removed_sandboxes() -> None:
         sampler.sweep()
         assert sampler.series("s1") == []
         assert published[-1] == ("s1", None)
+        await sampler.close()
+
+    asyncio.run(scenario())
+
+
+def test_sampler_waits_while_a_pause_fork_or_snapshot_saves_the_guest() -> None:
+    """A save holds the entry's resume_lock and needs an idle agent: a sample must not start
+    an agent request meanwhile (the save would fail with "the agent is busy")."""
+
+    async def scenario() -> None:
+        entry = _Entry("s1")
+        sampler = Sampler(_Registry(entry), interval=1200)  # type: ignore[arg-type]
+        async with entry.resume_lock:  # a fork's snapshot under way
+            sampler.sweep()
+            for _ in range(50):
+                await asyncio.sleep(0)
+            assert sampler.series("s1") == []  # nothing read from the guest while it saves
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if sampler.series("s1"):
+                break
+        assert len(sampler.series("s1")) == 1  # sampled once the save is done
         await sampler.close()
 
     asyncio.run(scenario())

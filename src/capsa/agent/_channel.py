@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 20
 ACK_BATCH = wire.WINDOW // 4
+SYNC_MAGIC = b"\x00\x00\x00\x00capsa-resync:"  # the guest's marker (capsa.agent.guest.attach)
+SYNC_SKIP_LIMIT = 64 << 20  # stale bytes a restored guest may send before its marker
 
 Message = dict[str, Any]
 LostHandler = Callable[[], Awaitable[CapsaError]]
@@ -53,6 +55,11 @@ class InStream:
             raise ProtocolError(f"guest overran the {wire.WINDOW}-unit window of {self.name!r}")
         self._chunks.append(data)
         self._changed.set()
+
+    def _flush_ack(self) -> None:
+        if self._unacked_consumed and not self.eof:
+            self._channel.post({"t": "ack", "id": self._id, "s": self.name, "n": self._unacked_consumed})
+            self._unacked_consumed = 0
 
     def _end(self) -> None:
         self.eof = True
@@ -190,8 +197,13 @@ def _consume_exception(future: asyncio.Future[Message]) -> None:
 class Channel:
     """Framed, multiplexed connection to one guest agent over a connected stream socket."""
 
-    def __init__(self, sock: socket.socket, on_lost: LostHandler) -> None:
+    def __init__(self, sock: socket.socket, on_lost: LostHandler, *, sync: bytes | None = None) -> None:
+        """With ``sync`` (a random token: the connection to a guest restored from a snapshot), every
+        byte before the guest's marker carrying that token is the old host's conversation and is
+        skipped; the guest sends the marker when asked to ``resync`` (:meth:`sync_token`)."""
         self._sock = sock
+        self._sync = SYNC_MAGIC + sync if sync is not None else None
+        self.sync_token = sync
         self._on_lost = on_lost
         self._calls: dict[int, Call] = {}
         self._last_id = 0  # ids are 1, 2, 3…: anything above this was never sent
@@ -211,6 +223,13 @@ class Channel:
     async def hello(self) -> Message:
         assert self._hello is not None
         return await asyncio.shield(self._hello)
+
+    def flush_acks(self) -> None:
+        """Acknowledge now everything consumed: the guest then keeps (for a copy of itself that a
+        new host may attach to) exactly the output this host has not consumed."""
+        for call in list(self._calls.values()):
+            for stream in call.streams.values():
+                stream._flush_ack()
 
     def unfinished_calls(self) -> list[Call]:
         """Calls whose end has not arrived (requests in flight, processes still running): what a
@@ -270,11 +289,36 @@ class Channel:
 
     # -- receiving --
 
+    async def _skip_to_marker(self, reader: asyncio.StreamReader, marker: bytes) -> bytes | None:
+        """Read until ``marker``: what follows it, or None if the connection closed first."""
+        window = b""
+        skipped = 0
+        while True:
+            data = await reader.read(READ_SIZE)
+            if not data:
+                return None
+            window += data
+            found = window.find(marker)
+            if found >= 0:
+                return window[found + len(marker) :]
+            skipped += len(window) - (len(marker) - 1)
+            window = window[-(len(marker) - 1) :]
+            if skipped > SYNC_SKIP_LIMIT:
+                raise ProtocolError(f"no resynchronisation marker in {SYNC_SKIP_LIMIT} bytes")
+
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         decoder = wire.FrameDecoder()
         try:
+            pending = b""
+            if self._sync is not None:
+                rest = await self._skip_to_marker(reader, self._sync)
+                if rest is None:
+                    await self._lost(None)
+                    return
+                pending = rest
             while True:
-                data = await reader.read(READ_SIZE)
+                data = pending or await reader.read(READ_SIZE)
+                pending = b""
                 if not data:
                     await self._lost(None)
                     return

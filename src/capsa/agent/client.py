@@ -12,10 +12,11 @@ import msgpack
 
 from capsa.agent import wire
 from capsa.agent._channel import Call, Channel
+from capsa.agent.attach import attach_process, list_processes
 from capsa.agent.connections import ConnectionWriter, open_connection
 from capsa.agent.errors import check_guest_path, check_mode, check_timeout, expect_ok
-from capsa.agent.exec import ExecBuilder, ExecSpec, _check_text
-from capsa.agent.types import DirEntry, FileStat, FileType, GuestInfo, Mount
+from capsa.agent.exec import ExecBuilder, ExecSpec, Process, _check_text
+from capsa.agent.types import DirEntry, FileStat, FileType, GuestInfo, Mount, ProcessInfo
 from capsa.errors import AgentError, CapsaTimeoutError, ConfigError, ProtocolError, VMNotRunning
 
 DEFAULT_TIMEOUT = 30.0
@@ -86,6 +87,18 @@ class Agent:
         if not isinstance(program, str) or not program:
             raise ConfigError(f"exec needs a program name, got {program!r}")
         return ExecBuilder(self._channel, ExecSpec(argv=(_check_text(program, "the program"),)))
+
+    async def processes(self, timeout: float = DEFAULT_TIMEOUT) -> list[ProcessInfo]:
+        """The processes the agent started that are still running, or exited and not yet collected
+        (after a restore or a fork: the ones the snapshot captured, which go on running)."""
+        return await list_processes(self._channel, timeout)
+
+    async def attach(self, pid: int, timeout: float = DEFAULT_TIMEOUT) -> Process:
+        """A handle to guest process ``pid`` (see :meth:`processes`), as ``spawn()`` returns: the
+        output it wrote while no handle was attached comes first (the guest keeps up to 1 MiB per
+        stream besides what was in flight; past that the process blocks on its output, nothing is
+        lost), then live output. A process already attached to a handle raises AgentError."""
+        return await attach_process(self._channel, pid, timeout)
 
     async def shutdown(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Ask the guest to power off. Returns once the agent has acknowledged; the VM then exits and

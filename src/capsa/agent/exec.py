@@ -126,7 +126,9 @@ class Process:
     """A command started with ``spawn()``. ``stdout``/``stderr`` stream its output; ``write_stdin``
     feeds it; ``kill`` signals its process group; ``wait`` returns its exit code."""
 
-    def __init__(self, call: Call, argv: tuple[str, ...], pid: int) -> None:
+    def __init__(
+        self, call: Call, argv: tuple[str, ...], pid: int, *, stdin_open: bool | None = None
+    ) -> None:
         self._call = call
         self.argv = argv
         self.pid = pid  # in the guest
@@ -134,7 +136,7 @@ class Process:
         self.stderr = OutputStream(call.streams["stderr"])
         self.returncode: int | None = None
         self.signal: int | None = None
-        self._stdin_open = "stdin" in call.credits
+        self._stdin_open = "stdin" in call.credits if stdin_open is None else stdin_open
 
     @property
     def _channel(self) -> Channel:

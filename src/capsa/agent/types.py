@@ -51,6 +51,21 @@ class FileStat:
 
 
 @dataclass(frozen=True)
+class ProcessInfo:
+    """A process the guest agent started and still keeps (``vm.agent.processes()``): running, or
+    exited with its status not yet collected. ``attach(pid)`` gets a handle to it."""
+
+    pid: int
+    argv: tuple[str, ...]  # as the guest reports it: at most 64 words of 256 characters
+    pty: bool
+    started: float  # the guest's clock (seconds since the epoch) when it was started
+    attached: bool  # bound to a handle of this connection (a ``spawn()`` or an ``attach``)
+    running: bool
+    exit_code: int | None = None  # once exited: its status (128 + signal if a signal killed it)
+    signal: int | None = None
+
+
+@dataclass(frozen=True)
 class ExecResult:
     """Outcome of ``exec(...).run()``. ``stdout``/``stderr`` are decoded as UTF-8 (undecodable bytes
     become U+FFFD); the exact bytes are in ``stdout_bytes``/``stderr_bytes``."""

@@ -17,7 +17,9 @@ from capsa._guardian import new_vm_dir
 from capsa._paths import free_bytes
 from capsa.agent import wire
 from capsa.agent._channel import Channel
+from capsa.agent.attach import resync
 from capsa.agent.client import Agent
+from capsa.agent.errors import expect_ok
 from capsa.backend.qemu.process import find_qemu
 from capsa.errors import (
     BackendError,
@@ -129,11 +131,13 @@ class Sandbox(VM):
         try:
             async with asyncio.timeout(timeout):
                 await self._start(timeout, incoming=True)
-                self._channel = Channel(self.port_socket(AGENT_PORT), self._agent_lost)
+                sync = secrets.token_bytes(16)  # the old host's half-conversation is skipped
+                self._channel = Channel(self.port_socket(AGENT_PORT), self._agent_lost, sync=sync)
                 await self._channel.start()
                 assert self._monitor is not None
                 await load_state(self._monitor, snapshot.state, timeout, ignore_shared=True)
                 await self._resume_if_paused()
+                await resync(self._channel, timeout)  # its processes wait, detached, for attach()
                 agent = Agent(self._channel)
                 identity = self._network.identity() if self._network is not None else None
                 await agent.refresh(new_hostname(), identity)  # also the proof the agent answers
@@ -171,9 +175,11 @@ class Sandbox(VM):
         """Save this running sandbox to the directory ``path`` (created; it must not exist). The VM
         pauses while QEMU writes its memory (~0.1-0.5 s) and then keeps running.
 
-        Nothing may be in flight: a spawned process that is still running (``wait()`` for it or
-        ``kill()`` it; one whose output nobody reads cannot end) or a transfer makes it raise
-        :class:`SnapshotError` at once, naming them. Finished processes never block it, waited or not.
+        Running processes are captured with the VM: here their handles go on working; in a sandbox
+        restored from the snapshot (or a fork) they go on running, listed by
+        ``agent.processes()`` and reached with ``agent.attach(pid)``, which delivers the output
+        this host had not consumed when the snapshot was taken, then the rest. A request or file
+        transfer in flight makes it raise :class:`SnapshotError` at once, naming them.
         """
         self._check_lifetime()
         if self._shares and (self._shares_mounted or any(s.mechanism != "9p" for s in self._shares)):
@@ -186,6 +192,7 @@ class Sandbox(VM):
         if process is None or monitor is None or channel is None or process.returncode is not None:
             raise VMNotRunning("only a running sandbox can be snapshotted")
         _check_idle(channel)
+        await _quiesce(channel, timeout)
         target = Path(path).expanduser()  # noqa: ASYNC240 - local metadata calls, microseconds
         if target.exists():
             raise SnapshotError(f"{target} already exists", path=target, hint="pick a new directory")
@@ -360,21 +367,29 @@ def _save_failed(target: Path, exc: OSError) -> SnapshotError:
 
 
 def _check_idle(channel: Channel) -> None:
-    """Refuse to snapshot while a request is in flight (the copy would hold half a conversation the
-    new host end knows nothing about). A call whose end arrived is finished, even if not waited."""
-    busy = channel.unfinished_calls()
+    """Refuse to snapshot while a request or transfer is in flight (a restored copy could not
+    finish it). Running processes (calls with a label) are fine: they are kept across the copy."""
+    busy = [call for call in channel.unfinished_calls() if not call.label]
     if not busy:
         return
-    what = [
-        f"process {call.label} is still running" if call.label else f"request {call.id} is in flight"
-        for call in busy
-    ]
+    what = [f"request {call.id} is in flight" for call in busy]
     raise SnapshotError(
         f"the sandbox cannot be snapshotted while the agent is busy: {'; '.join(what[:10])}"
         + (f" (and {len(what) - 10} more)" if len(what) > 10 else ""),
-        hint="wait() for spawned processes or kill() them (a process whose output nobody reads "
-        "cannot end), and let transfers finish: a snapshot must not capture half a conversation",
+        hint="let transfers and requests finish first (running processes are fine)",
     )
+
+
+async def _quiesce(channel: Channel, timeout: float) -> None:
+    """Acknowledge the output consumed so far and make sure the guest has read it (the ping's
+    answer comes after): a restored copy then re-delivers exactly what this host had not consumed,
+    and holds no half-read frame of ours."""
+    channel.flush_acks()
+    try:
+        expect_ok(await channel.request("ping", {}, min(timeout, 30.0)), "ping")
+    except CapsaTimeoutError as exc:
+        message = f"the guest agent did not answer before the snapshot: {exc.message}"
+        raise SnapshotError(message) from exc
 
 
 def new_hostname() -> str:

@@ -35,6 +35,17 @@ _SIGNALS = {"SIGNAL_SIGKILL": signals.SIGKILL, "SIGNAL_SIGTERM": signals.SIGTERM
 _READ_CHUNK = 1 << 16
 MAX_LIST_DEPTH = 32  # ListDir levels (each one a guest round trip per directory)
 MAX_LIST_ENTRIES = 100_000  # entries of one ListDir reply
+KEEPALIVE = 30.0  # seconds of silence on a command's stream before a keepalive event
+KEEPALIVE_RANGE = (1.0, 300.0)  # what a client's Keepalive-Ping-Interval header may ask for
+
+
+def keepalive_interval(header: str | None) -> float:
+    """The ``Keepalive-Ping-Interval`` header (seconds, what the SDKs send) within
+    :data:`KEEPALIVE_RANGE`; :data:`KEEPALIVE` when absent or malformed."""
+    if header is None or not header.strip().isdigit() or len(header) > 6:
+        return KEEPALIVE
+    low, high = KEEPALIVE_RANGE
+    return min(max(float(header), low), high)
 
 
 def guest_path(path: object) -> str:
@@ -91,6 +102,13 @@ class Subscriber:
         self._changed = asyncio.Event()
         self.closed = False
         self.dropped = False
+        self.error: ConnectError | None = None  # ends the stream after what is queued
+
+    def fail(self, error: ConnectError) -> None:
+        """End this stream with ``error`` once what is queued is read (the sandbox was paused)."""
+        self.error = error
+        self.closed = True
+        self._changed.set()
 
     async def put(self, event: dict[str, Any], stall: float | None) -> None:
         """Append ``event`` once there is room; after ``stall`` seconds without room (None: wait
@@ -120,6 +138,8 @@ class Subscriber:
                     "resource_exhausted",
                     "this stream fell too far behind the command's output and was dropped",
                 )
+            if self.error is not None:
+                raise self.error
             self._changed.clear()
             await self._changed.wait()
         item = self._items.popleft()
@@ -182,6 +202,7 @@ class ProcessTable:
         self._tasks = TaskSet(log)
         self._deadlines = TaskSet(log)
         self._killed_because: str | None = None  # kill_all's reason, for the commands' end
+        self._detached = False  # paused: the commands go on in the guest, nothing pumps them
 
     async def start(self, request: dict[str, Any]) -> Proc:
         config = request.get("process") or {}
@@ -250,10 +271,11 @@ class ProcessTable:
             error = client_message(exc)
             proc.end = {"exitCode": -1, "exited": False, "status": "error", "error": error}
         finally:
-            self._procs.pop(proc.process.pid, None)
-            if proc.end is not None:
-                proc.finish({"end": proc.end})
-            proc.finish(None)
+            if not self._detached:  # else reattach() takes it up again in the restored guest
+                self._procs.pop(proc.process.pid, None)
+                if proc.end is not None:
+                    proc.finish({"end": proc.end})
+                proc.finish(None)
 
     def find(self, selector: object) -> Proc:
         if isinstance(selector, dict):
@@ -330,16 +352,69 @@ class ProcessTable:
         self._deadlines.cancel()
         await self._tasks.wait_all(10)  # the output pumps end with their process
 
+    async def detach(self, reason: str) -> None:
+        """Before a pause: stop pumping output (the commands go on in the guest, which keeps their
+        output) and end the connected streams with ``reason``. Command timeouts are dropped."""
+        self._detached = True
+        self._tasks.cancel()
+        self._deadlines.cancel()
+        await self._tasks.wait_all(10)
+        for proc in self._procs.values():
+            for sub in list(proc.subscribers):
+                sub.fail(ConnectError("unavailable", reason))
+            proc.subscribers.clear()
+
+    async def reattach(self, vm: capsa.Sandbox) -> None:
+        """After a resume (``vm`` restored from the pause's snapshot), or a failed pause (``vm`` the
+        same): take up each command again through the agent; one that cannot be attached any more
+        is dropped, logged."""
+        same, self._vm, self._detached = vm is self._vm, vm, False
+        for pid, proc in list(self._procs.items()):
+            if proc.end is not None:
+                self._procs.pop(pid, None)
+                continue
+            if not same:
+                try:
+                    proc.process = await vm.agent.attach(pid)
+                except CapsaError as exc:
+                    log.warning("command %d did not survive the pause: %s", pid, exc.message)
+                    self._procs.pop(pid, None)
+                    continue
+            self.run(proc, None)
+
+    def copy_for(self, vm: capsa.Sandbox) -> ProcessTable:
+        """An empty table for ``vm`` (a fork), with this one's environment and limits."""
+        return ProcessTable(vm, self._envs, self._limits)
+
+    def configs(self) -> dict[int, tuple[dict[str, Any], str | None]]:
+        """Each command's config and tag, by guest pid (what a fork's copies are described by)."""
+        return {pid: (proc.config, proc.tag) for pid, proc in self._procs.items()}
+
+    async def adopt(self, info: capsa.ProcessInfo, config: dict[str, Any], tag: str | None) -> None:
+        """Take up a process of the guest that this table did not start (a fork's copy)."""
+        process = await self._vm.agent.attach(info.pid)
+        proc = Proc(process, config, tag, self._limits, pty=info.pty)
+        self._procs[info.pid] = proc
+        self.run(proc, None)
+
     def close(self) -> None:
         self._tasks.cancel()
         self._deadlines.cancel()
 
 
 async def stream_process(
-    proc: Proc, *, first: dict[str, Any] | None, deadline: float | None, on_timeout: Any
+    proc: Proc,
+    *,
+    first: dict[str, Any] | None,
+    deadline: float | None,
+    on_timeout: Any,
+    keepalive: float = KEEPALIVE,
 ) -> AsyncIterator[dict[str, Any]]:
     """The ``ProcessEvent``s of ``proc`` as Connect stream messages; raises ConnectError
-    ``deadline_exceeded`` (after ``on_timeout()``) if ``deadline`` (seconds) passes first."""
+    ``deadline_exceeded`` (after ``on_timeout()``) if ``deadline`` (seconds) passes first. A
+    ``keepalive`` event goes out after every ``keepalive`` seconds without output, as envd does:
+    a silent command's stream must not look dead to the client (Node's fetch aborts a response
+    body that sends nothing for 5 minutes)."""
     queue = proc.subscribe()
     if first is not None:
         yield {"event": first}
@@ -347,11 +422,14 @@ async def stream_process(
     until = None if deadline is None else loop.time() + deadline
     try:
         while True:
-            remaining = None if until is None else until - loop.time()
+            wait = keepalive if until is None else min(until - loop.time(), keepalive)
             try:
-                async with asyncio.timeout(remaining):
-                    event = await queue.get()
+                async with asyncio.timeout(wait):
+                    event = await queue.get()  # cancel-safe: no event is lost to the timeout
             except TimeoutError:
+                if until is None or loop.time() < until:
+                    yield {"event": {"keepalive": {}}}
+                    continue
                 await on_timeout()
                 raise ConnectError("deadline_exceeded", "the command timed out") from None
             if event is None:

@@ -169,7 +169,11 @@ class Sampler:
 
     async def _sample(self, entry: Entry, state: _State) -> None:
         try:
-            async with self._gate, asyncio.timeout(SAMPLE_TIMEOUT):
+            # resume_lock: a pause, fork or snapshot (which hold it) needs an idle agent, and a
+            # sample in flight would make it fail ("the agent is busy"): they take turns
+            async with self._gate, asyncio.timeout(SAMPLE_TIMEOUT), entry.resume_lock:
+                if not entry.running:
+                    return
                 sample = await self._take(entry, state)
         except Exception as exc:  # the sandbox went away, or its guest is too busy to answer
             log.debug("sampling sandbox %s failed: %r", entry.id, exc)

@@ -35,6 +35,7 @@ class Interpreter:
         self._vm = vm
         self._envs = envs
         self._process: capsa.Process | None = None
+        self._parked: capsa.Process | None = None  # its process while the sandbox is paused
         self._lock = asyncio.Lock()
         self._tasks = TaskSet(log)
         self.contexts: dict[str, dict[str, str]] = {
@@ -157,6 +158,42 @@ class Interpreter:
                     await process.stdout.read()
                     await process.wait()
         await self._tasks.wait_all(10)  # the stderr reader ends on its EOF
+
+    @property
+    def pid(self) -> int | None:
+        """The guest pid of its process (running or parked for a pause), if it has one."""
+        process = self._process or self._parked
+        return process.pid if process is not None else None
+
+    async def detach(self) -> None:
+        """Before a pause: the process (and its variables) is kept by the snapshot; requests wait
+        until :meth:`reattach`. One busy with a cell cannot be carried across: it is stopped."""
+        if self._lock.locked():
+            await self.stop()
+            return
+        await self._lock.acquire()
+        self._tasks.cancel()
+        await self._tasks.wait_all(10)
+        self._parked, self._process = self._process, None
+
+    async def reattach(self, vm: capsa.Sandbox) -> None:
+        """After a resume (or a failed pause: ``vm`` unchanged): take the interpreter process up
+        again. If that fails its state is lost (logged) and the next request starts a new one."""
+        parked, self._parked = self._parked, None
+        try:
+            if parked is not None and vm is not self._vm:
+                try:
+                    parked = await vm.agent.attach(parked.pid)
+                except CapsaError as exc:
+                    log.warning("the interpreter did not survive the pause: %s", exc.message)
+                    parked = None
+            self._vm = vm
+            if parked is not None:
+                self._process = parked
+                self._tasks.spawn(self._discard(parked.stderr), name="capsa-interpreter-stderr")
+        finally:
+            if self._lock.locked():
+                self._lock.release()
 
     def close(self) -> None:
         self._process = None  # it dies with its sandbox

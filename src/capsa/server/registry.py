@@ -294,8 +294,8 @@ class Registry:
 
     async def pause(self, sandbox_id: str, tenant: str | None = None) -> None:
         """Save the sandbox's memory and files to a snapshot and free its VM. Commands still
-        running and the code interpreter's process are killed first (a snapshot needs an idle
-        guest): what they held in memory is lost; files, and the guest's own memory, are kept."""
+        running and the code interpreter's process are kept (frozen with the guest, taken up again
+        on resume); clients streaming a command's output are told to connect again."""
         entry = self.find(sandbox_id, tenant)
         if entry.node_id is not None:
             raise ApiError(
@@ -325,18 +325,14 @@ class Registry:
             self._paused_root = Path(tempfile.mkdtemp(prefix="capsa-serve-paused-"))
         target = self._paused_root / entry.id
         try:
-            if entry.processes is not None:
-                reason = "killed: the sandbox was paused (a pause keeps files, not running commands)"
-                await entry.processes.kill_all(reason)
-                entry.processes = None
-            if entry.interpreter is not None:
-                await entry.interpreter.stop()
-                entry.interpreter = None
+            await _detach(entry)
             close_watchers(entry)
             await entry.vm.snapshot(target)
         except BaseException as exc:
             entry.pausing = False
             shutil.rmtree(target, ignore_errors=True)
+            if not entry.closing:
+                await _reattach(entry, entry.vm)  # the same VM: its handles work on
             if not entry.closing:  # else its removal gave the paused slot back already
                 self.quota.unpark(force=True)
                 entry.parked = False
@@ -385,6 +381,7 @@ class Registry:
             entry.vm = vm
             shutil.rmtree(entry.paused, ignore_errors=True)
             entry.paused = None
+            await _reattach(entry, vm)
             await entry.set_timeout(timeout or DEFAULT_TIMEOUT)
         log.info("sandbox %s resumed", entry.id)
         return entry
@@ -392,9 +389,8 @@ class Registry:
     # -- saves and restores for fork and create_snapshot --
 
     async def save(self, entry: Entry, target: Path) -> None:
-        """Snapshot the running ``entry`` to ``target``; it keeps running, with its id and end.
-        As for a pause, commands still running and the code interpreter's process are killed
-        first (a snapshot needs an idle guest)."""
+        """Snapshot the running ``entry`` to ``target``; it keeps running, with its id, end,
+        commands and interpreter (the snapshot holds copies of the processes too)."""
         if entry.node_id is not None:
             raise ApiError(
                 501,
@@ -406,13 +402,7 @@ class Registry:
             if not entry.running:
                 state = "paused" if entry.paused is not None else "not running"
                 raise ApiError(409, f"sandbox {entry.id!r} is {state}", hint="resume it first")
-            if entry.processes is not None:
-                await entry.processes.kill_all()
-                entry.processes = None
-            if entry.interpreter is not None:
-                await entry.interpreter.stop()
-                entry.interpreter = None
-            close_watchers(entry)
+            close_watchers(entry)  # commands and the interpreter keep running: a snapshot keeps them
             try:
                 await entry.vm.snapshot(target)
             except CapsaError as exc:
@@ -588,3 +578,20 @@ class Registry:
             shutil.rmtree(self._paused_root, ignore_errors=True)
         self.snapshots.close()
         log.info("stopped %d sandboxes in %.1fs", len(entries), time.monotonic() - started)
+
+
+async def _detach(entry: Entry) -> None:
+    """Before a pause: commands and the interpreter go on in the guest (the snapshot keeps them);
+    their host handles let go, and clients streaming a command's output are told how to come back."""
+    reason = "the sandbox was paused; the command goes on: connect to it again after resuming"
+    if entry.processes is not None:
+        await entry.processes.detach(reason)
+    if entry.interpreter is not None:
+        await entry.interpreter.detach()
+
+
+async def _reattach(entry: Entry, vm: capsa.Sandbox) -> None:
+    if entry.processes is not None:
+        await entry.processes.reattach(vm)
+    if entry.interpreter is not None:
+        await entry.interpreter.reattach(vm)

@@ -16,13 +16,19 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from capsa.server import connect
 from capsa.server.connect import ConnectError
 from capsa.server.entry import ApiError, Entry
-from capsa.server.envd import Filesystem, guest_path, processes_for, stream_process
+from capsa.server.envd import (
+    Filesystem,
+    guest_path,
+    keepalive_interval,
+    processes_for,
+    stream_process,
+)
 from capsa.server.interpreter import InterpreterError, interpreter_for
 from capsa.server.limits import Limits, RequestRejected
 from capsa.server.metrics import Metrics
 from capsa.server.redact import client_message
 from capsa.server.registry import Registry
-from capsa.server.uploads import MultipartFiles
+from capsa.server.uploads import MultipartFiles, gunzip
 from capsa.server.watch import watchers_for
 
 log = logging.getLogger(__name__)
@@ -183,6 +189,7 @@ class SandboxApi:
             raise ConnectError("unimplemented", f"{service}/{method} is not implemented")
         table = processes_for(entry, self.limits)
         deadline = connect.timeout_seconds(request.headers.get("connect-timeout-ms"))
+        keepalive = keepalive_interval(request.headers.get("keepalive-ping-interval"))
         if method == "Start":
             proc = await table.start(message)
             self.metrics.execs.inc()
@@ -191,6 +198,7 @@ class SandboxApi:
                 first={"start": {"pid": proc.process.pid}},
                 deadline=deadline,
                 on_timeout=proc.process.kill,
+                keepalive=keepalive,
             )
             first = await anext(events)  # subscribes before the output pump starts
             table.run(proc, deadline)
@@ -201,7 +209,11 @@ class SandboxApi:
                 return None
 
             events = stream_process(
-                proc, first={"start": {"pid": proc.process.pid}}, deadline=deadline, on_timeout=no_kill
+                proc,
+                first={"start": {"pid": proc.process.pid}},
+                deadline=deadline,
+                on_timeout=no_kill,
+                keepalive=keepalive,
             )
             first = await anext(events)
         return _prepend(first, events)
@@ -224,14 +236,20 @@ class SandboxApi:
                 return _envd_error(405, "method not allowed")
             written = []
             content_type = request.headers.get("content-type", "")
+            encoding = request.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("identity", "gzip"):
+                return _envd_error(415, f"Content-Encoding {encoding!r:.40} is not supported")
+            body: AsyncIterator[bytes] = request.stream()
+            if encoding == "gzip":  # the SDKs' files.write(..., gzip=True)
+                body = gunzip(body, self.limits.max_upload_bytes)
             if content_type.startswith("multipart/form-data"):
-                parts = MultipartFiles(request.stream(), content_type, MAX_UPLOAD_FILES)
+                parts = MultipartFiles(body, content_type, MAX_UPLOAD_FILES)
                 async for name, part in parts:
                     target = guest_path(name or request.query_params.get("path"))
                     written.append(await fs.write(target, part))
             else:
                 path = guest_path(request.query_params.get("path"))
-                written.append(await fs.write(path, request.stream()))
+                written.append(await fs.write(path, body))
             return JSONResponse(written)
         except ConnectError as exc:
             return _envd_error(exc.status, exc.message)
@@ -253,10 +271,13 @@ class SandboxApi:
                     return _envd_error(400, "context_id must be a string")
                 if env is not None and not _is_str_map(env):
                     return _envd_error(400, "env_vars must map strings to strings")
+                if (context or "default") not in interp.contexts:
+                    return _envd_error(404, f"context {context!r} not found")
                 self.metrics.code_runs.inc()
+                # the headers go out now, not with the first output: the JS SDK's runCode
+                # timeoutMs only starts counting once they have arrived
                 events = interp.execute(code, context, env)
-                first = await anext(events, None)
-                return StreamingResponse(_lines(first, events), media_type="application/x-ndjson")
+                return StreamingResponse(_lines(events), media_type="application/x-ndjson")
             if path == "/contexts" and request.method == "POST":
                 body = await _json_object(request)
                 cwd, language = body.get("cwd"), body.get("language")
@@ -333,12 +354,7 @@ async def _frames(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]
     yield connect.end_stream()
 
 
-async def _lines(
-    first: dict[str, Any] | None, events: AsyncIterator[dict[str, Any]]
-) -> AsyncIterator[bytes]:
-    if first is None:
-        return
-    yield json.dumps(first).encode() + b"\n"
+async def _lines(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     try:
         async for event in events:
             yield json.dumps(event).encode() + b"\n"

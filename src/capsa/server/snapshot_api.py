@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from capsa._guardian import new_vm_dir
 from capsa.errors import CapsaError
+from capsa.server.carry import carry_over
 from capsa.server.entry import TEMPLATES, ApiError, Entry, check_timeout, named_image
 from capsa.server.ingress import is_public, set_public
 from capsa.server.listing import NEXT_TOKEN, page
@@ -140,7 +141,7 @@ class SnapshotApi:
         return JSONResponse(reply, status_code=201)
 
     async def _fork_one(self, parent: Entry, snapshot: Path, timeout: int, tenant: str) -> Entry:
-        clone = await self.registry.restore(
+        child = await self.registry.restore(
             snapshot,
             template=parent.template,
             timeout=timeout,
@@ -150,8 +151,9 @@ class SnapshotApi:
             policy=parent.policy,
             reserved=True,
         )
-        set_public(clone, is_public(parent))  # before any await: a private parent's clones are private
-        return clone
+        set_public(child, is_public(parent))  # before any await: a private parent's clones are private
+        await carry_over(parent, child)  # the parent's commands, copied with its guest
+        return child
 
     async def create_snapshot(self, request: Request) -> Response:
         body = await self._json(request)

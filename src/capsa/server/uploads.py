@@ -1,10 +1,13 @@
 """envd's ``POST /files`` body, streamed: a ``multipart/form-data`` body (what the E2B SDKs send)
 is parsed as it arrives and each file part is handed on as an async iterator of chunks, so the
 upload goes to the guest at the guest's pace and the server never holds more than one body chunk
-(Starlette's form parser would spool every part to a host temporary file first)."""
+(Starlette's form parser would spool every part to a host temporary file first). An
+``application/octet-stream`` body may come gzipped (``Content-Encoding: gzip``, what the SDKs'
+``gzip=True`` uploads send): :func:`gunzip` inflates it on the fly, bounded like any upload."""
 
 from __future__ import annotations
 
+import zlib
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,6 +18,43 @@ from capsa.server.limits import RequestRejected
 
 MAX_FIELD_BYTES = 64 << 10  # a part that is not a file (ignored, but its size is bounded)
 MAX_PART_HEADERS = 8 << 10
+_INFLATE_CHUNK = 1 << 16  # at most this much inflated output per step (a gzip bomb stays bounded)
+
+
+async def gunzip(body: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """The inflated content of a gzip-encoded body (members may be concatenated), at most
+    ``limit`` bytes of it: past that, 413, like an uncompressed upload over the cap. Output is
+    produced in bounded steps, so a tiny body that inflates to gigabytes is stopped at ``limit``
+    without the server ever holding more than one step of it."""
+    inflater = zlib.decompressobj(wbits=31)
+    total = 0
+    in_member = False  # input of an unfinished gzip member was fed
+
+    def inflate(data: bytes) -> bytes:
+        try:
+            return inflater.decompress(data, _INFLATE_CHUNK)
+        except zlib.error as exc:
+            raise RequestRejected(400, f"malformed gzip body: {exc}") from None
+
+    async for chunk in body:
+        data = chunk
+        while data or in_member:
+            in_member = in_member or bool(data)
+            out = inflate(data)
+            total += len(out)
+            if total > limit:
+                raise RequestRejected(413, f"the uncompressed upload is larger than {limit} bytes")
+            if out:
+                yield out
+            if inflater.eof:  # this member is done; another may follow in the same body
+                data, in_member = inflater.unused_data, False
+                inflater = zlib.decompressobj(wbits=31)
+            else:
+                data = inflater.unconsumed_tail
+                if not out and not data:
+                    break  # everything fed so far is inflated: the next chunk is needed
+    if in_member:
+        raise RequestRejected(400, "the gzip body is truncated")
 
 
 @dataclass

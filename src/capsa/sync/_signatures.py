@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
     from pathlib import Path
 
-    from capsa.agent.types import DirEntry, ExecResult, FileStat, GuestInfo
+    from capsa.agent.types import DirEntry, ExecResult, FileStat, GuestInfo, ProcessInfo
     from capsa.cluster import Member
     from capsa.console import Pattern
     from capsa.image.custom import Image
@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 class SyncAgentMethods:
     _capsa_signatures = True
 
+    def attach(self, pid: int, timeout: float = 30.0) -> SyncProcess:
+        raise NotImplementedError
+
     def exec(self, program: str) -> SyncExecBuilder:
         raise NotImplementedError
 
@@ -52,6 +55,9 @@ class SyncAgentMethods:
         raise NotImplementedError
 
     def ping(self, timeout: float = 30.0) -> None:
+        raise NotImplementedError
+
+    def processes(self, timeout: float = 30.0) -> list[ProcessInfo]:
         raise NotImplementedError
 
     def read_file(self, path: str, *, timeout: float = 300.0, limit: int = 1073741824) -> bytes:

@@ -24,7 +24,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgpack
 
@@ -45,6 +45,29 @@ class Host(Protocol):
     def close_fd(self, fd: int) -> None: ...
 
     def forget(self, session: ConnectSession) -> None: ...
+
+
+class Agent(Host, Protocol):
+    """What :func:`op_connect` needs: a host that also keeps the sessions."""
+
+    sessions: dict[int, Any]
+
+
+_fd_limit_raised = False
+
+
+def op_connect(agent: Agent, sid: int, m: Message) -> None:
+    """The ``connect`` operation: answered once the connection is made (or has failed)."""
+    global _fd_limit_raised
+    port = port_of(m)
+    check_room(agent.sessions.values())
+    if not _fd_limit_raised:
+        _fd_limit_raised = True
+        raise_fd_limit()
+    session = ConnectSession(agent, sid, port)
+    agent.sessions[sid] = session
+    if session.connected:
+        session.on_connected()
 
 
 def send_data(outbox: Outbox, sid: int, data: bytes) -> None:
@@ -265,4 +288,4 @@ def check_room(sessions: Iterable[object]) -> None:
         raise OSError(errno.EMFILE, message)
 
 
-__all__ = ["MAX_CONNECTIONS", "ConnectSession", "check_room", "port_of", "raise_fd_limit"]
+__all__ = ["MAX_CONNECTIONS", "ConnectSession", "check_room", "op_connect", "port_of", "raise_fd_limit"]

@@ -28,8 +28,8 @@ from typing import Any
 import msgpack
 
 from capsa.agent import wire
-from capsa.agent.guest import fields
-from capsa.agent.guest.connections import ConnectSession, check_room, port_of, raise_fd_limit
+from capsa.agent.guest import attach, connections, fields
+from capsa.agent.guest.connections import ConnectSession
 from capsa.agent.guest.init import (
     INIT_ERROR_MARKER,
     StartupError,
@@ -91,7 +91,6 @@ class Agent:
         self.by_pid: dict[int, ExecSession] = {}
         self.interest: dict[int, tuple[int, Any]] = {}
         self.power_off = False
-        self.raised_fd_limit = False
         self.image: ImageDefaults | None = None  # a user image's exec defaults (PID 1 in its root)
         self.replied = 0  # the request id the last reply went to
         self.failures = 0  # internal errors survived by the loop
@@ -111,7 +110,10 @@ class Agent:
             "shutdown": self.op_shutdown,
             "refresh": self.op_refresh,
             "resize": self.op_resize,
-            "connect": self.op_connect,
+            "resync": lambda sid, m: attach.op_resync(self, sid, m),
+            "processes": lambda sid, m: attach.op_processes(self, sid, m),
+            "attach": lambda sid, m: attach.op_attach(self, sid, m),
+            "connect": lambda sid, m: connections.op_connect(self, sid, m),
         }
         self.wake_fd = -1
         self.power_fds: list[int] = []
@@ -167,7 +169,7 @@ class Agent:
     def step(self) -> None:
         producing = self.update_interest()
         timeout: float | None = 0 if producing else None
-        if any(isinstance(s, ExecSession) and s.status is not None for s in self.sessions.values()):
+        if any(s.grace_pending() for s in self.by_pid.values()):
             timeout = 0.1 if timeout is None else timeout
         if not self.init and self.by_pid:  # no SIGCHLD wakeups: poll for exits
             timeout = 0.02 if timeout is None else min(timeout, 0.02)
@@ -181,10 +183,10 @@ class Agent:
         if not self.init:
             self.reap()
         now = time.monotonic()
+        for exec_session in list(self.by_pid.values()):  # attached or not
+            exec_session.check_grace(now)
         for session in list(self.sessions.values()):
-            if isinstance(session, ExecSession):
-                session.check_grace(now)
-            elif isinstance(session, ConnectSession):
+            if isinstance(session, ConnectSession):
                 session.check_timeout(now)
         self.outbox.flush()
 
@@ -204,16 +206,17 @@ class Agent:
                 while session.id in self.sessions and session.ready():
                     session.produce()
                 producing = producing or (session.id in self.sessions and session.ready())
-            elif isinstance(session, ExecSession):
-                for out in session.outs.values():
-                    if out.fd is not None:
-                        wanted = selectors.EVENT_READ if room and out.can_read() else 0
-                        self.want(out.fd, wanted, (session, out))
-                if session.stdin_fd is not None:
-                    wanted = selectors.EVENT_WRITE if session.stdin_pending else 0
-                    self.want(session.stdin_fd, wanted, (session, None))
             elif isinstance(session, ConnectSession):
                 self.want(session.fd, session.events(room), (session, "conn"))
+        for exec_session in list(self.by_pid.values()):  # attached or not: processes outlive hosts
+            exec_session.pump()
+            for out in exec_session.outs.values():
+                if out.fd is not None:
+                    readable = room and out.can_read(exec_session.attached)
+                    self.want(out.fd, selectors.EVENT_READ if readable else 0, (exec_session, out))
+            if exec_session.stdin_fd is not None:
+                wanted = selectors.EVENT_WRITE if exec_session.stdin_pending else 0
+                self.want(exec_session.stdin_fd, wanted, (exec_session, None))
         port_events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbox.chunks else 0)
         self.want(self.port_fd, port_events, "port")
         return producing
@@ -260,6 +263,8 @@ class Agent:
                 break
             if not data:
                 if not chunks:  # no host connected: the port reads EOF until one is
+                    if self.sessions:
+                        attach.detach_all(self)  # processes go on; their output is kept
                     if self.decoder.buffered:  # the next host starts at a frame boundary
                         self.decoder = wire.FrameDecoder(skip_bad=True)
                     time.sleep(0.05)
@@ -343,7 +348,7 @@ class Agent:
             op = self.ops.get(name)
             if op is None:
                 raise BadRequest(f"unknown operation {safe_text(name[:80])!r}")
-            if sid in self.sessions:
+            if sid in self.sessions and name != "resync":  # a new host's ids start again
                 raise BadRequest(f"request id {sid} is in use")
             op(sid, m)
         except Exception as exc:  # anything a request can cause is its error, never the agent's end
@@ -551,18 +556,6 @@ class Agent:
         else:
             os.unlink(path)
         self.reply(sid)
-
-    def op_connect(self, sid: int, m: Message) -> None:
-        """A TCP connection to the guest's loopback; answered once connected (see connections)."""
-        port = port_of(m)
-        check_room(self.sessions.values())
-        if not self.raised_fd_limit:
-            self.raised_fd_limit = True
-            raise_fd_limit()
-        session = ConnectSession(self, sid, port)
-        self.sessions[sid] = session
-        if session.connected:
-            session.on_connected()
 
     def op_refresh(self, sid: int, m: Message) -> None:
         """A restored or forked guest takes a new identity (see :func:`init.set_identity`). Every

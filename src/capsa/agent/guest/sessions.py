@@ -17,6 +17,7 @@ from capsa.agent import wire
 
 PIPE_READ = 256 << 10
 OUTBOX_HIGH = 4 << 20  # stop reading pipes and files while this much is queued for the host
+HOLD_LIMIT = 1 << 20  # output kept per stream while no host is attached; past it the pipe blocks
 EXIT_GRACE = 0.5  # after the child exits, how long an idle inherited pipe may delay the "end"
 _ERRNO_KIND = {
     errno.ENOENT: "not_found",
@@ -121,6 +122,16 @@ class Outbox:
             else:
                 self.chunks[0] = head[n:]
 
+    def send_raw(self, data: bytes) -> None:
+        """Queue bytes outside any frame (the resynchronisation marker a new host looks for)."""
+        self.chunks.append(memoryview(data))
+        self.size += len(data)
+
+    def clear(self) -> None:
+        """Drop what is queued: frames for a host that is gone (a restored guest's old host)."""
+        self.chunks.clear()
+        self.size = 0
+
     def flush_blocking(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         with selectors.DefaultSelector() as sel:
@@ -134,7 +145,12 @@ class Outbox:
 
 
 class OutStream:
-    """A guest → host stream fed from a pipe: data is read only while the host has granted credit."""
+    """A guest → host stream fed from a pipe: data is read only while the host has granted credit.
+
+    Data sent and not yet acknowledged is kept (``unacked``, at most one window): if the host goes
+    away (a restored copy of this guest has a new host) it was maybe never delivered, so it goes back
+    in front of ``held``, the output read while no host is attached (at most :data:`HOLD_LIMIT`
+    bytes, then the pipe is left unread and the process blocks: back-pressure, never loss)."""
 
     def __init__(self, agent: Host, name: str, fd: int) -> None:
         self.agent = agent
@@ -142,9 +158,30 @@ class OutStream:
         self.fd: int | None = fd
         self.credit = wire.WINDOW
         self.last_data = time.monotonic()
+        self.held: deque[bytes] = deque()
+        self.held_size = 0
+        self.unacked: deque[bytes] = deque()
+        self.eof_sent = False
 
-    def can_read(self) -> bool:
-        return self.fd is not None and self.credit > wire.FRAME_COST
+    def can_read(self, attached: bool = True) -> bool:
+        if self.fd is None:
+            return False
+        if attached:
+            return not self.held and self.credit > wire.FRAME_COST
+        return self.held_size < HOLD_LIMIT
+
+    def hold(self, data: bytes, front: bool = False) -> None:
+        if front:
+            self.held.appendleft(data)
+        else:
+            self.held.append(data)
+        self.held_size += len(data)
+
+    def detach(self) -> None:
+        while self.unacked:
+            self.hold(self.unacked.pop(), front=True)
+        self.credit = wire.WINDOW
+        self.eof_sent = False
 
     def close(self) -> None:
         if self.fd is not None:
@@ -166,10 +203,13 @@ class ExecSession:
         self.status: int | None = None
         self.reaped_at = 0.0
         self.pty_fd: int | None = None  # the terminal's master side, for resizes
+        self.attached = True  # bound to request ``id`` of the connected host
+        self.argv = [str(a) for a in popen.args] if isinstance(popen.args, list | tuple) else []
+        self.started = time.time()
 
     # host → child stdin
     def on_data(self, stream: str, data: bytes) -> None:
-        if stream != "stdin":
+        if stream != "stdin" or not self.attached:
             return
         charge = wire.cost(len(data))
         if self.stdin_fd is None:
@@ -202,13 +242,15 @@ class ExecSession:
                 continue
             self.stdin_pending.popleft()
             self.stdin_owed -= charge
-            self.agent.outbox.send({"t": "ack", "id": self.id, "s": "stdin", "n": charge})
+            if charge:  # zero: sent by a host that is gone
+                self.agent.outbox.send({"t": "ack", "id": self.id, "s": "stdin", "n": charge})
         if self.stdin_eof and not self.stdin_pending:
             self.close_stdin()
 
     def close_stdin(self) -> None:
         for _, charge in self.stdin_pending:
-            self.agent.outbox.send({"t": "ack", "id": self.id, "s": "stdin", "n": charge})
+            if charge and self.attached:
+                self.agent.outbox.send({"t": "ack", "id": self.id, "s": "stdin", "n": charge})
         self.stdin_pending.clear()
         self.stdin_owed = 0
         if self.stdin_fd is not None:
@@ -218,8 +260,9 @@ class ExecSession:
     # child stdout/stderr → host
     def on_readable(self, out: OutStream) -> None:
         assert out.fd is not None
+        room = out.credit - wire.FRAME_COST if self.attached else HOLD_LIMIT - out.held_size
         try:
-            data = os.read(out.fd, min(PIPE_READ, out.credit - wire.FRAME_COST))
+            data = os.read(out.fd, min(PIPE_READ, room))
         except BlockingIOError:
             return
         except OSError:
@@ -227,19 +270,90 @@ class ExecSession:
         if not data:
             self.end_stream(out)
             return
-        out.credit -= wire.cost(len(data))
         out.last_data = time.monotonic()
+        if self.attached:
+            self.send_data(out, data)
+        else:
+            out.hold(data)
+
+    def send_data(self, out: OutStream, data: bytes) -> None:
+        out.credit -= wire.cost(len(data))
+        out.unacked.append(data)
         self.agent.outbox.send({"t": "data", "id": self.id, "s": out.name, "d": data})
 
     def end_stream(self, out: OutStream) -> None:
         out.close()
-        self.agent.outbox.send({"t": "eof", "id": self.id, "s": out.name})
-        self.maybe_finish()
+        self.pump()
 
     def on_ack(self, stream: str, n: int) -> None:
         out = self.outs.get(stream)
-        if out is not None:
-            out.credit += n
+        if out is None:
+            return
+        out.credit += n
+        while out.unacked and n >= wire.cost(len(out.unacked[0])):  # acks cover whole frames
+            n -= wire.cost(len(out.unacked.popleft()))
+
+    # -- detached from the host, and attached again --
+
+    def detach(self) -> None:
+        """The host is gone: keep the process, keep its output (unacknowledged output included)."""
+        self.attached = False
+        for out in self.outs.values():
+            out.detach()
+        self.stdin_pending = deque((view, 0) for view, _ in self.stdin_pending)
+        self.stdin_owed = 0
+
+    def attach(self, sid: int) -> None:
+        """Bind to request ``sid`` of the host now connected; :meth:`pump` then delivers what was
+        kept, and live output after it."""
+        self.id = sid
+        self.attached = True
+
+    def deliver(self) -> None:
+        """After the reply to ``attach``: a terminal's (empty) stderr ends, the rest follows."""
+        if "stderr" not in self.outs:
+            self.agent.outbox.send({"t": "eof", "id": self.id, "s": "stderr"})
+        self.pump()
+
+    def pump(self) -> None:
+        """Send kept output while the host's credit lasts, then each stream's end, then the exit."""
+        if not self.attached:
+            return
+        for out in self.outs.values():
+            while out.held and out.credit > wire.FRAME_COST and self.agent.outbox.size < OUTBOX_HIGH:
+                head = out.held.popleft()
+                room = min(out.credit - wire.FRAME_COST, wire.CHUNK)
+                if len(head) > room:
+                    out.held.appendleft(head[room:])
+                    head = head[:room]
+                out.held_size -= len(head)
+                self.send_data(out, head)
+            if out.fd is None and not out.held and not out.eof_sent:
+                out.eof_sent = True
+                self.agent.outbox.send({"t": "eof", "id": self.id, "s": out.name})
+        self.maybe_finish()
+
+    def grace_pending(self) -> bool:
+        return self.status is not None and any(out.fd is not None for out in self.outs.values())
+
+    def describe(self) -> dict[str, Any]:
+        """This process for the ``processes`` listing (bounded: argv cut to 64 words of 256)."""
+        code = sig = None
+        if self.status is not None:
+            if os.WIFSIGNALED(self.status):
+                sig = os.WTERMSIG(self.status)
+            else:
+                code = os.WEXITSTATUS(self.status)
+        return {
+            "pid": self.pid,
+            "argv": [safe_text(arg[:256]) for arg in self.argv[:64]],
+            "pty": "stderr" not in self.outs,
+            "started": self.started,
+            "attached": self.attached,
+            "running": self.status is None,
+            "code": code,
+            "signal": sig,
+        }
 
     def on_reaped(self, status: int) -> None:
         self.status = status
@@ -252,11 +366,13 @@ class ExecSession:
         if self.status is None or now - self.reaped_at < EXIT_GRACE:
             return
         for out in list(self.outs.values()):
-            if out.can_read() and now - out.last_data >= EXIT_GRACE:
+            if out.can_read(self.attached) and now - out.last_data >= EXIT_GRACE:
                 self.end_stream(out)
 
     def maybe_finish(self) -> None:
-        if self.status is None or any(out.fd is not None for out in self.outs.values()):
+        if not self.attached or self.status is None:
+            return
+        if any(out.fd is not None or not out.eof_sent for out in self.outs.values()):
             return
         code = sig = None
         if os.WIFSIGNALED(self.status):

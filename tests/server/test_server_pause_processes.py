@@ -1,0 +1,142 @@
+"""``capsa serve``: a pause keeps running commands and the code interpreter. After ``connect()`` a
+background command still runs, ``commands.connect(pid)`` streams its continuing output, and the
+interpreter's variables are intact. One server for the module (``--memory 256``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.server.conftest import Server, start_server
+
+e2b = pytest.importorskip("e2b")
+code_interpreter = pytest.importorskip("e2b_code_interpreter")
+from e2b import Sandbox  # noqa: E402
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(240)]
+
+COUNTER = "i=0; while :; do echo n$i; i=$((i+1)); sleep 0.2; done"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_server(tmp_path_factory.mktemp("serve"), "--max-sandboxes", "2", "--memory", "256")
+    old = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        yield server
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        code = server.stop()
+        assert code in (0, -signal.SIGTERM), server.log.read_text()[-3000:]
+
+
+def _numbers(text: str) -> list[int]:
+    return [int(word[1:]) for word in text.split() if word.startswith("n") and word[1:].isdigit()]
+
+
+def test_a_background_command_survives_pause_and_connect(server: Server) -> None:
+    sandbox = Sandbox.create(timeout=120)
+    try:
+        handle = sandbox.commands.run(COUNTER, background=True)
+        time.sleep(1.0)
+        sandbox.pause()
+        with pytest.raises(Exception, match="paused"):  # the stream ends, saying how to come back
+            handle.wait()
+        resumed = Sandbox.connect(sandbox.sandbox_id, timeout=60)
+        listed = [p.pid for p in resumed.commands.list()]
+        assert handle.pid in listed, listed
+        seen: list[str] = []
+        again = resumed.commands.connect(handle.pid)
+        deadline = time.monotonic() + 30
+        for stdout, _, _ in again:
+            if stdout:
+                seen.append(stdout)
+            if len(_numbers("".join(seen))) >= 8 or time.monotonic() > deadline:
+                break
+        numbers = _numbers("".join(seen))
+        assert len(numbers) >= 8, seen
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), numbers  # no gap
+        assert numbers[0] > 0  # it went on counting: not a fresh start
+        assert resumed.commands.kill(handle.pid)
+    finally:
+        Sandbox.kill(sandbox.sandbox_id)
+
+
+def test_the_interpreter_keeps_its_variables_across_a_pause(server: Server) -> None:
+    sandbox = code_interpreter.Sandbox.create(timeout=120)
+    try:
+        assert sandbox.run_code("x = 41").error is None
+        sandbox.pause()
+        resumed = code_interpreter.Sandbox.connect(sandbox.sandbox_id, timeout=60)
+        assert resumed.run_code("x + 1").text == "42"
+    finally:
+        Sandbox.kill(sandbox.sandbox_id)
+
+
+def test_a_pause_during_a_running_cell_stops_the_interpreter_cleanly(server: Server) -> None:
+    """A cell still running when the pause comes cannot be carried across: its client gets an
+    error, the interpreter is stopped, and after the resume a new one answers (variables lost)."""
+    sandbox = code_interpreter.Sandbox.create(timeout=120)
+    try:
+        assert sandbox.run_code("y = 1").error is None
+        outcome: list[object] = []
+
+        def slow() -> None:
+            try:
+                outcome.append(sandbox.run_code("import time; time.sleep(60)", timeout=90))
+            except Exception as exc:  # the stream broke: what a pause mid-cell does
+                outcome.append(exc)
+
+        worker = threading.Thread(target=slow)
+        worker.start()
+        time.sleep(2.0)
+        sandbox.pause()
+        worker.join(60)
+        assert not worker.is_alive() and outcome
+        resumed = code_interpreter.Sandbox.connect(sandbox.sandbox_id, timeout=60)
+        assert resumed.run_code("1 + 1").text == "2"
+        assert resumed.run_code("y").error.name == "NameError"
+        procs = resumed.commands.run("cat /proc/[0-9]*/cmdline 2>/dev/null; true").stdout
+        assert procs.count("python3\x00-u\x00-c") == 1  # the new interpreter only: none leaked
+    finally:
+        Sandbox.kill(sandbox.sandbox_id)
+
+
+def test_a_fork_takes_up_the_parents_commands_and_starts_a_fresh_interpreter(server: Server) -> None:
+    parent = code_interpreter.Sandbox.create(timeout=120)
+    try:
+        assert parent.run_code("z = 7").error is None
+        handle = parent.commands.run(COUNTER, background=True)
+        time.sleep(1.0)
+        [child] = parent.fork(count=1, timeout=60)
+        try:
+            assert handle.pid in [p.pid for p in child.commands.list()]
+            seen: list[str] = []
+            for stdout, _, _ in child.commands.connect(handle.pid):
+                seen.append(stdout or "")
+                if len(_numbers("".join(seen))) >= 4:
+                    break
+            numbers = _numbers("".join(seen))
+            assert numbers == list(range(numbers[0], numbers[0] + len(numbers))) and numbers[0] > 0
+            assert child.commands.kill(handle.pid)
+            forked = code_interpreter.Sandbox.connect(child.sandbox_id)
+            assert forked.run_code("z").error.name == "NameError"  # a fresh interpreter
+            procs = child.commands.run("cat /proc/[0-9]*/cmdline 2>/dev/null; true").stdout
+            assert procs.count("python3\x00-u\x00-c") == 1  # the parent's copy was stopped
+        finally:
+            Sandbox.kill(child.sandbox_id)
+        assert handle.pid in [p.pid for p in parent.commands.list()]  # the parent's goes on
+        assert parent.run_code("z").text == "7"
+        assert parent.commands.kill(handle.pid)
+    finally:
+        Sandbox.kill(parent.sandbox_id)
