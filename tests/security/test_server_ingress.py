@@ -101,6 +101,27 @@ def test_private_ports_need_the_traffic_token(private: tuple[Server, Sandbox]) -
     assert (ok.status_code, ok.text) == (200, "secret\n")
 
 
+def test_the_traffic_token_does_not_drive_envd(private: tuple[Server, Sandbox]) -> None:
+    """Attack: whoever was given a private sandbox's traffic token (to open its web app) uses it as
+    the envd access token to run commands in the sandbox. The two tokens differ, and envd refuses
+    the traffic token."""
+    srv, sandbox = private
+    token = sandbox.traffic_access_token or ""
+    assert token and token != sandbox._envd_access_token
+    reply = httpx.post(
+        f"{srv.url}/process.Process/List",
+        json={},
+        headers={
+            "E2b-Sandbox-Id": sandbox.sandbox_id,
+            "E2b-Sandbox-Port": "49983",
+            "X-Access-Token": token,
+            "Content-Type": "application/json",
+        },
+        timeout=30,
+    )
+    assert reply.status_code == 401, reply.text
+
+
 def test_hostile_guest_responses_get_a_502(private: tuple[Server, Sandbox]) -> None:
     """Attack: a server in the sandbox answers with a response head that never ends (the proxy
     would buffer it without bound) or with bytes that are not HTTP. Each request gets a prompt 502

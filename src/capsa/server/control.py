@@ -66,7 +66,7 @@ def sandbox_json(entry: Entry) -> dict[str, Any]:
         "clientID": "capsa",
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": entry.token,
-        "trafficAccessToken": entry.token,
+        "trafficAccessToken": entry.traffic_token,
         "alias": entry.template,
     }
 

@@ -135,7 +135,7 @@ class Ingress:
         if not is_public(entry):
             token = _header(scope, b"e2b-traffic-access-token")
             if token is None or not secrets.compare_digest(
-                token.encode("latin-1"), entry.token.encode()
+                token.encode("latin-1"), entry.traffic_token.encode()
             ):
                 raise IngressError(403, "this sandbox's ports need its e2b-traffic-access-token")
         if entry.node_id is not None:
