@@ -38,9 +38,12 @@ def ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
-def start_server(port: int, log: Path) -> subprocess.Popen[bytes]:
-    args = ["--port", str(port), "--memory", str(MEMORY), "--pool", "base=2"]
-    args += ["--pool", "code-interpreter-v1=1"]
+def start_server(
+    port: int, log: Path, pools: tuple[str, ...] = ("base=2", "code-interpreter-v1=1")
+) -> subprocess.Popen[bytes]:
+    args = ["--port", str(port), "--memory", str(MEMORY)]
+    for pool in pools:
+        args += ["--pool", pool]
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "capsa.cli", "serve", *args],

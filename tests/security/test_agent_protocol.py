@@ -12,6 +12,7 @@ a ``ping`` (and that everything it sent is a well-formed frame).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import os
@@ -300,6 +301,7 @@ REQUESTS: list[tuple[str, dict[str, Any]]] = [
     ("mkdir", {"path": "/tmp/a/b", "parents": True, "mode": 0o700}),
     ("remove", {"path": "/tmp/a", "recursive": True}),
     ("refresh", {"entropy": bytes(64), "time": 1.7e9, "hostname": "capsa-fuzz", "network": NETWORK}),
+    ("connect", {"port": 1}),  # the jail's network namespace has no address: refused at once
     ("shutdown", {}),
     ("processes", {}),
     ("attach", {"pid": 2}),
@@ -517,3 +519,66 @@ async def test_guest_made_traps_do_not_wedge_the_agent(sandbox: capsa.Sandbox) -
         assert time.monotonic() - started < 10
     await agent.ping(timeout=15)
     assert (await agent.exec("echo").arg("alive").run()).stdout == "alive\n"
+
+
+HOSTILE_PORTS: list[Any] = [
+    0,
+    -1,
+    65536,
+    70000,
+    (1 << 64) - 1,
+    -(1 << 63),
+    "80",
+    80.0,
+    True,
+    None,
+    [80],
+    {},
+]
+
+
+@pytest.mark.vm
+@pytest.mark.asyncio
+@pytest.mark.timeout(240)
+async def test_hostile_connect_requests_get_errors_and_the_agent_keeps_serving(
+    sandbox: capsa.Sandbox,
+) -> None:
+    """Attack: ``connect`` requests for ports no socket call accepts (0, negative, past 65535,
+    beyond 64 bits, strings, floats, booleans, lists) sent at the wire level past the host's
+    checks, a connect to a port nothing listens on, and a guest server that never reads what it is
+    sent while the host keeps writing. Each must get an error (or back-pressure), never kill or
+    wedge PID 1: the agent then still answers a ping and relays a real connection."""
+    agent = sandbox.agent
+    channel = agent.channel
+    for port in HOSTILE_PORTS:
+        reply = await channel.request("connect", {"port": port}, timeout=15)
+        assert reply["ok"] is False and reply["err"]["kind"] == "bad_request", (port, reply)
+        assert "'port'" in reply["err"]["msg"], reply
+    missing = await channel.request("connect", {}, timeout=15)
+    assert missing["ok"] is False and missing["err"]["kind"] == "bad_request"
+    refused = await channel.request("connect", {"port": 9}, timeout=15)
+    assert refused["ok"] is False and refused["err"]["errno"] == 111  # ECONNREFUSED, at once
+    await agent.ping(timeout=15)
+    # a server that accepts and never reads: the host's writes stop at the window, the agent is free
+    server = "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',7100)); s.listen(); " \
+        "c=s.accept(); print('accepted', flush=True); time.sleep(600)"  # fmt: skip
+    sink = await agent.exec("python3").args(["-c", server]).spawn()
+    try:
+        for _ in range(100):
+            try:
+                _reader, writer = await agent.open_connection(7100, timeout=15)
+                break
+            except capsa.AgentError:
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the sink server did not start")
+        writer.write(os.urandom(32 << 20))
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(5):
+                await writer.drain()  # blocked by the credit window, as it should be
+        await agent.ping(timeout=15)
+        assert (await agent.exec("echo").arg("alive").run()).stdout == "alive\n"
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await sink.kill()

@@ -36,7 +36,7 @@ TWINS = {
 }
 # Names a face deliberately lacks, and why (anything else missing fails the test).
 SKIPPED = {
-    Agent: {"channel"},
+    Agent: {"channel", "open_connection"},
     NetworkStack: {"start", "close", "send_frame", "send_ip", "on_gateway_frame", "record"},
 }
 # Async protocols and their blocking counterparts.

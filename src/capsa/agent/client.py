@@ -13,6 +13,7 @@ import msgpack
 from capsa.agent import wire
 from capsa.agent._channel import Call, Channel
 from capsa.agent.attach import attach_process, list_processes
+from capsa.agent.connections import ConnectionWriter, open_connection
 from capsa.agent.errors import check_guest_path, check_mode, check_timeout, expect_ok
 from capsa.agent.exec import ExecBuilder, ExecSpec, Process, _check_text
 from capsa.agent.types import DirEntry, FileStat, FileType, GuestInfo, Mount, ProcessInfo
@@ -119,6 +120,16 @@ class Agent:
         if network is not None:
             args["network"] = network
         await self._request("refresh", args, timeout)
+
+    async def open_connection(
+        self, port: int, *, timeout: float = DEFAULT_TIMEOUT, first: bytes = b""
+    ) -> tuple[asyncio.StreamReader, ConnectionWriter]:
+        """A TCP connection to ``127.0.0.1:port`` inside the guest, carried by the agent (the guest
+        needs no network for it): ``(reader, writer)`` as :func:`asyncio.open_connection` returns.
+        ``first`` (up to 1 MiB) travels with the connect and is written as soon as it succeeds
+        (a request head: one round trip less). Raises
+        :class:`~capsa.agent.connections.ConnectionRefused` when nothing listens there."""
+        return await open_connection(self._channel, port, timeout, first)
 
     # -- files --
 

@@ -53,6 +53,12 @@ def register(commands: Any) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=3000, help="port to bind (default 3000)")
     parser.add_argument(
+        "--domain",
+        metavar="DOMAIN",
+        help="domain of the sandboxes' ports: {port}-{sandbox_id}.DOMAIN reaches a port of a "
+        "sandbox (get_host); default localhost:<port>, which a browser on this machine resolves",
+    )
+    parser.add_argument(
         "--api-key-file",
         metavar="FILE",
         help="accepted API keys, one per line, each optionally with tenant=NAME, admin, "
@@ -250,6 +256,7 @@ def _serve(args: argparse.Namespace) -> int:
         ray_address=args.ray,
         limits=limits_from(args),
         metrics_interval=args.metrics_interval,
+        domain=args.domain or f"localhost:{args.port}",
     )
     if args.ray is not None:  # before uvicorn: its signal handlers must replace Ray's SIGTERM one
         from capsa.server._cluster import connect_driver  # noqa: PLC0415

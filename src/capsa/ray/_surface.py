@@ -45,7 +45,7 @@ BUILDERS: dict[str, type] = {cls.__name__: cls for cls in (ExecBuilder, SandboxB
 # Plumbing the VM uses internally; meaningless (or unsafe) from another process.
 _PLUMBING: dict[str, frozenset[str]] = {
     "Sandbox": frozenset({"port_socket"}),
-    "Agent": frozenset({"channel"}),
+    "Agent": frozenset({"channel", "open_connection"}),  # asyncio streams stay in their loop
     "NetworkStack": frozenset(
         {"start", "close", "send_frame", "send_ip", "on_gateway_frame", "record", "switch", "link"}
     ),

@@ -22,6 +22,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from capsa.errors import CapsaError
 from capsa.server.control import PRINCIPAL, ControlPlane, api_error, error_response, principal_of
 from capsa.server.guest_metrics import DEFAULT_INTERVAL, Sampler
+from capsa.server.ingress import Ingress
+from capsa.server.ingress_ws import relay_websocket
 from capsa.server.limits import (
     LimitedBody,
     Limits,
@@ -54,6 +56,7 @@ class ServerConfig:
     ray_address: str | None = None  # place sandboxes on this Ray cluster (capsa serve --ray)
     limits: Limits = field(default_factory=Limits)
     metrics_interval: float = DEFAULT_INTERVAL  # seconds between guest samples (0: none)
+    domain: str = "localhost:3000"  # ingress hosts are {port}-{sandbox_id}.{domain} (--domain)
 
 
 class CapsaServer:
@@ -76,7 +79,7 @@ class CapsaServer:
         )
         self.sampler = Sampler(self.registry, config.metrics_interval, self.metrics.sampled)
         self.ready = False
-        control = ControlPlane(self.registry, self.metrics, self.sampler)
+        control = ControlPlane(self.registry, self.metrics, self.sampler, domain=config.domain)
         routes = [
             Route("/health", self._health, methods=["GET"]),
             Route("/metrics", self._metrics, methods=["GET"]),
@@ -88,6 +91,7 @@ class CapsaServer:
             exception_handlers={CapsaError: self._on_error},
         )
         self._sandbox = SandboxApi(self.registry, self.metrics, config.limits)
+        self.ingress = Ingress(self.registry, config.limits, config.domain)
         self.app: ASGIApp = self._dispatch
 
     @contextlib.asynccontextmanager
@@ -131,6 +135,14 @@ class CapsaServer:
         return self.config.api_keys.principal(key)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            try:
+                target = self.ingress.route(scope, single_header(scope["headers"], b"e2b-sandbox-id"))
+            except RequestRejected:
+                target = None
+            if target is not None:
+                await relay_websocket(self.ingress, scope, receive, send, target)
+                return
         if scope["type"] != "http":
             await self._control(scope, receive, send)
             return
@@ -145,8 +157,12 @@ class CapsaServer:
 
         sandbox_id: str | None = None
         try:
-            sandbox_id, body = self._admit(scope)
-            if sandbox_id is not None or _signed_url(scope):
+            target = self.ingress.route(scope, single_header(scope["headers"], b"e2b-sandbox-id"))
+            sandbox_id, body = self._admit(scope, ingress=target is not None)
+            if target is not None:  # a request for a port of the sandbox (get_host)
+                sandbox_id = target[0]
+                await self.ingress.http(scope, receive, send_logged, *target)
+            elif sandbox_id is not None or _signed_url(scope):
                 await self._sandbox_asgi(scope, body.bind(receive), send_logged)
             elif scope["path"] in _PUBLIC:
                 await self._control(scope, body.bind(receive), send_logged)
@@ -171,7 +187,7 @@ class CapsaServer:
                 "-" if sandbox_id is None else log_safe(sandbox_id),
             )
 
-    def _admit(self, scope: Scope) -> tuple[str | None, _BodyCap]:
+    def _admit(self, scope: Scope, *, ingress: bool = False) -> tuple[str | None, _BodyCap]:
         """Check what every route relies on before any runs: the routing headers are single (a
         proxy and this server must agree on the sandbox) and printable, and a declared body fits
         the request's cap (else 413 before a byte of it is read)."""
@@ -180,7 +196,9 @@ class CapsaServer:
         for name in (b"e2b-sandbox-port", b"x-access-token", b"e2b-traffic-access-token"):
             single_header(raw, name)
         limits = self.config.limits
-        if sandbox_id is None and not _signed_url(scope):
+        if ingress:  # streamed to the guest server as it arrives
+            cap = limits.max_upload_bytes
+        elif sandbox_id is None and not _signed_url(scope):
             cap = limits.max_json_bytes
         elif scope["path"] == "/files":
             cap = limits.max_upload_bytes

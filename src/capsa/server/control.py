@@ -26,10 +26,11 @@ from capsa.server.entry import (
     resolved,
 )
 from capsa.server.guest_metrics import MAX_BATCH, Sampler
+from capsa.server.ingress import set_public
 from capsa.server.interpreter import interpreter_for
 from capsa.server.listing import NEXT_TOKEN, descending, filter_sandboxes, page, sandbox_key
 from capsa.server.metrics import Metrics
-from capsa.server.network import check_network, e2b_policy, update_policy
+from capsa.server.network import check_network, e2b_policy, public_traffic, update_policy
 from capsa.server.registry import Registry
 from capsa.server.snapshot_api import SnapshotApi, create_from_snapshot
 from capsa.server.tenants import Principal
@@ -65,7 +66,7 @@ def sandbox_json(entry: Entry) -> dict[str, Any]:
         "clientID": "capsa",
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": entry.token,
-        "trafficAccessToken": entry.token,
+        "trafficAccessToken": entry.traffic_token,
         "alias": entry.template,
     }
 
@@ -155,11 +156,23 @@ def _lifecycle_json(entry: Entry) -> dict[str, Any]:
 
 
 class ControlPlane:
-    def __init__(self, registry: Registry, metrics: Metrics, sampler: Sampler | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        metrics: Metrics,
+        sampler: Sampler | None = None,
+        *,
+        domain: str = "localhost:3000",
+    ) -> None:
+        self.domain = domain  # of the ingress hosts ({port}-{id}.{domain}), in create's reply
         self.registry = registry
         self.metrics = metrics
         self.sampler = sampler
-        self.snapshots = SnapshotApi(registry, sandbox_json, principal_of, _body)
+        self.snapshots = SnapshotApi(registry, self.sandbox_json, principal_of, _body)
+
+    def sandbox_json(self, entry: Entry) -> dict[str, Any]:
+        """A created, connected or forked sandbox, with the domain of its ports (``get_host``)."""
+        return {**sandbox_json(entry), "domain": self.domain}
 
     def routes(self) -> list[Route]:
         return [
@@ -219,10 +232,12 @@ class ControlPlane:
                 auto_pause=auto_pause,
                 auto_resume=auto_resume,
             )
+        public = saved.public_traffic if saved is not None else public_traffic(network)
+        set_public(entry, public)  # before any await: no public moment
         self.metrics.created(time.monotonic() - started, template)
         if template == INTERPRETER_TEMPLATE:
             await interpreter_for(entry).warm()
-        return JSONResponse(sandbox_json(entry), status_code=201)
+        return JSONResponse(self.sandbox_json(entry), status_code=201)
 
     async def list(self, request: Request) -> Response:
         """E2B's list: filters (state, metadata, template, startedAfter), order by start time
@@ -330,7 +345,7 @@ class ControlPlane:
             None if timeout is None else self.registry.check_timeout(timeout),
             _scope(request),
         )
-        return JSONResponse(sandbox_json(entry), status_code=200)
+        return JSONResponse(self.sandbox_json(entry), status_code=200)
 
 
 def api_error(exc: Exception) -> JSONResponse:

@@ -5,7 +5,9 @@ checks every face of the server shares (timeouts, tenant visibility, named image
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
+import hashlib
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -89,6 +91,13 @@ class Entry:
     timeout: int = DEFAULT_TIMEOUT  # the last one set: an auto-resume runs for as long again
     pausing: bool = False  # a pause is saving its snapshot
     parked: bool = False  # holds a paused slot of the quota, not a running one
+
+    @property
+    def traffic_token(self) -> str:
+        """The token a private sandbox's ports (ingress) want: derived one way from the envd
+        ``token``, so whoever may only reach the ports (a browser, a webhook) cannot drive envd."""
+        digest = hashlib.sha256(b"capsa-traffic-token\0" + self.token.encode()).digest()
+        return base64.urlsafe_b64encode(digest[:24]).decode()
 
     @property
     def running(self) -> bool:

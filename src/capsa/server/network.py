@@ -66,6 +66,19 @@ def check_network(allow_internet_access: object, network: object) -> None:
     settings = network or {}
     _entries(settings, "allowOut", "allow_out")
     _entries(settings, "denyOut", "deny_out")
+    public_traffic(settings)
+
+
+def public_traffic(network: object) -> bool:
+    """``network.allow_public_traffic`` (default true): false makes the sandbox's ports (ingress,
+    ``get_host``) answer only requests that carry its traffic access token."""
+    settings = network if isinstance(network, dict) else {}
+    value = settings.get("allow_public_traffic", settings.get("allowPublicTraffic"))
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise ApiError(400, "network.allow_public_traffic must be a boolean")
+    return value
 
 
 UPDATE_FIELDS = ("allowOut", "allow_out", "denyOut", "deny_out", "allow_internet_access",
@@ -96,8 +109,8 @@ def e2b_policy(allow_internet_access: object, network: object) -> NetworkPolicy 
     settings = network if isinstance(network, dict) else {}
     allow = _entries(settings, "allowOut", "allow_out")
     deny = _entries(settings, "denyOut", "deny_out")
-    if allow_internet_access is None and not network:
-        return None
+    if allow_internet_access is None and not allow and not deny:
+        return None  # (ingress settings such as allow_public_traffic need no interface)
     if allow_internet_access is False and not allow:
         return None  # no egress at all: no interface (and a pooled sandbox)
     default = Action.DENY if allow_internet_access is False else Action.ALLOW

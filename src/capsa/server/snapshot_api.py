@@ -26,6 +26,7 @@ from capsa._guardian import new_vm_dir
 from capsa.errors import CapsaError
 from capsa.server.carry import carry_over
 from capsa.server.entry import TEMPLATES, ApiError, Entry, check_timeout, named_image
+from capsa.server.ingress import is_public, set_public
 from capsa.server.listing import NEXT_TOKEN, page
 from capsa.server.quota import LimitReached
 from capsa.server.registry import Registry
@@ -150,6 +151,7 @@ class SnapshotApi:
             policy=parent.policy,
             reserved=True,
         )
+        set_public(child, is_public(parent))  # before any await: a private parent's clones are private
         await carry_over(parent, child)  # the parent's commands, copied with its guest
         return child
 
@@ -184,6 +186,7 @@ class SnapshotApi:
                 envs=dict(source.envs),
                 created_at=datetime.datetime.now(datetime.UTC),
                 policy=source.policy,
+                public_traffic=is_public(source),
             )
             store.add(saved)
         return JSONResponse(saved.json(), status_code=201)
@@ -223,7 +226,7 @@ async def create_from_snapshot(
     sandbox's environment under ``envs`` and its network policy (a snapshot's devices are fixed:
     a restore cannot add or drop its network interface)."""
     with registry.snapshots.using(saved) as path:
-        return await registry.restore(
+        entry = await registry.restore(
             path,
             template=saved.template,
             timeout=timeout,
@@ -232,6 +235,8 @@ async def create_from_snapshot(
             envs={**saved.envs, **envs},
             policy=saved.policy,
         )
+    set_public(entry, saved.public_traffic)  # before any await: the source's ingress access
+    return entry
 
 
 def _reserve(registry: Registry, tenant: str, count: int) -> list[ApiError | None]:

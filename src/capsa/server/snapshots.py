@@ -41,6 +41,7 @@ class Saved:
     users: int = 0  # restores reading it now: a delete removes the files after the last one
     deleted: bool = False
     policy: capsa.NetworkPolicy | None = None  # the source's: its restores keep it
+    public_traffic: bool = True  # the source's allow_public_traffic (ingress): its restores keep it
 
     @property
     def snapshot_id(self) -> str:

@@ -61,5 +61,11 @@ class SyncExecBuilder(Face, SyncExecBuilderMethods, twin=ExecBuilder):
     _plain_in_caller = True
 
 
-class SyncAgent(Face, SyncAgentMethods, twin=Agent, skip={"channel": "the host end of the wire"}):
+_AGENT_PLUMBING = {
+    "channel": "the host end of the wire",
+    "open_connection": "its asyncio streams live on the sandbox's event loop; use the async API",
+}
+
+
+class SyncAgent(Face, SyncAgentMethods, twin=Agent, skip=_AGENT_PLUMBING):
     """Blocking face of :class:`capsa.Agent`."""

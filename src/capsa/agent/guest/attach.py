@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from capsa.agent.guest import fields
+from capsa.agent.guest.connections import ConnectSession
 from capsa.agent.guest.sessions import BadRequest, ExecSession, Message, Outbox, Session
 
 SYNC_MAGIC = b"\x00\x00\x00\x00capsa-resync:"  # then the host's token; never the start of a frame
@@ -23,7 +24,7 @@ MAX_FINISHED = 256  # detached, finished, uncollected sessions kept; the oldest 
 
 class Agent(Protocol):
     outbox: Outbox
-    sessions: dict[int, Session]
+    sessions: dict[int, Session | ConnectSession]
     by_pid: dict[int, ExecSession]
     replied: int
 

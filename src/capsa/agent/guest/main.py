@@ -29,7 +29,8 @@ from typing import Any
 import msgpack
 
 from capsa.agent import wire
-from capsa.agent.guest import attach, details, fields
+from capsa.agent.guest import attach, connections, details, fields
+from capsa.agent.guest.connections import ConnectSession
 from capsa.agent.guest.init import (
     INIT_ERROR_MARKER,
     StartupError,
@@ -87,7 +88,7 @@ class Agent:
         self.port_fd = port_fd
         self.decoder = wire.FrameDecoder(skip_bad=True)
         self.sel = selectors.DefaultSelector()
-        self.sessions: dict[int, Session] = {}
+        self.sessions: dict[int, Session | ConnectSession] = {}
         self.by_pid: dict[int, ExecSession] = {}
         self.interest: dict[int, tuple[int, Any]] = {}
         self.power_off = False
@@ -113,6 +114,7 @@ class Agent:
             "resync": lambda sid, m: attach.op_resync(self, sid, m),
             "processes": lambda sid, m: attach.op_processes(self, sid, m),
             "attach": lambda sid, m: attach.op_attach(self, sid, m),
+            "connect": lambda sid, m: connections.op_connect(self, sid, m),
         }
         for name, op in details.OPS.items():  # file owner names and metadata (details.py)
             self.ops[name] = functools.partial(op, self)
@@ -146,7 +148,7 @@ class Agent:
         self.want(fd, 0, None)
         os.close(fd)
 
-    def forget(self, session: Session) -> None:
+    def forget(self, session: Session | ConnectSession) -> None:
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
         if isinstance(session, ExecSession) and self.by_pid.get(session.pid) is session:
@@ -174,6 +176,11 @@ class Agent:
             timeout = 0.1 if timeout is None else timeout
         if not self.init and self.by_pid:  # no SIGCHLD wakeups: poll for exits
             timeout = 0.02 if timeout is None else min(timeout, 0.02)
+        connecting = any(
+            isinstance(s, ConnectSession) and not s.connected for s in self.sessions.values()
+        )
+        if connecting:  # a connect that never completes must time out
+            timeout = 1.0 if timeout is None else min(timeout, 1.0)
         for key, mask in self.sel.select(timeout):
             self.dispatch(key, mask)
         if not self.init:
@@ -181,6 +188,9 @@ class Agent:
         now = time.monotonic()
         for exec_session in list(self.by_pid.values()):  # attached or not
             exec_session.check_grace(now)
+        for session in list(self.sessions.values()):
+            if isinstance(session, ConnectSession):
+                session.check_timeout(now)
         self.outbox.flush()
 
     def survive(self, exc: Exception) -> None:
@@ -199,6 +209,8 @@ class Agent:
                 while session.id in self.sessions and session.ready():
                     session.produce()
                 producing = producing or (session.id in self.sessions and session.ready())
+            elif isinstance(session, ConnectSession):
+                self.want(session.fd, session.events(room), (session, "conn"))
         for exec_session in list(self.by_pid.values()):  # attached or not: processes outlive hosts
             exec_session.pump()
             for out in exec_session.outs.values():
@@ -231,7 +243,9 @@ class Agent:
             self.power_off = True
         else:
             session, out = data
-            if out is None:
+            if out == "conn":
+                session.on_event(mask)
+            elif out is None:
                 session.pump_stdin()
             elif out.fd == key.fd:
                 session.on_readable(out)
