@@ -81,13 +81,15 @@ class SandboxApi:
             return _envd_error(429 if full else 502, message)
 
     def _authorized(self, request: Request, entry: Entry, *, interpreter: bool = False) -> bool:
-        tokens = [request.headers.get("x-access-token")]
+        # the interpreter's port is a sandbox port: its traffic token (derived from the envd token,
+        # not equal to it) opens it too; the JS SDK's context calls send only that one
+        pairs = [(request.headers.get("x-access-token"), entry.token)]
         if interpreter:
-            tokens.append(request.headers.get("e2b-traffic-access-token"))
-        expected = entry.token.encode()
+            pairs.append((request.headers.get("e2b-traffic-access-token"), entry.traffic_token))
         # bytes: compare_digest refuses non-ASCII str (a 500 before); the headers are latin-1
         return any(
-            t is not None and secrets.compare_digest(t.encode("latin-1"), expected) for t in tokens
+            t is not None and secrets.compare_digest(t.encode("latin-1"), want.encode())
+            for t, want in pairs
         )
 
     async def __call__(self, request: Request) -> Response:
