@@ -9,6 +9,7 @@
 //   node sdk_checks.mjs base       one group (base | interpreter | lifecycle | control)
 import { CommandExitError, Sandbox, TimeoutError } from 'e2b'
 import { Sandbox as CodeSandbox } from '@e2b/code-interpreter'
+import http from 'node:http'
 
 const results = {}
 
@@ -40,6 +41,33 @@ async function raised(fn) {
     }
   }
 }
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
+
+// GET `path` from the server with `Host: host`, as a browser sent to a get_host() name would
+// (undici's fetch will not set Host): { status, body, ms }.
+function hostGet(host, path) {
+  const api = new URL(process.env.E2B_API_URL)
+  const started = performance.now()
+  return new Promise((resolve, reject) => {
+    const req = http.request(
+      { hostname: api.hostname, port: api.port, path, headers: { host }, timeout: 30_000 },
+      (res) => {
+        let body = ''
+        res.setEncoding('utf8')
+        res.on('data', (c) => (body += c))
+        res.on('end', () => resolve({ status: res.statusCode, body, ms: Math.round(performance.now() - started) }))
+        res.on('error', reject)
+      },
+    )
+    req.on('timeout', () => req.destroy(new Error(`no reply from ${host} in 30 s`)))
+    req.on('error', reject)
+    req.end()
+  })
+}
+
+// The numbers a `echo n$i` counter printed, in order.
+const numbers = (text) => text.split(/\s+/).filter((w) => /^n\d+$/.test(w)).map((w) => Number(w.slice(1)))
 
 async function baseChecks() {
   const sbx = await Sandbox.create({ timeoutMs: 300_000, metadata: { suite: 'js' }, envs: { FROM_CREATE: 'yes' } })
@@ -199,6 +227,27 @@ async function baseChecks() {
       return { saw: data.includes('pty-42'), killed: await sbx.pty.kill(pty.pid) }
     })
 
+    await check('ingress', async () => {
+      await sbx.files.write('/tmp/www/file.txt', 'served from the sandbox\n')
+      await sbx.commands.run('python3 -m http.server 8000 --directory /tmp/www', { background: true })
+      const host = sbx.getHost(8000)
+      let reply = { status: 0 }
+      const deadline = Date.now() + 60_000
+      while (Date.now() < deadline) {
+        reply = await hostGet(host, '/file.txt') // 502 until the server listens
+        if (reply.status !== 502) break
+        await sleep(200)
+      }
+      const closed = await hostGet(sbx.getHost(9), '/')
+      return {
+        host,
+        domain: sbx.sandboxDomain,
+        status: reply.status,
+        body: reply.body,
+        closed: { status: closed.status, ms: closed.ms, message: JSON.parse(closed.body).message },
+      }
+    })
+
     await check('info_and_metrics', async () => {
       const info = await sbx.getInfo()
       const metrics = await sbx.getMetrics()
@@ -298,6 +347,14 @@ async function interpreterChecks() {
       return { text: run.text, onResult: results }
     })
 
+    await check('ci_pause', async () => {
+      const set = await sbx.runCode('x = 41')
+      await sbx.pause()
+      const resumed = await CodeSandbox.connect(sbx.sandboxId, { timeoutMs: 120_000 })
+      const after = await resumed.runCode('x + 1') // the same kernel, carried across the pause
+      return { setError: set.error ?? null, text: after.text, error: after.error?.name ?? null }
+    })
+
     await check('ci_timeout', async () => {
       const started = performance.now()
       const err = await raised(() => sbx.runCode('import time; time.sleep(5)', { timeoutMs: 1000 }))
@@ -312,13 +369,20 @@ async function interpreterChecks() {
 
 async function lifecycleChecks() {
   const sbx = await Sandbox.create({ timeoutMs: 300_000, metadata: { suite: 'js-pause' } })
+  // a background counter, started before the pause: it goes on counting after the resume
+  const counter = await sbx.commands.run('i=0; while :; do echo n$i; i=$((i+1)); sleep 0.2; done', {
+    background: true,
+  })
+  let resumed = sbx
   try {
     await check('pause_resume', async () => {
       await sbx.files.write('/root/kept.txt', 'survives a pause')
+      const deadline = Date.now() + 20_000
+      while (numbers(counter.stdout).length < 3 && Date.now() < deadline) await sleep(50)
       const paused = await sbx.pause()
       const running = await sbx.isRunning()
       const [listed] = await Sandbox.list({ query: { metadata: { suite: 'js-pause' } } }).nextItems()
-      const resumed = await Sandbox.connect(sbx.sandboxId, { timeoutMs: 120_000 })
+      resumed = await Sandbox.connect(sbx.sandboxId, { timeoutMs: 120_000 })
       return {
         paused,
         running,
@@ -328,6 +392,27 @@ async function lifecycleChecks() {
         state: (await Sandbox.getInfo(sbx.sandboxId)).state,
       }
     })
+    await check('pause_processes', async () => {
+      // the pre-pause stream ended (the pause cut it); its wait() says so rather than hanging
+      const waited = await raised(() =>
+        Promise.race([counter.wait(), sleep(20_000).then(() => Promise.reject(new Error('wait() hung')))]),
+      )
+      const listed = (await resumed.commands.list()).map((p) => p.pid).includes(counter.pid)
+      const seen = []
+      const again = await resumed.commands.connect(counter.pid, { onStdout: (d) => seen.push(d) })
+      const deadline = Date.now() + 30_000
+      while (numbers(seen.join('')).length < 8 && Date.now() < deadline) await sleep(50)
+      const killed = await resumed.commands.kill(counter.pid)
+      await raised(() => again.wait())
+      return {
+        waited,
+        listed,
+        before: numbers(counter.stdout),
+        after: numbers(seen.join('')),
+        killed,
+      }
+    })
+
     await check('fork_and_snapshot', async () => {
       await sbx.files.write('/tmp/state.txt', 'copied')
       const forked = await sbx.fork()

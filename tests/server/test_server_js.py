@@ -177,6 +177,38 @@ def test_info_metrics_pause_and_resume(checks: dict[str, Any]) -> None:
     }
 
 
+def test_ingress_get_host(server: Server, checks: dict[str, Any]) -> None:
+    """``getHost(8000)`` names the sandbox's port 8000 (a guest http.server) on the server's
+    ``--domain`` (default ``localhost:<port>``, from the create reply); a closed port is a prompt
+    502."""
+    ingress = value(checks, "ingress")
+    port = server.url.rsplit(":", 1)[1]
+    created = value(checks, "create")
+    assert ingress["domain"] == f"localhost:{port}"
+    assert ingress["host"] == f"8000-{created['id']}.localhost:{port}"
+    assert ingress["status"] == 200 and ingress["body"] == "served from the sandbox\n"
+    closed = ingress["closed"]
+    assert closed["status"] == 502 and "nothing listens on port 9" in closed["message"]
+    assert closed["ms"] < 5000
+
+
+def test_background_command_survives_pause(checks: dict[str, Any]) -> None:
+    """A counter started before ``pause()`` is listed after ``Sandbox.connect`` and
+    ``commands.connect(pid)`` streams its numbers going on from where they were."""
+    survived = value(checks, "pause_processes")
+    assert survived["waited"] is not None and "paused" in survived["waited"]["message"], survived
+    assert survived["listed"] is True
+    before, after = survived["before"], survived["after"]
+    assert len(before) >= 3 and len(after) >= 8, survived
+    assert after == list(range(after[0], after[0] + len(after)))  # no gap while streaming
+    assert after[0] > before[0]  # it went on counting: not a fresh start
+    assert survived["killed"] is True
+
+
+def test_interpreter_keeps_its_variables_across_pause(checks: dict[str, Any]) -> None:
+    assert value(checks, "ci_pause") == {"setError": None, "text": "42", "error": None}
+
+
 def test_pty(checks: dict[str, Any]) -> None:
     assert value(checks, "pty") == {"saw": True, "killed": True}
 
