@@ -61,6 +61,8 @@ class Member:
     mtime: int
     linkname: str
     xattrs: dict[str, bytes] = field(default_factory=dict)  # PAX keys kept verbatim
+    devmajor: int = 0  # read for device nodes only (the importer drops them; a capture keeps
+    devminor: int = 0  # the 0/0 character device, an overlayfs whiteout)
 
     def isreg(self) -> bool:
         return self.type == REG
@@ -112,7 +114,7 @@ _FIELDS = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
 
 def parse(header: bytes) -> Member:
     """One 512-byte header block (checksum checked), before any PAX / GNU extension applies."""
-    (name, mode, uid, gid, size, mtime, chksum, kind, link, magic, _, _, _, _, _, prefix) = (
+    (name, mode, uid, gid, size, mtime, chksum, kind, link, magic, _, _, _, major, minor, prefix) = (
         _FIELDS.unpack(header)
     )
     stored = number(chksum)
@@ -124,7 +126,7 @@ def parse(header: bytes) -> Member:
     name = _nts(name)
     if magic == b"ustar\0" and prefix[0]:  # POSIX: a prefix extends the name (GNU uses the field)
         name = _nts(prefix) + b"/" + name
-    return Member(
+    member = Member(
         name=decode(name),
         type=kind,
         mode=number(mode),
@@ -134,6 +136,9 @@ def parse(header: bytes) -> Member:
         mtime=number(mtime),
         linkname=decode(_nts(link)),
     )
+    if kind in (CHR, BLK):
+        member.devmajor, member.devminor = number(major), number(minor)
+    return member
 
 
 def pax_records(data: bytes) -> dict[bytes, bytes]:
