@@ -107,7 +107,10 @@ except ImageError as exc:
     print("ImageError", str(exc).replace("\\n", " ")[:200])
 except MemoryError:
     print("MemoryError")
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a child of a large pytest process
+# would report its parent's size
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(int(hwm.split()[1]) // 1024)
 """
 
 
