@@ -39,9 +39,14 @@ def ms(samples: list[float]) -> float:
 
 
 def start_server(
-    port: int, log: Path, pools: tuple[str, ...] = ("base=2", "code-interpreter-v1=1")
+    port: int,
+    log: Path,
+    pools: tuple[str, ...] = ("base=2", "code-interpreter-v1=1"),
+    memory: int = MEMORY,
 ) -> subprocess.Popen[bytes]:
-    args = ["--port", str(port), "--memory", str(MEMORY)]
+    """``capsa serve`` from the current ``PYTHONPATH`` (so a bench can run old code beside new),
+    healthy, with ``pools`` warm: every server bench starts its server here."""
+    args = ["--port", str(port), "--memory", str(memory)]
     for pool in pools:
         args += ["--pool", pool]
     with log.open("wb") as out:

@@ -22,13 +22,11 @@ import asyncio
 import contextlib
 import http.client
 import json
-import os
 import signal
 import socket
 import statistics
 import struct
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -36,29 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from bench._report import figure, header
+from bench.server import KEY, start_server
 
-KEY = "bench-key"
 STREAM = "application/connect+json"
-
-
-def start_server(port: int, log: Path) -> subprocess.Popen[bytes]:
-    args = ["--port", str(port), "--memory", "256", "--pool", "base=2"]
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "capsa.cli", "serve", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "CAPSA_API_KEY": KEY},
-        )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return process
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(log.read_text()[-2000:])
 
 
 def rss_mib(pid: int) -> float:
@@ -199,7 +177,7 @@ def main() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     log = Path(f"/tmp/capsa-bench-abuse-{port}.log")
-    server = start_server(port, log)
+    server = start_server(port, log, pools=("base=2",), memory=256)
     try:
         a, b = create(port), create(port)
         idle, _ = measure(port, server.pid, lambda: time.sleep(args.seconds / 2))

@@ -19,39 +19,16 @@ import shutil
 import signal
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import capsa
 from bench._report import figure, header
+from bench.server import KEY, MEMORY, start_server
 
-KEY = "bench-key"
-MEMORY = 384
 GOAL = 1.2
 SETTLE = 0.5  # seconds between measurements: the previous one's snapshot files are freed meanwhile
-
-
-def start_server(port: int, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "capsa.cli", "serve", "--port", str(port), "--memory", str(MEMORY)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "CAPSA_API_KEY": KEY},
-        )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return process
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(log.read_text()[-2000:])
 
 
 Samples = dict[str, list[float]]
@@ -111,7 +88,7 @@ def main() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     log = Path(f"/tmp/capsa-bench-server-pause-{port}.log")
-    server = start_server(port, log)
+    server = start_server(port, log, pools=())
     scratch = Path(tempfile.mkdtemp(prefix="capsa-bench-pause-"))
     try:
         sdk, local = asyncio.run(rounds(f"http://127.0.0.1:{port}", args.runs, scratch))

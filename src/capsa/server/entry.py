@@ -10,6 +10,7 @@ import datetime
 import hashlib
 import inspect
 import logging
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,6 +92,31 @@ class Entry:
     timeout: int = DEFAULT_TIMEOUT  # the last one set: an auto-resume runs for as long again
     pausing: bool = False  # a pause is saving its snapshot
     parked: bool = False  # holds a paused slot of the quota, not a running one
+
+    @classmethod
+    def start(
+        cls,
+        vm: capsa.Sandbox,
+        *,
+        template: str,
+        metadata: dict[str, str] | None,
+        envs: dict[str, str] | None,
+        **fields: Any,
+    ) -> Entry:
+        """A new sandbox's entry for ``vm``: a fresh id and access token, started now (its end is
+        set by :meth:`set_timeout`)."""
+        started = now()
+        return cls(
+            id=f"i{secrets.token_hex(10)}",
+            template=template,
+            vm=vm,
+            token=secrets.token_urlsafe(24),
+            metadata=dict(metadata or {}),
+            envs=dict(envs or {}),
+            started_at=started,
+            end_at=started,
+            **fields,
+        )
 
     @property
     def traffic_token(self) -> str:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import datetime
 import logging
-import secrets
 import shutil
 import tempfile
 import time
@@ -240,16 +239,11 @@ class Registry:
         else:
             pool = self._pools.get(template)
             vm = await (pool.take(_POOL_TAKE_TIMEOUT) if pool else self.builder(template).build())
-        started = now()
-        entry = Entry(
-            id=f"i{secrets.token_hex(10)}",
+        entry = Entry.start(
+            vm,
             template=template,
-            vm=vm,
-            token=secrets.token_urlsafe(24),
-            metadata=dict(metadata or {}),
-            envs=dict(envs or {}),
-            started_at=started,
-            end_at=started,
+            metadata=metadata,
+            envs=envs,
             memory_mb=self.memory_mb,
             interpreter=interpreter,
             node_id=getattr(vm, "node_id", None),
@@ -440,16 +434,11 @@ class Registry:
         except BaseException:
             self.quota.release(tenant)
             raise
-        started = now()
-        entry = Entry(
-            id=f"i{secrets.token_hex(10)}",
+        entry = Entry.start(
+            vm,
             template=template,
-            vm=vm,
-            token=secrets.token_urlsafe(24),
-            metadata=dict(metadata),
-            envs=dict(envs),
-            started_at=started,
-            end_at=started,
+            metadata=metadata,
+            envs=envs,
             memory_mb=self.memory_mb,
             tenant=tenant,
             policy=policy,
