@@ -43,6 +43,7 @@ from capsa.errors import (
     VMExited,
     VMNotRunning,
     VMStateError,
+    VolumeError,
 )
 from capsa.image.custom import Image
 from capsa.net.gateway import Gateway, VirtualNetwork
@@ -50,6 +51,7 @@ from capsa.net.policy import Action, All, AnyOf, Cidr, Domain, Ip, NetworkPolicy
 from capsa.sandbox import Pool, Sandbox, SandboxBuilder, Snapshot, pool, sandbox
 from capsa.shares import AccessMode, Share
 from capsa.vm import VM, RunState, VMBuilder, vm
+from capsa.volume import Volume, volume
 
 __version__ = "0.1.0"
 
@@ -109,9 +111,12 @@ __all__ = [
     "VMNotRunning",
     "VMStateError",
     "VirtualNetwork",
+    "Volume",
+    "VolumeError",
     "__version__",
     "cluster",
     "pool",
     "sandbox",
     "vm",
+    "volume",
 ]

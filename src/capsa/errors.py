@@ -13,6 +13,7 @@ QEMU log tail, an exit status) as attributes, plus a ``hint`` that says how to f
     ├── ProtocolError                       a guest sent bytes that break the protocol
     ├── ShareError                          a shared directory's server failed (``log_tail``)
     ├── SnapshotError                       a snapshot could not be saved, read or restored
+    ├── VolumeError                         a volume is missing, in use, full or malformed (``name``)
     ├── SandboxLost                         a remote sandbox's node or host actor died (``node_id``)
     ├── AgentError                          the guest agent refused or failed a request
     │   ├── ExecOutputLimitError            a command printed more than ``run()`` keeps
@@ -144,6 +145,14 @@ class SnapshotError(CapsaError):
     def __init__(self, message: str, *, path: object = None, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.path = path
+
+
+class VolumeError(CapsaError):
+    """A volume could not be created, opened, attached, copied or removed (``name``)."""
+
+    def __init__(self, message: str, *, name: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.name = name
 
 
 class SandboxLost(CapsaError):

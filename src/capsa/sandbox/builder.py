@@ -15,7 +15,7 @@ from capsa._paths import cache_dir
 from capsa.accelerator import resolve_accelerator
 from capsa.backend.qemu.process import find_qemu
 from capsa.boot import LinuxDirectBoot
-from capsa.errors import ConfigError, ImageError, SnapshotError
+from capsa.errors import ConfigError, ImageError, SnapshotError, VolumeError
 from capsa.image.custom import Image
 from capsa.image.sandbox import SandboxImage, sandbox_image
 from capsa.net.gateway import VirtualNetwork
@@ -24,6 +24,7 @@ from capsa.shares.spec import (
     AccessMode,
     Mechanism,
     ShareSpec,
+    check_guest_path,
     check_shares,
     for_template,
     make_share,
@@ -36,6 +37,8 @@ from capsa.snapshot.store import (
     load_snapshot,
     remove_snapshot,
 )
+from capsa.volume.spec import VolumeMount, check_mounts, serial
+from capsa.volume.store import Volume
 from capsa.vm.config import (
     Accelerator,
     DiskSpec,
@@ -69,6 +72,7 @@ class SandboxConfig:
     image: Image | None = None  # a user image (capsa.Image): commands run in its root
     warmup: str | None = None  # a shell command run once before the template is recorded
     warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT
+    volumes: tuple[VolumeMount, ...] = ()
 
 
 def _existing_file(path: str | Path, what: str) -> Path:
@@ -154,9 +158,27 @@ class SandboxBuilder:
         READ_ONLY is enforced on the host (guest root cannot remount it writable). ``auto`` uses 9p
         so the sandbox restores from a template (virtio-fs with ``cold()``); docs/shares.md."""
         spec = make_share(host_path, guest_path, mode, mechanism)
+        if any(m.guest_path == spec.guest_path for m in self._config.volumes):
+            raise ConfigError(f"share: a volume already uses the guest path {spec.guest_path}")
         shares = (*self._config.shares, spec)
         check_shares(shares)
         return self._with(shares=shares)
+
+    def volume(self, volume: Volume, guest_path: str, *, read_only: bool = False) -> SandboxBuilder:
+        """Mount ``volume`` (from ``capsa.volume(name)``) at ``guest_path`` before ``build()``
+        returns: read-write by this sandbox alone, or ``read_only`` by any number of sandboxes.
+        The sandbox boots cold (a template cannot hold another sandbox's disk); docs/volumes.md."""
+        if not isinstance(volume, Volume):
+            raise VolumeError("volume() takes a capsa.volume(name)")
+        try:
+            path = check_guest_path(guest_path)
+        except ConfigError as exc:
+            raise VolumeError(exc.message.replace("share:", "volume:"), name=volume.name) from None
+        if any(share.guest_path == path for share in self._config.shares):
+            raise VolumeError(f"volume: a share already uses the guest path {path}", name=volume.name)
+        mounts = (*self._config.volumes, VolumeMount(volume, path, bool(read_only)))
+        check_mounts(mounts)
+        return self._with(volumes=mounts)
 
     def cold(self) -> SandboxBuilder:
         """Boot from scratch instead of restoring the cached template of this configuration."""
@@ -210,6 +232,10 @@ class SandboxBuilder:
             )
             disks = tuple(DiskSpec(layer, read_only=True) for layer in built.layers)
             cmdline += (("capsa.image", str(len(built.layers))),)
+        disks += tuple(
+            DiskSpec(m.volume.path, m.read_only, "raw", serial(i), volume=True)
+            for i, m in enumerate(c.volumes)
+        )
         if c.warmup is not None:  # only to key the template: the guest ignores it
             cmdline += (("capsa.warmup", hashlib.sha256(c.warmup.encode()).hexdigest()[:16]),)
         if c.network is not None:
@@ -250,8 +276,9 @@ class SandboxBuilder:
             return await restore_sandbox(load_snapshot(c.snapshot), timeout, templated, c.network)
         config = await self.vm_config()
         warmup = (c.warmup, c.warmup_timeout) if c.warmup is not None else None
-        if c.cold or any(share.mechanism != "9p" for share in templated):
-            vm = await _cold(config, timeout)  # virtio-fs cannot be migrated: no template
+        if c.cold or c.volumes or any(share.mechanism != "9p" for share in templated):
+            # virtio-fs cannot be migrated, and a template cannot hold a volume: no template
+            vm = await _cold(config, timeout, volumes=_guest_mounts(c.volumes))
             await _warm(vm, warmup)
             return vm
         return await _from_template(replace(config, shares=templated), timeout, warmup)
@@ -271,8 +298,19 @@ class SandboxBuilder:
             await vm.stop()
 
 
-async def _cold(config: VMConfig, timeout: float, *, mount: bool = True) -> Sandbox:
-    vm = Sandbox(config)
+def _guest_mounts(mounts: tuple[VolumeMount, ...]) -> tuple[tuple[str, str, bool], ...]:
+    """(serial, guest path, read-only) of each volume, as the sandbox mounts them after boot."""
+    return tuple((serial(i), m.guest_path, m.read_only) for i, m in enumerate(mounts))
+
+
+async def _cold(
+    config: VMConfig,
+    timeout: float,
+    *,
+    mount: bool = True,
+    volumes: tuple[tuple[str, str, bool], ...] = (),
+) -> Sandbox:
+    vm = Sandbox(config, volumes=volumes)
     await vm._boot(timeout, mount=mount)
     return vm
 

@@ -32,6 +32,7 @@ from capsa.errors import (
     StartTimeoutError,
     VMExited,
     VMNotRunning,
+    VolumeError,
 )
 from capsa.image.sandbox import INIT_ERROR_MARKER
 from capsa.net.gateway import VirtualNetwork
@@ -50,6 +51,7 @@ from capsa.snapshot.store import (
 )
 from capsa.vm.config import VMConfig
 from capsa.vm.handle import DEFAULT_STOP_TIMEOUT, VM
+from capsa.volume.spec import MOUNT_SCRIPT, mount_options
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,11 @@ class Sandbox(VM):
 
     _KIND = "sandbox"
 
-    def __init__(self, config: VMConfig) -> None:
+    def __init__(self, config: VMConfig, *, volumes: tuple[tuple[str, str, bool], ...] = ()) -> None:
+        """``volumes``: (disk serial, guest path, read-only) of each volume to mount after a cold
+        boot (a restored sandbox finds them mounted already, in its memory)."""
         super().__init__(config)
+        self._volumes = volumes
         self._channel: Channel | None = None
         self._agent: Agent | None = None
         self.ready_seconds: float | None = None  # from build() to the agent's hello
@@ -116,6 +121,7 @@ class Sandbox(VM):
         try:
             async with asyncio.timeout(max(1.0, timeout - (time.monotonic() - started))):
                 await self._agent.refresh(new_hostname())
+                await self._mount_volumes()
                 if mount:
                     await self._mount_shares()
         except BaseException:
@@ -245,6 +251,12 @@ class Sandbox(VM):
         with its own identity (entropy, clock, hostname). This sandbox keeps running."""
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ConfigError(f"fork count must be a positive integer, got {count!r}")
+        if any(disk.volume and not disk.read_only for disk in self.config.disks):
+            raise VolumeError(
+                "a sandbox with a read-write volume cannot be forked",
+                hint="two kernels writing one ext4 volume would corrupt it; mount it read_only=True "
+                "to fork, or copy its data into the sandbox first",
+            )
         self._check_lifetime()
         scratch = new_vm_dir("fork-")
         try:
@@ -296,6 +308,17 @@ class Sandbox(VM):
         if len(candidates) < count:
             return [None] * count
         return list(random.sample(candidates, count))
+
+    async def _mount_volumes(self) -> None:
+        for disk_serial, guest_path, read_only in self._volumes:
+            argv = ["-c", MOUNT_SCRIPT, "sh", disk_serial, guest_path, mount_options(read_only)]
+            done = await self.agent.exec("sh").args(argv).timeout(60).run()
+            if done.exit_code != 0:
+                raise VolumeError(
+                    f"mounting the volume at {guest_path} failed: {done.stderr.strip()[:500]}",
+                    hint="a custom kernel needs ext4 and virtio-blk; a volume whose filesystem a "
+                    "guest damaged needs e2fsck (docs/volumes.md)",
+                )
 
     async def _mount_shares(self) -> None:
         self._shares_mounted = bool(self._shares)

@@ -40,7 +40,7 @@ def config_record(config: VMConfig, qemu: str, accelerator: str) -> dict[str, An
     """Everything a restore must reproduce exactly, as plain JSON data."""
     boot = config.boot
     files = [getattr(boot, "kernel", None), getattr(boot, "initrd", None)]
-    files += [d.path for d in config.all_disks()]
+    files += [d.path for d in config.all_disks() if not d.volume]  # a volume's content changes
     return {
         "boot": {
             "kernel": str(getattr(boot, "kernel", "")),
@@ -52,7 +52,7 @@ def config_record(config: VMConfig, qemu: str, accelerator: str) -> dict[str, An
         "memory_mb": config.memory_mb,
         "cmdline": [list(item) for item in config.cmdline],
         "cmdline_override": config.cmdline_override,
-        "disks": [[str(d.path), d.read_only, d.format] for d in config.disks],
+        "disks": [_disk_record(d) for d in config.disks],
         "machine": config.machine,
         "virtio_ports": list(config.virtio_ports),
         "extra_qemu_args": list(config.extra_qemu_args),
@@ -64,6 +64,20 @@ def config_record(config: VMConfig, qemu: str, accelerator: str) -> dict[str, An
         "qemu": file_identity(Path(qemu)),
         "files": [file_identity(Path(f)) for f in files if f],
     }
+
+
+def _disk_record(disk: DiskSpec) -> list[Any]:
+    """``[path, read_only, format]``, plus ``serial`` for a volume (older records stay as they were)."""
+    record: list[Any] = [str(disk.path), disk.read_only, disk.format]
+    return [*record, disk.serial or ""] if disk.volume else record
+
+
+def _disk_spec(record: list[Any]) -> DiskSpec:
+    if len(record) == 4:
+        path, read_only, fmt, serial = record
+        return DiskSpec(Path(path), read_only, fmt, serial or None, volume=True)
+    path, read_only, fmt = record
+    return DiskSpec(Path(path), read_only, fmt)
 
 
 def config_key(record: dict[str, Any]) -> str:
@@ -115,7 +129,7 @@ class Snapshot:
             memory_mb=self.record["memory_mb"],
             cmdline=tuple((k, v) for k, v in self.record["cmdline"]),
             cmdline_override=self.record["cmdline_override"],
-            disks=tuple(DiskSpec(Path(p), ro, fmt) for p, ro, fmt in self.record["disks"]),
+            disks=tuple(_disk_spec(d) for d in self.record["disks"]),
             accelerator=self.record["accelerator"],
             machine=self.record["machine"],
             virtio_ports=tuple(self.record["virtio_ports"]),

@@ -29,11 +29,22 @@ _PORT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MAX_PORTS = 16
 
 
+_SERIAL = re.compile(r"^[A-Za-z0-9._-]{1,20}$")  # virtio-blk serials are at most 20 bytes
+
+
 @dataclass(frozen=True)
 class DiskSpec:
+    """A disk image. ``serial``: the guest reads it in ``/sys/block/vdX/serial`` (how a sandbox finds a
+    volume's device whatever the probe order). ``volume``: its content belongs to the user, not to
+    the VM's configuration: it is locked while the VM runs (exclusive when writable, shared when
+    read-only), a snapshot does not pin its identity, and a full host disk is reported to the guest
+    as an I/O error instead of pausing the VM."""
+
     path: Path
     read_only: bool = False
     format: DiskFormat = "raw"
+    serial: str | None = None
+    volume: bool = False
 
 
 def detect_disk_format(path: Path) -> DiskFormat:
@@ -170,6 +181,10 @@ class VMConfig:
         validate_memory_mb(self.memory_mb)
         for disk in self.disks:
             check_readable_file(disk.path, "disk")
+            if disk.serial is not None and not _SERIAL.match(disk.serial):
+                raise ConfigError(
+                    f"invalid disk serial {disk.serial!r}", hint="1-20 letters, digits, '.', '_', '-'"
+                )
             if not disk.read_only and not os.access(disk.path, os.W_OK):
                 raise ConfigError(
                     f"disk {disk.path} is not writable", hint="attach it with read_only=True"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -36,6 +37,7 @@ from capsa.uefi.launch import prepare_uefi_async, release_uefi, uefi_accelerator
 from capsa.uefi.watch import watch_firmware
 from capsa.vm.config import VMConfig, format_seconds, validate_lifetime
 from capsa.vm.runstate import RunState
+from capsa.volume.lock import lock_volume
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class VM:
         self._ports: dict[str, socket.socket] = {}
         self._shares: list[Share] = []
         self._daemons: list[QemuProcess] = []
+        self._volume_locks: list[int] = []  # one flock per volume disk, held while QEMU may run
         self._daemon_watches: list[asyncio.Task[None]] = []
         self._failure: CapsaError | None = None  # why capsa stopped the VM on its own, if it did
         self._qemu: str | None = None
@@ -266,6 +269,12 @@ class VM:
     async def _launch(self, timeout: float, incoming: bool = False) -> None:
         config = self.config
         config.validate()
+        for disk in config.disks:
+            if disk.volume:  # before QEMU opens it: a clear error instead of QEMU's lock failure
+                name = disk.path.name.removesuffix(".ext4")
+                self._volume_locks.append(
+                    lock_volume(disk.path, exclusive=not disk.read_only, name=name)
+                )
         qemu = self._qemu = find_qemu()
         boot = config.boot
         if isinstance(boot, LinuxDirectBoot):
@@ -491,6 +500,9 @@ class VM:
             watch.cancel()
         if self._network is not None:
             await self._network.close()
+        for fd in self._volume_locks:  # QEMU has exited: the volume is free for another VM
+            os.close(fd)
+        self._volume_locks.clear()
         if self._dir is not None:
             release_uefi(self._dir)  # unlock a UefiBoot's vars= file, if it has one
             shutil.rmtree(self._dir, ignore_errors=True)

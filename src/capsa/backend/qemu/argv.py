@@ -128,7 +128,12 @@ def build_argv(config: VMConfig, plan: LaunchPlan) -> list[str]:
             f"id=disk{index},file={qemu_escape(str(disk.path.absolute()))},if=none,format={disk.format},"
             f"readonly={'on' if disk.read_only else 'off'},cache=writeback"
         )
-        argv += ["-drive", drive, "-device", f"virtio-blk-{suffix},drive=disk{index}"]
+        if disk.volume:  # a full host disk is the guest's EIO, never a VM paused on ENOSPC
+            drive += ",werror=report,rerror=report"
+        device = f"virtio-blk-{suffix},drive=disk{index}"
+        if disk.serial is not None:
+            device += f",serial={disk.serial}"
+        argv += ["-drive", drive, "-device", device]
     if len(plan.port_fds) != len(config.virtio_ports):
         raise ConfigError("internal: one socket per virtio-serial port is needed")
     if config.virtio_ports:
