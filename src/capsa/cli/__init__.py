@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from capsa.cli import doctor, exec, image, kernel, mcp, run, serve, shell
+from capsa.cli import doctor, exec, image, kernel, mcp, run, serve, shell, volume
 from capsa.errors import CapsaError
 
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     kernel.register(commands)
     serve.register(commands)
     mcp.register(commands)
+    volume.register(commands)
     return parser
 
 
