@@ -87,12 +87,19 @@ async def test_snapshot_and_restore_keep_the_volume(
     vol = capsa.volume("paused", size_mb=16, root=tmp_path)
     vm = await sandbox_factory(capsa.sandbox().volume(vol, "/data"))
     await vm.agent.write_file("/data/before", b"1")
-    snap = await vm.snapshot(tmp_path / "snap")
+    running_on = await vm.snapshot(tmp_path / "running-on")
     # While the original runs, the snapshot cannot be restored: the volume is taken.
     with pytest.raises(capsa.VolumeError):
-        await capsa.sandbox().from_snapshot(snap).build(120)
-    await vm.stop()
-    restored = await sandbox_factory(capsa.sandbox().from_snapshot(snap))
+        await capsa.sandbox().from_snapshot(running_on).build(120)
+    await vm.agent.write_file("/data/later", b"x")
+    assert (await sh(vm, "sync")).exit_code == 0
+    paused = await vm.snapshot(tmp_path / "paused", resume=False)  # a pause: frozen, then stopped
+    await vm.kill()
+    # The first snapshot's kernel never saw "later": restoring it would corrupt the volume.
+    with pytest.raises(capsa.SnapshotError, match="written since the snapshot"):
+        await capsa.sandbox().from_snapshot(running_on).build(120)
+    restored = await sandbox_factory(capsa.sandbox().from_snapshot(paused))
     assert await restored.agent.read_file("/data/before") == b"1"
     await restored.agent.write_file("/data/after", b"2")
-    assert (await sh(restored, "sync && ls /data")).stdout.split() == ["after", "before", "lost+found"]
+    listing = (await sh(restored, "sync && ls /data")).stdout.split()
+    assert listing == ["after", "before", "later", "lost+found"]

@@ -47,6 +47,7 @@ from capsa.snapshot.store import (
     load_snapshot,
     new_partial_dir,
     remove_snapshot,
+    volume_identities,
     write_metadata,
 )
 from capsa.vm.config import VMConfig
@@ -177,9 +178,17 @@ class Sandbox(VM):
         if isinstance(status, dict) and status.get("status") != "running":
             await self._monitor.execute("cont")
 
-    async def snapshot(self, path: str | Path, timeout: float = DEFAULT_SNAPSHOT_TIMEOUT) -> Snapshot:
+    async def snapshot(
+        self, path: str | Path, timeout: float = DEFAULT_SNAPSHOT_TIMEOUT, *, resume: bool = True
+    ) -> Snapshot:
         """Save this running sandbox to the directory ``path`` (created; it must not exist). The VM
-        pauses while QEMU writes its memory (~0.1-0.5 s) and then keeps running.
+        pauses while QEMU writes its memory (~0.1-0.5 s) and then keeps running, unless ``resume``
+        is false: then, once the snapshot is saved, the VM stays frozen for the caller to stop (a
+        pause; nothing runs past the snapshot, which keeps a read-write volume restorable).
+
+        A read-write volume's image is recorded in the snapshot: if anything writes to the volume
+        after it (the sandbox running on, another sandbox), restoring it is refused, since the
+        restored kernel's view of the filesystem would no longer match the disk.
 
         Running processes are captured with the VM: here their handles go on working; in a sandbox
         restored from the snapshot (or a fork) they go on running, listed by
@@ -224,7 +233,11 @@ class Sandbox(VM):
                 except BackendError as exc:
                     raise SnapshotError(f"pausing the VM failed: {exc.message}", path=target) from exc
                 await save_state(monitor, stream, timeout)
-            finally:
+            except BaseException:
+                await self._resume_if_paused()
+                raise
+            record["volumes"] = volume_identities(self.config)  # as the snapshot's kernel left them
+            if resume:
                 await self._resume_if_paused()
             paused = time.monotonic()
             how = await write_snapshot_files(self.config, stream, work, partial, timeout)
@@ -238,9 +251,11 @@ class Sandbox(VM):
             partial.rename(target)
         except OSError as exc:  # ENOSPC, EIO... from any on-disk stage: never a bare OSError
             remove_snapshot(partial)
+            await self._resume_if_paused()
             raise _save_failed(target, exc) from exc
         except BaseException:
             remove_snapshot(partial)
+            await self._resume_if_paused()
             raise
         finally:
             remove_snapshot(work)

@@ -324,7 +324,7 @@ class Registry:
         try:
             await _detach(entry)
             close_watchers(entry)
-            await entry.vm.snapshot(target)
+            await entry.vm.snapshot(target, resume=False)  # nothing runs past it (volumes)
         except BaseException as exc:
             entry.pausing = False
             shutil.rmtree(target, ignore_errors=True)

@@ -80,6 +80,12 @@ def _disk_spec(record: list[Any]) -> DiskSpec:
     return DiskSpec(Path(path), read_only, fmt)
 
 
+def volume_identities(config: VMConfig) -> list[list[Any]]:
+    """The identity (path, size, mtime) of each volume disk at the moment of a snapshot: a restore
+    checks the volume was not written since (the restored kernel caches its filesystem)."""
+    return [file_identity(d.path) for d in config.disks if d.volume]
+
+
 def config_key(record: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -208,6 +214,17 @@ def check_compatible(snapshot: Snapshot, qemu: str) -> None:
                     f"{saved[0]} changed since the snapshot {snapshot.path} was taken",
                     path=snapshot.path,
                     hint="the guest image was rebuilt; take a new snapshot",
+                )
+        for saved in record.get("volumes", []):
+            now = Path(saved[0])
+            if not now.exists() or file_identity(now) != saved:
+                raise SnapshotError(
+                    f"the volume {now.name.removesuffix('.ext4')} was written since the snapshot "
+                    f"{snapshot.path} was taken; restoring it would corrupt the volume",
+                    path=snapshot.path,
+                    hint="a snapshot of a sandbox with a volume restores only while the volume is "
+                    "as it left it: pause with snapshot(..., resume=False), or snapshot without "
+                    "the volume (docs/volumes.md)",
                 )
     except (KeyError, TypeError, IndexError, OSError) as exc:
         raise SnapshotError(
