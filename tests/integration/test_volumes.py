@@ -69,7 +69,9 @@ async def test_read_only_by_many(tmp_path: Path, sandbox_factory: SandboxFactory
     writer = await sandbox_factory(capsa.sandbox().volume(vol, "/data"))
     await writer.agent.write_file("/data/f", b"v1")
     await writer.stop()
-    readers = [await sandbox_factory(capsa.sandbox().volume(vol, "/v", read_only=True)) for _ in range(2)]
+    readers = [
+        await sandbox_factory(capsa.sandbox().volume(vol, "/v", read_only=True)) for _ in range(2)
+    ]
     for reader in readers:
         assert await reader.agent.read_file("/v/f") == b"v1"
         attempt = await sh(reader, "echo x > /v/g; echo rc=$?")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from capsa.errors import ConfigError
+from capsa.volume.store import check_size_mb
 
 if TYPE_CHECKING:
     from capsa.server.quota import TenantLimits
@@ -77,6 +78,20 @@ def register(commands: Any) -> None:
         metavar="S",
         help="sample each running sandbox's CPU, memory and disk every S seconds, for "
         "get_metrics and /metrics (default 5; 0 turns sampling off)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the server keeps what outlives it: volumes in DIR/volumes "
+        "(default $XDG_STATE_HOME/capsa/serve, i.e. ~/.local/state/capsa/serve)",
+    )
+    parser.add_argument(
+        "--volume-size-mb",
+        type=int,
+        default=1024,
+        metavar="MB",
+        help="size of each volume created through the API (E2B's create has no size; default 1024)",
     )
     add_sandbox_flags(parser)
     add_limit_flags(parser)
@@ -257,6 +272,8 @@ def _serve(args: argparse.Namespace) -> int:
         limits=limits_from(args),
         metrics_interval=args.metrics_interval,
         domain=args.domain or f"localhost:{args.port}",
+        state_dir=args.state_dir,
+        volume_size_mb=check_size_mb(args.volume_size_mb),
     )
     if args.ray is not None:  # before uvicorn: its signal handlers must replace Ray's SIGTERM one
         from capsa.server._cluster import connect_driver  # noqa: PLC0415

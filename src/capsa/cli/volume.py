@@ -19,7 +19,9 @@ _COPY_HELP = "one side is NAME:/path in the volume, the other a host path; direc
 
 def register(commands: Any) -> None:
     parser = commands.add_parser("volume", help="named persistent filesystems for sandboxes")
-    parser.add_argument("--dir", type=Path, help="the volume store (default $XDG_DATA_HOME/capsa/volumes)")
+    parser.add_argument(
+        "--dir", type=Path, help="the volume store (default $XDG_DATA_HOME/capsa/volumes)"
+    )
     sub = parser.add_subparsers(dest="volume_command", required=True)
     create = sub.add_parser("create", help="create an empty volume (an ext4 filesystem)")
     create.add_argument("name")
@@ -80,17 +82,18 @@ def _copy(args: argparse.Namespace) -> int:
     store = _store(args)
     if target is not None:
         volume = store.open(target[0])
-        return asyncio.run(_copy_in(VolumeFiles(volume), Path(args.source), target[1]))
+        host = Path(args.source)
+        if not host.exists():
+            raise ConfigError(f"volume cp: {host} not found")
+        return asyncio.run(_copy_in(VolumeFiles(volume), host, target[1], host.is_file()))
     assert source is not None
     volume = store.open(source[0])
     return asyncio.run(_copy_out(VolumeFiles(volume), source[1], Path(args.target)))
 
 
-async def _copy_in(files: VolumeFiles, host: Path, path: str) -> int:
-    if not host.exists():
-        raise ConfigError(f"volume cp: {host} not found")
+async def _copy_in(files: VolumeFiles, host: Path, path: str, is_file: bool) -> int:
     async with files:
-        if host.is_file():
+        if is_file:
             if path.endswith("/"):
                 path += host.name
             await files.write(path, host.read_bytes(), force=True)  # noqa: ASYNC240 - CLI, one file at a time
@@ -106,7 +109,7 @@ async def _copy_in(files: VolumeFiles, host: Path, path: str) -> int:
             for name in names:
                 local = Path(directory) / name
                 if local.is_file() and not local.is_symlink():
-                    await files.write(f"{prefix}/{name}", local.read_bytes(), force=True)  # noqa: ASYNC240
+                    await files.write(f"{prefix}/{name}", local.read_bytes(), force=True)
     return 0
 
 

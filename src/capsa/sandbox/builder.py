@@ -37,8 +37,6 @@ from capsa.snapshot.store import (
     load_snapshot,
     remove_snapshot,
 )
-from capsa.volume.spec import VolumeMount, check_mounts, serial
-from capsa.volume.store import Volume
 from capsa.vm.config import (
     Accelerator,
     DiskSpec,
@@ -47,6 +45,8 @@ from capsa.vm.config import (
     validate_lifetime,
     validate_memory_mb,
 )
+from capsa.volume.spec import VolumeMount, check_mounts, serial
+from capsa.volume.store import Volume
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,13 @@ API key; the key's :class:`Principal` (its tenant) goes to the routes in the ASG
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -21,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from capsa.errors import CapsaError
 from capsa.server.control import PRINCIPAL, ControlPlane, api_error, error_response, principal_of
+from capsa.server.entry import ApiError
 from capsa.server.guest_metrics import DEFAULT_INTERVAL, Sampler
 from capsa.server.ingress import Ingress
 from capsa.server.ingress_ws import relay_websocket
@@ -37,11 +40,15 @@ from capsa.server.registry import Registry
 from capsa.server.sandbox_api import SandboxApi
 from capsa.server.signed_urls import has_signature
 from capsa.server.tenants import KeyRing, Principal
+from capsa.server.volume_api import VolumeApi
+from capsa.server.volumes import ServerVolumes, default_state_dir
+from capsa.volume.store import DEFAULT_SIZE_MB
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("capsa.server.access")
 
 _PUBLIC = ("/health",)
+_VOLUME_CONTENT = "/volumecontent/"
 
 
 @dataclass
@@ -57,6 +64,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     metrics_interval: float = DEFAULT_INTERVAL  # seconds between guest samples (0: none)
     domain: str = "localhost:3000"  # ingress hosts are {port}-{sandbox_id}.{domain} (--domain)
+    state_dir: Path | None = None  # --state-dir: volumes live in <state_dir>/volumes
+    volume_size_mb: int = DEFAULT_SIZE_MB  # --volume-size-mb: E2B's create has no size
 
 
 class CapsaServer:
@@ -79,12 +88,24 @@ class CapsaServer:
         )
         self.sampler = Sampler(self.registry, config.metrics_interval, self.metrics.sampled)
         self.ready = False
-        control = ControlPlane(self.registry, self.metrics, self.sampler, domain=config.domain)
+        self.volumes = ServerVolumes(
+            (config.state_dir or default_state_dir()) / "volumes",
+            config.volume_size_mb,
+            self._sandbox_exists,
+        )
+        control = ControlPlane(
+            self.registry, self.metrics, self.sampler, domain=config.domain, volumes=self.volumes
+        )
+        volume_api = VolumeApi(self.volumes, principal_of)
         routes = [
             Route("/health", self._health, methods=["GET"]),
             Route("/metrics", self._metrics, methods=["GET"]),
             *control.routes(),
+            *volume_api.routes(),
         ]
+        self._volume_content: ASGIApp = Starlette(
+            routes=volume_api.content_routes(), exception_handlers={CapsaError: self._on_error}
+        )
         self._control: ASGIApp = Starlette(
             routes=routes,
             lifespan=self._lifespan,
@@ -94,8 +115,16 @@ class CapsaServer:
         self.ingress = Ingress(self.registry, config.limits, config.domain)
         self.app: ASGIApp = self._dispatch
 
+    def _sandbox_exists(self, sandbox_id: str) -> bool:
+        try:
+            self.registry.find(sandbox_id)
+        except ApiError:
+            return False
+        return True
+
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await asyncio.to_thread(self.volumes.load)
         await self.registry.start()
         self.sampler.start()
         self.ready = True
@@ -106,6 +135,7 @@ class CapsaServer:
             self.ready = False
             log.info("capsa serve stopping: killing %d sandboxes", len(self.registry))
             await self.sampler.close()
+            await self.volumes.close()
             await self.registry.close()
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
@@ -164,6 +194,8 @@ class CapsaServer:
                 await self.ingress.http(scope, receive, send_logged, *target)
             elif sandbox_id is not None or _signed_url(scope):
                 await self._sandbox_asgi(scope, body.bind(receive), send_logged)
+            elif scope["path"].startswith(_VOLUME_CONTENT):  # the volume's token, not an API key
+                await self._volume_content(scope, body.bind(receive), send_logged)
             elif scope["path"] in _PUBLIC:
                 await self._control(scope, body.bind(receive), send_logged)
             elif (principal := self._principal(headers)) is not None:
@@ -198,6 +230,8 @@ class CapsaServer:
         limits = self.config.limits
         if ingress:  # streamed to the guest server as it arrives
             cap = limits.max_upload_bytes
+        elif sandbox_id is None and scope["path"].startswith(_VOLUME_CONTENT):
+            cap = limits.max_upload_bytes  # a file written into a volume
         elif sandbox_id is None and not _signed_url(scope):
             cap = limits.max_json_bytes
         elif scope["path"] == "/files":

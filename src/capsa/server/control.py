@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from capsa.errors import CapsaError
+from capsa.errors import CapsaError, ConfigError, VolumeError
 from capsa.server.entry import (
     DEFAULT_TIMEOUT,
     ENVD_VERSION,
@@ -34,6 +34,9 @@ from capsa.server.network import check_network, e2b_policy, public_traffic, upda
 from capsa.server.registry import Registry
 from capsa.server.snapshot_api import SnapshotApi, create_from_snapshot
 from capsa.server.tenants import Principal
+from capsa.server.volumes import ServerVolumes
+from capsa.shares.spec import check_guest_path
+from capsa.volume.spec import MAX_VOLUMES
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +166,9 @@ class ControlPlane:
         sampler: Sampler | None = None,
         *,
         domain: str = "localhost:3000",
+        volumes: ServerVolumes | None = None,
     ) -> None:
+        self.volumes = volumes
         self.domain = domain  # of the ingress hosts ({port}-{id}.{domain}), in create's reply
         self.registry = registry
         self.metrics = metrics
@@ -221,6 +226,12 @@ class ControlPlane:
             entry = await create_from_snapshot(
                 self.registry, saved, timeout=timeout, metadata=metadata, envs=envs, tenant=tenant
             )
+        elif body.get("volumeMounts"):
+            entry = await self._create_with_volumes(body["volumeMounts"], template, tenant, {
+                "timeout": timeout, "metadata": metadata, "envs": envs, "tenant": tenant,
+                "make_policy": lambda: e2b_policy(internet, network),
+                "auto_pause": auto_pause, "auto_resume": auto_resume,
+            })  # fmt: skip
         else:
             entry = await self.registry.create(
                 template,
@@ -238,6 +249,36 @@ class ControlPlane:
         if template == INTERPRETER_TEMPLATE:
             await interpreter_for(entry).warm()
         return JSONResponse(self.sandbox_json(entry), status_code=201)
+
+    async def _create_with_volumes(
+        self, mounts: object, template: str, tenant: str, options: dict[str, Any]
+    ) -> Entry:
+        """``volumeMounts``: [{"name", "path"}], each volume of the caller's tenant."""
+        if self.volumes is None:
+            raise ApiError(501, "this server keeps no volumes")
+        if not isinstance(mounts, list) or len(mounts) > MAX_VOLUMES:
+            raise ApiError(400, f"volumeMounts must be a list of at most {MAX_VOLUMES} mounts")
+        pairs = []
+        for mount in mounts:
+            if not isinstance(mount, dict):
+                raise ApiError(400, "each volume mount is an object with name and path")
+            record = self.volumes.find_by_name(tenant, mount.get("name"))
+            try:
+                path = check_guest_path(mount.get("path"))  # type: ignore[arg-type]
+            except ConfigError as exc:
+                raise ApiError(400, exc.message.replace("share:", "volume mount:")) from None
+            pairs.append((record, path))
+        if len({p for _, p in pairs}) != len(pairs) or len({r.id for r, _ in pairs}) != len(pairs):
+            raise ApiError(400, "each volume and each mount path may appear once")
+        async with self.volumes.mounting(pairs) as hold:
+            try:
+                entry = await self.registry.create(
+                    template, volumes=tuple((r.volume, p) for r, p in pairs), **options
+                )
+            except VolumeError as exc:
+                raise ApiError(409, exc.message, hint=exc.hint) from None
+            hold(entry.id)
+        return entry
 
     async def list(self, request: Request) -> Response:
         """E2B's list: filters (state, metadata, template, startedAfter), order by start time
@@ -257,6 +298,8 @@ class ControlPlane:
         detail = listed_json(entry)
         detail["envdAccessToken"] = entry.token
         detail["lifecycle"] = _lifecycle_json(entry)
+        if self.volumes is not None and (mounts := self.volumes.mounts_json(entry.id)):
+            detail["volumeMounts"] = mounts
         return JSONResponse(detail)
 
     async def kill(self, request: Request) -> Response:
@@ -351,6 +394,8 @@ class ControlPlane:
 def api_error(exc: Exception) -> JSONResponse:
     if isinstance(exc, ApiError):
         return error_response(exc.status, exc.message)
+    if isinstance(exc, VolumeError):  # a volume in use (e.g. a fork of a sandbox mounting one)
+        return error_response(409, exc.message)
     if isinstance(exc, CapsaError):
         log.warning("request failed: %s", exc)
         return error_response(500, exc.message)

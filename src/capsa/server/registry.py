@@ -174,11 +174,13 @@ class Registry:
         make_policy: Callable[[], capsa.NetworkPolicy | None] | None = None,
         auto_pause: bool = False,
         auto_resume: bool = False,
+        volumes: tuple[tuple[capsa.Volume, str], ...] = (),
     ) -> Entry:
-        """A new sandbox of ``tenant``. Its slot (:class:`Quota`) is taken before the first
-        ``await`` and kept by the entry, or given back if the create fails. ``make_policy``, when
-        given, makes the policy once the slot is taken: a request refused by the cheap checks
-        costs the server's event loop nothing for its network lists."""
+        """A new sandbox of ``tenant``, with ``volumes`` ((volume, guest path) pairs). Its slot
+        (:class:`Quota`) is taken before the first ``await`` and kept by the entry, or given back if
+        the create fails. ``make_policy``, when given, makes the policy once the slot is taken: a
+        request refused by the cheap checks costs the server's event loop nothing for its network
+        lists."""
         if self.closed:
             raise ApiError(503, "the server is shutting down")
         if template not in TEMPLATES and named_image(template) is None:
@@ -197,7 +199,14 @@ class Registry:
             if make_policy is not None:
                 policy = make_policy()
             entry = await self._boot(
-                template, timeout, metadata, envs, policy=policy, tenant=tenant, auto_pause=auto_pause
+                template,
+                timeout,
+                metadata,
+                envs,
+                policy=policy,
+                tenant=tenant,
+                auto_pause=auto_pause,
+                volumes=volumes,
             )
             entry.auto_resume = auto_resume
         except BaseException:
@@ -226,10 +235,18 @@ class Registry:
         policy: capsa.NetworkPolicy | None,
         tenant: str,
         auto_pause: bool = False,
+        volumes: tuple[tuple[capsa.Volume, str], ...] = (),
     ) -> Entry:
         """Take or build the VM and make its entry (not stored yet: the caller does)."""
         interpreter = None
-        if self.ray_address is not None:  # on a node (from its warm pool when there is one)
+        if volumes:  # its own disks: never from a pool (docs/volumes.md)
+            if self.ray_address is not None:
+                raise ApiError(501, "volumes are not supported by capsa serve --ray")
+            builder = self.builder(template, policy)
+            for volume, path in volumes:
+                builder = builder.volume(volume, path)
+            vm = await builder.build()
+        elif self.ray_address is not None:  # on a node (from its warm pool when there is one)
             vm = await _cluster.build(self.builder(template, policy))
         elif policy is not None:  # a network of its own: never from a pool
             vm = await self.builder(template, policy).build()

@@ -17,6 +17,7 @@ from typing import Any
 
 from capsa.errors import CapsaError, VolumeError
 from capsa.sandbox import Sandbox, sandbox
+from capsa.vm.runstate import RunState
 from capsa.volume._guest_files import ROOT, SCRIPT
 from capsa.volume.store import Volume
 
@@ -55,7 +56,7 @@ class VolumeFiles:
 
     @property
     def running(self) -> bool:
-        return self._vm is not None and self._vm.state.name == "RUNNING"
+        return self._vm is not None and self._vm.status is RunState.RUNNING
 
     async def __aenter__(self) -> VolumeFiles:
         await self.start()

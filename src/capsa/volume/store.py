@@ -199,5 +199,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-

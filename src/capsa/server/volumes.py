@@ -1,0 +1,236 @@
+"""The server's volumes: per tenant, in ``<state-dir>/volumes/<tenant>/``, each with an id and a
+content token that survive a restart.
+
+A volume is used by one thing at a time, and the server keeps it so:
+- a sandbox created with it (``volumeMounts``) holds it from creation until it is killed, paused
+  included (a paused sandbox's kernel still has the filesystem mounted in its saved memory);
+- the content API works through a helper sandbox (:class:`capsa.volume.content.VolumeFiles`) that
+  is started on the first content call and stopped after ``HELPER_IDLE`` seconds without one, or
+  at once when a sandbox is created with the volume;
+- content calls and destroy answer 409 while a sandbox holds the volume."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from capsa.errors import VolumeError
+from capsa.server.entry import ApiError
+from capsa.volume.content import VolumeFiles
+from capsa.volume.names import check_name
+from capsa.volume.store import Volume, VolumeStore
+
+log = logging.getLogger(__name__)
+
+HELPER_IDLE = 30.0  # seconds a content helper stays up after its last call
+_TOKEN_SUFFIX = ".token"
+
+
+@dataclass
+class VolumeRecord:
+    tenant: str
+    volume: Volume
+    id: str
+    token: str = field(repr=False)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.volume.name
+
+
+def default_state_dir() -> Path:
+    """``capsa serve --state-dir``'s default: ``$XDG_STATE_HOME/capsa/serve``."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "capsa" / "serve"
+
+
+def volume_id(tenant: str, name: str) -> str:
+    """Stable across restarts and unique per (tenant, name); reveals neither."""
+    return "vol-" + hashlib.sha256(f"{tenant}\0{name}".encode()).hexdigest()[:24]
+
+
+class ServerVolumes:
+    def __init__(self, root: Path, size_mb: int, alive: Callable[[str], bool]) -> None:
+        """``alive(sandbox_id)``: whether that sandbox still exists (running or paused)."""
+        self.root = root
+        self.size_mb = size_mb
+        self._alive = alive
+        self._records: dict[str, VolumeRecord] = {}
+        self._holders: dict[str, str] = {}  # volume id -> sandbox id
+        self._mounts: dict[str, list[dict[str, str]]] = {}  # sandbox id -> its volumeMounts
+        self._helpers: dict[str, tuple[VolumeFiles, float]] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- records --
+
+    def load(self) -> None:
+        """Find the volumes a previous run left (ids are derived, tokens were saved)."""
+        if not self.root.is_dir():
+            return
+        for tenant_dir in sorted(self.root.iterdir()):
+            if not tenant_dir.is_dir():
+                continue
+            for volume in VolumeStore(tenant_dir).list():
+                self._remember(tenant_dir.name, volume)
+
+    def _remember(self, tenant: str, volume: Volume) -> VolumeRecord:
+        token_file = volume.path.with_suffix(_TOKEN_SUFFIX)
+        try:
+            token = token_file.read_text().strip()
+        except FileNotFoundError:
+            token = ""
+        if not token:
+            token = secrets.token_urlsafe(32)
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(token)
+        record = VolumeRecord(tenant, volume, volume_id(tenant, volume.name), token)
+        self._records[record.id] = record
+        return record
+
+    def _store(self, tenant: str) -> VolumeStore:
+        return VolumeStore(self.root / tenant)  # tenant names are checked (tenants.py): a segment
+
+    def create(self, tenant: str, name: object) -> VolumeRecord:
+        try:
+            checked = check_name(name)
+        except VolumeError as exc:
+            raise ApiError(400, exc.message, hint=exc.hint) from None
+        if volume_id(tenant, checked) in self._records:
+            raise ApiError(409, f"volume {checked!r} already exists")
+        try:
+            volume = self._store(tenant).create(checked, self.size_mb)
+        except FileExistsError:
+            raise ApiError(409, f"volume {checked!r} already exists") from None
+        except VolumeError as exc:
+            raise ApiError(500, exc.message, hint=exc.hint) from None
+        return self._remember(tenant, volume)
+
+    def in_scope(self, scope: str | None) -> list[VolumeRecord]:
+        return [r for r in self._records.values() if scope is None or r.tenant == scope]
+
+    def find(self, volume_id_: str, scope: str | None) -> VolumeRecord:
+        record = self._records.get(volume_id_)
+        if record is None or (scope is not None and record.tenant != scope):
+            raise ApiError(404, f"volume {volume_id_!r} not found")
+        return record
+
+    def find_by_name(self, tenant: str, name: object) -> VolumeRecord:
+        if not isinstance(name, str):
+            raise ApiError(400, "a volume mount's name must be a string")
+        record = self._records.get(volume_id(tenant, name))
+        if record is None:
+            raise ApiError(404, f"volume {name!r:.80} not found")
+        return record
+
+    def authorized(self, volume_id_: str, token: str | None) -> VolumeRecord | None:
+        """The volume a content call may touch: its id and its own token (constant time)."""
+        record = self._records.get(volume_id_)
+        expected = record.token if record is not None else secrets.token_urlsafe(32)
+        ok = token is not None and hmac.compare_digest(expected.encode(), token.encode())
+        return record if ok and record is not None else None
+
+    async def destroy(self, record: VolumeRecord) -> None:
+        async with record.lock:
+            self._check_free(record)
+            await self._stop_helper(record)
+            try:
+                self._store(record.tenant).remove(record.name)
+            except VolumeError as exc:
+                raise ApiError(409, exc.message, hint=exc.hint) from None
+            record.volume.path.with_suffix(_TOKEN_SUFFIX).unlink(missing_ok=True)
+            self._records.pop(record.id, None)
+
+    # -- holders: sandboxes that mount a volume --
+
+    def _check_free(self, record: VolumeRecord) -> None:
+        holder = self._holders.get(record.id)
+        if holder is not None and self._alive(holder):
+            raise ApiError(
+                409,
+                f"volume {record.name!r} is mounted by sandbox {holder}",
+                hint="kill the sandbox first (a paused one holds its volumes too); while it runs, "
+                "use the sandbox's own filesystem API at the mount path",
+            )
+        self._holders.pop(record.id, None)
+
+    @contextlib.asynccontextmanager
+    async def mounting(
+        self, mounts: list[tuple[VolumeRecord, str]]
+    ) -> AsyncIterator[Callable[[str], None]]:
+        """Around a sandbox's creation with ``mounts`` (volume, guest path): checks each volume is
+        free, stops its helper, and yields ``hold(sandbox_id)`` to call once the sandbox exists."""
+        async with contextlib.AsyncExitStack() as stack:
+            for record, _ in sorted(mounts, key=lambda m: m[0].id):  # one order: no deadlock
+                await stack.enter_async_context(record.lock)
+                self._check_free(record)
+                await self._stop_helper(record)
+
+            def hold(sandbox_id: str) -> None:
+                for record, _ in mounts:
+                    self._holders[record.id] = sandbox_id
+                self._mounts[sandbox_id] = [{"name": r.name, "path": p} for r, p in mounts]
+
+            yield hold
+
+    def mounts_json(self, sandbox_id: str) -> list[dict[str, str]]:
+        """E2B's ``volumeMounts`` of a sandbox (forgotten once it is gone)."""
+        for gone in [s for s in self._mounts if not self._alive(s)]:
+            del self._mounts[gone]
+        return self._mounts.get(sandbox_id, [])
+
+    # -- content helpers --
+
+    @contextlib.asynccontextmanager
+    async def files(self, record: VolumeRecord) -> AsyncIterator[VolumeFiles]:
+        async with record.lock:
+            self._check_free(record)
+            helper = self._helpers.get(record.id)
+            if helper is None or not helper[0].running:
+                files = VolumeFiles(record.volume)
+                try:
+                    await files.start()
+                except VolumeError as exc:
+                    raise ApiError(409, exc.message, hint=exc.hint) from None
+                helper = (files, time.monotonic())
+            self._helpers[record.id] = (helper[0], time.monotonic())
+            self._start_reaper()
+            yield helper[0]
+            self._helpers[record.id] = (helper[0], time.monotonic())
+
+    async def _stop_helper(self, record: VolumeRecord) -> None:
+        helper = self._helpers.pop(record.id, None)
+        if helper is not None:
+            await helper[0].stop()
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap())
+
+    async def _reap(self) -> None:
+        while self._helpers:
+            await asyncio.sleep(min(5.0, HELPER_IDLE))
+            now = time.monotonic()
+            for vid, (_, used) in list(self._helpers.items()):
+                record = self._records.get(vid)
+                if record is not None and now - used > HELPER_IDLE and not record.lock.locked():
+                    async with record.lock:
+                        await self._stop_helper(record)
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        helpers, self._helpers = list(self._helpers.values()), {}
+        await asyncio.gather(*(files.stop() for files, _ in helpers), return_exceptions=True)

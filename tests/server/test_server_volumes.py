@@ -1,0 +1,131 @@
+"""E2B's Volume API through the real Python SDK (issue 25 item 5): create/list/get/destroy per
+tenant, the content API (write, read, list, make dir, stat, metadata, remove) and ``volume_mounts``
+at create; a volume outlives its sandbox, and is held while a sandbox mounts it."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.server.conftest import Server, start_server
+
+e2b = pytest.importorskip("e2b")
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(400)]
+
+KEY_A = f"alpha-{secrets.token_hex(16)}"
+KEY_B = f"beta-{secrets.token_hex(16)}"
+
+
+def _api(server: Server, key: str = KEY_A) -> dict[str, Any]:
+    return {"api_key": key, "api_url": server.url}
+
+
+def _sdk(server: Server, key: str = KEY_A) -> dict[str, Any]:
+    return {**_api(server, key), "sandbox_url": server.url, "retries": 0}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("volumes")
+    keys = tmp / "keys.txt"
+    keys.write_text(f"{KEY_A} tenant=alpha\n{KEY_B} tenant=beta\n")
+    srv = start_server(
+        tmp,
+        *("--api-key-file", str(keys), "--memory", "256", "--max-sandboxes", "3"),
+        *("--state-dir", str(tmp / "state"), "--volume-size-mb", "32"),
+    )
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def content_url(server: Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("E2B_VOLUME_API_URL", server.url)  # where the SDK sends content calls
+    return server.url
+
+
+def test_volume_lifecycle_and_content(server: Server, content_url: str) -> None:
+    vol = e2b.Volume.create("project", **_api(server))
+    assert vol.name == "project" and vol.volume_id and vol.token
+    assert [v.name for v in e2b.Volume.list(**_api(server))] == ["project"]
+    assert e2b.Volume.get_info(vol.volume_id, **_api(server)).token == vol.token
+    with pytest.raises(Exception, match="409|already exists"):
+        e2b.Volume.create("project", **_api(server))
+
+    entry = vol.write_file("/src/main.py", "print('hi')\n", force=True, mode=0o640)
+    assert entry.path == "/src/main.py" and entry.size == 12 and entry.mode == 0o640
+    assert vol.read_file("/src/main.py") == "print('hi')\n"
+    assert vol.read_file("/src/main.py", format="bytes") == b"print('hi')\n"
+    made = vol.make_dir("/out/logs", force=True, uid=1000, gid=1000)
+    assert made.type.value == "directory" and made.uid == 1000
+    names = {e.path for e in vol.list("/", depth=3)}
+    assert {"/src", "/src/main.py", "/out", "/out/logs"} <= names
+    assert vol.get_info("/src/main.py").size == 12
+    assert vol.update_metadata("/src/main.py", mode=0o600).mode == 0o600
+    assert vol.exists("/src/main.py") and not vol.exists("/nope")
+    with pytest.raises(e2b.VolumePathNotFoundException):
+        vol.read_file("/nope")
+    vol.remove("/out")
+    assert not vol.exists("/out/logs")
+
+    # The other tenant sees nothing of it, and may have a volume of the same name.
+    assert e2b.Volume.list(**_api(server, KEY_B)) == []
+    with pytest.raises(e2b.VolumeNotFoundException):
+        e2b.Volume.get_info(vol.volume_id, **_api(server, KEY_B))
+    other = e2b.Volume.create("project", **_api(server, KEY_B))
+    assert other.volume_id != vol.volume_id
+    assert not other.exists("/src/main.py")
+    # A token opens its own volume only.
+    stranger = e2b.Volume(vol.volume_id, vol.name, token=other.token)
+    with pytest.raises(Exception, match="401|invalid"):
+        stranger.read_file("/src/main.py")
+    assert e2b.Volume.destroy(other.volume_id, **_api(server, KEY_B))
+
+
+def test_volume_mounts_at_create(server: Server, content_url: str) -> None:
+    vol = e2b.Volume.create("mounted", **_api(server))
+    vol.write_file("/seed.txt", "from the API\n")
+    sandbox = e2b.Sandbox.create(volume_mounts={"/data": vol}, **_sdk(server))
+    try:
+        assert sandbox.files.read("/data/seed.txt") == "from the API\n"
+        done = sandbox.commands.run("echo from the sandbox > /data/made.txt && sync && df -m /data")
+        assert "/data" in done.stdout
+        detail = httpx.get(
+            f"{server.url}/sandboxes/{sandbox.sandbox_id}", headers={"X-API-KEY": KEY_A}
+        ).json()
+        assert detail["volumeMounts"] == [{"name": "mounted", "path": "/data"}]
+        # Held while mounted: no content call, no destroy, no second mounter.
+        with pytest.raises(Exception, match="409|mounted"):
+            vol.read_file("/seed.txt")
+        with pytest.raises(Exception, match="409|mounted"):
+            e2b.Volume.destroy(vol.volume_id, **_api(server))
+        with pytest.raises(Exception, match="409|mounted"):
+            e2b.Sandbox.create(volume_mounts={"/data": "mounted"}, **_sdk(server))
+    finally:
+        sandbox.kill()
+    # The volume outlived the sandbox, with what the sandbox wrote.
+    assert vol.read_file("/made.txt") == "from the sandbox\n"
+    again = e2b.Sandbox.create(volume_mounts={"/v": "mounted"}, **_sdk(server))
+    try:
+        assert again.files.read("/v/made.txt") == "from the sandbox\n"
+    finally:
+        again.kill()
+    assert e2b.Volume.destroy(vol.volume_id, **_api(server))
+    assert not e2b.Volume.destroy(vol.volume_id, **_api(server))  # 404: already gone
+
+
+def test_bad_volume_mounts_are_refused(server: Server) -> None:
+    e2b.Volume.create("badmounts", **_api(server))
+    for mounts in ({"relative": "badmounts"}, {"/x/../etc": "badmounts"}, {"/data": "missing"}):
+        with pytest.raises(Exception, match="400|404|not found|absolute|'\\.\\.'"):
+            e2b.Sandbox.create(volume_mounts=mounts, **_sdk(server))
+    # another tenant's volume is not found by name
+    with pytest.raises(Exception, match="404|not found"):
+        e2b.Sandbox.create(volume_mounts={"/data": "badmounts"}, **_sdk(server, KEY_B))
