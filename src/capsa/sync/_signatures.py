@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from capsa.sync._vm import SyncConsole, SyncNetwork, SyncVM, SyncVMBuilder
     from capsa.vm.config import DiskFormat, VMConfig
     from capsa.vm.runstate import RunState
+    from capsa.volume.store import Volume
 
 
 class SyncAgentMethods:
@@ -334,7 +335,7 @@ class SyncSandboxMethods:
     def shutdown_reason(self) -> str | None:
         raise NotImplementedError
 
-    def snapshot(self, path: str | Path, timeout: float = 120.0) -> Snapshot:
+    def snapshot(self, path: str | Path, timeout: float = 120.0, *, resume: bool = True) -> Snapshot:
         raise NotImplementedError
 
     @property
@@ -411,6 +412,9 @@ class SyncSandboxBuilderMethods:
         raise NotImplementedError
 
     def vm_config(self) -> VMConfig:
+        raise NotImplementedError
+
+    def volume(self, volume: Volume, guest_path: str, *, read_only: bool = False) -> SyncSandboxBuilder:
         raise NotImplementedError
 
     def warmup(self, command: str, *, timeout: float = 600.0) -> SyncSandboxBuilder:
