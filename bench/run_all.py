@@ -33,6 +33,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "pool_throughput": ([], ["--seconds", "20"]),
     "shares": ([], ["--runs", "1"]),
     "shares_start": ([], ["--runs", "2"]),
+    "volume": ([], ["--runs", "1"]),
     "network": ([], []),
     "policy": ([], []),
     "uefi_boot": ([], []),

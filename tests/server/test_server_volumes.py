@@ -56,7 +56,7 @@ def test_volume_lifecycle_and_content(server: Server, content_url: str) -> None:
     assert vol.name == "project" and vol.volume_id and vol.token
     assert [v.name for v in e2b.Volume.list(**_api(server))] == ["project"]
     assert e2b.Volume.get_info(vol.volume_id, **_api(server)).token == vol.token
-    with pytest.raises(Exception, match="409|already exists"):
+    with pytest.raises(Exception, match=r"409|already exists"):
         e2b.Volume.create("project", **_api(server))
 
     entry = vol.write_file("/src/main.py", "print('hi')\n", force=True, mode=0o640)
@@ -84,7 +84,7 @@ def test_volume_lifecycle_and_content(server: Server, content_url: str) -> None:
     assert not other.exists("/src/main.py")
     # A token opens its own volume only.
     stranger = e2b.Volume(vol.volume_id, vol.name, token=other.token)
-    with pytest.raises(Exception, match="401|invalid"):
+    with pytest.raises(Exception, match=r"401|invalid"):
         stranger.read_file("/src/main.py")
     assert e2b.Volume.destroy(other.volume_id, **_api(server, KEY_B))
 
@@ -102,11 +102,11 @@ def test_volume_mounts_at_create(server: Server, content_url: str) -> None:
         ).json()
         assert detail["volumeMounts"] == [{"name": "mounted", "path": "/data"}]
         # Held while mounted: no content call, no destroy, no second mounter.
-        with pytest.raises(Exception, match="409|mounted"):
+        with pytest.raises(Exception, match=r"409|mounted"):
             vol.read_file("/seed.txt")
-        with pytest.raises(Exception, match="409|mounted"):
+        with pytest.raises(Exception, match=r"409|mounted"):
             e2b.Volume.destroy(vol.volume_id, **_api(server))
-        with pytest.raises(Exception, match="409|mounted"):
+        with pytest.raises(Exception, match=r"409|mounted"):
             e2b.Sandbox.create(volume_mounts={"/data": "mounted"}, **_sdk(server))
     finally:
         sandbox.kill()
@@ -124,8 +124,8 @@ def test_volume_mounts_at_create(server: Server, content_url: str) -> None:
 def test_bad_volume_mounts_are_refused(server: Server) -> None:
     e2b.Volume.create("badmounts", **_api(server))
     for mounts in ({"relative": "badmounts"}, {"/x/../etc": "badmounts"}, {"/data": "missing"}):
-        with pytest.raises(Exception, match="400|404|not found|absolute|'\\.\\.'"):
+        with pytest.raises(Exception, match=r"400|404|not found|absolute|'\.\.'"):
             e2b.Sandbox.create(volume_mounts=mounts, **_sdk(server))
     # another tenant's volume is not found by name
-    with pytest.raises(Exception, match="404|not found"):
+    with pytest.raises(Exception, match=r"404|not found"):
         e2b.Sandbox.create(volume_mounts={"/data": "badmounts"}, **_sdk(server, KEY_B))

@@ -547,3 +547,6 @@ class SyncVMBuilderMethods:
 
     def virtio_port(self, name: str) -> SyncVMBuilder:
         raise NotImplementedError
+
+    def volume(self, volume: Volume, *, read_only: bool = False) -> SyncVMBuilder:
+        raise NotImplementedError

@@ -25,6 +25,8 @@ from capsa.vm.config import (
     validate_port_name,
 )
 from capsa.vm.handle import VM
+from capsa.volume.spec import serial
+from capsa.volume.store import Volume
 
 _ACCELERATORS = ("auto", "kvm", "tcg")
 _MACHINES = ("microvm", "q35")
@@ -82,6 +84,17 @@ class VMBuilder:
             raise ConfigError(f"disk image not found: {disk_path}")
         fmt: DiskFormat = format or detect_disk_format(disk_path)
         return self._with(disks=(*self._config.disks, DiskSpec(disk_path, read_only, fmt)))
+
+    def volume(self, volume: Volume, *, read_only: bool = False) -> VMBuilder:
+        """Attach ``volume`` (``capsa.volume(name)``, an ext4 image) as a disk, locked while the VM
+        runs (read-write by one VM, read-only by many). The guest finds it by its serial,
+        ``/sys/block/vdX/serial`` = ``capsa-vol-N`` (N counts this VM's volumes from 0), and mounts
+        it itself (``mount -t ext4``)."""
+        if not isinstance(volume, Volume):
+            raise ConfigError("volume() takes a capsa.volume(name)")
+        index = sum(1 for d in self._config.disks if d.volume)
+        disk = DiskSpec(volume.path, bool(read_only), "raw", serial(index), volume=True)
+        return self._with(disks=(*self._config.disks, disk))
 
     def accelerator(self, name: str) -> VMBuilder:
         if name not in _ACCELERATORS:

@@ -173,7 +173,7 @@ def _make_image(path: Path, name: str, size_mb: int) -> None:
     # host crash mid-write leaves a filesystem that replays to consistent at the next mount.
     # Inode tables and journal written now, not lazily by the guest kernel after its first mount:
     # a background writer would change the volume under a snapshot (see Sandbox.snapshot).
-    extended = "root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0"
+    extended = "root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0,nodiscard"  # keep the space
     _run([mkfs, "-q", "-F", "-t", "ext4", "-m", "0", "-E", extended, str(path)], name)
     # The root directory like /tmp (1777): any guest user may create files, not only root.
     _run([debugfs, "-w", "-R", "set_inode_field / mode 041777", str(path)], name)
