@@ -122,3 +122,20 @@ def test_cp_arguments() -> None:
     assert _split("vol:/a/b") == ("vol", "/a/b")
     assert _split("vol:") == ("vol", "/")
     assert _split("./dir:x") is None and _split("/abs") is None and _split("plain") is None
+
+
+def test_a_pool_refuses_read_write_volumes(tmp_path: Path) -> None:
+    vol = capsa.volume("pooled", size_mb=16, root=tmp_path)
+    with pytest.raises(capsa.ConfigError, match="read-write volume"):
+        capsa.Pool(capsa.sandbox().volume(vol, "/data"), 2)
+
+
+def test_builder_refuses_bad_mounts(tmp_path: Path) -> None:
+    vol = capsa.volume("mounts", size_mb=16, root=tmp_path)
+    for path in ["relative", "/", "/a/../b", "/a\0b"]:
+        with pytest.raises(capsa.VolumeError):
+            capsa.sandbox().volume(vol, path)
+    with pytest.raises(capsa.VolumeError, match="twice"):
+        capsa.sandbox().volume(vol, "/a").volume(vol, "/b")
+    with pytest.raises(capsa.VolumeError, match="share already uses"):
+        capsa.sandbox().share(tmp_path, "/a").volume(vol, "/a")

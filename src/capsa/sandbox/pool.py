@@ -35,6 +35,11 @@ class Pool:
     def __init__(self, builder: SandboxBuilder, size: int) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_POOL:
             raise ConfigError(f"pool size must be an integer from 1 to {MAX_POOL}, got {size!r}")
+        if any(not mount.read_only for mount in builder.config.volumes):
+            raise ConfigError(
+                "a pool cannot hold sandboxes with a read-write volume (one mounter at a time)",
+                hint="mount it read_only=True, or build such sandboxes one at a time",
+            )
         self._builder = builder
         self.size = size
         self._ready: deque[Sandbox] = deque()
