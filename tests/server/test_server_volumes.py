@@ -151,3 +151,26 @@ def test_pause_keeps_the_volume_and_fork_is_refused(server: Server, content_url:
     connected = e2b.Volume.connect(vol.volume_id, **_api(server))
     assert connected.read_file("/log") == "one\ntwo\n"
     assert e2b.Volume.destroy(vol.volume_id, **_api(server))
+
+
+def test_volumes_survive_a_restart(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Volumes, their ids and tokens are kept in --state-dir: a new server on it serves them."""
+    tmp = tmp_path_factory.mktemp("restart")
+    keys = tmp / "keys.txt"
+    keys.write_text(f"{KEY_A} tenant=alpha\n")
+    args = ("--api-key-file", str(keys), "--state-dir", str(tmp / "state"), "--volume-size-mb", "16")
+    first = start_server(tmp, *args)
+    try:
+        vol = e2b.Volume.create("kept", api_key=KEY_A, api_url=first.url)
+        vol.write_file("/a.txt", "before the restart", api_url=first.url)
+    finally:
+        first.stop()
+    second = start_server(tmp, *args)
+    try:
+        listed = e2b.Volume.list(api_key=KEY_A, api_url=second.url)
+        assert [(v.volume_id, v.name) for v in listed] == [(vol.volume_id, "kept")]
+        again = e2b.Volume.connect(vol.volume_id, api_key=KEY_A, api_url=second.url)
+        assert again.token == vol.token
+        assert again.read_file("/a.txt", api_url=second.url) == "before the restart"
+    finally:
+        second.stop()

@@ -38,6 +38,8 @@ for d in /sys/block/vd*; do
   [ "$(cat "$d/serial" 2>/dev/null)" = "$1" ] && dev="/dev/${d##*/}"
 done
 [ -n "$dev" ] || { echo "no disk with serial $1" >&2; exit 1; }
+# Larger readahead: fewer virtio-blk requests per large read (as for virtio-fs shares).
+echo 4096 > "/sys/block/${dev#/dev/}/queue/read_ahead_kb" 2>/dev/null
 mkdir -p "$2" && mount -t ext4 -o "$3" "$dev" "$2"
 """
 
