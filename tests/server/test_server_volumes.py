@@ -132,7 +132,7 @@ def test_bad_volume_mounts_are_refused(server: Server) -> None:
 
 
 def test_pause_keeps_the_volume_and_fork_is_refused(server: Server, content_url: str) -> None:
-    e2b.Volume.create("paused", **_api(server))
+    vol = e2b.Volume.create("paused", **_api(server))
     sandbox = e2b.Sandbox.create(volume_mounts={"/data": "paused"}, timeout=300, **_sdk(server))
     try:
         sandbox.commands.run("echo one > /data/log && sync")
@@ -141,13 +141,12 @@ def test_pause_keeps_the_volume_and_fork_is_refused(server: Server, content_url:
         assert sandbox.commands.run("cat /data/log").stdout == "one\n"
         sandbox.pause()
         with pytest.raises(Exception, match=r"409|mounted"):  # held while paused, too
-            e2b.Volume.destroy(e2b.Volume.list(**_api(server))[0].volume_id, **_api(server))
+            e2b.Volume.destroy(vol.volume_id, **_api(server))
         resumed = e2b.Sandbox.connect(sandbox.sandbox_id, **_sdk(server))
         resumed.commands.run("echo two >> /data/log && sync")
         assert resumed.commands.run("cat /data/log").stdout == "one\ntwo\n"
     finally:
         sandbox.kill()
-    vol = next(v for v in e2b.Volume.list(**_api(server)) if v.name == "paused")
     connected = e2b.Volume.connect(vol.volume_id, **_api(server))
     assert connected.read_file("/log") == "one\ntwo\n"
     assert e2b.Volume.destroy(vol.volume_id, **_api(server))
