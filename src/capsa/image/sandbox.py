@@ -61,6 +61,8 @@ BUILD_UPPER = "/.capsa-upper"
 BUILD_SCRATCH_TAG = b"CAPSA-BUILD-RW00"
 BUILD_OUTPUT_TAG = b"CAPSA-BUILD-OUT0"
 BUILD_OUTPUT_NAME = "output-device"
+# Where capsa's root shows its own writable layer (the tmpfs: ``upper`` and overlayfs's ``work``).
+WRITABLE_LAYER = "/run/capsa/rw"
 AGENT_COMMAND = f"/usr/bin/python3 -E -s {AGENT_DIR}/capsa-agent"
 _LAUNCHER = b"""#!/usr/bin/python3 -E -s
 from capsa.agent.guest.main import main
@@ -161,6 +163,9 @@ fi
 mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot \\
   || fail "cannot mount the overlay root (overlay driver missing?)"
+# The writable layer, where the agent can pack it (capsa.snapshot.files: a filesystem snapshot)
+mkdir -p -m 0700 /newroot{WRITABLE_LAYER} && mount --bind /rw /newroot{WRITABLE_LAYER} \\
+  || fail "cannot bind the writable layer"
 for fs in proc sys dev; do mount --move /$fs /newroot/$fs; done
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /newroot/dev/pts
