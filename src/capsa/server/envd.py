@@ -157,6 +157,9 @@ class Proc:
     subscribers: set[Subscriber] = field(default_factory=set)
     end: dict[str, Any] | None = None
     pty: bool = False  # started in a pseudo-terminal: its output goes out as ``pty`` data
+    # its timeout: the event-loop time it is killed at, or while paused the seconds it has left
+    expires: float | None = None
+    remaining: float | None = None
 
     def subscribe(self) -> Subscriber:
         sub = Subscriber(self.limits.stream_queue)
@@ -246,6 +249,7 @@ class ProcessTable:
         client is still connected)."""
         self._tasks.spawn(self._pump(proc), name=f"capsa-server-proc-{proc.process.pid}")
         if deadline is not None:
+            proc.expires = asyncio.get_running_loop().time() + deadline
             self._deadlines.spawn(self._expire(proc, deadline), name="capsa-server-proc-deadline")
 
     async def _expire(self, proc: Proc, deadline: float) -> None:
@@ -356,10 +360,15 @@ class ProcessTable:
 
     async def detach(self, reason: str) -> None:
         """Before a pause: stop pumping output (the commands go on in the guest, which keeps their
-        output) and end the connected streams with ``reason``. Command timeouts are dropped."""
+        output) and end the connected streams with ``reason``. Each command's timeout stops: what
+        is left of it counts again from the resume (the guest is frozen meanwhile)."""
         self._detached = True
         self._tasks.cancel()
         self._deadlines.cancel()
+        moment = asyncio.get_running_loop().time()
+        for proc in self._procs.values():
+            if proc.expires is not None:
+                proc.remaining, proc.expires = max(0.0, proc.expires - moment), None
         await self._tasks.wait_all(10)
         for proc in self._procs.values():
             for sub in list(proc.subscribers):
@@ -382,7 +391,8 @@ class ProcessTable:
                     log.warning("command %d did not survive the pause: %s", pid, exc.message)
                     self._procs.pop(pid, None)
                     continue
-            self.run(proc, None)
+            left, proc.remaining = proc.remaining, None
+            self.run(proc, left)
 
     def copy_for(self, vm: capsa.Sandbox) -> ProcessTable:
         """An empty table for ``vm`` (a fork), with this one's environment and limits."""

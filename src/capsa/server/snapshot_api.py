@@ -158,12 +158,10 @@ class SnapshotApi:
     async def create_snapshot(self, request: Request) -> Response:
         body = await self._json(request)
         name = _name(body.get("name"))
-        if body.get("memory") is False:
-            raise ApiError(
-                501,
-                "filesystem-only snapshots (mode='filesystem') are not supported by capsa serve yet",
-                hint="take a full snapshot (the default mode)",
-            )
+        memory = body.get("memory")  # false: mode="filesystem", the files alone
+        memory = True if memory is None else memory
+        if not isinstance(memory, bool):
+            raise ApiError(400, "memory must be a boolean")
         source = self._live(request, "snapshot")
         tenant = self._principal(request).tenant  # the caller's, as a created sandbox is
         store = self.registry.snapshots
@@ -175,7 +173,7 @@ class SnapshotApi:
                     hint="delete snapshots you no longer need (Sandbox.delete_snapshot)",
                 )
             raw, target = store.new_path()
-            await self.registry.save(source, target)
+            await self.registry.save(source, target, memory=memory)
             saved = Saved(
                 id=raw,
                 name=name,
