@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from capsa.errors import CapsaError, SnapshotError
+from capsa.errors import CapsaError, ImageError, SnapshotError
 from capsa.image.capture import Reader
 from capsa.image.sandbox import AGENT_DIR, WRITABLE_LAYER
 from capsa.image.tarheader import BLK, CHR, LNK, REG
@@ -131,7 +131,10 @@ async def save_files(
     try:
         raw = folder / "capture.tar"
         await _capture(vm, raw, max_bytes, timeout)
-        snapshot = await asyncio.to_thread(_rewrite, raw, folder)
+        try:
+            snapshot = await asyncio.to_thread(_rewrite, raw, folder)
+        except ImageError as exc:  # the capture reader's CaptureError: not an honest archive
+            raise SnapshotError(f"the guest's archive is refused: {exc.message}") from None
         raw.unlink()
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
