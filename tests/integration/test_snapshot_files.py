@@ -1,5 +1,5 @@
-"""Filesystem snapshots (``capsa.snapshot.files``) on real guests: the files a sandbox changed go
-into a freshly booted one; processes and the boot do not."""
+"""Filesystem snapshots (``capsa.sandbox.files_snapshot``) on real guests: the files a sandbox
+changed go into a freshly booted one; processes and the boot do not."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import capsa
-from capsa.snapshot.files import ARCHIVE, MANIFEST, FilesSnapshot, restore_files, save_files
+from capsa.sandbox.files_snapshot import ARCHIVE, MANIFEST, FilesSnapshot, restore_files, save_files
 from tests.conftest import SandboxFactory
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio]

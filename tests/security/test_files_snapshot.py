@@ -1,7 +1,7 @@
-"""Attacks on filesystem snapshots (``capsa.snapshot.files``): the guest, root in its VM, writes the
-archive of its files that the host keeps. It tries to make the host keep names outside the root,
-read or hold more than it wrote, keep device nodes or overlayfs's own attributes, or fill the
-host's disk. Everything but the last test runs on the host without a VM."""
+"""Attacks on filesystem snapshots (``capsa.sandbox.files_snapshot``): the guest, root in its VM,
+writes the archive of its files that the host keeps. It tries to make the host keep names outside
+the root, read or hold more than it wrote, keep device nodes or overlayfs's own attributes, or fill
+the host's disk. Everything but the last test runs on the host without a VM."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from capsa.errors import SnapshotError
-from capsa.snapshot import files
+from capsa.sandbox import files_snapshot as files
 from tests.conftest import SandboxFactory
 
 

@@ -163,7 +163,7 @@ fi
 mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot \\
   || fail "cannot mount the overlay root (overlay driver missing?)"
-# The writable layer, where the agent can pack it (capsa.snapshot.files: a filesystem snapshot)
+# The writable layer, where the agent can pack it (a filesystem snapshot: capsa.sandbox.files_snapshot)
 mkdir -p -m 0700 /newroot{WRITABLE_LAYER} && mount --bind /rw /newroot{WRITABLE_LAYER} \\
   || fail "cannot bind the writable layer"
 for fs in proc sys dev; do mount --move /$fs /newroot/$fs; done

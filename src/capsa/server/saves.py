@@ -1,8 +1,8 @@
 """How the server saves a sandbox and brings it back: a memory snapshot (``vm.snapshot``: files,
 memory, running commands and the interpreter) or, for E2B's ``mode="filesystem"``
-(``memory: false``), a filesystem snapshot (:mod:`capsa.snapshot.files`: only the files, and a
-fresh boot to come back). A directory says which kind it holds, so a resume or a create from a
-named snapshot need not be told."""
+(``memory: false``), a filesystem snapshot (:mod:`capsa.sandbox.files_snapshot`: only the
+files, and a fresh boot to come back). A directory says which kind it holds, so a resume or a
+create from a named snapshot need not be told."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import capsa
 from capsa.errors import CapsaError
+from capsa.sandbox.files_snapshot import is_files_snapshot, restore_files, save_files
 from capsa.server.entry import TEMPLATES, ApiError, Entry
-from capsa.snapshot.files import is_files_snapshot, restore_files, save_files
 
 _FILES_HINT = "take a full one (the default mode)"
 
