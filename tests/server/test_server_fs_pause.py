@@ -153,3 +153,21 @@ def test_a_command_keeps_its_remaining_timeout_across_a_pause(server: Server) ->
         assert "sleep 600" not in _processes(resumed)
     finally:
         Sandbox.kill(sandbox.sandbox_id)
+
+
+def test_the_code_interpreter_starts_afresh_after_a_filesystem_only_pause(server: Server) -> None:
+    interpreter = pytest.importorskip("e2b_code_interpreter")
+    sandbox = interpreter.Sandbox.create(timeout=120)
+    try:
+        assert (
+            sandbox.run_code("x = 41; open('/home/user/cell.txt', 'w').write('from a cell')").error
+            is None
+        )
+        sandbox.pause(mode="filesystem")
+        resumed = interpreter.Sandbox.connect(sandbox.sandbox_id, timeout=60)
+        assert resumed.files.read("/home/user/cell.txt") == "from a cell"
+        gone = resumed.run_code("x")
+        assert gone.error is not None and gone.error.name == "NameError"  # a new interpreter
+        assert resumed.run_code("1 + 1").text == "2"
+    finally:
+        interpreter.Sandbox.kill(sandbox.sandbox_id)
