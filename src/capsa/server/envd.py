@@ -384,9 +384,9 @@ class ProcessTable:
                     continue
             self.run(proc, None)
 
-    def copy_for(self, vm: capsa.Sandbox) -> ProcessTable:
-        """An empty table for ``vm`` (a fork), with this one's environment and limits."""
-        return ProcessTable(vm, self._envs, self._limits)
+    @property
+    def limits(self) -> Limits:
+        return self._limits
 
     def configs(self) -> dict[int, tuple[dict[str, Any], str | None]]:
         """Each command's config and tag, by guest pid (what a fork's copies are described by)."""
