@@ -14,7 +14,6 @@ from types import TracebackType
 from capsa._guardian import new_vm_dir
 from capsa._tasks import TaskSet
 from capsa.accelerator import host_tsc_khz, resolve_accelerator
-from capsa.backend.qemu.argv import LaunchPlan, PlannedShare, build_argv
 from capsa.backend.qemu.monitor import Monitor
 from capsa.backend.qemu.process import QemuProcess, find_qemu
 from capsa.boot import LinuxDirectBoot, UefiBoot
@@ -32,10 +31,11 @@ from capsa.errors import (
 from capsa.net.stack import NetworkStack, open_stack
 from capsa.shares.spec import Share
 from capsa.shares.virtiofsd import find_virtiofsd, start_virtiofsd
-from capsa.uefi.launch import prepare_uefi_async, release_uefi, uefi_accelerator
 from capsa.uefi.watch import watch_firmware
+from capsa.vm.argv import LaunchPlan, PlannedShare, build_argv
 from capsa.vm.config import VMConfig, format_seconds, validate_lifetime
 from capsa.vm.runstate import RunState
+from capsa.vm.uefi_launch import prepare_uefi_async, release_uefi, uefi_accelerator
 
 log = logging.getLogger(__name__)
 
