@@ -44,9 +44,9 @@ from capsa.errors import (
     VMNotRunning,
     VMStateError,
 )
-from capsa.image.custom import Image
 from capsa.net.gateway import Gateway, VirtualNetwork
 from capsa.net.policy import Action, All, AnyOf, Cidr, Domain, Ip, NetworkPolicy, Port
+from capsa.recipes.image import Image
 from capsa.sandbox import Pool, Sandbox, SandboxBuilder, Snapshot, pool, sandbox
 from capsa.shares import AccessMode, Share
 from capsa.vm import VM, RunState, VMBuilder, vm

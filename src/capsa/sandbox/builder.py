@@ -16,7 +16,7 @@ from capsa.accelerator import resolve_accelerator
 from capsa.backend.qemu.process import find_qemu
 from capsa.boot import LinuxDirectBoot
 from capsa.errors import ConfigError, ImageError, SnapshotError
-from capsa.image.custom import Image
+from capsa.image.custom import ImageSource
 from capsa.image.sandbox import SandboxImage, sandbox_image
 from capsa.net.gateway import VirtualNetwork
 from capsa.sandbox.handle import AGENT_PORT, Sandbox, restore_sandbox
@@ -66,7 +66,7 @@ class SandboxConfig:
     snapshot: Path | None = None
     network: VirtualNetwork | None = None
     lifetime: float | None = None  # seconds from build() (from take() for a pool) to stop-and-remove
-    image: Image | None = None  # a user image (capsa.Image): commands run in its root
+    image: ImageSource | None = None  # a user image (capsa.Image): commands run in its root
     warmup: str | None = None  # a shell command run once before the template is recorded
     warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT
 
@@ -124,11 +124,11 @@ class SandboxBuilder:
         python3-msgpack."""
         return self._with(rootfs=_existing_file(path, "rootfs"))
 
-    def image(self, image: Image) -> SandboxBuilder:
+    def image(self, image: ImageSource) -> SandboxBuilder:
         """Run commands and file operations in ``image`` (``capsa.Image.from_oci(...)``), built
         (or found in the cache) at ``build()``, before the boot timeout starts. The agent keeps
         capsa's own root, so the image needs no Python."""
-        if not isinstance(image, Image):
+        if not isinstance(image, ImageSource):
             raise ConfigError("image() takes a capsa.Image")
         return self._with(image=image)
 
@@ -376,3 +376,9 @@ def _default_image() -> SandboxImage:
 def sandbox() -> SandboxBuilder:
     """Start describing a sandbox: zero configuration gives a Debian guest with python3."""
     return SandboxBuilder()
+
+
+async def boot_sandbox(config: VMConfig, timeout: float) -> Sandbox:
+    """Boot a sandbox from a raw VM configuration, without a template: the friend interface of
+    image building (:mod:`capsa.recipes.run`), whose build VMs get different disks each time."""
+    return await _cold(config, timeout)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from capsa.agent.types import DirEntry, ExecResult, FileStat, GuestInfo, ProcessInfo
     from capsa.cluster import Member
     from capsa.console import Pattern
-    from capsa.image.custom import Image
+    from capsa.image.custom import ImageSource
     from capsa.net.forward import ForwardedPort
     from capsa.net.gateway import PortForward, VirtualNetwork
     from capsa.net.policy import NetworkPolicy
@@ -373,7 +373,7 @@ class SyncSandboxBuilderMethods:
     def from_snapshot(self, snapshot: str | Path | Snapshot) -> SyncSandboxBuilder:
         raise NotImplementedError
 
-    def image(self, image: Image) -> SyncSandboxBuilder:
+    def image(self, image: ImageSource) -> SyncSandboxBuilder:
         raise NotImplementedError
 
     def initrd(self, path: str | Path) -> SyncSandboxBuilder:

@@ -11,7 +11,7 @@ overlayfs's own format (a deleted file is a 0/0 character device: a whiteout, ho
 in every lower layer), straight onto the output disk; the host reads that tar from its own handle on
 the disk's file, without holding it in memory, and streams it under ``rootfs/`` into the layer's
 SquashFS. The guest is root in its VM: the host parses those bytes as hostile, bounded by what the
-guest really wrote (:mod:`capsa.image.capture`).
+guest really wrote (:mod:`capsa.recipes.capture`).
 
 Known limit: a directory that the command removed and created again is "opaque" in the upper
 directory (an extended attribute), which the stacked SquashFS layers cannot carry (capsa's kernel
@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from capsa._paths import cache_dir
 from capsa.errors import CapsaError, ImageError
@@ -40,9 +40,10 @@ from capsa.image.sandbox import (
     BUILD_SCRATCH_TAG,
     BUILD_UPPER,
 )
-
-if TYPE_CHECKING:
-    from capsa.sandbox.handle import Sandbox
+from capsa.net.gateway import VirtualNetwork
+from capsa.sandbox.builder import boot_sandbox, sandbox
+from capsa.sandbox.handle import Sandbox
+from capsa.vm.config import DiskSpec
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +166,9 @@ async def _run(
     label: str,
     files: dict[str, Path],
 ) -> IO[bytes]:
-    import capsa  # noqa: PLC0415 - the sandbox API imports the image package
-    from capsa.sandbox.builder import _cold  # noqa: PLC0415
-    from capsa.vm.config import DiskSpec  # noqa: PLC0415
-
-    builder = capsa.sandbox().memory_mb(BUILD_MEMORY_MB)
+    builder = sandbox().memory_mb(BUILD_MEMORY_MB)
     if network:
-        builder = builder.network(capsa.VirtualNetwork())
+        builder = builder.network(VirtualNetwork())
     config = await builder.vm_config()
     root = scratch_root()
     root.mkdir(parents=True, exist_ok=True)
@@ -194,7 +191,7 @@ async def _run(
         )
         output = output_disk.open("rb")
         try:
-            vm = await _cold(config, BOOT_TIMEOUT)
+            vm = await boot_sandbox(config, BOOT_TIMEOUT)
         except BaseException:
             output.close()
             raise

@@ -17,7 +17,7 @@ reader bounds everything by what the guest really wrote:
   :data:`MAX_CAPTURE_ENTRIES` entries, and multi-volume entries, negative modes or device numbers
   and unknown entry types are refused: GNU tar writes none of them here.
 
-Names and link targets are checked by :class:`capsa.image.recipe.LayerTar` (``..`` is refused);
+Names and link targets are checked by :class:`capsa.recipes.layertar.LayerTar` (``..`` is refused);
 device nodes other than whiteouts are dropped. The limits are module attributes, read at each use.
 """
 
@@ -32,7 +32,6 @@ from collections.abc import Iterator
 from typing import IO
 
 from capsa.errors import ImageError
-from capsa.image.recipe import LayerTar
 from capsa.image.sandbox import BUILD_UPPER
 from capsa.image.tarheader import (
     BLK,
@@ -47,6 +46,7 @@ from capsa.image.tarheader import (
     data_size,
     next_member,
 )
+from capsa.recipes.layertar import LayerTar
 
 log = logging.getLogger(__name__)
 
