@@ -31,7 +31,7 @@ import tarfile
 from collections.abc import Iterator
 from typing import IO
 
-from capsa.errors import ImageError
+from capsa.errors import CaptureError
 from capsa.image.sandbox import BUILD_UPPER
 from capsa.image.tarheader import (
     BLK,
@@ -57,16 +57,6 @@ _OPAQUE = "SCHILY.xattr.trusted.overlay.opaque"
 # Left by capsa itself in the user's root, never part of a layer.
 _UPPER = BUILD_UPPER.strip("/")
 _SKIP = {_UPPER, "etc/resolv.conf", "etc/hostname"}
-
-
-class CaptureError(ImageError):
-    """The build VM's output is not an archive capsa accepts."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(
-            f"the build VM's capture is refused: {message}",
-            hint="the step's guest wrote something other than GNU tar's archive of its changes",
-        )
 
 
 def written_bytes(disk: IO[bytes]) -> int:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from capsa._paths import cache_dir
-from capsa.errors import CapsaError, ImageError
+from capsa.errors import CapsaError, ExecFailedError, ImageError, StepError
 from capsa.image.sandbox import (
     BUILD_OUTPUT_NAME,
     BUILD_OUTPUT_TAG,
@@ -63,21 +63,6 @@ _CAPTURE = (
 )
 
 T = TypeVar("T")
-
-
-class StepError(ImageError):
-    """A ``run()`` step exited non-zero: ``command``, ``exit_code`` and its ``output`` (tail)."""
-
-    def __init__(self, message: str, *, command: str, exit_code: int, output: str) -> None:
-        super().__init__(
-            message, hint="fix the command; the layers below it stay cached, nothing else was kept"
-        )
-        self.command = command
-        self.exit_code = exit_code
-        self.output = output
-
-    def __str__(self) -> str:
-        return f"{super().__str__()}\n--- output (tail) ---\n{self.output.rstrip()}\n---"
 
 
 def _blocking(coro: Coroutine[Any, Any, T]) -> T:
@@ -213,8 +198,10 @@ async def _step(
     folders = sorted({path.rpartition("/")[0] for path in files})
     if folders:
         made = await vm.agent.exec("mkdir").args(["-p", *folders]).run()
-        if made.exit_code != 0:
-            raise ImageError(f"{label}: cannot create {folders} in the build VM: {made.stderr}")
+        try:
+            made.check()
+        except ExecFailedError as exc:
+            raise ImageError(f"{label}: cannot create {folders} in the build VM: {made.stderr}") from exc
     for guest, host in files.items():
         await vm.agent.write_file(guest, host.read_bytes(), timeout=CAPTURE_TIMEOUT)
     try:
@@ -224,13 +211,15 @@ async def _step(
     except CapsaError as exc:
         raise ImageError(f"{label}: the build VM failed: {exc}") from exc
     output = (result.stdout + result.stderr)[-_OUTPUT_TAIL:]
-    if result.exit_code != 0:
+    try:
+        result.check()
+    except ExecFailedError as exc:
         raise StepError(
             f"{label}: exited with {result.exit_code}",
             command=command,
             exit_code=result.exit_code,
             output=output,
-        )
+        ) from exc
     if output.strip():
         log.info("%s:\n%s", label, output.rstrip())
     packed = await vm.agent.exec("/bin/sh").args(["-c", _CAPTURE]).timeout(CAPTURE_TIMEOUT).run()

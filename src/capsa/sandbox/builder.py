@@ -15,7 +15,7 @@ from capsa._paths import cache_dir
 from capsa.accelerator import resolve_accelerator
 from capsa.backend.qemu.process import find_qemu
 from capsa.boot import LinuxDirectBoot
-from capsa.errors import ConfigError, ImageError, SnapshotError
+from capsa.errors import ConfigError, ExecFailedError, ImageError, SnapshotError
 from capsa.image.custom import ImageSource
 from capsa.image.sandbox import SandboxImage, sandbox_image
 from capsa.net.gateway import VirtualNetwork
@@ -291,13 +291,15 @@ async def _warm(vm: Sandbox, warmup: tuple[str, float] | None) -> None:
     except BaseException:
         await vm.kill()
         raise
-    if result.exit_code != 0:
+    try:
+        result.check()
+    except ExecFailedError as exc:
         await vm.kill()
         output = (result.stdout + result.stderr)[-4000:]
         raise ImageError(
             f"the warmup command exited with {result.exit_code}: {command}\n{output}",
             hint="fix the command given to warmup(); no template was recorded",
-        )
+        ) from exc
 
 
 async def _from_template(

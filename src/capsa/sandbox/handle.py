@@ -26,6 +26,7 @@ from capsa.errors import (
     CapsaError,
     CapsaTimeoutError,
     ConfigError,
+    ExecFailedError,
     ProtocolError,
     ShareError,
     SnapshotError,
@@ -318,13 +319,15 @@ class Sandbox(VM):
                 # Larger readahead: fewer FUSE round trips per large read (~12% faster under TCG).
                 script = 'echo 4096 > "/sys/class/bdi/$(mountpoint -d "$1")/read_ahead_kb"'
                 await agent.exec("sh").args(["-c", script, "sh", share.guest_path]).timeout(30).run()
-            if done.exit_code != 0:
+            try:
+                done.check()
+            except ExecFailedError as exc:
                 raise ShareError(
                     f"mounting {share.host_path} at {share.guest_path} ({share.mechanism}) failed: "
                     f"{done.stderr.strip()[:500]}",
                     host_path=share.host_path,
                     hint="a custom kernel needs virtiofs (or 9p) support",
-                )
+                ) from exc
 
     async def _agent_lost(self) -> CapsaError:
         """Why the agent's connection closed: usually the VM exited (then say how)."""
