@@ -406,6 +406,10 @@ class VM:
         reason = self._monitor.shutdown_reason if self._monitor else None
         self._set_state(RunState.STOPPED if self._stopping or code == 0 else RunState.FAILED)
         log.info("VM exited: code %s, reason %s", code, reason)
+        if self._monitor is not None:
+            # QEMU hung up: close QMP now, so that qemu.qmp's reader (ended by EOFError) is
+            # collected here, not reported "never retrieved" when a handle nobody stopped is freed.
+            await self._monitor.close()
         if self._console is not None:
             self._console._mark_exited(lambda: self._exited_error(code, reason))
 
