@@ -34,6 +34,7 @@ from capsa.shares.virtiofsd import find_virtiofsd, start_virtiofsd
 from capsa.uefi.watch import watch_firmware
 from capsa.vm.argv import LaunchPlan, PlannedShare, build_argv
 from capsa.vm.config import VMConfig, format_seconds, validate_lifetime
+from capsa.vm.pvh import is_bzimage
 from capsa.vm.runstate import RunState
 from capsa.vm.uefi_launch import prepare_uefi_async, release_uefi, uefi_accelerator
 
@@ -417,11 +418,26 @@ class VM:
         what = f"guest {reason}" if reason else "QEMU exited"
         if self._failure is not None:
             what = self._failure.message
+        console_tail = self._console.tail() if self._console else ""
         return VMExited(
             f"the VM exited ({what}, QEMU exit status {code})",
             exit_code=code,
-            console_tail=self._console.tail() if self._console else "",
+            console_tail=console_tail,
             qemu_log_tail=self._process.log_tail() if self._process else "",
+            hint=self._early_reset_hint(reason, console_tail),
+        )
+
+    def _early_reset_hint(self, reason: str | None, console_tail: str) -> str | None:
+        """A bzImage without a PVH entry that resets without a panic: name the known cause."""
+        boot = self.config.boot
+        if reason != "guest-reset" or "Kernel panic" in console_tail:
+            return None
+        if not isinstance(boot, LinuxDirectBoot) or not is_bzimage(boot.kernel):
+            return None
+        return (
+            "the guest reset during early boot without a panic: some kernels' 32-bit bzImage entry "
+            "faults under QEMU 7.2 TCG (Debian's 6.1.0-57 cloud kernel); boot a kernel built with "
+            "CONFIG_PVH=y (capsa then enters its PVH entry) or its uncompressed vmlinux ELF"
         )
 
     @property
