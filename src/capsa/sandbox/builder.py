@@ -44,6 +44,7 @@ from capsa.vm.config import (
     validate_lifetime,
     validate_memory_mb,
 )
+from capsa.vm.handle import start_lifetime
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ class SandboxBuilder:
         user xattrs): ``auto`` shares go on 9p here, see docs/shares.md."""
         vm = await self._build(timeout)
         if self._config.lifetime is not None:
-            await vm._start_lifetime(self._config.lifetime)
+            await start_lifetime(vm, self._config.lifetime)
         return vm
 
     async def _build(self, timeout: float) -> Sandbox:

@@ -66,8 +66,8 @@ class Sandbox(VM):
 
     _KIND = "sandbox"
 
-    def __init__(self, config: VMConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: VMConfig, *, guest_ip: ipaddress.IPv4Address | None = None) -> None:
+        super().__init__(config, guest_ip=guest_ip)
         self._channel: Channel | None = None
         self._agent: Agent | None = None
         self.ready_seconds: float | None = None  # from build() to the agent's hello
@@ -410,8 +410,7 @@ async def restore_sandbox(
     slots (9p) filled with ``shares`` and mounted; with a network, a new MAC and ``guest_ip`` (by
     default the gateway's usual guest address)."""
     check_compatible(snapshot, find_qemu())
-    vm = Sandbox(snapshot.vm_config(shares, network))
-    vm._guest_ip = guest_ip
+    vm = Sandbox(snapshot.vm_config(shares, network), guest_ip=guest_ip)
     await vm._boot_from(snapshot, timeout)
     return vm
 

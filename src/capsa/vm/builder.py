@@ -26,7 +26,7 @@ from capsa.vm.config import (
     validate_memory_mb,
     validate_port_name,
 )
-from capsa.vm.handle import VM
+from capsa.vm.handle import VM, start_lifetime
 from capsa.vm.pvh import is_bzimage, pvh_kernel
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class VMBuilder:
         vm = VM(await _through_pvh(self._config))
         await vm._start(timeout)
         if self._lifetime is not None:
-            await vm._start_lifetime(self._lifetime)
+            await start_lifetime(vm, self._lifetime)
         return vm
 
     async def __aenter__(self) -> VM:

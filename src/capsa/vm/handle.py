@@ -52,7 +52,9 @@ class VM:
 
     _KIND = "VM"  # how messages name this kind of handle
 
-    def __init__(self, config: VMConfig) -> None:
+    def __init__(self, config: VMConfig, *, guest_ip: ipaddress.IPv4Address | None = None) -> None:
+        """``guest_ip``: the guest's address on ``config.network`` (a restored snapshot's own;
+        by default the gateway's usual guest address)."""
         self.config = config
         self._state = RunState.CREATED  # changed only by _set_state()
         self._state_waiters: list[tuple[frozenset[RunState], asyncio.Future[RunState]]] = []
@@ -71,9 +73,7 @@ class VM:
         self._failure: CapsaError | None = None  # why capsa stopped the VM on its own, if it did
         self._qemu: str | None = None
         self._network: NetworkStack | None = None
-        self._guest_ip: ipaddress.IPv4Address | None = (
-            None  # a restore's own address (else the gateway's default)
-        )
+        self._guest_ip = guest_ip
         self._tasks = TaskSet(log)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lifetime: float | None = None  # seconds, as last set (for messages)
@@ -527,3 +527,21 @@ class VM:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+# -- the friend interface: what sandbox and snapshot code does to a VM beyond its public API --
+# (module functions, not methods, so that the sync and Ray faces, derived from the public methods,
+# never see them)
+
+
+async def start_incoming(vm: VM, timeout: float) -> Monitor:
+    """Start ``vm``'s QEMU paused, waiting for a migration stream (a snapshot restore, or the
+    helper that splits a memory image), and return its QMP monitor to feed the stream to."""
+    await vm._start(timeout, incoming=True)
+    assert vm._monitor is not None
+    return vm._monitor
+
+
+async def start_lifetime(vm: VM, seconds: float) -> None:
+    """Arm a builder's lifetime right after ``build()``: a VM that cannot take it is killed."""
+    await vm._start_lifetime(seconds)
