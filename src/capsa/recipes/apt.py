@@ -30,7 +30,7 @@ from pathlib import Path
 
 from capsa._paths import cache_dir
 from capsa.errors import ImageError
-from capsa.image.rootfs import _host_sources
+from capsa.image.rootfs import host_sources
 from capsa.recipes.steps import Step
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _sources(step: Step) -> tuple[str, str]:
     own = step.option("sources")
     if own:
         return "capsa.list", own.rstrip("\n") + "\n"
-    host = _host_sources()
+    host = host_sources()
     if host is None:
         raise ImageError(
             "apt_install needs the host's Debian apt sources",
