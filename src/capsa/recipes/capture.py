@@ -17,7 +17,7 @@ reader bounds everything by what the guest really wrote:
   :data:`MAX_CAPTURE_ENTRIES` entries, and multi-volume entries, negative modes or device numbers
   and unknown entry types are refused: GNU tar writes none of them here.
 
-Names and link targets are checked by :class:`capsa.image.recipe.LayerTar` (``..`` is refused);
+Names and link targets are checked by :class:`capsa.recipes.layertar.LayerTar` (``..`` is refused);
 device nodes other than whiteouts are dropped. The limits are module attributes, read at each use.
 """
 
@@ -31,8 +31,7 @@ import tarfile
 from collections.abc import Iterator
 from typing import IO
 
-from capsa.errors import ImageError
-from capsa.image.recipe import LayerTar
+from capsa.errors import CaptureError
 from capsa.image.sandbox import BUILD_UPPER
 from capsa.image.tarheader import (
     BLK,
@@ -47,6 +46,7 @@ from capsa.image.tarheader import (
     data_size,
     next_member,
 )
+from capsa.recipes.layertar import LayerTar
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +57,6 @@ _OPAQUE = "SCHILY.xattr.trusted.overlay.opaque"
 # Left by capsa itself in the user's root, never part of a layer.
 _UPPER = BUILD_UPPER.strip("/")
 _SKIP = {_UPPER, "etc/resolv.conf", "etc/hostname"}
-
-
-class CaptureError(ImageError):
-    """The build VM's output is not an archive capsa accepts."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(
-            f"the build VM's capture is refused: {message}",
-            hint="the step's guest wrote something other than GNU tar's archive of its changes",
-        )
 
 
 def written_bytes(disk: IO[bytes]) -> int:
