@@ -42,6 +42,7 @@ class Saved:
     deleted: bool = False
     policy: capsa.NetworkPolicy | None = None  # the source's: its restores keep it
     public_traffic: bool = True  # the source's allow_public_traffic (ingress): its restores keep it
+    mask_request_host: str | None = None  # the source's (ingress): its restores keep it
 
     @property
     def snapshot_id(self) -> str:
