@@ -226,6 +226,10 @@ def _json_text(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
+def _canonical(name: bytes) -> bytes:
+    return b"-".join(part[:1].upper() + part[1:] for part in name.split(b"-"))
+
+
 class _Relay:
     """One HTTP exchange with the guest server over an agent connection."""
 
@@ -301,7 +305,10 @@ class _Relay:
         target = scope.get("raw_path") or scope["path"].encode()
         if scope.get("query_string"):
             target += b"?" + scope["query_string"]
-        return h11.Request(method=scope["method"], target=target, headers=headers)
+        # canonical names (Host, Content-Type), as E2B's proxy sends them: the ASGI server hands
+        # them over lowercased, and a guest server that looks them up by exact case would miss them
+        canonical = [(_canonical(name), value) for name, value in headers]
+        return h11.Request(method=scope["method"], target=target, headers=canonical)
 
     def start(self) -> bytes:
         """The request head, to send with the connect."""
