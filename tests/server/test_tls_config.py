@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import os
 import ssl
+import threading
 from pathlib import Path
 
 import pytest
@@ -46,27 +47,48 @@ def _handshake(server: ssl.SSLContext, ca: Path, name: str) -> None:
 
 def test_auto_makes_a_private_ca_and_a_certificate_for_the_domain(tmp_path: Path) -> None:
     directory = tmp_path / "tls"
-    files = tls.auto(directory, "capsa.localhost:4000")
+    files, context = tls.auto(directory, "capsa.localhost:4000")
     assert files.ca is not None and files.bundle is not None
     assert directory.stat().st_mode & 0o777 == 0o700
     assert (directory / "ca-key.pem").stat().st_mode & 0o777 == 0o600
-    assert files.key.stat().st_mode & 0o777 == 0o600
-    context = tls.server_context(files)
+    assert files.key.stat().st_mode & 0o777 == 0o600  # (the server's key and certificate)
     for name in ("8000-iabc123.capsa.localhost", "capsa.localhost", "localhost", "127.0.0.1"):
         _handshake(context, files.ca, name)
     _handshake(context, files.bundle, "49983-iabc.capsa.localhost")  # the bundle holds it too
     with pytest.raises(ssl.SSLCertVerificationError):
         _handshake(context, files.ca, "8000-iabc.other.localhost")
     ca_pem = files.ca.read_bytes()
-    again = tls.auto(directory, "capsa.localhost:5000")  # another port: the same CA
+    again, _ = tls.auto(directory, "capsa.localhost:5000")  # another port: the same CA
     assert again.ca is not None and again.ca.read_bytes() == ca_pem
     assert b"PRIVATE KEY" not in files.bundle.read_bytes()
+
+
+def test_servers_starting_together_share_one_ca(tmp_path: Path) -> None:
+    """Four servers starting at once on one directory: one CA, and each loads a key and
+    certificate that belong together (one file, replaced at once)."""
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            for _ in range(3):
+                files, context = tls.auto(tmp_path, "capsa.localhost:4000")
+                assert files.ca is not None
+                _handshake(context, files.ca, "8000-iabc.capsa.localhost")
+        except BaseException as exc:  # reported below, from the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
 
 
 def test_the_ca_cannot_vouch_for_other_names(tmp_path: Path) -> None:
     """Name constraints: a certificate the CA's key signs for another name is refused by clients
     that trust the CA (a leaked key cannot impersonate other sites to them)."""
-    files = tls.auto(tmp_path, "capsa.localhost:4000")
+    files, _ = tls.auto(tmp_path, "capsa.localhost:4000")
     assert files.ca is not None
     ca_key = serialization.load_pem_private_key((tmp_path / "ca-key.pem").read_bytes(), None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
@@ -97,12 +119,12 @@ def test_the_ca_cannot_vouch_for_other_names(tmp_path: Path) -> None:
 
 
 def test_a_new_domain_or_a_loose_key_file(tmp_path: Path) -> None:
-    first = tls.auto(tmp_path, "capsa.localhost:4000")
+    first, _ = tls.auto(tmp_path, "capsa.localhost:4000")
     assert first.ca is not None
     old = first.ca.read_bytes()
-    moved = tls.auto(tmp_path, "sandboxes.example.com")  # outside the old CA's constraints
+    moved, context = tls.auto(tmp_path, "sandboxes.example.com")  # outside the old CA's names
     assert moved.ca is not None and moved.ca.read_bytes() != old
-    _handshake(tls.server_context(moved), moved.ca, "3000-iabc.sandboxes.example.com")
+    _handshake(context, moved.ca, "3000-iabc.sandboxes.example.com")
     os.chmod(tmp_path / "ca-key.pem", 0o644)
     with pytest.raises(ConfigError, match="readable by others"):
         tls.auto(tmp_path, "sandboxes.example.com")

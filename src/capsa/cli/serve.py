@@ -35,7 +35,8 @@ def register(commands: Any) -> None:
             "examples:\n"
             "  CAPSA_API_KEY=secret capsa serve\n"
             "  capsa serve --api-key-file keys.txt --pool base=4 --pool code-interpreter-v1=2\n"
-            "  capsa serve --ray HEAD:6379 --pool base=2    # one endpoint for a Ray cluster\n\n"
+            "  capsa serve --ray HEAD:6379 --pool base=2    # one endpoint for a Ray cluster\n"
+            "  capsa serve --tls auto    # HTTPS: the log names the CA file clients trust\n\n"
             "API key file: one key per line; '#' starts a comment line. A plain KEY belongs to the\n"
             "tenant 'default'; KEY tenant=NAME [admin] [max_sandboxes=N] [creates_per_minute=N]\n"
             "names its tenant. A sandbox belongs to its creator's tenant: other tenants' keys get\n"
@@ -127,7 +128,7 @@ def tls_from(args: argparse.Namespace, domain: str) -> ssl.SSLContext | None:
         extra = tuple(str(ipaddress.ip_address(h)) for h in bound)
     except ValueError:
         extra = ()
-    files = tls.auto(Path(args.tls_dir) if args.tls_dir else tls.default_dir(), domain, extra)
+    files, context = tls.auto(Path(args.tls_dir) if args.tls_dir else tls.default_dir(), domain, extra)
     log.info(
         "HTTPS with a certificate from the local CA %s: clients trust it with SSL_CERT_FILE=%s "
         "(the system's CAs and it) or NODE_EXTRA_CA_CERTS=%s",
@@ -135,7 +136,7 @@ def tls_from(args: argparse.Namespace, domain: str) -> ssl.SSLContext | None:
         files.bundle,
         files.ca,
     )
-    return tls.server_context(files)
+    return context
 
 
 def add_limit_flags(parser: argparse.ArgumentParser) -> None:

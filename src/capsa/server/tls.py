@@ -16,11 +16,14 @@ key leaked. The server certificate is made afresh at each start from that CA.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import ipaddress
 import logging
 import os
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +44,9 @@ _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """What the server loads (``cert``, ``key``) and, with ``--tls auto``, the CA clients trust
-    (``ca``: that CA alone; ``bundle``: the system's CAs plus it, for ``SSL_CERT_FILE``)."""
+    """What the server loads (``cert``, ``key``: one file with both for ``--tls auto``) and, with
+    ``--tls auto``, the CA clients trust (``ca``: that CA alone; ``bundle``: the system's CAs
+    plus it, for ``SSL_CERT_FILE``)."""
 
     cert: Path
     key: Path
@@ -177,30 +181,46 @@ def default_dir() -> Path:
     return Path(base) / "capsa" / "tls"
 
 
-def auto(directory: Path, domain: str, extra_ips: tuple[str, ...] = ()) -> TlsFiles:
+def auto(
+    directory: Path, domain: str, extra_ips: tuple[str, ...] = ()
+) -> tuple[TlsFiles, ssl.SSLContext]:
     """A server certificate for ``domain`` (``host`` and ``*.host``), ``localhost`` and the
     loopback addresses (plus ``extra_ips``), issued by the CA kept in ``directory`` (made, or
-    remade when it expired or cannot vouch for these names)."""
+    remade when it expired or cannot vouch for these names), and the context serving it."""
     host = check_wildcard_domain(domain)
     ips = tuple(dict.fromkeys((*LOOPBACK_IPS, *extra_ips)))
     names = (host, "localhost")
     _private_dir(directory)
     ca_path, ca_key_path = directory / "ca.pem", directory / "ca-key.pem"
-    ca = _load_ca(ca_path, ca_key_path, names, ips)
-    if ca is None:
-        ca = _make_ca(names, ips)
-        _write(ca_key_path, _key_pem(ca[1]))
-        _write(ca_path, ca[0].public_bytes(serialization.Encoding.PEM), private=False)
-        log.warning("made a new local CA %s: clients must trust it (again)", ca_path)
-    cert, key = _issue(ca, host, ips)
-    files = TlsFiles(
-        directory / "server.pem", directory / "server-key.pem", ca_path, directory / "bundle.pem"
-    )
-    _write(files.key, _key_pem(key))
-    _write(files.cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
-    assert files.bundle is not None
-    _write(files.bundle, _system_roots() + ca_path.read_bytes(), private=False)
-    return files
+    server = directory / "server.pem"  # its key and certificate, 0600
+    # two servers starting at once make one CA, and each loads its own key with its certificate
+    with _locked(directory):
+        ca = _load_ca(ca_path, ca_key_path, names, ips)
+        if ca is None:
+            ca = _make_ca(names, ips)
+            _write(ca_key_path, _key_pem(ca[1]))
+            _write(ca_path, ca[0].public_bytes(serialization.Encoding.PEM), private=False)
+            log.warning("made a new local CA %s: clients must trust it (again)", ca_path)
+        cert, key = _issue(ca, host, ips)
+        _write(server, _key_pem(key) + cert.public_bytes(serialization.Encoding.PEM))
+        bundle = directory / "bundle.pem"
+        _write(bundle, _system_roots() + ca_path.read_bytes(), private=False)
+        files = TlsFiles(server, server, ca_path, bundle)
+        return files, server_context(files)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    try:
+        fd = os.open(directory / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    except OSError as exc:
+        message = f"cannot lock {directory}: {exc.strerror}"
+        raise ConfigError(message, hint="pass --tls-dir DIR") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for milliseconds: key generation and a few writes
+        yield
+    finally:
+        os.close(fd)
 
 
 def _private_dir(directory: Path) -> None:
