@@ -24,6 +24,7 @@ pytest.importorskip("e2b")
 pytest.importorskip("cryptography")
 
 from tests.server.conftest import API_KEY, REPO, Server, start_server
+from tests.server.test_server_ingress import GUEST_SERVERS  # 8001 HTTP echo, 8002 WebSocket echo
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 
@@ -43,11 +44,13 @@ http.server.ThreadingHTTPServer(("127.0.0.1", 8000), H).serve_forever()
 """
 
 SDK_SCRIPT = r"""
-import json, sys, time
+import json, socket, ssl, sys, time
 import httpx
 from e2b import Sandbox
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request, TextMessage
 
-base, key, guest_server = sys.argv[1], sys.argv[2], sys.argv[3]
+base, key, guest_server, ws_servers = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 seen = {}
 client = httpx.Client(timeout=30)  # trusts SSL_CERT_FILE, as the SDK does
 
@@ -83,6 +86,28 @@ try:
     envd = via_host(f"49983-{public.sandbox_id}.{public.sandbox_domain}", "/files?path=/tmp/www/hello.txt",
                     {"X-Access-Token": token})
     seen["envd_by_host"] = [envd.status_code, envd.text]
+    # a WebSocket through get_host over TLS (the guest's echo server on 8002)
+    public.files.write("/tmp/ws.py", ws_servers)
+    public.commands.run("python3 /tmp/ws.py", background=True)
+    host = public.get_host(8002)
+    deadline = time.monotonic() + 60
+    while via_host(public.get_host(8001), "/").status_code == 502:  # its servers are up
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    raw = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=30)
+    with ssl.create_default_context().wrap_socket(raw, server_hostname=host.rsplit(":", 1)[0]) as sock:
+        ws = WSConnection(ConnectionType.CLIENT)
+        sock.sendall(ws.send(Request(host=host, target="/chat")))
+        events = []
+        while not any(isinstance(e, TextMessage) for e in events):
+            data = sock.recv(65536)
+            assert data, events
+            ws.receive_data(data)
+            for event in ws.events():
+                events.append(event)
+                if isinstance(event, AcceptConnection):
+                    sock.sendall(ws.send(TextMessage(data="over wss")))
+        seen["websocket"] = [e.data for e in events if isinstance(e, TextMessage)]
     traffic = {"e2b-traffic-access-token": private.traffic_access_token}
     reply = serve(private, traffic)
     seen["private_token"] = [reply.status_code, reply.text]
@@ -120,7 +145,7 @@ def seen(tls_server: tuple[Server, Path]) -> dict[str, Any]:
         SSL_CERT_FILE=str(ca_dir / "bundle.pem"),  # the system's CAs and capsa's local one
     )
     run = subprocess.run(
-        [sys.executable, "-c", SDK_SCRIPT, server.url, API_KEY, GUEST_SERVER],
+        [sys.executable, "-c", SDK_SCRIPT, server.url, API_KEY, GUEST_SERVER, GUEST_SERVERS],
         capture_output=True,
         text=True,
         env=env,
@@ -167,3 +192,7 @@ def test_private_ports_need_the_traffic_token_over_https(seen: dict[str, Any]) -
 
 def test_mask_request_host_is_the_host_the_guest_server_sees(seen: dict[str, Any]) -> None:
     assert seen["private_token"][1] == "host=custom-host.example.com:8000"
+
+
+def test_websocket_through_get_host_over_tls(seen: dict[str, Any]) -> None:
+    assert seen["websocket"] == ["echo: over wss"]
