@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import socketserver
+import ssl
 import subprocess
 import sys
 import threading
@@ -50,7 +51,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Server:
+def start_server(
+    tmp: Path, *args: str, env: dict[str, str] | None = None, ca: Path | None = None
+) -> Server:
+    """A ``capsa serve`` on a free port, healthy; ``ca``: it serves HTTPS with a certificate from
+    this CA (``--tls auto`` writes it at start)."""
     port = free_port()
     log = tmp / f"serve-{port}.log"
     env = {**os.environ, "CAPSA_API_KEY": API_KEY, **(env or {})}
@@ -62,13 +67,14 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Se
             env=env,
             cwd=REPO,
         )
-    server = Server(f"http://127.0.0.1:{port}", process, log)
+    server = Server(f"{'http' if ca is None else 'https'}://127.0.0.1:{port}", process, log)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"capsa serve exited: {log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as reply:
+            context = None if ca is None else ssl.create_default_context(cafile=ca)
+            with urllib.request.urlopen(f"{server.url}/health", timeout=2, context=context) as reply:
                 if reply.status == 200:
                     return server
         except OSError:

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from capsa.errors import CapsaError
 from capsa.server.control import PRINCIPAL, ControlPlane, api_error, error_response, principal_of
 from capsa.server.guest_metrics import DEFAULT_INTERVAL, Sampler
-from capsa.server.ingress import Ingress
+from capsa.server.ingress import Ingress, with_host_routing
 from capsa.server.ingress_ws import relay_websocket
 from capsa.server.limits import (
     INPUT_STREAM_IDLE,
@@ -159,6 +159,7 @@ class CapsaServer:
 
         sandbox_id: str | None = None
         try:
+            scope = with_host_routing(scope, self.config.domain)  # 49983-{id}.{domain}: envd
             target = self.ingress.route(scope, single_header(scope["headers"], b"e2b-sandbox-id"))
             sandbox_id, body = self._admit(scope, ingress=target is not None)
             if target is not None:  # a request for a port of the sandbox (get_host)

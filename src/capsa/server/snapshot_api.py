@@ -26,7 +26,7 @@ from capsa._guardian import new_vm_dir
 from capsa.errors import CapsaError
 from capsa.server.carry import Carried, carry_over
 from capsa.server.entry import TEMPLATES, ApiError, Entry, check_timeout, named_image
-from capsa.server.ingress import is_public, set_public
+from capsa.server.ingress import is_public, mask_host, set_mask_host, set_public
 from capsa.server.listing import NEXT_TOKEN, page
 from capsa.server.quota import LimitReached
 from capsa.server.registry import Registry
@@ -157,6 +157,7 @@ class SnapshotApi:
             reserved=True,
         )
         set_public(child, is_public(parent))  # before any await: a private parent's clones are private
+        set_mask_host(child, mask_host(parent))
         await carry_over(carried, child)  # the parent's commands and interpreter, copied with its guest
         return child
 
@@ -193,6 +194,7 @@ class SnapshotApi:
                 policy=source.policy,
                 public_traffic=is_public(source),
                 carried=carried,
+                mask_request_host=mask_host(source),
             )
             store.add(saved)
         return JSONResponse(saved.json(), status_code=201)
@@ -242,6 +244,7 @@ async def create_from_snapshot(
             policy=saved.policy,
         )
     set_public(entry, saved.public_traffic)  # before any await: the source's ingress access
+    set_mask_host(entry, saved.mask_request_host)
     if saved.carried is not None:
         await carry_over(saved.carried, entry)  # the saved sandbox's commands and interpreter
     if entry.interpreter is not None and envs:

@@ -47,6 +47,7 @@ class Saved:
     policy: capsa.NetworkPolicy | None = None  # the source's: its restores keep it
     public_traffic: bool = True  # the source's allow_public_traffic (ingress): its restores keep it
     carried: Carried | None = None  # the source's processes in it: its restores take them up
+    mask_request_host: str | None = None  # the source's (ingress): its restores keep it
 
     @property
     def snapshot_id(self) -> str:
