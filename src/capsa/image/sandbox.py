@@ -48,7 +48,7 @@ AGENT_DIR = "/usr/lib/capsa"  # where the agent lands in the guest root
 USER_ROOT = "/run/capsa/root"
 IMAGE_CONFIG = "capsa-image.json"
 IMAGE_CONFIG_COPY = "/run/capsa/image.json"
-# Recipe layers (capsa.image.recipe): beside the config, a layer's depth in the stack (1 = bottom) and
+# Recipe layers (capsa.recipes.recipe): beside the config, a layer's depth in the stack (1 = bottom) and
 # a marker saying the stack sits on capsa's own root (Image.debian()); where a build VM sees the
 # writable layer of the user's root.
 LAYER_DEPTH = "capsa-depth"
@@ -178,7 +178,7 @@ if [ -n "$image" ]; then
   mount -t overlay overlay -o lowerdir=$lowers,upperdir=/rw/iupper,workdir=/rw/iwork $user \\
     || fail "cannot mount the image's overlay root"
   if [ -n "$build" ]; then
-    # A recipe's build VM (capsa.image.recipe_run): the writable layer, reachable from the user's
+    # A recipe's build VM (capsa.recipes.run): the writable layer, reachable from the user's
     # root so that what a run() step changed can be packed into a new layer.
     mkdir -p $user{BUILD_UPPER} && mount --bind /rw $user{BUILD_UPPER} \\
       || fail "cannot bind the upper layer"

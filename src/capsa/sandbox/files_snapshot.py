@@ -16,7 +16,7 @@ then pay a disk's writes and sync for what now stays in RAM.)
 
 The tar comes out on the command's stdout and the host treats it as hostile: it is written to a
 file within ``max_bytes`` (the command is killed past it), then read by
-:class:`capsa.image.capture.Reader` (the build VM's capture reader: every header and member bounded
+:class:`capsa.image.tarreader.Reader` (the build VM's capture reader: every header and member bounded
 by what was written, Go's tar rules, no sparse or unknown entries) and written again by the host as
 a plain tar, ``files.tar``: names are normalised and kept under the root (``..`` refused), device
 nodes dropped, only the extended attributes a guest keeps for files (``user.*``, ``trusted.*``
@@ -46,9 +46,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from capsa.errors import CapsaError, ImageError, SnapshotError
-from capsa.image.capture import Reader
 from capsa.image.sandbox import AGENT_DIR, WRITABLE_LAYER
 from capsa.image.tarheader import BLK, CHR, LNK, REG
+from capsa.image.tarreader import Reader
 
 if TYPE_CHECKING:
     from capsa.sandbox.handle import Sandbox

@@ -26,11 +26,17 @@ from capsa.server.entry import (
     resolved,
 )
 from capsa.server.guest_metrics import MAX_BATCH, Sampler
-from capsa.server.ingress import set_public
+from capsa.server.ingress import set_mask_host, set_public
 from capsa.server.interpreter import interpreter_for
 from capsa.server.listing import NEXT_TOKEN, descending, filter_sandboxes, page, sandbox_key
 from capsa.server.metrics import Metrics
-from capsa.server.network import check_network, e2b_policy, public_traffic, update_policy
+from capsa.server.network import (
+    check_network,
+    e2b_policy,
+    mask_request_host,
+    public_traffic,
+    update_policy,
+)
 from capsa.server.registry import Registry
 from capsa.server.snapshot_api import SnapshotApi, create_from_snapshot
 from capsa.server.tenants import Principal
@@ -246,6 +252,8 @@ class ControlPlane:
             )
         public = saved.public_traffic if saved is not None else public_traffic(network)
         set_public(entry, public)  # before any await: no public moment
+        mask = saved.mask_request_host if saved is not None else mask_request_host(network)
+        set_mask_host(entry, mask)
         self.metrics.created(time.monotonic() - started, template)
         if template == INTERPRETER_TEMPLATE:
             await interpreter_for(entry).warm()

@@ -160,7 +160,7 @@ async def resolved(value: Any) -> Any:
 def named_image(name: str) -> capsa.Image | None:
     """The image registered as ``name`` (``capsa image import/build --name``), or None."""
     try:
-        from capsa.image import store  # noqa: PLC0415 (the named-image registry, optional here)
+        from capsa.recipes import store  # noqa: PLC0415 (the named-image registry, optional here)
     except ImportError:
         return None
     if store.lookup(name) is None:
