@@ -295,7 +295,7 @@ def bench_rebuild(apt: bool) -> None:
     import uuid
 
     from capsa.image.custom import images_root
-    from capsa.image.recipe import layers_root, plan
+    from capsa.recipes.recipe import layers_root, plan
 
     work = _recipe_sources(cache_dir() / "bench" / "recipe")
     made = []

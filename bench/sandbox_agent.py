@@ -37,6 +37,7 @@ from capsa.image.sandbox import AGENT_COMMAND, sandbox_image, sandbox_init, sand
 from capsa.sandbox.builder import template_root
 from capsa.snapshot.migration import load_state
 from capsa.snapshot.store import config_key, config_record, load_snapshot
+from capsa.vm.handle import start_incoming
 
 PORT = "capsa.agent"
 MARKER = "CAPSA-BENCH-FLOOR"
@@ -142,10 +143,9 @@ async def bare_restore() -> float:
     start = time.perf_counter()
     vm = capsa.VM(snapshot.vm_config((), config.network))
     try:
-        await vm._start(60, incoming=True)
-        assert vm._monitor is not None
-        await load_state(vm._monitor, snapshot.state, 60, ignore_shared=True)
-        await vm._monitor.execute("cont")
+        monitor = await start_incoming(vm, 60)
+        await load_state(monitor, snapshot.state, 60, ignore_shared=True)
+        await monitor.execute("cont")
         return time.perf_counter() - start
     finally:
         await vm.kill()

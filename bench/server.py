@@ -18,6 +18,7 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -43,10 +44,14 @@ def start_server(
     log: Path,
     pools: tuple[str, ...] = ("base=2", "code-interpreter-v1=1"),
     memory: int = MEMORY,
+    *,
+    extra: tuple[str, ...] = (),
+    ca: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """``capsa serve`` from the current ``PYTHONPATH`` (so a bench can run old code beside new),
-    healthy, with ``pools`` warm: every server bench starts its server here."""
-    args = ["--port", str(port), "--memory", str(memory)]
+    healthy, with ``pools`` warm: every server bench starts its server here. ``ca``: the server
+    serves HTTPS (``extra`` has ``--tls auto``) with a certificate from this CA."""
+    args = ["--port", str(port), "--memory", str(memory), *extra]
     for pool in pools:
         args += ["--pool", pool]
     with log.open("wb") as out:
@@ -57,9 +62,12 @@ def start_server(
             env={**os.environ, "CAPSA_API_KEY": KEY},
         )
     deadline = time.monotonic() + 60
+    scheme = "http" if ca is None else "https"
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+            context = None if ca is None else ssl.create_default_context(cafile=ca)
+            url = f"{scheme}://127.0.0.1:{port}/health"
+            with urllib.request.urlopen(url, timeout=2, context=context):
                 return process
         except OSError:
             time.sleep(0.2)

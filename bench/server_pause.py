@@ -7,6 +7,10 @@ then does the same to an in-process sandbox with the library (``snapshot(path)``
 The two sides alternate (each goes first every other round), so that the machine's load, shared
 with other work, weighs on both alike; each side keeps going with the sandbox it restored.
 
+A third side pauses another sandbox filesystem-only (``pause(mode="filesystem")``: its files are
+packed, and the resume boots a new guest and writes them back) and is compared with the full
+pause + resume through the SDK.
+
     .venv/bin/python -m bench.server_pause [--runs 8]
 """
 
@@ -34,16 +38,19 @@ SETTLE = 0.5  # seconds between measurements: the previous one's snapshot files 
 Samples = dict[str, list[float]]
 
 
-async def rounds(url: str, runs: int, scratch: Path) -> tuple[Samples, Samples]:
+async def rounds(url: str, runs: int, scratch: Path) -> tuple[Samples, Samples, Samples]:
     os.environ.update(E2B_API_URL=url, E2B_SANDBOX_URL=url, E2B_API_KEY=KEY)
     from e2b import AsyncSandbox
 
     sandbox = await AsyncSandbox.create(timeout=600)
     await sandbox.files.write("/root/state.txt", "kept")
+    files_only = await AsyncSandbox.create(timeout=600)
+    await files_only.files.write("/root/state.txt", "kept")
     vm = await capsa.sandbox().memory_mb(MEMORY).build()
     await vm.agent.write_file("/root/state.txt", b"kept")
     sdk: Samples = {"pause": [], "resume": []}
     local: Samples = {"pause": [], "resume": []}
+    fs: Samples = {"pause": [], "resume": []}
 
     async def via_sdk(index: int) -> None:
         nonlocal sandbox
@@ -54,6 +61,16 @@ async def rounds(url: str, runs: int, scratch: Path) -> tuple[Samples, Samples]:
         sdk["pause"].append(paused - start)
         sdk["resume"].append(time.perf_counter() - paused)
         assert await sandbox.files.read("/root/state.txt") == "kept"
+
+    async def via_sdk_files(index: int) -> None:
+        nonlocal files_only
+        start = time.perf_counter()
+        await files_only.pause(mode="filesystem")
+        paused = time.perf_counter()
+        files_only = await AsyncSandbox.connect(files_only.sandbox_id, timeout=600)
+        fs["pause"].append(paused - start)
+        fs["resume"].append(time.perf_counter() - paused)
+        assert await files_only.files.read("/root/state.txt") == "kept"
 
     async def in_library(index: int) -> None:
         nonlocal vm
@@ -73,10 +90,13 @@ async def rounds(url: str, runs: int, scratch: Path) -> tuple[Samples, Samples]:
             for side in (via_sdk, in_library) if index % 2 == 0 else (in_library, via_sdk):
                 await asyncio.sleep(SETTLE)
                 await side(index)
+            await asyncio.sleep(SETTLE)
+            await via_sdk_files(index)
     finally:
         await sandbox.kill()
+        await files_only.kill()
         await vm.kill()
-    return sdk, local
+    return sdk, local, fs
 
 
 def main() -> None:
@@ -91,7 +111,7 @@ def main() -> None:
     server = start_server(port, log, pools=())
     scratch = Path(tempfile.mkdtemp(prefix="capsa-bench-pause-"))
     try:
-        sdk, local = asyncio.run(rounds(f"http://127.0.0.1:{port}", args.runs, scratch))
+        sdk, local, fs = asyncio.run(rounds(f"http://127.0.0.1:{port}", args.runs, scratch))
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
@@ -107,11 +127,19 @@ def main() -> None:
         a, b = statistics.median(sdk[part]) * 1000, statistics.median(local[part]) * 1000
         print(f"{part:34} {a:8.0f}ms {b:8.0f}ms {a / b:6.2f}x")
     print(f"{'pause + resume':34} {remote:8.0f}ms {here:8.0f}ms {ratio:6.2f}x  <= {GOAL}x")
+    files = statistics.median([p + r for p, r in zip(fs["pause"], fs["resume"], strict=True)]) * 1000
+    for part in ("pause", "resume"):
+        a, b = statistics.median(fs[part]) * 1000, statistics.median(sdk[part]) * 1000
+        print(f"{'filesystem-only ' + part:34} {a:8.0f}ms {b:8.0f}ms {a / b:6.2f}x  (vs full, SDK)")
+    print(f"{'filesystem-only pause + resume':34} {files:8.0f}ms {remote:8.0f}ms "
+          f"{files / remote:6.2f}x  (vs full, SDK)")  # fmt: skip
     for side, samples in totals.items():
         print(f"samples (s) {side}: " + " ".join(f"{s:.2f}" for s in samples))
     figure("server_pause_resume_ms", remote, "ms")
     figure("library_snapshot_restore_ms", here, "ms")
     figure("server_pause_resume_ratio", ratio, "x", f"<= {GOAL}")
+    figure("server_files_pause_resume_ms", files, "ms")
+    figure("server_files_vs_full_pause_ratio", files / remote, "x")
 
 
 if __name__ == "__main__":

@@ -24,10 +24,10 @@ from pathlib import Path
 from tests.guest import READY_MARKER, GuestFiles, build_test_guest
 
 import capsa
-from capsa.backend.qemu.argv import LaunchPlan, build_argv
 from capsa.backend.qemu.process import find_qemu
 from capsa.image.uefi_disk import uefi_disk
-from capsa.uefi.launch import prepare_uefi
+from capsa.vm.argv import LaunchPlan, build_argv
+from capsa.vm.uefi_launch import prepare_uefi
 
 CMDLINE = "console=ttyS0 panic=-1"
 PHASES = (

@@ -28,6 +28,7 @@ from capsa.errors import (
     CapsaTimeoutError,
     ConfigError,
     ConsoleTimeoutError,
+    ExecFailedError,
     ExecOutputLimitError,
     ExecTimeoutError,
     GuestFileError,
@@ -45,9 +46,9 @@ from capsa.errors import (
     VMStateError,
     VolumeError,
 )
-from capsa.image.custom import Image
 from capsa.net.gateway import Gateway, VirtualNetwork
 from capsa.net.policy import Action, All, AnyOf, Cidr, Domain, Ip, NetworkPolicy, Port
+from capsa.recipes.image import Image
 from capsa.sandbox import Pool, Sandbox, SandboxBuilder, Snapshot, pool, sandbox
 from capsa.shares import AccessMode, Share
 from capsa.vm import VM, RunState, VMBuilder, vm
@@ -74,6 +75,7 @@ __all__ = [
     "DirEntry",
     "Domain",
     "ExecBuilder",
+    "ExecFailedError",
     "ExecOutputLimitError",
     "ExecResult",
     "ExecTimeoutError",

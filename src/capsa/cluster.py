@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import ipaddress
 import logging
 import re
@@ -72,6 +73,14 @@ def _member_name(name: object) -> str:
     return name.lower()
 
 
+class ClusterState(enum.Enum):
+    """``CREATED → RUNNING`` (inside ``async with``) ``→ STOPPED``; members join only while running."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
 class Cluster:
     """Several VMs on one private network. Create it with ``capsa.cluster(network)`` and use it as an
     async context manager; :meth:`add` members inside the block."""
@@ -93,14 +102,14 @@ class Cluster:
         self._macs: dict[str, bytes] = {}
         self._forwards: dict[str, list[ForwardedPort]] = {}
         self._snapshots: Path | None = None  # where the snapshots of add_forks() are kept
-        self._state = "created"
+        self._state = ClusterState.CREATED
 
     # -- lifecycle --
 
     async def __aenter__(self) -> Cluster:
-        if self._state != "created":
+        if self._state is not ClusterState.CREATED:
             raise ConfigError("a cluster is entered once")
-        self._state = "running"
+        self._state = ClusterState.RUNNING
         return self
 
     async def __aexit__(
@@ -113,7 +122,7 @@ class Cluster:
 
     async def stop(self) -> None:
         """Stop every member (gracefully, then by force); the cluster takes no new members."""
-        self._state = "stopped"
+        self._state = ClusterState.STOPPED
         vms = list(self._vms.values())
         results = await asyncio.gather(*(vm.stop() for vm in vms), return_exceptions=True)
         for vm, result in zip(vms, results, strict=True):
@@ -126,9 +135,10 @@ class Cluster:
     # -- members --
 
     def _check_running(self) -> None:
-        if self._state != "running":
+        if self._state is not ClusterState.RUNNING:
             raise ConfigError(
-                f"the cluster is {self._state}: members are added inside 'async with capsa.cluster()'"
+                f"the cluster is {self._state.value}: "
+                "members are added inside 'async with capsa.cluster()'"
             )
 
     def _reserve(self, name: str) -> None:

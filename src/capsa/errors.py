@@ -6,7 +6,10 @@ QEMU log tail, an exit status) as attributes, plus a ``hint`` that says how to f
     CapsaError
     ├── ConfigError (also ValueError)       bad builder value, missing kernel, QEMU not installed
     ├── ImageError                          building or fetching a guest image failed
-    ├── BackendError                        QEMU refused to start or died (``qemu_log_tail``)
+    │   ├── StepError                       a recipe's run() step exited non-zero (``output``)
+    │   └── CaptureError                    a build VM's output is not an archive capsa accepts
+    ├── BackendError                        QEMU refused to start, a command or died
+    │                                       (``qemu_log_tail``, QMP's ``qmp_class``, ``command``)
     ├── VMNotRunning                        the VM is stopped, or was never started
     │   ├── VMExited                        the guest powered off / QEMU exited while we waited
     │   └── VMStateError                    the call needs another state (``state``, ``required``)
@@ -15,8 +18,12 @@ QEMU log tail, an exit status) as attributes, plus a ``hint`` that says how to f
     ├── SnapshotError                       a snapshot could not be saved, read or restored
     ├── VolumeError                         a volume is missing, in use, full or malformed (``name``)
     ├── SandboxLost                         a remote sandbox's node or host actor died (``node_id``)
+    ├── NoSlotError                         no Ray node had a free capsa slot in time (``nodes``)
+    ├── ExecFailedError                     ``ExecResult.check()``: a command exited non-zero
+    │                                       (``argv``, ``exit_code``, ``stdout``, ``stderr``)
     ├── AgentError                          the guest agent refused or failed a request
     │   ├── ExecOutputLimitError            a command printed more than ``run()`` keeps
+    │   ├── ConnectionRefused               nothing listens on that guest port
     │   └── GuestFileError                  a guest path operation failed (``path``, ``errno``)
     │       ├── GuestFileNotFoundError      no such file, directory or program
     │       ├── GuestPermissionError        EACCES / EPERM / read-only filesystem
@@ -25,10 +32,25 @@ QEMU log tail, an exit status) as attributes, plus a ``hint`` that says how to f
         ├── ConsoleTimeoutError             a console pattern did not appear in time
         ├── StartTimeoutError               a sandbox's agent did not answer in time
         └── ExecTimeoutError                a guest command ran past its timeout (partial output)
+
+Defined elsewhere, on purpose:
+
+- ``capsa.server``'s HTTP errors (``ApiError`` and its subclasses, ``ConnectError``,
+  ``InterpreterError``, ``LimitReached``, ``IngressError``): CapsaErrors (``IngressError`` aside)
+  that carry an HTTP status, turned into responses inside the server, never raised to library users.
+- Internal signals that never leave their module (each is caught and turned into one of the errors
+  above, or into a fallback): ``capsa.net.packets.PacketError`` (a malformed frame, dropped),
+  ``capsa.snapshot.stream.UnsupportedStream`` (a migration stream layout the splitter does not know:
+  the helper QEMU takes over), ``capsa.image.tarheader.TarError`` (wrapped as ImageError),
+  ``capsa.image.mergetree.Repeated`` (a merge needs planning), ``capsa.agent.wire.WireError``
+  (wrapped as ProtocolError), ``capsa.agent.exec._OutputLimit``.
+- The guest agent's own (``capsa.agent.guest``: ``BadRequest``, ``StartupError``): it runs inside
+  the guest and imports nothing of capsa but the wire format; they become error replies.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -65,11 +87,23 @@ def _tail_block(title: str, tail: str) -> str:
 
 
 class BackendError(CapsaError):
-    """QEMU failed to start, refused a command, or died unexpectedly."""
+    """QEMU failed to start, refused a command, or died unexpectedly. For a QMP command QEMU
+    refused, ``command`` names it and ``qmp_class`` is QMP's error class (``GenericError``,
+    ``DeviceNotFound``, ...); both are None otherwise."""
 
-    def __init__(self, message: str, *, qemu_log_tail: str = "", hint: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        qemu_log_tail: str = "",
+        command: str | None = None,
+        qmp_class: str | None = None,
+        hint: str | None = None,
+    ) -> None:
         super().__init__(message, hint=hint)
         self.qemu_log_tail = qemu_log_tail
+        self.command = command
+        self.qmp_class = qmp_class
 
     def __str__(self) -> str:
         return super().__str__() + _tail_block("QEMU log (tail)", self.qemu_log_tail)
@@ -165,6 +199,67 @@ class SandboxLost(CapsaError):
         self.node_id = node_id
 
 
+class NoSlotError(CapsaError):
+    """No Ray node with capsa slots (matching the builder's ``node(...)``) had a free slot in time;
+    ``nodes`` lists ``(node_id, used, slots)`` as last seen."""
+
+    def __init__(
+        self, message: str, *, nodes: Sequence[tuple[str, int, int]] = (), hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.nodes = list(nodes)
+
+
+class ExecFailedError(CapsaError):
+    """A guest command exited non-zero where success was required (``ExecResult.check()``): its
+    ``argv``, ``exit_code``, and ``stdout``/``stderr`` (decoded text), as asyncssh's
+    ``ProcessError`` carries them."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        argv: Sequence[str],
+        exit_code: int,
+        stdout: str,
+        stderr: str,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.argv = list(argv)
+        self.exit_code = exit_code
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def __str__(self) -> str:
+        return super().__str__() + _tail_block("stderr (tail)", self.stderr[-2000:])
+
+
+class StepError(ImageError):
+    """A ``run()`` step exited non-zero: ``command``, ``exit_code`` and its ``output`` (tail)."""
+
+    def __init__(self, message: str, *, command: str, exit_code: int, output: str) -> None:
+        super().__init__(
+            message, hint="fix the command; the layers below it stay cached, nothing else was kept"
+        )
+        self.command = command
+        self.exit_code = exit_code
+        self.output = output
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n--- output (tail) ---\n{self.output.rstrip()}\n---"
+
+
+class CaptureError(ImageError):
+    """The build VM's output is not an archive capsa accepts."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            f"the build VM's capture is refused: {message}",
+            hint="the step's guest wrote something other than GNU tar's archive of its changes",
+        )
+
+
 class AgentError(CapsaError):
     """The guest agent answered a request with an error. ``kind`` is the agent's error kind (see
     :data:`capsa.agent.wire.ERROR_KINDS`); ``errno`` the guest errno when there is one."""
@@ -212,6 +307,10 @@ class ExecOutputLimitError(AgentError):
         super().__init__(message, kind="output_limit", hint=hint)
         self.stdout = stdout
         self.stderr = stderr
+
+
+class ConnectionRefused(AgentError):
+    """Nothing listens on that guest port (or the guest refused the connection)."""
 
 
 class CapsaTimeoutError(CapsaError, TimeoutError):
@@ -269,8 +368,11 @@ __all__ = [
     "BackendError",
     "CapsaError",
     "CapsaTimeoutError",
+    "CaptureError",
     "ConfigError",
+    "ConnectionRefused",
     "ConsoleTimeoutError",
+    "ExecFailedError",
     "ExecOutputLimitError",
     "ExecTimeoutError",
     "GuestFileError",
@@ -278,11 +380,13 @@ __all__ = [
     "GuestFileNotFoundError",
     "GuestPermissionError",
     "ImageError",
+    "NoSlotError",
     "ProtocolError",
     "SandboxLost",
     "ShareError",
     "SnapshotError",
     "StartTimeoutError",
+    "StepError",
     "VMExited",
     "VMNotRunning",
 ]

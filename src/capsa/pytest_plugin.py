@@ -32,9 +32,9 @@ import pytest
 
 from capsa.backend.qemu.process import QEMU_BINARY, read_tail
 from capsa.errors import ConfigError
-from capsa.image.store import resolve_image
 from capsa.net.gateway import Gateway, VirtualNetwork
 from capsa.net.policy import NetworkPolicy
+from capsa.recipes.store import resolve_image
 from capsa.shares.spec import AccessMode
 from capsa.sync import SyncCluster, SyncSandbox, SyncSandboxBuilder, SyncVM, cluster, sandbox
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import capsa
-from capsa.image.recipe import layers_root, plan
+from capsa.recipes.recipe import layers_root, plan
 from tests.integration.test_image_recipes import Made
 from tests.unit.test_recipe import rebuilt
 

@@ -18,8 +18,8 @@ import pytest
 
 import capsa
 from capsa.errors import ImageError
-from capsa.image.recipe import layers_root, plan
-from capsa.image.recipe_run import StepError
+from capsa.recipes.recipe import layers_root, plan
+from capsa.recipes.run import StepError
 from capsa.sandbox.builder import template_root
 from tests.unit.test_recipe import make_wheel, rebuilt
 
@@ -245,5 +245,5 @@ async def test_host_only_steps_on_an_imported_image(
         assert "import pkg" in lines[1] and "new" in lines  # the copy, over the imported root
         assert result.exit_code != 0  # still no Python: the recipe did not add capsa's root
     finally:
-        key = capsa.image.custom.oci_base(imported)[0]
+        key = capsa.image.custom.oci_base(imported.source, imported.name)[0]
         shutil.rmtree(capsa.image.custom.images_root() / key, ignore_errors=True)

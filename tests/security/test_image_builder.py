@@ -23,8 +23,10 @@ import pytest
 import capsa
 from capsa.errors import CapsaError, ConfigError, ImageError
 from capsa.image.custom import images_root
-from capsa.image.recipe import LayerTar, layers_root, load_recipe, plan
-from capsa.image.recipe_pip import add_wheels
+from capsa.recipes.layertar import LayerTar
+from capsa.recipes.pip import add_wheels
+from capsa.recipes.recipe import layers_root, plan
+from capsa.recipes.toml import load_recipe
 from tests.unit.test_recipe import make_wheel
 
 MARKER = "host-code-ran"
@@ -280,9 +282,9 @@ def _disk(tmp_path: Path, head: bytes, size: int = 8 << 30) -> Path:
 
 def _capture(disk: Path) -> tuple[_Counting, _Sink | None, BaseException | None]:
     try:
-        from capsa.image.capture import add_captured
+        from capsa.recipes.capture import add_captured
     except ImportError:  # before the fix: the capture parser lived in recipe_run
-        from capsa.image.recipe_run import add_captured  # type: ignore[attr-defined,no-redef]
+        from capsa.recipes.run import add_captured  # type: ignore[attr-defined,no-redef]
     with disk.open("rb") as raw:
         counting = _Counting(raw)
         sink = _Sink()
@@ -374,8 +376,8 @@ def test_a_huge_dpkg_status_written_by_a_guest_is_not_read_whole(
 ) -> None:
     """Resource exhaustion: a run() step (root in its VM) leaves a huge /var/lib/dpkg/status in its
     layer; the next apt_install reads it on the host, where it would be held in memory whole."""
-    from capsa.image import recipe_apt
     from capsa.image.layers import squash
+    from capsa.recipes import apt as recipe_apt
 
     monkeypatch.setattr(recipe_apt, "MAX_STATUS", 1 << 20, raising=False)  # the default: 256 MiB
 

@@ -118,9 +118,9 @@ async def test_images_forwards_internal_and_writable_shares_follow_the_node(
     """Attack: an image, made field by field, that imports the node's files (an archive, copy() of a
     folder, a file: apt source or pip index, a local .deb as a package name), a forward on the node's network, the node's internal networks, and a
     writable share (with which the guest could plant a snapshot's metadata under the root)."""
-    from capsa.image.custom import Image
-    from capsa.image.recipe import Step
     from capsa.ray._node_policy import NodePolicy
+    from capsa.recipes.image import Image
+    from capsa.recipes.steps import Step
 
     policy = NodePolicy.from_environ()
     debian = Image.debian()

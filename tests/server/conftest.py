@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import socketserver
+import ssl
 import subprocess
 import sys
 import threading
@@ -50,7 +51,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Server:
+def start_server(
+    tmp: Path, *args: str, env: dict[str, str] | None = None, ca: Path | None = None
+) -> Server:
+    """A ``capsa serve`` on a free port, healthy; ``ca``: it serves HTTPS with a certificate from
+    this CA (``--tls auto`` writes it at start)."""
     port = free_port()
     log = tmp / f"serve-{port}.log"
     env = {**os.environ, "CAPSA_API_KEY": API_KEY, **(env or {})}
@@ -62,13 +67,14 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Se
             env=env,
             cwd=REPO,
         )
-    server = Server(f"http://127.0.0.1:{port}", process, log)
+    server = Server(f"{'http' if ca is None else 'https'}://127.0.0.1:{port}", process, log)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"capsa serve exited: {log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as reply:
+            context = None if ca is None else ssl.create_default_context(cafile=ca)
+            with urllib.request.urlopen(f"{server.url}/health", timeout=2, context=context) as reply:
                 if reply.status == 200:
                     return server
         except OSError:
@@ -95,7 +101,10 @@ class _Http(socketserver.StreamRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with a DNS server and an HTTP server on 127.0.0.1 for its sandboxes; at most
+    ``MAX_SANDBOXES`` sandboxes (a module may set its own), else 4."""
+    max_sandboxes = str(getattr(request.module, "MAX_SANDBOXES", 4))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         dns_port = probe.getsockname()[1]
@@ -107,7 +116,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     try:
         srv = start_server(
             tmp_path_factory.mktemp("serve"),
-            *("--pool", "base=2", "--pool", "code-interpreter-v1=1", "--max-sandboxes", "4"),
+            *("--pool", "base=2", "--pool", "code-interpreter-v1=1", "--max-sandboxes", max_sandboxes),
             *("--dns-server", f"127.0.0.1:{dns_port}", "--allow-internal-destinations"),
         )
     except BaseException:

@@ -8,8 +8,10 @@ import pytest
 
 pytest.importorskip("starlette")
 
-from capsa.server.ingress import Ingress, parse_host
-from capsa.server.limits import Limits
+from capsa.server.entry import ApiError
+from capsa.server.ingress import Ingress, parse_host, with_host_routing
+from capsa.server.limits import Limits, RequestRejected
+from capsa.server.network import check_network, mask_request_host
 
 
 @pytest.mark.parametrize(
@@ -48,3 +50,45 @@ def test_route_by_host_then_by_headers() -> None:
         assert ingress.route(_scope(e2b_sandbox_port=port), "iab") is None
     assert ingress.route(_scope(), "iab") is None  # envd by default
     assert ingress.route(_scope(host="127.0.0.1:3000"), None) is None  # the control plane
+
+
+def test_envd_and_interpreter_hosts_route_to_the_sandbox_api() -> None:
+    """``49983-{id}.{domain}`` is envd of that sandbox (the SDKs' URL without E2B_SANDBOX_URL):
+    not ingress, and the routing headers come from the host; headers that disagree are a 400."""
+    ingress = Ingress(registry=None, limits=Limits(), domain="sb.example:443")  # type: ignore[arg-type]
+    envd = _scope(host="49983-iab.sb.example:443")
+    assert ingress.route(envd, None) is None
+    routed = dict(with_host_routing(envd, "sb.example:443")["headers"])
+    assert (routed[b"e2b-sandbox-id"], routed[b"e2b-sandbox-port"]) == (b"iab", b"49983")
+    same = _scope(host="49999-iab.sb.example:443", e2b_sandbox_id="iab", e2b_sandbox_port="49999")
+    assert with_host_routing(same, "sb.example:443")["headers"] == same["headers"]
+    other = _scope(host="49983-iab.sb.example:443", e2b_sandbox_id="ixy")
+    with pytest.raises(RequestRejected) as caught:
+        with_host_routing(other, "sb.example:443")
+    assert caught.value.status == 400
+    port = _scope(host="8000-iab.sb.example:443")  # an ingress host is left alone
+    assert with_host_routing(port, "sb.example:443") is port
+
+
+@pytest.mark.parametrize(
+    ("mask", "ok"),
+    [
+        ("custom-host.example.com:${PORT}", True),
+        ("${PORT}-app.example.com", True),
+        ("[::1]:8080", True),
+        ("evil.example\r\nX-Injected: 1", False),
+        ("a b", False),
+        ("", False),
+        ("x" * 300, False),
+        (42, False),
+    ],
+)
+def test_mask_request_host_values(mask: object, ok: bool) -> None:
+    if ok:
+        assert mask_request_host({"mask_request_host": mask}) == mask
+        assert mask_request_host({"maskRequestHost": mask}) == mask  # the API's spelling
+    else:
+        with pytest.raises(ApiError) as caught:
+            check_network(None, {"maskRequestHost": mask})
+        assert caught.value.status == 400
+    assert mask_request_host({}) is None

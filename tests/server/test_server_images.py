@@ -25,8 +25,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def mpl_image() -> str:
     """The recipe registered as ``capsa-serve-mpl``: found in the cache, or built when
     ``CAPSA_TEST_BUILD_IMAGES=1`` (matplotlib wheels from PyPI, a few seconds)."""
-    store = pytest.importorskip("capsa.image.store")
-    recipe = pytest.importorskip("capsa.image.recipe")
+    store = pytest.importorskip("capsa.recipes.store")
+    recipe = pytest.importorskip("capsa.recipes.toml")
     entry = store.lookup(IMAGE)
     if entry is not None and entry.built() is not None:
         return IMAGE

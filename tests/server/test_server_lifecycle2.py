@@ -17,10 +17,11 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import httpx
 import pytest
 from dnslib.server import DNSServer
 
-from tests.server.conftest import Server, _Resolver, start_server
+from tests.server.conftest import API_KEY, Server, _Resolver, start_server
 
 e2b = pytest.importorskip("e2b")
 from e2b import Sandbox  # noqa: E402
@@ -201,8 +202,13 @@ def test_on_timeout_pause_without_auto_resume(setup: Setup) -> None:
 def test_lifecycle_bad_input(setup: Setup) -> None:
     with pytest.raises(e2b.InvalidArgumentException):  # the SDK's own check
         Sandbox.create(lifecycle={"on_timeout": "kill", "auto_resume": True})
-    with pytest.raises(e2b.SandboxException, match="400: a filesystem-only pause"):
-        Sandbox.create(lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"}})
+    with pytest.raises(e2b.InvalidArgumentException):  # the SDK's own check, and the server's:
+        Sandbox.create(lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"},
+                                  "auto_resume": True})  # fmt: skip
+    body = {"templateID": "base", "autoPause": True, "autoPauseMemory": False,
+            "autoResume": {"enabled": True}}  # fmt: skip
+    reply = httpx.post(f"{setup.server.url}/sandboxes", json=body, headers={"X-API-KEY": API_KEY})
+    assert reply.status_code == 400 and "filesystem-only" in reply.text, reply.text
 
 
 def test_timeouts_past_24_hours_and_max_timeout(setup: Setup) -> None:

@@ -81,12 +81,6 @@ def test_control_plane(server: Server, sbx: Sandbox) -> None:
     assert again.commands.run("echo $FROM_CREATE").stdout == "yes\n"
 
 
-def test_unsupported_calls_say_so(sbx: Sandbox) -> None:
-    with pytest.raises(SandboxException, match="not supported by capsa serve"):
-        sbx.create_snapshot(mode="filesystem")  # filesystem-only snapshots (full ones work)
-    assert sbx.is_running()
-
-
 @pytest.mark.timeout(300)
 def test_pause_and_resume_keep_files(server: Server) -> None:
     sandbox = Sandbox.create(timeout=300, metadata={"suite": "pause"})

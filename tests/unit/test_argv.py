@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import capsa
-from capsa.backend.qemu.argv import LaunchPlan, build_argv, qemu_escape
+from capsa.vm.argv import LaunchPlan, build_argv, qemu_escape
 from capsa.vm.config import DiskSpec, VMConfig
 
 
@@ -124,7 +124,7 @@ def test_virtio_serial_ports(kernel: Path) -> None:
 
 
 def test_virtiofs_and_9p_shares(kernel: Path, tmp_path: Path) -> None:
-    from capsa.backend.qemu.argv import PlannedShare
+    from capsa.vm.argv import PlannedShare
 
     config = capsa.vm(capsa.LinuxDirectBoot(kernel)).memory_mb(256).config
     shares = (
@@ -164,7 +164,7 @@ def test_virtiofsd_is_wrapped_in_a_read_only_mount_namespace(tmp_path: Path) -> 
 
 
 def test_guest_ram_in_a_file(kernel: Path, tmp_path: Path) -> None:
-    from capsa.backend.qemu.argv import PlannedShare
+    from capsa.vm.argv import PlannedShare
     from capsa.vm.config import MemoryFile
 
     base = capsa.vm(capsa.LinuxDirectBoot(kernel)).memory_mb(256).config
@@ -252,7 +252,7 @@ def test_virtiofsd_source_is_escaped(tmp_path: Path, name: str, escaped: str) ->
 
 def test_9p_path_with_commas_is_one_option(tmp_path: Path, kernel: Path) -> None:
     """Attack: ``path=/x,path=/etc`` would export another directory; commas are doubled."""
-    from capsa.backend.qemu.argv import PlannedShare
+    from capsa.vm.argv import PlannedShare
 
     config = capsa.vm(capsa.LinuxDirectBoot(kernel)).memory_mb(256).config
     shares = (

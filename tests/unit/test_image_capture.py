@@ -15,8 +15,8 @@ import pytest
 
 import capsa
 from capsa.errors import ConfigError, ImageError
-from capsa.image.capture import CaptureError, Reader, add_captured, written_bytes
-from capsa.image.recipe import LayerTar, add_host_tree
+from capsa.recipes.capture import CaptureError, Reader, add_captured, written_bytes
+from capsa.recipes.layertar import LayerTar, add_host_tree
 
 
 def _layer_members(write: object) -> dict[str, tarfile.TarInfo]:

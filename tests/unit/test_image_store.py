@@ -1,4 +1,4 @@
-"""Named images (``capsa.image.store``) and the ``capsa image import|ls|rm|build`` commands (no VM).
+"""Named images (``capsa.recipes.store``) and the ``capsa image import|ls|rm|build`` commands (no VM).
 
 Each test has its own cache (``CAPSA_CACHE_DIR``) and imports a small busybox-only Docker archive it
 writes itself.
@@ -15,8 +15,8 @@ import pytest
 import capsa
 from capsa.cli import main
 from capsa.errors import ConfigError, ImageError
-from capsa.image import store
 from capsa.pytest_plugin import _builder
+from capsa.recipes import store
 from tests.unit.test_oci import BUSYBOX, base_layer, docker_archive, top_layer
 
 pytestmark = pytest.mark.skipif(

@@ -19,10 +19,12 @@ import pytest
 
 import capsa
 from capsa.errors import ConfigError, ImageError
-from capsa.image.recipe import LayerTar, add_host_tree, build_recipe, layers_root, load_recipe, plan
-from capsa.image.recipe_apt import _uris
-from capsa.image.recipe_pip import SITE, add_wheels
 from capsa.image.sandbox import sandbox_image
+from capsa.recipes.apt import _uris
+from capsa.recipes.layertar import LayerTar, add_host_tree
+from capsa.recipes.pip import SITE, add_wheels
+from capsa.recipes.recipe import build_recipe, layers_root, plan
+from capsa.recipes.toml import load_recipe
 
 
 def make_wheel(
@@ -343,8 +345,8 @@ def test_a_wheel_entry_escaping_its_root_is_refused(tmp_path: Path) -> None:
 def test_build_vm_disks_are_sparse_tagged_and_swept(tmp_path: Path) -> None:
     """The build VM's scratch and output disks cost the host only what is written, carry the
     tags the guest's init looks for, and a dead build's leftovers are removed (a live one's kept)."""
-    from capsa.image.recipe_run import MAX_LAYER_BYTES, SCRATCH_BYTES, _make_disks, _sweep_scratch
     from capsa.image.sandbox import BUILD_OUTPUT_TAG, BUILD_SCRATCH_TAG
+    from capsa.recipes.run import MAX_LAYER_BYTES, SCRATCH_BYTES, _make_disks, _sweep_scratch
 
     output, scratch = _make_disks(tmp_path)
     assert scratch is not None

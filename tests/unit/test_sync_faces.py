@@ -4,9 +4,11 @@ type checkers see (``capsa/sync/_signatures.py``) are the ones the derivation ma
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import signal
 import threading
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
@@ -17,8 +19,19 @@ from capsa.agent.client import Agent
 from capsa.agent.exec import ExecBuilder, OutputStream, Process
 from capsa.console import Console
 from capsa.net.stack import NetworkStack
-from capsa.sync import _derive, _signatures
+from capsa.sync import _signatures
 from capsa.sync._derive import FACES, Face, face_signature, public_names
+
+
+def _generator() -> Any:
+    """scripts/sync_signatures.py, the generator (a development tool outside the package)."""
+    path = Path(__file__).resolve().parents[2] / "scripts" / "sync_signatures.py"
+    spec = importlib.util.spec_from_file_location("sync_signatures", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # Every async class with a sync face: adding a class here without a face fails below.
 TWINS = {
@@ -116,7 +129,7 @@ def test_a_new_async_method_is_derived_and_checked() -> None:
 
 @pytest.mark.parametrize("face", TWINS.values(), ids=lambda c: c.__name__)
 def test_declarations_for_type_checkers_are_current(face: type[Face]) -> None:
-    """_signatures.py is what ``python -m capsa.sync._derive`` writes (regenerate it if this fails)."""
+    """_signatures.py is what ``python scripts/sync_signatures.py`` writes (regenerate it if this fails)."""
     declared = getattr(_signatures, f"{face.__name__}Methods")
     assert issubclass(face, declared)
     names = [n for n in public_names(face._twin) if n not in face._skipped]
@@ -129,7 +142,7 @@ def test_declarations_for_type_checkers_are_current(face: type[Face]) -> None:
         want, have = face_signature(async_member), inspect.signature(vars(declared)[name])
         assert _params(have) == _params(want), f"{face.__name__}.{name}"
         assert str(have) == str(want), f"{face.__name__}.{name}"
-    assert _derive.signatures_source()  # the generator runs on the faces as they are
+    assert _generator().signatures_source()  # the generator runs on the faces as they are
 
 
 def test_sync_builders_chain_like_the_async_ones() -> None:

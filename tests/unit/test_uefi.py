@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 import capsa
-from capsa.backend.qemu.argv import LaunchPlan, build_argv
 from capsa.image.uefi_disk import build_uki, efi_app_disk, find_stub
 from capsa.uefi import firmware as fw
 from capsa.uefi.gpt import ESP_TYPE, HEAD_BYTES, Partition, parse_head, read_table, write_gpt
-from capsa.uefi.launch import UefiLaunch, prepare_uefi, release_uefi
+from capsa.vm.argv import LaunchPlan, build_argv
+from capsa.vm.uefi_launch import UefiLaunch, prepare_uefi, release_uefi
 
 OVMF = Path("/usr/share/OVMF")
 needs_ovmf = pytest.mark.skipif(not (OVMF / "OVMF_CODE_4M.fd").is_file(), reason="ovmf not installed")

@@ -20,16 +20,12 @@ from capsa._tasks import TaskSet
 from capsa.agent import wire
 from capsa.agent._channel import Call, Channel, InStream
 from capsa.agent.errors import agent_error, check_timeout
-from capsa.errors import AgentError, CapsaError, CapsaTimeoutError, ConfigError
+from capsa.errors import CapsaError, CapsaTimeoutError, ConfigError, ConnectionRefused
 
 log = logging.getLogger(__name__)
 
 READER_LIMIT = 1 << 20  # what the StreamReader buffers before the pump stops taking chunks
 CONNECT_TIMEOUT = 10.0
-
-
-class ConnectionRefused(AgentError):
-    """Nothing listens on that guest port (or the guest refused the connection)."""
 
 
 class _PumpTransport(asyncio.ReadTransport):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from capsa.errors import ExecFailedError
+
 FileType = Literal["file", "dir", "symlink", "other"]
 
 
@@ -88,3 +90,16 @@ class ExecResult:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+    def check(self) -> ExecResult:
+        """This result if the command exited 0; else raises :class:`ExecFailedError` with its argv,
+        exit code and output (``exec(...).run()`` itself never raises for an exit status)."""
+        if self.exit_code == 0:
+            return self
+        raise ExecFailedError(
+            f"{' '.join(self.argv)[:200]} exited with {self.exit_code}",
+            argv=self.argv,
+            exit_code=self.exit_code,
+            stdout=self.stdout,
+            stderr=self.stderr,
+        )

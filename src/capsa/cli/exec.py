@@ -14,7 +14,7 @@ from capsa.cli._network import add_network_arguments, network_from_args
 from capsa.cli._progress import build_steps
 from capsa.cli._terminal import stdin_chunks
 from capsa.errors import AgentError, ConfigError, VMNotRunning
-from capsa.image.store import resolve_image
+from capsa.recipes.store import resolve_image
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,9 @@ from capsa.backend.qemu.process import find_qemu
 from capsa.cli._output import emit
 from capsa.cli._progress import build_steps
 from capsa.errors import ConfigError, ImageError, SnapshotError
-from capsa.image import busybox_guest, store
+from capsa.image import busybox_guest
 from capsa.image.sandbox import sandbox_image
+from capsa.recipes import store
 from capsa.sandbox.builder import template_root
 from capsa.snapshot.store import check_compatible, load_snapshot, remove_snapshot
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
+import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +36,8 @@ def register(commands: Any) -> None:
             "examples:\n"
             "  CAPSA_API_KEY=secret capsa serve\n"
             "  capsa serve --api-key-file keys.txt --pool base=4 --pool code-interpreter-v1=2\n"
-            "  capsa serve --ray HEAD:6379 --pool base=2    # one endpoint for a Ray cluster\n\n"
+            "  capsa serve --ray HEAD:6379 --pool base=2    # one endpoint for a Ray cluster\n"
+            "  capsa serve --tls auto    # HTTPS: the log names the CA file clients trust\n\n"
             "API key file: one key per line; '#' starts a comment line. A plain KEY belongs to the\n"
             "tenant 'default'; KEY tenant=NAME [admin] [max_sandboxes=N] [creates_per_minute=N]\n"
             "names its tenant. A sandbox belongs to its creator's tenant: other tenants' keys get\n"
@@ -57,7 +60,8 @@ def register(commands: Any) -> None:
         "--domain",
         metavar="DOMAIN",
         help="domain of the sandboxes' ports: {port}-{sandbox_id}.DOMAIN reaches a port of a "
-        "sandbox (get_host); default localhost:<port>, which a browser on this machine resolves",
+        "sandbox (get_host); default localhost:<port> (capsa.localhost:<port> with TLS), which a "
+        "browser on this machine resolves",
     )
     parser.add_argument(
         "--api-key-file",
@@ -95,7 +99,59 @@ def register(commands: Any) -> None:
     )
     add_sandbox_flags(parser)
     add_limit_flags(parser)
+    add_tls_flags(parser)
     parser.set_defaults(handler=_serve)
+
+
+def add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    """HTTPS for the API, envd and ingress (docs/server.md, "HTTPS")."""
+    group = parser.add_argument_group("HTTPS")
+    group.add_argument(
+        "--tls",
+        choices=["auto"],
+        help="serve HTTPS with a certificate for DOMAIN and *.DOMAIN from a local CA made (once) in "
+        "--tls-dir; clients trust its ca.pem (NODE_EXTRA_CA_CERTS) or bundle.pem (SSL_CERT_FILE)",
+    )
+    group.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate chain")
+    group.add_argument("--tls-key", metavar="FILE", help="the unencrypted PEM key of --tls-cert")
+    group.add_argument(
+        "--tls-dir",
+        metavar="DIR",
+        help="where --tls auto keeps its CA and certificate (default $XDG_DATA_HOME/capsa/tls, "
+        "else ~/.local/share/capsa/tls)",
+    )
+
+
+def tls_from(args: argparse.Namespace, domain: str) -> ssl.SSLContext | None:
+    """The server's TLS context from the flags (checked), or None for plain HTTP."""
+    from capsa.server import tls  # noqa: PLC0415 (server extra: cryptography)
+
+    given = args.tls_cert is not None or args.tls_key is not None
+    if args.tls is not None and given:
+        raise ConfigError("--tls auto and --tls-cert/--tls-key exclude each other")
+    if given:
+        if args.tls_cert is None or args.tls_key is None:
+            raise ConfigError("--tls-cert and --tls-key go together")
+        tls.check_given(Path(args.tls_cert), Path(args.tls_key), domain)
+        return tls.server_context(tls.TlsFiles(Path(args.tls_cert), Path(args.tls_key)))
+    if args.tls is None:
+        if args.tls_dir is not None:
+            raise ConfigError("--tls-dir is for --tls auto")
+        return None
+    bound = () if args.host in ("0.0.0.0", "::", "localhost") else (args.host,)
+    try:
+        extra = tuple(str(ipaddress.ip_address(h)) for h in bound)
+    except ValueError:
+        extra = ()
+    files, context = tls.auto(Path(args.tls_dir) if args.tls_dir else tls.default_dir(), domain, extra)
+    log.info(
+        "HTTPS with a certificate from the local CA %s: clients trust it with SSL_CERT_FILE=%s "
+        "(the system's CAs and it) or NODE_EXTRA_CA_CERTS=%s",
+        files.ca,
+        files.bundle,
+        files.ca,
+    )
+    return context
 
 
 def add_limit_flags(parser: argparse.ArgumentParser) -> None:
@@ -244,6 +300,11 @@ def max_timeout(args: argparse.Namespace) -> int | None:
     return None if args.max_timeout is None else int(args.max_timeout)
 
 
+class _NotItsScheme(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Uvicorn running on")
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn  # noqa: PLC0415 (optional dependency)
@@ -260,6 +321,9 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("--metrics-interval takes seconds from 0.5 to 3600 (0: off)")
     if not args.verbose:
         logging.getLogger(__name__).setLevel(logging.INFO)  # the derived --max-sandboxes
+    secure = args.tls is not None or args.tls_cert is not None
+    domain = args.domain or f"{'capsa.localhost' if secure else 'localhost'}:{args.port}"
+    context = tls_from(args, domain)
     config = ServerConfig(
         api_keys=keys,
         pools=dict(parse_pool(p) for p in args.pool),
@@ -271,7 +335,7 @@ def _serve(args: argparse.Namespace) -> int:
         ray_address=args.ray,
         limits=limits_from(args),
         metrics_interval=args.metrics_interval,
-        domain=args.domain or f"localhost:{args.port}",
+        domain=domain,
         state_dir=args.state_dir,
         volume_size_mb=check_size_mb(args.volume_size_mb),
     )
@@ -282,6 +346,9 @@ def _serve(args: argparse.Namespace) -> int:
     server = create_app(config)
     if not logging.getLogger().handlers or not args.verbose:
         logging.getLogger("capsa.server").setLevel(logging.INFO)
+    if context is not None:  # uvicorn's own line would say http://: the TLS is ours, not its
+        logging.getLogger("uvicorn.error").addFilter(_NotItsScheme())
+        log.info("serving HTTPS on https://%s:%d (hosts {port}-{id}.%s)", args.host, args.port, domain)
     try:
         uvicorn.run(
             server.app,
@@ -291,7 +358,7 @@ def _serve(args: argparse.Namespace) -> int:
             access_log=False,  # capsa.server.access logs each request with its sandbox and duration
             timeout_graceful_shutdown=10,
             interface="asgi3",
-            http=protocol_with(config.limits.header_timeout),
+            http=protocol_with(config.limits.header_timeout, tls=context),
             timeout_keep_alive=config.limits.keep_alive_timeout,
             limit_concurrency=config.limits.max_connections,
             h11_max_incomplete_event_size=config.limits.max_header_bytes,

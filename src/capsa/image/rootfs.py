@@ -52,7 +52,7 @@ def _host_is_debian() -> bool:
         return False
 
 
-def _host_sources() -> Path | None:
+def host_sources() -> Path | None:
     """The host's apt sources when the host is Debian; elsewhere mmdebstrap's default Debian mirror."""
     if not _host_is_debian():
         return None
@@ -87,7 +87,7 @@ def build_rootfs(out: Path, progress: Progress | None = None) -> Path:
         SUITE,
         "-",
     ]
-    sources = _host_sources()
+    sources = host_sources()
     if sources is not None:
         argv.append(str(sources))
     partial = out.with_name(out.name + ".part")

@@ -48,7 +48,7 @@ AGENT_DIR = "/usr/lib/capsa"  # where the agent lands in the guest root
 USER_ROOT = "/run/capsa/root"
 IMAGE_CONFIG = "capsa-image.json"
 IMAGE_CONFIG_COPY = "/run/capsa/image.json"
-# Recipe layers (capsa.image.recipe): beside the config, a layer's depth in the stack (1 = bottom) and
+# Recipe layers (capsa.recipes.recipe): beside the config, a layer's depth in the stack (1 = bottom) and
 # a marker saying the stack sits on capsa's own root (Image.debian()); where a build VM sees the
 # writable layer of the user's root.
 LAYER_DEPTH = "capsa-depth"
@@ -61,6 +61,8 @@ BUILD_UPPER = "/.capsa-upper"
 BUILD_SCRATCH_TAG = b"CAPSA-BUILD-RW00"
 BUILD_OUTPUT_TAG = b"CAPSA-BUILD-OUT0"
 BUILD_OUTPUT_NAME = "output-device"
+# Where capsa's root shows its own writable layer (the tmpfs: ``upper`` and overlayfs's ``work``).
+WRITABLE_LAYER = "/run/capsa/rw"
 AGENT_COMMAND = f"/usr/bin/python3 -E -s {AGENT_DIR}/capsa-agent"
 _LAUNCHER = b"""#!/usr/bin/python3 -E -s
 from capsa.agent.guest.main import main
@@ -161,6 +163,9 @@ fi
 mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot \\
   || fail "cannot mount the overlay root (overlay driver missing?)"
+# The writable layer, where the agent can pack it (a filesystem snapshot: capsa.sandbox.files_snapshot)
+mkdir -p -m 0700 /newroot{WRITABLE_LAYER} && mount --bind /rw /newroot{WRITABLE_LAYER} \\
+  || fail "cannot bind the writable layer"
 for fs in proc sys dev; do mount --move /$fs /newroot/$fs; done
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /newroot/dev/pts
@@ -173,7 +178,7 @@ if [ -n "$image" ]; then
   mount -t overlay overlay -o lowerdir=$lowers,upperdir=/rw/iupper,workdir=/rw/iwork $user \\
     || fail "cannot mount the image's overlay root"
   if [ -n "$build" ]; then
-    # A recipe's build VM (capsa.image.recipe_run): the writable layer, reachable from the user's
+    # A recipe's build VM (capsa.recipes.run): the writable layer, reachable from the user's
     # root so that what a run() step changed can be packed into a new layer.
     mkdir -p $user{BUILD_UPPER} && mount --bind /rw $user{BUILD_UPPER} \\
       || fail "cannot bind the upper layer"

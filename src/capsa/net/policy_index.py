@@ -32,7 +32,7 @@ import ipaddress
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
-from capsa.net.policy import Action, All, AnyOf, Cidr, Decision, Domain, Flow, Matcher, Port, Proto, Rule
+from capsa.net.rules import Action, All, AnyOf, Cidr, Decision, Domain, Flow, Matcher, Port, Proto, Rule
 
 _NONE = 1 << 62  # the index of "no rule": after every rule
 _FIRST_PORT, _LAST_PORT = 1, 65535

@@ -22,10 +22,11 @@ import asyncio
 import ipaddress
 import logging
 import random
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from capsa.net.gateway import Gateway
-from capsa.net.link import MAX_BACKLOG
+from capsa.net.link import MAX_BACKLOG, Link
+from capsa.net.nat import Decision
 from capsa.net.packets import (
     ETH_ARP,
     ETH_IPV4,
@@ -41,13 +42,39 @@ from capsa.net.packets import (
 )
 from capsa.net.tcp import TcpEndpoint
 
-if TYPE_CHECKING:
-    from capsa.net.stack import NetworkStack
-
 log = logging.getLogger(__name__)
 
 GATEWAY_MAC = bytes.fromhex("525400000002")
 MAX_DELAYED = MAX_BACKLOG  # bytes held back by delay() per pair of members
+
+
+class Port(Protocol):
+    """What the switch needs of a member (a :class:`capsa.net.stack.Port`). The switch owns
+    this protocol so that it does not import the stack, which creates and joins switches."""
+
+    name: str | None
+    guest_mac: bytes
+    guest_ip: ipaddress.IPv4Address
+    link: Link
+
+    @property
+    def fixed_mac(self) -> bool:
+        """Whether the member's MAC is fixed (a cluster member's), so another source is spoofed."""
+        ...
+
+    def on_gateway_frame(self, eth: Ethernet) -> None:
+        """A frame for the gateway, or a broadcast."""
+        ...
+
+    def record(self, entry: Decision) -> None:
+        """Log an allow/deny decision on the member's own log."""
+        ...
+
+    def send_ip(
+        self, src: ipaddress.IPv4Address, proto: int, payload: bytes, bounded: bool = True
+    ) -> None:
+        """One IP packet from ``src`` to the member's guest."""
+        ...
 
 
 def _pair(a: str | None, b: str | None) -> frozenset[str | None]:
@@ -59,7 +86,7 @@ class Switch:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self._ports: dict[str | None, NetworkStack] = {}
+        self._ports: dict[str | None, Port] = {}
         self._names: dict[str, ipaddress.IPv4Address] = {}  # members, also while one is down
         self._groups: list[frozenset[str]] = []
         self._blocked: set[frozenset[str | None]] = set()
@@ -80,17 +107,17 @@ class Switch:
         else:
             self._names[name] = address
 
-    def attach(self, port: NetworkStack) -> None:
+    def attach(self, port: Port) -> None:
         old = self._ports.get(port.name)
         if old is not None and old is not port:
             log.debug("member %s re-attached (its previous link is gone)", port.name)
         self._ports[port.name] = port
 
-    def detach(self, port: NetworkStack) -> None:
+    def detach(self, port: Port) -> None:
         if self._ports.get(port.name) is port:
             del self._ports[port.name]
 
-    def port(self, name: str) -> NetworkStack | None:
+    def port(self, name: str) -> Port | None:
         return self._ports.get(name)
 
     def resolve(self, name: str) -> ipaddress.IPv4Address | None:
@@ -129,7 +156,7 @@ class Switch:
 
     # -- frames --
 
-    def on_frame(self, src: NetworkStack, frame: memoryview) -> None:
+    def on_frame(self, src: Port, frame: memoryview) -> None:
         try:
             eth = Ethernet.parse(frame)
             if src.fixed_mac and eth.src != src.guest_mac:
@@ -153,7 +180,7 @@ class Switch:
         except PacketError as exc:
             log.debug("dropped a frame from the guest: %s", exc)
 
-    def _from_itself(self, src: NetworkStack, eth: Ethernet) -> bool:
+    def _from_itself(self, src: Port, eth: Ethernet) -> bool:
         """Whether a frame for other members may pass: IPv4 or ARP from the sender's own address."""
         if eth.ethertype not in (ETH_IPV4, ETH_ARP):  # IPv6 neighbour discovery and the like
             self.dropped += 1
@@ -164,7 +191,7 @@ class Switch:
         self._spoofed(src, f"{kind} to members not from its own address")
         return False
 
-    def _deliver(self, src: NetworkStack, dst: NetworkStack, eth: Ethernet, frame: memoryview) -> None:
+    def _deliver(self, src: Port, dst: Port, eth: Ethernet, frame: memoryview) -> None:
         pair = _pair(src.name, dst.name)
         if self._cut(src.name, dst.name):
             self.dropped += 1
@@ -198,7 +225,7 @@ class Switch:
         asyncio.get_running_loop().call_later(delay, later)
 
     @staticmethod
-    def _own_address(src: NetworkStack, eth: Ethernet) -> bool:
+    def _own_address(src: Port, eth: Ethernet) -> bool:
         """Members speak to members from their own address only: the IPv4 source; for ARP, a
         request or reply whose sender MAC and IP are the member's own (a gratuitous ARP included)."""
         if eth.ethertype == ETH_IPV4:
@@ -206,7 +233,7 @@ class Switch:
         arp = Arp.parse(eth.payload)
         return arp.op in (1, 2) and arp.sender_mac == src.guest_mac and arp.sender_ip == src.guest_ip
 
-    def _spoofed(self, src: NetworkStack, what: str) -> None:
+    def _spoofed(self, src: Port, what: str) -> None:
         """Drop a frame that passes for someone else: counted, and logged once per member (a guest
         could otherwise fill the host's log)."""
         self.dropped += 1
@@ -215,7 +242,7 @@ class Switch:
             self._warned.add(src.name)
             log.warning("member %s sent %s: dropped (later ones counted, not logged)", src.name, what)
 
-    def _refuse(self, src: NetworkStack, dst: NetworkStack, ip: IPv4) -> None:
+    def _refuse(self, src: Port, dst: Port, ip: IPv4) -> None:
         """A blocked pair: an RST for a TCP connect (a denial never looks like a hang), logged."""
         if ip.proto != PROTO_TCP:
             return

@@ -25,7 +25,7 @@ from dataclasses import replace
 from typing import Any
 
 from capsa import _guardian
-from capsa.errors import CapsaError, ConfigError, VMNotRunning
+from capsa.errors import CapsaError, ConfigError, NoSlotError, VMNotRunning
 from capsa.ray._node_policy import NodePolicy
 from capsa.ray._slots import Reservation, reserve
 from capsa.ray._surface import BUILDERS, ENDING_CALLS, is_plain, proxied_name, surface
@@ -43,17 +43,6 @@ STREAM_WINDOW = 8  # output chunks in flight per stream before the actor stops r
 RESERVE_WAIT = 2.0  # how long one build waits for Ray to grant a slot (the placer tries again)
 MAX_RESERVE_WAIT = 60.0
 REAP_INTERVAL = 1.0  # how soon a sandbox that ended on its own gives its Ray slot back
-
-
-class NoSlotError(CapsaError):
-    """No Ray node with capsa slots (matching the builder's ``node(...)``) had a free slot in time;
-    ``nodes`` lists ``(node_id, used, slots)`` as last seen."""
-
-    def __init__(
-        self, message: str, *, nodes: Sequence[tuple[str, int, int]] = (), hint: str | None = None
-    ) -> None:
-        super().__init__(message, hint=hint)
-        self.nodes = list(nodes)
 
 
 CONFIG_STEP = "__config__"  # the first step of ``capsa.ray.remote(local_builder)``

@@ -37,11 +37,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from capsa.errors import ConfigError
-from capsa.image.custom import Image
-from capsa.image.recipe import Step as RecipeStep
-from capsa.image.recipe import apt_step, copy_step, env_step, run_step, workdir_step
-from capsa.image.recipe_pip import pip_step
 from capsa.net.gateway import PortForward, VirtualNetwork
+from capsa.recipes.image import Image
+from capsa.recipes.pip import pip_step
+from capsa.recipes.steps import Step as RecipeStep
+from capsa.recipes.steps import apt_step, copy_step, env_step, run_step, workdir_step
 from capsa.sandbox.builder import SandboxConfig
 from capsa.shares.spec import AccessMode
 from capsa.snapshot.store import Snapshot

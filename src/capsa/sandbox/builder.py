@@ -15,8 +15,8 @@ from capsa._paths import cache_dir
 from capsa.accelerator import resolve_accelerator
 from capsa.backend.qemu.process import find_qemu
 from capsa.boot import LinuxDirectBoot
-from capsa.errors import ConfigError, ImageError, SnapshotError, VolumeError
-from capsa.image.custom import Image
+from capsa.errors import ConfigError, ExecFailedError, ImageError, SnapshotError, VolumeError
+from capsa.image.custom import ImageSource
 from capsa.image.sandbox import SandboxImage, sandbox_image
 from capsa.net.gateway import VirtualNetwork
 from capsa.sandbox.handle import AGENT_PORT, Sandbox, restore_sandbox
@@ -45,6 +45,7 @@ from capsa.vm.config import (
     validate_lifetime,
     validate_memory_mb,
 )
+from capsa.vm.handle import start_lifetime
 from capsa.volume.spec import VolumeMount, check_mounts, serial
 from capsa.volume.store import Volume
 
@@ -69,7 +70,7 @@ class SandboxConfig:
     snapshot: Path | None = None
     network: VirtualNetwork | None = None
     lifetime: float | None = None  # seconds from build() (from take() for a pool) to stop-and-remove
-    image: Image | None = None  # a user image (capsa.Image): commands run in its root
+    image: ImageSource | None = None  # a user image (capsa.Image): commands run in its root
     warmup: str | None = None  # a shell command run once before the template is recorded
     warmup_timeout: float = DEFAULT_WARMUP_TIMEOUT
     volumes: tuple[VolumeMount, ...] = ()
@@ -128,11 +129,11 @@ class SandboxBuilder:
         python3-msgpack."""
         return self._with(rootfs=_existing_file(path, "rootfs"))
 
-    def image(self, image: Image) -> SandboxBuilder:
+    def image(self, image: ImageSource) -> SandboxBuilder:
         """Run commands and file operations in ``image`` (``capsa.Image.from_oci(...)``), built
         (or found in the cache) at ``build()``, before the boot timeout starts. The agent keeps
         capsa's own root, so the image needs no Python."""
-        if not isinstance(image, Image):
+        if not isinstance(image, ImageSource):
             raise ConfigError("image() takes a capsa.Image")
         return self._with(image=image)
 
@@ -264,7 +265,7 @@ class SandboxBuilder:
         user xattrs): ``auto`` shares go on 9p here, see docs/shares.md."""
         vm = await self._build(timeout)
         if self._config.lifetime is not None:
-            await vm._start_lifetime(self._config.lifetime)
+            await start_lifetime(vm, self._config.lifetime)
         return vm
 
     async def _build(self, timeout: float) -> Sandbox:
@@ -329,13 +330,15 @@ async def _warm(vm: Sandbox, warmup: tuple[str, float] | None) -> None:
     except BaseException:
         await vm.kill()
         raise
-    if result.exit_code != 0:
+    try:
+        result.check()
+    except ExecFailedError as exc:
         await vm.kill()
         output = (result.stdout + result.stderr)[-4000:]
         raise ImageError(
             f"the warmup command exited with {result.exit_code}: {command}\n{output}",
             hint="fix the command given to warmup(); no template was recorded",
-        )
+        ) from exc
 
 
 async def _from_template(
@@ -414,3 +417,9 @@ def _default_image() -> SandboxImage:
 def sandbox() -> SandboxBuilder:
     """Start describing a sandbox: zero configuration gives a Debian guest with python3."""
     return SandboxBuilder()
+
+
+async def boot_sandbox(config: VMConfig, timeout: float) -> Sandbox:
+    """Boot a sandbox from a raw VM configuration, without a template: the friend interface of
+    image building (:mod:`capsa.recipes.run`), whose build VMs get different disks each time."""
+    return await _cold(config, timeout)

@@ -26,6 +26,7 @@ from capsa.errors import (
     CapsaError,
     CapsaTimeoutError,
     ConfigError,
+    ExecFailedError,
     ProtocolError,
     ShareError,
     SnapshotError,
@@ -68,10 +69,16 @@ class Sandbox(VM):
 
     _KIND = "sandbox"
 
-    def __init__(self, config: VMConfig, *, volumes: tuple[tuple[str, str, bool], ...] = ()) -> None:
+    def __init__(
+        self,
+        config: VMConfig,
+        *,
+        guest_ip: ipaddress.IPv4Address | None = None,
+        volumes: tuple[tuple[str, str, bool], ...] = (),
+    ) -> None:
         """``volumes``: (disk serial, guest path, read-only) of each volume to mount after a cold
         boot (a restored sandbox finds them mounted already, in its memory)."""
-        super().__init__(config)
+        super().__init__(config, guest_ip=guest_ip)
         self._volumes = volumes
         self._channel: Channel | None = None
         self._agent: Agent | None = None
@@ -356,13 +363,15 @@ class Sandbox(VM):
                 # Larger readahead: fewer FUSE round trips per large read (~12% faster under TCG).
                 script = 'echo 4096 > "/sys/class/bdi/$(mountpoint -d "$1")/read_ahead_kb"'
                 await agent.exec("sh").args(["-c", script, "sh", share.guest_path]).timeout(30).run()
-            if done.exit_code != 0:
+            try:
+                done.check()
+            except ExecFailedError as exc:
                 raise ShareError(
                     f"mounting {share.host_path} at {share.guest_path} ({share.mechanism}) failed: "
                     f"{done.stderr.strip()[:500]}",
                     host_path=share.host_path,
                     hint="a custom kernel needs virtiofs (or 9p) support",
-                )
+                ) from exc
 
     async def _agent_lost(self) -> CapsaError:
         """Why the agent's connection closed: usually the VM exited (then say how)."""
@@ -445,8 +454,7 @@ async def restore_sandbox(
     slots (9p) filled with ``shares`` and mounted; with a network, a new MAC and ``guest_ip`` (by
     default the gateway's usual guest address)."""
     check_compatible(snapshot, find_qemu())
-    vm = Sandbox(snapshot.vm_config(shares, network))
-    vm._guest_ip = guest_ip
+    vm = Sandbox(snapshot.vm_config(shares, network), guest_ip=guest_ip)
     await vm._boot_from(snapshot, timeout)
     return vm
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
@@ -27,6 +28,13 @@ log = logging.getLogger(__name__)
 MAX_POOL = 64
 _BACKOFF_MAX = 30.0
 _CLOSE_TIMEOUT = 30.0
+
+
+class PoolState(enum.Enum):
+    """``OPEN`` (refilling in the background) ``→ CLOSED`` (nothing waits, nothing is taken)."""
+
+    OPEN = "open"
+    CLOSED = "closed"
 
 
 class Pool:
@@ -45,7 +53,7 @@ class Pool:
         self._ready: deque[Sandbox] = deque()
         self._changed = asyncio.Event()
         self._wake_filler = asyncio.Event()
-        self._closed = False
+        self._state = PoolState.OPEN
         self.last_error: BaseException | None = None
         self._lifetime = builder.config.lifetime  # starts at take(), not while waiting in the pool
         self._build_with = builder if self._lifetime is None else builder._with(lifetime=None)
@@ -71,7 +79,7 @@ class Pool:
 
     async def _fill(self) -> None:
         backoff = 1.0
-        while not self._closed:
+        while self._is_open():
             if len(self._ready) >= self.size:
                 self._wake_filler.clear()
                 await self._wake_filler.wait()
@@ -94,7 +102,7 @@ class Pool:
                 backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
             backoff = 1.0
-            if self._closed:
+            if not self._is_open():  # closed while this one booted
                 await vm.kill()
                 return
             self._ready.append(vm)
@@ -143,13 +151,16 @@ class Pool:
         finally:
             await vm.kill()
 
+    def _is_open(self) -> bool:
+        return self._state is PoolState.OPEN
+
     def _check_open(self) -> None:
-        if self._closed:
+        if not self._is_open():
             raise VMNotRunning("the pool is closed")
 
     async def close(self) -> None:
         """Stop refilling and destroy the sandboxes still waiting."""
-        self._closed = True
+        self._state = PoolState.CLOSED
         self._wake_filler.set()
         self._filler.cancel()
         await asyncio.gather(self._filler, return_exceptions=True)  # its failure is logged already

@@ -25,9 +25,11 @@ from capsa.errors import CapsaError
 from capsa.server.control import PRINCIPAL, ControlPlane, api_error, error_response, principal_of
 from capsa.server.entry import ApiError
 from capsa.server.guest_metrics import DEFAULT_INTERVAL, Sampler
-from capsa.server.ingress import Ingress
+from capsa.server.ingress import Ingress, with_host_routing
 from capsa.server.ingress_ws import relay_websocket
 from capsa.server.limits import (
+    INPUT_STREAM_IDLE,
+    INPUT_STREAM_PATH,
     LimitedBody,
     Limits,
     RequestRejected,
@@ -187,6 +189,7 @@ class CapsaServer:
 
         sandbox_id: str | None = None
         try:
+            scope = with_host_routing(scope, self.config.domain)  # 49983-{id}.{domain}: envd
             target = self.ingress.route(scope, single_header(scope["headers"], b"e2b-sandbox-id"))
             sandbox_id, body = self._admit(scope, ingress=target is not None)
             if target is not None:  # a request for a port of the sandbox (get_host)
@@ -234,14 +237,17 @@ class CapsaServer:
             cap = limits.max_upload_bytes  # a file written into a volume
         elif sandbox_id is None and not _signed_url(scope):
             cap = limits.max_json_bytes
-        elif scope["path"] == "/files":
+        elif scope["path"] in ("/files", INPUT_STREAM_PATH):  # streamed to the guest
             cap = limits.max_upload_bytes
         else:
             cap = limits.max_rpc_bytes
         declared = content_length(raw)
         if declared is not None and declared > cap:
             raise RequestRejected(413, f"the request body is larger than {cap} bytes")
-        return sandbox_id, _BodyCap(cap, limits.body_timeout)
+        idle = limits.body_timeout
+        if scope["path"] == INPUT_STREAM_PATH:
+            idle = max(idle, INPUT_STREAM_IDLE)
+        return sandbox_id, _BodyCap(cap, idle)
 
     async def _sandbox_asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = await self._sandbox(Request(scope, receive))

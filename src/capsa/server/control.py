@@ -26,11 +26,17 @@ from capsa.server.entry import (
     resolved,
 )
 from capsa.server.guest_metrics import MAX_BATCH, Sampler
-from capsa.server.ingress import set_public
+from capsa.server.ingress import set_mask_host, set_public
 from capsa.server.interpreter import interpreter_for
 from capsa.server.listing import NEXT_TOKEN, descending, filter_sandboxes, page, sandbox_key
 from capsa.server.metrics import Metrics
-from capsa.server.network import check_network, e2b_policy, public_traffic, update_policy
+from capsa.server.network import (
+    check_network,
+    e2b_policy,
+    mask_request_host,
+    public_traffic,
+    update_policy,
+)
 from capsa.server.registry import Registry
 from capsa.server.snapshot_api import SnapshotApi, create_from_snapshot
 from capsa.server.tenants import Principal
@@ -134,15 +140,23 @@ def _unix_param(request: Request, name: str) -> int | None:
         raise ApiError(400, f"{name} must be a unix timestamp in seconds") from None
 
 
-def _lifecycle(body: dict[str, Any]) -> tuple[bool, bool]:
-    """``(auto_pause, auto_resume)`` of a create request: the SDKs send ``lifecycle`` as
-    ``autoPause``, ``autoPauseMemory`` and ``autoResume: {"enabled": ...}``."""
+def _memory(body: dict[str, Any], key: str) -> bool:
+    """E2B's ``memory`` flags (unset: true): false asks for the files alone (a fresh boot)."""
+    value = body.get(key)
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{key} must be a boolean")
+    return value
+
+
+def _lifecycle(body: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """``(auto_pause, auto_resume, pause_memory)`` of a create request: the SDKs send
+    ``lifecycle`` as ``autoPause``, ``autoPauseMemory`` and ``autoResume: {"enabled": ...}``."""
     auto_pause = body.get("autoPause") or False
     if not isinstance(auto_pause, bool):
         raise ApiError(400, "autoPause must be a boolean")
-    if body.get("autoPauseMemory") is False:
-        raise ApiError(400, "a filesystem-only pause is not supported: capsa's pause keeps memory",
-                       hint="leave on_timeout's mode unset (or 'full')")  # fmt: skip
+    pause_memory = _memory(body, "autoPauseMemory")
     resume = body.get("autoResume")
     enabled = resume.get("enabled") if isinstance(resume, dict) else resume
     if enabled is None:
@@ -151,7 +165,10 @@ def _lifecycle(body: dict[str, Any]) -> tuple[bool, bool]:
         raise ApiError(400, 'autoResume must be an object {"enabled": boolean}')
     if enabled and not auto_pause:
         raise ApiError(400, "auto_resume needs on_timeout='pause'")
-    return auto_pause, enabled
+    if enabled and not pause_memory:  # as E2B: a new boot cannot answer the call that woke it
+        raise ApiError(400, "auto_resume cannot be combined with a filesystem-only pause",
+                       hint="resume it with Sandbox.connect(), or pause with mode='full'")  # fmt: skip
+    return auto_pause, enabled, pause_memory
 
 
 def _lifecycle_json(entry: Entry) -> dict[str, Any]:
@@ -205,7 +222,7 @@ class ControlPlane:
         if not isinstance(template, str):
             raise ApiError(400, "templateID must be a string")
         timeout = self.registry.check_timeout(body.get("timeout", DEFAULT_TIMEOUT))
-        auto_pause, auto_resume = _lifecycle(body)
+        auto_pause, auto_resume, pause_memory = _lifecycle(body)
         internet = body.get("allow_internet_access", body.get("allowInternetAccess"))
         network = body.get("network")
         check_network(internet, network)  # cheap; the policy is made once a slot is taken
@@ -242,9 +259,12 @@ class ControlPlane:
                 tenant=tenant,
                 auto_pause=auto_pause,
                 auto_resume=auto_resume,
+                pause_memory=pause_memory,
             )
         public = saved.public_traffic if saved is not None else public_traffic(network)
         set_public(entry, public)  # before any await: no public moment
+        mask = saved.mask_request_host if saved is not None else mask_request_host(network)
+        set_mask_host(entry, mask)
         self.metrics.created(time.monotonic() - started, template)
         if template == INTERPRETER_TEMPLATE:
             await interpreter_for(entry).warm()
@@ -307,9 +327,15 @@ class ControlPlane:
         return Response(status_code=204)
 
     async def set_timeout(self, request: Request) -> Response:
-        timeout = self.registry.check_timeout((await _body(request)).get("timeout"))
+        """E2B's ``set_timeout``: the sandbox ends (or with ``on_timeout="pause"`` pauses) that
+        many seconds from now; 0 is now."""
+        body = await _body(request)
+        timeout = self.registry.check_timeout(body.get("timeout"), zero=True)
         entry = await self.registry.awake(request.path_params["sandbox_id"], _scope(request))
-        await entry.set_timeout(timeout)
+        if timeout == 0 and not entry.auto_pause:
+            await self.registry.kill(entry.id, _scope(request))
+            return Response(status_code=204)
+        await entry.set_timeout(timeout)  # 0 with auto_pause: the reaper pauses it at once
         return Response(status_code=204)
 
     async def refresh(self, request: Request) -> Response:
@@ -377,16 +403,19 @@ class ControlPlane:
         return Response(status_code=204)
 
     async def pause(self, request: Request) -> Response:
-        await self.registry.pause(request.path_params["sandbox_id"], _scope(request))
+        memory = _memory(await _body(request), "memory")  # false: mode="filesystem"
+        await self.registry.pause(request.path_params["sandbox_id"], _scope(request), memory=memory)
         return Response(status_code=204)
 
     async def connect(self, request: Request) -> Response:
         """Connect to a sandbox; a paused one is resumed from its snapshot first."""
-        timeout = (await _body(request)).get("timeout")
+        body = await _body(request)
+        timeout = body.get("timeout")
         entry = await self.registry.resume(
             request.path_params["sandbox_id"],
             None if timeout is None else self.registry.check_timeout(timeout),
             _scope(request),
+            memory=_memory(body, "memory"),  # false: on_resume="reboot"
         )
         return JSONResponse(self.sandbox_json(entry), status_code=200)
 

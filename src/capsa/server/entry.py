@@ -82,12 +82,14 @@ class Entry:
     closing: bool = False
     policy: capsa.NetworkPolicy | None = None
     paused: Path | None = None  # the snapshot of a paused sandbox (its VM is gone)
+    paused_memory: bool = True  # False: ``paused`` holds only its files (a resume boots afresh)
     node_id: str | None = None  # the Ray node it runs on (``capsa serve --ray``)
     tenant: str = DEFAULT_TENANT  # its creator's: only that tenant (and admin keys) see it
     # held by a pause or a resume: one VM per resume, not two, and never a resume mid-pause
     resume_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     extra: dict[str, Any] = field(default_factory=dict)
     auto_pause: bool = False  # E2B's on_timeout="pause": the timeout pauses instead of killing
+    pause_memory: bool = True  # on_timeout's mode: False pauses at the timeout filesystem-only
     auto_resume: bool = False  # a call to the paused sandbox resumes it (else: the paused error)
     timeout: int = DEFAULT_TIMEOUT  # the last one set: an auto-resume runs for as long again
     pausing: bool = False  # a pause is saving its snapshot
@@ -144,7 +146,8 @@ class Entry:
         if not self.auto_pause:
             vm: Any = self.vm  # a remote handle's set_lifetime is awaitable
             await resolved(vm.set_lifetime(seconds))
-        self.timeout = seconds
+        if seconds:  # 0 (E2B's "time out now") is no timeout to run for again on an auto-resume
+            self.timeout = seconds
         self.end_at = now() + datetime.timedelta(seconds=seconds)
 
 
@@ -157,7 +160,7 @@ async def resolved(value: Any) -> Any:
 def named_image(name: str) -> capsa.Image | None:
     """The image registered as ``name`` (``capsa image import/build --name``), or None."""
     try:
-        from capsa.image import store  # noqa: PLC0415 (the named-image registry, optional here)
+        from capsa.recipes import store  # noqa: PLC0415 (the named-image registry, optional here)
     except ImportError:
         return None
     if store.lookup(name) is None:
@@ -186,10 +189,14 @@ def now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def check_timeout(value: object, limit: int | None = None) -> int:
-    """A timeout in seconds, at most ``limit`` (``--max-timeout``; None: no cap of the server's)."""
+def check_timeout(value: object, limit: int | None = None, *, zero: bool = False) -> int:
+    """A timeout in seconds, at most ``limit`` (``--max-timeout``; None: no cap of the server's);
+    with ``zero``, 0 too (``set_timeout(0)``: the sandbox times out now)."""
     top = MAX_TIMEOUT if limit is None else min(limit, MAX_TIMEOUT)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= top:
+    low = 0 if zero else 1
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= top:
         flag = " (--max-timeout)" if limit is not None else ""
-        raise ApiError(400, f"timeout must be seconds from 1 to {top}{flag}, got {value!r:.40}")
+        raise ApiError(400, f"timeout must be seconds from {low} to {top}{flag}, got {value!r:.40}")
+    if 0 < value < 1:
+        raise ApiError(400, f"timeout must be whole seconds from {low}, got {value!r:.40}")
     return int(value)

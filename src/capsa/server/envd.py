@@ -157,6 +157,9 @@ class Proc:
     subscribers: set[Subscriber] = field(default_factory=set)
     end: dict[str, Any] | None = None
     pty: bool = False  # started in a pseudo-terminal: its output goes out as ``pty`` data
+    # its timeout: the event-loop time it is killed at, or while paused the seconds it has left
+    expires: float | None = None
+    remaining: float | None = None
 
     def subscribe(self) -> Subscriber:
         sub = Subscriber(self.limits.stream_queue)
@@ -246,6 +249,7 @@ class ProcessTable:
         client is still connected)."""
         self._tasks.spawn(self._pump(proc), name=f"capsa-server-proc-{proc.process.pid}")
         if deadline is not None:
+            proc.expires = asyncio.get_running_loop().time() + deadline
             self._deadlines.spawn(self._expire(proc, deadline), name="capsa-server-proc-deadline")
 
     async def _expire(self, proc: Proc, deadline: float) -> None:
@@ -328,6 +332,27 @@ class ProcessTable:
         except CapsaError as exc:
             raise ConnectError("failed_precondition", exc.message) from None
 
+    async def stream_input(self, messages: AsyncIterator[dict[str, Any]]) -> None:
+        """``StreamInput``: a ``start`` naming the process, then ``data`` messages (each as
+        :meth:`send_input` takes it) and ``keepalive``s, written in order as they arrive."""
+        selector: object = None
+        async for message in messages:
+            if "start" in message:
+                start = message["start"]
+                if selector is not None or not isinstance(start, dict):
+                    raise ConnectError("invalid_argument", "one start message first, naming the process")
+                selector = start.get("process")
+                self.find(selector)  # an unknown process fails now, not at its first input
+            elif "data" in message:
+                data = message["data"]
+                if selector is None or not isinstance(data, dict):
+                    raise ConnectError("invalid_argument", "input before the start message")
+                await self.send_input({"process": selector, "input": data.get("input")})
+            elif "keepalive" not in message:
+                raise ConnectError("invalid_argument", f"unknown input message {sorted(message)!r:.80}")
+        if selector is None:
+            raise ConnectError("invalid_argument", "the input stream had no start message")
+
     async def update(self, request: dict[str, Any]) -> None:
         """Resize a PTY (``Update`` with ``pty.size``); the command gets SIGWINCH."""
         proc = self.find(request.get("process"))
@@ -356,10 +381,15 @@ class ProcessTable:
 
     async def detach(self, reason: str) -> None:
         """Before a pause: stop pumping output (the commands go on in the guest, which keeps their
-        output) and end the connected streams with ``reason``. Command timeouts are dropped."""
+        output) and end the connected streams with ``reason``. Each command's timeout stops: what
+        is left of it counts again from the resume (the guest is frozen meanwhile)."""
         self._detached = True
         self._tasks.cancel()
         self._deadlines.cancel()
+        moment = asyncio.get_running_loop().time()
+        for proc in self._procs.values():
+            if proc.expires is not None:
+                proc.remaining, proc.expires = max(0.0, proc.expires - moment), None
         await self._tasks.wait_all(10)
         for proc in self._procs.values():
             for sub in list(proc.subscribers):
@@ -382,11 +412,12 @@ class ProcessTable:
                     log.warning("command %d did not survive the pause: %s", pid, exc.message)
                     self._procs.pop(pid, None)
                     continue
-            self.run(proc, None)
+            left, proc.remaining = proc.remaining, None
+            self.run(proc, left)
 
-    def copy_for(self, vm: capsa.Sandbox) -> ProcessTable:
-        """An empty table for ``vm`` (a fork), with this one's environment and limits."""
-        return ProcessTable(vm, self._envs, self._limits)
+    @property
+    def limits(self) -> Limits:
+        return self._limits
 
     def configs(self) -> dict[int, tuple[dict[str, Any], str | None]]:
         """Each command's config and tag, by guest pid (what a fork's copies are described by)."""

@@ -17,7 +17,12 @@ WebSockets are in :mod:`capsa.server.ingress_ws`.
 
 Access: a sandbox's ports are public unless it was created with ``network.allow_public_traffic``
 false; then a request must carry ``e2b-traffic-access-token`` (the ``trafficAccessToken`` create
-returned). A paused sandbox with auto-resume is woken by the request.
+returned). A paused sandbox with auto-resume is woken by the request. ``network.mask_request_host``
+replaces the ``Host`` the guest server sees (``${PORT}`` becomes the port).
+
+``49983-{id}.{domain}`` and ``49999-{id}.{domain}`` are not ingress: they are envd and the code
+interpreter of that sandbox, the URLs the SDKs build when ``E2B_SANDBOX_URL`` is not set
+(:func:`with_host_routing`).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from starlette.types import Message, Receive, Scope, Send
 from capsa.agent.connections import ConnectionRefused, ConnectionWriter
 from capsa.errors import CapsaError, CapsaTimeoutError
 from capsa.server.entry import ApiError, Entry
-from capsa.server.limits import LimitedBody, Limits, RequestRejected
+from capsa.server.limits import LimitedBody, Limits, RequestRejected, single_header
 from capsa.server.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,7 @@ CONNECT_TIMEOUT = 10.0  # the guest agent's connect to the port (loopback: refus
 READ_SIZE = 256 << 10
 MAX_RESPONSE_HEAD = 64 << 10
 PUBLIC_KEY = "public_traffic"  # Entry.extra: False when create asked for allow_public_traffic=False
+MASK_KEY = "mask_request_host"  # Entry.extra: the Host the guest servers see (network.mask_request_host)
 _HOST = re.compile(r"^([0-9]{1,5})-([A-Za-z0-9]{1,64})\.(.+)$")
 # Hop-by-hop headers (RFC 9110 7.6.1) and the server's own: never passed to the guest server.
 _REQUEST_DROP = frozenset(
@@ -94,6 +100,38 @@ def is_public(entry: Entry) -> bool:
     return entry.extra.get(PUBLIC_KEY) is not False
 
 
+def set_mask_host(entry: Entry, mask: str | None) -> None:
+    if mask is None:
+        entry.extra.pop(MASK_KEY, None)
+    else:
+        entry.extra[MASK_KEY] = mask
+
+
+def mask_host(entry: Entry) -> str | None:
+    """The sandbox's ``network.mask_request_host`` (``${PORT}`` not substituted), if it has one."""
+    mask = entry.extra.get(MASK_KEY)
+    return mask if isinstance(mask, str) else None
+
+
+def with_host_routing(scope: Scope, domain: str) -> Scope:
+    """``scope`` with the routing headers of a request to ``49983-{id}.{domain}`` (envd) or
+    ``49999-{id}.{domain}`` (the interpreter), which the SDKs build when ``E2B_SANDBOX_URL`` is
+    not set: ``E2b-Sandbox-Id``/``-Port`` from the host. When the request carries them too they
+    must name the same sandbox and port (400 otherwise: a proxy routing on one and this server on
+    the other must not disagree)."""
+    found = parse_host(_header(scope, b"host"), domain)
+    if found is None or found[1] not in (ENVD_PORT, INTERPRETER_PORT):
+        return scope
+    headers = list(scope["headers"])
+    for name, value in ((b"e2b-sandbox-id", found[0]), (b"e2b-sandbox-port", str(found[1]))):
+        given = single_header(headers, name)
+        if given is None:
+            headers.append((name, value.encode()))
+        elif given.lower() != value:
+            raise RequestRejected(400, f"the Host names {value} but {name.decode()} is {given}")
+    return {**scope, "headers": headers}
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key.lower() == name:
@@ -112,8 +150,8 @@ class Ingress:
     def route(self, scope: Scope, sandbox_id: str | None) -> tuple[str, int] | None:
         """The ``(sandbox_id, port)`` this request is for, or None when it is not ingress."""
         by_host = parse_host(_header(scope, b"host"), self.domain)
-        if by_host is not None:
-            return by_host
+        if by_host is not None:  # (envd's and the interpreter's hosts: :func:`with_host_routing`)
+            return None if by_host[1] in (ENVD_PORT, INTERPRETER_PORT) else by_host
         if sandbox_id is None:
             return None
         raw = _header(scope, b"e2b-sandbox-port")
@@ -155,9 +193,17 @@ class Ingress:
         except CapsaError as exc:
             raise IngressError(502, f"port {port} in sandbox {sandbox_id}: {exc.message}") from None
 
+    def upstream_host(self, sandbox_id: str, port: int) -> bytes | None:
+        """The ``Host`` the guest server gets instead of the client's (``mask_request_host``)."""
+        try:
+            mask = mask_host(self.registry.find(sandbox_id))
+        except ApiError:
+            return None
+        return None if mask is None else mask.replace("${PORT}", str(port)).encode()
+
     async def http(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, port: int) -> None:
         body = LimitedBody(receive, self.limits.max_upload_bytes, self.limits.body_timeout)
-        relay = _Relay(scope, body, send, port)
+        relay = _Relay(scope, body, send, port, self.upstream_host(sandbox_id, port))
         try:  # the request head travels with the connect
             relay.reader, relay.writer = await self.open(scope, sandbox_id, port, relay.start())
         except IngressError as exc:
@@ -180,6 +226,10 @@ def _json_text(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
+def _canonical(name: bytes) -> bytes:
+    return b"-".join(part[:1].upper() + part[1:] for part in name.split(b"-"))
+
+
 class _Relay:
     """One HTTP exchange with the guest server over an agent connection."""
 
@@ -189,7 +239,9 @@ class _Relay:
         receive: LimitedBody,
         send: Send,
         port: int,
+        host: bytes | None = None,
     ) -> None:
+        self.host = host  # replaces the client's Host (mask_request_host)
         self.scope = scope
         self.receive = receive
         self.send = send
@@ -237,12 +289,14 @@ class _Relay:
             name = key.lower()
             if name == b"transfer-encoding":
                 chunked = True
-            if name not in _REQUEST_DROP:
+            if name not in _REQUEST_DROP and not (name == b"host" and self.host is not None):
                 headers.append((name, value))
         if chunked:
             headers = [h for h in headers if h[0] != b"content-length"]
             headers.append((b"transfer-encoding", b"chunked"))
-        if not any(name == b"host" for name, _ in headers):
+        if self.host is not None:
+            headers.insert(0, (b"host", self.host))
+        elif not any(name == b"host" for name, _ in headers):
             headers.append((b"host", f"127.0.0.1:{self.port}".encode()))
         client = scope.get("client")
         if client:
@@ -251,7 +305,10 @@ class _Relay:
         target = scope.get("raw_path") or scope["path"].encode()
         if scope.get("query_string"):
             target += b"?" + scope["query_string"]
-        return h11.Request(method=scope["method"], target=target, headers=headers)
+        # canonical names (Host, Content-Type), as E2B's proxy sends them: the ASGI server hands
+        # them over lowercased, and a guest server that looks them up by exact case would miss them
+        canonical = [(_canonical(name), value) for name, value in headers]
+        return h11.Request(method=scope["method"], target=target, headers=canonical)
 
     def start(self) -> bytes:
         """The request head, to send with the connect."""
@@ -309,4 +366,5 @@ class _Relay:
         await _error(self.send, 502, message)
 
 
-__all__ = ["Ingress", "IngressError", "is_public", "parse_host", "set_public"]
+__all__ = ["Ingress", "IngressError", "is_public", "mask_host", "parse_host", "set_mask_host",
+           "set_public", "with_host_routing"]  # fmt: skip

@@ -57,15 +57,24 @@ async def relay_websocket(
         await send({"type": "websocket.close", "code": 1008 if exc.status == 403 else 1011})
         return
     try:
-        await _Pipe(scope, receive, send, reader, writer).run()
+        host = ingress.upstream_host(sandbox_id, port)
+        await _Pipe(scope, receive, send, reader, writer, host=host).run()
     finally:
         writer.close()
 
 
 class _Pipe:
     def __init__(
-        self, scope: Scope, receive: Receive, send: Send, reader: Any, writer: ConnectionWriter
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        reader: Any,
+        writer: ConnectionWriter,
+        *,
+        host: bytes | None = None,
     ) -> None:
+        self.host = host  # replaces the client's Host (mask_request_host)
         self.scope = scope
         self.receive = receive
         self.send = send
@@ -98,7 +107,8 @@ class _Pipe:
 
     async def handshake(self) -> AcceptConnection | None:
         headers = [(k, v) for k, v in self.scope["headers"] if k.lower() in _FORWARDED]
-        host = next((v for k, v in self.scope["headers"] if k.lower() == b"host"), b"localhost")
+        given = next((v for k, v in self.scope["headers"] if k.lower() == b"host"), b"localhost")
+        host = self.host or given
         target = self.scope.get("raw_path") or self.scope["path"].encode()
         if self.scope.get("query_string"):
             target += b"?" + self.scope["query_string"]

@@ -10,6 +10,7 @@ all (capsa's default, and what lets it come from a warm pool).
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 from capsa.errors import ConfigError
@@ -18,6 +19,8 @@ from capsa.server.entry import ApiError
 
 MAX_ENTRIES = 1000  # per list: a request's policy costs the shared event loop O(entries)
 MAX_ENTRY = 256  # characters: a domain has at most 253 (255 with "*.")
+# a Host value (name or [IPv6], optional :port) once ${PORT} is substituted: no space, CR or LF
+_MASK = re.compile(r"^[A-Za-z0-9._~\[\]:-]{1,255}$")
 
 
 def _entries(network: dict[str, Any], *keys: str) -> list[str]:
@@ -67,6 +70,7 @@ def check_network(allow_internet_access: object, network: object) -> None:
     _entries(settings, "allowOut", "allow_out")
     _entries(settings, "denyOut", "deny_out")
     public_traffic(settings)
+    mask_request_host(settings)
 
 
 def public_traffic(network: object) -> bool:
@@ -78,6 +82,22 @@ def public_traffic(network: object) -> bool:
         return True
     if not isinstance(value, bool):
         raise ApiError(400, "network.allow_public_traffic must be a boolean")
+    return value
+
+
+def mask_request_host(network: object) -> str | None:
+    """``network.mask_request_host``: the ``Host`` header the sandbox's servers see on ingress
+    requests instead of the client's, ``${PORT}`` standing for the port (E2B's semantics)."""
+    settings = network if isinstance(network, dict) else {}
+    value = settings.get("mask_request_host", settings.get("maskRequestHost"))
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _MASK.match(value.replace("${PORT}", "1")):
+        raise ApiError(
+            400,
+            "network.mask_request_host must be a host name with an optional :port",
+            hint='letters, digits, ".", "-", ":" and ${PORT}, e.g. "app.example.com:${PORT}"',
+        )
     return value
 
 

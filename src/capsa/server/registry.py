@@ -12,12 +12,12 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import capsa
 from capsa._tasks import TaskSet
 from capsa.errors import CapsaError
 from capsa.server import _cluster
+from capsa.server.carry import Carried, holding
 from capsa.server.entry import (
     DEFAULT_TIMEOUT,
     INTERPRETER_TEMPLATE,
@@ -34,12 +34,10 @@ from capsa.server.entry import (
 from capsa.server.envd import HOME
 from capsa.server.interpreter import Interpreter
 from capsa.server.quota import LimitReached, Quota, TenantLimits
+from capsa.server.saves import build_from, detach, forget_processes, reattach, save_files_of
 from capsa.server.snapshots import SnapshotStore
 from capsa.server.tenants import DEFAULT_TENANT
 from capsa.vm import RunState
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +92,9 @@ class Registry:
         self.max_timeout = max_timeout
         self.closed = False
 
-    def check_timeout(self, value: object) -> int:
-        """A request's timeout, within this server's ``--max-timeout``."""
-        return check_timeout(value, self.max_timeout)
+    def check_timeout(self, value: object, *, zero: bool = False) -> int:
+        """A request's timeout, within this server's ``--max-timeout`` (``zero``: 0 is one)."""
+        return check_timeout(value, self.max_timeout, zero=zero)
 
     def builder(self, template: str, policy: capsa.NetworkPolicy | None = None) -> capsa.SandboxBuilder:
         # E2B's sandboxes have the user's home, where relative paths and commands start
@@ -174,6 +172,7 @@ class Registry:
         make_policy: Callable[[], capsa.NetworkPolicy | None] | None = None,
         auto_pause: bool = False,
         auto_resume: bool = False,
+        pause_memory: bool = True,
         volumes: tuple[tuple[capsa.Volume, str], ...] = (),
     ) -> Entry:
         """A new sandbox of ``tenant``, with ``volumes`` ((volume, guest path) pairs). Its slot
@@ -208,7 +207,7 @@ class Registry:
                 auto_pause=auto_pause,
                 volumes=volumes,
             )
-            entry.auto_resume = auto_resume
+            entry.auto_resume, entry.pause_memory = auto_resume, pause_memory
         except BaseException:
             self.quota.release(tenant)
             raise
@@ -306,10 +305,11 @@ class Registry:
 
     # -- pause / resume (capsa snapshots) --
 
-    async def pause(self, sandbox_id: str, tenant: str | None = None) -> None:
+    async def pause(self, sandbox_id: str, tenant: str | None = None, *, memory: bool = True) -> None:
         """Save the sandbox's memory and files to a snapshot and free its VM. Commands still
         running and the code interpreter's process are kept (frozen with the guest, taken up again
-        on resume); clients streaming a command's output are told to connect again."""
+        on resume); clients streaming a command's output are told to connect again. Without
+        ``memory`` only the files are kept: the commands end, and the resume boots afresh."""
         entry = self.find(sandbox_id, tenant)
         if entry.node_id is not None:
             raise ApiError(
@@ -323,11 +323,23 @@ class Registry:
                 raise ApiError(404, f"sandbox {sandbox_id!r} not found")
             if entry.paused is not None:
                 raise ApiError(409, f"sandbox {sandbox_id!r} is already paused")
-            await self._pause(entry)
+            await self._pause(entry, memory)
 
-    async def _pause(self, entry: Entry) -> None:
+    @property
+    def files_max_bytes(self) -> int:
+        """The most a filesystem-only save takes from a guest: its changed files live in its RAM
+        (a tmpfs), so an honest archive of them is smaller than that."""
+        return max(self.memory_mb, 64) << 20
+
+    async def _pause(self, entry: Entry, memory: bool = True) -> None:
         """Pause ``entry`` (its ``resume_lock`` held). Its running slot becomes a paused one first
         (429 when those are all taken); a failed pause gives it back and leaves nothing behind."""
+        if not memory and any(disk.volume for disk in entry.vm.config.disks):
+            raise ApiError(
+                409,
+                f"sandbox {entry.id!r} mounts volumes: it pauses with its memory only",
+                hint="a filesystem-only pause boots afresh on resume, without its volumes mounted",
+            )
         try:
             self.quota.park()
         except LimitReached as exc:
@@ -339,14 +351,18 @@ class Registry:
             self._paused_root = Path(tempfile.mkdtemp(prefix="capsa-serve-paused-"))
         target = self._paused_root / entry.id
         try:
-            await _detach(entry)
-            close_watchers(entry)
-            await entry.vm.snapshot(target, resume=False)  # nothing runs past it (volumes)
+            if memory:
+                await detach(entry)
+                close_watchers(entry)
+                await entry.vm.snapshot(target, resume=False)  # nothing runs past it (volumes)
+            else:  # the guest runs on meanwhile: nothing to detach
+                await save_files_of(entry, target, self.files_max_bytes)
+                close_watchers(entry)
         except BaseException as exc:
             entry.pausing = False
             shutil.rmtree(target, ignore_errors=True)
-            if not entry.closing:
-                await _reattach(entry, entry.vm)  # the same VM: its handles work on
+            if not entry.closing and memory:
+                await reattach(entry, entry.vm)  # the same VM: its handles work on
             if not entry.closing:  # else its removal gave the paused slot back already
                 self.quota.unpark(force=True)
                 entry.parked = False
@@ -357,16 +373,22 @@ class Registry:
         if entry.closing:  # killed while its snapshot was being saved
             shutil.rmtree(target, ignore_errors=True)
             raise ApiError(404, f"sandbox {entry.id!r} not found")
-        entry.paused = target
+        entry.paused, entry.paused_memory = target, memory
         if self._on_paused is not None:
             await self._on_paused(entry)
+        if not memory:
+            forget_processes(entry)
         await entry.vm.kill()
         log.info("sandbox %s paused to %s in %.2fs", entry.id, target, time.monotonic() - started)
 
-    async def resume(self, sandbox_id: str, timeout: int | None, tenant: str | None = None) -> Entry:
+    async def resume(
+        self, sandbox_id: str, timeout: int | None, tenant: str | None = None, *, memory: bool = True
+    ) -> Entry:
         """Restore a paused sandbox, if a running slot is free (429 if not). Concurrent resumes of
         one sandbox wait for the first, which builds the one VM: each building its own would leave
-        all but the last running, untracked and uncounted."""
+        all but the last running, untracked and uncounted. A filesystem-only pause boots afresh;
+        ``memory=False`` (E2B's ``on_resume="reboot"``) asks for that, which a memory pause cannot
+        give (501: it is never turned into a memory restore)."""
         entry = self.find(sandbox_id, tenant)
         async with entry.resume_lock:
             if entry.closing:  # killed while this one waited
@@ -376,6 +398,13 @@ class Registry:
                 if timeout is not None and now() + datetime.timedelta(seconds=timeout) > entry.end_at:
                     await entry.set_timeout(timeout)
                 return entry
+            if not memory and entry.paused_memory:
+                raise ApiError(
+                    501,
+                    f"sandbox {sandbox_id!r} was paused with its memory; capsa serve cannot boot "
+                    "it afresh from its files alone (on_resume='reboot')",
+                    hint="resume it with on_resume='restore' (the default)",
+                )
             try:
                 self.quota.unpark()
             except LimitReached as exc:
@@ -384,7 +413,7 @@ class Registry:
             entry.parked = False
             try:
                 builder = self.builder(entry.template, entry.policy)
-                vm = await builder.from_snapshot(entry.paused).build()
+                vm = await build_from(builder, entry.paused)
             except BaseException:
                 if not entry.closing:  # still paused: back to its paused slot
                     self.quota.park(force=True)
@@ -396,16 +425,18 @@ class Registry:
             entry.vm = vm
             shutil.rmtree(entry.paused, ignore_errors=True)
             entry.paused = None
-            await _reattach(entry, vm)
+            await reattach(entry, vm)
             await entry.set_timeout(timeout or DEFAULT_TIMEOUT)
         log.info("sandbox %s resumed", entry.id)
         return entry
 
     # -- saves and restores for fork and create_snapshot --
 
-    async def save(self, entry: Entry, target: Path) -> None:
+    async def save(self, entry: Entry, target: Path, *, memory: bool = True) -> Carried:
         """Snapshot the running ``entry`` to ``target``; it keeps running, with its id, end,
-        commands and interpreter (the snapshot holds copies of the processes too)."""
+        commands and interpreter (the snapshot holds copies of the processes too, described by
+        the :class:`Carried` returned, for the sandboxes restored from it; without ``memory``,
+        only the files, and nothing is carried)."""
         if entry.node_id is not None:
             raise ApiError(
                 501,
@@ -417,11 +448,16 @@ class Registry:
             if not entry.running:
                 state = "paused" if entry.paused is not None else "not running"
                 raise ApiError(409, f"sandbox {entry.id!r} is {state}", hint="resume it first")
+            if not memory:
+                await save_files_of(entry, target, self.files_max_bytes)
+                return Carried()
             close_watchers(entry)  # commands and the interpreter keep running: a snapshot keeps them
             try:
-                await entry.vm.snapshot(target)
+                async with holding(entry) as carried:
+                    await entry.vm.snapshot(target)
             except CapsaError as exc:
                 raise ApiError(409, f"cannot snapshot sandbox {entry.id!r}: {exc.message}") from None
+            return carried
 
     async def restore(
         self,
@@ -447,7 +483,7 @@ class Registry:
         try:
             if self.closed:
                 raise ApiError(503, "the server is shutting down")
-            vm = await self.builder(template, policy).from_snapshot(snapshot).build()
+            vm = await build_from(self.builder(template, policy), snapshot)
         except BaseException:
             self.quota.release(tenant)
             raise
@@ -479,7 +515,7 @@ class Registry:
         entry = self.find(sandbox_id, tenant)
         if entry.running:
             return entry
-        if not entry.auto_resume:
+        if not entry.auto_resume or not entry.paused_memory:  # a new boot is no transparent wake
             raise SandboxPaused(entry.id)
         return await self.resume(sandbox_id, entry.timeout, tenant)
 
@@ -499,7 +535,7 @@ class Registry:
             async with entry.resume_lock:
                 if entry.closing or entry.paused is not None or entry.end_at > now():
                     return  # removed, paused, or given a new timeout meanwhile
-                await self._pause(entry)
+                await self._pause(entry, entry.pause_memory)
             log.info("sandbox %s paused at its timeout", entry.id)
         except Exception as exc:
             message = exc.message if isinstance(exc, CapsaError) else repr(exc)
@@ -588,20 +624,3 @@ class Registry:
             shutil.rmtree(self._paused_root, ignore_errors=True)
         self.snapshots.close()
         log.info("stopped %d sandboxes in %.1fs", len(entries), time.monotonic() - started)
-
-
-async def _detach(entry: Entry) -> None:
-    """Before a pause: commands and the interpreter go on in the guest (the snapshot keeps them);
-    their host handles let go, and clients streaming a command's output are told how to come back."""
-    reason = "the sandbox was paused; the command goes on: connect to it again after resuming"
-    if entry.processes is not None:
-        await entry.processes.detach(reason)
-    if entry.interpreter is not None:
-        await entry.interpreter.detach()
-
-
-async def _reattach(entry: Entry, vm: capsa.Sandbox) -> None:
-    if entry.processes is not None:
-        await entry.processes.reattach(vm)
-    if entry.interpreter is not None:
-        await entry.interpreter.reattach(vm)

@@ -24,9 +24,9 @@ from starlette.routing import Route
 
 from capsa._guardian import new_vm_dir
 from capsa.errors import CapsaError
-from capsa.server.carry import carry_over
+from capsa.server.carry import Carried, carry_over
 from capsa.server.entry import TEMPLATES, ApiError, Entry, check_timeout, named_image
-from capsa.server.ingress import is_public, set_public
+from capsa.server.ingress import is_public, mask_host, set_mask_host, set_public
 from capsa.server.listing import NEXT_TOKEN, page
 from capsa.server.quota import LimitReached
 from capsa.server.registry import Registry
@@ -111,7 +111,7 @@ class SnapshotApi:
         scratch: Path | None = None
         try:
             scratch = new_vm_dir("serve-fork-")  # RAM-backed when it can, and guarded: as vm.fork's
-            await self.registry.save(parent, scratch / "snapshot")
+            carried = await self.registry.save(parent, scratch / "snapshot")
         except BaseException:
             for _ in range(held):  # no restore took them over
                 self.registry.quota.release(tenant)
@@ -120,7 +120,10 @@ class SnapshotApi:
             raise
         try:  # from here each restore owns its slot (and gives it back if it fails)
             results = await asyncio.gather(
-                *(self._fork_one(parent, scratch / "snapshot", timeout, tenant) for _ in range(held)),
+                *(
+                    self._fork_one(parent, carried, scratch / "snapshot", timeout, tenant)
+                    for _ in range(held)
+                ),
                 return_exceptions=True,
             )
         finally:
@@ -140,7 +143,9 @@ class SnapshotApi:
         )
         return JSONResponse(reply, status_code=201)
 
-    async def _fork_one(self, parent: Entry, snapshot: Path, timeout: int, tenant: str) -> Entry:
+    async def _fork_one(
+        self, parent: Entry, carried: Carried, snapshot: Path, timeout: int, tenant: str
+    ) -> Entry:
         child = await self.registry.restore(
             snapshot,
             template=parent.template,
@@ -152,18 +157,17 @@ class SnapshotApi:
             reserved=True,
         )
         set_public(child, is_public(parent))  # before any await: a private parent's clones are private
-        await carry_over(parent, child)  # the parent's commands, copied with its guest
+        set_mask_host(child, mask_host(parent))
+        await carry_over(carried, child)  # the parent's commands and interpreter, copied with its guest
         return child
 
     async def create_snapshot(self, request: Request) -> Response:
         body = await self._json(request)
         name = _name(body.get("name"))
-        if body.get("memory") is False:
-            raise ApiError(
-                501,
-                "filesystem-only snapshots (mode='filesystem') are not supported by capsa serve yet",
-                hint="take a full snapshot (the default mode)",
-            )
+        memory = body.get("memory")  # false: mode="filesystem", the files alone
+        memory = True if memory is None else memory
+        if not isinstance(memory, bool):
+            raise ApiError(400, "memory must be a boolean")
         source = self._live(request, "snapshot")
         tenant = self._principal(request).tenant  # the caller's, as a created sandbox is
         store = self.registry.snapshots
@@ -175,7 +179,7 @@ class SnapshotApi:
                     hint="delete snapshots you no longer need (Sandbox.delete_snapshot)",
                 )
             raw, target = store.new_path()
-            await self.registry.save(source, target)
+            carried = await self.registry.save(source, target, memory=memory)
             saved = Saved(
                 id=raw,
                 name=name,
@@ -187,6 +191,8 @@ class SnapshotApi:
                 created_at=datetime.datetime.now(datetime.UTC),
                 policy=source.policy,
                 public_traffic=is_public(source),
+                carried=carried if memory else None,  # a new boot has no processes to take up
+                mask_request_host=mask_host(source),
             )
             store.add(saved)
         return JSONResponse(saved.json(), status_code=201)
@@ -236,6 +242,11 @@ async def create_from_snapshot(
             policy=saved.policy,
         )
     set_public(entry, saved.public_traffic)  # before any await: the source's ingress access
+    set_mask_host(entry, saved.mask_request_host)
+    if saved.carried is not None:
+        await carry_over(saved.carried, entry)  # the saved sandbox's commands and interpreter
+    if entry.interpreter is not None and envs:
+        await entry.interpreter.set_env(envs)  # this create's variables, as a fresh one would get
     return entry
 
 

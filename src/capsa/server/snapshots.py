@@ -17,8 +17,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import capsa
+
+if TYPE_CHECKING:
+    from capsa.server.carry import Carried
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,8 @@ class Saved:
     deleted: bool = False
     policy: capsa.NetworkPolicy | None = None  # the source's: its restores keep it
     public_traffic: bool = True  # the source's allow_public_traffic (ingress): its restores keep it
+    carried: Carried | None = None  # the source's processes in it: its restores take them up
+    mask_request_host: str | None = None  # the source's (ingress): its restores keep it
 
     @property
     def snapshot_id(self) -> str:

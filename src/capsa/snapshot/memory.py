@@ -22,7 +22,7 @@ from capsa.snapshot.migration import load_state, save_state
 from capsa.snapshot.store import MEMORY, STATE
 from capsa.snapshot.stream import UnsupportedStream, ram_block_name, split_stream
 from capsa.vm.config import MemoryFile, VMConfig
-from capsa.vm.handle import VM
+from capsa.vm.handle import VM, start_incoming
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,7 @@ async def split_memory(
     helper = VM(helper_config)
     try:
         async with asyncio.timeout(timeout):
-            await helper._start(timeout, incoming=True)
-            monitor = helper._monitor
-            assert monitor is not None
+            monitor = await start_incoming(helper, timeout)
             await load_state(monitor, stream, timeout)
             await save_state(monitor, state, timeout, ignore_shared=True)
     except TimeoutError:

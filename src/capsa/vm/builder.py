@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -24,9 +26,12 @@ from capsa.vm.config import (
     validate_memory_mb,
     validate_port_name,
 )
-from capsa.vm.handle import VM
+from capsa.vm.handle import VM, start_lifetime
+from capsa.vm.pvh import is_bzimage, pvh_kernel
 from capsa.volume.spec import serial
 from capsa.volume.store import Volume
+
+log = logging.getLogger(__name__)
 
 _ACCELERATORS = ("auto", "kvm", "tcg")
 _MACHINES = ("microvm", "q35")
@@ -147,11 +152,12 @@ class VMBuilder:
         return self._with(name=name)
 
     async def build(self, timeout: float = 30.0) -> VM:
-        """Validate, start QEMU, and return the running VM (the guest is booting)."""
-        vm = VM(self._config)
+        """Validate, start QEMU, and return the running VM (the guest is booting). A bzImage with
+        a PVH entry boots through it (:mod:`capsa.vm.pvh`; the log says so)."""
+        vm = VM(await _through_pvh(self._config))
         await vm._start(timeout)
         if self._lifetime is not None:
-            await vm._start_lifetime(self._lifetime)
+            await start_lifetime(vm, self._lifetime)
         return vm
 
     async def __aenter__(self) -> VM:
@@ -167,6 +173,18 @@ class VMBuilder:
         vm, self._vm = self._vm, None
         if vm is not None:
             await vm.stop()
+
+
+async def _through_pvh(config: VMConfig) -> VMConfig:
+    boot = config.boot
+    if not isinstance(boot, LinuxDirectBoot) or not is_bzimage(boot.kernel):
+        return config
+    elf, why = await asyncio.to_thread(pvh_kernel, boot.kernel)
+    if elf is None:
+        log.info("%s boots through its bzImage entry: %s", boot.kernel, why)
+        return config
+    log.info("booting %s through its PVH entry (the ELF inside it: %s)", boot.kernel, elf)
+    return replace(config, boot=replace(boot, kernel=elf))
 
 
 def vm(boot: BootConfig) -> VMBuilder:

@@ -15,7 +15,6 @@ from types import TracebackType
 from capsa._guardian import new_vm_dir
 from capsa._tasks import TaskSet
 from capsa.accelerator import host_tsc_khz, resolve_accelerator
-from capsa.backend.qemu.argv import LaunchPlan, PlannedShare, build_argv
 from capsa.backend.qemu.monitor import Monitor
 from capsa.backend.qemu.process import QemuProcess, find_qemu
 from capsa.boot import LinuxDirectBoot, UefiBoot
@@ -33,10 +32,12 @@ from capsa.errors import (
 from capsa.net.stack import NetworkStack, open_stack
 from capsa.shares.spec import Share
 from capsa.shares.virtiofsd import find_virtiofsd, start_virtiofsd
-from capsa.uefi.launch import prepare_uefi_async, release_uefi, uefi_accelerator
 from capsa.uefi.watch import watch_firmware
+from capsa.vm.argv import LaunchPlan, PlannedShare, build_argv
 from capsa.vm.config import VMConfig, format_seconds, validate_lifetime
+from capsa.vm.pvh import is_bzimage
 from capsa.vm.runstate import RunState
+from capsa.vm.uefi_launch import prepare_uefi_async, release_uefi, uefi_accelerator
 from capsa.volume.lock import lock_volume
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,9 @@ class VM:
 
     _KIND = "VM"  # how messages name this kind of handle
 
-    def __init__(self, config: VMConfig) -> None:
+    def __init__(self, config: VMConfig, *, guest_ip: ipaddress.IPv4Address | None = None) -> None:
+        """``guest_ip``: the guest's address on ``config.network`` (a restored snapshot's own;
+        by default the gateway's usual guest address)."""
         self.config = config
         self._state = RunState.CREATED  # changed only by _set_state()
         self._state_waiters: list[tuple[frozenset[RunState], asyncio.Future[RunState]]] = []
@@ -73,9 +76,7 @@ class VM:
         self._failure: CapsaError | None = None  # why capsa stopped the VM on its own, if it did
         self._qemu: str | None = None
         self._network: NetworkStack | None = None
-        self._guest_ip: ipaddress.IPv4Address | None = (
-            None  # a restore's own address (else the gateway's default)
-        )
+        self._guest_ip = guest_ip
         self._tasks = TaskSet(log)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lifetime: float | None = None  # seconds, as last set (for messages)
@@ -415,6 +416,10 @@ class VM:
         reason = self._monitor.shutdown_reason if self._monitor else None
         self._set_state(RunState.STOPPED if self._stopping or code == 0 else RunState.FAILED)
         log.info("VM exited: code %s, reason %s", code, reason)
+        if self._monitor is not None:
+            # QEMU hung up: close QMP now, so that qemu.qmp's reader (ended by EOFError) is
+            # collected here, not reported "never retrieved" when a handle nobody stopped is freed.
+            await self._monitor.close()
         if self._console is not None:
             self._console._mark_exited(lambda: self._exited_error(code, reason))
 
@@ -422,11 +427,26 @@ class VM:
         what = f"guest {reason}" if reason else "QEMU exited"
         if self._failure is not None:
             what = self._failure.message
+        console_tail = self._console.tail() if self._console else ""
         return VMExited(
             f"the VM exited ({what}, QEMU exit status {code})",
             exit_code=code,
-            console_tail=self._console.tail() if self._console else "",
+            console_tail=console_tail,
             qemu_log_tail=self._process.log_tail() if self._process else "",
+            hint=self._early_reset_hint(reason, console_tail),
+        )
+
+    def _early_reset_hint(self, reason: str | None, console_tail: str) -> str | None:
+        """A bzImage without a PVH entry that resets without a panic: name the known cause."""
+        boot = self.config.boot
+        if reason != "guest-reset" or "Kernel panic" in console_tail:
+            return None
+        if not isinstance(boot, LinuxDirectBoot) or not is_bzimage(boot.kernel):
+            return None
+        return (
+            "the guest reset during early boot without a panic: some kernels' 32-bit bzImage entry "
+            "faults under QEMU 7.2 TCG (Debian's 6.1.0-57 cloud kernel); boot a kernel built with "
+            "CONFIG_PVH=y (capsa then enters its PVH entry) or its uncompressed vmlinux ELF"
         )
 
     @property
@@ -519,3 +539,21 @@ class VM:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+# -- the friend interface: what sandbox and snapshot code does to a VM beyond its public API --
+# (module functions, not methods, so that the sync and Ray faces, derived from the public methods,
+# never see them)
+
+
+async def start_incoming(vm: VM, timeout: float) -> Monitor:
+    """Start ``vm``'s QEMU paused, waiting for a migration stream (a snapshot restore, or the
+    helper that splits a memory image), and return its QMP monitor to feed the stream to."""
+    await vm._start(timeout, incoming=True)
+    assert vm._monitor is not None
+    return vm._monitor
+
+
+async def start_lifetime(vm: VM, seconds: float) -> None:
+    """Arm a builder's lifetime right after ``build()``: a VM that cannot take it is killed."""
+    await vm._start_lifetime(seconds)

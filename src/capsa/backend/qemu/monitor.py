@@ -10,6 +10,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
+from qemu.qmp.qmp_client import ExecuteError
 
 from capsa._tasks import TaskSet
 from capsa.errors import BackendError
@@ -26,6 +27,7 @@ class Monitor:
         self.shutdown_reason: str | None = None
         self._events: asyncio.Task[None] | None = None
         self._tasks = TaskSet(log)
+        self._closed = False
 
     async def connect(self, sock: socket.socket, timeout: float) -> None:
         try:
@@ -50,8 +52,14 @@ class Monitor:
     ) -> Any:
         try:
             return await asyncio.wait_for(self._client.execute(command, args), timeout)
+        except ExecuteError as exc:  # QEMU refused the command: keep its error class
+            raise BackendError(
+                f"QMP command {command!r} failed: {exc.error_class}: {exc}",
+                command=command,
+                qmp_class=exc.error_class,
+            ) from exc
         except (QMPError, OSError, EOFError, TimeoutError) as exc:
-            raise BackendError(f"QMP command {command!r} failed: {exc!r}") from exc
+            raise BackendError(f"QMP command {command!r} failed: {exc!r}", command=command) from exc
 
     async def send_fd(self, fd: int, name: str, timeout: float = 10.0) -> None:
         """Hand QEMU an open file descriptor under ``name`` (SCM_RIGHTS + ``getfd``): QEMU runs with
@@ -63,7 +71,13 @@ class Monitor:
         await self.execute("getfd", {"fdname": name}, timeout)
 
     async def close(self) -> None:
+        """Disconnect (idempotent). Awaiting ``disconnect()`` is what retrieves the error that ended
+        qemu.qmp's reader and writer tasks (EOFError once QEMU has exited)."""
+        if self._closed:
+            return
+        self._closed = True
         if self._events is not None:
             self._events.cancel()
+            await asyncio.wait({self._events}, timeout=1.0)
         with contextlib.suppress(QMPError, OSError, EOFError, TimeoutError):
             await asyncio.wait_for(self._client.disconnect(), 5.0)

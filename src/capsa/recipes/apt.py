@@ -30,8 +30,8 @@ from pathlib import Path
 
 from capsa._paths import cache_dir
 from capsa.errors import ImageError
-from capsa.image.recipe import Step
-from capsa.image.rootfs import _host_sources
+from capsa.image.rootfs import host_sources
+from capsa.recipes.steps import Step
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _sources(step: Step) -> tuple[str, str]:
     own = step.option("sources")
     if own:
         return "capsa.list", own.rstrip("\n") + "\n"
-    host = _host_sources()
+    host = host_sources()
     if host is None:
         raise ImageError(
             "apt_install needs the host's Debian apt sources",
@@ -90,7 +90,7 @@ def _read_bounded(argv: list[str], limit: int, what: str) -> bytes | None:
             raise ImageError(
                 f"{what} is over {limit} bytes",
                 hint="a run() step wrote a huge /var/lib/dpkg/status; raise "
-                "capsa.image.recipe_apt.MAX_STATUS if it is genuine",
+                "capsa.recipes.apt.MAX_STATUS if it is genuine",
             )
         return data if proc.wait(120) == 0 else None
     finally:

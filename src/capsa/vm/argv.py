@@ -9,8 +9,8 @@ from typing import Literal
 from capsa.backend.qemu.process import SECCOMP
 from capsa.boot import LinuxDirectBoot, UefiBoot
 from capsa.errors import ConfigError
-from capsa.uefi.launch import UefiLaunch
 from capsa.vm.config import VMConfig, kernel_cmdline
+from capsa.vm.uefi_launch import UefiLaunch
 
 
 @dataclass(frozen=True)

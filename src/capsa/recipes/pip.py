@@ -4,7 +4,7 @@
 3.11, x86_64 manylinux up to bookworm's glibc 2.36), so it resolves dependencies as the guest's pip
 would; the wheels are then unpacked straight from their zip into the layer's tar
 (``/usr/local/lib/python3.11/dist-packages``, scripts and console entry points in
-``/usr/local/bin``) by :mod:`capsa.image.wheel`, owned by root, without root on the host and
+``/usr/local/bin``) by :mod:`capsa.recipes.wheel`, owned by root, without root on the host and
 without a build VM.
 
 It never builds anything, which ``--only-binary`` alone does not ensure: a local path, a
@@ -27,9 +27,10 @@ from pathlib import Path
 
 from capsa.errors import ConfigError, ImageError
 from capsa.image.context import inside
-from capsa.image.recipe import LayerTar, Step, tree_digest
 from capsa.image.rootfs import GUEST_PYTHON
-from capsa.image.wheel import SITE, direct_references, unpack
+from capsa.recipes.layertar import LayerTar
+from capsa.recipes.steps import Step, tree_digest
+from capsa.recipes.wheel import SITE, direct_references, unpack
 
 __all__ = ["SITE", "add_wheels", "check_requirement", "pip_inputs", "pip_step"]
 
@@ -256,5 +257,5 @@ def add_wheels(layer: LayerTar, step: Step) -> None:
             spent += unpack(layer, wheel)
             if spent > MAX_STEP_BYTES:
                 raise ImageError(f"{what}: the wheels expand to over {MAX_STEP_BYTES} bytes",
-                                 hint="raise capsa.image.recipe_pip.MAX_STEP_BYTES")  # fmt: skip
+                                 hint="raise capsa.recipes.pip.MAX_STEP_BYTES")  # fmt: skip
             log.info("pip_install: unpacked %s", wheel.name)

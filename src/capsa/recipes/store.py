@@ -26,8 +26,10 @@ from typing import Any
 
 from capsa._paths import cache_dir
 from capsa.errors import ConfigError, ImageError
-from capsa.image.custom import BuiltImage, Image, images_root
+from capsa.image.custom import BuiltImage, images_root
 from capsa.image.oci import ImageConfig
+from capsa.recipes.image import Image
+from capsa.recipes.toml import load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +171,7 @@ def import_oci(name: str, archive: str | Path, *, progress: Progress | None = No
 
 
 def load_recipe_file(path: Path) -> Image:
-    """A TOML recipe, through :func:`capsa.image.recipe.load_recipe`."""
-    from capsa.image.recipe import load_recipe  # noqa: PLC0415 - loaded only when a recipe is used
+    """A TOML recipe, through :func:`capsa.recipes.toml.load_recipe`."""
 
     image = load_recipe(path)
     if not isinstance(image, Image):

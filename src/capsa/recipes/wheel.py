@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import IO
 
 from capsa.errors import ImageError
-from capsa.image.recipe import LayerTar
 from capsa.image.rootfs import GUEST_PYTHON
+from capsa.recipes.layertar import LayerTar
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ WHEEL_FLOOR = 64 << 20  # a small wheel may always expand to this much
 MAX_WHEEL_MEMBERS = 200_000
 MAX_META = 16 << 20  # METADATA, entry_points.txt and scripts rewritten in memory
 _HINT = (
-    "the wheel is refused as a zip bomb; if it is genuine, raise capsa.image.wheel's "
+    "the wheel is refused as a zip bomb; if it is genuine, raise capsa.recipes.wheel's "
     "MAX_WHEEL_BYTES / WHEEL_RATIO / MAX_WHEEL_MEMBERS"
 )
 

@@ -11,7 +11,7 @@ overlayfs's own format (a deleted file is a 0/0 character device: a whiteout, ho
 in every lower layer), straight onto the output disk; the host reads that tar from its own handle on
 the disk's file, without holding it in memory, and streams it under ``rootfs/`` into the layer's
 SquashFS. The guest is root in its VM: the host parses those bytes as hostile, bounded by what the
-guest really wrote (:mod:`capsa.image.capture`).
+guest really wrote (:mod:`capsa.recipes.capture`).
 
 Known limit: a directory that the command removed and created again is "opaque" in the upper
 directory (an extended attribute), which the stacked SquashFS layers cannot carry (capsa's kernel
@@ -30,19 +30,20 @@ import tempfile
 from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from capsa._paths import cache_dir
-from capsa.errors import CapsaError, ImageError
+from capsa.errors import CapsaError, ExecFailedError, ImageError, StepError
 from capsa.image.sandbox import (
     BUILD_OUTPUT_NAME,
     BUILD_OUTPUT_TAG,
     BUILD_SCRATCH_TAG,
     BUILD_UPPER,
 )
-
-if TYPE_CHECKING:
-    from capsa.sandbox.handle import Sandbox
+from capsa.net.gateway import VirtualNetwork
+from capsa.sandbox.builder import boot_sandbox, sandbox
+from capsa.sandbox.handle import Sandbox
+from capsa.vm.config import DiskSpec
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +63,6 @@ _CAPTURE = (
 )
 
 T = TypeVar("T")
-
-
-class StepError(ImageError):
-    """A ``run()`` step exited non-zero: ``command``, ``exit_code`` and its ``output`` (tail)."""
-
-    def __init__(self, message: str, *, command: str, exit_code: int, output: str) -> None:
-        super().__init__(
-            message, hint="fix the command; the layers below it stay cached, nothing else was kept"
-        )
-        self.command = command
-        self.exit_code = exit_code
-        self.output = output
-
-    def __str__(self) -> str:
-        return f"{super().__str__()}\n--- output (tail) ---\n{self.output.rstrip()}\n---"
 
 
 def _blocking(coro: Coroutine[Any, Any, T]) -> T:
@@ -165,13 +151,9 @@ async def _run(
     label: str,
     files: dict[str, Path],
 ) -> IO[bytes]:
-    import capsa  # noqa: PLC0415 - the sandbox API imports the image package
-    from capsa.sandbox.builder import _cold  # noqa: PLC0415
-    from capsa.vm.config import DiskSpec  # noqa: PLC0415
-
-    builder = capsa.sandbox().memory_mb(BUILD_MEMORY_MB)
+    builder = sandbox().memory_mb(BUILD_MEMORY_MB)
     if network:
-        builder = builder.network(capsa.VirtualNetwork())
+        builder = builder.network(VirtualNetwork())
     config = await builder.vm_config()
     root = scratch_root()
     root.mkdir(parents=True, exist_ok=True)
@@ -194,7 +176,7 @@ async def _run(
         )
         output = output_disk.open("rb")
         try:
-            vm = await _cold(config, BOOT_TIMEOUT)
+            vm = await boot_sandbox(config, BOOT_TIMEOUT)
         except BaseException:
             output.close()
             raise
@@ -216,8 +198,10 @@ async def _step(
     folders = sorted({path.rpartition("/")[0] for path in files})
     if folders:
         made = await vm.agent.exec("mkdir").args(["-p", *folders]).run()
-        if made.exit_code != 0:
-            raise ImageError(f"{label}: cannot create {folders} in the build VM: {made.stderr}")
+        try:
+            made.check()
+        except ExecFailedError as exc:
+            raise ImageError(f"{label}: cannot create {folders} in the build VM: {made.stderr}") from exc
     for guest, host in files.items():
         await vm.agent.write_file(guest, host.read_bytes(), timeout=CAPTURE_TIMEOUT)
     try:
@@ -227,13 +211,15 @@ async def _step(
     except CapsaError as exc:
         raise ImageError(f"{label}: the build VM failed: {exc}") from exc
     output = (result.stdout + result.stderr)[-_OUTPUT_TAIL:]
-    if result.exit_code != 0:
+    try:
+        result.check()
+    except ExecFailedError as exc:
         raise StepError(
             f"{label}: exited with {result.exit_code}",
             command=command,
             exit_code=result.exit_code,
             output=output,
-        )
+        ) from exc
     if output.strip():
         log.info("%s:\n%s", label, output.rstrip())
     packed = await vm.agent.exec("/bin/sh").args(["-c", _CAPTURE]).timeout(CAPTURE_TIMEOUT).run()

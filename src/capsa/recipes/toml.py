@@ -1,4 +1,4 @@
-"""TOML image recipes: ``capsa image build FILE`` and :func:`capsa.image.recipe.load_recipe`.
+"""TOML image recipes: ``capsa image build FILE`` and :func:`load_recipe`.
 
 The file names the image and lists ``[[steps]]`` tables, each with exactly one of ``copy`` (and
 ``to``), ``env`` (a table), ``workdir``, ``run`` (``timeout``, ``network``), ``pip_install``
@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from capsa.errors import ConfigError
-from capsa.image.custom import Image
-from capsa.image.recipe import _text
+from capsa.recipes.image import Image
+from capsa.recipes.steps import _text
 
 _TOML_KEYS = {"name", "base", "steps"}
 
@@ -99,3 +99,9 @@ def _toml_step(image: Image, entry: dict[str, Any]) -> Image:
         index = entry.get("index_url")
         return image.pip_install(*_strings(value, "pip_install"), index_url=index, find_links=links)
     return image.apt_install(*_strings(value, "apt_install"), sources=entry.get("sources"))
+
+
+def load_recipe(path: Path) -> Image:
+    """An image recipe from a TOML file (format in docs/images.md); relative ``copy`` sources
+    resolve against the file's directory. ConfigError for a malformed recipe."""
+    return read_recipe(Path(path))
