@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import capsa
-from capsa.backend.qemu.argv import LaunchPlan, build_argv
+from capsa.vm.argv import LaunchPlan, build_argv
 from capsa.cli.volume import _split
 from capsa.snapshot.store import Snapshot, config_record, volume_identities
 from capsa.vm.config import DiskSpec
