@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import capsa
-from capsa.vm.argv import LaunchPlan, build_argv
 from capsa.cli.volume import _split
 from capsa.snapshot.store import Snapshot, config_record, volume_identities
+from capsa.vm.argv import LaunchPlan, build_argv
 from capsa.vm.config import DiskSpec
 from capsa.volume import VolumeStore, check_name
 from capsa.volume.lock import lock_volume

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from capsa.errors import ConfigError
-from capsa.volume.content import VolumeFiles
+from capsa.sandbox.volume_files import VolumeFiles
 from capsa.volume.store import DEFAULT_SIZE_MB, VolumeStore
 
 _COPY_HELP = "one side is NAME:/path in the volume, the other a host path; directories are copied whole"

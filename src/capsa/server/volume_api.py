@@ -17,10 +17,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from capsa.errors import CapsaError
+from capsa.sandbox.volume_files import MAX_FILE, VolumeFileError
 from capsa.server.entry import ApiError
 from capsa.server.tenants import Principal
 from capsa.server.volumes import ServerVolumes, VolumeRecord
-from capsa.volume.content import MAX_FILE, VolumeFileError
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ content token that survive a restart.
 A volume is used by one thing at a time, and the server keeps it so:
 - a sandbox created with it (``volumeMounts``) holds it from creation until it is killed, paused
   included (a paused sandbox's kernel still has the filesystem mounted in its saved memory);
-- the content API works through a helper sandbox (:class:`capsa.volume.content.VolumeFiles`) that
+- the content API works through a helper sandbox (:class:`capsa.sandbox.volume_files.VolumeFiles`) that
   is started on the first content call and stopped after ``HELPER_IDLE`` seconds without one, or
   at once when a sandbox is created with the volume;
 - content calls and destroy answer 409 while a sandbox holds the volume."""
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from capsa.errors import VolumeError
+from capsa.sandbox.volume_files import VolumeFiles
 from capsa.server.entry import ApiError
-from capsa.volume.content import VolumeFiles
 from capsa.volume.names import check_name
 from capsa.volume.store import Volume, VolumeStore
 

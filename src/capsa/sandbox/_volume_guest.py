@@ -1,5 +1,5 @@
 """The guest side of a volume's content operations, run by ``python3`` in a helper sandbox that has
-the volume mounted at ``ROOT``. It is shipped as text (``SCRIPT``) and never imported by the host.
+the volume mounted at ``ROOT``. It is shipped as text (``SCRIPT``): its code runs only in the guest.
 
 Every path is walked component by component with ``O_NOFOLLOW`` from the volume's root, so a
 symlink a guest left in the volume (``evil -> /etc``) can never lead out of it, and ``..`` is

@@ -2,7 +2,7 @@
 
 The host never parses a volume's filesystem (a guest may have left anything in it): a small helper
 sandbox mounts the volume at ``/volume`` and its own kernel and agent do the work, confined to the
-volume by ``_guest_files`` (no ``..``, no symlink followed). :class:`VolumeFiles` is that helper;
+volume by ``_volume_guest`` (no ``..``, no symlink followed). :class:`VolumeFiles` is that helper;
 ``capsa volume cp`` and the server's volume content API use it. The helper holds the volume's
 exclusive lock while it runs, like any sandbox that mounts it read-write."""
 
@@ -17,8 +17,8 @@ from typing import Any
 
 from capsa.errors import CapsaError, VolumeError
 from capsa.sandbox import Sandbox, sandbox
+from capsa.sandbox._volume_guest import ROOT, SCRIPT
 from capsa.vm.runstate import RunState
-from capsa.volume._guest_files import ROOT, SCRIPT
 from capsa.volume.store import Volume
 
 log = logging.getLogger(__name__)
