@@ -50,9 +50,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Server:
-    port = free_port()
+def start_server(
+    tmp: Path, *args: str, env: dict[str, str] | None = None, port: int | None = None
+) -> Server:
+    port = port or free_port()
     log = tmp / f"serve-{port}.log"
+    if "--state-dir" not in args:  # each server its own (the default one admits one server)
+        args = (*args, "--state-dir", str(tmp / f"state-{port}"))
     env = {**os.environ, "CAPSA_API_KEY": API_KEY, **(env or {})}
     with log.open("wb") as out:
         process = subprocess.Popen(

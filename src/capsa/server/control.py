@@ -331,6 +331,8 @@ class ControlPlane:
                 network: Any = entry.vm.network  # a remote handle's set_policy is awaitable
                 await resolved(network.set_policy(policy))
             entry.policy = policy
+            if self.registry.journal is not None:
+                self.registry.journal.changed(entry)
         return Response(status_code=204)
 
     async def pause(self, request: Request) -> Response:

@@ -195,6 +195,19 @@ class Interpreter:
             if self._lock.locked():
                 self._lock.release()
 
+    async def adopt(self, pid: int, contexts: dict[str, dict[str, str]]) -> None:
+        """After a server restart: take up the guest's interpreter process ``pid`` (paused with
+        its variables) instead of starting a new one. If it cannot be attached, the next request
+        starts a fresh one (logged)."""
+        try:
+            process = await self._vm.agent.attach(pid)
+        except CapsaError as exc:
+            log.warning("the interpreter did not survive the restart: %s", exc.message)
+            return
+        self._process = process
+        self.contexts.update(contexts)
+        self._tasks.spawn(self._discard(process.stderr), name="capsa-interpreter-stderr")
+
     def close(self) -> None:
         self._process = None  # it dies with its sandbox
         self._tasks.cancel()

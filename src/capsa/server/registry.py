@@ -39,7 +39,7 @@ from capsa.server.tenants import DEFAULT_TENANT
 from capsa.vm import RunState
 
 if TYPE_CHECKING:
-    pass
+    from capsa.server.durable import Journal
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ class Registry:
         allow_internal_destinations: bool = False,
         ray_address: str | None = None,
         max_timeout: int | None = None,
+        journal: Journal | None = None,
+        shutdown_timeout: float = 30.0,
     ) -> None:
         for name in pools or {}:
             if name not in TEMPLATES and named_image(name) is None:
@@ -86,11 +88,13 @@ class Registry:
         self._reaper: asyncio.Task[None] | None = None
         self._on_removed = on_removed
         self._on_paused = on_paused  # called with the VM still there, before it is freed
-        self._paused_root: Path | None = None
+        self._paused_root: Path | None = None if journal is None else journal.paused_root
+        self.journal = journal  # the state dir's records (--state-dir); None: all in memory
+        self.shutdown_timeout = shutdown_timeout  # close() pauses the running ones within it
         self._dns_servers = dns_servers
         self._internal = allow_internal_destinations
         self.ray_address = ray_address  # place sandboxes on a Ray cluster's capsa host actors
-        self.snapshots = SnapshotStore()  # create_snapshot's, which outlive their sandboxes
+        self.snapshots = SnapshotStore(journal=journal)  # create_snapshot's: outlive their sandboxes
         self.max_timeout = max_timeout
         self.closed = False
 
@@ -114,6 +118,11 @@ class Registry:
         return builder.network(capsa.VirtualNetwork.with_gateway(gateway))
 
     async def start(self) -> None:
+        if self.journal is not None:  # what the last run kept: paused sandboxes, snapshots
+            for entry in self.journal.recover():
+                self.quota.adopt_paused(entry.tenant)
+                self._entries[entry.id] = entry
+            self.snapshots.load()
         if self.ray_address is not None:
             await _cluster.connect(self.ray_address)
             for name, size in self._pool_sizes.items():  # --pool T=N: N per node
@@ -204,8 +213,11 @@ class Registry:
             self.quota.release(tenant)
             raise
         self._entries[entry.id] = entry  # the slot is the entry's now: _destroy gives it back
+        if self.journal is not None:
+            self.journal.running(entry)
         if self.closed:  # close() ran while this one was booting
-            await self.kill(entry.id)
+            self._entries.pop(entry.id, None)
+            await self._destroy(entry, "server_shutdown")
             raise ApiError(503, "the server is shutting down")
         log.info(
             "sandbox %s created (template %s, tenant %s, timeout %ss)",
@@ -308,11 +320,14 @@ class Registry:
                 raise ApiError(409, f"sandbox {sandbox_id!r} is already paused")
             await self._pause(entry)
 
-    async def _pause(self, entry: Entry) -> None:
+    async def _pause(self, entry: Entry, *, force: bool = False) -> None:
         """Pause ``entry`` (its ``resume_lock`` held). Its running slot becomes a paused one first
-        (429 when those are all taken); a failed pause gives it back and leaves nothing behind."""
+        (429 when those are all taken, unless ``force``: a shutdown's pause); a failed pause gives
+        it back and leaves nothing behind. With a state dir the pause counts once its row is
+        committed, after the snapshot is complete (a crash before leaves files the next start
+        removes)."""
         try:
-            self.quota.park()
+            self.quota.park(force=force)
         except LimitReached as exc:
             message = f"cannot pause sandbox {entry.id!r}: {exc.message}"
             raise ApiError(429, message, hint=exc.hint) from None
@@ -325,6 +340,8 @@ class Registry:
             await _detach(entry)
             close_watchers(entry)
             await entry.vm.snapshot(target)
+            if self.journal is not None and not entry.closing:
+                self.journal.paused(entry, target)
         except BaseException as exc:
             entry.pausing = False
             shutil.rmtree(target, ignore_errors=True)
@@ -377,9 +394,14 @@ class Registry:
                 await vm.kill()
                 raise ApiError(404, f"sandbox {sandbox_id!r} not found")
             entry.vm = vm
+            if self.journal is not None:  # its row first: a crash now leaves files, not a row
+                self.journal.running(entry)
             shutil.rmtree(entry.paused, ignore_errors=True)
             entry.paused = None
+            entry.resume_on_call = False
             await _reattach(entry, vm)
+            if self.journal is not None:
+                await self.journal.take_up(entry)
             await entry.set_timeout(timeout or DEFAULT_TIMEOUT)
         log.info("sandbox %s resumed", entry.id)
         return entry
@@ -444,6 +466,8 @@ class Registry:
             policy=policy,
         )
         self._entries[entry.id] = entry  # the slot is the entry's now: _destroy gives it back
+        if self.journal is not None:
+            self.journal.running(entry)
         try:
             await entry.set_timeout(timeout)
         except BaseException:
@@ -462,7 +486,7 @@ class Registry:
         entry = self.find(sandbox_id, tenant)
         if entry.running:
             return entry
-        if not entry.auto_resume:
+        if not entry.auto_resume and not entry.resume_on_call:
             raise SandboxPaused(entry.id)
         return await self.resume(sandbox_id, entry.timeout, tenant)
 
@@ -490,21 +514,53 @@ class Registry:
                         message)  # fmt: skip
             if self._entries.get(entry.id) is entry:
                 self._entries.pop(entry.id)
-                await self._destroy(entry)
+                await self._destroy(entry, "host_error", f"pausing it at its timeout failed: {message}")
         finally:
             entry.extra.pop("timeout_pause", None)
+
+    async def _pause_all(self, seconds: float) -> None:
+        """At shutdown: pause every running sandbox, all at once, within ``seconds``; each that
+        does not make it stays running and is then removed (``server_shutdown``). Paused ones are
+        resumed by their next call after the restart, whatever their lifecycle."""
+        running = [e for e in self._entries.values() if e.running and e.node_id is None]
+        if not running:
+            return
+        started = time.monotonic()
+
+        async def pause_one(entry: Entry) -> None:
+            async with entry.resume_lock:
+                if entry.running:
+                    entry.resume_on_call = True
+                    await self._pause(entry, force=True)
+
+        tasks = [asyncio.ensure_future(pause_one(e)) for e in running]
+        _, late = await asyncio.wait(tasks, timeout=seconds)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for entry, task in zip(running, tasks, strict=True):
+            if task.cancelled() or task.exception() is not None:
+                entry.resume_on_call = False
+                why = "timed out" if task in late else repr(task.exception())
+                log.warning("sandbox %s: pausing it at shutdown failed (%s)", entry.id, why)
+        paused = sum(1 for e in running if e.paused is not None)
+        log.info("shutdown: paused %d of %d running sandboxes in %.1fs", paused, len(running),
+                 time.monotonic() - started)  # fmt: skip
 
     # -- removal --
 
     async def kill(self, sandbox_id: str, tenant: str | None = None) -> None:
         entry = self.find(sandbox_id, tenant)  # no await between the lookup and the pop
         self._entries.pop(sandbox_id)
-        await self._destroy(entry)
+        paused = entry.paused is not None or entry.pausing
+        await self._destroy(entry, "paused_then_killed" if paused else "killed")
 
-    async def _destroy(self, entry: Entry) -> None:
+    async def _destroy(self, entry: Entry, reason: str, detail: str = "") -> None:
         """Remove a sandbox its caller has taken out of ``_entries`` (so this runs once per
-        entry, which gives back its slot)."""
+        entry, which gives back its slot), recording why it ended."""
         entry.closing = True
+        if self.journal is not None:
+            self.journal.ended(entry, reason, detail)
         self.quota.release(entry.tenant, paused=entry.parked)
         if self._on_removed is not None:
             try:
@@ -544,8 +600,9 @@ class Registry:
                 gone = id(entry.vm) in ended or entry.vm.status is not RunState.RUNNING
                 if entry.paused is None and not entry.pausing and gone:
                     self._entries.pop(entry.id, None)
-                    log.info("sandbox %s ended (timeout or exit)", entry.id)
-                    await self._destroy(entry)
+                    reason, detail = _end_of(entry)
+                    log.info("sandbox %s ended (%s)", entry.id, reason)
+                    await self._destroy(entry, reason, detail)
 
     async def close(self) -> None:
         """Stop everything: pools, sandboxes, background tasks."""
@@ -555,9 +612,12 @@ class Registry:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        entries = list(self._entries.values())
+        if self.journal is not None:  # an upgrade loses no sandbox: the running ones pause
+            await self._pause_all(self.shutdown_timeout)
+        entries = [e for e in self._entries.values() if self.journal is None or e.paused is None]
         self._entries.clear()
-        await asyncio.gather(*(self._destroy(e) for e in entries), return_exceptions=True)
+        await asyncio.gather(*(self._destroy(e, "server_shutdown") for e in entries),
+                             return_exceptions=True)  # fmt: skip
         self._warm_wanted.set()
         while self._warm:
             vm, _ = self._warm.popleft()
@@ -567,10 +627,23 @@ class Registry:
         if self.ray_address is not None:
             await _cluster.close()
         await self._tasks.wait_all(10.0)
-        if self._paused_root is not None:
+        if self._paused_root is not None and self.journal is None:
             shutil.rmtree(self._paused_root, ignore_errors=True)
         self.snapshots.close()
         log.info("stopped %d sandboxes in %.1fs", len(entries), time.monotonic() - started)
+
+
+def _end_of(entry: Entry) -> tuple[str, str]:
+    """Why a sandbox whose VM stopped on its own ended: its lifetime (the E2B timeout), or the
+    guest (the console's tail says how)."""
+    vm = entry.vm
+    if getattr(vm, "lifetime_expired", False) or entry.end_at <= now():
+        return "timeout", ""
+    try:
+        tail = str(vm.console.tail())
+    except Exception:  # a remote (Ray) sandbox's console is on its node
+        tail = ""
+    return "guest_crashed", tail
 
 
 async def _detach(entry: Entry) -> None:

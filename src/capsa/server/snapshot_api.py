@@ -175,7 +175,11 @@ class SnapshotApi:
                     hint="delete snapshots you no longer need (Sandbox.delete_snapshot)",
                 )
             raw, target = store.new_path()
-            await self.registry.save(source, target)
+            try:
+                await self.registry.save(source, target)
+            except BaseException:
+                await asyncio.to_thread(shutil.rmtree, target, True)
+                raise
             saved = Saved(
                 id=raw,
                 name=name,

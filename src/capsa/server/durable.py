@@ -1,0 +1,310 @@
+"""What ``capsa serve`` keeps across restarts and crashes (``--state-dir``): the records of its
+sandboxes, named snapshots and ended sandboxes, written at each change of state
+(:class:`Journal`), and read back at the next start (:meth:`Journal.recover`).
+
+What a restart needs of a paused sandbox is everything its entry held that the guest does not:
+its id, tenant, template, metadata, environment, lifecycle, timeout, network policy, ingress
+setting, envd access token (the traffic token is derived from it, so it is not stored), and the
+guest pids of its commands and code interpreter, which the first resume after the restart takes up
+again (a pause keeps the processes in the guest). A running sandbox's row says only that it ran: if
+the server dies with it, the next start records its end as ``server_crashed``."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import capsa
+from capsa.errors import CapsaError
+from capsa.net.policy import Action, Cidr, Domain, NetworkPolicy, Rule
+from capsa.server.entry import Entry
+from capsa.server.envd import processes_for
+from capsa.server.ingress import is_public, set_public
+from capsa.server.interpreter import interpreter_for
+from capsa.server.limits import Limits
+from capsa.server.snapshots import Saved
+from capsa.server.statedb import PARTIAL, StateDB
+from capsa.vm import RunState
+
+log = logging.getLogger(__name__)
+
+END_REASONS = (
+    "killed",  # DELETE /sandboxes/{id} (Sandbox.kill) of a running sandbox
+    "paused_then_killed",  # ... of a paused one
+    "timeout",  # its timeout ended it (on_timeout='kill')
+    "guest_crashed",  # its VM stopped on its own; the detail is the console's tail
+    "host_error",  # the server could not keep it (a failed pause at its timeout, lost files)
+    "server_shutdown",  # running at SIGTERM and not paused within --shutdown-timeout
+    "server_crashed",  # running when the server died (kill -9, a crash): found at the next start
+)
+DEFAULT_KEEP_ENDED = 24 * 3600.0  # seconds an end record is kept (--keep-ended)
+MAX_DETAIL = 4000  # characters of an end's detail (a console tail)
+_RESTART_CARRY = "restart_carry"  # Entry.extra: the guest processes to take up at the next resume
+
+
+class Journal:
+    """The server's side of the state dir: every method is a few small SQLite statements."""
+
+    def __init__(
+        self,
+        db: StateDB,
+        *,
+        keep_ended: float = DEFAULT_KEEP_ENDED,
+        limits: Limits | None = None,
+        on_end: Callable[[str], None] | None = None,
+    ) -> None:
+        self.db = db
+        self.keep_ended = keep_ended
+        self.limits = limits or Limits()
+        self.on_end = on_end
+
+    @property
+    def paused_root(self) -> Path:
+        return self.db.paused_root
+
+    @property
+    def snapshots_root(self) -> Path:
+        return self.db.snapshots_root
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- sandboxes --
+
+    def running(self, entry: Entry) -> None:
+        """``entry`` runs (created, restored or resumed): its row says so, with no files."""
+        self.db.put_sandbox(entry.id, state="running", directory=None, record=_record(entry))
+
+    def paused(self, entry: Entry, directory: Path) -> None:
+        """``entry``'s pause is complete: its snapshot is fully written at ``directory``."""
+        self.db.put_sandbox(entry.id, state="paused", directory=directory, record=_record(entry))
+
+    def changed(self, entry: Entry) -> None:
+        """A setting kept in the record changed (the network policy, say)."""
+        if entry.paused is not None:
+            self.paused(entry, entry.paused)
+        elif not entry.pausing:
+            self.running(entry)
+
+    def ended(self, entry: Entry, reason: str, detail: str = "") -> None:
+        """Record ``entry``'s end; never raises (a removal must not fail on its record)."""
+        end = {
+            "tenant": entry.tenant,
+            "template": entry.template,
+            "reason": reason,
+            "detail": detail[-MAX_DETAIL:],
+            "started": entry.started_at.timestamp(),
+            "ended": time.time(),
+            "metadata": entry.metadata,
+        }
+        try:
+            self.db.end_sandbox(entry.id, end)
+        except sqlite3.Error as exc:
+            log.error("recording the end of sandbox %s (%s) failed: %s", entry.id, reason, exc)
+        if self.on_end is not None:
+            self.on_end(reason)
+
+    def ends(self, tenant: str | None, limit: int) -> list[dict[str, Any]]:
+        self.db.prune_ends(time.time() - self.keep_ended)
+        return self.db.ends(tenant, limit)
+
+    def recover(self) -> list[Entry]:
+        """At start: record the sandboxes a crash ended, remove what a crash left half-done, and
+        return the paused sandboxes (without a VM until their resume)."""
+        kept: list[Entry] = []
+        for sandbox_id, state, directory, record in self.db.sandboxes():
+            entry = _entry(sandbox_id, record, directory)
+            if state != "paused":
+                self.ended(entry, "server_crashed", "running when the server stopped without a shutdown")
+            elif directory is None or not (directory / "snapshot.json").is_file():
+                self.ended(entry, "host_error", f"its paused files are missing ({directory})")
+            else:
+                kept.append(entry)
+        removed = self.db.sweep()
+        pruned = self.db.prune_ends(time.time() - self.keep_ended)
+        log.info(
+            "state dir %s: %d paused sandboxes, %d snapshots kept; %d leftovers removed, %d old "
+            "end records dropped",
+            self.db.root,
+            len(kept),
+            len(self.db.snapshots()),
+            removed,
+            pruned,
+        )
+        return kept
+
+    async def take_up(self, entry: Entry) -> None:
+        """After the first resume since a restart: take up the guest's commands and interpreter
+        that the pause kept (as a resume within one server run does); never raises."""
+        carry = entry.extra.pop(_RESTART_CARRY, None)
+        if not carry:
+            return
+        commands = {int(pid): value for pid, value in carry.get("commands", {}).items()}
+        try:
+            listed = await entry.vm.agent.processes()
+        except CapsaError as exc:
+            log.warning("sandbox %s: listing its processes failed: %s", entry.id, exc.message)
+            return
+        for info in listed:
+            if info.attached or not info.running or info.pid not in commands:
+                continue
+            config, tag = commands[info.pid]
+            try:
+                await processes_for(entry, self.limits).adopt(info, config, tag)
+            except CapsaError as exc:
+                log.warning("sandbox %s: command %d not taken up: %s", entry.id, info.pid, exc.message)
+        pid = carry.get("interpreter")
+        if isinstance(pid, int):
+            await interpreter_for(entry).adopt(pid, carry.get("contexts") or {})
+
+    # -- snapshots --
+
+    def snapshot_dir(self, raw: str) -> Path:
+        """Where a new snapshot is written: renamed to its final name by :meth:`keep_snapshot`."""
+        return self.snapshots_root / f"{raw}{PARTIAL}"
+
+    def keep_snapshot(self, saved: Saved) -> None:
+        """The snapshot is complete: rename its directory, then commit its row (the order a crash
+        needs: a directory without a row is swept at the next start)."""
+        final = self.snapshots_root / saved.id
+        saved.path.rename(final)
+        saved.path = final
+        self.put_snapshot(saved)
+
+    def put_snapshot(self, saved: Saved) -> None:
+        """Write ``saved``'s row (new, or its name moved to a newer snapshot)."""
+        record = {
+            "name": saved.name,
+            "template": saved.template,
+            "source_id": saved.source_id,
+            "envs": saved.envs,
+            "created": saved.created_at.timestamp(),
+            "policy": policy_json(saved.policy),
+            "public": saved.public_traffic,
+        }
+        self.db.put_snapshot(saved.id, saved.tenant, saved.path, record)
+
+    def drop_snapshot(self, saved: Saved) -> None:
+        self.db.drop_snapshot(saved.id)
+
+    def snapshots(self) -> list[Saved]:
+        return [
+            Saved(
+                id=raw,
+                name=r["name"],
+                tenant=tenant,
+                template=r["template"],
+                source_id=r["source_id"],
+                path=path,
+                envs=dict(r["envs"]),
+                created_at=datetime.datetime.fromtimestamp(r["created"], datetime.UTC),
+                policy=policy_of(r["policy"]),
+                public_traffic=bool(r["public"]),
+            )
+            for raw, tenant, path, r in self.db.snapshots()
+        ]
+
+
+def policy_json(policy: NetworkPolicy | None) -> dict[str, Any] | None:
+    """The server's policies (:mod:`capsa.server.network`: domains and CIDRs, allow or deny) as
+    JSON."""
+    if policy is None:
+        return None
+    rules = []
+    for rule in policy.rules:
+        if isinstance(rule.matcher, Domain):
+            rules.append([rule.action.value, "domain", rule.matcher.pattern])
+        elif isinstance(rule.matcher, Cidr):
+            rules.append([rule.action.value, "cidr", rule.matcher.network])
+        else:
+            kind = type(rule.matcher).__name__
+            raise CapsaError(f"a server policy with a {kind} rule cannot be stored")
+    return {"default": policy.default.value, "rules": rules}
+
+
+def policy_of(data: dict[str, Any] | None) -> NetworkPolicy | None:
+    if data is None:
+        return None
+    make = {"domain": Domain, "cidr": Cidr}
+    rules = [Rule(Action(action), make[kind](value)) for action, kind, value in data["rules"]]
+    return NetworkPolicy(Action(data["default"]), rules)
+
+
+def _record(entry: Entry) -> dict[str, Any]:
+    carry: dict[str, Any] = {}
+    if entry.processes is not None:
+        carry["commands"] = {str(pid): list(v) for pid, v in entry.processes.configs().items()}
+    if entry.interpreter is not None and entry.interpreter.pid is not None:
+        carry["interpreter"] = entry.interpreter.pid
+        carry["contexts"] = entry.interpreter.contexts
+    elif _RESTART_CARRY in entry.extra:  # paused since a restart and not resumed yet
+        carry = entry.extra[_RESTART_CARRY]
+    return {
+        "tenant": entry.tenant,
+        "template": entry.template,
+        "metadata": entry.metadata,
+        "envs": entry.envs,
+        "started": entry.started_at.timestamp(),
+        "end_at": entry.end_at.timestamp(),
+        "timeout": entry.timeout,
+        "memory_mb": entry.memory_mb,
+        "token": entry.token,  # the envd access token (the traffic token derives from it)
+        "auto_pause": entry.auto_pause,
+        "auto_resume": entry.auto_resume,
+        "resume_on_call": entry.resume_on_call,
+        "policy": policy_json(entry.policy),
+        "public": is_public(entry),
+        "carry": carry,
+    }
+
+
+def _stamp(value: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(value, datetime.UTC)
+
+
+def _entry(sandbox_id: str, r: dict[str, Any], directory: Path | None) -> Entry:
+    entry = Entry(
+        id=sandbox_id,
+        template=r["template"],
+        vm=cast(capsa.Sandbox, Unloaded()),
+        token=r["token"],
+        metadata=dict(r["metadata"]),
+        envs=dict(r["envs"]),
+        started_at=_stamp(r["started"]),
+        end_at=_stamp(r["end_at"]),
+        memory_mb=int(r["memory_mb"]),
+        policy=policy_of(r["policy"]),
+        paused=directory,
+        tenant=r["tenant"],
+        auto_pause=bool(r["auto_pause"]),
+        auto_resume=bool(r["auto_resume"]),
+        timeout=int(r["timeout"]),
+        resume_on_call=bool(r["resume_on_call"]),
+        parked=True,
+    )
+    set_public(entry, bool(r["public"]))
+    if r.get("carry"):
+        entry.extra[_RESTART_CARRY] = r["carry"]
+    return entry
+
+
+class Unloaded:
+    """The VM of a sandbox loaded paused from the state dir: there is none until its resume
+    builds one. It answers what the server asks of a paused sandbox's VM: its status (stopped),
+    its kill (nothing to do), its network log (none)."""
+
+    status = RunState.STOPPED
+    lifetime_expired = False
+    node_id = None
+
+    @property
+    def network(self) -> Any:
+        raise CapsaError("the sandbox is paused: it has no network stack")
+
+    async def kill(self) -> None:
+        return None
