@@ -44,6 +44,7 @@ END_REASONS = (
 )
 DEFAULT_KEEP_ENDED = 24 * 3600.0  # seconds an end record is kept (--keep-ended)
 MAX_DETAIL = 4000  # characters of an end's detail (a console tail)
+_PRUNE_EVERY = 60.0  # seconds between drops of the end records older than --keep-ended
 _RESTART_CARRY = "restart_carry"  # Entry.extra: the guest processes to take up at the next resume
 
 
@@ -62,6 +63,7 @@ class Journal:
         self.keep_ended = keep_ended
         self.limits = limits or Limits()
         self.on_end = on_end
+        self._pruned = time.monotonic()
 
     @property
     def paused_root(self) -> Path:
@@ -104,6 +106,9 @@ class Journal:
         }
         try:
             self.db.end_sandbox(entry.id, end)
+            if time.monotonic() - self._pruned > _PRUNE_EVERY:  # the records stay bounded
+                self._pruned = time.monotonic()
+                self.db.prune_ends(time.time() - self.keep_ended)
         except sqlite3.Error as exc:
             log.error("recording the end of sandbox %s (%s) failed: %s", entry.id, reason, exc)
         if self.on_end is not None:

@@ -33,6 +33,7 @@ from capsa.server.entry import (
 )
 from capsa.server.envd import HOME
 from capsa.server.interpreter import Interpreter
+from capsa.server.lifecycle_end import end_of, pause_all
 from capsa.server.quota import LimitReached, Quota, TenantLimits
 from capsa.server.snapshots import SnapshotStore
 from capsa.server.tenants import DEFAULT_TENANT
@@ -518,34 +519,11 @@ class Registry:
         finally:
             entry.extra.pop("timeout_pause", None)
 
-    async def _pause_all(self, seconds: float) -> None:
-        """At shutdown: pause every running sandbox, all at once, within ``seconds``; each that
-        does not make it stays running and is then removed (``server_shutdown``). Paused ones are
-        resumed by their next call after the restart, whatever their lifecycle."""
-        running = [e for e in self._entries.values() if e.running and e.node_id is None]
-        if not running:
-            return
-        started = time.monotonic()
-
-        async def pause_one(entry: Entry) -> None:
-            async with entry.resume_lock:
-                if entry.running:
-                    entry.resume_on_call = True
-                    await self._pause(entry, force=True)
-
-        tasks = [asyncio.ensure_future(pause_one(e)) for e in running]
-        _, late = await asyncio.wait(tasks, timeout=seconds)
-        for task in late:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for entry, task in zip(running, tasks, strict=True):
-            if task.cancelled() or task.exception() is not None:
-                entry.resume_on_call = False
-                why = "timed out" if task in late else repr(task.exception())
-                log.warning("sandbox %s: pausing it at shutdown failed (%s)", entry.id, why)
-        paused = sum(1 for e in running if e.paused is not None)
-        log.info("shutdown: paused %d of %d running sandboxes in %.1fs", paused, len(running),
-                 time.monotonic() - started)  # fmt: skip
+    async def _pause_for_shutdown(self, entry: Entry) -> None:
+        async with entry.resume_lock:
+            if entry.running:
+                entry.resume_on_call = True  # resumed by its next call after the restart
+                await self._pause(entry, force=True)
 
     # -- removal --
 
@@ -600,7 +578,7 @@ class Registry:
                 gone = id(entry.vm) in ended or entry.vm.status is not RunState.RUNNING
                 if entry.paused is None and not entry.pausing and gone:
                     self._entries.pop(entry.id, None)
-                    reason, detail = _end_of(entry)
+                    reason, detail = end_of(entry)
                     log.info("sandbox %s ended (%s)", entry.id, reason)
                     await self._destroy(entry, reason, detail)
 
@@ -613,7 +591,7 @@ class Registry:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
         if self.journal is not None:  # an upgrade loses no sandbox: the running ones pause
-            await self._pause_all(self.shutdown_timeout)
+            await pause_all(self.list(), self._pause_for_shutdown, self.shutdown_timeout)
         entries = [e for e in self._entries.values() if self.journal is None or e.paused is None]
         self._entries.clear()
         await asyncio.gather(*(self._destroy(e, "server_shutdown") for e in entries),
@@ -631,19 +609,6 @@ class Registry:
             shutil.rmtree(self._paused_root, ignore_errors=True)
         self.snapshots.close()
         log.info("stopped %d sandboxes in %.1fs", len(entries), time.monotonic() - started)
-
-
-def _end_of(entry: Entry) -> tuple[str, str]:
-    """Why a sandbox whose VM stopped on its own ended: its lifetime (the E2B timeout), or the
-    guest (the console's tail says how)."""
-    vm = entry.vm
-    if getattr(vm, "lifetime_expired", False) or entry.end_at <= now():
-        return "timeout", ""
-    try:
-        tail = str(vm.console.tail())
-    except Exception:  # a remote (Ray) sandbox's console is on its node
-        tail = ""
-    return "guest_crashed", tail
 
 
 async def _detach(entry: Entry) -> None:
