@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -43,12 +46,17 @@ def start_server(
     log: Path,
     pools: tuple[str, ...] = ("base=2", "code-interpreter-v1=1"),
     memory: int = MEMORY,
+    extra: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
     """``capsa serve`` from the current ``PYTHONPATH`` (so a bench can run old code beside new),
     healthy, with ``pools`` warm: every server bench starts its server here."""
-    args = ["--port", str(port), "--memory", str(memory)]
+    args = ["--port", str(port), "--memory", str(memory), *extra]
     for pool in pools:
         args += ["--pool", pool]
+    if "--state-dir" not in args:  # a state dir of its own: the default one admits one server
+        state = tempfile.mkdtemp(prefix="capsa-bench-state-")
+        atexit.register(shutil.rmtree, state, True)
+        args += ["--state-dir", state]
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "capsa.cli", "serve", *args],
