@@ -11,18 +11,19 @@ the server dies with it, the next start records its end as ``server_crashed``.""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import capsa
 from capsa.errors import CapsaError
 from capsa.net.policy import Action, Cidr, Domain, NetworkPolicy, Rule
-from capsa.server.entry import Entry
+from capsa.server.entry import ApiError, Entry
 from capsa.server.envd import processes_for
 from capsa.server.ingress import is_public, set_public
 from capsa.server.interpreter import interpreter_for
@@ -80,11 +81,13 @@ class Journal:
 
     def running(self, entry: Entry) -> None:
         """``entry`` runs (created, restored or resumed): its row says so, with no files."""
-        self.db.put_sandbox(entry.id, state="running", directory=None, record=_record(entry))
+        with _recording(entry, "run"):
+            self.db.put_sandbox(entry.id, state="running", directory=None, record=_record(entry))
 
     def paused(self, entry: Entry, directory: Path) -> None:
         """``entry``'s pause is complete: its snapshot is fully written at ``directory``."""
-        self.db.put_sandbox(entry.id, state="paused", directory=directory, record=_record(entry))
+        with _recording(entry, "pause"):
+            self.db.put_sandbox(entry.id, state="paused", directory=directory, record=_record(entry))
 
     def changed(self, entry: Entry) -> None:
         """A setting kept in the record changed (the network policy, say)."""
@@ -213,6 +216,18 @@ class Journal:
             )
             for raw, tenant, path, r in self.db.snapshots()
         ]
+
+
+@contextlib.contextmanager
+def _recording(entry: Entry, what: str) -> Iterator[None]:
+    """A write the operation depends on: if the state dir cannot take it (a full disk, say), the
+    operation fails with HTTP 507 and is undone by its caller."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        log.error("recording the %s of sandbox %s failed: %s", what, entry.id, exc)
+        raise ApiError(507, f"cannot {what} sandbox {entry.id!r}: the state dir cannot record it "
+                       f"({exc})", hint="free space in the server's --state-dir") from None  # fmt: skip
 
 
 def policy_json(policy: NetworkPolicy | None) -> dict[str, Any] | None:

@@ -213,9 +213,14 @@ class Registry:
         except BaseException:
             self.quota.release(tenant)
             raise
+        try:
+            if self.journal is not None:
+                self.journal.running(entry)
+        except ApiError:
+            self.quota.release(tenant)
+            await entry.vm.kill()
+            raise
         self._entries[entry.id] = entry  # the slot is the entry's now: _destroy gives it back
-        if self.journal is not None:
-            self.journal.running(entry)
         if self.closed:  # close() ran while this one was booting
             self._entries.pop(entry.id, None)
             await self._destroy(entry, "server_shutdown")
@@ -394,9 +399,15 @@ class Registry:
             if entry.closing:  # killed while it was being restored
                 await vm.kill()
                 raise ApiError(404, f"sandbox {sandbox_id!r} not found")
+            try:
+                if self.journal is not None:  # its row first: a crash now leaves files, not a row
+                    self.journal.running(entry)
+            except ApiError:  # not recorded: it stays paused
+                await vm.kill()
+                self.quota.park(force=True)
+                entry.parked = True
+                raise
             entry.vm = vm
-            if self.journal is not None:  # its row first: a crash now leaves files, not a row
-                self.journal.running(entry)
             shutil.rmtree(entry.paused, ignore_errors=True)
             entry.paused = None
             entry.resume_on_call = False
@@ -467,9 +478,9 @@ class Registry:
             policy=policy,
         )
         self._entries[entry.id] = entry  # the slot is the entry's now: _destroy gives it back
-        if self.journal is not None:
-            self.journal.running(entry)
         try:
+            if self.journal is not None:
+                self.journal.running(entry)
             await entry.set_timeout(timeout)
         except BaseException:
             await self.kill(entry.id)

@@ -161,6 +161,12 @@ class StateDB:
             root.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise ConfigError(f"cannot create the state dir {root}: {exc.strerror}") from None
+        if root.stat().st_uid != os.getuid():  # its tokens and guest memory are this user's alone
+            raise ConfigError(
+                f"the state dir {root} belongs to another user",
+                hint="give a --state-dir of your own",
+            )
+        root.chmod(0o700)
         self.lock = StateLock(root)
         try:
             self.db = connect(root / DB_NAME, create=True)
