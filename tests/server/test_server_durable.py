@@ -27,6 +27,7 @@ from e2b import Sandbox  # noqa: E402
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 
 ARGS = ("--max-sandboxes", "4", "--memory", "256", "--shutdown-timeout", "90")
+OTHER_KEY = "durable-other-tenant-key"  # a key of tenant "other": sees none of the test's ends
 
 
 class Node:
@@ -39,7 +40,10 @@ class Node:
         self.port = free_port()  # the same across restarts: the SDK's sandbox objects keep it
 
     def start(self) -> Server:
-        self.server = start_server(self.tmp, *ARGS, "--state-dir", str(self.state), port=self.port)
+        keys = self.tmp / "keys.txt"
+        keys.write_text(f"{OTHER_KEY} tenant=other\n")
+        self.server = start_server(self.tmp, *ARGS, "--state-dir", str(self.state),
+                                   "--api-key-file", str(keys), port=self.port)  # fmt: skip
         os.environ.update(self.server.env())
         return self.server
 
@@ -49,9 +53,9 @@ class Node:
         assert code in (0, -signal.SIGTERM), self.server.log.read_text()[-3000:]
         return code
 
-    def get(self, path: str) -> object:
+    def get(self, path: str, key: str = API_KEY) -> object:
         assert self.server is not None
-        request = urllib.request.Request(self.server.url + path, headers={"X-API-KEY": API_KEY})
+        request = urllib.request.Request(self.server.url + path, headers={"X-API-KEY": key})
         with urllib.request.urlopen(request, timeout=30) as reply:
             body = reply.read().decode()
         return body if path == "/metrics" else json.loads(body)
@@ -197,6 +201,7 @@ def test_kill_9_records_server_crashed_and_leaves_no_qemu_nor_runtime_dir(node: 
     assert not left, left
     ends = node.ends()
     assert ends[doomed.sandbox_id]["reason"] == "server_crashed"
+    assert node.get("/capsa/ends", OTHER_KEY) == []  # another tenant's key sees none of them
     again = Sandbox.connect(keep.sandbox_id, timeout=120)
     assert again.files.read("/home/user/k.txt") == "paused before the crash"
     again.kill()
