@@ -226,3 +226,49 @@ def test_a_guest_that_stops_on_its_own_is_recorded_guest_crashed_with_its_consol
     row = node.ends()[sandbox.sandbox_id]
     assert row["reason"] == "guest_crashed", row
     assert "sysrq" in str(row["detail"]).lower(), row  # the console's tail says what happened
+
+
+def _can_mount_tmpfs(tmp: Path) -> bool:
+    target = tmp / "probe"
+    target.mkdir()
+    done = subprocess.run(["unshare", "-m", "mount", "-t", "tmpfs", "tmpfs", str(target)],
+                          check=False, capture_output=True, timeout=30)  # fmt: skip
+    return done.returncode == 0
+
+
+def test_a_full_disk_fails_the_pause_with_507_and_the_sandbox_runs_on(tmp_path: Path) -> None:
+    """The state dir on a 24 MiB tmpfs (a mount namespace of the server's own): the pause of a
+    guest using more than that fails with HTTP 507 (the SDK raises; a 409 it would read as
+    "already paused"), the sandbox keeps running, and no half-written pause is left."""
+    if not _can_mount_tmpfs(tmp_path):
+        pytest.skip("needs unshare -m and mount (root or a user namespace)")
+    state, port = tmp_path / "small", free_port()
+    state.mkdir()
+    log = tmp_path / "full.log"
+    script = (f"mount -t tmpfs -o size=24m tmpfs {state} && exec {sys.executable} -m capsa.cli "
+              f"serve --port {port} --memory 256 --state-dir {state}")  # fmt: skip
+    with log.open("wb") as out:
+        process = subprocess.Popen(["unshare", "-m", "sh", "-c", script], stdout=out,
+                                   stderr=subprocess.STDOUT, cwd=REPO,
+                                   env={**os.environ, "CAPSA_API_KEY": API_KEY})  # fmt: skip
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{server.url}/health", timeout=2):
+                    break
+            except OSError:
+                assert process.poll() is None, log.read_text()[-2000:]
+                time.sleep(0.2)
+        sdk = {"api_url": server.url, "sandbox_url": server.url, "api_key": API_KEY}
+        sandbox = Sandbox.create(timeout=300, **sdk)
+        sandbox.commands.run("head -c 60000000 /dev/urandom > /home/user/big")
+        with pytest.raises(e2b.SandboxException, match=r"507.*No space left"):
+            sandbox.pause()
+        assert sandbox.commands.run("echo running").stdout == "running\n"
+        seen = Path(f"/proc/{process.pid}/root") / str(state).lstrip("/") / "paused"
+        assert list(seen.iterdir()) == []
+        sandbox.kill()
+    finally:
+        server.stop()

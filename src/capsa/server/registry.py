@@ -357,7 +357,9 @@ class Registry:
                 self.quota.unpark(force=True)
                 entry.parked = False
             if isinstance(exc, CapsaError) and not isinstance(exc, ApiError):
-                raise ApiError(409, f"cannot pause sandbox {entry.id!r}: {exc.message}") from None
+                # a full disk is a 507: the SDKs read a 409 as "already paused" and report success
+                status = 507 if "No space left" in exc.message else 409
+                raise ApiError(status, f"cannot pause sandbox {entry.id!r}: {exc.message}") from None
             raise
         entry.pausing = False
         if entry.closing:  # killed while its snapshot was being saved
