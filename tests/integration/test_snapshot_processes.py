@@ -91,6 +91,47 @@ async def test_each_fork_keeps_a_copy_of_the_running_processes(
     await counter.kill()
 
 
+# A tiny interpreter: each stdin line is evaluated (or executed) in one namespace, the answer printed.
+REPL = """import sys
+ns = {}
+for line in sys.stdin:
+    try:
+        print(repr(eval(line, ns)), flush=True)
+    except SyntaxError:
+        exec(line, ns)
+        print("ok", flush=True)
+"""
+
+
+async def _ask(process: capsa.Process, line: bytes) -> bytes:
+    await process.write_stdin(line + b"\n")
+    async with asyncio.timeout(30):
+        return (await process.stdout.readline()).rstrip(b"\n")
+
+
+@pytest.mark.timeout(240)
+async def test_each_fork_keeps_a_copy_of_a_running_interpreter_with_its_variables(
+    sandbox_factory: SandboxFactory,
+) -> None:
+    """What ``capsa serve``'s code interpreter relies on for its forks: a stateful process of the
+    parent, attached in each fork, answers with the parent's variables; the copies diverge."""
+    vm = await sandbox_factory()
+    repl = await vm.agent.exec("python3").args(["-u", "-c", REPL]).spawn()
+    assert await _ask(repl, b"x = 41") == b"ok"
+    children = await vm.fork(2)
+    try:
+        copies = [await child.agent.attach(repl.pid) for child in children]
+        assert [await _ask(copy, b"x + 1") for copy in copies] == [b"42", b"42"]
+        assert await _ask(copies[0], b"x = 100") == b"ok"
+        assert await _ask(copies[1], b"x") == b"41"
+        assert await _ask(copies[0], b"x") == b"100"
+        assert await _ask(repl, b"x") == b"41"  # the parent's own is untouched
+    finally:
+        for child in children:
+            await child.kill()
+    await repl.kill()
+
+
 @pytest.mark.timeout(240)
 async def test_output_written_while_no_host_is_attached_is_kept_and_bounded(
     tmp_path: Path, sandbox_factory: SandboxFactory

@@ -6,7 +6,7 @@
 // base sandbox and of the code interpreter run concurrently, to keep the node run short.
 //
 //   node sdk_checks.mjs            all groups
-//   node sdk_checks.mjs base       one group (base | interpreter | lifecycle | control)
+//   node sdk_checks.mjs base       one group (base | interpreter | lifecycle | autopause | control)
 import { CommandExitError, Sandbox, TimeoutError } from 'e2b'
 import { Sandbox as CodeSandbox } from '@e2b/code-interpreter'
 import http from 'node:http'
@@ -43,6 +43,31 @@ async function raised(fn) {
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
+const encode = (text) => new TextEncoder().encode(text)
+
+// Poll until `probe()` is truthy (or 20 s passed); what it last returned.
+async function until(probe, ms = 20_000) {
+  const deadline = Date.now() + ms
+  let seen = await probe()
+  while (!seen && Date.now() < deadline) {
+    await sleep(100)
+    seen = await probe()
+  }
+  return seen
+}
+
+// Wait until the control plane reports sandbox `id` in `state` (60 s at most): whether it did.
+const stateIs = (id, state) => until(async () => (await Sandbox.getInfo(id)).state === state, 60_000)
+
+// In the guest: `ok` or `failed <error>` for a GET of each URL (5 s each), one per line.
+const PROBE = [
+  'import sys, urllib.request',
+  'for url in sys.argv[1:]:',
+  '    try:',
+  '        urllib.request.urlopen(url, timeout=5).read(); print("ok")',
+  '    except Exception as exc:',
+  '        print("failed", type(exc).__name__)',
+].join('\n')
 
 // GET `path` from the server with `Host: host`, as a browser sent to a get_host() name would
 // (undici's fetch will not set Host): { status, body, ms }.
@@ -188,6 +213,30 @@ async function baseChecks() {
       return { names, made, again, size: info.size, type: info.type, deep, exists, missing }
     })
 
+    await check('files_info', async () => {
+      await sbx.files.write('/tmp/jsinfo/target.txt', 'abc')
+      await sbx.commands.run('chmod 640 /tmp/jsinfo/target.txt && ln -s /tmp/jsinfo/target.txt /tmp/jsinfo/link')
+      const file = await sbx.files.getInfo('/tmp/jsinfo/target.txt')
+      const link = await sbx.files.getInfo('/tmp/jsinfo/link')
+      const dir = await sbx.files.getInfo('/tmp/jsinfo')
+      const listed = (await sbx.files.list('/tmp/jsinfo')).map((e) => [e.name, e.type]).sort()
+      await sbx.files.remove('/tmp/jsinfo')
+      return {
+        file: {
+          name: file.name,
+          type: file.type,
+          size: file.size,
+          permissions: file.permissions,
+          owner: file.owner,
+          group: file.group,
+          modified: file.modifiedTime instanceof Date && Math.abs(file.modifiedTime - Date.now()) < 600_000,
+        },
+        link: { type: link.type, size: link.size, symlinkTarget: link.symlinkTarget },
+        dir: dir.type,
+        listed,
+      }
+    })
+
     await check('connect_kill_disconnect', async () => {
       const handle = await sbx.commands.run('for i in $(seq 100); do echo tick $i; sleep 0.1; done', { background: true })
       await handle.disconnect() // the command goes on without this client
@@ -218,13 +267,35 @@ async function baseChecks() {
 
     await check('pty', async () => {
       let data = ''
+      let again = ''
       const decoder = new TextDecoder()
       const pty = await sbx.pty.create({ cols: 80, rows: 24, onData: (d) => (data += decoder.decode(d)) })
-      await sbx.pty.sendInput(pty.pid, new TextEncoder().encode('echo pty-$((6*7))\n'))
-      const deadline = Date.now() + 20_000
-      while (!data.includes('pty-42') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50))
+      await sbx.pty.sendInput(pty.pid, encode('echo pty-$((6*7))\n'))
+      const saw = await until(() => data.includes('pty-42'))
       await sbx.pty.resize(pty.pid, { cols: 100, rows: 30 })
-      return { saw: data.includes('pty-42'), killed: await sbx.pty.kill(pty.pid) }
+      await sbx.pty.sendInput(pty.pid, encode('stty size\n'))
+      const resized = await until(() => data.includes('30 100'))
+      await sbx.commands.sendStdin(pty.pid, 'echo via-$((1+1))-stdin\n') // a terminal's input is its stdin
+      const viaStdin = await until(() => data.includes('via-2-stdin'))
+      const second = await sbx.pty.connect(pty.pid, { onData: (d) => (again += decoder.decode(d)) })
+      await sbx.pty.sendInput(pty.pid, encode('echo again-$((2+2))\n'))
+      const reconnected = await until(() => again.includes('again-4') && data.includes('again-4'))
+      const listed = (await sbx.commands.list()).map((p) => p.pid).includes(pty.pid)
+      const killed = await sbx.pty.kill(pty.pid)
+      const waited = await raised(() => pty.wait())
+      await raised(() => second.wait())
+      const badSize = await raised(() => sbx.pty.create({ cols: 0, rows: 24, onData: () => {} }))
+      return {
+        saw,
+        resized,
+        viaStdin,
+        reconnected,
+        listed,
+        killed,
+        waited: waited?.isCommandExitError ?? null,
+        killedAgain: await sbx.pty.kill(pty.pid),
+        badSize: badSize?.name ?? null,
+      }
     })
 
     await check('ingress', async () => {
@@ -250,13 +321,29 @@ async function baseChecks() {
 
     await check('info_and_metrics', async () => {
       const info = await sbx.getInfo()
-      const metrics = await sbx.getMetrics()
+      const metrics = await until(async () => {
+        const got = await sbx.getMetrics()
+        return got.length ? got : null
+      }, 30_000)
+      const sample = metrics?.[metrics.length - 1]
+      const future = await sbx.getMetrics({ start: new Date(Date.now() + 3_600_000) })
+      const windowed = await sbx.getMetrics({ start: new Date(Date.now() - 3_600_000), end: new Date() })
       return {
         metadata: info.metadata,
         templateId: info.templateId,
         state: info.state,
-        metricsIsArray: Array.isArray(metrics),
-        metricKeys: metrics.length ? Object.keys(metrics[0]).sort() : null,
+        metricKeys: sample ? Object.keys(sample).sort() : null,
+        sane: sample
+          ? sample.timestamp instanceof Date &&
+            sample.cpuCount >= 1 &&
+            sample.cpuUsedPct >= 0 &&
+            sample.memTotal > sample.memUsed &&
+            sample.memUsed > 0 &&
+            sample.diskTotal >= sample.diskUsed &&
+            sample.diskUsed > 0
+          : false,
+        future: future.length,
+        windowed: windowed.length >= 1,
       }
     })
 
@@ -264,7 +351,16 @@ async function baseChecks() {
       const paginator = Sandbox.list({ query: { metadata: { suite: 'js' } } })
       const items = await paginator.nextItems()
       const none = await Sandbox.list({ query: { metadata: { suite: 'nobody' } } }).nextItems()
-      return { ids: items.map((s) => s.sandboxId), templates: items.map((s) => s.templateId), none: none.length }
+      const ids = async (query) => (await Sandbox.list({ query }).nextItems()).map((s) => s.sandboxId)
+      return {
+        ids: items.map((s) => s.sandboxId),
+        templates: items.map((s) => s.templateId),
+        none: none.length,
+        running: (await ids({ metadata: { suite: 'js' }, state: ['running'] })).length,
+        paused: (await ids({ metadata: { suite: 'js' }, state: ['paused'] })).length,
+        template: (await ids({ metadata: { suite: 'js' }, template: 'base' })).length,
+        otherTemplate: (await ids({ metadata: { suite: 'js' }, template: 'code-interpreter-v1' })).length,
+      }
     })
 
     await check('set_timeout', async () => {
@@ -335,6 +431,28 @@ async function interpreterChecks() {
       }
     })
 
+    await check('ci_fork', async () => {
+      // each fork has a copy of the interpreter, with x = 41; the copies are independent
+      const forks = await sbx.fork({ count: 2, timeoutMs: 120_000 })
+      const live = forks.filter((f) => !(f instanceof Error))
+      try {
+        const texts = []
+        for (const f of live) texts.push((await f.runCode('x + 1')).text)
+        await live[0].runCode('x = 100')
+        return {
+          errors: forks.filter((f) => f instanceof Error).map(describe),
+          codeSandboxes: live.every((f) => f instanceof CodeSandbox),
+          ids: new Set([sbx.sandboxId, ...live.map((f) => f.sandboxId)]).size,
+          texts,
+          changed: (await live[0].runCode('x')).text,
+          other: (await live[1].runCode('x')).text,
+          parent: (await sbx.runCode('x')).text,
+        }
+      } finally {
+        await Promise.all(live.map((f) => f.kill()))
+      }
+    })
+
     await check('ci_commands', async () => (await sbx.commands.run('echo from-ci')).stdout)
 
     await check('ci_envs_and_results', async () => {
@@ -382,11 +500,14 @@ async function lifecycleChecks() {
       const paused = await sbx.pause()
       const running = await sbx.isRunning()
       const [listed] = await Sandbox.list({ query: { metadata: { suite: 'js-pause' } } }).nextItems()
+      const pausedOnly = await Sandbox.list({ query: { metadata: { suite: 'js-pause' }, state: ['paused'] } }).nextItems()
+      const runningOnly = await Sandbox.list({ query: { metadata: { suite: 'js-pause' }, state: ['running'] } }).nextItems()
       resumed = await Sandbox.connect(sbx.sandboxId, { timeoutMs: 120_000 })
       return {
         paused,
         running,
         listedState: listed?.state,
+        stateFilter: [pausedOnly.map((s) => s.sandboxId).includes(sbx.sandboxId), runningOnly.length],
         resumedRunning: await resumed.isRunning(),
         kept: await resumed.files.read('/root/kept.txt'),
         state: (await Sandbox.getInfo(sbx.sandboxId)).state,
@@ -415,15 +536,44 @@ async function lifecycleChecks() {
 
     await check('fork_and_snapshot', async () => {
       await sbx.files.write('/tmp/state.txt', 'copied')
+      const ticker = await resumed.commands.run('i=0; while :; do echo n$i; i=$((i+1)); sleep 0.2; done', {
+        background: true,
+      })
+      await until(() => numbers(ticker.stdout).length >= 2)
       const forked = await sbx.fork()
       const fork = Array.isArray(forked) ? forked[0] : forked
       const inFork = await fork.files.read('/tmp/state.txt')
+      const forkLists = (await fork.commands.list()).map((p) => p.pid).includes(ticker.pid)
       await fork.kill()
       const snapshot = await sbx.createSnapshot()
+      const listed = (await Sandbox.listSnapshots().nextItems()).map((s) => s.snapshotId)
+      const mine = (await sbx.listSnapshots().nextItems()).map((s) => s.snapshotId)
       const fromSnapshot = await Sandbox.create(snapshot.snapshotId, { timeoutMs: 60_000 })
       const inRestored = await fromSnapshot.files.read('/tmp/state.txt')
+      const restoredLists = (await fromSnapshot.commands.list()).map((p) => p.pid).includes(ticker.pid)
+      const seen = []
+      const follow = await fromSnapshot.commands.connect(ticker.pid, { onStdout: (d) => seen.push(d) })
+      await until(() => numbers(seen.join('')).length >= 2)
+      await fromSnapshot.commands.kill(ticker.pid)
+      await raised(() => follow.wait())
       await fromSnapshot.kill()
-      return { forks: Array.isArray(forked) ? forked.length : 1, inFork, inRestored }
+      await resumed.commands.kill(ticker.pid)
+      await raised(() => ticker.wait())
+      const deleted = await Sandbox.deleteSnapshot(snapshot.snapshotId)
+      const gone = await raised(() => Sandbox.create(snapshot.snapshotId, { timeoutMs: 60_000 }))
+      return {
+        forks: Array.isArray(forked) ? forked.length : 1,
+        inFork,
+        forkLists,
+        inRestored,
+        restoredLists,
+        restoredCounts: numbers(seen.join(''))[0] > 0,
+        listed: listed.includes(snapshot.snapshotId),
+        mine: mine.includes(snapshot.snapshotId),
+        deleted,
+        deletedAgain: await Sandbox.deleteSnapshot(snapshot.snapshotId),
+        gone: gone?.name ?? null,
+      }
     })
 
     await check('list_paging', async () => {
@@ -439,15 +589,58 @@ async function lifecycleChecks() {
   } finally {
     await Sandbox.kill(sbx.sandboxId)
   }
-  const fenced = await Sandbox.create({ timeoutMs: 120_000, network: { denyOut: ['0.0.0.0/0'] } })
+  const port = process.env.CAPSA_TEST_HTTP_PORT
+  const fenced = await Sandbox.create({
+    timeoutMs: 120_000,
+    network: { allowOut: ['allowed.test'], denyOut: ['0.0.0.0/0'] },
+  })
   try {
     await check('update_network', async () => {
-      await fenced.updateNetwork({ allowOut: ['127.0.0.1'], denyOut: ['0.0.0.0/0'] })
-      return (await fenced.commands.run('echo still-up')).stdout
+      await fenced.files.write('/tmp/probe.py', PROBE)
+      const urls = [`http://allowed.test:${port}/`, `http://denied.test:${port}/`]
+      const probe = async () =>
+        (await fenced.commands.run(`python3 /tmp/probe.py ${urls.join(' ')}`, { timeoutMs: 60_000 })).stdout
+          .trim()
+          .split('\n')
+      const before = await probe()
+      await fenced.updateNetwork({ allowOut: ['denied.test'], denyOut: ['0.0.0.0/0'] }) // swapped
+      const swapped = await probe()
+      await fenced.updateNetwork({}) // everything cleared: allow all
+      const cleared = await probe()
+      const bad = await raised(() => fenced.updateNetwork({ allowOut: ['not a domain!'] }))
+      return { before, swapped, cleared, bad: bad?.message ?? null }
     })
   } finally {
     await fenced.kill()
   }
+}
+
+async function autoPauseChecks() {
+  await check('auto_pause_resume', async () => {
+    const sbx = await Sandbox.create({ timeoutMs: 5000, lifecycle: { onTimeout: 'pause', autoResume: true } })
+    try {
+      await sbx.commands.run('echo in-memory > /dev/shm/kept')
+      const paused = await stateIs(sbx.sandboxId, 'paused')
+      const info = await Sandbox.getInfo(sbx.sandboxId)
+      const kept = (await sbx.commands.run('cat /dev/shm/kept')).stdout // the call resumes it
+      return { paused, lifecycle: info.lifecycle, kept, after: (await Sandbox.getInfo(sbx.sandboxId)).state }
+    } finally {
+      await Sandbox.kill(sbx.sandboxId)
+    }
+  })
+  await check('auto_pause_no_resume', async () => {
+    const sbx = await Sandbox.create({ timeoutMs: 4000, lifecycle: { onTimeout: 'pause' } })
+    try {
+      await sbx.files.write('/root/kept.txt', 'still here')
+      const paused = await stateIs(sbx.sandboxId, 'paused')
+      const refused = await raised(() => sbx.commands.run('true'))
+      const still = (await Sandbox.getInfo(sbx.sandboxId)).state
+      const resumed = await Sandbox.connect(sbx.sandboxId, { timeoutMs: 60_000 })
+      return { paused, refused, still, kept: await resumed.files.read('/root/kept.txt') }
+    } finally {
+      await Sandbox.kill(sbx.sandboxId)
+    }
+  })
 }
 
 async function controlChecks() {
@@ -459,7 +652,13 @@ async function controlChecks() {
   }))
 }
 
-const groups = { base: baseChecks, interpreter: interpreterChecks, lifecycle: lifecycleChecks, control: controlChecks }
+const groups = {
+  base: baseChecks,
+  interpreter: interpreterChecks,
+  lifecycle: lifecycleChecks,
+  autopause: autoPauseChecks,
+  control: controlChecks,
+}
 const wanted = process.argv.length > 2 ? process.argv.slice(2) : Object.keys(groups)
 await Promise.all(wanted.map((g) => check(`group_${g}`, groups[g])))
 // exit once the output is flushed: the code interpreter SDK's runCode leaves its 60 s request timer

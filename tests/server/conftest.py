@@ -99,7 +99,10 @@ class _Http(socketserver.StreamRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with a DNS server and an HTTP server on 127.0.0.1 for its sandboxes; at most
+    ``MAX_SANDBOXES`` sandboxes (a module may set its own), else 4."""
+    max_sandboxes = str(getattr(request.module, "MAX_SANDBOXES", 4))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         dns_port = probe.getsockname()[1]
@@ -111,7 +114,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     try:
         srv = start_server(
             tmp_path_factory.mktemp("serve"),
-            *("--pool", "base=2", "--pool", "code-interpreter-v1=1", "--max-sandboxes", "4"),
+            *("--pool", "base=2", "--pool", "code-interpreter-v1=1", "--max-sandboxes", max_sandboxes),
             *("--dns-server", f"127.0.0.1:{dns_port}", "--allow-internal-destinations"),
         )
     except BaseException:

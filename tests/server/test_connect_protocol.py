@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import struct
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -89,3 +91,50 @@ def test_unknown_codes_become_unknown() -> None:
     assert ConnectError("not_found", "x").status == 404
     assert connect.timeout_seconds("2500") == 2.5
     assert connect.timeout_seconds("abc") is None
+
+
+async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+async def _read_all(data: bytes, size: int, limit: int = connect.MAX_MESSAGE) -> list[dict[str, object]]:
+    return [m async for m in connect.read_envelopes(_chunks(data, size), limit)]
+
+
+def test_reads_the_sdks_stream_input_messages_as_they_arrive() -> None:
+    """``StreamInput``'s messages as the SDK sends them, split anywhere across body chunks."""
+    from e2b.sandbox.commands.stream_input import stream_input_data, stream_input_start
+
+    body = (
+        b"".join(
+            sdk_frame(m)
+            for m in (
+                stream_input_start(7),
+                stream_input_data("stdin", "hi\n"),
+                stream_input_data("pty", b"\x03"),
+            )
+        )
+        + connect.end_stream()
+    )
+    for size in (1, 3, 7, len(body)):
+        messages = asyncio.run(_read_all(body, size))
+        assert messages[0] == {"start": {"process": {"pid": 7}}}
+        assert base64.b64decode(messages[1]["data"]["input"]["stdin"]) == b"hi\n"  # type: ignore[index]
+        assert base64.b64decode(messages[2]["data"]["input"]["pty"]) == b"\x03"  # type: ignore[index]
+        assert len(messages) == 3
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (struct.pack(">BI", 0, 10) + b"{}", "invalid_argument"),  # the body ends mid-envelope
+        (struct.pack(">BI", 0, 1 << 30), "resource_exhausted"),  # a message past the limit
+        (struct.pack(">BI", connect.COMPRESSED, 2) + b"{}", "unimplemented"),
+        (struct.pack(">BI", 0, 2) + b"[]", "invalid_argument"),
+    ],
+)
+def test_bad_input_streams_are_rejected(data: bytes, code: str) -> None:
+    with pytest.raises(ConnectError) as raised:
+        asyncio.run(_read_all(data, 4, limit=1 << 20))
+    assert raised.value.code == code

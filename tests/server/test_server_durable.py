@@ -164,8 +164,9 @@ def test_a_restart_keeps_paused_and_running_sandboxes_snapshots_and_ends(node: N
     assert sleeper.pid in [p.pid for p in resumed.commands.list()]
     # the named snapshot outlived the restart and starts sandboxes
     assert snapshot.snapshot_id in [s.snapshot_id for s in _all(Sandbox.list_snapshots())]
-    child = Sandbox.create(snapshot.snapshot_id, timeout=120)
+    child = code_interpreter.Sandbox.create(snapshot.snapshot_id, timeout=120)
     assert child.files.read("/home/user/r.txt") == "running at SIGTERM"
+    assert child.run_code("x").text == "41"  # the snapshot's interpreter, kept with its record
     child.kill()
 
     ends = node.ends()

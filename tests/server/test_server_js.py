@@ -28,6 +28,8 @@ from tests.server.conftest import API_KEY, REPO, Server
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 
 JS = REPO / "tests" / "js"
+# the groups run concurrently: base 1, interpreter 1 + 2 forks, lifecycle 2, autopause 1
+MAX_SANDBOXES = 8
 MIN_NODE = (20, 18, 1)  # what the SDKs' package.json engines ask for
 
 
@@ -58,7 +60,12 @@ if NODE is None or not (JS / "node_modules" / "e2b").is_dir():
 
 def run_node(server: Server, *args: str, timeout: float = 240) -> dict[str, Any]:
     """Run node with ``args`` in tests/js against ``server``; the JSON its last line prints."""
-    env = {**os.environ, **server.env(), "NODE_NO_WARNINGS": "1"}
+    env = {
+        **os.environ,
+        **server.env(),
+        "NODE_NO_WARNINGS": "1",
+        "CAPSA_TEST_HTTP_PORT": str(server.http_port),  # the host's HTTP server (allowed.test)
+    }
     result = subprocess.run(
         [str(NODE), *args],
         cwd=JS,
@@ -88,7 +95,7 @@ def value(checks: dict[str, Any], name: str) -> Any:
 
 
 def test_every_group_ran(checks: dict[str, Any]) -> None:
-    for group in ("base", "interpreter", "lifecycle", "control"):
+    for group in ("base", "interpreter", "lifecycle", "autopause", "control"):
         assert "error" not in checks[f"group_{group}"], checks[f"group_{group}"]
 
 
@@ -96,7 +103,15 @@ def test_create_and_control_plane(checks: dict[str, Any]) -> None:
     created = value(checks, "create")
     assert created["running"] is True
     listed = value(checks, "list")
-    assert listed == {"ids": [created["id"]], "templates": ["base"], "none": 0}
+    assert listed == {
+        "ids": [created["id"]],
+        "templates": ["base"],
+        "none": 0,
+        "running": 1,  # the state and template filters
+        "paused": 0,
+        "template": 1,
+        "otherTemplate": 0,
+    }
     extended = value(checks, "set_timeout")
     assert extended["extended"] is True
     assert value(checks, "connect") == "yes\n"  # the create-time envs, through Sandbox.connect
@@ -164,13 +179,18 @@ def test_info_metrics_pause_and_resume(checks: dict[str, Any]) -> None:
     info = value(checks, "info_and_metrics")
     assert info["metadata"] == {"suite": "js"}
     assert info["templateId"] == "base" and info["state"] == "running"
-    assert info["metricsIsArray"] is True  # samples once the sampler has taken some
-    assert info["metricKeys"] is None or "timestamp" in info["metricKeys"]
+    assert info["metricKeys"] == [
+        "cpuCount", "cpuUsedPct", "diskTotal", "diskUsed", "memCache", "memTotal", "memUsed",
+        "timestamp",
+    ]  # fmt: skip
+    assert info["sane"] is True, info  # real samples of the guest
+    assert info["future"] == 0 and info["windowed"] is True  # start/end select the samples
     paused = value(checks, "pause_resume")
     assert paused == {
         "paused": True,
         "running": False,
         "listedState": "paused",
+        "stateFilter": [True, 0],  # listed with state=['paused'], not with ['running']
         "resumedRunning": True,
         "kept": "survives a pause",
         "state": "running",
@@ -210,15 +230,83 @@ def test_interpreter_keeps_its_variables_across_pause(checks: dict[str, Any]) ->
 
 
 def test_pty(checks: dict[str, Any]) -> None:
-    assert value(checks, "pty") == {"saw": True, "killed": True}
+    """create, sendInput, resize (``stty size`` sees it), ``commands.sendStdin`` on the PTY's pid,
+    a second handle with ``pty.connect``, kill; a zero size is refused."""
+    assert value(checks, "pty") == {
+        "saw": True,
+        "resized": True,
+        "viaStdin": True,
+        "reconnected": True,  # both handles get the output
+        "listed": True,
+        "killed": True,
+        "waited": True,  # killed: wait() raises CommandExitError
+        "killedAgain": False,
+        "badSize": "InvalidArgumentError",
+    }
 
 
-def test_fork_snapshot_list_paging_and_network_update(checks: dict[str, Any]) -> None:
+def test_fork_snapshot_list_paging(checks: dict[str, Any]) -> None:
+    """A fork and a sandbox created from a snapshot have the files and the running command of the
+    source; snapshots are listed (all, and the sandbox's own), deleted once, then gone."""
     copied = value(checks, "fork_and_snapshot")
-    assert copied == {"forks": 1, "inFork": "copied", "inRestored": "copied"}
+    assert copied == {
+        "forks": 1,
+        "inFork": "copied",
+        "forkLists": True,
+        "inRestored": "copied",
+        "restoredLists": True,
+        "restoredCounts": True,  # commands.connect in the restored sandbox: it went on counting
+        "listed": True,
+        "mine": True,
+        "deleted": True,
+        "deletedAgain": False,
+        "gone": "SandboxError",
+    }, copied
     pages = value(checks, "list_paging")
     assert pages == {"pages": [1, 1], "hasNext": True, "ids": 2, "both": True}
-    assert value(checks, "update_network") == "still-up\n"
+
+
+def test_update_network_live(checks: dict[str, Any]) -> None:
+    """``updateNetwork`` replaces the allow/deny lists of a running sandbox: what it reaches
+    changes at once (allowed.test and denied.test both name the host's HTTP server)."""
+    updated = value(checks, "update_network")
+    assert updated["before"] == ["ok", "failed URLError"], updated
+    assert updated["swapped"] == ["failed URLError", "ok"], updated
+    assert updated["cleared"] == ["ok", "ok"], updated
+    assert "400: invalid network entry" in updated["bad"], updated
+
+
+def test_auto_pause_and_resume(checks: dict[str, Any]) -> None:
+    """``lifecycle: {onTimeout: 'pause', autoResume: true}``: paused at the timeout, the next call
+    resumes it (memory kept); without autoResume a call gets the SDK's error, nothing resumes it."""
+    auto = value(checks, "auto_pause_resume")
+    assert auto == {
+        "paused": True,
+        "lifecycle": {"onTimeout": "pause", "autoResume": True},
+        "kept": "in-memory\n",
+        "after": "running",
+    }, auto
+    manual = value(checks, "auto_pause_no_resume")
+    assert manual["paused"] is True and manual["still"] == "paused", manual
+    # the JS SDK's error for an envd call to a sandbox that is not running (it drops the
+    # server's message, which says the sandbox is paused)
+    assert manual["refused"]["name"] == "SandboxNotFoundError", manual
+    assert manual["kept"] == "still here"
+
+
+def test_code_interpreter_fork(checks: dict[str, Any]) -> None:
+    """``fork({count: 2})`` of a code-interpreter sandbox: two CodeSandbox forks whose interpreter
+    has the parent's variables, each its own copy."""
+    forked = value(checks, "ci_fork")
+    assert forked == {
+        "errors": [],
+        "codeSandboxes": True,
+        "ids": 3,
+        "texts": ["42", "42"],
+        "changed": "100",
+        "other": "41",
+        "parent": "41",
+    }, forked
 
 
 def test_command_timeout_raises_timeout_error_and_kills(checks: dict[str, Any]) -> None:
@@ -250,6 +338,24 @@ def test_files_upload_paths(checks: dict[str, Any]) -> None:
     assert uploads["gzip"] == "gzipped hello ✓" * 100
     assert uploads["gzipBytes"] == list(range(256))
     assert uploads["empty"] == ""
+
+
+def test_files_info(checks: dict[str, Any]) -> None:
+    """``getInfo`` and ``list`` entries: type, size, permissions, owner, times; a symlink's
+    target."""
+    info = value(checks, "files_info")
+    assert info["file"] == {
+        "name": "target.txt",
+        "type": "file",
+        "size": 3,
+        "permissions": "-rw-r-----",
+        "owner": "root",
+        "group": "root",
+        "modified": True,
+    }, info
+    assert info["link"] == {"type": "file", "size": 3, "symlinkTarget": "/tmp/jsinfo/target.txt"}
+    assert info["dir"] == "dir"
+    assert ["target.txt", "file"] in info["listed"] and len(info["listed"]) == 2
 
 
 def test_files_write_many_list_and_errors(checks: dict[str, Any]) -> None:

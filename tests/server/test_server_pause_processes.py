@@ -1,6 +1,7 @@
 """``capsa serve``: a pause keeps running commands and the code interpreter. After ``connect()`` a
 background command still runs, ``commands.connect(pid)`` streams its continuing output, and the
-interpreter's variables are intact. One server for the module (``--memory 256``)."""
+interpreter's variables are intact. A fork, and a sandbox created from a named snapshot, take up
+the saved sandbox's commands and interpreter. One server for the module (``--memory 256``)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ COUNTER = "i=0; while :; do echo n$i; i=$((i+1)); sleep 0.2; done"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(tmp_path_factory.mktemp("serve"), "--max-sandboxes", "2", "--memory", "256")
+    server = start_server(tmp_path_factory.mktemp("serve"), "--max-sandboxes", "3", "--memory", "256")
     old = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
     try:
@@ -112,14 +113,31 @@ def test_a_pause_during_a_running_cell_stops_the_interpreter_cleanly(server: Ser
         Sandbox.kill(sandbox.sandbox_id)
 
 
-def test_a_fork_takes_up_the_parents_commands_and_starts_a_fresh_interpreter(server: Server) -> None:
+def _interpreters(sandbox: Sandbox) -> int:
+    """How many capsa interpreter processes run in the guest."""
+    procs = sandbox.commands.run("cat /proc/[0-9]*/cmdline 2>/dev/null; true").stdout
+    return procs.count("python3\x00-u\x00-c")
+
+
+def test_forks_take_up_the_parents_commands_and_interpreter(server: Server) -> None:
+    """Each fork has the parent's background command (still counting) and a copy of its
+    interpreter with its variables; the copies are independent of each other and of the parent."""
     parent = code_interpreter.Sandbox.create(timeout=120)
     try:
-        assert parent.run_code("z = 7").error is None
+        assert parent.run_code("x = 41").error is None
         handle = parent.commands.run(COUNTER, background=True)
         time.sleep(1.0)
-        [child] = parent.fork(count=1, timeout=60)
+        children = parent.fork(count=2, timeout=60)
         try:
+            assert len(children) == 2
+            forked = [code_interpreter.Sandbox.connect(c.sandbox_id) for c in children]
+            assert [f.run_code("x + 1").text for f in forked] == ["42", "42"]
+            assert forked[0].run_code("x = 100").error is None
+            assert forked[1].run_code("x").text == "41"  # each fork its own copy
+            assert parent.run_code("x").text == "41"
+            assert forked[0].run_code("x").text == "100"
+            assert _interpreters(forked[0]) == 1  # the copy, no second one started
+            child = children[0]
             assert handle.pid in [p.pid for p in child.commands.list()]
             seen: list[str] = []
             for stdout, _, _ in child.commands.connect(handle.pid):
@@ -129,14 +147,63 @@ def test_a_fork_takes_up_the_parents_commands_and_starts_a_fresh_interpreter(ser
             numbers = _numbers("".join(seen))
             assert numbers == list(range(numbers[0], numbers[0] + len(numbers))) and numbers[0] > 0
             assert child.commands.kill(handle.pid)
-            forked = code_interpreter.Sandbox.connect(child.sandbox_id)
-            assert forked.run_code("z").error.name == "NameError"  # a fresh interpreter
-            procs = child.commands.run("cat /proc/[0-9]*/cmdline 2>/dev/null; true").stdout
-            assert procs.count("python3\x00-u\x00-c") == 1  # the parent's copy was stopped
         finally:
-            Sandbox.kill(child.sandbox_id)
+            for child in children:
+                Sandbox.kill(child.sandbox_id)
         assert handle.pid in [p.pid for p in parent.commands.list()]  # the parent's goes on
-        assert parent.run_code("z").text == "7"
+        assert parent.run_code("x + 1").text == "42"
         assert parent.commands.kill(handle.pid)
     finally:
         Sandbox.kill(parent.sandbox_id)
+
+
+def test_a_fork_during_a_running_cell_starts_a_fresh_interpreter(server: Server) -> None:
+    """A cell still running when the fork is saved is not waited for: the parent's cell ends
+    normally, the fork's copy (caught mid-answer) is stopped and the fork starts a new one."""
+    parent = code_interpreter.Sandbox.create(timeout=120)
+    try:
+        assert parent.run_code("v = 5").error is None
+        outcome: list[object] = []
+        worker = threading.Thread(
+            target=lambda: outcome.append(parent.run_code("import time; time.sleep(4); v * 2"))
+        )
+        worker.start()
+        time.sleep(1.5)
+        [child] = parent.fork(count=1, timeout=60)
+        try:
+            forked = code_interpreter.Sandbox.connect(child.sandbox_id)
+            assert forked.run_code("v").error.name == "NameError"  # a fresh interpreter
+            assert _interpreters(forked) == 1  # the parent's copy was stopped
+        finally:
+            Sandbox.kill(child.sandbox_id)
+        worker.join(60)
+        assert [getattr(o, "text", o) for o in outcome] == ["10"]
+    finally:
+        Sandbox.kill(parent.sandbox_id)
+
+
+def test_a_sandbox_from_a_snapshot_has_the_saved_commands_and_interpreter(server: Server) -> None:
+    """``Sandbox.create(snapshot_id)`` lists the saved sandbox's background command (reachable with
+    ``commands.connect``) and has its interpreter's variables, after the source is gone."""
+    source = code_interpreter.Sandbox.create(timeout=120)
+    try:
+        assert source.run_code("w = 'kept'").error is None
+        handle = source.commands.run(COUNTER, background=True)
+        time.sleep(0.5)
+        snapshot = source.create_snapshot()
+    finally:
+        Sandbox.kill(source.sandbox_id)
+    restored = code_interpreter.Sandbox.create(snapshot.snapshot_id, timeout=60)
+    try:
+        assert handle.pid in [p.pid for p in restored.commands.list()]
+        seen: list[str] = []
+        for stdout, _, _ in restored.commands.connect(handle.pid):
+            seen.append(stdout or "")
+            if len(_numbers("".join(seen))) >= 2:
+                break
+        assert _numbers("".join(seen))[0] > 0
+        assert restored.commands.kill(handle.pid)
+        assert restored.run_code("w").text == "'kept'"
+    finally:
+        Sandbox.kill(restored.sandbox_id)
+        Sandbox.delete_snapshot(snapshot.snapshot_id)

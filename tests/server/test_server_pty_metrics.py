@@ -111,6 +111,42 @@ def test_send_stdin_to_a_plain_process(sandbox_id: str) -> None:
     _run(scenario)
 
 
+def test_stream_input_to_a_command_and_a_pty(sandbox_id: str) -> None:
+    """``commands.stream_input`` / ``pty.stream_input`` (Connect's client-streaming
+    ``StreamInput`` over HTTP/1.1): the sync call's chunks arrive in order; the async handle's
+    inputs reach the process while its stream stays open; an unknown pid is NotFound."""
+    sandbox = Sandbox.connect(sandbox_id)
+    handle = sandbox.commands.run("head -n 3", background=True, stdin=True)
+    sandbox.commands.stream_input(handle.pid, ["one\n", b"two\n", "three\n", "four\n"])
+    assert handle.wait().stdout == "one\ntwo\nthree\n"
+    with pytest.raises(NotFoundException):
+        sandbox.commands.stream_input(999_999, ["x"])
+
+    async def scenario() -> None:
+        sbx = await AsyncSandbox.connect(sandbox_id)
+        seen: list[str] = []
+        cat = await sbx.commands.run("cat", background=True, stdin=True, on_stdout=seen.append)
+        stream = sbx.commands.stream_input(cat.pid)
+        await stream.send("first\n")
+        await _until(lambda: "first\n" in "".join(seen), lambda: seen)  # before the stream ends
+        await stream.send(b"second\n")
+        await _until(lambda: "second\n" in "".join(seen), lambda: seen)
+        await stream.close()
+        await sbx.commands.close_stdin(cat.pid)
+        assert (await cat.wait()).stdout == "first\nsecond\n"
+        out = bytearray()
+        pty = await sbx.pty.create(PtySize(rows=24, cols=80), on_data=out.extend, timeout=60)
+        async with sbx.pty.stream_input(pty.pid) as typed:
+            await typed.send(b"echo streamed-$((3*3))\n")
+            await _until(lambda: b"streamed-9" in out, lambda: bytes(out))
+        assert await sbx.pty.kill(pty.pid)
+        missing = sbx.commands.stream_input(999_999)
+        with pytest.raises(NotFoundException):
+            await missing.close()
+
+    _run(scenario)
+
+
 def test_a_dropped_pty_client_leaves_the_pty_until_its_timeout(sandbox_id: str) -> None:
     """As envd: a PTY outlives the stream that started it (``pty.connect`` reattaches) and is
     killed when its timeout passes; nothing stays behind in the guest."""

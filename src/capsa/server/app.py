@@ -28,6 +28,8 @@ from capsa.server.guest_metrics import DEFAULT_INTERVAL, Sampler
 from capsa.server.ingress import Ingress
 from capsa.server.ingress_ws import relay_websocket
 from capsa.server.limits import (
+    INPUT_STREAM_IDLE,
+    INPUT_STREAM_PATH,
     LimitedBody,
     Limits,
     RequestRejected,
@@ -221,14 +223,17 @@ class CapsaServer:
             cap = limits.max_upload_bytes
         elif sandbox_id is None and not _signed_url(scope):
             cap = limits.max_json_bytes
-        elif scope["path"] == "/files":
+        elif scope["path"] in ("/files", INPUT_STREAM_PATH):  # streamed to the guest
             cap = limits.max_upload_bytes
         else:
             cap = limits.max_rpc_bytes
         declared = content_length(raw)
         if declared is not None and declared > cap:
             raise RequestRejected(413, f"the request body is larger than {cap} bytes")
-        return sandbox_id, _BodyCap(cap, limits.body_timeout)
+        idle = limits.body_timeout
+        if scope["path"] == INPUT_STREAM_PATH:
+            idle = max(idle, INPUT_STREAM_IDLE)
+        return sandbox_id, _BodyCap(cap, idle)
 
     async def _sandbox_asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = await self._sandbox(Request(scope, receive))

@@ -1,15 +1,17 @@
 """The parts of the Connect protocol (https://connectrpc.com/docs/protocol) that envd's clients use.
 
-Only the JSON codec: unary calls carry one JSON message (``application/json``); server-streaming
-calls carry enveloped messages (``application/connect+json``): a flags byte, a 4-byte big-endian
+Only the JSON codec: unary calls carry one JSON message (``application/json``); streaming calls
+carry enveloped messages (``application/connect+json``): a flags byte, a 4-byte big-endian
 length, then the JSON. The last envelope of a stream has flag ``0x02`` and holds the end-of-stream
-message (``{}`` or ``{"error": {...}}``).
+message (``{}`` or ``{"error": {...}}``). A client-streaming call (``StreamInput``) sends its
+messages in one request body as they come (HTTP/1.1 chunks), read with :func:`read_envelopes`.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import AsyncIterator
 from typing import Any
 
 from capsa.errors import CapsaError
@@ -81,6 +83,31 @@ def parse_envelopes(data: bytes) -> list[dict[str, Any]]:
             messages.append(parse_message(data[offset : offset + length]))
         offset += length
     return messages
+
+
+async def read_envelopes(
+    chunks: AsyncIterator[bytes], limit: int = MAX_MESSAGE
+) -> AsyncIterator[dict[str, Any]]:
+    """The messages of an enveloped request body, each as soon as it is complete (a client that
+    streams its input gets each chunk delivered without waiting for the end of the body). A
+    message over ``limit`` bytes, a compressed one, or a body cut mid-envelope raises."""
+    buffer = bytearray()
+    async for chunk in chunks:
+        buffer += chunk
+        while len(buffer) >= 5:
+            flags, length = struct.unpack_from(">BI", buffer)
+            if flags & COMPRESSED:
+                raise ConnectError("unimplemented", "compressed messages are not supported")
+            if length > limit:
+                raise ConnectError("resource_exhausted", f"a message is larger than {limit} bytes")
+            if len(buffer) < 5 + length:
+                break
+            data = bytes(buffer[5 : 5 + length])
+            del buffer[: 5 + length]
+            if not flags & END_STREAM:
+                yield parse_message(data)
+    if buffer:
+        raise ConnectError("invalid_argument", "the request body ends inside an envelope")
 
 
 def parse_message(data: bytes) -> dict[str, Any]:

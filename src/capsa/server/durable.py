@@ -23,10 +23,9 @@ from typing import Any, cast
 import capsa
 from capsa.errors import CapsaError
 from capsa.net.policy import Action, Cidr, Domain, NetworkPolicy, Rule
+from capsa.server.carry import Carried, carry_over
 from capsa.server.entry import ApiError, Entry
-from capsa.server.envd import processes_for
 from capsa.server.ingress import is_public, set_public
-from capsa.server.interpreter import interpreter_for
 from capsa.server.limits import Limits
 from capsa.server.snapshots import Saved
 from capsa.server.statedb import PARTIAL, StateDB
@@ -150,25 +149,8 @@ class Journal:
         """After the first resume since a restart: take up the guest's commands and interpreter
         that the pause kept (as a resume within one server run does); never raises."""
         carry = entry.extra.pop(_RESTART_CARRY, None)
-        if not carry:
-            return
-        commands = {int(pid): value for pid, value in carry.get("commands", {}).items()}
-        try:
-            listed = await entry.vm.agent.processes()
-        except CapsaError as exc:
-            log.warning("sandbox %s: listing its processes failed: %s", entry.id, exc.message)
-            return
-        for info in listed:
-            if info.attached or not info.running or info.pid not in commands:
-                continue
-            config, tag = commands[info.pid]
-            try:
-                await processes_for(entry, self.limits).adopt(info, config, tag)
-            except CapsaError as exc:
-                log.warning("sandbox %s: command %d not taken up: %s", entry.id, info.pid, exc.message)
-        pid = carry.get("interpreter")
-        if isinstance(pid, int):
-            await interpreter_for(entry).adopt(pid, carry.get("contexts") or {})
+        if carry:
+            await carry_over(carried_of(carry, self.limits), entry)
 
     # -- snapshots --
 
@@ -194,6 +176,7 @@ class Journal:
             "created": saved.created_at.timestamp(),
             "policy": policy_json(saved.policy),
             "public": saved.public_traffic,
+            "carried": carried_json(saved.carried),
         }
         self.db.put_snapshot(saved.id, saved.tenant, saved.path, record)
 
@@ -213,6 +196,7 @@ class Journal:
                 created_at=datetime.datetime.fromtimestamp(r["created"], datetime.UTC),
                 policy=policy_of(r["policy"]),
                 public_traffic=bool(r["public"]),
+                carried=None if r["carried"] is None else carried_of(r["carried"], self.limits),
             )
             for raw, tenant, path, r in self.db.snapshots()
         ]
@@ -228,6 +212,25 @@ def _recording(entry: Entry, what: str) -> Iterator[None]:
         log.error("recording the %s of sandbox %s failed: %s", what, entry.id, exc)
         raise ApiError(507, f"cannot {what} sandbox {entry.id!r}: the state dir cannot record it "
                        f"({exc})", hint="free space in the server's --state-dir") from None  # fmt: skip
+
+
+def carried_json(carried: Carried | None) -> dict[str, Any] | None:
+    """The processes a save holds (:class:`~capsa.server.carry.Carried`) as JSON; the command
+    table's limits are the server's (not stored: a restart may change them)."""
+    if carried is None:
+        return None
+    return {
+        "commands": {str(pid): [config, tag] for pid, (config, tag) in carried.commands.items()},
+        "interpreter": carried.interpreter,
+        "busy": carried.busy,
+        "envs": carried.envs,
+        "contexts": carried.contexts,
+    }
+
+
+def carried_of(data: dict[str, Any], limits: Limits) -> Carried:
+    commands = {int(pid): (config, tag) for pid, (config, tag) in data["commands"].items()}
+    return Carried(commands, limits, data["interpreter"], data["busy"], data["envs"], data["contexts"])
 
 
 def policy_json(policy: NetworkPolicy | None) -> dict[str, Any] | None:
@@ -256,14 +259,16 @@ def policy_of(data: dict[str, Any] | None) -> NetworkPolicy | None:
 
 
 def _record(entry: Entry) -> dict[str, Any]:
-    carry: dict[str, Any] = {}
-    if entry.processes is not None:
-        carry["commands"] = {str(pid): list(v) for pid, v in entry.processes.configs().items()}
-    if entry.interpreter is not None and entry.interpreter.pid is not None:
-        carry["interpreter"] = entry.interpreter.pid
-        carry["contexts"] = entry.interpreter.contexts
-    elif _RESTART_CARRY in entry.extra:  # paused since a restart and not resumed yet
-        carry = entry.extra[_RESTART_CARRY]
+    carry: dict[str, Any] | None = entry.extra.get(_RESTART_CARRY)  # paused since a restart
+    if carry is None:  # the processes its pause kept in the guest
+        table, interpreter = entry.processes, entry.interpreter
+        envs, contexts = interpreter.state() if interpreter is not None else ({}, {})
+        carry = carried_json(Carried(
+            commands=table.configs() if table is not None else {},
+            interpreter=interpreter.pid if interpreter is not None else None,
+            envs=envs,
+            contexts=contexts,
+        ))  # fmt: skip
     return {
         "tenant": entry.tenant,
         "template": entry.template,

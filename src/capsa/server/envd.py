@@ -328,6 +328,27 @@ class ProcessTable:
         except CapsaError as exc:
             raise ConnectError("failed_precondition", exc.message) from None
 
+    async def stream_input(self, messages: AsyncIterator[dict[str, Any]]) -> None:
+        """``StreamInput``: a ``start`` naming the process, then ``data`` messages (each as
+        :meth:`send_input` takes it) and ``keepalive``s, written in order as they arrive."""
+        selector: object = None
+        async for message in messages:
+            if "start" in message:
+                start = message["start"]
+                if selector is not None or not isinstance(start, dict):
+                    raise ConnectError("invalid_argument", "one start message first, naming the process")
+                selector = start.get("process")
+                self.find(selector)  # an unknown process fails now, not at its first input
+            elif "data" in message:
+                data = message["data"]
+                if selector is None or not isinstance(data, dict):
+                    raise ConnectError("invalid_argument", "input before the start message")
+                await self.send_input({"process": selector, "input": data.get("input")})
+            elif "keepalive" not in message:
+                raise ConnectError("invalid_argument", f"unknown input message {sorted(message)!r:.80}")
+        if selector is None:
+            raise ConnectError("invalid_argument", "the input stream had no start message")
+
     async def update(self, request: dict[str, Any]) -> None:
         """Resize a PTY (``Update`` with ``pty.size``); the command gets SIGWINCH."""
         proc = self.find(request.get("process"))
@@ -384,9 +405,9 @@ class ProcessTable:
                     continue
             self.run(proc, None)
 
-    def copy_for(self, vm: capsa.Sandbox) -> ProcessTable:
-        """An empty table for ``vm`` (a fork), with this one's environment and limits."""
-        return ProcessTable(vm, self._envs, self._limits)
+    @property
+    def limits(self) -> Limits:
+        return self._limits
 
     def configs(self) -> dict[int, tuple[dict[str, Any], str | None]]:
         """Each command's config and tag, by guest pid (what a fork's copies are described by)."""

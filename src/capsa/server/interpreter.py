@@ -8,7 +8,7 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import capsa
@@ -195,18 +195,39 @@ class Interpreter:
             if self._lock.locked():
                 self._lock.release()
 
-    async def adopt(self, pid: int, contexts: dict[str, dict[str, str]]) -> None:
-        """After a server restart: take up the guest's interpreter process ``pid`` (paused with
-        its variables) instead of starting a new one. If it cannot be attached, the next request
-        starts a fresh one (logged)."""
-        try:
-            process = await self._vm.agent.attach(pid)
-        except CapsaError as exc:
-            log.warning("the interpreter did not survive the restart: %s", exc.message)
+    @contextlib.asynccontextmanager
+    async def saving(self) -> AsyncIterator[int | None]:
+        """Around a save of the running sandbox (a fork, ``create_snapshot``): requests wait until
+        it is written, so the copy of the process in the save is between two cells, with nothing
+        of an answer in flight; yields its pid, which a sandbox restored from the save takes up
+        (:meth:`adopt`). A busy one (a cell running) is not waited for: yields None."""
+        if self._lock.locked():
+            yield None
             return
-        self._process = process
-        self.contexts.update(contexts)
-        self._tasks.spawn(self._discard(process.stderr), name="capsa-interpreter-stderr")
+        async with self._lock:
+            process = self._process
+            yield process.pid if process is not None and process.returncode is None else None
+
+    def state(self) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+        """Its environment and contexts, as a copy taken by :meth:`saving` starts with."""
+        return dict(self._envs), {cid: dict(ctx) for cid, ctx in self.contexts.items()}
+
+    @classmethod
+    def adopt(
+        cls,
+        vm: capsa.Sandbox,
+        process: capsa.Process,
+        envs: Mapping[str, str],
+        contexts: Mapping[str, dict[str, str]],
+    ) -> Interpreter:
+        """The interpreter of a sandbox restored from a save: ``process`` (attached in ``vm``) is
+        the copy of the saved sandbox's, with its variables; ``envs`` and ``contexts`` are what
+        that one had (:meth:`state`)."""
+        interpreter = cls(vm, dict(envs))
+        interpreter.contexts = {cid: dict(ctx) for cid, ctx in contexts.items()}
+        interpreter._process = process
+        interpreter._tasks.spawn(interpreter._discard(process.stderr), name="capsa-interpreter-stderr")
+        return interpreter
 
     def close(self) -> None:
         self._process = None  # it dies with its sandbox

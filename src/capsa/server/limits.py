@@ -18,6 +18,10 @@ from starlette.types import Message, Receive
 from capsa.server.entry import ApiError
 
 MiB = 1 << 20
+# A StreamInput body (commands.stream_input) may be quiet between inputs: the SDKs send a keepalive
+# message every 50 s, so its idle timeout is longer than other bodies'.
+INPUT_STREAM_IDLE = 120.0
+INPUT_STREAM_PATH = "/process.Process/StreamInput"
 
 
 @dataclass(frozen=True)

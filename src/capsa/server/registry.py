@@ -18,6 +18,7 @@ import capsa
 from capsa._tasks import TaskSet
 from capsa.errors import CapsaError
 from capsa.server import _cluster
+from capsa.server.carry import Carried, holding
 from capsa.server.entry import (
     DEFAULT_TIMEOUT,
     INTERPRETER_TEMPLATE,
@@ -422,9 +423,10 @@ class Registry:
 
     # -- saves and restores for fork and create_snapshot --
 
-    async def save(self, entry: Entry, target: Path) -> None:
+    async def save(self, entry: Entry, target: Path) -> Carried:
         """Snapshot the running ``entry`` to ``target``; it keeps running, with its id, end,
-        commands and interpreter (the snapshot holds copies of the processes too)."""
+        commands and interpreter (the snapshot holds copies of the processes too, described by
+        the :class:`Carried` returned, for the sandboxes restored from it)."""
         if entry.node_id is not None:
             raise ApiError(
                 501,
@@ -438,9 +440,11 @@ class Registry:
                 raise ApiError(409, f"sandbox {entry.id!r} is {state}", hint="resume it first")
             close_watchers(entry)  # commands and the interpreter keep running: a snapshot keeps them
             try:
-                await entry.vm.snapshot(target)
+                async with holding(entry) as carried:
+                    await entry.vm.snapshot(target)
             except CapsaError as exc:
                 raise ApiError(409, f"cannot snapshot sandbox {entry.id!r}: {exc.message}") from None
+            return carried
 
     async def restore(
         self,

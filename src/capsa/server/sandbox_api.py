@@ -149,6 +149,8 @@ class SandboxApi:
 
     async def _rpc(self, request: Request, entry: Entry, streaming: bool) -> Response:
         service, _, method = request.url.path.strip("/").partition("/")
+        if streaming and service == "process.Process" and method == "StreamInput":
+            return await self._stream_input(request, entry)
         try:
             raw = await request.body()
             messages = connect.parse_envelopes(raw) if streaming else [connect.parse_message(raw)]
@@ -166,6 +168,24 @@ class SandboxApi:
         except Exception as exc:
             log.exception("%s/%s failed", service, method)
             return _connect_error_response(ConnectError("internal", client_message(exc)), streaming)
+
+    async def _stream_input(self, request: Request, entry: Entry) -> Response:
+        """The client-streaming ``StreamInput`` (the SDKs' ``commands.stream_input`` and
+        ``pty.stream_input``): input is written to the process as each message arrives; the
+        reply, one empty message, comes at the end of the request body (or an error at the
+        first bad message: the rest of the body is not read, and the connection is closed)."""
+        table = processes_for(entry, self.limits)
+        try:
+            await table.stream_input(connect.read_envelopes(request.stream()))
+            body = connect.envelope({}) + connect.end_stream()
+        except ConnectError as exc:
+            body = connect.end_stream(exc)
+        except RequestRejected:
+            raise  # answered by the app (413/408)
+        except Exception as exc:
+            log.exception("process.Process/StreamInput failed")
+            body = connect.end_stream(ConnectError("internal", client_message(exc)))
+        return Response(body, media_type=connect.STREAM_TYPE)
 
     async def _unary(
         self, service: str, method: str, message: dict[str, Any], entry: Entry

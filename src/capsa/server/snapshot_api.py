@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from capsa._guardian import new_vm_dir
 from capsa.errors import CapsaError
-from capsa.server.carry import carry_over
+from capsa.server.carry import Carried, carry_over
 from capsa.server.entry import TEMPLATES, ApiError, Entry, check_timeout, named_image
 from capsa.server.ingress import is_public, set_public
 from capsa.server.listing import NEXT_TOKEN, page
@@ -111,7 +111,7 @@ class SnapshotApi:
         scratch: Path | None = None
         try:
             scratch = new_vm_dir("serve-fork-")  # RAM-backed when it can, and guarded: as vm.fork's
-            await self.registry.save(parent, scratch / "snapshot")
+            carried = await self.registry.save(parent, scratch / "snapshot")
         except BaseException:
             for _ in range(held):  # no restore took them over
                 self.registry.quota.release(tenant)
@@ -120,7 +120,10 @@ class SnapshotApi:
             raise
         try:  # from here each restore owns its slot (and gives it back if it fails)
             results = await asyncio.gather(
-                *(self._fork_one(parent, scratch / "snapshot", timeout, tenant) for _ in range(held)),
+                *(
+                    self._fork_one(parent, carried, scratch / "snapshot", timeout, tenant)
+                    for _ in range(held)
+                ),
                 return_exceptions=True,
             )
         finally:
@@ -140,7 +143,9 @@ class SnapshotApi:
         )
         return JSONResponse(reply, status_code=201)
 
-    async def _fork_one(self, parent: Entry, snapshot: Path, timeout: int, tenant: str) -> Entry:
+    async def _fork_one(
+        self, parent: Entry, carried: Carried, snapshot: Path, timeout: int, tenant: str
+    ) -> Entry:
         child = await self.registry.restore(
             snapshot,
             template=parent.template,
@@ -152,7 +157,7 @@ class SnapshotApi:
             reserved=True,
         )
         set_public(child, is_public(parent))  # before any await: a private parent's clones are private
-        await carry_over(parent, child)  # the parent's commands, copied with its guest
+        await carry_over(carried, child)  # the parent's commands and interpreter, copied with its guest
         return child
 
     async def create_snapshot(self, request: Request) -> Response:
@@ -176,7 +181,7 @@ class SnapshotApi:
                 )
             raw, target = store.new_path()
             try:
-                await self.registry.save(source, target)
+                carried = await self.registry.save(source, target)
             except BaseException:
                 await asyncio.to_thread(shutil.rmtree, target, True)
                 raise
@@ -191,6 +196,7 @@ class SnapshotApi:
                 created_at=datetime.datetime.now(datetime.UTC),
                 policy=source.policy,
                 public_traffic=is_public(source),
+                carried=carried,
             )
             store.add(saved)
         return JSONResponse(saved.json(), status_code=201)
@@ -240,6 +246,10 @@ async def create_from_snapshot(
             policy=saved.policy,
         )
     set_public(entry, saved.public_traffic)  # before any await: the source's ingress access
+    if saved.carried is not None:
+        await carry_over(saved.carried, entry)  # the saved sandbox's commands and interpreter
+    if entry.interpreter is not None and envs:
+        await entry.interpreter.set_env(envs)  # this create's variables, as a fresh one would get
     return entry
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import capsa
 
 if TYPE_CHECKING:
+    from capsa.server.carry import Carried
     from capsa.server.durable import Journal
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Saved:
     deleted: bool = False
     policy: capsa.NetworkPolicy | None = None  # the source's: its restores keep it
     public_traffic: bool = True  # the source's allow_public_traffic (ingress): its restores keep it
+    carried: Carried | None = None  # the source's processes in it: its restores take them up
 
     @property
     def snapshot_id(self) -> str:
