@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -21,6 +22,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from capsa.errors import CapsaError
 from capsa.server.control import PRINCIPAL, ControlPlane, api_error, error_response, principal_of
+from capsa.server.durable import DEFAULT_KEEP_ENDED, Journal
+from capsa.server.ends import EndsApi
 from capsa.server.guest_metrics import DEFAULT_INTERVAL, Sampler
 from capsa.server.ingress import Ingress, with_host_routing
 from capsa.server.ingress_ws import relay_websocket
@@ -38,6 +41,7 @@ from capsa.server.metrics import Metrics
 from capsa.server.registry import Registry
 from capsa.server.sandbox_api import SandboxApi
 from capsa.server.signed_urls import has_signature
+from capsa.server.statedb import StateDB
 from capsa.server.tenants import KeyRing, Principal
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,9 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     metrics_interval: float = DEFAULT_INTERVAL  # seconds between guest samples (0: none)
     domain: str = "localhost:3000"  # ingress hosts are {port}-{sandbox_id}.{domain} (--domain)
+    state_dir: Path | None = None  # records and files kept across restarts (None: all in memory)
+    shutdown_timeout: float = 30.0  # seconds to pause the running sandboxes at shutdown
+    keep_ended: float = DEFAULT_KEEP_ENDED  # seconds an ended sandbox's record is kept
 
 
 class CapsaServer:
@@ -67,6 +74,14 @@ class CapsaServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = Metrics(lambda: len(self.registry))
+        self.journal = None
+        if config.state_dir is not None:  # the lock and the checks: refused here, before serving
+            self.journal = Journal(
+                StateDB(config.state_dir),
+                keep_ended=config.keep_ended,
+                limits=config.limits,
+                on_end=lambda reason: self.metrics.ends.labels(reason=reason).inc(),
+            )
         self.registry = Registry(
             memory_mb=config.memory_mb,
             pools=config.pools,
@@ -78,6 +93,8 @@ class CapsaServer:
             dns_servers=config.dns_servers,
             allow_internal_destinations=config.allow_internal_destinations,
             ray_address=config.ray_address,
+            journal=self.journal,
+            shutdown_timeout=config.shutdown_timeout,
         )
         self.sampler = Sampler(self.registry, config.metrics_interval, self.metrics.sampled)
         self.ready = False
@@ -86,6 +103,7 @@ class CapsaServer:
             Route("/health", self._health, methods=["GET"]),
             Route("/metrics", self._metrics, methods=["GET"]),
             *control.routes(),
+            *EndsApi(self.journal, principal_of).routes(),
         ]
         self._control: ASGIApp = Starlette(
             routes=routes,
@@ -106,9 +124,12 @@ class CapsaServer:
             yield
         finally:
             self.ready = False
-            log.info("capsa serve stopping: killing %d sandboxes", len(self.registry))
+            verb = "killing" if self.journal is None else "pausing"
+            log.info("capsa serve stopping: %s %d sandboxes", verb, len(self.registry))
             await self.sampler.close()
             await self.registry.close()
+            if self.journal is not None:
+                self.journal.close()
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         return api_error(exc)
