@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import os
+import shutil
 import signal
 import socket
 import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -54,6 +57,10 @@ def start_server(
     args = ["--port", str(port), "--memory", str(memory), *extra]
     for pool in pools:
         args += ["--pool", pool]
+    if "--state-dir" not in args:  # a state dir of its own: the default one admits one server
+        state = tempfile.mkdtemp(prefix="capsa-bench-state-")
+        atexit.register(shutil.rmtree, state, True)
+        args += ["--state-dir", state]
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "capsa.cli", "serve", *args],

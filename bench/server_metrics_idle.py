@@ -8,7 +8,9 @@ the server process, and of its guests' QEMU processes, with 4 idle sandboxes, sa
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -68,6 +70,9 @@ def measure(interval: float, window: float) -> tuple[float, float]:
     log = Path(tempfile.mkstemp(prefix="capsa-bench-metrics-", suffix=".log")[1])
     args = ["--port", str(port), "--memory", str(MEMORY), "--max-sandboxes", str(SANDBOXES)]
     args += ["--metrics-interval", str(interval)]
+    state = tempfile.mkdtemp(prefix="capsa-bench-state-")  # its own: the default admits one server
+    atexit.register(shutil.rmtree, state, True)
+    args += ["--state-dir", state]
     with log.open("wb") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "capsa.cli", "serve", *args],

@@ -164,7 +164,7 @@ def _start_serve(address: str, tmp: Path) -> tuple[Any, str, Path]:
     with out.open("wb") as sink:
         proc = subprocess.Popen(
             [sys.executable, "-m", "capsa.cli", "serve", "--ray", address, "--port", str(port),
-             "--memory", str(MEMORY), "--pool", "base=1"],
+             "--memory", str(MEMORY), "--pool", "base=1", "--state-dir", str(tmp / "state")],
             stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=DRIVER.parents[2],
         )  # fmt: skip
     return proc, f"http://127.0.0.1:{port}", out

@@ -52,12 +52,18 @@ def free_port() -> int:
 
 
 def start_server(
-    tmp: Path, *args: str, env: dict[str, str] | None = None, ca: Path | None = None
+    tmp: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    ca: Path | None = None,
+    port: int | None = None,
 ) -> Server:
-    """A ``capsa serve`` on a free port, healthy; ``ca``: it serves HTTPS with a certificate from
-    this CA (``--tls auto`` writes it at start)."""
-    port = free_port()
+    """A ``capsa serve`` on a free port (or ``port``), healthy, with its own state dir; ``ca``: it
+    serves HTTPS with a certificate from this CA (``--tls auto`` writes it at start)."""
+    port = port or free_port()
     log = tmp / f"serve-{port}.log"
+    if "--state-dir" not in args:  # each server its own (the default one admits one server)
+        args = (*args, "--state-dir", str(tmp / f"state-{port}"))
     env = {**os.environ, "CAPSA_API_KEY": API_KEY, **(env or {})}
     with log.open("wb") as out:
         process = subprocess.Popen(

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import ssl
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +47,9 @@ def register(commands: Any) -> None:
             "is an admin key of the tenant 'default'.\n\n"
             "templates: base (capsa's default image), code-interpreter-v1 (the same, with the\n"
             "Python interpreter started at create). On SIGTERM the server stops accepting and\n"
-            "kills its sandboxes.\n\n"
+            "pauses its running sandboxes into the state dir (--state-dir); after a restart they\n"
+            "resume on their next call, as paused sandboxes and snapshots do. `capsa serve ends`\n"
+            "prints why recent sandboxes ended.\n\n"
             "With --ray the sandboxes run on the Ray cluster's nodes that offer the custom resource\n"
             "capsa_slots (one capsa host actor per node; see docs/scale-out.md), --pool T=N keeps N\n"
             "per node, --max-sandboxes counts the whole cluster, and pause/resume is refused\n"
@@ -83,13 +86,7 @@ def register(commands: Any) -> None:
         help="sample each running sandbox's CPU, memory and disk every S seconds, for "
         "get_metrics and /metrics (default 5; 0 turns sampling off)",
     )
-    parser.add_argument(
-        "--state-dir",
-        type=Path,
-        metavar="DIR",
-        help="where the server keeps what outlives it: volumes in DIR/volumes "
-        "(default $XDG_STATE_HOME/capsa/serve, i.e. ~/.local/state/capsa/serve)",
-    )
+    add_state_flags(parser)
     parser.add_argument(
         "--volume-size-mb",
         type=int,
@@ -152,6 +149,70 @@ def tls_from(args: argparse.Namespace, domain: str) -> ssl.SSLContext | None:
         files.ca,
     )
     return context
+
+
+def add_state_flags(parser: argparse.ArgumentParser) -> None:
+    """The state dir (docs/server.md, "State and restarts") and ``capsa serve ends``."""
+    parser.add_argument(
+        "action",
+        nargs="?",
+        choices=["ends"],
+        help="ends: print the recent ends of the state dir's sandboxes (newest first) and exit",
+    )
+    group = parser.add_argument_group("state")
+    group.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="keep paused sandboxes, snapshots and end records here across restarts (one server "
+        "per DIR); default $XDG_STATE_HOME/capsa/serve (~/.local/state/capsa/serve)",
+    )
+    group.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="on SIGTERM, pause the running sandboxes within S seconds (they resume on their "
+        "next call after the restart); those not paused by then are killed (default 60)",
+    )
+    group.add_argument(
+        "--keep-ended",
+        default="24h",
+        metavar="DURATION",
+        help="keep an ended sandbox's record (its end reason) this long: 90s, 30m, 24h, 7d "
+        "(default 24h)",
+    )
+    group.add_argument(
+        "--limit", type=int, default=50, metavar="N", help="with 'ends': print at most N (default 50)"
+    )
+
+
+def duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``24h``, ``7d`` in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1)
+    try:
+        value = float(number) * unit
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 366 * 86400:
+        raise ConfigError(f"--keep-ended takes a duration such as 90s, 30m, 24h or 7d, got {text!r}")
+    return value
+
+
+def state_dir(args: argparse.Namespace) -> Path:
+    from capsa.server.statedb import default_state_dir  # noqa: PLC0415 (server extra)
+
+    return Path(args.state_dir).expanduser() if args.state_dir else default_state_dir()
+
+
+def _ends(args: argparse.Namespace) -> int:
+    from capsa.server.ends import table  # noqa: PLC0415 (server extra)
+    from capsa.server.statedb import read_ends  # noqa: PLC0415
+
+    if not 1 <= args.limit <= 100_000:
+        raise ConfigError("--limit takes 1 to 100000")
+    sys.stdout.write(table(read_ends(state_dir(args), None, args.limit)) + "\n")
+    return 0
 
 
 def add_limit_flags(parser: argparse.ArgumentParser) -> None:
@@ -306,6 +367,8 @@ class _NotItsScheme(logging.Filter):
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.action == "ends":
+        return _ends(args)
     try:
         import uvicorn  # noqa: PLC0415 (optional dependency)
 
@@ -317,6 +380,8 @@ def _serve(args: argparse.Namespace) -> int:
             hint="pip install 'capsa[server]'",
         ) from None
     keys = load_keys(args.api_key_file)
+    if not 0 < args.shutdown_timeout <= 3600:
+        raise ConfigError("--shutdown-timeout takes seconds from 0 to 3600")
     if args.metrics_interval != 0 and not 0.5 <= args.metrics_interval <= 3600:
         raise ConfigError("--metrics-interval takes seconds from 0.5 to 3600 (0: off)")
     if not args.verbose:
@@ -336,7 +401,9 @@ def _serve(args: argparse.Namespace) -> int:
         limits=limits_from(args),
         metrics_interval=args.metrics_interval,
         domain=domain,
-        state_dir=args.state_dir,
+        state_dir=state_dir(args),
+        shutdown_timeout=args.shutdown_timeout,
+        keep_ended=duration(args.keep_ended),
         volume_size_mb=check_size_mb(args.volume_size_mb),
     )
     if args.ray is not None:  # before uvicorn: its signal handlers must replace Ray's SIGTERM one
@@ -356,7 +423,7 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             log_level="info",
             access_log=False,  # capsa.server.access logs each request with its sandbox and duration
-            timeout_graceful_shutdown=10,
+            timeout_graceful_shutdown=10,  # then the sandboxes pause (--shutdown-timeout)
             interface="asgi3",
             http=protocol_with(config.limits.header_timeout, tls=context),
             timeout_keep_alive=config.limits.keep_alive_timeout,

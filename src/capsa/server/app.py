@@ -24,6 +24,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from capsa.errors import CapsaError
 from capsa.server.control import PRINCIPAL, ControlPlane, api_error, error_response, principal_of
 from capsa.server.entry import ApiError
+from capsa.server.durable import DEFAULT_KEEP_ENDED, Journal
+from capsa.server.ends import EndsApi
 from capsa.server.guest_metrics import DEFAULT_INTERVAL, Sampler
 from capsa.server.ingress import Ingress, with_host_routing
 from capsa.server.ingress_ws import relay_websocket
@@ -41,9 +43,10 @@ from capsa.server.metrics import Metrics
 from capsa.server.registry import Registry
 from capsa.server.sandbox_api import SandboxApi
 from capsa.server.signed_urls import has_signature
+from capsa.server.statedb import StateDB, default_state_dir
 from capsa.server.tenants import KeyRing, Principal
 from capsa.server.volume_api import VolumeApi
-from capsa.server.volumes import ServerVolumes, default_state_dir
+from capsa.server.volumes import ServerVolumes
 from capsa.volume.store import DEFAULT_SIZE_MB
 
 log = logging.getLogger(__name__)
@@ -66,7 +69,9 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     metrics_interval: float = DEFAULT_INTERVAL  # seconds between guest samples (0: none)
     domain: str = "localhost:3000"  # ingress hosts are {port}-{sandbox_id}.{domain} (--domain)
-    state_dir: Path | None = None  # --state-dir: volumes live in <state_dir>/volumes
+    state_dir: Path | None = None  # records and files kept across restarts (None: all in memory)
+    shutdown_timeout: float = 30.0  # seconds to pause the running sandboxes at shutdown
+    keep_ended: float = DEFAULT_KEEP_ENDED  # seconds an ended sandbox's record is kept
     volume_size_mb: int = DEFAULT_SIZE_MB  # --volume-size-mb: E2B's create has no size
 
 
@@ -76,6 +81,14 @@ class CapsaServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = Metrics(lambda: len(self.registry))
+        self.journal = None
+        if config.state_dir is not None:  # the lock and the checks: refused here, before serving
+            self.journal = Journal(
+                StateDB(config.state_dir),
+                keep_ended=config.keep_ended,
+                limits=config.limits,
+                on_end=lambda reason: self.metrics.ends.labels(reason=reason).inc(),
+            )
         self.registry = Registry(
             memory_mb=config.memory_mb,
             pools=config.pools,
@@ -87,6 +100,8 @@ class CapsaServer:
             dns_servers=config.dns_servers,
             allow_internal_destinations=config.allow_internal_destinations,
             ray_address=config.ray_address,
+            journal=self.journal,
+            shutdown_timeout=config.shutdown_timeout,
         )
         self.sampler = Sampler(self.registry, config.metrics_interval, self.metrics.sampled)
         self.ready = False
@@ -104,6 +119,7 @@ class CapsaServer:
             Route("/metrics", self._metrics, methods=["GET"]),
             *control.routes(),
             *volume_api.routes(),
+            *EndsApi(self.journal, principal_of).routes(),
         ]
         self._volume_content: ASGIApp = Starlette(
             routes=volume_api.content_routes(), exception_handlers={CapsaError: self._on_error}
@@ -135,10 +151,13 @@ class CapsaServer:
             yield
         finally:
             self.ready = False
-            log.info("capsa serve stopping: killing %d sandboxes", len(self.registry))
+            verb = "killing" if self.journal is None else "pausing"
+            log.info("capsa serve stopping: %s %d sandboxes", verb, len(self.registry))
             await self.sampler.close()
             await self.volumes.close()
             await self.registry.close()
+            if self.journal is not None:
+                self.journal.close()
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         return api_error(exc)

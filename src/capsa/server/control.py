@@ -25,8 +25,8 @@ from capsa.server.entry import (
     Entry,
     resolved,
 )
+from capsa.server.exposure import set_mask_host, set_public
 from capsa.server.guest_metrics import MAX_BATCH, Sampler
-from capsa.server.ingress import set_mask_host, set_public
 from capsa.server.interpreter import interpreter_for
 from capsa.server.listing import NEXT_TOKEN, descending, filter_sandboxes, page, sandbox_key
 from capsa.server.metrics import Metrics
@@ -400,6 +400,8 @@ class ControlPlane:
                 network: Any = entry.vm.network  # a remote handle's set_policy is awaitable
                 await resolved(network.set_policy(policy))
             entry.policy = policy
+            if self.registry.journal is not None:
+                self.registry.journal.changed(entry)
         return Response(status_code=204)
 
     async def pause(self, request: Request) -> Response:

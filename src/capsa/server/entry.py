@@ -94,6 +94,7 @@ class Entry:
     timeout: int = DEFAULT_TIMEOUT  # the last one set: an auto-resume runs for as long again
     pausing: bool = False  # a pause is saving its snapshot
     parked: bool = False  # holds a paused slot of the quota, not a running one
+    resume_on_call: bool = False  # paused by a server shutdown: its next call resumes it
 
     @classmethod
     def start(

@@ -39,7 +39,8 @@ from starlette.types import Message, Receive, Scope, Send
 
 from capsa.agent.connections import ConnectionRefused, ConnectionWriter
 from capsa.errors import CapsaError, CapsaTimeoutError
-from capsa.server.entry import ApiError, Entry
+from capsa.server.entry import ApiError
+from capsa.server.exposure import is_public, mask_host
 from capsa.server.limits import LimitedBody, Limits, RequestRejected, single_header
 from capsa.server.registry import Registry
 
@@ -50,8 +51,6 @@ INTERPRETER_PORT = 49999
 CONNECT_TIMEOUT = 10.0  # the guest agent's connect to the port (loopback: refused at once)
 READ_SIZE = 256 << 10
 MAX_RESPONSE_HEAD = 64 << 10
-PUBLIC_KEY = "public_traffic"  # Entry.extra: False when create asked for allow_public_traffic=False
-MASK_KEY = "mask_request_host"  # Entry.extra: the Host the guest servers see (network.mask_request_host)
 _HOST = re.compile(r"^([0-9]{1,5})-([A-Za-z0-9]{1,64})\.(.+)$")
 # Hop-by-hop headers (RFC 9110 7.6.1) and the server's own: never passed to the guest server.
 _REQUEST_DROP = frozenset(
@@ -88,29 +87,6 @@ def parse_host(host: str | None, domain: str) -> tuple[str, int] | None:
         return None
     port = int(match.group(1))
     return (match.group(2), port) if 1 <= port <= 65535 else None
-
-
-def set_public(entry: Entry, public: bool) -> None:
-    entry.extra[PUBLIC_KEY] = public
-
-
-def is_public(entry: Entry) -> bool:
-    """Whether the sandbox's ports answer without its traffic token (forks and snapshots of a
-    private sandbox are private too)."""
-    return entry.extra.get(PUBLIC_KEY) is not False
-
-
-def set_mask_host(entry: Entry, mask: str | None) -> None:
-    if mask is None:
-        entry.extra.pop(MASK_KEY, None)
-    else:
-        entry.extra[MASK_KEY] = mask
-
-
-def mask_host(entry: Entry) -> str | None:
-    """The sandbox's ``network.mask_request_host`` (``${PORT}`` not substituted), if it has one."""
-    mask = entry.extra.get(MASK_KEY)
-    return mask if isinstance(mask, str) else None
 
 
 def with_host_routing(scope: Scope, domain: str) -> Scope:
@@ -366,5 +342,4 @@ class _Relay:
         await _error(self.send, 502, message)
 
 
-__all__ = ["Ingress", "IngressError", "is_public", "mask_host", "parse_host", "set_mask_host",
-           "set_public", "with_host_routing"]  # fmt: skip
+__all__ = ["Ingress", "IngressError", "parse_host", "with_host_routing"]

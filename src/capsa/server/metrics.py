@@ -51,6 +51,13 @@ class Metrics:
         self.code_runs = Counter(
             "capsa_server_code_executions", "Code interpreter executions", registry=self.registry
         )
+        self.ends = Counter(
+            "capsa_server_sandbox_ends",
+            "Sandboxes ended, by reason (killed, timeout, paused_then_killed, guest_crashed, "
+            "host_error, server_shutdown, server_crashed)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.requests = Counter(
             "capsa_server_requests", "HTTP requests", ["status"], registry=self.registry
         )

@@ -116,6 +116,12 @@ class Quota:
     def paused(self) -> int:
         return self._paused
 
+    def adopt_paused(self, tenant: str) -> None:
+        """A paused sandbox kept by the state dir, loaded at start: a paused slot of ``tenant``
+        whatever the limits (they bound what is created, not what a restart finds)."""
+        self._held[tenant] += 1
+        self._paused += 1
+
     def park(self, *, force: bool = False) -> None:
         """A sandbox is being paused: its running slot becomes a paused one. Raises
         :class:`LimitReached` when every paused slot is taken (not with ``force``: a resume that

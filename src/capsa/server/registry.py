@@ -12,6 +12,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import capsa
 from capsa._tasks import TaskSet
@@ -33,11 +34,15 @@ from capsa.server.entry import (
 )
 from capsa.server.envd import HOME
 from capsa.server.interpreter import Interpreter
+from capsa.server.lifecycle_end import end_of, pause_all
 from capsa.server.quota import LimitReached, Quota, TenantLimits
 from capsa.server.saves import build_from, detach, forget_processes, reattach, save_files_of
 from capsa.server.snapshots import SnapshotStore
 from capsa.server.tenants import DEFAULT_TENANT
 from capsa.vm import RunState
+
+if TYPE_CHECKING:
+    from capsa.server.durable import Journal
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,8 @@ class Registry:
         allow_internal_destinations: bool = False,
         ray_address: str | None = None,
         max_timeout: int | None = None,
+        journal: Journal | None = None,
+        shutdown_timeout: float = 30.0,
     ) -> None:
         for name in pools or {}:
             if name not in TEMPLATES and named_image(name) is None:
@@ -84,11 +91,13 @@ class Registry:
         self._reaper: asyncio.Task[None] | None = None
         self._on_removed = on_removed
         self._on_paused = on_paused  # called with the VM still there, before it is freed
-        self._paused_root: Path | None = None
+        self._paused_root: Path | None = None if journal is None else journal.paused_root
+        self.journal = journal  # the state dir's records (--state-dir); None: all in memory
+        self.shutdown_timeout = shutdown_timeout  # close() pauses the running ones within it
         self._dns_servers = dns_servers
         self._internal = allow_internal_destinations
         self.ray_address = ray_address  # place sandboxes on a Ray cluster's capsa host actors
-        self.snapshots = SnapshotStore()  # create_snapshot's, which outlive their sandboxes
+        self.snapshots = SnapshotStore(journal=journal)  # create_snapshot's: outlive their sandboxes
         self.max_timeout = max_timeout
         self.closed = False
 
@@ -112,6 +121,11 @@ class Registry:
         return builder.network(capsa.VirtualNetwork.with_gateway(gateway))
 
     async def start(self) -> None:
+        if self.journal is not None:  # what the last run kept: paused sandboxes, snapshots
+            for entry in self.journal.recover():
+                self.quota.adopt_paused(entry.tenant)
+                self._entries[entry.id] = entry
+            self.snapshots.load()
         if self.ray_address is not None:
             await _cluster.connect(self.ray_address)
             for name, size in self._pool_sizes.items():  # --pool T=N: N per node
@@ -211,9 +225,17 @@ class Registry:
         except BaseException:
             self.quota.release(tenant)
             raise
+        try:
+            if self.journal is not None:
+                self.journal.running(entry)
+        except ApiError:
+            self.quota.release(tenant)
+            await entry.vm.kill()
+            raise
         self._entries[entry.id] = entry  # the slot is the entry's now: _destroy gives it back
         if self.closed:  # close() ran while this one was booting
-            await self.kill(entry.id)
+            self._entries.pop(entry.id, None)
+            await self._destroy(entry, "server_shutdown")
             raise ApiError(503, "the server is shutting down")
         log.info(
             "sandbox %s created (template %s, tenant %s, timeout %ss)",
@@ -331,9 +353,12 @@ class Registry:
         (a tmpfs), so an honest archive of them is smaller than that."""
         return max(self.memory_mb, 64) << 20
 
-    async def _pause(self, entry: Entry, memory: bool = True) -> None:
+    async def _pause(self, entry: Entry, memory: bool = True, *, force: bool = False) -> None:
         """Pause ``entry`` (its ``resume_lock`` held). Its running slot becomes a paused one first
-        (429 when those are all taken); a failed pause gives it back and leaves nothing behind."""
+        (429 when those are all taken, unless ``force``: a shutdown's pause); a failed pause gives
+        it back and leaves nothing behind. With a state dir the pause counts once its row is
+        committed, after the snapshot is complete (a crash before leaves files the next start
+        removes)."""
         if not memory and any(disk.volume for disk in entry.vm.config.disks):
             raise ApiError(
                 409,
@@ -341,7 +366,7 @@ class Registry:
                 hint="a filesystem-only pause boots afresh on resume, without its volumes mounted",
             )
         try:
-            self.quota.park()
+            self.quota.park(force=force)
         except LimitReached as exc:
             message = f"cannot pause sandbox {entry.id!r}: {exc.message}"
             raise ApiError(429, message, hint=exc.hint) from None
@@ -367,7 +392,9 @@ class Registry:
                 self.quota.unpark(force=True)
                 entry.parked = False
             if isinstance(exc, CapsaError) and not isinstance(exc, ApiError):
-                raise ApiError(409, f"cannot pause sandbox {entry.id!r}: {exc.message}") from None
+                # a full disk is a 507: the SDKs read a 409 as "already paused" and report success
+                status = 507 if "No space left" in exc.message else 409
+                raise ApiError(status, f"cannot pause sandbox {entry.id!r}: {exc.message}") from None
             raise
         entry.pausing = False
         if entry.closing:  # killed while its snapshot was being saved
@@ -422,10 +449,21 @@ class Registry:
             if entry.closing:  # killed while it was being restored
                 await vm.kill()
                 raise ApiError(404, f"sandbox {sandbox_id!r} not found")
+            try:
+                if self.journal is not None:  # its row first: a crash now leaves files, not a row
+                    self.journal.running(entry)
+            except ApiError:  # not recorded: it stays paused
+                await vm.kill()
+                self.quota.park(force=True)
+                entry.parked = True
+                raise
             entry.vm = vm
             shutil.rmtree(entry.paused, ignore_errors=True)
             entry.paused = None
+            entry.resume_on_call = False
             await reattach(entry, vm)
+            if self.journal is not None:
+                await self.journal.take_up(entry)
             await entry.set_timeout(timeout or DEFAULT_TIMEOUT)
         log.info("sandbox %s resumed", entry.id)
         return entry
@@ -498,6 +536,8 @@ class Registry:
         )
         self._entries[entry.id] = entry  # the slot is the entry's now: _destroy gives it back
         try:
+            if self.journal is not None:
+                self.journal.running(entry)
             await entry.set_timeout(timeout)
         except BaseException:
             await self.kill(entry.id)
@@ -515,7 +555,8 @@ class Registry:
         entry = self.find(sandbox_id, tenant)
         if entry.running:
             return entry
-        if not entry.auto_resume or not entry.paused_memory:  # a new boot is no transparent wake
+        if not entry.paused_memory or not (entry.auto_resume or entry.resume_on_call):
+            raise SandboxPaused(entry.id)  # a filesystem-only pause's new boot is no transparent wake
             raise SandboxPaused(entry.id)
         return await self.resume(sandbox_id, entry.timeout, tenant)
 
@@ -543,21 +584,30 @@ class Registry:
                         message)  # fmt: skip
             if self._entries.get(entry.id) is entry:
                 self._entries.pop(entry.id)
-                await self._destroy(entry)
+                await self._destroy(entry, "host_error", f"pausing it at its timeout failed: {message}")
         finally:
             entry.extra.pop("timeout_pause", None)
+
+    async def _pause_for_shutdown(self, entry: Entry) -> None:
+        async with entry.resume_lock:
+            if entry.running:
+                entry.resume_on_call = True  # resumed by its next call after the restart
+                await self._pause(entry, force=True)
 
     # -- removal --
 
     async def kill(self, sandbox_id: str, tenant: str | None = None) -> None:
         entry = self.find(sandbox_id, tenant)  # no await between the lookup and the pop
         self._entries.pop(sandbox_id)
-        await self._destroy(entry)
+        paused = entry.paused is not None or entry.pausing
+        await self._destroy(entry, "paused_then_killed" if paused else "killed")
 
-    async def _destroy(self, entry: Entry) -> None:
+    async def _destroy(self, entry: Entry, reason: str, detail: str = "") -> None:
         """Remove a sandbox its caller has taken out of ``_entries`` (so this runs once per
-        entry, which gives back its slot)."""
+        entry, which gives back its slot), recording why it ended."""
         entry.closing = True
+        if self.journal is not None:
+            self.journal.ended(entry, reason, detail)
         self.quota.release(entry.tenant, paused=entry.parked)
         if self._on_removed is not None:
             try:
@@ -597,8 +647,9 @@ class Registry:
                 gone = id(entry.vm) in ended or entry.vm.status is not RunState.RUNNING
                 if entry.paused is None and not entry.pausing and gone:
                     self._entries.pop(entry.id, None)
-                    log.info("sandbox %s ended (timeout or exit)", entry.id)
-                    await self._destroy(entry)
+                    reason, detail = end_of(entry)
+                    log.info("sandbox %s ended (%s)", entry.id, reason)
+                    await self._destroy(entry, reason, detail)
 
     async def close(self) -> None:
         """Stop everything: pools, sandboxes, background tasks."""
@@ -608,9 +659,12 @@ class Registry:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        entries = list(self._entries.values())
+        if self.journal is not None:  # an upgrade loses no sandbox: the running ones pause
+            await pause_all(self.list(), self._pause_for_shutdown, self.shutdown_timeout)
+        entries = [e for e in self._entries.values() if self.journal is None or e.paused is None]
         self._entries.clear()
-        await asyncio.gather(*(self._destroy(e) for e in entries), return_exceptions=True)
+        await asyncio.gather(*(self._destroy(e, "server_shutdown") for e in entries),
+                             return_exceptions=True)  # fmt: skip
         self._warm_wanted.set()
         while self._warm:
             vm, _ = self._warm.popleft()
@@ -620,7 +674,7 @@ class Registry:
         if self.ray_address is not None:
             await _cluster.close()
         await self._tasks.wait_all(10.0)
-        if self._paused_root is not None:
+        if self._paused_root is not None and self.journal is None:
             shutil.rmtree(self._paused_root, ignore_errors=True)
         self.snapshots.close()
         log.info("stopped %d sandboxes in %.1fs", len(entries), time.monotonic() - started)

@@ -26,7 +26,7 @@ from capsa._guardian import new_vm_dir
 from capsa.errors import CapsaError
 from capsa.server.carry import Carried, carry_over
 from capsa.server.entry import TEMPLATES, ApiError, Entry, check_timeout, named_image
-from capsa.server.ingress import is_public, mask_host, set_mask_host, set_public
+from capsa.server.exposure import is_public, mask_host, set_mask_host, set_public
 from capsa.server.listing import NEXT_TOKEN, page
 from capsa.server.quota import LimitReached
 from capsa.server.registry import Registry
@@ -179,7 +179,11 @@ class SnapshotApi:
                     hint="delete snapshots you no longer need (Sandbox.delete_snapshot)",
                 )
             raw, target = store.new_path()
-            carried = await self.registry.save(source, target, memory=memory)
+            try:
+                carried = await self.registry.save(source, target, memory=memory)
+            except BaseException:
+                await asyncio.to_thread(shutil.rmtree, target, True)
+                raise
             saved = Saved(
                 id=raw,
                 name=name,

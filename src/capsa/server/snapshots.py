@@ -4,7 +4,8 @@ sandboxes start from, kept apart from the sandbox that was saved so that they ou
 Each snapshot belongs to the tenant whose sandbox it was taken from; another tenant's lookups find
 nothing (the same 404 as an unknown id), as for sandboxes. Snapshots cost disk (the guest's memory
 and its changed files), so a tenant holds at most :data:`MAX_SNAPSHOTS`; they live in a temporary
-directory of the server and are gone when it stops."""
+directory of the server and are gone when it stops, unless the server has a state dir
+(``--state-dir``: :mod:`capsa.server.durable`), which keeps them across restarts."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import capsa
 
@@ -25,6 +26,18 @@ if TYPE_CHECKING:
     from capsa.server.carry import Carried
 
 log = logging.getLogger(__name__)
+
+
+class SnapshotJournal(Protocol):
+    """What the store asks of the state dir (:class:`capsa.server.durable.Journal` is one): the
+    store owns this interface so that it need not import the journal, which builds its records."""
+
+    def snapshot_dir(self, raw: str) -> Path: ...
+    def snapshots(self) -> list[Saved]: ...
+    def keep_snapshot(self, saved: Saved) -> None: ...
+    def put_snapshot(self, saved: Saved) -> None: ...
+    def drop_snapshot(self, saved: Saved) -> None: ...
+
 
 MAX_SNAPSHOTS = 32  # per tenant: each one holds the guest's memory on the server's disk
 TAG = ":default"  # E2B's snapshot ids carry a tag; capsa keeps one build per snapshot
@@ -60,18 +73,29 @@ class Saved:
 class SnapshotStore:
     """The snapshots of one server, per tenant."""
 
-    def __init__(self, max_per_tenant: int = MAX_SNAPSHOTS) -> None:
+    def __init__(
+        self, max_per_tenant: int = MAX_SNAPSHOTS, *, journal: SnapshotJournal | None = None
+    ) -> None:
         self.max_per_tenant = max_per_tenant
+        self._journal = journal
         self._saved: dict[str, Saved] = {}  # by raw id, oldest first
         self._root: Path | None = None
         self._pending: dict[str, int] = {}  # per tenant: snapshots being written now
 
     def new_path(self) -> tuple[str, Path]:
         """A fresh id and the (not yet existing) directory its snapshot is written to."""
+        raw = f"s{secrets.token_hex(10)}"
+        if self._journal is not None:  # a temporary name, renamed by add()
+            return raw, self._journal.snapshot_dir(raw)
         if self._root is None:
             self._root = Path(tempfile.mkdtemp(prefix="capsa-serve-snapshots-"))
-        raw = f"s{secrets.token_hex(10)}"
         return raw, self._root / raw
+
+    def load(self) -> None:
+        """The snapshots the state dir kept (at start)."""
+        if self._journal is not None:
+            for saved in self._journal.snapshots():
+                self._saved[saved.id] = saved
 
     @contextlib.contextmanager
     def reserving(self, tenant: str) -> Iterator[bool]:
@@ -88,10 +112,15 @@ class SnapshotStore:
             self._pending[tenant] -= 1
 
     def add(self, saved: Saved) -> None:
+        """A complete snapshot: with a state dir, committed (renamed, then its row) first."""
+        if self._journal is not None:
+            self._journal.keep_snapshot(saved)
         if saved.name is not None:  # the name moves to the newest snapshot, as E2B's new build
             for old in self._saved.values():
                 if old.tenant == saved.tenant and old.name == saved.name:
                     old.name = None
+                    if self._journal is not None:
+                        self._journal.put_snapshot(old)
         self._saved[saved.id] = saved
         log.info(
             "snapshot %s saved from sandbox %s (tenant %s)", saved.id, saved.source_id, saved.tenant
@@ -132,6 +161,8 @@ class SnapshotStore:
         saved = self.find(ref, scope)
         if saved is None:
             return False
+        if self._journal is not None:  # the row before the files: a crash leaves only files
+            self._journal.drop_snapshot(saved)
         del self._saved[saved.id]
         saved.deleted = True
         if saved.users == 0:

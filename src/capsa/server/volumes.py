@@ -48,12 +48,6 @@ class VolumeRecord:
         return self.volume.name
 
 
-def default_state_dir() -> Path:
-    """``capsa serve --state-dir``'s default: ``$XDG_STATE_HOME/capsa/serve``."""
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "capsa" / "serve"
-
-
 def volume_id(tenant: str, name: str) -> str:
     """Stable across restarts and unique per (tenant, name); reveals neither."""
     return "vol-" + hashlib.sha256(f"{tenant}\0{name}".encode()).hexdigest()[:24]
