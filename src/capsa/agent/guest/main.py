@@ -481,10 +481,11 @@ class Agent:
         # instead of blocking the agent until one comes.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | _OPEN_FLAGS, mode)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "not a regular file", path)
             os.ftruncate(fd, 0)
-            if who is not None:
+            if who is not None and (st.st_uid, st.st_gid) != (who.uid, who.gid):
                 os.fchown(fd, who.uid, who.gid)
             os.fchmod(fd, mode)  # after the chown, which clears set-id bits
             os.set_blocking(fd, True)
