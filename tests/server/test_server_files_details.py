@@ -91,9 +91,12 @@ def test_metadata_is_kept_listed_renamed_and_cleared(sbx: Sandbox) -> None:
     )
     assert [w.metadata for w in both] == [{"batch": "1"}, {"batch": "1"}]
     assert sbx.files.get_info("meta/d.txt").metadata == {"batch": "1"}
-    # stored on the file in the guest, under E2B's namespace (trusted.* where tmpfs has no user.*)
+    # stored on the file in the guest, under E2B's namespace (trusted.* where tmpfs has no user.*:
+    # only root sees those)
     found = sbx.commands.run(
-        "python3 -c \"import os; print(sorted(n for n in os.listxattr('meta/d.txt') if 'e2b' in n))\""
+        "python3 -c \"import os; print(sorted(n for n in os.listxattr('meta/d.txt') if 'e2b' in n))\"",
+        user="root",
+        cwd="/home/user",
     )
     assert "e2b.batch" in found.stdout
 
