@@ -23,8 +23,18 @@ log = logging.getLogger(__name__)
 SUITE = "bookworm"
 # python3-pip: installing packages is what most sandboxed code does first; iproute2: `ip` for users
 # inspecting the sandbox's network; sudo and python-is-python3 (`python`): what code written for
-# E2B's sandboxes expects of the account `user` it runs as (``sudo`` without a password, `python`).
-PACKAGES = ("python3", "python3-msgpack", "python3-pip", "iproute2", "sudo", "python-is-python3")
+# E2B's sandboxes expects of the account `user` it runs as (``sudo`` without a password, `python`);
+# libnss-myhostname resolves the guest's own hostname (which a fork or restore changes) without an
+# /etc/hosts entry or a DNS query, else sudo warns "unable to resolve host" on every call.
+PACKAGES = (
+    "python3",
+    "python3-msgpack",
+    "python3-pip",
+    "iproute2",
+    "sudo",
+    "python-is-python3",
+    "libnss-myhostname",
+)
 # The unprivileged account E2B's sandboxes run commands as (``capsa serve``'s default user): uid and
 # gid 1000, home /home/user, and root through ``sudo`` without a password, as in E2B's base image.
 ACCOUNT = "user"
