@@ -9,10 +9,12 @@ import datetime
 import gzip
 import json
 import os
+import secrets
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -32,7 +34,9 @@ from e2b import (  # noqa: E402
 )
 from e2b.sandbox.filesystem.filesystem import WriteEntry  # noqa: E402
 
+from capsa.image import store  # noqa: E402
 from tests.server.conftest import Server, start_server  # noqa: E402
+from tests.unit.test_oci import BUSYBOX, base_layer, docker_archive, top_layer  # noqa: E402
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(180)]
 
@@ -304,3 +308,24 @@ def test_commands_and_files_act_as_the_account_user(sbx: Sandbox) -> None:
     with pytest.raises(AuthenticationException):
         sbx.files.write("/tmp/never.txt", "x", user="nobody-here")
     assert not sbx.files.exists("/tmp/never.txt")
+
+
+@pytest.mark.skipif(not BUSYBOX.exists(), reason="needs a static /bin/busybox")
+def test_an_image_without_the_account_user_keeps_working(server: Server, tmp_path: Path) -> None:
+    """A named image without the account ``user`` (an imported busybox archive): what names no
+    account falls back to the agent's default (root for file writes); naming ``user`` is refused."""
+    name = f"capsa-test-nouser-{secrets.token_hex(3)}"
+    store.import_oci(name, docker_archive(tmp_path / "busybox.tar", [base_layer(), top_layer()]))
+    try:
+        sandbox = Sandbox.create(template=name, timeout=120)
+        try:
+            written = sandbox.files.write("notes/fallback.txt", "x")
+            assert written.path == "/home/user/notes/fallback.txt"
+            assert sandbox.files.get_info("notes/fallback.txt").owner == "root"
+            assert sandbox.files.make_dir("/tmp/made")
+            with pytest.raises(AuthenticationException, match="invalid username: 'user'"):
+                sandbox.files.write("/tmp/named.txt", "x", user="user")
+        finally:
+            sandbox.kill()
+    finally:
+        store.remove(name)
