@@ -408,14 +408,15 @@ class Agent:
         env = {**DEFAULT_ENV, **given}
         cwd = fields.working_directory(m)
         who = accounts.requested(m)
+        if not m.get("cwd"):  # the image's WorkingDir, else the home of an account asked for
+            if self.image is not None and self.image.cwd is not None:
+                cwd = self.image.cwd
+            elif who is not None:
+                cwd = accounts.home_directory(who) or cwd
         if self.image is not None:
             env = {**DEFAULT_ENV, **self.image.env, **given}
-            if not m.get("cwd") and self.image.cwd is not None:
-                cwd = self.image.cwd
             if who is None and self.image.user:
                 who = accounts.resolve(self.image.user)
-        elif who is not None and not m.get("cwd"):  # an account asked for starts in its home
-            cwd = accounts.home_directory(who) or cwd
         if who is not None:
             accounts.command_environment(who, env, given)
             who = None if who.is_root else who
