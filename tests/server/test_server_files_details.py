@@ -34,7 +34,7 @@ from e2b import (  # noqa: E402
 )
 from e2b.sandbox.filesystem.filesystem import WriteEntry  # noqa: E402
 
-from capsa.image import store  # noqa: E402
+from capsa.recipes import store  # noqa: E402
 from tests.server.conftest import Server, start_server  # noqa: E402
 from tests.unit.test_oci import BUSYBOX, base_layer, docker_archive, top_layer  # noqa: E402
 
