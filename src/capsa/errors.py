@@ -300,6 +300,14 @@ class GuestFileExistsError(GuestFileError):
     """The guest path already exists."""
 
 
+class UnknownUserError(AgentError):
+    """A command or file write asked for an account the guest does not have; ``user`` names it."""
+
+    def __init__(self, message: str, *, user: str, hint: str | None = None) -> None:
+        super().__init__(message, kind="unknown_user", hint=hint)
+        self.user = user
+
+
 class ExecOutputLimitError(AgentError):
     """``run()`` stopped a command whose output passed the limit; partial output is attached."""
 

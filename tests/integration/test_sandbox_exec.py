@@ -158,3 +158,45 @@ async def test_pty_size_resize_and_ctrl_c(sandbox: capsa.Sandbox) -> None:
     assert b"af3ter" not in seen  # the interrupt ended the whole list, as at a terminal
     await shell.write_stdin(b"exit 7\n")
     assert await shell.wait(timeout=30) == 7
+
+
+async def test_commands_and_writes_as_another_account(sandbox: capsa.Sandbox) -> None:
+    """``user=``: a command runs with the account's ids, groups, environment and home; a write or
+    mkdir hands what it creates to it; an account the guest lacks is an UnknownUserError."""
+    agent = sandbox.agent
+    made = "groupadd -g 2345 crew && useradd -m -u 1234 -U -G crew -s /bin/sh tester"
+    assert (await agent.exec("sh").args(["-c", made]).run()).exit_code == 0
+    probe = 'echo "$(id -u):$(id -g):$(id -G):$HOME:$USER:$LOGNAME:$(pwd)"'
+    run = await agent.exec("sh").args(["-c", probe]).user("tester").run()
+    assert run.stdout == "1234:1234:1234 2345:/home/tester:tester:tester:/home/tester\n", run
+    elsewhere = await agent.exec("pwd").user("tester").cwd("/tmp").run()
+    assert elsewhere.stdout == "/tmp\n"
+    terminal = (
+        await agent.exec("sh").args(["-c", "id -un; stat -c %U $(tty)"]).user("tester").pty().run()
+    )
+    assert terminal.stdout.replace("\r", "").split() == ["tester", "tester"], terminal
+    denied = await agent.exec("touch").arg("/root/x").user("tester").run()
+    assert denied.exit_code != 0  # really unprivileged: root's home is closed to it
+    default = await agent.exec("sh").args(["-c", probe]).run()
+    assert default.stdout == "0:0:0:/root:::/\n", default  # the library default is unchanged
+
+    await agent.mkdir("/srv/a/b", parents=True, user="tester")
+    await agent.write_file("/srv/a/b/f", b"hi", user="tester")
+    await agent.write_file("/srv/rootfile", b"hi")
+    owners = (
+        await agent.exec("stat").args(["-c", "%U:%G", "/srv", "/srv/a", "/srv/a/b", "/srv/a/b/f"]).run()
+    )
+    assert owners.stdout.split() == ["root:root", "tester:tester", "tester:tester", "tester:tester"]
+    assert (await agent.stat("/srv/rootfile")).uid == 0
+    await agent.write_file("/srv/rootfile", b"again", mode=0o600, user="tester")  # an existing file
+    replaced = await agent.stat("/srv/rootfile")
+    assert (replaced.uid, replaced.gid, replaced.mode) == (1234, 1234, 0o600)
+
+    with pytest.raises(capsa.UnknownUserError) as info:
+        await agent.exec("true").user("nobody-here").run()
+    assert info.value.user == "nobody-here" and info.value.hint
+    with pytest.raises(capsa.UnknownUserError):
+        await agent.write_file("/srv/x", b"", user="nobody-here")
+    with pytest.raises(capsa.UnknownUserError):
+        await agent.mkdir("/srv/y", user="nobody-here")
+    assert not await agent.exists("/srv/x") and not await agent.exists("/srv/y")

@@ -1,6 +1,7 @@
 """What E2B's own SDK test suite expects of files and commands, checked through the real SDK against
 ``capsa serve`` with real guests: file metadata, gzip transfers, entry details, signed URLs, watch
-entries, the default working directory, long arguments, and a sandbox killed mid-command."""
+entries, the default working directory, long arguments, a sandbox killed mid-command, and the
+account ``user`` commands and writes act as."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import datetime
 import gzip
 import json
 import os
+import secrets
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,9 +22,11 @@ import pytest
 e2b = pytest.importorskip("e2b")
 
 from e2b import (  # noqa: E402
+    AuthenticationException,
     FilesystemEventType,
     FileType,
     InvalidArgumentException,
+    PtySize,
     Sandbox,
     SandboxException,
     SandboxQuery,
@@ -29,7 +34,9 @@ from e2b import (  # noqa: E402
 )
 from e2b.sandbox.filesystem.filesystem import WriteEntry  # noqa: E402
 
+from capsa.recipes import store  # noqa: E402
 from tests.server.conftest import Server, start_server  # noqa: E402
+from tests.unit.test_oci import BUSYBOX, base_layer, docker_archive, top_layer  # noqa: E402
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(180)]
 
@@ -88,9 +95,12 @@ def test_metadata_is_kept_listed_renamed_and_cleared(sbx: Sandbox) -> None:
     )
     assert [w.metadata for w in both] == [{"batch": "1"}, {"batch": "1"}]
     assert sbx.files.get_info("meta/d.txt").metadata == {"batch": "1"}
-    # stored on the file in the guest, under E2B's namespace (trusted.* where tmpfs has no user.*)
+    # stored on the file in the guest, under E2B's namespace (trusted.* where tmpfs has no user.*:
+    # only root sees those)
     found = sbx.commands.run(
-        "python3 -c \"import os; print(sorted(n for n in os.listxattr('meta/d.txt') if 'e2b' in n))\""
+        "python3 -c \"import os; print(sorted(n for n in os.listxattr('meta/d.txt') if 'e2b' in n))\"",
+        user="root",
+        cwd="/home/user",
     )
     assert "e2b.batch" in found.stdout
 
@@ -141,14 +151,14 @@ def test_gzip_upload_and_download(server: Server, sbx: Sandbox) -> None:
 
 def test_entry_details_come_from_the_guest(sbx: Sandbox) -> None:
     sbx.files.write("details/file.txt", "12345")
-    sbx.commands.run("mkdir -p details/sub/deep && chown 65534:65534 details/file.txt")
+    sbx.commands.run("mkdir -p details/sub/deep && sudo chown 65534:65534 details/file.txt")
     sbx.commands.run("ln -s file.txt link", cwd="details")
     info = sbx.files.get_info("details/file.txt")
     assert (info.owner, info.group) == ("nobody", "nogroup")  # names from the guest's tables
     assert (info.mode, info.permissions, info.size) == (0o644, "-rw-r--r--", 5)
     assert info.modified_time is not None and info.modified_time.tzinfo is not None
     folder = sbx.files.get_info("details/sub")
-    assert (folder.type, folder.owner, folder.permissions) == (FileType.DIR, "root", "drwxr-xr-x")
+    assert (folder.type, folder.owner, folder.permissions) == (FileType.DIR, "user", "drwxr-xr-x")
     link = sbx.files.get_info("details/link")
     assert link.symlink_target == "/home/user/details/file.txt"  # absolute, as envd gives it
     assert link.size == 5  # the target's, the entry itself being marked a symlink
@@ -257,3 +267,65 @@ def test_connect_never_shortens_and_started_after_includes_the_start(sbx: Sandbo
     assert sbx.sandbox_id not in [
         s.sandbox_id for s in Sandbox.list(query=SandboxQuery(started_after=later)).next_items()
     ]
+
+
+def test_commands_and_files_act_as_the_account_user(sbx: Sandbox) -> None:
+    """As in E2B: commands, terminals and writes are the account ``user``'s (uid 1000, home
+    /home/user, root through passwordless sudo) unless the SDK asks for ``user="root"``."""
+    who = sbx.commands.run('echo "$(whoami) $(id -u):$(id -g) $HOME $USER $(pwd)"')
+    assert who.stdout == "user 1000:1000 /home/user user /home/user\n"
+    assert sbx.commands.run("sudo whoami").stdout == "root\n"
+    assert sbx.commands.run("python --version").stdout.startswith("Python 3")
+    as_root = sbx.commands.run('echo "$(whoami) $HOME $(pwd)"', user="root")
+    assert as_root.stdout == "root /root /root\n"
+
+    written = sbx.files.write("owned/by-user.txt", "mine")  # relative: in /home/user
+    assert written.path == "/home/user/owned/by-user.txt"
+    info = sbx.files.get_info("owned/by-user.txt")
+    assert (info.owner, info.group) == ("user", "user")
+    assert sbx.files.get_info("owned").owner == "user"  # the parent the write created too
+    assert sbx.commands.run("stat -c %U:%G /home/user/owned/by-user.txt").stdout == "user:user\n"
+    sbx.files.write("/tmp/by-root.txt", "root's", user="root")
+    assert sbx.files.get_info("/tmp/by-root.txt").owner == "root"
+    sbx.files.write("/root/for-root.txt", "x")  # a write is envd's (root's), handed to user
+    assert sbx.files.get_info("/root/for-root.txt").owner == "user"
+    assert sbx.files.make_dir("made/here")
+    assert [e.owner for e in sbx.files.list("made")] == ["user"]
+    sbx.files.make_dir("/tmp/rootdir", user="root")
+    assert sbx.files.get_info("/tmp/rootdir").owner == "root"
+    moved = sbx.files.rename("/tmp/by-root.txt", "new/place/by-root.txt")
+    assert (moved.path, moved.owner) == ("/home/user/new/place/by-root.txt", "root")
+    assert sbx.files.get_info("new/place").owner == "user"  # the destination's new parents
+
+    terminal = sbx.pty.create(PtySize(rows=24, cols=80))
+    seen: list[bytes] = []
+    sbx.pty.send_stdin(terminal.pid, b"echo who-$(whoami); exit\n")
+    terminal.wait(on_pty=seen.append)
+    assert b"who-user" in b"".join(seen)
+
+    with pytest.raises(AuthenticationException, match="invalid username: 'nobody-here'"):
+        sbx.commands.run("true", user="nobody-here")
+    with pytest.raises(AuthenticationException):
+        sbx.files.write("/tmp/never.txt", "x", user="nobody-here")
+    assert not sbx.files.exists("/tmp/never.txt")
+
+
+@pytest.mark.skipif(not BUSYBOX.exists(), reason="needs a static /bin/busybox")
+def test_an_image_without_the_account_user_keeps_working(server: Server, tmp_path: Path) -> None:
+    """A named image without the account ``user`` (an imported busybox archive): what names no
+    account falls back to the agent's default (root for file writes); naming ``user`` is refused."""
+    name = f"capsa-test-nouser-{secrets.token_hex(3)}"
+    store.import_oci(name, docker_archive(tmp_path / "busybox.tar", [base_layer(), top_layer()]))
+    try:
+        sandbox = Sandbox.create(template=name, timeout=120)
+        try:
+            written = sandbox.files.write("notes/fallback.txt", "x")
+            assert written.path == "/home/user/notes/fallback.txt"
+            assert sandbox.files.get_info("notes/fallback.txt").owner == "root"
+            assert sandbox.files.make_dir("/tmp/made")
+            with pytest.raises(AuthenticationException, match="invalid username: 'user'"):
+                sandbox.files.write("/tmp/named.txt", "x", user="user")
+        finally:
+            sandbox.kill()
+    finally:
+        store.remove(name)

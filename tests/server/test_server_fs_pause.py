@@ -44,7 +44,8 @@ def _prepare(sandbox: Sandbox) -> str:
     sandbox.files.write("/home/user/kept.txt", "persisted")
     sandbox.commands.run(
         "mkdir -p /root/deep/er && echo x > /root/deep/er/f && chmod 600 /root/deep/er/f && "
-        "ln -s /root/deep/er/f /home/user/link && rm /etc/issue"
+        "ln -s /root/deep/er/f /home/user/link && rm /etc/issue",
+        user="root",  # root's home and /etc
     )
     sandbox.commands.run("sleep 600", background=True)
     return sandbox.files.read(BOOT_ID).strip()
@@ -58,7 +59,8 @@ def _processes(sandbox: Sandbox) -> str:
 def _check_fresh_boot(sandbox: Sandbox, boot: str) -> None:
     assert sandbox.files.read("/home/user/kept.txt") == "persisted"
     out = sandbox.commands.run(
-        "cat /home/user/link; stat -c %a /root/deep/er/f; test -e /etc/issue || echo gone"
+        "cat /home/user/link; stat -c %a /root/deep/er/f; test -e /etc/issue || echo gone",
+        user="root",
     ).stdout
     assert out.split() == ["x", "600", "gone"]
     assert sandbox.files.read(BOOT_ID).strip() != boot  # a new boot, not a memory restore

@@ -140,7 +140,8 @@ def sbx(ingress_server: Server) -> Iterator[Sandbox]:
     sandbox.files.write("/tmp/www/hello.txt", "hello from the sandbox\n")
     sandbox.files.write("/tmp/servers.py", GUEST_SERVERS)
     sandbox.commands.run("python3 -m http.server 8000 --directory /tmp/www", background=True)
-    sandbox.commands.run("python3 /tmp/servers.py", background=True)
+    # as root: it raises its open-file limit past the hard one an unprivileged account gets
+    sandbox.commands.run("python3 /tmp/servers.py", background=True, user="root")
     _wait_ready(ingress_server.url, sandbox.get_host(8000))
     _wait_ready(ingress_server.url, sandbox.get_host(8001))
     yield sandbox

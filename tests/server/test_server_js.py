@@ -349,8 +349,8 @@ def test_files_info(checks: dict[str, Any]) -> None:
         "type": "file",
         "size": 3,
         "permissions": "-rw-r-----",
-        "owner": "root",
-        "group": "root",
+        "owner": "user",  # the SDK's write, as the account user
+        "group": "user",
         "modified": True,
     }, info
     assert info["link"] == {"type": "file", "size": 3, "symlinkTarget": "/tmp/jsinfo/target.txt"}

@@ -172,9 +172,8 @@ def test_on_timeout_pause_and_auto_resume(setup: Setup) -> None:
         assert refused.value.code == 401
         assert Sandbox.get_info(sandbox.sandbox_id).state.value == "paused"
         # the next envd call resumes it, transparently
-        assert sandbox.commands.run("cat /root/kept.txt /dev/shm/kept").stdout == (
-            "survives the timeout" + "in-memory\n"
-        )
+        kept = sandbox.commands.run("cat /root/kept.txt /dev/shm/kept", user="root")  # /root is 0700
+        assert kept.stdout == ("survives the timeout" + "in-memory\n")
         assert Sandbox.get_info(sandbox.sandbox_id).state.value == "running"
         sandbox.set_timeout(60)  # and it runs on, for the timeout set now
         assert sandbox.files.read("/root/kept.txt") == "survives the timeout"

@@ -88,7 +88,7 @@ try:
     seen["envd_by_host"] = [envd.status_code, envd.text]
     # a WebSocket through get_host over TLS (the guest's echo server on 8002)
     public.files.write("/tmp/ws.py", ws_servers)
-    public.commands.run("python3 /tmp/ws.py", background=True)
+    public.commands.run("python3 /tmp/ws.py", background=True, user="root")  # raises its fd limit
     host = public.get_host(8002)
     deadline = time.monotonic() + 60
     while via_host(public.get_host(8001), "/").status_code == 502:  # its servers are up

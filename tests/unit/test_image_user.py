@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from capsa.agent.guest import accounts
+from capsa.agent.guest.sessions import error_body
 from capsa.agent.guest.userroot import Identity, resolve_user
 
 
@@ -45,3 +48,27 @@ def test_image_without_passwd(tmp_path: Path) -> None:
     assert resolve_user("0", str(tmp_path)) == Identity(0, 0, None)
     with pytest.raises(ValueError):
         resolve_user("app", str(tmp_path))
+
+
+def test_accounts_carry_their_groups_and_name(root: str) -> None:
+    """A request's account: initgroups' groups (its gid, then the groups listing it), its name
+    also when given as a uid; an unknown one is the agent's ``unknown_user`` error."""
+    assert accounts.resolve("app", root) == accounts.Account(1000, 1001, (1001, 50), "app", "/home/app")
+    assert accounts.resolve("1000", root).name == "app"
+    assert accounts.resolve("4242", root) == accounts.Account(4242, 0, (0,), None, None)
+    assert accounts.resolve("root", root).is_root
+    with pytest.raises(accounts.UnknownUser) as info:
+        accounts.resolve("nobody", root)
+    assert error_body(info.value)["kind"] == "unknown_user"
+
+
+def test_make_directories_hands_over_only_what_it_creates(tmp_path: Path) -> None:
+    me = accounts.Account(os.getuid(), os.getgid(), (os.getgid(),), "me", None)
+    accounts.make_directories(str(tmp_path / "a" / "b"), 0o755, me)
+    assert (tmp_path / "a" / "b").is_dir()
+    accounts.make_directories(str(tmp_path / "a" / "b"), 0o755, me)  # exists: no error
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError):
+        accounts.make_directories(str(tmp_path / "file"), 0o755, me)
+    with pytest.raises(NotADirectoryError):
+        accounts.make_directories(str(tmp_path / "file" / "sub"), 0o755, me)

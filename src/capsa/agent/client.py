@@ -14,7 +14,7 @@ from capsa.agent import wire
 from capsa.agent._channel import Call, Channel
 from capsa.agent.attach import attach_process, list_processes
 from capsa.agent.connections import ConnectionWriter, open_connection
-from capsa.agent.errors import check_guest_path, check_mode, check_timeout, expect_ok
+from capsa.agent.errors import check_guest_path, check_mode, check_timeout, check_user, expect_ok
 from capsa.agent.exec import ExecBuilder, ExecSpec, Process, _check_text
 from capsa.agent.types import DirEntry, FileStat, FileType, GuestInfo, Mount, ProcessInfo
 from capsa.errors import AgentError, CapsaTimeoutError, ConfigError, ProtocolError, VMNotRunning
@@ -50,10 +50,16 @@ class Agent:
         return self._channel
 
     async def _request(
-        self, op: str, args: dict[str, Any], timeout: float, path: str | None = None
+        self,
+        op: str,
+        args: dict[str, Any],
+        timeout: float,
+        path: str | None = None,
+        *,
+        user: str | None = None,
     ) -> dict[str, Any]:
         check_timeout(timeout)
-        return expect_ok(await self._channel.request(op, args, timeout), op, path)
+        return expect_ok(await self._channel.request(op, args, timeout), op, path, user=user)
 
     # -- basics --
 
@@ -176,23 +182,33 @@ class Agent:
         call.close()
 
     async def write_file(
-        self, path: str, data: bytes | str, *, mode: int = 0o644, timeout: float = FILE_TIMEOUT
+        self,
+        path: str,
+        data: bytes | str,
+        *,
+        mode: int = 0o644,
+        timeout: float = FILE_TIMEOUT,
+        user: str | None = None,
     ) -> None:
-        """Create or replace a guest file with ``data`` (streamed in chunks; any size)."""
+        """Create or replace a guest file with ``data`` (streamed in chunks; any size). With
+        ``user`` (a guest account, as ``exec().user()`` takes) the file is handed to that account
+        (owner and group); the write itself is the agent's, so it is not limited by the account's
+        permissions."""
         check_guest_path(path)
         check_timeout(timeout)
         check_mode(mode)
+        args: dict[str, Any] = {"path": path, "mode": mode}
+        if user is not None:
+            args["user"] = check_user(user)
         if isinstance(data, str):
             data = data.encode()
         if not isinstance(data, bytes | bytearray | memoryview):
             raise ConfigError(f"write_file takes bytes or str, not {type(data).__name__}")
         view = memoryview(data)
-        call = await self._channel.call(
-            "write_file", {"path": path, "mode": mode}, out_streams=("file",)
-        )
+        call = await self._channel.call("write_file", args, out_streams=("file",))
         try:
             async with asyncio.timeout(timeout):
-                expect_ok(await call.response, "write_file", path)
+                expect_ok(await call.response, "write_file", path, user=user)
                 credit = call.credits["file"]
                 offset = 0
                 while offset < len(view):
@@ -262,12 +278,21 @@ class Agent:
         return bool(_field(reply, "exists", bool))
 
     async def mkdir(
-        self, path: str, *, parents: bool = False, mode: int = 0o755, timeout: float = DEFAULT_TIMEOUT
+        self,
+        path: str,
+        *,
+        parents: bool = False,
+        mode: int = 0o755,
+        timeout: float = DEFAULT_TIMEOUT,
+        user: str | None = None,
     ) -> None:
-        """Create a directory; with ``parents=True`` also its parents, and no error if it exists."""
+        """Create a directory; with ``parents=True`` also its parents, and no error if it exists.
+        With ``user`` (a guest account) each directory it creates is handed to that account."""
         check_guest_path(path)
-        args = {"path": path, "parents": bool(parents), "mode": check_mode(mode)}
-        await self._request("mkdir", args, timeout, path)
+        args: dict[str, Any] = {"path": path, "parents": bool(parents), "mode": check_mode(mode)}
+        if user is not None:
+            args["user"] = check_user(user)
+        await self._request("mkdir", args, timeout, path, user=user)
 
     async def remove(
         self, path: str, *, recursive: bool = False, timeout: float = DEFAULT_TIMEOUT

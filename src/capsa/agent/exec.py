@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from capsa.agent import wire
 from capsa.agent._channel import Call, Channel
-from capsa.agent.errors import agent_error, check_timeout
+from capsa.agent.errors import agent_error, check_timeout, check_user
 from capsa.agent.types import ExecResult
 from capsa.errors import (
     AgentError,
@@ -249,10 +249,10 @@ class ExecBuilder:
 
     def user(self, user: str) -> ExecBuilder:
         """Run as ``user`` ("name", "uid", "name:group" or "uid:gid", looked up in the guest's
-        /etc/passwd and /etc/group). Default: root, or the ``User`` of the sandbox's image."""
-        if not isinstance(user, str) or not user or "\0" in user or len(user) > 256:
-            raise ConfigError(f"invalid user {user!r:.80}")
-        return self._with(user=user)
+        /etc/passwd and /etc/group): with its groups, its ``HOME``, ``USER`` and ``LOGNAME``, and
+        (unless ``cwd`` is given) in its home. Default: root, or the ``User`` of the sandbox's
+        image. An account the guest lacks raises :class:`~capsa.errors.UnknownUserError`."""
+        return self._with(user=check_user(user))
 
     def stdin(self, data: bytes | str) -> ExecBuilder:
         """Feed ``data`` to the command's stdin, then close it (without it, stdin is /dev/null)."""
@@ -400,7 +400,7 @@ async def _reap(process: Process) -> None:
 
 
 def _spawn_error(err: Any, spec: ExecSpec) -> Exception:
-    error = agent_error(err, f"exec {spec.argv[0]}")
+    error = agent_error(err, f"exec {spec.argv[0]}", user=spec.user)
     if isinstance(error, GuestFileNotFoundError):
         if spec.cwd is not None and error.path == spec.cwd:
             return GuestFileNotFoundError(

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterable
+from typing import Any
 
 from capsa.agent import wire
 from capsa.agent._channel import Call
 from capsa.agent.client import Agent
-from capsa.agent.errors import check_guest_path, check_mode, check_timeout, expect_ok
+from capsa.agent.errors import check_guest_path, check_mode, check_timeout, check_user, expect_ok
 from capsa.errors import CapsaTimeoutError
 
 IDLE_TIMEOUT = 60.0  # the longest wait for the guest's next chunk (not for the whole file)
@@ -85,17 +86,21 @@ async def write_chunks(
     *,
     mode: int = 0o644,
     timeout: float = WRITE_TIMEOUT,
+    user: str | None = None,
 ) -> None:
     """Create or replace a guest file with what ``chunks`` yields, pulling each chunk only once the
     guest has credit for it. Nothing is pulled before the guest accepted the path, so a caller may
-    retry after an error such as a missing parent directory."""
+    retry after an error such as a missing parent directory. ``user``: as ``Agent.write_file``."""
     check_guest_path(path)
     check_timeout(timeout)
     check_mode(mode)
-    call = await agent.channel.call("write_file", {"path": path, "mode": mode}, out_streams=("file",))
+    args: dict[str, Any] = {"path": path, "mode": mode}
+    if user is not None:
+        args["user"] = check_user(user)
+    call = await agent.channel.call("write_file", args, out_streams=("file",))
     try:
         async with asyncio.timeout(timeout):
-            expect_ok(await call.response, "write_file", path)
+            expect_ok(await call.response, "write_file", path, user=user)
             credit = call.credits["file"]
             async for data in chunks:
                 view = memoryview(data)

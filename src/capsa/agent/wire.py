@@ -29,12 +29,14 @@ Messages (version :data:`PROTOCOL_VERSION`)
            a ``res``.
 ``cancel`` host → guest ``{"id"}``: abandon a streaming request (the guest stops sending).
 
-Operations: ``ping``; ``info``; ``exec {argv, env, cwd, stdin: bool}`` (``res`` carries ``pid``,
-then ``stdout``/``stderr`` streams and an ``end``); ``kill {target: exec id, signal}``;
-``read_file {path}`` (``res`` carries ``size``, then a ``file`` stream); ``write_file {path, mode}``
-(after ``res`` the host sends a ``file`` stream, the guest answers with ``end``); ``list_dir``,
-``stat {path, follow}``, ``exists``, ``mkdir {path, parents, mode}``, ``remove {path, recursive}``;
-``shutdown`` (``res``, then the guest powers off).
+Operations: ``ping``; ``info``; ``exec {argv, env, cwd, stdin: bool, pty, user}`` (``res`` carries
+``pid``, then ``stdout``/``stderr`` streams and an ``end``); ``kill {target: exec id, signal}``;
+``read_file {path}`` (``res`` carries ``size``, then a ``file`` stream); ``write_file {path, mode,
+user}`` (after ``res`` the host sends a ``file`` stream, the guest answers with ``end``);
+``list_dir``, ``stat {path, follow}``, ``exists``, ``mkdir {path, parents, mode, user}``,
+``remove {path, recursive}``; ``shutdown`` (``res``, then the guest powers off). ``user`` (optional)
+names a guest account, resolved by the guest from its ``/etc/passwd``: the command runs as it, or it
+owns what the write creates.
 
 Back-pressure
 -------------
@@ -68,6 +70,7 @@ ERROR_KINDS = (
     "os_error",  # any other errno
     "bad_request",  # the host sent something the agent does not understand
     "unknown_target",  # kill for an exec id the agent does not know
+    "unknown_user",  # a request's ``user`` names no account of the guest
 )
 _HEADER = struct.Struct(">I")
 

@@ -22,8 +22,28 @@ log = logging.getLogger(__name__)
 
 SUITE = "bookworm"
 # python3-pip: installing packages is what most sandboxed code does first; iproute2: `ip` for users
-# inspecting the sandbox's network.
-PACKAGES = ("python3", "python3-msgpack", "python3-pip", "iproute2")
+# inspecting the sandbox's network; sudo and python-is-python3 (`python`): what code written for
+# E2B's sandboxes expects of the account `user` it runs as (``sudo`` without a password, `python`);
+# libnss-myhostname resolves the guest's own hostname (which a fork or restore changes) without an
+# /etc/hosts entry or a DNS query, else sudo warns "unable to resolve host" on every call.
+PACKAGES = (
+    "python3",
+    "python3-msgpack",
+    "python3-pip",
+    "iproute2",
+    "sudo",
+    "python-is-python3",
+    "libnss-myhostname",
+)
+# The unprivileged account E2B's sandboxes run commands as (``capsa serve``'s default user): uid and
+# gid 1000, home /home/user, and root through ``sudo`` without a password, as in E2B's base image.
+ACCOUNT = "user"
+ACCOUNT_ID = 1000
+_ACCOUNT_HOOKS = (
+    f'chroot "$1" useradd --create-home --uid {ACCOUNT_ID} --user-group --shell /bin/bash {ACCOUNT}',
+    f'echo "{ACCOUNT} ALL=(ALL:ALL) NOPASSWD: ALL" > "$1/etc/sudoers.d/{ACCOUNT}"',
+    f'chmod 0440 "$1/etc/sudoers.d/{ACCOUNT}"',
+)
 GUEST_PYTHON = (3, 11)  # bookworm's python3: the agent's bytecode is precompiled for it
 # Documentation, man pages and translations are never used in a sandbox and cost ~30% of the image.
 _DPKG_EXCLUDES = (
@@ -42,7 +62,7 @@ Progress = Callable[[str], None]
 
 def recipe() -> str:
     """Everything that determines the rootfs contents; its hash keys the cache."""
-    return "|".join([SUITE, *PACKAGES, *_DPKG_EXCLUDES, "lz4", "131072"])
+    return "|".join([SUITE, *PACKAGES, *_DPKG_EXCLUDES, *_ACCOUNT_HOOKS, "lz4", "131072"])
 
 
 def _host_is_debian() -> bool:
@@ -84,6 +104,7 @@ def build_rootfs(out: Path, progress: Progress | None = None) -> Path:
         "--format=tar",
         "--skip=cleanup/reproducible",
         *(f"--dpkgopt={opt}" for opt in _DPKG_EXCLUDES),
+        *(f"--customize-hook={hook}" for hook in _ACCOUNT_HOOKS),
         SUITE,
         "-",
     ]

@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 import capsa
 from capsa._tasks import TaskSet
 from capsa.agent.exec import MAX_TERMINAL
-from capsa.errors import CapsaError, GuestFileExistsError, GuestFileNotFoundError, GuestPermissionError
+from capsa.errors import (
+    CapsaError,
+    GuestFileExistsError,
+    GuestFileNotFoundError,
+    GuestPermissionError,
+    UnknownUserError,
+)
+from capsa.server import accounts
 from capsa.server.connect import ConnectError
 from capsa.server.limits import Limits
 from capsa.server.redact import client_message
@@ -43,16 +50,18 @@ def keepalive_interval(header: str | None) -> float:
     return min(max(float(header), low), high)
 
 
-def guest_path(path: object) -> str:
-    """An absolute guest path; relative ones are relative to the user's home, as in E2B."""
+def guest_path(path: object, home: str = HOME) -> str:
+    """An absolute guest path; relative ones are relative to the account's ``home``, as in E2B."""
     if not isinstance(path, str) or not path or "\0" in path:
         raise ConnectError("invalid_argument", f"a path must be a non-empty string, got {path!r:.60}")
-    return posixpath.normpath(path if path.startswith("/") else f"{HOME}/{path}")
+    return posixpath.normpath(path if path.startswith("/") else f"{home}/{path}")
 
 
 def map_error(exc: Exception, path: str = "") -> ConnectError:
     if isinstance(exc, ConnectError):
         return exc
+    if isinstance(exc, UnknownUserError):
+        return accounts.unknown_user(exc)
     if isinstance(exc, GuestFileNotFoundError):
         return ConnectError("not_found", f"path not found: {path}" if path else exc.message)
     if isinstance(exc, GuestFileExistsError):
@@ -209,7 +218,9 @@ class ProcessTable:
         self._killed_because: str | None = None  # kill_all's reason, for the commands' end
         self._detached = False  # paused: the commands go on in the guest, nothing pumps them
 
-    async def start(self, request: dict[str, Any]) -> Proc:
+    async def start(self, request: dict[str, Any], user: str | None = None) -> Proc:
+        """Start the command of a ``Start`` request as the account ``user`` names (None: envd's
+        default, see :mod:`capsa.server.accounts`)."""
         config = request.get("process") or {}
         if not isinstance(config, dict):
             raise ConnectError("invalid_argument", "process must be an object")
@@ -231,10 +242,16 @@ class ProcessTable:
             builder = builder.pty(*size)
         for key, value in {**self._envs, **envs}.items():
             builder = builder.env(str(key), str(value))
-        # as envd: by default in the user's home (every server sandbox has it; relative paths too)
-        builder = builder.cwd(guest_path(config.get("cwd") or HOME))
+        # as envd: by default in the account's home (every server sandbox has /home/user; relative
+        # paths too)
+        home = accounts.home_of(user)
+        builder = builder.cwd(guest_path(config.get("cwd") or home, home))
+
+        async def spawn(account: str | None) -> capsa.Process:
+            return await (builder if account is None else builder.user(account)).spawn()
+
         try:
-            process = await builder.spawn()
+            process = await accounts.as_account(user, spawn)
         except Exception as exc:
             raise map_error(exc, str(config.get("cwd") or cmd)) from None
         if size is None and not request.get("stdin"):

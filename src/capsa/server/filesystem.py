@@ -21,6 +21,7 @@ from capsa.agent import streams
 from capsa.agent.client import Agent
 from capsa.agent.details import file_details, set_metadata
 from capsa.errors import GuestFileNotFoundError
+from capsa.server import accounts
 from capsa.server.connect import ConnectError
 from capsa.server.envd import guest_path, map_error
 from capsa.server.limits import RequestRejected
@@ -78,11 +79,25 @@ def upload_metadata(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 class Filesystem:
-    """``filesystem.Filesystem`` for one sandbox."""
+    """``filesystem.Filesystem`` for one sandbox, acting for the account ``user`` names (None:
+    envd's default; :mod:`capsa.server.accounts`): relative paths start in its home, and what a
+    write, ``MakeDir`` or a ``Move``'s new parents create is handed to it."""
 
-    def __init__(self, vm: capsa.Sandbox) -> None:
+    def __init__(self, vm: capsa.Sandbox, user: str | None = None) -> None:
         self._agent = vm.agent
         self._vm = vm
+        self._user = user
+        self.home = accounts.home_of(user)
+
+    def path(self, value: object) -> str:
+        """A request's path, relative ones resolved in the account's home."""
+        return guest_path(value, self.home)
+
+    async def _mkdirs(self, path: str) -> None:
+        async def mkdir(account: str | None) -> None:
+            await self._agent.mkdir(path, parents=True, user=account)
+
+        await accounts.as_account(self._user, mkdir)
 
     async def stat(self, path: str) -> dict[str, Any]:
         try:
@@ -123,18 +138,18 @@ class Filesystem:
 
     async def call(self, method: str, request: dict[str, Any]) -> dict[str, Any]:
         if method == "Stat":
-            return {"entry": await self.stat(guest_path(request.get("path")))}
+            return {"entry": await self.stat(self.path(request.get("path")))}
         if method == "MakeDir":
-            path = guest_path(request.get("path"))
+            path = self.path(request.get("path"))
             if await self._agent.exists(path):
                 raise ConnectError("already_exists", f"directory already exists: {path}")
             try:
-                await self._agent.mkdir(path, parents=True)
+                await self._mkdirs(path)
             except Exception as exc:
                 raise map_error(exc, path) from None
             return {"entry": await self.stat(path)}
         if method == "Remove":
-            path = guest_path(request.get("path"))
+            path = self.path(request.get("path"))
             try:
                 await self._agent.remove(path, recursive=True)
             except GuestFileNotFoundError:
@@ -145,7 +160,7 @@ class Filesystem:
         if method == "Move":
             return {"entry": await self._move(request)}
         if method == "ListDir":
-            path = guest_path(request.get("path"))
+            path = self.path(request.get("path"))
             depth = request.get("depth") or 1
             if not isinstance(depth, int) or not 1 <= depth <= MAX_LIST_DEPTH:
                 raise ConnectError("invalid_argument", f"depth must be from 1 to {MAX_LIST_DEPTH}")
@@ -181,10 +196,14 @@ class Filesystem:
         return entries
 
     async def _move(self, request: dict[str, Any]) -> dict[str, Any]:
-        source = guest_path(request.get("source"))
-        destination = guest_path(request.get("destination"))
+        source = self.path(request.get("source"))
+        destination = self.path(request.get("destination"))
         if not await self._agent.exists(source):
             raise ConnectError("not_found", f"path not found: {source}")
+        try:  # as envd: the destination's missing parents are the account's; what moves keeps its owner
+            await self._mkdirs(posixpath.dirname(destination))
+        except Exception as exc:
+            raise map_error(exc, destination) from None
         result = await self._agent.exec("mv").args(["-T", "--", source, destination]).timeout(60).run()
         if not result.ok:
             raise ConnectError("internal", f"rename failed: {result.stderr.strip()[:500]}")
@@ -233,13 +252,16 @@ class Filesystem:
         agent = self._local_agent()
         if metadata and agent is None:
             raise ConnectError("unimplemented", "file metadata is not available with --ray")
+
+        async def write(account: str | None) -> None:  # the file is handed to the account
+            await self._write_once(agent, path, data, account)
+
         try:
             try:
-                await self._write_once(agent, path, data)
+                await accounts.as_account(self._user, write)
             except GuestFileNotFoundError:  # raised before any chunk was pulled
-                parent = path.rsplit("/", 1)[0] or "/"
-                await self._agent.mkdir(parent, parents=True)
-                await self._write_once(agent, path, data)
+                await self._mkdirs(path.rsplit("/", 1)[0] or "/")
+                await accounts.as_account(self._user, write)
             if agent is not None:
                 await set_metadata(agent, path, metadata or {})
         except RequestRejected:
@@ -252,11 +274,12 @@ class Filesystem:
         return info
 
     async def _write_once(
-        self, agent: Agent | None, path: str, data: bytes | AsyncIterable[bytes]
+        self, agent: Agent | None, path: str, data: bytes | AsyncIterable[bytes], user: str | None
     ) -> None:
         if isinstance(data, bytes):
-            await self._agent.write_file(path, data)
+            await self._agent.write_file(path, data, user=user)
         elif agent is not None:
-            await streams.write_chunks(agent, path, data)
+            await streams.write_chunks(agent, path, data, user=user)
         else:  # through a Ray proxy: whole (the request body cap bounds it)
-            await self._agent.write_file(path, b"".join([chunk async for chunk in data]))
+            whole = b"".join([chunk async for chunk in data])
+            await self._agent.write_file(path, whole, user=user)

@@ -13,7 +13,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from capsa.server import connect
+from capsa.server import accounts, connect
 from capsa.server.connect import ConnectError
 from capsa.server.content_encoding import accepts_gzip, gzip_chunks
 from capsa.server.entry import ApiError, Entry
@@ -157,10 +157,11 @@ class SandboxApi:
             if len(messages) != 1:
                 raise ConnectError("invalid_argument", "expected exactly one request message")
             message = messages[0]
+            user = accounts.from_authorization(request.headers.get("authorization"))
             if streaming:
-                events = await self._stream(service, method, message, entry, request)
+                events = await self._stream(service, method, message, entry, request, user=user)
                 return StreamingResponse(_frames(events), media_type=connect.STREAM_TYPE)
-            return JSONResponse(await self._unary(service, method, message, entry))
+            return JSONResponse(await self._unary(service, method, message, entry, user))
         except ConnectError as exc:
             return _connect_error_response(exc, streaming)
         except RequestRejected:
@@ -188,12 +189,12 @@ class SandboxApi:
         return Response(body, media_type=connect.STREAM_TYPE)
 
     async def _unary(
-        self, service: str, method: str, message: dict[str, Any], entry: Entry
+        self, service: str, method: str, message: dict[str, Any], entry: Entry, user: str | None
     ) -> dict[str, Any]:
         if service == "filesystem.Filesystem":
             if method in ("CreateWatcher", "GetWatcherEvents", "RemoveWatcher"):
                 return await watchers_for(entry).call(method, message)
-            return await Filesystem(entry.vm).call(method, message)
+            return await Filesystem(entry.vm, user).call(method, message)
         table = processes_for(entry, self.limits)
         if method == "List":
             return {"processes": table.list()}
@@ -212,10 +213,18 @@ class SandboxApi:
         raise ConnectError("unimplemented", f"{service}/{method} is not implemented")
 
     async def _stream(
-        self, service: str, method: str, message: dict[str, Any], entry: Entry, request: Request
+        self,
+        service: str,
+        method: str,
+        message: dict[str, Any],
+        entry: Entry,
+        request: Request,
+        *,
+        user: str | None,
     ) -> AsyncIterator[dict[str, Any]]:
         if service == "filesystem.Filesystem" and method == "WatchDir":
-            path, recursive = guest_path(message.get("path")), bool(message.get("recursive"))
+            path = guest_path(message.get("path"), accounts.home_of(user))
+            recursive = bool(message.get("recursive"))
             include_entry = bool(message.get("includeEntry"))
             watcher = await watchers_for(entry).open(path, recursive, include_entry)
             deadline = connect.timeout_seconds(request.headers.get("connect-timeout-ms"))
@@ -226,7 +235,7 @@ class SandboxApi:
         deadline = connect.timeout_seconds(request.headers.get("connect-timeout-ms"))
         keepalive = keepalive_interval(request.headers.get("keepalive-ping-interval"))
         if method == "Start":
-            proc = await table.start(message)
+            proc = await table.start(message, user)
             self.metrics.execs.inc()
             events = stream_process(
                 proc,
@@ -258,10 +267,10 @@ class SandboxApi:
     async def _files(self, request: Request, entry: Entry) -> Response:
         """Downloads stream from the guest as the client reads them; uploads stream to the guest
         as the client sends them (multipart parts parsed on the fly), within the upload cap."""
-        fs = Filesystem(entry.vm)
         try:
+            fs = Filesystem(entry.vm, accounts.from_query(request.query_params.get("username")))
             if request.method == "GET":
-                path = guest_path(request.query_params.get("path"))
+                path = fs.path(request.query_params.get("path"))
                 chunks = fs.read_chunks(path, self.limits.max_upload_bytes)
                 first = await anext(chunks, b"")  # a missing file is an error, not a 200
                 download: AsyncIterator[bytes] = _prepend_bytes(first, chunks)
@@ -285,10 +294,10 @@ class SandboxApi:
             if content_type.startswith("multipart/form-data"):
                 parts = MultipartFiles(body, content_type, MAX_UPLOAD_FILES)
                 async for name, part in parts:
-                    target = guest_path(name or request.query_params.get("path"))
+                    target = fs.path(name or request.query_params.get("path"))
                     written.append(await fs.write(target, part, metadata))
             else:
-                path = guest_path(request.query_params.get("path"))
+                path = fs.path(request.query_params.get("path"))
                 written.append(await fs.write(path, body, metadata))
             return JSONResponse(written)
         except ConnectError as exc:

@@ -52,7 +52,15 @@ class SyncAgentMethods:
     def list_dir(self, path: str, *, timeout: float = 30.0) -> list[DirEntry]:
         raise NotImplementedError
 
-    def mkdir(self, path: str, *, parents: bool = False, mode: int = 493, timeout: float = 30.0) -> None:
+    def mkdir(
+        self,
+        path: str,
+        *,
+        parents: bool = False,
+        mode: int = 493,
+        timeout: float = 30.0,
+        user: str | None = None,
+    ) -> None:
         raise NotImplementedError
 
     def ping(self, timeout: float = 30.0) -> None:
@@ -79,7 +87,13 @@ class SyncAgentMethods:
         raise NotImplementedError
 
     def write_file(
-        self, path: str, data: bytes | str, *, mode: int = 420, timeout: float = 300.0
+        self,
+        path: str,
+        data: bytes | str,
+        *,
+        mode: int = 420,
+        timeout: float = 300.0,
+        user: str | None = None,
     ) -> None:
         raise NotImplementedError
 

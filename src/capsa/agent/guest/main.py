@@ -29,7 +29,7 @@ from typing import Any
 import msgpack
 
 from capsa.agent import wire
-from capsa.agent.guest import attach, connections, details, fields
+from capsa.agent.guest import accounts, attach, connections, details, fields
 from capsa.agent.guest.connections import ConnectSession
 from capsa.agent.guest.init import (
     INIT_ERROR_MARKER,
@@ -56,7 +56,7 @@ from capsa.agent.guest.sessions import (
     safe_text,
 )
 from capsa.agent.guest.spawn import TIOCSWINSZ, spawn_pipes, spawn_pty
-from capsa.agent.guest.userroot import ImageDefaults, enter_user_root, resolve_user
+from capsa.agent.guest.userroot import ImageDefaults, enter_user_root
 
 AGENT_VERSION = "1"
 PORT_READ = 2 << 20
@@ -404,19 +404,28 @@ class Agent:
 
     def op_exec(self, sid: int, m: Message) -> None:
         argv = fields.argv(m)
-        env = {**DEFAULT_ENV, **fields.environment(m)}
+        given = fields.environment(m)
+        env = {**DEFAULT_ENV, **given}
         cwd = fields.working_directory(m)
-        if self.image is not None:
-            env = {**DEFAULT_ENV, **self.image.env, **fields.environment(m)}
-            if not m.get("cwd") and self.image.cwd is not None:
+        who = accounts.requested(m)
+        if not m.get("cwd"):  # the image's WorkingDir, else the home of an account asked for
+            if self.image is not None and self.image.cwd is not None:
                 cwd = self.image.cwd
-        ids = self.exec_identity(m, env)
+            elif who is not None:
+                cwd = accounts.home_directory(who) or cwd
+        if self.image is not None:
+            env = {**DEFAULT_ENV, **self.image.env, **given}
+            if who is None and self.image.user:
+                who = accounts.resolve(self.image.user)
+        if who is not None:
+            accounts.command_environment(who, env, given)
+            who = None if who.is_root else who
         size = m.get("pty")
         if size is not None:
             rows, cols = fields.terminal_size(size)
-            popen, fds = spawn_pty(argv, env, cwd, rows, cols, ids=ids)
+            popen, fds = spawn_pty(argv, env, cwd, rows, cols, account=who)
         else:
-            popen, fds = spawn_pipes(argv, env, cwd, fields.flag(m, "stdin"), ids=ids)
+            popen, fds = spawn_pipes(argv, env, cwd, fields.flag(m, "stdin"), account=who)
         for fd in fds.values():
             os.set_blocking(fd, False)
         session = ExecSession(self, sid, popen, fds)
@@ -427,22 +436,6 @@ class Agent:
         if size is not None:  # a terminal has one output stream: stderr ends at once
             self.outbox.send({"t": "eof", "id": sid, "s": "stderr"})
         self.reap()  # a child that exited at once would otherwise wait for the next SIGCHLD wakeup
-
-    def exec_identity(self, m: Message, env: dict[str, str]) -> tuple[int, int] | None:
-        """The request's ``user``, else the image's ``User``; None: run as the agent (root)."""
-        value = m.get("user")
-        spec = fields.text(value, "'user'", limit=256) if value is not None else None
-        if spec is None and self.image is not None:
-            spec = self.image.user
-        if not spec:
-            return None
-        try:
-            who = resolve_user(spec)
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
-        if who.home and "HOME" not in fields.environment(m):
-            env["HOME"] = who.home
-        return None if (who.uid, who.gid) == (0, 0) else (who.uid, who.gid)
 
     def op_resize(self, sid: int, m: Message) -> None:
         rows = fields.integer(m, "rows", 24, 1, fields.MAX_TERMINAL)
@@ -484,14 +477,18 @@ class Agent:
     def op_write_file(self, sid: int, m: Message) -> None:
         path = fields.path(m)
         mode = fields.mode(m, 0o644)
+        who = accounts.requested(m)  # the file's owner (it is written as root, then handed over)
         # Not O_TRUNC: only a regular file may be truncated. A FIFO without a reader fails (ENXIO)
         # instead of blocking the agent until one comes.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | _OPEN_FLAGS, mode)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "not a regular file", path)
             os.ftruncate(fd, 0)
-            os.fchmod(fd, mode)
+            if who is not None and (st.st_uid, st.st_gid) != (who.uid, who.gid):
+                os.fchown(fd, who.uid, who.gid)
+            os.fchmod(fd, mode)  # after the chown, which clears set-id bits
             os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)
@@ -539,10 +536,15 @@ class Agent:
     def op_mkdir(self, sid: int, m: Message) -> None:
         path = fields.path(m)
         mode = fields.mode(m, 0o755)
+        who = accounts.requested(m)  # who owns the directories it creates
         if fields.flag(m, "parents"):
-            os.makedirs(path, mode, exist_ok=True)
+            if who is None:
+                os.makedirs(path, mode, exist_ok=True)
+            else:
+                accounts.make_directories(path, mode, who)
         else:
             os.mkdir(path, mode)
+            accounts.hand_over(path, who)
         self.reply(sid)
 
     def op_remove(self, sid: int, m: Message) -> None:

@@ -46,7 +46,9 @@ class Host(Protocol):
 
 
 class BadRequest(Exception):
-    pass
+    """A request the agent refuses; ``kind`` is the error kind its reply carries."""
+
+    kind = "bad_request"
 
 
 def log(text: str) -> None:
@@ -75,7 +77,8 @@ def error_body(exc: BaseException) -> dict[str, Any]:
         msg = exc.strerror if isinstance(exc.strerror, str) else str(exc)
         return {"kind": kind, "msg": safe_text(msg[:1000]), "errno": errno_, "path": path}
     msg = str(exc) if isinstance(exc, BadRequest) else f"{type(exc).__name__}: {exc}"
-    return {"kind": "bad_request", "msg": safe_text(msg[:1000]), "errno": None, "path": None}
+    kind = exc.kind if isinstance(exc, BadRequest) else "bad_request"
+    return {"kind": kind, "msg": safe_text(msg[:1000]), "errno": None, "path": None}
 
 
 class Outbox:

@@ -6,9 +6,20 @@ import fcntl
 import os
 import struct
 import subprocess
+from typing import Any
+
+from capsa.agent.guest.accounts import Account
 
 TIOCSWINSZ = 0x5414
 TIOCSCTTY = 0x540E
+
+
+def _credentials(account: Account | None) -> dict[str, Any]:
+    """Popen's arguments to run as ``account`` (setgroups, setgid, setuid in the child, before the
+    exec); none: as the agent."""
+    if account is None:
+        return {}
+    return {"user": account.uid, "group": account.gid, "extra_groups": list(account.groups)}
 
 
 def spawn_pipes(
@@ -17,7 +28,7 @@ def spawn_pipes(
     cwd: str,
     with_stdin: bool,
     *,
-    ids: tuple[int, int] | None = None,
+    account: Account | None = None,
 ) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     parent: list[int] = []
     child: list[int] = []
@@ -43,9 +54,7 @@ def spawn_pipes(
             cwd=cwd,
             env=env,
             start_new_session=True,
-            user=ids[0] if ids else None,  # the child runs as (uid, gid), no other groups
-            group=ids[1] if ids else None,
-            extra_groups=[] if ids else None,
+            **_credentials(account),
         )
     except BaseException:
         for fd in parent:
@@ -69,12 +78,14 @@ def spawn_pty(
     rows: int,
     cols: int,
     *,
-    ids: tuple[int, int] | None = None,
+    account: Account | None = None,
 ) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     """The command on a new pseudo-terminal: its stdin, stdout and stderr are the terminal."""
     master, slave = os.openpty()
     try:
         fcntl.ioctl(slave, TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        if account is not None:  # the terminal is its user's, as login(1) leaves it
+            os.fchown(slave, account.uid, -1)
         popen = subprocess.Popen(
             argv,
             stdin=slave,
@@ -84,9 +95,7 @@ def spawn_pty(
             env=env,
             start_new_session=True,
             preexec_fn=_take_terminal,  # noqa: PLW1509 - runs in the child before exec, by design
-            user=ids[0] if ids else None,  # the child runs as (uid, gid), no other groups
-            group=ids[1] if ids else None,
-            extra_groups=[] if ids else None,
+            **_credentials(account),
         )
     except BaseException:
         os.close(master)
