@@ -23,9 +23,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from capsa.errors import CapsaError
 from capsa.server.control import PRINCIPAL, ControlPlane, api_error, error_response, principal_of
-from capsa.server.entry import ApiError
 from capsa.server.durable import DEFAULT_KEEP_ENDED, Journal
 from capsa.server.ends import EndsApi
+from capsa.server.entry import ApiError
 from capsa.server.guest_metrics import DEFAULT_INTERVAL, Sampler
 from capsa.server.ingress import Ingress, with_host_routing
 from capsa.server.ingress_ws import relay_websocket
