@@ -383,6 +383,8 @@ class Registry:
             else:  # the guest runs on meanwhile: nothing to detach
                 await save_files_of(entry, target, self.files_max_bytes)
                 close_watchers(entry)
+            if self.journal is not None and not entry.closing:
+                self.journal.paused(entry, target)
         except BaseException as exc:
             entry.pausing = False
             shutil.rmtree(target, ignore_errors=True)
