@@ -15,7 +15,7 @@ if apt-cache show linux-source-6.1 >/dev/null 2>&1; then
     KERNEL_PACKAGES="linux-source-6.1 build-essential bc bison flex libelf-dev lz4 xz-utils perl"
 fi
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    qemu-system-x86 qemu-utils busybox-static mmdebstrap squashfs-tools-ng \
+    qemu-system-x86 qemu-utils busybox-static mmdebstrap squashfs-tools-ng e2fsprogs \
     python3 python3-venv ca-certificates ovmf mtools dosfstools systemd-boot-efi grub-efi-amd64-bin \
     shim-signed grub-efi-amd64-signed binutils \
     $KERNEL_PACKAGES
