@@ -44,6 +44,9 @@ class Agent:
 
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
+        # Variables every exec gets unless it sets them itself (a sandbox's secret placeholders
+        # and CA bundle paths: docs/secrets.md). Host-side: nothing of it is stored in the guest.
+        self.default_env: tuple[tuple[str, str], ...] = ()
 
     @property
     def channel(self) -> Channel:
@@ -92,7 +95,8 @@ class Agent:
         """A command builder: ``await vm.agent.exec("ls").arg("/").run()``."""
         if not isinstance(program, str) or not program:
             raise ConfigError(f"exec needs a program name, got {program!r}")
-        return ExecBuilder(self._channel, ExecSpec(argv=(_check_text(program, "the program"),)))
+        argv = (_check_text(program, "the program"),)
+        return ExecBuilder(self._channel, ExecSpec(argv=argv, env=self.default_env))
 
     async def processes(self, timeout: float = DEFAULT_TIMEOUT) -> list[ProcessInfo]:
         """The processes the agent started that are still running, or exited and not yet collected

@@ -5,10 +5,13 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from capsa.errors import ConfigError
 from capsa.net.policy import NetworkPolicy
+
+if TYPE_CHECKING:
+    from capsa.net.secrets import Secret, SecretSession
 
 RESOLV_CONF = Path("/etc/resolv.conf")
 
@@ -73,6 +76,10 @@ class Gateway:
     dns: tuple[tuple[str, int], ...] = ()
     internal_allowed: bool = False
     forwards: tuple[PortForward, ...] = ()
+    secrets: tuple[Secret, ...] = ()
+    upstream_cas: tuple[Path, ...] = ()
+    # A fork's gateway carries its parent's placeholders and CA (see docs/secrets.md).
+    shared_session: SecretSession | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _network(self.subnet)
@@ -141,6 +148,39 @@ class Gateway:
                     hint="each host port can be forwarded once; use another host port",
                 )
         return replace(self, forwards=(*self.forwards, forward))
+
+    def secret(
+        self,
+        name: str,
+        value: str,
+        *,
+        hosts: list[str],
+        allow_http: bool = False,
+        prefix: str | None = None,
+    ) -> Gateway:
+        """Give sandboxes ``name=<placeholder>`` in their environment; the gateway swaps the
+        placeholder for ``value`` in HTTPS requests to ``hosts`` (``"api.example.com"``,
+        ``"*.example.com"``, ``"host:8443"``) and nowhere else. ``allow_http``: also over plain HTTP
+        (unauthenticated: not advised). ``prefix``: the placeholder's (default: the value's, if it
+        starts with a well-known key prefix such as ``sk-``). See docs/secrets.md."""
+        from capsa.net.secrets import make_secret  # noqa: PLC0415 - cryptography only when used
+
+        secret = make_secret(name, value, hosts, allow_http=allow_http, prefix=prefix)
+        if any(s.name == secret.name for s in self.secrets):
+            raise ConfigError(f"secret {name} is already configured on this gateway")
+        return replace(self, secrets=(*self.secrets, secret), shared_session=None)
+
+    def upstream_ca(self, path: str | Path) -> Gateway:
+        """Also trust the CA certificates in ``path`` (PEM) when the secrets proxy verifies an
+        upstream server (besides the system's trust store): private CAs, tests."""
+        resolved = Path(path).expanduser()
+        if not resolved.is_file():
+            raise ConfigError(f"upstream CA file not found: {resolved}")
+        return replace(self, upstream_cas=(*self.upstream_cas, resolved))
+
+    def sharing(self, session: SecretSession | None) -> Gateway:
+        """This gateway, its sandbox using ``session`` (a fork's: its parent's placeholders and CA)."""
+        return replace(self, shared_session=session)
 
     def upstreams(self) -> list[tuple[str, int]]:
         if self.dns:

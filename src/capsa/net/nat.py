@@ -14,8 +14,8 @@ import ipaddress
 import logging
 import secrets
 import time
-from collections.abc import Callable
-from typing import NamedTuple, cast
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple, Protocol, cast
 
 from capsa._tasks import TaskSet
 from capsa.net.dns import LoopbackMap, PinTable
@@ -46,6 +46,16 @@ Send = Callable[[ipaddress.IPv4Address, int, bytes, bool], None]
 # One egress decision: (proto, dst, port, domain, rule, action)
 Decision = tuple[str, ipaddress.IPv4Address, int | None, str | None, str, str]
 Record = Callable[[Decision], None]
+
+
+class Diverter(Protocol):
+    """Where flows to some destinations go instead of a plain host socket (the secrets proxy)."""
+
+    def wants(self, names: frozenset[str], port: int) -> bool: ...
+
+    def open(
+        self, host: str, port: int, dst: ipaddress.IPv4Address, names: frozenset[str]
+    ) -> Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]: ...
 
 
 class FlowKey(NamedTuple):
@@ -192,6 +202,7 @@ class Nat:
         self._tasks = tasks
         self.tcp: dict[FlowKey, TcpFlow] = {}
         self.udp: dict[FlowKey, UdpFlow] = {}
+        self.diverter: Diverter | None = None
 
     def new_tcp_flow(self, endpoint: TcpEndpoint) -> TcpFlow:
         flow = TcpFlow(endpoint, self._send, self._tasks, self._forget)
@@ -282,9 +293,13 @@ class Nat:
         ep = flow.ep
         try:
             host = self._loopback.host_address(ep.remote_ip)
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(str(host), ep.remote_port), CONNECT_TIMEOUT
-            )
+            names = self._pins.names_for(ep.remote_ip)
+            diverter = self.diverter
+            if diverter is not None and diverter.wants(names, ep.remote_port):
+                opening = diverter.open(str(host), ep.remote_port, ep.remote_ip, names)
+            else:
+                opening = asyncio.open_connection(str(host), ep.remote_port)
+            reader, writer = await asyncio.wait_for(opening, CONNECT_TIMEOUT)
         except (OSError, TimeoutError):
             if self.tcp.get(flow.key) is flow:
                 del self.tcp[flow.key]

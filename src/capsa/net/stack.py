@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from capsa._tasks import TaskSet
 from capsa.errors import CapsaError, ConfigError
@@ -45,6 +46,9 @@ from capsa.net.packets import (
 from capsa.net.policy import NetworkPolicy
 from capsa.net.switch import Switch
 
+if TYPE_CHECKING:
+    from capsa.net.secrets import SecretSession
+
 log = logging.getLogger(__name__)
 
 __all__ = ["GATEWAY_MAC", "MAX_FLOWS", "MAX_FRAME", "MAX_LOG", "LogEntry", "NetworkStack", "open_stack"]
@@ -64,6 +68,17 @@ def open_stack(gateway: Gateway, guest_ip: ipaddress.IPv4Address | None = None) 
     if attach is not None:
         return attach(gateway, guest_ip)
     return NetworkStack(gateway, guest_ip=guest_ip)
+
+
+def _secret_session(gateway: Gateway) -> SecretSession:
+    """The gateway's secrets for one sandbox: a fork's parent's session, else a new one (checked
+    against the policy first: a secret bound to a host the policy denies is a ConfigError)."""
+    from capsa.net.secrets import SecretSession, check_secrets  # noqa: PLC0415
+
+    check_secrets(gateway.secrets, gateway.policy_value)
+    if gateway.shared_session is not None:
+        return gateway.shared_session
+    return SecretSession(gateway.secrets)
 
 
 @dataclass(frozen=True)
@@ -112,6 +127,14 @@ class NetworkStack:
         self.nat = Nat(gateway, self.guest_ip, pins=self._pins, loopback=self._loopback,
                        send=self.send_ip, record=self.record, tasks=self._tasks)  # fmt: skip
         self._forwards = Forwarder(self.nat, self.send_ip, self.record, lambda: self.link.connected)
+        self.secret_session: SecretSession | None = None
+        if gateway.secrets:
+            from capsa.net.intercept import Interceptor  # noqa: PLC0415 - cryptography when used
+
+            self.secret_session = _secret_session(gateway)
+            self.nat.diverter = Interceptor(
+                self.secret_session, gateway.upstream_cas, self.record, self._tasks
+            )
         self._ident = 0
         self._closed = False
         self.switch.attach(self)

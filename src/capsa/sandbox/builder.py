@@ -270,6 +270,11 @@ class SandboxBuilder:
 
     async def _build(self, timeout: float) -> Sandbox:
         c = self._config
+        if c.network is not None and c.network.gateway.secrets:
+            from capsa.net.secrets import check_secrets  # noqa: PLC0415
+
+            gateway = c.network.gateway
+            check_secrets(gateway.secrets, gateway.policy_value)  # before anything starts
         templated = c.shares
         if c.shares and await self._kernel_has_9p():
             templated = tuple(for_template(share) for share in c.shares)  # see docs/shares.md
@@ -372,6 +377,7 @@ async def _from_template(
         except OSError as exc:
             log.warning("template not recorded (%s); the next build boots cold again", exc)
         await vm._mount_shares()
+        await vm._arm_secrets()  # after the snapshot: a template holds no sandbox's CA
     except BaseException:
         await vm.kill()
         raise

@@ -132,6 +132,7 @@ class Sandbox(VM):
                 await self._mount_volumes()
                 if mount:
                     await self._mount_shares()
+                    await self._arm_secrets()
         except BaseException:
             await self.kill()
             raise
@@ -157,6 +158,7 @@ class Sandbox(VM):
                 await agent.refresh(new_hostname(), identity)  # also the proof the agent answers
                 self._agent = agent
                 await self._mount_shares()
+                await self._arm_secrets()
         except TimeoutError:
             tail = self._process.log_tail() if self._process else ""
             await self.kill()
@@ -178,6 +180,18 @@ class Sandbox(VM):
         self._agent = agent
         self.ready_seconds = time.monotonic() - started
         log.info("sandbox restored from %s in %.3fs", snapshot.path, self.ready_seconds)
+
+    async def _arm_secrets(self) -> None:
+        """With secrets on the gateway: the guest trusts this sandbox's CA and every exec gets the
+        placeholders (docs/secrets.md). A fork shares its parent's, already in its guest."""
+        network = self._network
+        session = network.secret_session if network is not None else None
+        if session is None or network is None:
+            return
+        from capsa.sandbox.secrets_guest import arm_secrets  # noqa: PLC0415
+
+        shared = network.gateway.shared_session is session
+        await arm_secrets(self.agent, session, install=not shared, timeout=30.0)
 
     async def _resume_if_paused(self) -> None:
         assert self._monitor is not None
@@ -316,7 +330,10 @@ class Sandbox(VM):
             return None
         forwards = tuple(replace(f, host_port=0) for f in network.gateway.forwards)
         policy = self._network.policy if self._network is not None else network.gateway.policy_value
-        return VirtualNetwork(replace(network.gateway, forwards=forwards, policy_value=policy))
+        gateway = replace(network.gateway, forwards=forwards, policy_value=policy)
+        if self._network is not None and self._network.secret_session is not None:
+            gateway = gateway.sharing(self._network.secret_session)  # same placeholders and CA
+        return VirtualNetwork(gateway)
 
     def _fork_addresses(self, count: int) -> list[ipaddress.IPv4Address | None]:
         """Distinct guest addresses for ``count`` forks, none this sandbox's own (each VM has its own
