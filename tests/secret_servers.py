@@ -28,7 +28,7 @@ from capsa import Gateway, NetworkPolicy
 
 API = "api.secret.test"  # bound to the secret KEY
 OTHER = "other.secret.test"  # bound to the secret OTHER_KEY (same server)
-FREE = "free.secret.test"  # allowed, bound to nothing (same server)
+FREE = "free.secret.test"  # allowed, bound to nothing (the same server on an address of its own)
 BAD = "bad.secret.test"  # bound to KEY, but its certificate is from an untrusted CA
 VALUE = "sk-live-" + "Z" * 8 + "real-secret-value-0123456789abcdef"
 OTHER_VALUE = "other-real-secret-value-9876543210"
@@ -150,8 +150,8 @@ def _serve(address: str, context: ssl.SSLContext, seen: list[Seen]) -> http.serv
     return server
 
 
-def _bind_two() -> list[str]:
-    """Two 127.0.0.x addresses with port 443 free (random, so parallel runs do not collide)."""
+def _bind_three() -> list[str]:
+    """Three 127.0.0.x addresses with port 443 free (random, so parallel runs do not collide)."""
     found: list[str] = []
     for x in random.sample(range(10, 250), 240):
         address = f"127.0.0.{x}"
@@ -161,14 +161,14 @@ def _bind_two() -> list[str]:
             except OSError:
                 continue
         found.append(address)
-        if len(found) == 2:
+        if len(found) == 3:
             return found
     raise RuntimeError("no free 127.0.0.x:443")
 
 
 @contextmanager
 def upstreams() -> Iterator[Upstreams]:
-    good, bad = _bind_two()
+    good, bad, free = _bind_three()
     ca_key, leaf_key, rogue_key = _key(), _key(), _key()
     ca = _cert("capsa test upstream CA", ca_key, None, ca_key, [], ca=True)
     leaf = _cert(API, leaf_key, ca.subject, ca_key, [API, OTHER, FREE], ca=False)
@@ -183,11 +183,12 @@ def upstreams() -> Iterator[Upstreams]:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(root / f"{name}.pem")
             contexts.append(context)
-        addresses = {API: good, OTHER: good, FREE: good, BAD: bad}
+        addresses = {API: good, OTHER: good, FREE: free, BAD: bad}
         dns = DNSServer(_Resolver(addresses), address="127.0.0.1", port=0)
         dns.start_thread()
         result = Upstreams(dns.server.server_address[1], addresses, root / "ca.pem")
-        servers = [_serve(good, contexts[0], result.seen), _serve(bad, contexts[1], result.seen)]
+        servers = [_serve(good, contexts[0], result.seen), _serve(bad, contexts[1], result.seen),
+                   _serve(free, contexts[0], result.seen)]  # fmt: skip
         try:
             yield result
         finally:

@@ -1,0 +1,87 @@
+"""Secrets (docs/secrets.md): what the swapping proxy costs a guest's HTTPS, side by side in one sandbox.
+The same local HTTPS server (127.0.0.x:443, a test CA) is reached as a host bound to a secret (the
+gateway terminates TLS, swaps the placeholder, verifies and re-encrypts upstream) and as a host with
+no secret (plain NAT). Request latency (a new connection per request, and keep-alive) and a 64 MiB
+download, each as a ratio of the two. Goals: latency <= 1.5x, download >= 0.7x.
+
+    .venv/bin/python -m bench.secrets [--requests 30] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+
+import capsa
+from bench._report import figure, header
+from capsa import VirtualNetwork
+from tests.secret_servers import API, FREE, upstreams
+
+SCRIPT = r"""
+import http.client, json, os, ssl, sys, time
+host, ca, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+context = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
+headers = {"Authorization": "Bearer " + os.environ["KEY"]}
+def one(conn):
+    conn.request("GET", "/v1", headers=headers)
+    conn.getresponse().read()
+fresh = []
+for _ in range(count):
+    started = time.monotonic()
+    conn = http.client.HTTPSConnection(host, 443, context=context, timeout=60)
+    one(conn)
+    fresh.append(time.monotonic() - started)
+    conn.close()
+conn = http.client.HTTPSConnection(host, 443, context=context, timeout=60)
+one(conn)
+kept = []
+for _ in range(count):
+    started = time.monotonic()
+    one(conn)
+    kept.append(time.monotonic() - started)
+started = time.monotonic()
+conn.request("GET", "/big", headers=headers)
+size = len(conn.getresponse().read())
+elapsed = time.monotonic() - started
+print(json.dumps({"fresh": sorted(fresh)[len(fresh) // 2], "kept": sorted(kept)[len(kept) // 2],
+                  "mib_s": size / elapsed / (1 << 20)}))
+"""
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    header("secrets")
+    with upstreams() as servers:
+        network = VirtualNetwork.with_gateway(servers.gateway())
+        async with capsa.sandbox().network(network) as vm:
+            await vm.agent.write_file("/tmp/test-ca.pem", servers.ca_file.read_bytes())
+            results: dict[str, list[dict[str, float]]] = {"proxy": [], "direct": []}
+            for _ in range(args.runs):
+                for label, host, ca in (("proxy", API, ""), ("direct", FREE, "/tmp/test-ca.pem")):
+                    argv = ["-c", SCRIPT, host, ca, str(args.requests)]
+                    done = await vm.agent.exec("python3").args(argv).timeout(600).run()
+                    done.check()
+                    results[label].append(json.loads(done.stdout))
+    summary = {
+        label: {key: statistics.median(r[key] for r in runs) for key in ("fresh", "kept", "mib_s")}
+        for label, runs in results.items()
+    }
+    proxy, direct = summary["proxy"], summary["direct"]
+    print(f"latency, new connection: proxy {proxy['fresh'] * 1000:.1f} ms, direct "
+          f"{direct['fresh'] * 1000:.1f} ms")  # fmt: skip
+    print(
+        f"latency, keep-alive: proxy {proxy['kept'] * 1000:.1f} ms, direct {direct['kept'] * 1000:.1f} ms"
+    )
+    print(f"64 MiB download: proxy {proxy['mib_s']:.1f} MiB/s, direct {direct['mib_s']:.1f} MiB/s")
+    figure("secrets_latency_new_connection_vs_direct", proxy["fresh"] / direct["fresh"], "x", "<= 1.5")
+    figure("secrets_latency_keepalive_vs_direct", proxy["kept"] / direct["kept"], "x", "<= 1.5")
+    figure("secrets_download_vs_direct", proxy["mib_s"] / direct["mib_s"], "x", ">= 0.7")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
