@@ -14,10 +14,11 @@ import asyncio
 import json
 import statistics
 
+from tests.secret_servers import API, FREE, upstreams
+
 import capsa
 from bench._report import figure, header
 from capsa import VirtualNetwork
-from tests.secret_servers import API, FREE, upstreams
 
 SCRIPT = r"""
 import http.client, json, os, ssl, sys, time
