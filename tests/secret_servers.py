@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from dnslib import QTYPE, RR, A
-from dnslib.server import BaseResolver, DNSServer
+from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
 from capsa import Gateway, NetworkPolicy
 
@@ -184,7 +184,8 @@ def upstreams() -> Iterator[Upstreams]:
             context.load_cert_chain(root / f"{name}.pem")
             contexts.append(context)
         addresses = {API: good, OTHER: good, FREE: free, BAD: bad}
-        dns = DNSServer(_Resolver(addresses), address="127.0.0.1", port=0)
+        quiet = DNSLogger("-request,-reply,-truncated,-error,-recv,-send,-data", prefix=False)
+        dns = DNSServer(_Resolver(addresses), address="127.0.0.1", port=0, logger=quiet)
         dns.start_thread()
         result = Upstreams(dns.server.server_address[1], addresses, root / "ca.pem")
         servers = [_serve(good, contexts[0], result.seen), _serve(bad, contexts[1], result.seen),
