@@ -18,7 +18,7 @@ import pytest_asyncio
 import capsa
 from capsa import ConfigError, Gateway, NetworkPolicy, VirtualNetwork
 from capsa._tasks import TaskSet
-from capsa.net.intercept import Interceptor
+from capsa.net.intercept import MAX_CONNECTIONS, Interceptor
 from capsa.net.secrets import SecretSession, check_secrets
 from tests.secret_servers import API, FREE, OTHER, VALUE, Upstreams, upstreams
 
@@ -194,3 +194,36 @@ async def test_a_secret_for_a_host_the_policy_denies_is_refused_at_build() -> No
     wildcard = Gateway().policy(policy).secret("KEY", VALUE, hosts=["*.example.com"])
     with pytest.raises(ConfigError, match="denies"):
         check_secrets(wildcard.secrets, wildcard.policy_value)
+
+
+@pytest.mark.asyncio
+async def test_intercepted_connections_are_capped(proxy: Proxy) -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0, backlog=1024)
+    port = server.sockets[0].getsockname()[1]
+    dst = ipaddress.IPv4Address("127.0.0.1")
+    opened = []
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            for _ in range(MAX_CONNECTIONS + 1):
+                opened.append(await proxy.interceptor.open("127.0.0.1", port, dst, frozenset({API})))
+        assert len(opened) == MAX_CONNECTIONS
+        opened.pop()[1].close()  # one guest leaves: its slot is free again once the proxy notices
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            try:
+                opened.append(await proxy.interceptor.open("127.0.0.1", port, dst, frozenset({API})))
+                break
+            except ConnectionRefusedError:
+                continue
+        assert len(opened) == MAX_CONNECTIONS
+    finally:
+        for _, writer in opened:
+            writer.close()
+        for writer in held:
+            writer.close()
+        server.close()

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 HELLO_TIMEOUT = 10.0  # for the guest's first bytes, and for each TLS handshake
 IDLE_TIMEOUT = 120.0  # between requests on a kept-alive connection, and between body reads
 MAX_HELLO = 16384 + 5
+MAX_CONNECTIONS = 256  # intercepted connections at once per sandbox (each holds three sockets)
 _READ = 1 << 16
 _STREAM_LIMIT = MAX_HEAD + 1024
 
@@ -125,6 +126,7 @@ class Interceptor:
         self.session = session
         self._record = record
         self._tasks = tasks
+        self._active = 0
         self._upstream = ssl.create_default_context()
         self._upstream.minimum_version = ssl.TLSVersion.TLSv1_2
         self._upstream.set_alpn_protocols(["http/1.1"])
@@ -137,7 +139,11 @@ class Interceptor:
     async def open(
         self, host: str, port: int, dst: ipaddress.IPv4Address, names: frozenset[str]
     ) -> Streams:
-        """Connect upstream, then return the NAT's end of the proxy (see the module docstring)."""
+        """Connect upstream, then return the NAT's end of the proxy (see the module docstring).
+        Past :data:`MAX_CONNECTIONS` at once, refused (the guest gets an RST)."""
+        if self._active >= MAX_CONNECTIONS:
+            log.warning("secrets proxy: %d connections at once; refusing more", self._active)
+            raise ConnectionRefusedError("too many intercepted connections")
         upstream = await asyncio.open_connection(host, port, limit=_STREAM_LIMIT)
         ours, theirs = socket.socketpair()
         try:
@@ -148,6 +154,7 @@ class Interceptor:
             theirs.close()
             upstream[1].close()
             raise
+        self._active += 1
         self._tasks.spawn(self._serve(ours, upstream, dst, port, names), name="secrets-proxy")
         return guest
 
@@ -181,6 +188,7 @@ class Interceptor:
         except (OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError) as exc:
             log.debug("secrets proxy connection to %s:%d ended: %r", dst, port, exc)
         finally:
+            self._active -= 1
             if guest_writer is not None:
                 guest_writer.close()
             else:
