@@ -11,50 +11,58 @@ secret never reaches the guest.
 
 from __future__ import annotations
 
+import asyncio
+
 from capsa.agent.client import Agent
-from capsa.errors import ConfigError
+from capsa.errors import AgentError, ConfigError
 from capsa.net.secrets import SecretSession
 
 CA_DIR = "/etc/capsa"
 CA_FILE = f"{CA_DIR}/sandbox-ca.pem"
-_INSTALL = r"""
-set -eu
-umask 022
-mkdir -p /etc/capsa
-printf '%s' "$1" > /etc/capsa/sandbox-ca.pem
-bundle=""
-for f in /etc/ssl/certs/ca-certificates.crt /etc/pki/tls/certs/ca-bundle.crt /etc/ssl/cert.pem; do
-  if [ -e "$f" ]; then bundle=$(readlink -f "$f"); break; fi
-done
-if [ -z "$bundle" ]; then
-  bundle=/etc/ssl/certs/ca-certificates.crt
-  mkdir -p /etc/ssl/certs
-  : > /etc/capsa/system-ca.pem
-fi
-[ -e /etc/capsa/system-ca.pem ] || cp "$bundle" /etc/capsa/system-ca.pem
-cat /etc/capsa/system-ca.pem /etc/capsa/sandbox-ca.pem > "$bundle.capsa-new"
-mv -f "$bundle.capsa-new" "$bundle"
-printf '%s' "$bundle"
-"""
+PRISTINE = f"{CA_DIR}/system-ca.pem"  # the image's own bundle, as it was before capsa's CA
+BUNDLE_PATH = f"{CA_DIR}/bundle-path"  # which bundle capsa extends (a restore reads it back)
+BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine
+    "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
+    "/etc/ssl/cert.pem",  # others
+)
+MAX_BUNDLE = 16 << 20
+
+
+async def _install(agent: Agent, pem: str, timeout: float) -> str:
+    """Write the CA and the bundle (the image's bundle + the CA) with file operations alone: no
+    process is started, so arming adds a few agent round trips to a build."""
+    if await agent.exists(BUNDLE_PATH, timeout=timeout):  # a guest armed before (a restore)
+        bundle = (await agent.read_file(BUNDLE_PATH, timeout=timeout, limit=4096)).decode()
+        base = await agent.read_file(PRISTINE, timeout=timeout, limit=MAX_BUNDLE)
+    else:
+        found = await asyncio.gather(*(agent.exists(p, timeout=timeout) for p in BUNDLES))
+        bundle = next((p for p, there in zip(BUNDLES, found, strict=True) if there), BUNDLES[0])
+        base = await agent.read_file(bundle, timeout=timeout, limit=MAX_BUNDLE) if any(found) else b""
+        await agent.mkdir(CA_DIR, parents=True, timeout=timeout)
+        await agent.mkdir(bundle.rsplit("/", 1)[0], parents=True, timeout=timeout)
+        await agent.write_file(PRISTINE, base, timeout=timeout)
+        await agent.write_file(BUNDLE_PATH, bundle, timeout=timeout)
+    separator = b"" if not base or base.endswith(b"\n") else b"\n"
+    await asyncio.gather(
+        agent.write_file(CA_FILE, pem, timeout=timeout),
+        agent.write_file(bundle, base + separator + pem.encode(), timeout=timeout),
+    )
+    return bundle
 
 
 async def arm_secrets(agent: Agent, session: SecretSession, *, install: bool, timeout: float) -> None:
     """Install the session's CA in the guest (unless ``install`` is false: a fork's guest has its
     parent's already) and give every exec the placeholders and CA variables."""
-    bundle = session.guest_bundle or "/etc/ssl/certs/ca-certificates.crt"
+    bundle = session.guest_bundle or BUNDLES[0]
     if install:
-        done = (
-            await agent.exec("/bin/sh")
-            .args(["-c", _INSTALL, "sh", session.ca.pem])
-            .timeout(timeout)
-            .run()
-        )
-        if done.exit_code != 0 or not done.stdout.startswith("/"):
+        try:
+            bundle = session.guest_bundle = await _install(agent, session.ca.pem, timeout)
+        except AgentError as exc:
             raise ConfigError(
-                f"installing the sandbox's CA in the guest failed: {done.stderr.strip()[:300]}",
-                hint="secrets need a guest with /bin/sh and a writable /etc",
-            )
-        bundle = session.guest_bundle = done.stdout.strip()
+                f"installing the sandbox's CA in the guest failed: {exc.message}",
+                hint="secrets need a guest whose /etc is writable",
+            ) from exc
     env = {
         "SSL_CERT_FILE": bundle,
         "REQUESTS_CA_BUNDLE": bundle,
