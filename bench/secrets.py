@@ -74,6 +74,8 @@ async def main() -> None:
                     done = await vm.agent.exec("python3").args(argv).timeout(600).run()
                     done.check()
                     results[label].append(json.loads(done.stdout))
+    if not args.runs:
+        return
     summary = {
         label: {key: statistics.median(r[key] for r in runs) for key in ("fresh", "kept", "mib_s")}
         for label, runs in results.items()

@@ -127,11 +127,21 @@ class Interceptor:
         self._record = record
         self._tasks = tasks
         self._active = 0
-        self._upstream = ssl.create_default_context()
-        self._upstream.minimum_version = ssl.TLSVersion.TLSv1_2
-        self._upstream.set_alpn_protocols(["http/1.1"])
-        for path in upstream_ca:
-            self._upstream.load_verify_locations(cafile=str(path))
+        self._upstream_ca = upstream_ca
+        self._upstream_context: ssl.SSLContext | None = None
+
+    @property
+    def _upstream(self) -> ssl.SSLContext:
+        """Made at the first interception (loading the trust store costs tens of ms: not at build)."""
+        context = self._upstream_context
+        if context is None:
+            context = ssl.create_default_context()
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.set_alpn_protocols(["http/1.1"])
+            for path in self._upstream_ca:
+                context.load_verify_locations(cafile=str(path))
+            self._upstream_context = context
+        return context
 
     def wants(self, names: frozenset[str], port: int) -> bool:
         return self.session.intercepts(names, port)

@@ -32,19 +32,23 @@ MAX_BUNDLE = 16 << 20
 async def _install(agent: Agent, pem: str, timeout: float) -> str:
     """Write the CA and the bundle (the image's bundle + the CA) with file operations alone: no
     process is started, so arming adds a few agent round trips to a build."""
-    if await agent.exists(BUNDLE_PATH, timeout=timeout):  # a guest armed before (a restore)
+    checks = [agent.exists(p, timeout=timeout) for p in (BUNDLE_PATH, *BUNDLES)]
+    armed, *found = await asyncio.gather(  # with the directories: one round trip of requests
+        *checks, *(agent.mkdir(d, parents=True, timeout=timeout) for d in (CA_DIR, "/etc/ssl/certs"))
+    )
+    found = found[: len(BUNDLES)]
+    writes = []
+    if armed:  # a guest armed before (a restore): extend the same bundle's pristine copy
         bundle = (await agent.read_file(BUNDLE_PATH, timeout=timeout, limit=4096)).decode()
         base = await agent.read_file(PRISTINE, timeout=timeout, limit=MAX_BUNDLE)
     else:
-        found = await asyncio.gather(*(agent.exists(p, timeout=timeout) for p in BUNDLES))
         bundle = next((p for p, there in zip(BUNDLES, found, strict=True) if there), BUNDLES[0])
         base = await agent.read_file(bundle, timeout=timeout, limit=MAX_BUNDLE) if any(found) else b""
-        await agent.mkdir(CA_DIR, parents=True, timeout=timeout)
-        await agent.mkdir(bundle.rsplit("/", 1)[0], parents=True, timeout=timeout)
-        await agent.write_file(PRISTINE, base, timeout=timeout)
-        await agent.write_file(BUNDLE_PATH, bundle, timeout=timeout)
+        writes = [agent.write_file(PRISTINE, base, timeout=timeout),
+                  agent.write_file(BUNDLE_PATH, bundle, timeout=timeout)]  # fmt: skip
     separator = b"" if not base or base.endswith(b"\n") else b"\n"
     await asyncio.gather(
+        *writes,
         agent.write_file(CA_FILE, pem, timeout=timeout),
         agent.write_file(bundle, base + separator + pem.encode(), timeout=timeout),
     )
