@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +155,33 @@ async def test_forks_share_the_placeholder_and_ca(
         assert _authorizations(servers, "/fork")[before:] == [f"Bearer {VALUE}"]
     finally:
         await clone.kill()
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(300)
+async def test_a_restored_snapshot_gets_a_new_placeholder_and_ca_that_work(
+    servers: Upstreams, sandbox_factory: SandboxFactory, tmp_path: Path
+) -> None:
+    network = VirtualNetwork.with_gateway(servers.gateway())
+    vm = await sandbox_factory(capsa.sandbox().network(network))
+    old = (await vm.agent.exec("sh").args(["-c", "echo $KEY"]).run()).stdout.strip()
+    snapshot = await vm.snapshot(tmp_path / "snap")
+    assert VALUE not in "".join(p.read_text(errors="replace") for p in snapshot.path.glob("*.json"))
+    restored = await sandbox_factory(capsa.sandbox().from_snapshot(snapshot).network(network))
+    new = (await restored.agent.exec("sh").args(["-c", "echo $KEY"]).run()).stdout.strip()
+    assert new and new != old
+    before = len(_authorizations(servers, "/restored"))
+    script = (
+        f"import os,urllib.request;r=urllib.request.Request('https://{API}/restored',"
+        "headers={'Authorization':'Bearer '+os.environ['KEY']});"
+        "print(urllib.request.urlopen(r,timeout=30).read().decode())"
+    )
+    done = await restored.agent.exec("python3").args(["-c", script]).timeout(60).run()
+    assert done.stdout.strip() == "ok", done.stderr
+    assert _authorizations(servers, "/restored")[before:] == [f"Bearer {VALUE}"]
+    # the bundle holds the image's CAs and the new sandbox CA, no longer the old one
+    bundle = (await restored.agent.read_file("/etc/ssl/certs/ca-certificates.crt")).decode()
+    pristine = (await restored.agent.read_file("/etc/capsa/system-ca.pem")).decode()
+    old_ca, new_ca = (s.network.secret_session.ca.pem for s in (vm, restored))  # type: ignore[union-attr]
+    assert new_ca in bundle and old_ca not in bundle
+    assert bundle.count("BEGIN CERTIFICATE") == pristine.count("BEGIN CERTIFICATE") + 1
