@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Mapping
 
 import capsa
 from capsa.errors import ConfigError
@@ -27,6 +29,14 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="[udp:]HOST_PORT:GUEST_PORT",
         help="forward 127.0.0.1:HOST_PORT to the guest's port (TCP unless udp:); implies --net",
     )
+    parser.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="NAME=ENVVAR@HOST[,HOST]",
+        help="the guest gets NAME=<placeholder>; the gateway swaps in the value of this host's "
+        "ENVVAR only in HTTPS requests to HOST (docs/secrets.md); implies --net; repeatable",
+    )
 
 
 def parse_forward(text: str) -> tuple[str, int, int]:
@@ -37,9 +47,26 @@ def parse_forward(text: str) -> tuple[str, int, int]:
     return proto, int(host), int(guest)
 
 
+def parse_secret(text: str, environ: Mapping[str, str]) -> tuple[str, str, list[str]]:
+    """``NAME=ENVVAR@HOST[,HOST]``: the value is read from the environment, never the command line
+    (where ``ps`` would show it)."""
+    name, eq, rest = text.partition("=")
+    variable, at, hosts = rest.partition("@")
+    if not eq or not at or not name or not variable or not hosts:
+        raise ConfigError(f"--secret takes NAME=ENVVAR@HOST[,HOST], got {text!r}")
+    value = environ.get(variable)
+    if not value:
+        raise ConfigError(
+            f"--secret {name}: the environment variable {variable} is not set",
+            hint=f"export {variable}=... first: the value is read from capsa's environment",
+        )
+    return name, value, hosts.split(",")
+
+
 def network_from_args(args: argparse.Namespace) -> capsa.VirtualNetwork | None:
-    """None (no NIC) unless --net, --allow-domain or --forward asked for one."""
-    if not (args.net or args.allow_domain or args.forward):
+    """None (no NIC) unless --net, --allow-domain, --forward or --secret asked for one."""
+    secrets = getattr(args, "secret", [])
+    if not (args.net or args.allow_domain or args.forward or secrets):
         return None
     gateway = capsa.Gateway()
     if args.allow_domain:
@@ -51,4 +78,7 @@ def network_from_args(args: argparse.Namespace) -> capsa.VirtualNetwork | None:
         proto, host, guest = parse_forward(item)
         forward = gateway.forward_tcp if proto == "tcp" else gateway.forward_udp
         gateway = forward(host, guest)
+    for item in secrets:
+        name, value, hosts = parse_secret(item, os.environ)
+        gateway = gateway.secret(name, value, hosts=hosts)
     return capsa.VirtualNetwork.with_gateway(gateway)
