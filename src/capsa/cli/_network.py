@@ -10,7 +10,9 @@ import capsa
 from capsa.errors import ConfigError
 
 
-def add_network_arguments(parser: argparse.ArgumentParser) -> None:
+def add_network_arguments(parser: argparse.ArgumentParser, *, secrets: bool = True) -> None:
+    """``secrets``: offer ``--secret`` (sandboxes only: a raw VM has no agent to give the guest the
+    placeholders and the CA)."""
     # Exclusive: --net means "all egress allowed", --allow-domain "only these"; both at once used to
     # keep only the allow-list silently.
     egress = parser.add_mutually_exclusive_group()
@@ -29,6 +31,8 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="[udp:]HOST_PORT:GUEST_PORT",
         help="forward 127.0.0.1:HOST_PORT to the guest's port (TCP unless udp:); implies --net",
     )
+    if not secrets:
+        return
     parser.add_argument(
         "--secret",
         action="append",

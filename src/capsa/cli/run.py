@@ -52,7 +52,7 @@ def register(commands: Any) -> None:
     parser.add_argument("--memory", default="512M", help="e.g. 512M or 1G")
     parser.add_argument("--cmdline", default="", help="extra kernel arguments, 'k=v flag ...'")
     parser.add_argument("--share", action="append", default=[], metavar="HOST:GUEST[:ro|rw]")
-    add_network_arguments(parser)
+    add_network_arguments(parser, secrets=False)
     parser.add_argument("--no-console", action="store_true", help="do not attach; wait for power-off")
     parser.add_argument("--timeout", type=float, help="with --no-console: stop after this many seconds")
     parser.set_defaults(handler=_run)
