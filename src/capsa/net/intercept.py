@@ -95,6 +95,7 @@ async def _peek(sock: socket.socket, timeout: float) -> bytes:
     """The guest's first bytes, left in the socket (empty: it closed or said nothing in time)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    pause = 0.002
     while loop.time() < deadline:
         try:
             data = sock.recv(MAX_HELLO, socket.MSG_PEEK)
@@ -112,8 +113,9 @@ async def _peek(sock: socket.socket, timeout: float) -> bytes:
                     await asyncio.wait_for(ready, max(0.0, deadline - loop.time()))
             finally:
                 loop.remove_reader(sock.fileno())
-        else:
-            await asyncio.sleep(0.005)  # a partial hello: the rest is on its way
+        else:  # a partial hello (the socket stays readable): the rest is on its way, or stalled
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.2)
     return b""
 
 
@@ -195,7 +197,8 @@ class Interceptor:
                 guest = await asyncio.open_connection(sock=sock, limit=_STREAM_LIMIT)
                 guest_writer = guest[1]
                 await self._proxy(guest, upstream, dst, port, None, tls=False, names=names)
-        except (OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        except (OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError) as exc:  # fmt: skip
             log.debug("secrets proxy connection to %s:%d ended: %r", dst, port, exc)
         finally:
             self._active -= 1
