@@ -407,7 +407,7 @@ def _serve(args: argparse.Namespace) -> int:
         volume_size_mb=check_size_mb(args.volume_size_mb),
     )
     if args.ray is not None:  # before uvicorn: its signal handlers must replace Ray's SIGTERM one
-        from capsa.server._cluster import connect_driver  # noqa: PLC0415
+        from capsa.server import connect_driver  # noqa: PLC0415
 
         connect_driver(args.ray)
     server = create_app(config)

@@ -16,8 +16,8 @@ from pathlib import Path
 from capsa._guardian import new_vm_dir
 from capsa._paths import free_bytes
 from capsa.agent import wire
-from capsa.agent._channel import Channel
 from capsa.agent.attach import resync
+from capsa.agent.channel import Channel
 from capsa.agent.client import Agent
 from capsa.agent.errors import expect_ok
 from capsa.backend.qemu.process import find_qemu

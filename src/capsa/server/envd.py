@@ -12,7 +12,7 @@ import signal as signals
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import capsa
 from capsa._tasks import TaskSet
@@ -28,9 +28,6 @@ from capsa.server import accounts
 from capsa.server.connect import ConnectError
 from capsa.server.limits import Limits
 from capsa.server.redact import client_message
-
-if TYPE_CHECKING:
-    from capsa.server.entry import Entry
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +85,20 @@ def pty_size(pty: object) -> tuple[int, int]:
     return rows, cols
 
 
-def processes_for(entry: Entry, limits: Limits | None = None) -> ProcessTable:
+class HoldsProcesses(Protocol):
+    """What :func:`processes_for` needs of a sandbox's entry (:class:`capsa.server.entry.Entry`),
+    a protocol so that this module does not import the entry, which refers to :class:`ProcessTable`."""
+
+    processes: ProcessTable | None
+
+    @property
+    def vm(self) -> capsa.Sandbox: ...
+
+    @property
+    def envs(self) -> dict[str, str]: ...
+
+
+def processes_for(entry: HoldsProcesses, limits: Limits | None = None) -> ProcessTable:
     if entry.processes is None:
         entry.processes = ProcessTable(entry.vm, entry.envs, limits or Limits())
     return entry.processes
