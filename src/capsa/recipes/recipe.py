@@ -64,7 +64,7 @@ from capsa.recipes.capture import add_captured
 from capsa.recipes.layertar import LayerTar, add_host_tree
 from capsa.recipes.pip import add_wheels, pip_inputs
 from capsa.recipes.run import run_in_build_vm
-from capsa.recipes.steps import APT_COMMAND, Recipe, Step, apply_config, guest_path, tree_digest
+from capsa.recipes.steps import APT_COMMAND, Recipe, Step, apply_config, in_workdir, tree_digest
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def _squash_layer(image: Recipe, item: Planned, directory: Path, captured: IO[by
         layer = LayerTar(tar)
         if step is not None and step.kind == "copy":
             # A copy leaves the config as it was: its destination follows the current workdir.
-            add_host_tree(layer, Path(step.args[0]), guest_path(step.args[1], item.config))
+            add_host_tree(layer, Path(step.args[0]), in_workdir(step.args[1], item.config))
         elif step is not None and step.kind == "pip":
             add_wheels(layer, step)
         elif captured is not None:

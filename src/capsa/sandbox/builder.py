@@ -24,7 +24,7 @@ from capsa.shares.spec import (
     AccessMode,
     Mechanism,
     ShareSpec,
-    check_guest_path,
+    check_mount_point,
     check_shares,
     for_template,
     make_share,
@@ -172,7 +172,7 @@ class SandboxBuilder:
         if not isinstance(volume, Volume):
             raise VolumeError("volume() takes a capsa.volume(name)")
         try:
-            path = check_guest_path(guest_path)
+            path = check_mount_point(guest_path)
         except ConfigError as exc:
             raise VolumeError(exc.message.replace("share:", "volume:"), name=volume.name) from None
         if any(share.guest_path == path for share in self._config.shares):

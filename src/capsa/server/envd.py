@@ -47,8 +47,10 @@ def keepalive_interval(header: str | None) -> float:
     return min(max(float(header), low), high)
 
 
-def guest_path(path: object, home: str = HOME) -> str:
-    """An absolute guest path; relative ones are relative to the account's ``home``, as in E2B."""
+def resolve_guest_path(path: object, home: str = HOME) -> str:
+    """An absolute guest path; relative ones are relative to the account's ``home``, as in E2B.
+    It resolves and answers E2B's error; the rule a guest path must follow is checked once, by the
+    agent client every call goes through (:func:`capsa.agent.errors.check_guest_path`)."""
     if not isinstance(path, str) or not path or "\0" in path:
         raise ConnectError("invalid_argument", f"a path must be a non-empty string, got {path!r:.60}")
     return posixpath.normpath(path if path.startswith("/") else f"{home}/{path}")
@@ -255,7 +257,7 @@ class ProcessTable:
         # as envd: by default in the account's home (every server sandbox has /home/user; relative
         # paths too)
         home = accounts.home_of(user)
-        builder = builder.cwd(guest_path(config.get("cwd") or home, home))
+        builder = builder.cwd(resolve_guest_path(config.get("cwd") or home, home))
 
         async def spawn(account: str | None) -> capsa.Process:
             return await (builder if account is None else builder.user(account)).spawn()
