@@ -8,9 +8,9 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from capsa._context import BuildsOnEnter
 from capsa._paths import cache_dir
 from capsa.accelerator import resolve_accelerator
 from capsa.backend.qemu.process import find_qemu
@@ -83,13 +83,12 @@ def _existing_file(path: str | Path, what: str) -> Path:
     return resolved
 
 
-class SandboxBuilder:
+class SandboxBuilder(BuildsOnEnter[Sandbox]):
     """Each method returns a new builder. ``await builder.build()`` returns once the agent answered;
     ``async with capsa.sandbox() as vm:`` builds, then stops the sandbox on exit."""
 
     def __init__(self, config: SandboxConfig | None = None) -> None:
         self._config = config or SandboxConfig()
-        self._vm: Sandbox | None = None
 
     @property
     def config(self) -> SandboxConfig:
@@ -283,20 +282,6 @@ class SandboxBuilder:
             await _warm(vm, warmup)
             return vm
         return await _from_template(replace(config, shares=templated), timeout, warmup)
-
-    async def __aenter__(self) -> Sandbox:
-        self._vm = await self.build()
-        return self._vm
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        vm, self._vm = self._vm, None
-        if vm is not None:
-            await vm.stop()
 
 
 def _guest_mounts(mounts: tuple[VolumeMount, ...]) -> tuple[tuple[str, str, bool], ...]:

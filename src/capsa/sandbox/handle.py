@@ -91,9 +91,6 @@ class Sandbox(VM):
             raise VMNotRunning("the sandbox's agent is not connected", hint="await build() first")
         return self._agent
 
-    async def __aenter__(self) -> Sandbox:
-        return self
-
     async def _boot(self, timeout: float, *, mount: bool = True) -> None:
         """Start QEMU, then wait until the agent has said hello (``timeout`` covers both); then mount
         the shares unless ``mount`` is false (the caller snapshots first, then mounts)."""

@@ -12,9 +12,9 @@ import contextlib
 import json
 import logging
 import secrets
-from types import TracebackType
 from typing import Any
 
+from capsa._context import StopsOnExit
 from capsa.errors import CapsaError, VolumeError
 from capsa.sandbox import Sandbox, sandbox
 from capsa.sandbox._volume_guest import ROOT, SCRIPT
@@ -37,7 +37,7 @@ class VolumeFileError(VolumeError):
         self.kind = kind
 
 
-class VolumeFiles:
+class VolumeFiles(StopsOnExit):
     """Files of one volume through a helper sandbox. ``async with VolumeFiles(vol) as files:``."""
 
     def __init__(self, volume: Volume, *, timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -61,11 +61,6 @@ class VolumeFiles:
     async def __aenter__(self) -> VolumeFiles:
         await self.start()
         return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     def _agent_vm(self) -> Sandbox:
         if self._vm is None:

@@ -6,9 +6,9 @@ import asyncio
 import logging
 from dataclasses import replace
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from capsa._context import BuildsOnEnter
 from capsa.boot import BootConfig, LinuxDirectBoot, UefiBoot
 from capsa.errors import ConfigError
 from capsa.net.gateway import VirtualNetwork
@@ -38,14 +38,13 @@ _MACHINES = ("microvm", "q35")
 _FORMATS = ("raw", "qcow2")
 
 
-class VMBuilder:
+class VMBuilder(BuildsOnEnter[VM]):
     """Each method returns a new builder; the original is unchanged. ``await builder.build()`` starts
     the VM. ``async with capsa.vm(boot)... as vm:`` builds, then stops the VM on exit."""
 
     def __init__(self, config: VMConfig, lifetime: float | None = None) -> None:
         self._config = config
         self._lifetime = lifetime
-        self._vm: VM | None = None
 
     @property
     def config(self) -> VMConfig:
@@ -159,20 +158,6 @@ class VMBuilder:
         if self._lifetime is not None:
             await start_lifetime(vm, self._lifetime)
         return vm
-
-    async def __aenter__(self) -> VM:
-        self._vm = await self.build()
-        return self._vm
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        vm, self._vm = self._vm, None
-        if vm is not None:
-            await vm.stop()
 
 
 async def _through_pvh(config: VMConfig) -> VMConfig:

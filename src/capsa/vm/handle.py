@@ -15,8 +15,8 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from types import TracebackType
 
+from capsa._context import StopsOnExit
 from capsa._guardian import new_vm_dir
 from capsa._tasks import TaskSet
 from capsa.accelerator import host_tsc_khz, resolve_accelerator
@@ -50,7 +50,7 @@ DEFAULT_STOP_TIMEOUT = 10.0
 _QMP_HANDSHAKE_TIMEOUT = 30.0
 
 
-class VM:
+class VM(StopsOnExit):
     """Handle of one QEMU virtual machine. Create it with ``await capsa.vm(boot).build()``.
 
     ``async with vm:`` stops it (gracefully, then by force) and removes its runtime directory.
@@ -457,17 +457,6 @@ class VM:
             shutil.rmtree(self._dir, ignore_errors=True)
 
     # -- context manager --
-
-    async def __aenter__(self) -> VM:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 # -- the friend interface: what sandbox and snapshot code does to a VM beyond its public API --
