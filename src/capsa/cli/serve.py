@@ -316,7 +316,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.metrics_interval != 0 and not 0.5 <= args.metrics_interval <= 3600:
         raise ConfigError("--metrics-interval takes seconds from 0.5 to 3600 (0: off)")
     if not args.verbose:
-        logging.getLogger(sandbox_options.__module__).setLevel(logging.INFO)  # the derived --max-sandboxes
+        # the derived --max-sandboxes is logged at INFO
+        logging.getLogger(sandbox_options.__module__).setLevel(logging.INFO)
     secure = args.tls is not None or args.tls_cert is not None
     domain = args.domain or f"{'capsa.localhost' if secure else 'localhost'}:{args.port}"
     context = tls_from(args, domain)
