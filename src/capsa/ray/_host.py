@@ -71,7 +71,7 @@ class _PrewarmedBuilder(SandboxBuilder):
     caller's first command does not pay QEMU's translation of the exec path after a restore
     (docs/architecture.md, Facts: "TCG translation"; ~0.2-0.5 s under TCG, nothing with KVM)."""
 
-    def _with(self, **changes: Any) -> SandboxBuilder:
+    def _with(self, **changes: Any) -> _PrewarmedBuilder:
         return _PrewarmedBuilder(replace(self.config, **changes))
 
     async def build(self, timeout: float = DEFAULT_BUILD_TIMEOUT) -> Sandbox:

@@ -41,11 +41,10 @@ from capsa.vm.config import (
     Accelerator,
     DiskSpec,
     VMConfig,
-    validate_cpus,
     validate_lifetime,
-    validate_memory_mb,
 )
 from capsa.vm.handle import start_lifetime
+from capsa.vm.options import CommonOptions
 from capsa.volume.spec import VolumeMount, check_mounts, serial
 from capsa.volume.store import Volume
 
@@ -53,7 +52,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BUILD_TIMEOUT = 120.0
 DEFAULT_WARMUP_TIMEOUT = 600.0
-_ACCELERATORS = ("auto", "kvm", "tcg")
 
 
 @dataclass(frozen=True)
@@ -83,7 +81,7 @@ def _existing_file(path: str | Path, what: str) -> Path:
     return resolved
 
 
-class SandboxBuilder(BuildsOnEnter[Sandbox]):
+class SandboxBuilder(CommonOptions, BuildsOnEnter[Sandbox]):
     """Each method returns a new builder. ``await builder.build()`` returns once the agent answered;
     ``async with capsa.sandbox() as vm:`` builds, then stops the sandbox on exit."""
 
@@ -96,12 +94,6 @@ class SandboxBuilder(BuildsOnEnter[Sandbox]):
 
     def _with(self, **changes: Any) -> SandboxBuilder:
         return SandboxBuilder(replace(self._config, **changes))
-
-    def cpus(self, count: int) -> SandboxBuilder:
-        return self._with(cpus=validate_cpus(count))
-
-    def memory_mb(self, megabytes: int) -> SandboxBuilder:
-        return self._with(memory_mb=validate_memory_mb(megabytes))
 
     def no_network(self) -> SandboxBuilder:
         """No network device at all (the default)."""
@@ -195,14 +187,6 @@ class SandboxBuilder(BuildsOnEnter[Sandbox]):
         ``take()``); from then on every call on it raises ``VMNotRunning`` saying its lifetime
         expired. ``vm.set_lifetime(s)`` extends or shortens it while it runs."""
         return self._with(lifetime=validate_lifetime(seconds))
-
-    def accelerator(self, name: str) -> SandboxBuilder:
-        if name not in _ACCELERATORS:
-            raise ConfigError(f"accelerator must be one of {_ACCELERATORS}, got {name!r}")
-        return self._with(accelerator=name)
-
-    def name(self, name: str) -> SandboxBuilder:
-        return self._with(name=name)
 
     async def _image(self) -> tuple[Path, Path, Path]:
         c = self._config

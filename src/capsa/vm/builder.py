@@ -21,24 +21,22 @@ from capsa.vm.config import (
     validate_cmdline_key,
     validate_cmdline_text,
     validate_cmdline_value,
-    validate_cpus,
     validate_lifetime,
-    validate_memory_mb,
     validate_port_name,
 )
 from capsa.vm.handle import VM, start_lifetime
+from capsa.vm.options import CommonOptions
 from capsa.vm.pvh import is_bzimage, pvh_kernel
 from capsa.volume.spec import serial
 from capsa.volume.store import Volume
 
 log = logging.getLogger(__name__)
 
-_ACCELERATORS = ("auto", "kvm", "tcg")
 _MACHINES = ("microvm", "q35")
 _FORMATS = ("raw", "qcow2")
 
 
-class VMBuilder(BuildsOnEnter[VM]):
+class VMBuilder(CommonOptions, BuildsOnEnter[VM]):
     """Each method returns a new builder; the original is unchanged. ``await builder.build()`` starts
     the VM. ``async with capsa.vm(boot)... as vm:`` builds, then stops the VM on exit."""
 
@@ -57,12 +55,6 @@ class VMBuilder(BuildsOnEnter[VM]):
         """Stop and remove the VM ``seconds`` after ``build()`` returns; from then on every call on it
         raises ``VMNotRunning`` saying its lifetime expired. ``vm.set_lifetime(s)`` changes it later."""
         return VMBuilder(self._config, validate_lifetime(seconds))
-
-    def cpus(self, count: int) -> VMBuilder:
-        return self._with(cpus=validate_cpus(count))
-
-    def memory_mb(self, megabytes: int) -> VMBuilder:
-        return self._with(memory_mb=validate_memory_mb(megabytes))
 
     def cmdline_arg(self, key: str, value: str) -> VMBuilder:
         """Set ``key=value`` on the kernel command line (replacing an earlier value of ``key``)."""
@@ -99,11 +91,6 @@ class VMBuilder(BuildsOnEnter[VM]):
         index = sum(1 for d in self._config.disks if d.volume)
         disk = DiskSpec(volume.path, bool(read_only), "raw", serial(index), volume=True)
         return self._with(disks=(*self._config.disks, disk))
-
-    def accelerator(self, name: str) -> VMBuilder:
-        if name not in _ACCELERATORS:
-            raise ConfigError(f"accelerator must be one of {_ACCELERATORS}, got {name!r}")
-        return self._with(accelerator=name)
 
     def machine(self, name: str) -> VMBuilder:
         """``microvm`` (default: fastest boot, virtio-mmio) or ``q35`` (PCI)."""
@@ -146,9 +133,6 @@ class VMBuilder(BuildsOnEnter[VM]):
         if not all(isinstance(a, str) and "\0" not in a for a in args):
             raise ConfigError("qemu_args takes strings without NUL bytes")
         return self._with(extra_qemu_args=(*self._config.extra_qemu_args, *args))
-
-    def name(self, name: str) -> VMBuilder:
-        return self._with(name=name)
 
     async def build(self, timeout: float = 30.0) -> VM:
         """Validate, start QEMU, and return the running VM (the guest is booting). A bzImage with
