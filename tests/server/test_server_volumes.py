@@ -153,23 +153,61 @@ def test_pause_keeps_the_volume_and_fork_is_refused(server: Server, content_url:
 
 
 def test_volumes_survive_a_restart(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Volumes, their ids and tokens are kept in --state-dir: a new server on it serves them."""
+    """Volumes, their ids and tokens are kept in --state-dir: a new server on it serves them. A
+    sandbox paused while mounting a volume (by its client, or by the SIGTERM) keeps holding it
+    across the restart, and resumes with it mounted."""
     tmp = tmp_path_factory.mktemp("restart")
     keys = tmp / "keys.txt"
     keys.write_text(f"{KEY_A} tenant=alpha\n")
-    args = ("--api-key-file", str(keys), "--state-dir", str(tmp / "state"), "--volume-size-mb", "16")
+    args = ("--api-key-file", str(keys), "--state-dir", str(tmp / "state"), "--volume-size-mb", "16",
+            "--memory", "256")  # fmt: skip
     first = start_server(tmp, *args)
+    sdk = {"api_key": KEY_A, "api_url": first.url, "sandbox_url": first.url, "retries": 0}
     try:
         vol = e2b.Volume.create("kept", api_key=KEY_A, api_url=first.url)
         vol.write_file("/a.txt", "before the restart", api_url=first.url)
+        e2b.Volume.create("by-client", api_key=KEY_A, api_url=first.url)
+        held = e2b.Volume.create("by-sigterm", api_key=KEY_A, api_url=first.url)
+        paused = e2b.Sandbox.create(volume_mounts={"/data": "by-client"}, timeout=600, **sdk)
+        paused.commands.run("echo paused by its client > /data/p.txt")  # in the page cache only
+        paused.pause()
+        running = e2b.Sandbox.create(volume_mounts={"/v": "by-sigterm"}, timeout=600, **sdk)
+        running.commands.run("echo running at SIGTERM > /v/r.txt")
     finally:
-        first.stop()
+        first.stop()  # SIGTERM: `running` is paused with its volume
     second = start_server(tmp, *args)
+    sdk = {**sdk, "api_url": second.url, "sandbox_url": second.url}
     try:
         listed = e2b.Volume.list(api_key=KEY_A, api_url=second.url)
-        assert [(v.volume_id, v.name) for v in listed] == [(vol.volume_id, "kept")]
+        assert {v.name for v in listed} == {"kept", "by-client", "by-sigterm"}
+        assert vol.volume_id in {v.volume_id for v in listed}
         again = e2b.Volume.connect(vol.volume_id, api_key=KEY_A, api_url=second.url)
         assert again.token == vol.token
         assert again.read_file("/a.txt", api_url=second.url) == "before the restart"
+
+        # Both paused sandboxes still hold their volumes: no destroy, no content call, no mount.
+        for name in ("by-client", "by-sigterm"):
+            with pytest.raises(Exception, match=r"409|mounted"):
+                e2b.Sandbox.create(volume_mounts={"/x": name}, **sdk)
+        with pytest.raises(Exception, match=r"409|mounted"):
+            e2b.Volume.destroy(held.volume_id, api_key=KEY_A, api_url=second.url)
+        with pytest.raises(Exception, match=r"409|mounted"):
+            held.read_file("/r.txt", api_url=second.url)
+        detail = httpx.get(
+            f"{second.url}/sandboxes/{paused.sandbox_id}", headers={"X-API-KEY": KEY_A}
+        ).json()
+        assert detail["volumeMounts"] == [{"name": "by-client", "path": "/data"}]
+
+        # ... and resume with them mounted, with what they wrote before the restart.
+        resumed = e2b.Sandbox.connect(paused.sandbox_id, timeout=120, **sdk)
+        assert resumed.commands.run("cat /data/p.txt").stdout == "paused by its client\n"
+        by_sigterm = e2b.Sandbox.connect(running.sandbox_id, timeout=120, **sdk)
+        by_sigterm.commands.run("echo after >> /v/r.txt && sync")
+        assert by_sigterm.commands.run("cat /v/r.txt").stdout == "running at SIGTERM\nafter\n"
+        resumed.kill()
+        by_sigterm.kill()
+        # Killed: the holds lapse, and the volumes keep what the sandboxes wrote.
+        assert held.read_file("/r.txt", api_url=second.url) == "running at SIGTERM\nafter\n"
+        assert e2b.Volume.destroy(held.volume_id, api_key=KEY_A, api_url=second.url)
     finally:
         second.stop()

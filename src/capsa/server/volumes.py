@@ -3,7 +3,10 @@ content token that survive a restart.
 
 A volume is used by one thing at a time, and the server keeps it so:
 - a sandbox created with it (``volumeMounts``) holds it from creation until it is killed, paused
-  included (a paused sandbox's kernel still has the filesystem mounted in its saved memory);
+  included (a paused sandbox's kernel still has the filesystem mounted in its saved memory), and
+  across a restart: the hold is written beside the volume (``<name>.holder``: the sandbox's id and
+  mount path) and read back at the next start, where it holds for as long as the state dir still
+  keeps that sandbox (paused); a hold whose sandbox is gone (killed, or ended by a crash) lapses;
 - the content API works through a helper sandbox (:class:`capsa.sandbox.volume_files.VolumeFiles`) that
   is started on the first content call and stopped after ``HELPER_IDLE`` seconds without one, or
   at once when a sandbox is created with the volume;
@@ -15,6 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 
 HELPER_IDLE = 30.0  # seconds a content helper stays up after its last call
 _TOKEN_SUFFIX = ".token"
+_HOLDER_SUFFIX = ".holder"
 
 
 @dataclass
@@ -75,7 +80,23 @@ class ServerVolumes:
             if not tenant_dir.is_dir():
                 continue
             for volume in VolumeStore(tenant_dir).list():
-                self._remember(tenant_dir.name, volume)
+                self._adopt_holder(self._remember(tenant_dir.name, volume))
+
+    def _adopt_holder(self, record: VolumeRecord) -> None:
+        """The hold a previous run left on ``record`` (its sandbox may be paused in the state
+        dir: :meth:`_check_free` lets the hold lapse once that sandbox is gone)."""
+        path = _holder_file(record)
+        try:
+            held = json.loads(path.read_text())
+            sandbox_id, guest_path = str(held["sandbox"]), str(held["path"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("volume %s: ignoring its unreadable hold record %s (%s)", record.name, path, exc)
+            path.unlink(missing_ok=True)
+            return
+        self._holders[record.id] = sandbox_id
+        self._mounts.setdefault(sandbox_id, []).append({"name": record.name, "path": guest_path})
 
     def _remember(self, tenant: str, volume: Volume) -> VolumeRecord:
         token_file = volume.path.with_suffix(_TOKEN_SUFFIX)
@@ -143,6 +164,7 @@ class ServerVolumes:
             except VolumeError as exc:
                 raise ApiError(409, exc.message, hint=exc.hint) from None
             record.volume.path.with_suffix(_TOKEN_SUFFIX).unlink(missing_ok=True)
+            _holder_file(record).unlink(missing_ok=True)
             self._records.pop(record.id, None)
 
     # -- holders: sandboxes that mount a volume --
@@ -156,7 +178,8 @@ class ServerVolumes:
                 hint="kill the sandbox first (a paused one holds its volumes too); while it runs, "
                 "use the sandbox's own filesystem API at the mount path",
             )
-        self._holders.pop(record.id, None)
+        if self._holders.pop(record.id, None) is not None:
+            _holder_file(record).unlink(missing_ok=True)
 
     @contextlib.asynccontextmanager
     async def mounting(
@@ -171,8 +194,9 @@ class ServerVolumes:
                 await self._stop_helper(record)
 
             def hold(sandbox_id: str) -> None:
-                for record, _ in mounts:
+                for record, path in mounts:
                     self._holders[record.id] = sandbox_id
+                    _write_holder(record, sandbox_id, path)
                 self._mounts[sandbox_id] = [{"name": r.name, "path": p} for r, p in mounts]
 
             yield hold
@@ -182,6 +206,11 @@ class ServerVolumes:
         for gone in [s for s in self._mounts if not self._alive(s)]:
             del self._mounts[gone]
         return self._mounts.get(sandbox_id, [])
+
+    def holder(self, record: VolumeRecord) -> str | None:
+        """The sandbox (running or paused) that mounts ``record``, if one does."""
+        holder = self._holders.get(record.id)
+        return holder if holder is not None and self._alive(holder) else None
 
     # -- content helpers --
 
@@ -228,3 +257,24 @@ class ServerVolumes:
                 await self._reaper
         helpers, self._helpers = list(self._helpers.values()), {}
         await asyncio.gather(*(files.stop() for files, _ in helpers), return_exceptions=True)
+
+
+def _holder_file(record: VolumeRecord) -> Path:
+    return record.volume.path.with_suffix(_HOLDER_SUFFIX)
+
+
+def _write_holder(record: VolumeRecord, sandbox_id: str, guest_path: str) -> None:
+    """Record the hold for the next start (written whole, then renamed in: never half a record).
+    It cannot fail the create it follows: a state dir that cannot take it is logged, and the hold
+    lasts as long as this run (the VM's own lock on the image guards it while it runs)."""
+    path = _holder_file(record)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"sandbox": sandbox_id, "path": guest_path}, fh)
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        log.error("volume %s: recording its hold by sandbox %s failed (%s): a restart while the "
+                  "sandbox is paused would not keep the hold", record.name, sandbox_id, exc)  # fmt: skip
