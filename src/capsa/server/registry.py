@@ -364,16 +364,17 @@ class Registry(Pausing):
         while True:
             await asyncio.sleep(_REAP_INTERVAL)
             self._pause_due()
-            ended: set[int] = set()
+            ended: dict[int, _cluster.Ended] = {}
             if self.ray_address is not None and time.monotonic() - probed >= _PROBE_INTERVAL:
                 probed = time.monotonic()
                 live = [e.vm for e in self._entries.values() if e.paused is None and not e.closing]
                 ended = await _cluster.probe(live, _PROBE_TIMEOUT)
             for entry in list(self._entries.values()):
-                gone = id(entry.vm) in ended or entry.vm.status is not RunState.RUNNING
+                end = ended.get(id(entry.vm))
+                gone = end is not None or entry.vm.status is not RunState.RUNNING
                 if entry.paused is None and not entry.pausing and gone:
                     self._entries.pop(entry.id, None)
-                    reason, detail = end_of(entry)
+                    reason, detail = ("node_lost", end.lost) if end and end.lost else end_of(entry)
                     log.info("sandbox %s ended (%s)", entry.id, reason)
                     await self._destroy(entry, reason, detail)
 
