@@ -1,6 +1,7 @@
 """E2B's Volume API through the real Python SDK (issue 25 item 5): create/list/get/destroy per
 tenant, the content API (write, read, list, make dir, stat, metadata, remove) and ``volume_mounts``
-at create; a volume outlives its sandbox, and is held while a sandbox mounts it."""
+at create; a volume outlives its sandbox, and is held while a sandbox mounts it (content calls then
+go through that sandbox while it runs)."""
 
 from __future__ import annotations
 
@@ -101,9 +102,21 @@ def test_volume_mounts_at_create(server: Server, content_url: str) -> None:
             f"{server.url}/sandboxes/{sandbox.sandbox_id}", headers={"X-API-KEY": KEY_A}
         ).json()
         assert detail["volumeMounts"] == [{"name": "mounted", "path": "/data"}]
-        # Held while mounted: no content call, no destroy, no second mounter.
-        with pytest.raises(Exception, match=r"409|mounted"):
-            vol.read_file("/seed.txt")
+        # While it runs, content calls go through it (its kernel is the one writer): each side
+        # sees the other's changes at once.
+        assert vol.read_file("/seed.txt") == "from the API\n"
+        assert vol.read_file("/made.txt") == "from the sandbox\n"
+        assert vol.write_file("/api/new.txt", b"\x00binary\xff", force=True, mode=0o600).mode == 0o600
+        assert sandbox.files.read("/data/api/new.txt", format="bytes") == b"\x00binary\xff"
+        assert vol.read_file("/api/new.txt", format="bytes") == b"\x00binary\xff"
+        assert vol.make_dir("/api/sub", uid=1000).uid == 1000
+        assert {e.path for e in vol.list("/api")} == {"/api/new.txt", "/api/sub"}
+        assert vol.update_metadata("/api/new.txt", mode=0o644).mode == 0o644
+        vol.remove("/api")
+        assert sandbox.commands.run("ls /data").stdout.split() == ["lost+found", "made.txt", "seed.txt"]
+        with pytest.raises(e2b.VolumePathNotFoundException):
+            vol.read_file("/nope")
+        # Held while mounted: no destroy, no second mounter.
         with pytest.raises(Exception, match=r"409|mounted"):
             e2b.Volume.destroy(vol.volume_id, **_api(server))
         with pytest.raises(Exception, match=r"409|mounted"):
@@ -142,6 +155,8 @@ def test_pause_keeps_the_volume_and_fork_is_refused(server: Server, content_url:
         sandbox.pause()
         with pytest.raises(Exception, match=r"409|mounted"):  # held while paused, too
             e2b.Volume.destroy(vol.volume_id, **_api(server))
+        with pytest.raises(Exception, match=r"409|paused"):  # its frozen guest has it mounted
+            vol.read_file("/log")
         resumed = e2b.Sandbox.connect(sandbox.sandbox_id, **_sdk(server))
         resumed.commands.run("echo two >> /data/log && sync")
         assert resumed.commands.run("cat /data/log").stdout == "one\ntwo\n"

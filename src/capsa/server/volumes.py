@@ -10,7 +10,10 @@ A volume is used by one thing at a time, and the server keeps it so:
 - the content API works through a helper sandbox (:class:`capsa.sandbox.volume_files.VolumeFiles`) that
   is started on the first content call and stopped after ``HELPER_IDLE`` seconds without one, or
   at once when a sandbox is created with the volume;
-- content calls and destroy answer 409 while a sandbox holds the volume."""
+- while a running sandbox mounts the volume, content calls go through that sandbox's agent
+  (:class:`capsa.server.volume_mounted.MountedFiles`): its kernel is the volume's one writer;
+- content calls while a paused sandbox holds the volume, and destroy while any sandbox does,
+  answer 409 (a paused guest's saved memory has the filesystem mounted: nothing may change it)."""
 
 from __future__ import annotations
 
@@ -28,9 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from capsa.errors import VolumeError
+from capsa.sandbox import Sandbox
 from capsa.sandbox.volume_files import VolumeFiles
 from capsa.server.entry import ApiError
+from capsa.server.volume_mounted import MountedFiles
 from capsa.volume.names import check_name
+from capsa.volume.spec import serial
 from capsa.volume.store import Volume, VolumeStore
 
 log = logging.getLogger(__name__)
@@ -59,11 +65,20 @@ def volume_id(tenant: str, name: str) -> str:
 
 
 class ServerVolumes:
-    def __init__(self, root: Path, size_mb: int, alive: Callable[[str], bool]) -> None:
-        """``alive(sandbox_id)``: whether that sandbox still exists (running or paused)."""
+    def __init__(
+        self,
+        root: Path,
+        size_mb: int,
+        alive: Callable[[str], bool],
+        running: Callable[[str], Sandbox | None] | None = None,
+    ) -> None:
+        """``alive(sandbox_id)``: whether that sandbox still exists (running or paused);
+        ``running(sandbox_id)``: its VM while it runs (None when paused or gone). Without
+        ``running``, content calls on a mounted volume answer 409."""
         self.root = root
         self.size_mb = size_mb
         self._alive = alive
+        self._running = running
         self._records: dict[str, VolumeRecord] = {}
         self._holders: dict[str, str] = {}  # volume id -> sandbox id
         self._mounts: dict[str, list[dict[str, str]]] = {}  # sandbox id -> its volumeMounts
@@ -215,8 +230,12 @@ class ServerVolumes:
     # -- content helpers --
 
     @contextlib.asynccontextmanager
-    async def files(self, record: VolumeRecord) -> AsyncIterator[VolumeFiles]:
+    async def files(self, record: VolumeRecord) -> AsyncIterator[VolumeFiles | MountedFiles]:
         async with record.lock:
+            holder = self.holder(record)
+            if holder is not None:
+                yield self._through(record, holder)
+                return
             self._check_free(record)
             helper = self._helpers.get(record.id)
             if helper is None or not helper[0].running:
@@ -230,6 +249,21 @@ class ServerVolumes:
             self._start_reaper()
             yield helper[0]
             self._helpers[record.id] = (helper[0], time.monotonic())
+
+    def _through(self, record: VolumeRecord, holder: str) -> MountedFiles:
+        """The content calls of ``record`` through the running sandbox ``holder`` that mounts it;
+        409 when that sandbox is paused (its saved memory has the filesystem mounted)."""
+        vm = self._running(holder) if self._running is not None else None
+        mounts = self._mounts.get(holder, [])
+        index = next((i for i, m in enumerate(mounts) if m["name"] == record.name), None)
+        if vm is None or index is None:
+            raise ApiError(
+                409,
+                f"volume {record.name!r} is mounted by the paused sandbox {holder}",
+                hint="resume the sandbox (its content calls then go through it), or kill it",
+            )
+        path = mounts[index]["path"]
+        return MountedFiles(vm, name=record.name, path=path, serial=serial(index))
 
     async def _stop_helper(self, record: VolumeRecord) -> None:
         helper = self._helpers.pop(record.id, None)
