@@ -188,6 +188,7 @@ def test_volumes_survive_a_restart(tmp_path_factory: pytest.TempPathFactory) -> 
         paused.pause()
         running = e2b.Sandbox.create(volume_mounts={"/v": "by-sigterm"}, timeout=600, **sdk)
         running.commands.run("echo running at SIGTERM > /v/r.txt")
+        running.commands.run("echo cut short > /v/.capsa-upload-0123456789abcdef")  # as by a crash
     finally:
         first.stop()  # SIGTERM: `running` is paused with its volume
     second = start_server(tmp, *args)
@@ -223,6 +224,8 @@ def test_volumes_survive_a_restart(tmp_path_factory: pytest.TempPathFactory) -> 
         by_sigterm.kill()
         # Killed: the holds lapse, and the volumes keep what the sandboxes wrote.
         assert held.read_file("/r.txt", api_url=second.url) == "running at SIGTERM\nafter\n"
+        # the first helper of this run removed the upload file a crash would have left
+        assert [e.name for e in held.list("/", api_url=second.url)] == ["lost+found", "r.txt"]
         assert e2b.Volume.destroy(held.volume_id, api_key=KEY_A, api_url=second.url)
     finally:
         second.stop()

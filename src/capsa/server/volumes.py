@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 HELPER_IDLE = 30.0  # seconds a content helper stays up after its last call
 _TOKEN_SUFFIX = ".token"
 _HOLDER_SUFFIX = ".holder"
+_UPLOAD_PREFIX = ".capsa-upload-"  # capsa.sandbox.volume_files' temporary name of a write
 
 
 @dataclass
@@ -83,6 +84,7 @@ class ServerVolumes:
         self._holders: dict[str, str] = {}  # volume id -> sandbox id
         self._mounts: dict[str, list[dict[str, str]]] = {}  # sandbox id -> its volumeMounts
         self._helpers: dict[str, tuple[VolumeFiles, float]] = {}
+        self._swept: set[str] = set()  # volumes whose crash leftovers this run has removed
         self._reaper: asyncio.Task[None] | None = None
 
     # -- records --
@@ -245,6 +247,9 @@ class ServerVolumes:
                 except VolumeError as exc:
                     raise ApiError(409, exc.message, hint=exc.hint) from None
                 helper = (files, time.monotonic())
+                if record.id not in self._swept:
+                    self._swept.add(record.id)
+                    await _sweep_uploads(record, files)
             self._helpers[record.id] = (helper[0], time.monotonic())
             self._start_reaper()
             yield helper[0]
@@ -312,3 +317,19 @@ def _write_holder(record: VolumeRecord, sandbox_id: str, guest_path: str) -> Non
         partial.unlink(missing_ok=True)
         log.error("volume %s: recording its hold by sandbox %s failed (%s): a restart while the "
                   "sandbox is paused would not keep the hold", record.name, sandbox_id, exc)  # fmt: skip
+
+
+async def _sweep_uploads(record: VolumeRecord, files: VolumeFiles) -> None:
+    """Once per volume and server run, on its first helper: remove the upload files of writes a
+    crash cut short (a write goes to ``.capsa-upload-*`` beside its target and is renamed over
+    it; a server killed meanwhile leaves that file, never a half-written target)."""
+    try:
+        entries = await files.list("/", depth=32)
+    except VolumeError as exc:  # more entries than a listing returns: left as they are
+        log.warning("volume %s: not swept for crash leftovers (%s)", record.name, exc.message)
+        return
+    for entry in entries:
+        if entry["type"] == "file" and str(entry["name"]).startswith(_UPLOAD_PREFIX):
+            log.info("volume %s: removing %s, left by a crash", record.name, entry["path"])
+            with contextlib.suppress(VolumeError):
+                await files.remove(entry["path"])
