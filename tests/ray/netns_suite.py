@@ -234,8 +234,26 @@ async def test_serve_ray_fronts_the_cluster_through_the_e2b_sdk(nodes: Nodes, tm
     assert await wait_gone(pooled, 10.0) == []  # SIGTERM: pools and host actors ended with it
 
 
+def _parent(pid: int) -> int:
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _ours(pid: int) -> bool:
+    """Whether ``pid`` descends from this process (the cluster's raylets are its children): the
+    machine may run other Ray clusters, whose actors are never touched here."""
+    while pid > 1:
+        pid = _parent(pid)
+        if pid == os.getpid():
+            return True
+    return False
+
+
 def server_actors() -> list[int]:
-    """Host actor processes that are not this test driver's (the server's, here)."""
+    """Host actor processes of this suite's cluster that are not this test driver's (the
+    server's, here)."""
     mine = {host.pid for host in placer().hosts.values()} if ray.is_initialized() else set()
     actors = []
     for entry in Path("/proc").iterdir():
@@ -245,7 +263,7 @@ def server_actors() -> list[int]:
                     actors.append(int(entry.name))
             except OSError:
                 continue
-    return actors
+    return [pid for pid in actors if _ours(pid)]
 
 
 def server_qemu() -> list[int]:
