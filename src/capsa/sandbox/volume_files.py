@@ -2,7 +2,7 @@
 
 The host never parses a volume's filesystem (a guest may have left anything in it): a small helper
 sandbox mounts the volume at ``/volume`` and its own kernel and agent do the work, confined to the
-volume by ``_volume_guest`` (no ``..``, no symlink followed). :class:`VolumeFiles` is that helper;
+volume by ``volume_guest`` (no ``..``, no symlink followed). :class:`VolumeFiles` is that helper;
 ``capsa volume cp`` and the server's volume content API use it. The helper holds the volume's
 exclusive lock while it runs, like any sandbox that mounts it read-write."""
 
@@ -17,7 +17,7 @@ from typing import Any
 from capsa._context import StopsOnExit
 from capsa.errors import CapsaError, VolumeError
 from capsa.sandbox import Sandbox, sandbox
-from capsa.sandbox._volume_guest import ROOT, SCRIPT
+from capsa.sandbox.volume_guest import ROOT, SCRIPT
 from capsa.vm.runstate import RunState
 from capsa.volume.store import Volume
 

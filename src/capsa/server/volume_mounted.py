@@ -2,7 +2,7 @@
 agent, since its kernel is the volume's one writer (a helper sandbox mounting it too would be a
 second ext4 writer, which corrupts it; the image's lock refuses that anyway).
 
-The walker is the helper sandbox's (:mod:`capsa.sandbox._volume_guest`: no ``..``, no symlink
+The walker is the helper sandbox's (:mod:`capsa.sandbox.volume_guest`: no ``..``, no symlink
 followed, every step relative to a directory descriptor), with two differences, because here the
 guest is the user's and runs other processes meanwhile:
 
@@ -27,8 +27,8 @@ from typing import Any
 
 from capsa.errors import CapsaError
 from capsa.sandbox import Sandbox
-from capsa.sandbox._volume_guest import SCRIPT
 from capsa.sandbox.volume_files import MAX_FILE, VolumeFileError
+from capsa.sandbox.volume_guest import SCRIPT
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def _script() -> str:
     """The helper's script with the two differences above spliced in (checked: a change of the
     helper's script that moves these lines fails here, at import, not in a guest)."""
     if SCRIPT.count(_ROOT_LINE) != 1 or SCRIPT.count(_MAIN_LINE) != 1:
-        raise RuntimeError("capsa.sandbox._volume_guest.SCRIPT changed: update volume_mounted")
+        raise RuntimeError("capsa.sandbox.volume_guest.SCRIPT changed: update volume_mounted")
     return SCRIPT.replace(_ROOT_LINE, _ROOT, 1).replace(_MAIN_LINE, _TRANSFER + _MAIN_LINE, 1)
 
 
