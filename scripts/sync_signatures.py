@@ -99,7 +99,7 @@ def _declaration(face: type[Face], name: str, imports: _Imports) -> list[str]:
         imports.annotation(returns, member.fget)
         body = "        raise NotImplementedError"
         return ["    @property", f"    def {name}(self) -> {returns}:", body]
-    signature = face_signature(member)
+    signature = face_signature(member, face)
     params = []
     star = False
     for param in signature.parameters.values():

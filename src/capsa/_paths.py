@@ -38,3 +38,16 @@ def runtime_base() -> Path:
         if usable and (base != str(SHM) or free_bytes(SHM) >= MIN_SHM_FREE):
             return Path(str(base))
     return Path(tempfile.gettempdir())
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Publish ``text`` as ``path`` in one step: written to a hidden file beside it (named with this
+    process's id, so two writers never share one), then renamed over it. A reader sees the old file
+    or the whole new one, never part of it; a crash leaves at most the hidden file."""
+    partial = path.with_name(f".{path.name}.part-{os.getpid()}")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

@@ -29,9 +29,9 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import TracebackType
 from typing import Literal
 
+from capsa._context import StopsOnExit
 from capsa._guardian import new_vm_dir
 from capsa.errors import ConfigError
 from capsa.net.forward import ForwardedPort
@@ -81,7 +81,7 @@ class ClusterState(enum.Enum):
     STOPPED = "stopped"
 
 
-class Cluster:
+class Cluster(StopsOnExit):
     """Several VMs on one private network. Create it with ``capsa.cluster(network)`` and use it as an
     async context manager; :meth:`add` members inside the block."""
 
@@ -111,14 +111,6 @@ class Cluster:
             raise ConfigError("a cluster is entered once")
         self._state = ClusterState.RUNNING
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def stop(self) -> None:
         """Stop every member (gracefully, then by force); the cluster takes no new members."""

@@ -234,8 +234,26 @@ async def test_serve_ray_fronts_the_cluster_through_the_e2b_sdk(nodes: Nodes, tm
     assert await wait_gone(pooled, 10.0) == []  # SIGTERM: pools and host actors ended with it
 
 
-def server_qemu() -> list[int]:
-    """QEMU processes of host actors that are not this test driver's (the server's, here)."""
+def _parent(pid: int) -> int:
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _ours(pid: int) -> bool:
+    """Whether ``pid`` descends from this process (the cluster's raylets are its children): the
+    machine may run other Ray clusters, whose actors are never touched here."""
+    while pid > 1:
+        pid = _parent(pid)
+        if pid == os.getpid():
+            return True
+    return False
+
+
+def server_actors() -> list[int]:
+    """Host actor processes of this suite's cluster that are not this test driver's (the
+    server's, here)."""
     mine = {host.pid for host in placer().hosts.values()} if ray.is_initialized() else set()
     actors = []
     for entry in Path("/proc").iterdir():
@@ -245,7 +263,12 @@ def server_qemu() -> list[int]:
                     actors.append(int(entry.name))
             except OSError:
                 continue
-    return qemu_children(actors)
+    return [pid for pid in actors if _ours(pid)]
+
+
+def server_qemu() -> list[int]:
+    """QEMU processes of host actors that are not this test driver's (the server's, here)."""
+    return qemu_children(server_actors())
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -436,6 +459,49 @@ async def test_removed_node_raises_sandbox_lost_and_new_sandboxes_go_to_survivor
         assert {s.node_id for s in survivors} <= {nodes.a, nodes.b}
     finally:
         await asyncio.gather(*(s.stop() for s in survivors))
+
+
+@pytest.mark.timeout(300)
+async def test_serve_ray_records_a_sandbox_lost_with_its_host_as_node_lost(
+    nodes: Nodes, tmp_path: Path
+) -> None:
+    """``capsa serve --ray``: a sandbox whose host actor dies with its QEMU (kill -9; a node's
+    death surfaces the same way, as SandboxLost) is recorded ended with the reason ``node_lost``
+    (``/capsa/ends``, ``/metrics``), and the server runs on."""
+    e2b = pytest.importorskip("e2b")
+    httpx = pytest.importorskip("httpx")
+    proc, url, out = _start_serve(nodes.cluster.address, tmp_path)
+    opts = {"api_key": SERVE_KEY, "api_url": url, "sandbox_url": url}
+    headers = {"X-API-KEY": SERVE_KEY}
+    try:
+        await _healthy(proc, url, out, 150)
+        sandbox = await e2b.AsyncSandbox.create(timeout=300, **opts)
+        assert (await sandbox.commands.run("echo up")).stdout == "up\n"
+        actors = server_actors()
+        assert actors, out.read_text()[-3000:]
+        for pid in actors:  # the server's host actors on both nodes: the sandbox's among them
+            os.kill(pid, signal.SIGKILL)
+        row: dict[str, Any] = {}
+        deadline = time.monotonic() + 60
+        async with httpx.AsyncClient(timeout=10, headers=headers) as client:
+            while not row and time.monotonic() < deadline:
+                ends = (await client.get(f"{url}/capsa/ends")).json()
+                row = next((r for r in ends if r["sandboxID"] == sandbox.sandbox_id), {})
+                await asyncio.sleep(0.5)
+            assert row.get("reason") == "node_lost", (row, out.read_text()[-3000:])
+            assert row["detail"], row
+            metrics = (await client.get(f"{url}/metrics")).text
+            assert 'capsa_server_sandbox_ends_total{reason="node_lost"} 1.0' in metrics
+            assert (await client.get(f"{url}/health")).status_code == 200
+        assert proc.poll() is None
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(proc.wait), 60)
+        except TimeoutError:
+            proc.kill()
+            raise
 
 
 async def test_driver_sigkill_leaves_no_qemu(nodes: Nodes) -> None:

@@ -107,11 +107,12 @@ def test_every_host_naming_parameter_of_the_surface_is_known() -> None:
         "SandboxBuilder.share(host_path)",
         "SandboxBuilder.from_snapshot(snapshot)",
         "SandboxBuilder.image(image)",
+        "SandboxBuilder.volume(volume)",
         "SandboxBuilder.network(network)",
         "Sandbox.snapshot(path)",
         "NetworkStack.add_forward(forward)",
     }
-    checked = {"kernel", "initrd", "rootfs", "snapshot", "shares", "image", "network"}
+    checked = {"kernel", "initrd", "rootfs", "snapshot", "shares", "image", "network", "volumes"}
     fields = {f.name for f in dataclasses.fields(SandboxConfig)}
     assert fields == checked | PLAIN_CONFIG_FIELDS, "classify the new SandboxConfig field"
 

@@ -14,8 +14,8 @@ import pytest
 import pytest_asyncio
 
 from capsa.agent import wire
-from capsa.agent._channel import SYNC_MAGIC, SYNC_SKIP_LIMIT, Channel
 from capsa.agent.attach import resync
+from capsa.agent.channel import SYNC_MAGIC, SYNC_SKIP_LIMIT, Channel
 from capsa.agent.client import Agent
 from capsa.errors import CapsaError, ProtocolError, VMNotRunning
 

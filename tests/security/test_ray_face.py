@@ -167,3 +167,27 @@ async def test_images_forwards_internal_and_writable_shares_follow_the_node(
         with pytest.raises(capsa.ConfigError):
             NodePolicy.from_environ()
     assert os.environ["CAPSA_RAY_FORWARD_PORTS"] == "20000-20009"
+
+
+async def test_a_hostile_driver_cannot_attach_a_host_file_as_a_volume(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Attack: a driver hands the node's actor a ``Volume`` whose image is /etc/shadow (through the
+    builder's ``volume()`` or a whole ``SandboxConfig``): the guest would get the node's file as a
+    read-write disk. Volumes are refused through the Ray face, before anything is opened."""
+    from capsa.volume.spec import VolumeMount
+    from capsa.volume.store import Volume
+
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+    host = HostActor(slots=4)
+    shadow = Volume(name="shadow", path=Path("/etc/shadow"))
+    config = SandboxConfig(volumes=(VolumeMount(shadow, "/data"),))
+    errors = [
+        _error(await host.build([("volume", (shadow, "/data"), {})], 5)),
+        _error(await host.build([("__config__", (config,), {})], 5)),
+    ]
+    for error in errors:
+        assert isinstance(error, capsa.ConfigError), repr(error)
+        assert "volumes are not available through capsa's Ray face" in str(error)
+    assert await host.vm_pids() == [] and await host.load() == (0, 4)

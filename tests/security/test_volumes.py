@@ -124,21 +124,12 @@ def test_server_refuses_hostile_volume_names(server: Server) -> None:
     assert escaped == []
 
 
-@pytest.mark.timeout(400)
-def test_symlinks_and_dotdot_never_leave_the_volume(server: Server) -> None:
-    vol = _create(server, "links")
-    # A sandbox (hostile code) plants symlinks to the guest's root and to a file outside.
-    sdk = {"api_key": KEY, "api_url": server.url, "sandbox_url": server.url, "retries": 0}
-    e2b = pytest.importorskip("e2b")
-    sandbox = e2b.Sandbox.create(volume_mounts={"/data": "links"}, **sdk)
-    try:
-        sandbox.commands.run(
-            "ln -s /etc /data/etc && ln -s / /data/root && ln -s /etc/passwd /data/passwd && "
-            "mkdir /data/d && ln -s ../../etc /data/d/up && sync",
-            user="root",
-        )
-    finally:
-        sandbox.kill()
+def _sdk(server: Server) -> dict[str, Any]:
+    return {"api_key": KEY, "api_url": server.url, "sandbox_url": server.url, "retries": 0}
+
+
+def _assert_confined(server: Server, vol: dict[str, Any]) -> None:
+    """No content call follows the symlinks planted in ``vol`` or a ``..`` out of it."""
     for path in ["/etc/passwd", "/passwd", "/root/etc/passwd", "/d/up/passwd", "/../etc/passwd",
                  "/d/../../etc/passwd"]:  # fmt: skip
         reply = _content(server, vol, "GET", "file", params={"path": path})
@@ -153,12 +144,59 @@ def test_symlinks_and_dotdot_never_leave_the_volume(server: Server) -> None:
         )
         assert write.status_code in (400, 404), (path, write.text[:200])
         assert _content(server, vol, "DELETE", "path", params={"path": path}).status_code in (400, 404)
-    # chmod through a symlink would change the helper's own files: refused
+    # chmod through a symlink would change a file outside the volume: refused
     meta = _content(server, vol, "PATCH", "path", params={"path": "/passwd"}, json={"mode": 0o777})
     assert meta.status_code == 400, meta.text
     # the symlinks themselves are listed as symlinks, never followed
     entries = {e["path"]: e for e in _content(server, vol, "GET", "dir", params={"path": "/"}).json()}
     assert entries["/etc"]["type"] == "symlink" and entries["/etc"]["target"] == "/etc"
+
+
+@pytest.mark.timeout(400)
+def test_symlinks_and_dotdot_never_leave_the_volume(server: Server) -> None:
+    """Through the sandbox that mounts the volume (while it runs), then through the helper."""
+    vol = _create(server, "links")
+    # A sandbox (hostile code) plants symlinks to the guest's root and to a file outside.
+    e2b = pytest.importorskip("e2b")
+    sandbox = e2b.Sandbox.create(volume_mounts={"/data": "links"}, **_sdk(server))
+    try:
+        sandbox.commands.run(
+            "ln -s /etc /data/etc && ln -s / /data/root && ln -s /etc/passwd /data/passwd && "
+            "mkdir /data/d && ln -s ../../etc /data/d/up && sync",
+            user="root",
+        )
+        _assert_confined(server, vol)  # served by the sandbox itself: its /etc is right there
+        assert sandbox.commands.run("stat -c %a /etc/passwd").stdout.strip() == "644"
+    finally:
+        sandbox.kill()
+    _assert_confined(server, vol)
+
+
+@pytest.mark.timeout(400)
+def test_a_sandbox_that_moves_its_volume_away_is_never_served_as_the_volume(server: Server) -> None:
+    """Content calls through a running sandbox check that its mount path is still the volume's
+    root (its disk, inode 2): a sandbox that unmounted it, or put a directory or a symlink at its
+    mount path, gets 409, and its own files are never read or written as the volume's."""
+    vol = _create(server, "moved")
+    e2b = pytest.importorskip("e2b")
+    sandbox = e2b.Sandbox.create(volume_mounts={"/data": "moved"}, **_sdk(server))
+    try:
+        put = _content(server, vol, "PUT", "file", params={"path": "/x"}, content=b"through it")
+        assert put.status_code == 201, put.text
+        assert sandbox.commands.run("cat /data/x").stdout == "through it"
+        sandbox.commands.run("umount /data && echo fake > /data/x && mkdir /data/d", user="root")
+        for what in ("file", "path"):
+            reply = _content(server, vol, "GET", what, params={"path": "/x"})
+            assert reply.status_code == 409 and b"fake" not in reply.content, reply.text
+        reply = _content(server, vol, "PUT", "file", params={"path": "/d/y"}, content=b"in")
+        assert reply.status_code == 409, reply.text
+        sandbox.commands.run("rm -rf /data && ln -s /etc /data", user="root")
+        reply = _content(server, vol, "GET", "file", params={"path": "/passwd"})
+        assert reply.status_code == 409 and b"root:" not in reply.content, reply.text
+        assert sandbox.commands.run("ls /etc | grep -c '^y$' || true").stdout.strip() == "0"
+    finally:
+        sandbox.kill()
+    assert _content(server, vol, "GET", "file", params={"path": "/x"}).content == b"through it"
 
 
 @pytest.mark.timeout(400)

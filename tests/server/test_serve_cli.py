@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from capsa.cli import build_parser, main
-from capsa.cli.serve import load_keys, parse_pool
+from capsa.cli._sandbox_flags import parse_pool
+from capsa.cli.serve import load_keys
 from capsa.errors import ConfigError
 
 

@@ -220,7 +220,7 @@ def test_kill_9_records_server_crashed_and_leaves_no_qemu_nor_runtime_dir(node: 
 
 def test_a_guest_that_stops_on_its_own_is_recorded_guest_crashed_with_its_console(node: Node) -> None:
     sandbox = Sandbox.create(timeout=600)
-    sandbox.commands.run("echo o > /proc/sysrq-trigger", background=True)  # powers the guest off
+    sandbox.commands.run("echo o > /proc/sysrq-trigger", background=True, user="root")  # powers off
     deadline = time.monotonic() + 60
     while sandbox.sandbox_id not in node.ends() and time.monotonic() < deadline:
         time.sleep(0.5)

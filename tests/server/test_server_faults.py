@@ -1,11 +1,12 @@
 """Crash consistency of ``capsa serve --state-dir`` by fault injection: SIGKILL the server at a
-random moment of a create, pause, resume, snapshot or kill, restart it on the same state dir, and
-check after every restart that
+random moment of a create, pause, resume, snapshot, kill or volume write, restart it on the same
+state dir, and check after every restart that
 
 - the database opens (the server starts) and no row says a sandbox runs (a crash ended them);
 - every listed sandbox resumes and runs a command, every listed snapshot starts a sandbox;
 - nothing half-done is listed or left: each row's files are complete, each file has a row;
-- no QEMU of the killed server outlives it by 10 s, and its runtime directory is gone.
+- no QEMU of the killed server outlives it by 10 s, and its runtime directory is gone;
+- the volume is listed, and its file holds one whole write (never part of one), and takes more.
 
 Sized for CI: rounds until ``BUDGET`` seconds have passed (at least ``MIN_ROUNDS``). The seed is
 printed; ``CAPSA_FAULT_SEED`` replays a run."""
@@ -32,23 +33,41 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(400)]
 
 BUDGET = 70.0  # seconds of rounds
 MIN_ROUNDS = 4
-OPS = ("create", "pause", "resume", "snapshot", "kill")
+OPS = ("create", "pause", "resume", "snapshot", "kill", "volume_write")
+VOLUME = "faults"
+WRITTEN: list[bytes] = []  # every payload a volume write was asked to write (one file, whole or not)
 MAX_KEPT = 2  # sandboxes (and snapshots) kept between rounds: the checks resume each one
 
 
 def _start(tmp: Path, port: int) -> Server:
     server = start_server(tmp, "--max-sandboxes", "4", "--memory", "256", "--state-dir",
-                          str(tmp / "state"), port=port)  # fmt: skip
+                          str(tmp / "state"), "--volume-size-mb", "16", port=port)  # fmt: skip
     os.environ.update(server.env())
+    os.environ["E2B_VOLUME_API_URL"] = server.url
     return server
 
 
-def _op(name: str, target: str | None, errors: list[BaseException]) -> None:
+def _volume() -> e2b.Volume:
+    listed = [v for v in e2b.Volume.list() if v.name == VOLUME]
+    return e2b.Volume.connect(listed[0].volume_id) if listed else e2b.Volume.create(VOLUME)
+
+
+def _volume_write(rng: random.Random) -> bytes:
+    """A payload no other write used (its length tells them apart), remembered before it is sent."""
+    payload = bytes([65 + len(WRITTEN) % 26]) * rng.randint(1, 2 << 20) + f"#{len(WRITTEN)}".encode()
+    WRITTEN.append(payload)
+    return payload
+
+
+def _op(name: str, target: str | bytes | None, errors: list[BaseException]) -> None:
     """One operation, cut short by the crash (its error is expected, and kept for the log)."""
     try:
         if name == "create":
             Sandbox.create(timeout=300)
-        elif target is None:
+        elif name == "volume_write":
+            assert isinstance(target, bytes)
+            _volume().write_file("/f.bin", target)
+        elif not isinstance(target, str):
             return
         elif name == "pause":
             Sandbox.connect(target, timeout=300).pause()
@@ -98,6 +117,17 @@ def _check(state: Path, old_pid: int) -> None:
         child = Sandbox.create(saved[-1], timeout=120)
         assert child.commands.run("echo ok").stdout == "ok\n"
         child.kill()
+    if WRITTEN:  # the volume: listed, its file one whole write, and it takes another
+        volume = _volume()
+        if volume.exists("/f.bin"):
+            content = volume.read_file("/f.bin", format="bytes")
+            assert content in WRITTEN, f"a partial write: {len(content)} bytes"
+        names = [e.name for e in volume.list("/")]
+        assert not [n for n in names if n.startswith(".capsa-upload-")], names  # swept at start
+        marker = b"after the restart #%d" % len(WRITTEN)
+        WRITTEN.append(marker)
+        volume.write_file("/f.bin", marker)
+        assert volume.read_file("/f.bin", format="bytes") == marker
 
 
 def _target(op: str) -> str | None:
@@ -118,17 +148,19 @@ def test_sigkill_at_random_points_leaves_a_consistent_state(tmp_path: Path) -> N
     seed = int(os.environ.get("CAPSA_FAULT_SEED") or time.time())
     print(f"fault injection seed {seed} (CAPSA_FAULT_SEED={seed} replays it)")
     rng = random.Random(seed)
-    old = {k: os.environ.get(k) for k in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY")}
+    keys = ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY", "E2B_VOLUME_API_URL")
+    old = {k: os.environ.get(k) for k in keys}
     port = free_port()
     server = _start(tmp_path, port)
     started, rounds = time.monotonic(), 0
     history: list[str] = []
     try:
         while rounds < MIN_ROUNDS or time.monotonic() - started < BUDGET:
-            op = rng.choice(OPS)
-            target = _target(op)
+            op = rng.choice(OPS) if rounds else "volume_write"  # every run crashes one write
+            target = _volume_write(rng) if op == "volume_write" else _target(op)
             delay = rng.uniform(0.0, 3.0)
-            history.append(f"{op} {target} killed after {delay:.2f}s")
+            shown = f"{len(target)} bytes" if isinstance(target, bytes) else target
+            history.append(f"{op} {shown} killed after {delay:.2f}s")
             errors: list[BaseException] = []
             worker = threading.Thread(target=_op, args=(op, target, errors), daemon=True)
             worker.start()

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from capsa.cli.serve import max_sandboxes
+from capsa.cli._sandbox_flags import max_sandboxes
 from capsa.errors import ConfigError
 from capsa.server.quota import LimitReached, Quota, TenantLimits, machine_max_sandboxes
 from capsa.server.tenants import ApiKey, KeyRing, Principal, key_ring, parse_key_file

@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from capsa.agent import wire
-from capsa.agent._channel import Channel
+from capsa.agent.channel import Channel
 from capsa.agent.client import Agent
 from capsa.agent.exec import Process
 from capsa.errors import (

@@ -139,7 +139,7 @@ def test_declarations_for_type_checkers_are_current(face: type[Face]) -> None:
         if isinstance(async_member, property):
             assert isinstance(vars(declared)[name], property), name
             continue
-        want, have = face_signature(async_member), inspect.signature(vars(declared)[name])
+        want, have = face_signature(async_member, face), inspect.signature(vars(declared)[name])
         assert _params(have) == _params(want), f"{face.__name__}.{name}"
         assert str(have) == str(want), f"{face.__name__}.{name}"
     assert _generator().signatures_source()  # the generator runs on the faces as they are

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from capsa.agent._channel import Channel
+from capsa.agent.channel import Channel
 from capsa.agent.errors import agent_error, check_timeout, expect_ok
 from capsa.agent.exec import Process
 from capsa.agent.types import ProcessInfo

@@ -11,8 +11,8 @@ from typing import Any
 import msgpack
 
 from capsa.agent import wire
-from capsa.agent._channel import Call, Channel
 from capsa.agent.attach import attach_process, list_processes
+from capsa.agent.channel import Call, Channel
 from capsa.agent.connections import ConnectionWriter, open_connection
 from capsa.agent.errors import check_guest_path, check_mode, check_timeout, check_user, expect_ok
 from capsa.agent.exec import ExecBuilder, ExecSpec, Process, _check_text

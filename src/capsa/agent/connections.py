@@ -18,7 +18,7 @@ from typing import Any
 
 from capsa._tasks import TaskSet
 from capsa.agent import wire
-from capsa.agent._channel import Call, Channel, InStream
+from capsa.agent.channel import Call, Channel, InStream
 from capsa.agent.errors import agent_error, check_timeout
 from capsa.errors import CapsaError, CapsaTimeoutError, ConfigError, ConnectionRefused
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from capsa.agent import wire
-from capsa.agent._channel import Call, Channel
+from capsa.agent.channel import Call, Channel
 from capsa.agent.errors import agent_error, check_timeout, check_user
 from capsa.agent.types import ExecResult
 from capsa.errors import (

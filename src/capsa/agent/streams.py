@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, AsyncIterable
 from typing import Any
 
 from capsa.agent import wire
-from capsa.agent._channel import Call
+from capsa.agent.channel import Call
 from capsa.agent.client import Agent
 from capsa.agent.errors import check_guest_path, check_mode, check_timeout, check_user, expect_ok
 from capsa.errors import CapsaTimeoutError

@@ -6,7 +6,7 @@ import argparse
 import logging
 from typing import Any
 
-from capsa.cli.serve import add_sandbox_flags, max_sandboxes, max_timeout, parse_pool
+from capsa.cli._sandbox_flags import add_sandbox_flags, sandbox_options
 from capsa.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -48,14 +48,7 @@ def _mcp(args: argparse.Namespace) -> int:
             f"capsa mcp needs the server extra ({exc.name} is missing)",
             hint="pip install 'capsa[server]'",
         ) from None
-    config = McpConfig(
-        pools=dict(parse_pool(p) for p in args.pool),
-        max_sandboxes=max_sandboxes(args),
-        max_timeout=max_timeout(args),
-        memory_mb=args.memory,
-        dns_servers=tuple(args.dns_server),
-        allow_internal_destinations=args.allow_internal_destinations,
-    )
+    config = McpConfig(**sandbox_options(args))
     if not args.verbose:
         logging.getLogger("capsa.server").setLevel(logging.INFO)
     anyio.run(serve_stdio, config)

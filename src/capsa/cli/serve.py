@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from capsa.cli._sandbox_flags import add_sandbox_flags, sandbox_options
 from capsa.errors import ConfigError
 from capsa.volume.store import check_size_mb
 
@@ -274,53 +275,6 @@ def limits_from(args: argparse.Namespace) -> Any:
     )
 
 
-def add_sandbox_flags(parser: argparse.ArgumentParser) -> None:
-    """The sandbox flags ``capsa serve`` and ``capsa mcp`` share (pools, limits, network, memory)."""
-    parser.add_argument(
-        "--pool",
-        action="append",
-        default=[],
-        metavar="TEMPLATE=N",
-        help="keep N sandboxes of TEMPLATE booted and waiting, so create is a take; repeatable",
-    )
-    parser.add_argument(
-        "--max-sandboxes",
-        type=int,
-        metavar="N",
-        help="refuse to run more than N sandboxes at a time (the server answers 429; as many "
-        "paused ones may wait beside them); default: what fits in the memory available at start "
-        "(--memory plus overhead each, pools deducted), at most 8 per core; none with --ray",
-    )
-    parser.add_argument(
-        "--max-timeout",
-        type=int,
-        metavar="SECONDS",
-        help="refuse sandbox timeouts longer than this (HTTP 400); default: no cap",
-    )
-    parser.add_argument(
-        "--dns-server",
-        action="append",
-        default=[],
-        metavar="HOST:PORT",
-        help="upstream resolver for sandboxes with a network (default: the host's); repeatable",
-    )
-    parser.add_argument(
-        "--allow-internal-destinations",
-        action="store_true",
-        help="let sandboxes with a network reach loopback/private addresses (as on Gateway)",
-    )
-    parser.add_argument(
-        "--memory", type=int, default=512, metavar="MB", help="guest memory per sandbox (default 512)"
-    )
-
-
-def parse_pool(text: str) -> tuple[str, int]:
-    name, sep, count = text.partition("=")
-    if not sep or not name or not count.isdigit() or int(count) < 1:
-        raise ConfigError(f"--pool takes TEMPLATE=N with N >= 1, got {text!r}")
-    return name, int(count)
-
-
 def load_keys(path: str | None) -> KeyRing:
     """The keys of ``--api-key-file`` (with their tenants and limits) and ``CAPSA_API_KEY``."""
     from capsa.server.tenants import key_ring, parse_key_file  # noqa: PLC0415 (server extra)
@@ -336,29 +290,6 @@ def load_keys(path: str | None) -> KeyRing:
         numbered, limits = parse_key_file(text, path)
         keys = [key for _, key in numbered]
     return key_ring(keys, limits, os.environ.get("CAPSA_API_KEY", "").strip() or None)
-
-
-def max_sandboxes(args: argparse.Namespace) -> int | None:
-    """``--max-sandboxes``, or the machine's default (none with ``--ray``: the nodes' slots
-    bound a cluster)."""
-    if args.max_sandboxes is not None:
-        if args.max_sandboxes < 1:
-            raise ConfigError("--max-sandboxes must be at least 1")
-        return int(args.max_sandboxes)
-    if getattr(args, "ray", None) is not None:
-        return None
-    from capsa.server.quota import machine_max_sandboxes  # noqa: PLC0415 (server extra)
-
-    pooled = sum(parse_pool(p)[1] for p in args.pool)
-    chosen, why = machine_max_sandboxes(args.memory, pooled)
-    log.info("at most %d sandboxes (%s); --max-sandboxes N to change", chosen, why)
-    return chosen
-
-
-def max_timeout(args: argparse.Namespace) -> int | None:
-    if args.max_timeout is not None and args.max_timeout < 1:
-        raise ConfigError("--max-timeout must be at least 1 second")
-    return None if args.max_timeout is None else int(args.max_timeout)
 
 
 class _NotItsScheme(logging.Filter):
@@ -385,18 +316,14 @@ def _serve(args: argparse.Namespace) -> int:
     if args.metrics_interval != 0 and not 0.5 <= args.metrics_interval <= 3600:
         raise ConfigError("--metrics-interval takes seconds from 0.5 to 3600 (0: off)")
     if not args.verbose:
-        logging.getLogger(__name__).setLevel(logging.INFO)  # the derived --max-sandboxes
+        # the derived --max-sandboxes is logged at INFO
+        logging.getLogger(sandbox_options.__module__).setLevel(logging.INFO)
     secure = args.tls is not None or args.tls_cert is not None
     domain = args.domain or f"{'capsa.localhost' if secure else 'localhost'}:{args.port}"
     context = tls_from(args, domain)
     config = ServerConfig(
         api_keys=keys,
-        pools=dict(parse_pool(p) for p in args.pool),
-        max_sandboxes=max_sandboxes(args),
-        max_timeout=max_timeout(args),
-        memory_mb=args.memory,
-        dns_servers=tuple(args.dns_server),
-        allow_internal_destinations=args.allow_internal_destinations,
+        **sandbox_options(args),
         ray_address=args.ray,
         limits=limits_from(args),
         metrics_interval=args.metrics_interval,
@@ -407,7 +334,7 @@ def _serve(args: argparse.Namespace) -> int:
         volume_size_mb=check_size_mb(args.volume_size_mb),
     )
     if args.ray is not None:  # before uvicorn: its signal handlers must replace Ray's SIGTERM one
-        from capsa.server._cluster import connect_driver  # noqa: PLC0415
+        from capsa.server import connect_driver  # noqa: PLC0415
 
         connect_driver(args.ray)
     server = create_app(config)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from capsa._paths import cache_dir
+from capsa._paths import cache_dir, write_atomic
 from capsa.errors import ImageError
 from capsa.image.layers import MERGE_VERSION, import_layers
 from capsa.image.oci import ImageConfig, open_image
@@ -137,9 +137,18 @@ def build_oci(source: Path, name: str, progress: Progress | None) -> BuiltImage:
                 "layers": [layer.name],
                 "config": manifest.config.to_json(),
             }
-            partial = directory / f".{META_NAME}.part"
-            partial.write_text(json.dumps(meta, indent=1))
-            os.replace(partial, directory / META_NAME)
+            return publish_built(directory, meta)
+    built = load_built(directory)
+    if built is None:
+        raise ImageError(f"the image built in {directory} cannot be read back")
+    return built
+
+
+def publish_built(directory: Path, meta: dict[str, Any]) -> BuiltImage:
+    """Make the image in ``directory`` visible: its ``image.json`` written in one step, then read
+    back through :func:`load_built` (as every later user reads it), so a record that does not load
+    fails the build that wrote it instead of a later run. Used by imports and recipe builds alike."""
+    write_atomic(directory / META_NAME, json.dumps(meta, indent=1))
     built = load_built(directory)
     if built is None:
         raise ImageError(f"the image built in {directory} cannot be read back")

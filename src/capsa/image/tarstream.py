@@ -214,20 +214,14 @@ class Reader:
         """Write the current member's ``size`` data bytes (then skip its padding)."""
         padded = -size % BLOCK
         self._pending = 0
-        while size:
-            available = len(self._buf) - self._pos
-            if not available:
-                self._buf, self._pos = self._chunks.next(), 0
-                if not self._buf:
-                    raise TarError("unexpected end of data")
-                continue
-            step = min(size, available)
-            write(memoryview(self._buf)[self._pos : self._pos + step])
-            self._pos += step
-            size -= step
-        self.skip(padded)
+        self._consume(size, write)
+        self._consume(padded, None)
 
     def skip(self, size: int) -> None:
+        self._consume(size, None)
+
+    def _consume(self, size: int, write: Callable[[bytes | memoryview], None] | None) -> None:
+        """Pass ``size`` bytes of the stream to ``write`` (None: drop them), a buffer at a time."""
         while size:
             available = len(self._buf) - self._pos
             if not available:
@@ -236,6 +230,8 @@ class Reader:
                     raise TarError("unexpected end of data")
                 continue
             step = min(size, available)
+            if write is not None:
+                write(memoryview(self._buf)[self._pos : self._pos + step])
             self._pos += step
             size -= step
 

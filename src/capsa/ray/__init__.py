@@ -26,9 +26,9 @@ import asyncio
 import contextlib
 import math
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
+from capsa._context import BuildsOnEnter
 from capsa.errors import ConfigError, SandboxLost
 from capsa.ray._host import CONFIG_STEP, NoSlotError, Step
 from capsa.ray._placement import Constraint, placer
@@ -40,7 +40,7 @@ from capsa.sandbox.builder import DEFAULT_BUILD_TIMEOUT, SandboxBuilder
 DEFAULT_PLACEMENT_TIMEOUT = 30.0
 
 
-class RaySandboxBuilder:
+class RaySandboxBuilder(BuildsOnEnter[RaySandbox]):
     """``capsa.sandbox()``'s builder, recorded here and replayed by the host actor that builds it.
 
     Every builder method of :class:`capsa.SandboxBuilder` is available (derived, not copied);
@@ -57,7 +57,6 @@ class RaySandboxBuilder:
         self._steps = steps
         self._constraint = constraint or Constraint()
         self._wait = wait
-        self._vm: RaySandbox | None = None
 
     def __getattr__(self, name: str) -> Callable[..., RaySandboxBuilder]:
         if name.startswith("_") or name not in surface("SandboxBuilder").chains:
@@ -89,20 +88,6 @@ class RaySandboxBuilder:
         placement timeout for one); ``timeout`` covers the build on that node."""
         host, ref = await placer().place(list(self._steps), self._constraint, self._wait, timeout)
         return RaySandbox(host, ref)
-
-    async def __aenter__(self) -> RaySandbox:
-        self._vm = await self.build()
-        return self._vm
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        vm, self._vm = self._vm, None
-        if vm is not None:
-            await vm.stop()
 
 
 def sandbox() -> RaySandboxBuilder:

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-from capsa import _guardian
+from capsa import runtime
 from capsa.errors import CapsaError, ConfigError, NoSlotError, VMNotRunning
 from capsa.ray._node_policy import NodePolicy
 from capsa.ray._slots import Reservation, reserve
@@ -71,7 +71,7 @@ class _PrewarmedBuilder(SandboxBuilder):
     caller's first command does not pay QEMU's translation of the exec path after a restore
     (docs/architecture.md, Facts: "TCG translation"; ~0.2-0.5 s under TCG, nothing with KVM)."""
 
-    def _with(self, **changes: Any) -> SandboxBuilder:
+    def _with(self, **changes: Any) -> _PrewarmedBuilder:
         return _PrewarmedBuilder(replace(self.config, **changes))
 
     async def build(self, timeout: float = DEFAULT_BUILD_TIMEOUT) -> Sandbox:
@@ -200,7 +200,7 @@ class HostActor:
             "actor_id": ray.get_runtime_context().get_actor_id() or "",
             "pid": os.getpid(),
             "slots": self.slots,
-            "runtime_root": str(_guardian.runtime_root()),
+            "runtime_root": str(runtime.runtime_root()),
         }
 
     async def load(self) -> tuple[int, int]:

@@ -165,6 +165,14 @@ class NodePolicy:
         steps = tuple(self._recipe_step(step) for step in image.steps)
         return dataclasses.replace(image, source=source, steps=steps)
 
+    def volume(self, volume: object) -> None:
+        """Volumes are refused through Ray: a ``Volume`` names an image file and a lock on the
+        node, which a driver could point at any file the node's user may open."""
+        raise ConfigError(
+            "volumes are not available through capsa's Ray face",
+            hint="mount a volume in a sandbox built on its own node (capsa.sandbox().volume(...))",
+        )
+
     def _recipe_step(self, step: object) -> RecipeStep:
         if not isinstance(step, RecipeStep) or not all(isinstance(a, str) for a in step.args):
             raise ConfigError("an image's steps must be capsa recipe steps")
@@ -231,6 +239,8 @@ class NodePolicy:
         changes["shares"] = tuple(shares)
         if config.image is not None:
             changes["image"] = self.image(config.image)
+        for mount in config.volumes:
+            self.volume(mount)
         if config.network is not None:
             changes["network"] = self.network(config.network)
         return dataclasses.replace(config, **changes)
@@ -270,6 +280,8 @@ class NodePolicy:
             "VirtualNetwork": self.network,
             "PortForward": self.forward,
             "Image": self.image,
+            "ImageSource": self.image,
+            "Volume": self.volume,
         }
 
         def path(value: Any) -> Path:
@@ -284,7 +296,16 @@ class NodePolicy:
 
 
 # The annotations that make a parameter name something of the host, most specific first.
-HOST_TYPES = ("SandboxConfig", "VirtualNetwork", "PortForward", "Image", "Snapshot", "Path")
+HOST_TYPES = (
+    "SandboxConfig",
+    "VirtualNetwork",
+    "PortForward",
+    "ImageSource",
+    "Image",
+    "Volume",
+    "Snapshot",
+    "Path",
+)
 
 
 def _words(annotation: object) -> set[str]:

@@ -10,9 +10,9 @@ across nodes.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from types import TracebackType
 from typing import Any
 
+from capsa._context import StopsOnExit
 from capsa.ray._placement import Host, _lost_errors
 from capsa.ray._surface import surface
 from capsa.ray._wire import Failure, Ref, decode_error
@@ -131,7 +131,7 @@ class RemoteBuilder:
         return f"<remote {self._kind} {calls} on {self._root._host.where}>"
 
 
-class RaySandbox(Remote):
+class RaySandbox(StopsOnExit, Remote):
     """A sandbox running on a Ray node: the same agent API as :class:`capsa.Sandbox` (``agent``,
     ``network``, ``snapshot``, ``fork``, ``stop``...), plus ``node_id``. Calls raise
     :class:`capsa.SandboxLost` once its node or host actor has died."""
@@ -140,17 +140,6 @@ class RaySandbox(Remote):
     def node_id(self) -> str:
         """Ray's hex id of the node the sandbox runs on."""
         return self._host.node_id
-
-    async def __aenter__(self) -> RaySandbox:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def __repr__(self) -> str:
         status = self._ref.state.get("status")

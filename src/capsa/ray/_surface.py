@@ -84,6 +84,8 @@ def surface(name: str) -> Surface:
             properties.add(attr)
         elif inspect.isfunction(value):
             returned = _returns(value)
+            if returned == "Self":  # a shared base's option (capsa.vm.options) returns its class
+                returned = name
             if not inspect.iscoroutinefunction(value) and returned in BUILDERS:
                 chains[attr] = returned
             else:

@@ -42,18 +42,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from capsa._paths import cache_dir
+from capsa._paths import cache_dir, write_atomic
 from capsa.errors import ImageError
 from capsa.image import rootfs
 from capsa.image.custom import (
     IMAGE_CONFIG_NAME,
-    META_NAME,
     BuiltImage,
     Progress,
     build_oci,
     images_root,
     load_built,
     oci_base,
+    publish_built,
     touch_used,
 )
 from capsa.image.layers import squash
@@ -64,7 +64,7 @@ from capsa.recipes.capture import add_captured
 from capsa.recipes.layertar import LayerTar, add_host_tree
 from capsa.recipes.pip import add_wheels, pip_inputs
 from capsa.recipes.run import run_in_build_vm
-from capsa.recipes.steps import APT_COMMAND, Recipe, Step, apply_config, guest_path, tree_digest
+from capsa.recipes.steps import APT_COMMAND, Recipe, Step, apply_config, in_workdir, tree_digest
 
 log = logging.getLogger(__name__)
 
@@ -197,13 +197,7 @@ def build_recipe(image: Recipe, progress: Progress | None = None) -> BuiltImage:
         "config": top.config.to_json(),
     }
     directory.mkdir(parents=True, exist_ok=True)
-    partial = directory / f".{META_NAME}.part-{os.getpid()}"
-    partial.write_text(json.dumps(meta, indent=1))
-    os.replace(partial, directory / META_NAME)
-    built = load_built(directory)
-    if built is None:
-        raise ImageError(f"the image built in {directory} cannot be read back")
-    return built
+    return publish_built(directory, meta)
 
 
 def _find_or_build(
@@ -235,9 +229,7 @@ def _find_or_build(
             "inputs": item.inputs,
             "built": time.time(),
         }
-        partial = directory / f".{_LAYER_META}.part"
-        partial.write_text(json.dumps(meta, indent=1))
-        os.replace(partial, directory / _LAYER_META)  # last: the layer is now visible
+        write_atomic(directory / _LAYER_META, json.dumps(meta, indent=1))  # last: the layer is visible
         say(f"{label}: built in {time.monotonic() - started:.1f}s")
         return out
 
@@ -282,7 +274,7 @@ def _squash_layer(image: Recipe, item: Planned, directory: Path, captured: IO[by
         layer = LayerTar(tar)
         if step is not None and step.kind == "copy":
             # A copy leaves the config as it was: its destination follows the current workdir.
-            add_host_tree(layer, Path(step.args[0]), guest_path(step.args[1], item.config))
+            add_host_tree(layer, Path(step.args[0]), in_workdir(step.args[1], item.config))
         elif step is not None and step.kind == "pip":
             add_wheels(layer, step)
         elif captured is not None:

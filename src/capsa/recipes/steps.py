@@ -128,8 +128,9 @@ def apply_config(config: ImageConfig, step: Step) -> ImageConfig:
     return config
 
 
-def guest_path(path: str, config: ImageConfig) -> str:
-    """An absolute, normalised guest path (relative ones follow the workdir, as in Docker)."""
+def in_workdir(path: str, config: ImageConfig) -> str:
+    """An absolute, normalised guest path (relative ones follow the workdir, as in Docker). It
+    resolves, for a COPY's target inside a layer tar; the guest never sees it as a request."""
     joined = posixpath.normpath(posixpath.join(config.workdir or "/", path))
     return "/" + joined.lstrip("/")
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from capsa._paths import cache_dir
+from capsa._paths import cache_dir, write_atomic
 from capsa.errors import ConfigError, ImageError
 from capsa.image.custom import BuiltImage, images_root
 from capsa.image.oci import ImageConfig
@@ -133,9 +133,7 @@ def named_images() -> list[NamedImage]:
 def _record(entry: NamedImage) -> None:
     root = named_root()
     root.mkdir(parents=True, exist_ok=True)
-    partial = root / f".{entry.name}{_SUFFIX}.{os.getpid()}.part"
-    partial.write_text(json.dumps(entry.to_json(), indent=1) + "\n")
-    os.replace(partial, root / f"{entry.name}{_SUFFIX}")
+    write_atomic(root / f"{entry.name}{_SUFFIX}", json.dumps(entry.to_json(), indent=1) + "\n")
 
 
 def register(

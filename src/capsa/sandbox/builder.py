@@ -8,9 +8,9 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from capsa._context import BuildsOnEnter
 from capsa._paths import cache_dir
 from capsa.accelerator import resolve_accelerator
 from capsa.backend.qemu.process import find_qemu
@@ -24,7 +24,7 @@ from capsa.shares.spec import (
     AccessMode,
     Mechanism,
     ShareSpec,
-    check_guest_path,
+    check_mount_point,
     check_shares,
     for_template,
     make_share,
@@ -41,11 +41,10 @@ from capsa.vm.config import (
     Accelerator,
     DiskSpec,
     VMConfig,
-    validate_cpus,
     validate_lifetime,
-    validate_memory_mb,
 )
 from capsa.vm.handle import start_lifetime
+from capsa.vm.options import CommonOptions
 from capsa.volume.spec import VolumeMount, check_mounts, serial
 from capsa.volume.store import Volume
 
@@ -53,7 +52,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BUILD_TIMEOUT = 120.0
 DEFAULT_WARMUP_TIMEOUT = 600.0
-_ACCELERATORS = ("auto", "kvm", "tcg")
 
 
 @dataclass(frozen=True)
@@ -83,13 +81,12 @@ def _existing_file(path: str | Path, what: str) -> Path:
     return resolved
 
 
-class SandboxBuilder:
+class SandboxBuilder(CommonOptions, BuildsOnEnter[Sandbox]):
     """Each method returns a new builder. ``await builder.build()`` returns once the agent answered;
     ``async with capsa.sandbox() as vm:`` builds, then stops the sandbox on exit."""
 
     def __init__(self, config: SandboxConfig | None = None) -> None:
         self._config = config or SandboxConfig()
-        self._vm: Sandbox | None = None
 
     @property
     def config(self) -> SandboxConfig:
@@ -97,12 +94,6 @@ class SandboxBuilder:
 
     def _with(self, **changes: Any) -> SandboxBuilder:
         return SandboxBuilder(replace(self._config, **changes))
-
-    def cpus(self, count: int) -> SandboxBuilder:
-        return self._with(cpus=validate_cpus(count))
-
-    def memory_mb(self, megabytes: int) -> SandboxBuilder:
-        return self._with(memory_mb=validate_memory_mb(megabytes))
 
     def no_network(self) -> SandboxBuilder:
         """No network device at all (the default)."""
@@ -172,7 +163,7 @@ class SandboxBuilder:
         if not isinstance(volume, Volume):
             raise VolumeError("volume() takes a capsa.volume(name)")
         try:
-            path = check_guest_path(guest_path)
+            path = check_mount_point(guest_path)
         except ConfigError as exc:
             raise VolumeError(exc.message.replace("share:", "volume:"), name=volume.name) from None
         if any(share.guest_path == path for share in self._config.shares):
@@ -196,14 +187,6 @@ class SandboxBuilder:
         ``take()``); from then on every call on it raises ``VMNotRunning`` saying its lifetime
         expired. ``vm.set_lifetime(s)`` extends or shortens it while it runs."""
         return self._with(lifetime=validate_lifetime(seconds))
-
-    def accelerator(self, name: str) -> SandboxBuilder:
-        if name not in _ACCELERATORS:
-            raise ConfigError(f"accelerator must be one of {_ACCELERATORS}, got {name!r}")
-        return self._with(accelerator=name)
-
-    def name(self, name: str) -> SandboxBuilder:
-        return self._with(name=name)
 
     async def _image(self) -> tuple[Path, Path, Path]:
         c = self._config
@@ -288,20 +271,6 @@ class SandboxBuilder:
             await _warm(vm, warmup)
             return vm
         return await _from_template(replace(config, shares=templated), timeout, warmup)
-
-    async def __aenter__(self) -> Sandbox:
-        self._vm = await self.build()
-        return self._vm
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        vm, self._vm = self._vm, None
-        if vm is not None:
-            await vm.stop()
 
 
 def _guest_mounts(mounts: tuple[VolumeMount, ...]) -> tuple[tuple[str, str, bool], ...]:

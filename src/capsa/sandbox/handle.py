@@ -16,8 +16,8 @@ from pathlib import Path
 from capsa._guardian import new_vm_dir
 from capsa._paths import free_bytes
 from capsa.agent import wire
-from capsa.agent._channel import Channel
 from capsa.agent.attach import resync
+from capsa.agent.channel import Channel
 from capsa.agent.client import Agent
 from capsa.agent.errors import expect_ok
 from capsa.backend.qemu.process import find_qemu
@@ -90,9 +90,6 @@ class Sandbox(VM):
         if self._agent is None:
             raise VMNotRunning("the sandbox's agent is not connected", hint="await build() first")
         return self._agent
-
-    async def __aenter__(self) -> Sandbox:
-        return self
 
     async def _boot(self, timeout: float, *, mount: bool = True) -> None:
         """Start QEMU, then wait until the agent has said hello (``timeout`` covers both); then mount
@@ -217,7 +214,7 @@ class Sandbox(VM):
         this host had not consumed when the snapshot was taken, then the rest. A request or file
         transfer in flight makes it raise :class:`SnapshotError` at once, naming them.
         """
-        self._check_lifetime()
+        self._life.check()
         if self._shares and (self._shares_mounted or any(s.mechanism != "9p" for s in self._shares)):
             raise SnapshotError(
                 "a sandbox with mounted shared directories cannot be snapshotted",
@@ -293,7 +290,7 @@ class Sandbox(VM):
                 hint="two kernels writing one ext4 volume would corrupt it; mount it read_only=True "
                 "to fork, or copy its data into the sandbox first",
             )
-        self._check_lifetime()
+        self._life.check()
         scratch = new_vm_dir("fork-")
         try:
             snapshot = await self.snapshot(scratch / "snapshot", timeout)
@@ -318,8 +315,8 @@ class Sandbox(VM):
         """A fork keeps its parent's deadline (the time the parent had left when it was forked):
         copying a sandbox never extends how long it may run. ``clone.set_lifetime`` changes it."""
         remaining = self.lifetime_remaining
-        if remaining is not None and self._lifetime is not None:
-            clone._arm_lifetime(remaining, self._lifetime)
+        if remaining is not None and self._life.label is not None:
+            clone._arm_lifetime(remaining, self._life.label)
 
     def _clone_network(self) -> VirtualNetwork | None:
         """This sandbox's network for its forks: the same gateway and policy (the one in force, after
@@ -418,7 +415,7 @@ class Sandbox(VM):
 
     async def _cleanup(self) -> None:
         if self._channel is not None:
-            await self._channel.close(self._expired or VMNotRunning("the sandbox is stopped"))
+            await self._channel.close(self._life.expired or VMNotRunning("the sandbox is stopped"))
         await super()._cleanup()
 
 

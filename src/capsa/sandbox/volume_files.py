@@ -2,7 +2,7 @@
 
 The host never parses a volume's filesystem (a guest may have left anything in it): a small helper
 sandbox mounts the volume at ``/volume`` and its own kernel and agent do the work, confined to the
-volume by ``_volume_guest`` (no ``..``, no symlink followed). :class:`VolumeFiles` is that helper;
+volume by ``volume_guest`` (no ``..``, no symlink followed). :class:`VolumeFiles` is that helper;
 ``capsa volume cp`` and the server's volume content API use it. The helper holds the volume's
 exclusive lock while it runs, like any sandbox that mounts it read-write."""
 
@@ -12,12 +12,12 @@ import contextlib
 import json
 import logging
 import secrets
-from types import TracebackType
 from typing import Any
 
+from capsa._context import StopsOnExit
 from capsa.errors import CapsaError, VolumeError
 from capsa.sandbox import Sandbox, sandbox
-from capsa.sandbox._volume_guest import ROOT, SCRIPT
+from capsa.sandbox.volume_guest import ROOT, SCRIPT
 from capsa.vm.runstate import RunState
 from capsa.volume.store import Volume
 
@@ -37,7 +37,7 @@ class VolumeFileError(VolumeError):
         self.kind = kind
 
 
-class VolumeFiles:
+class VolumeFiles(StopsOnExit):
     """Files of one volume through a helper sandbox. ``async with VolumeFiles(vol) as files:``."""
 
     def __init__(self, volume: Volume, *, timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -61,11 +61,6 @@ class VolumeFiles:
     async def __aenter__(self) -> VolumeFiles:
         await self.start()
         return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     def _agent_vm(self) -> Sandbox:
         if self._vm is None:

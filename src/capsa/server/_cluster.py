@@ -5,7 +5,8 @@ The seam is small because :class:`capsa.ray.RaySandbox` exposes the API of :clas
 drive a remote handle as they drive a local sandbox. What differs is here: connecting the driver,
 building through the host actors (``cray.remote(builder).build()``), warm pools per node
 (``cray.warm``), telling whether a remote sandbox still runs (its node may have ended it: lifetime,
-node loss), and ending the host actors on close.
+a guest crash; or it died with its node or host actor: ``node_lost``), and ending the host actors
+on close.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import capsa
-from capsa.errors import CapsaError, ConfigError
+from capsa.errors import CapsaError, ConfigError, SandboxLost
 from capsa.vm import RunState
 
 log = logging.getLogger(__name__)
@@ -88,22 +90,33 @@ async def build(builder: capsa.SandboxBuilder) -> capsa.Sandbox:
     return cast(capsa.Sandbox, vm)
 
 
-async def _ended(vm: Any, timeout: float) -> bool:
+async def _ended(vm: Any, timeout: float) -> Ended | None:
     try:
         await vm.wait_for_state(*_ALL_STATES, timeout=timeout)  # refreshes ``vm.status``
     except TimeoutError:
-        return False  # a slow node is not a dead one
-    except CapsaError as exc:  # ended on its node (VMNotRunning) or with it (SandboxLost)
+        return None  # a slow node is not a dead one
+    except SandboxLost as exc:  # its node, or the host actor that ran it, died: so did its VM
+        log.info("sandbox on node %s lost: %s", str(getattr(vm, "node_id", "?"))[:12], exc.message)
+        return Ended(lost=exc.message)
+    except CapsaError as exc:  # ended on its node (VMNotRunning)
         log.info("sandbox on node %s ended: %s", str(getattr(vm, "node_id", "?"))[:12], exc.message)
-        return True
-    return bool(vm.status.is_final)
+        return Ended()
+    return Ended() if vm.status.is_final else None
 
 
-async def probe(vms: Sequence[Any], timeout: float = 10.0) -> set[int]:
-    """Ask the nodes about their sandboxes (one cheap call each, concurrently); the ``id()`` of
+@dataclass(frozen=True)
+class Ended:
+    """A remote sandbox that no longer runs; ``lost`` (why, when its node or host actor died:
+    the end reason ``node_lost``) or empty (it ended on its node: lifetime, guest crash)."""
+
+    lost: str = ""
+
+
+async def probe(vms: Sequence[Any], timeout: float = 10.0) -> dict[int, Ended]:
+    """Ask the nodes about their sandboxes (one cheap call each, concurrently): by ``id()``,
     those that ended there (lifetime, crash) or with their node."""
-    flags = await asyncio.gather(*(_ended(vm, timeout) for vm in vms), return_exceptions=True)
-    return {id(vm) for vm, flag in zip(vms, flags, strict=True) if flag is True}
+    found = await asyncio.gather(*(_ended(vm, timeout) for vm in vms), return_exceptions=True)
+    return {id(vm): end for vm, end in zip(vms, found, strict=True) if isinstance(end, Ended)}
 
 
 async def close() -> None:

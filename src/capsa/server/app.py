@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -48,6 +49,9 @@ from capsa.server.tenants import KeyRing, Principal
 from capsa.server.volume_api import VolumeApi
 from capsa.server.volumes import ServerVolumes
 from capsa.volume.store import DEFAULT_SIZE_MB
+
+if TYPE_CHECKING:
+    from capsa.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("capsa.server.access")
@@ -109,6 +113,7 @@ class CapsaServer:
             (config.state_dir or default_state_dir()) / "volumes",
             config.volume_size_mb,
             self._sandbox_exists,
+            self._running_vm,
         )
         control = ControlPlane(
             self.registry, self.metrics, self.sampler, domain=config.domain, volumes=self.volumes
@@ -139,6 +144,15 @@ class CapsaServer:
         except ApiError:
             return False
         return True
+
+    def _running_vm(self, sandbox_id: str) -> Sandbox | None:
+        """The VM of a running sandbox (None if paused or gone): a mounted volume's content
+        calls go through it."""
+        try:
+            entry = self.registry.find(sandbox_id)
+        except ApiError:
+            return None
+        return entry.vm if entry.running else None
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:

@@ -41,7 +41,7 @@ from capsa.server.registry import Registry
 from capsa.server.snapshot_api import SnapshotApi, create_from_snapshot
 from capsa.server.tenants import Principal
 from capsa.server.volumes import ServerVolumes
-from capsa.shares.spec import check_guest_path
+from capsa.shares.spec import check_mount_point
 from capsa.volume.spec import MAX_VOLUMES
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ class ControlPlane:
                 raise ApiError(400, "each volume mount is an object with name and path")
             record = self.volumes.find_by_name(tenant, mount.get("name"))
             try:
-                path = check_guest_path(mount.get("path"))  # type: ignore[arg-type]
+                path = check_mount_point(mount.get("path"))  # type: ignore[arg-type]
             except ConfigError as exc:
                 raise ApiError(400, exc.message.replace("share:", "volume mount:")) from None
             pairs.append((record, path))

@@ -42,6 +42,7 @@ END_REASONS = (
     "host_error",  # the server could not keep it (a failed pause at its timeout, lost files)
     "server_shutdown",  # running at SIGTERM and not paused within --shutdown-timeout
     "server_crashed",  # running when the server died (kill -9, a crash): found at the next start
+    "node_lost",  # --ray: its node, or the host actor that ran it, died (with its VM)
 )
 DEFAULT_KEEP_ENDED = 24 * 3600.0  # seconds an end record is kept (--keep-ended)
 MAX_DETAIL = 4000  # characters of an end's detail (a console tail)

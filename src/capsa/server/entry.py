@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import capsa
 from capsa.errors import CapsaError
+from capsa.server.api_error import ApiError as ApiError  # noqa: PLC0414 (re-exported for its importers)
 from capsa.server.tenants import DEFAULT_TENANT
-from capsa.vm import RunState
 
 if TYPE_CHECKING:
     from capsa.server.envd import ProcessTable
@@ -33,14 +33,6 @@ MAX_TIMEOUT = 2**31 - 1
 ENVD_VERSION = "0.6.4"
 INTERPRETER_TEMPLATE = "code-interpreter-v1"
 TEMPLATES = ("base", INTERPRETER_TEMPLATE)
-
-
-class ApiError(CapsaError):
-    """A control-plane request failed; ``status`` is the HTTP status the client gets."""
-
-    def __init__(self, status: int, message: str, *, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint)
-        self.status = status
 
 
 class SandboxPaused(ApiError):
@@ -134,7 +126,7 @@ class Entry:
             not self.closing
             and self.paused is None
             and not self.pausing
-            and self.vm.status is RunState.RUNNING
+            and self.vm.status is capsa.RunState.RUNNING
         )
 
     @property

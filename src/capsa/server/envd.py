@@ -12,7 +12,7 @@ import signal as signals
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import capsa
 from capsa._tasks import TaskSet
@@ -28,9 +28,6 @@ from capsa.server import accounts
 from capsa.server.connect import ConnectError
 from capsa.server.limits import Limits
 from capsa.server.redact import client_message
-
-if TYPE_CHECKING:
-    from capsa.server.entry import Entry
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +47,10 @@ def keepalive_interval(header: str | None) -> float:
     return min(max(float(header), low), high)
 
 
-def guest_path(path: object, home: str = HOME) -> str:
-    """An absolute guest path; relative ones are relative to the account's ``home``, as in E2B."""
+def resolve_guest_path(path: object, home: str = HOME) -> str:
+    """An absolute guest path; relative ones are relative to the account's ``home``, as in E2B.
+    It resolves and answers E2B's error; the rule a guest path must follow is checked once, by the
+    agent client every call goes through (:func:`capsa.agent.errors.check_guest_path`)."""
     if not isinstance(path, str) or not path or "\0" in path:
         raise ConnectError("invalid_argument", f"a path must be a non-empty string, got {path!r:.60}")
     return posixpath.normpath(path if path.startswith("/") else f"{home}/{path}")
@@ -88,7 +87,20 @@ def pty_size(pty: object) -> tuple[int, int]:
     return rows, cols
 
 
-def processes_for(entry: Entry, limits: Limits | None = None) -> ProcessTable:
+class HoldsProcesses(Protocol):
+    """What :func:`processes_for` needs of a sandbox's entry (:class:`capsa.server.entry.Entry`),
+    a protocol so that this module does not import the entry, which refers to :class:`ProcessTable`."""
+
+    processes: ProcessTable | None
+
+    @property
+    def vm(self) -> capsa.Sandbox: ...
+
+    @property
+    def envs(self) -> dict[str, str]: ...
+
+
+def processes_for(entry: HoldsProcesses, limits: Limits | None = None) -> ProcessTable:
     if entry.processes is None:
         entry.processes = ProcessTable(entry.vm, entry.envs, limits or Limits())
     return entry.processes
@@ -245,7 +257,7 @@ class ProcessTable:
         # as envd: by default in the account's home (every server sandbox has /home/user; relative
         # paths too)
         home = accounts.home_of(user)
-        builder = builder.cwd(guest_path(config.get("cwd") or home, home))
+        builder = builder.cwd(resolve_guest_path(config.get("cwd") or home, home))
 
         async def spawn(account: str | None) -> capsa.Process:
             return await (builder if account is None else builder.user(account)).spawn()

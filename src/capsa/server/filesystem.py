@@ -23,7 +23,7 @@ from capsa.agent.details import file_details, set_metadata
 from capsa.errors import GuestFileNotFoundError
 from capsa.server import accounts
 from capsa.server.connect import ConnectError
-from capsa.server.envd import guest_path, map_error
+from capsa.server.envd import map_error, resolve_guest_path
 from capsa.server.limits import RequestRejected
 
 MAX_LIST_DEPTH = 32  # ListDir levels (each one a guest round trip per directory)
@@ -91,7 +91,7 @@ class Filesystem:
 
     def path(self, value: object) -> str:
         """A request's path, relative ones resolved in the account's home."""
-        return guest_path(value, self.home)
+        return resolve_guest_path(value, self.home)
 
     async def _mkdirs(self, path: str) -> None:
         async def mkdir(account: str | None) -> None:

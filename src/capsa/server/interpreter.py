@@ -9,15 +9,12 @@ import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import capsa
 from capsa._tasks import TaskSet
 from capsa.errors import CapsaError
 from capsa.server._guest_interpreter import BOOTSTRAP, SOURCE
-
-if TYPE_CHECKING:
-    from capsa.server.entry import Entry
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +231,20 @@ class Interpreter:
         self._tasks.cancel()
 
 
-def interpreter_for(entry: Entry) -> Interpreter:
+class HoldsInterpreter(Protocol):
+    """What :func:`interpreter_for` needs of a sandbox's entry (:class:`capsa.server.entry.Entry`),
+    a protocol so that this module does not import the entry, which refers to :class:`Interpreter`."""
+
+    interpreter: Interpreter | None
+
+    @property
+    def vm(self) -> capsa.Sandbox: ...
+
+    @property
+    def envs(self) -> dict[str, str]: ...
+
+
+def interpreter_for(entry: HoldsInterpreter) -> Interpreter:
     if entry.interpreter is None:
         entry.interpreter = Interpreter(entry.vm, entry.envs)
     return entry.interpreter

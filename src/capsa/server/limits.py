@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from starlette.types import Message, Receive
 
-from capsa.server.entry import ApiError
+from capsa.server.api_error import ApiError
 
 MiB = 1 << 20
 # A StreamInput body (commands.stream_input) may be quiet between inputs: the SDKs send a keepalive

@@ -26,7 +26,7 @@ from mcp.types import CallToolResult, ContentBlock, ImageContent, TextContent
 
 from capsa.errors import CapsaError
 from capsa.server.entry import DEFAULT_TIMEOUT, INTERPRETER_TEMPLATE, Entry
-from capsa.server.envd import guest_path, processes_for, stream_process
+from capsa.server.envd import processes_for, resolve_guest_path, stream_process
 from capsa.server.filesystem import Filesystem
 from capsa.server.interpreter import interpreter_for
 from capsa.server.network import check_network, e2b_policy
@@ -260,7 +260,7 @@ class SandboxTools:
         Relative paths are relative to /home/user."""
         entry = self._entry(sandbox_id)
         try:
-            head, more = await Filesystem(entry.vm).read_head(guest_path(path), OUTPUT_LIMIT)
+            head, more = await Filesystem(entry.vm).read_head(resolve_guest_path(path), OUTPUT_LIMIT)
         except CapsaError as exc:
             raise _fail(exc) from None
         return _clip(head, more)
@@ -269,7 +269,7 @@ class SandboxTools:
         """Write text to a file in the sandbox (parent directories are created)."""
         entry = self._entry(sandbox_id)
         try:
-            return await Filesystem(entry.vm).write(guest_path(path), content.encode())
+            return await Filesystem(entry.vm).write(resolve_guest_path(path), content.encode())
         except CapsaError as exc:
             raise _fail(exc) from None
 

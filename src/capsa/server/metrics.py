@@ -54,7 +54,7 @@ class Metrics:
         self.ends = Counter(
             "capsa_server_sandbox_ends",
             "Sandboxes ended, by reason (killed, timeout, paused_then_killed, guest_crashed, "
-            "host_error, server_shutdown, server_crashed)",
+            "host_error, server_shutdown, server_crashed, node_lost)",
             ["reason"],
             registry=self.registry,
         )

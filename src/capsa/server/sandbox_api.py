@@ -17,7 +17,7 @@ from capsa.server import accounts, connect
 from capsa.server.connect import ConnectError
 from capsa.server.content_encoding import accepts_gzip, gzip_chunks
 from capsa.server.entry import ApiError, Entry
-from capsa.server.envd import guest_path, keepalive_interval, processes_for, stream_process
+from capsa.server.envd import keepalive_interval, processes_for, resolve_guest_path, stream_process
 from capsa.server.filesystem import Filesystem, upload_metadata
 from capsa.server.interpreter import InterpreterError, interpreter_for
 from capsa.server.limits import Limits, RequestRejected
@@ -223,7 +223,7 @@ class SandboxApi:
         user: str | None,
     ) -> AsyncIterator[dict[str, Any]]:
         if service == "filesystem.Filesystem" and method == "WatchDir":
-            path = guest_path(message.get("path"), accounts.home_of(user))
+            path = resolve_guest_path(message.get("path"), accounts.home_of(user))
             recursive = bool(message.get("recursive"))
             include_entry = bool(message.get("includeEntry"))
             watcher = await watchers_for(entry).open(path, recursive, include_entry)

@@ -22,8 +22,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from capsa._guardian import new_vm_dir
 from capsa.errors import CapsaError
+from capsa.runtime import new_vm_dir
 from capsa.server.carry import Carried, carry_over
 from capsa.server.entry import TEMPLATES, ApiError, Entry, check_timeout, named_image
 from capsa.server.exposure import is_public, mask_host, set_mask_host, set_public

@@ -2,8 +2,9 @@
 API ``/volumecontent/{id}/...`` (stat, list, make dir, read, write, remove, change metadata),
 authorized by the volume's own token (``Authorization: Bearer``) as E2B's SDKs send it.
 
-Content calls run in a helper sandbox (``capsa.server.volumes``): the server never parses a
-volume's filesystem, and paths are confined to the volume (no ``..``, no symlink followed)."""
+Content calls run in a helper sandbox, or in the running sandbox that mounts the volume
+(``capsa.server.volumes``): the server never parses a volume's filesystem, and paths are confined
+to the volume (no ``..``, no symlink followed)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ _STATUS = {
     "read_only": 409,
     "permission": 403,
     "not_empty": 409,
+    "moved": 409,  # a sandbox mounting it no longer has it at its mount path
+    "unavailable": 409,  # a sandbox mounting it cannot serve content calls (no python3)
 }
 
 

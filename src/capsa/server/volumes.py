@@ -3,11 +3,17 @@ content token that survive a restart.
 
 A volume is used by one thing at a time, and the server keeps it so:
 - a sandbox created with it (``volumeMounts``) holds it from creation until it is killed, paused
-  included (a paused sandbox's kernel still has the filesystem mounted in its saved memory);
+  included (a paused sandbox's kernel still has the filesystem mounted in its saved memory), and
+  across a restart: the hold is written beside the volume (``<name>.holder``: the sandbox's id and
+  mount path) and read back at the next start, where it holds for as long as the state dir still
+  keeps that sandbox (paused); a hold whose sandbox is gone (killed, or ended by a crash) lapses;
 - the content API works through a helper sandbox (:class:`capsa.sandbox.volume_files.VolumeFiles`) that
   is started on the first content call and stopped after ``HELPER_IDLE`` seconds without one, or
   at once when a sandbox is created with the volume;
-- content calls and destroy answer 409 while a sandbox holds the volume."""
+- while a running sandbox mounts the volume, content calls go through that sandbox's agent
+  (:class:`capsa.server.volume_mounted.MountedFiles`): its kernel is the volume's one writer;
+- content calls while a paused sandbox holds the volume, and destroy while any sandbox does,
+  answer 409 (a paused guest's saved memory has the filesystem mounted: nothing may change it)."""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -24,15 +31,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from capsa.errors import VolumeError
+from capsa.sandbox import Sandbox
 from capsa.sandbox.volume_files import VolumeFiles
 from capsa.server.entry import ApiError
+from capsa.server.volume_mounted import MountedFiles
 from capsa.volume.names import check_name
+from capsa.volume.spec import serial
 from capsa.volume.store import Volume, VolumeStore
 
 log = logging.getLogger(__name__)
 
 HELPER_IDLE = 30.0  # seconds a content helper stays up after its last call
 _TOKEN_SUFFIX = ".token"
+_HOLDER_SUFFIX = ".holder"
+_UPLOAD_PREFIX = ".capsa-upload-"  # capsa.sandbox.volume_files' temporary name of a write
 
 
 @dataclass
@@ -54,15 +66,25 @@ def volume_id(tenant: str, name: str) -> str:
 
 
 class ServerVolumes:
-    def __init__(self, root: Path, size_mb: int, alive: Callable[[str], bool]) -> None:
-        """``alive(sandbox_id)``: whether that sandbox still exists (running or paused)."""
+    def __init__(
+        self,
+        root: Path,
+        size_mb: int,
+        alive: Callable[[str], bool],
+        running: Callable[[str], Sandbox | None] | None = None,
+    ) -> None:
+        """``alive(sandbox_id)``: whether that sandbox still exists (running or paused);
+        ``running(sandbox_id)``: its VM while it runs (None when paused or gone). Without
+        ``running``, content calls on a mounted volume answer 409."""
         self.root = root
         self.size_mb = size_mb
         self._alive = alive
+        self._running = running
         self._records: dict[str, VolumeRecord] = {}
         self._holders: dict[str, str] = {}  # volume id -> sandbox id
         self._mounts: dict[str, list[dict[str, str]]] = {}  # sandbox id -> its volumeMounts
         self._helpers: dict[str, tuple[VolumeFiles, float]] = {}
+        self._swept: set[str] = set()  # volumes whose crash leftovers this run has removed
         self._reaper: asyncio.Task[None] | None = None
 
     # -- records --
@@ -75,7 +97,23 @@ class ServerVolumes:
             if not tenant_dir.is_dir():
                 continue
             for volume in VolumeStore(tenant_dir).list():
-                self._remember(tenant_dir.name, volume)
+                self._adopt_holder(self._remember(tenant_dir.name, volume))
+
+    def _adopt_holder(self, record: VolumeRecord) -> None:
+        """The hold a previous run left on ``record`` (its sandbox may be paused in the state
+        dir: :meth:`_check_free` lets the hold lapse once that sandbox is gone)."""
+        path = _holder_file(record)
+        try:
+            held = json.loads(path.read_text())
+            sandbox_id, guest_path = str(held["sandbox"]), str(held["path"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("volume %s: ignoring its unreadable hold record %s (%s)", record.name, path, exc)
+            path.unlink(missing_ok=True)
+            return
+        self._holders[record.id] = sandbox_id
+        self._mounts.setdefault(sandbox_id, []).append({"name": record.name, "path": guest_path})
 
     def _remember(self, tenant: str, volume: Volume) -> VolumeRecord:
         token_file = volume.path.with_suffix(_TOKEN_SUFFIX)
@@ -143,6 +181,7 @@ class ServerVolumes:
             except VolumeError as exc:
                 raise ApiError(409, exc.message, hint=exc.hint) from None
             record.volume.path.with_suffix(_TOKEN_SUFFIX).unlink(missing_ok=True)
+            _holder_file(record).unlink(missing_ok=True)
             self._records.pop(record.id, None)
 
     # -- holders: sandboxes that mount a volume --
@@ -156,7 +195,8 @@ class ServerVolumes:
                 hint="kill the sandbox first (a paused one holds its volumes too); while it runs, "
                 "use the sandbox's own filesystem API at the mount path",
             )
-        self._holders.pop(record.id, None)
+        if self._holders.pop(record.id, None) is not None:
+            _holder_file(record).unlink(missing_ok=True)
 
     @contextlib.asynccontextmanager
     async def mounting(
@@ -171,8 +211,9 @@ class ServerVolumes:
                 await self._stop_helper(record)
 
             def hold(sandbox_id: str) -> None:
-                for record, _ in mounts:
+                for record, path in mounts:
                     self._holders[record.id] = sandbox_id
+                    _write_holder(record, sandbox_id, path)
                 self._mounts[sandbox_id] = [{"name": r.name, "path": p} for r, p in mounts]
 
             yield hold
@@ -183,11 +224,20 @@ class ServerVolumes:
             del self._mounts[gone]
         return self._mounts.get(sandbox_id, [])
 
+    def holder(self, record: VolumeRecord) -> str | None:
+        """The sandbox (running or paused) that mounts ``record``, if one does."""
+        holder = self._holders.get(record.id)
+        return holder if holder is not None and self._alive(holder) else None
+
     # -- content helpers --
 
     @contextlib.asynccontextmanager
-    async def files(self, record: VolumeRecord) -> AsyncIterator[VolumeFiles]:
+    async def files(self, record: VolumeRecord) -> AsyncIterator[VolumeFiles | MountedFiles]:
         async with record.lock:
+            holder = self.holder(record)
+            if holder is not None:
+                yield self._through(record, holder)
+                return
             self._check_free(record)
             helper = self._helpers.get(record.id)
             if helper is None or not helper[0].running:
@@ -197,10 +247,28 @@ class ServerVolumes:
                 except VolumeError as exc:
                     raise ApiError(409, exc.message, hint=exc.hint) from None
                 helper = (files, time.monotonic())
+                if record.id not in self._swept:
+                    self._swept.add(record.id)
+                    await _sweep_uploads(record, files)
             self._helpers[record.id] = (helper[0], time.monotonic())
             self._start_reaper()
             yield helper[0]
             self._helpers[record.id] = (helper[0], time.monotonic())
+
+    def _through(self, record: VolumeRecord, holder: str) -> MountedFiles:
+        """The content calls of ``record`` through the running sandbox ``holder`` that mounts it;
+        409 when that sandbox is paused (its saved memory has the filesystem mounted)."""
+        vm = self._running(holder) if self._running is not None else None
+        mounts = self._mounts.get(holder, [])
+        index = next((i for i, m in enumerate(mounts) if m["name"] == record.name), None)
+        if vm is None or index is None:
+            raise ApiError(
+                409,
+                f"volume {record.name!r} is mounted by the paused sandbox {holder}",
+                hint="resume the sandbox (its content calls then go through it), or kill it",
+            )
+        path = mounts[index]["path"]
+        return MountedFiles(vm, name=record.name, path=path, serial=serial(index))
 
     async def _stop_helper(self, record: VolumeRecord) -> None:
         helper = self._helpers.pop(record.id, None)
@@ -228,3 +296,40 @@ class ServerVolumes:
                 await self._reaper
         helpers, self._helpers = list(self._helpers.values()), {}
         await asyncio.gather(*(files.stop() for files, _ in helpers), return_exceptions=True)
+
+
+def _holder_file(record: VolumeRecord) -> Path:
+    return record.volume.path.with_suffix(_HOLDER_SUFFIX)
+
+
+def _write_holder(record: VolumeRecord, sandbox_id: str, guest_path: str) -> None:
+    """Record the hold for the next start (written whole, then renamed in: never half a record).
+    It cannot fail the create it follows: a state dir that cannot take it is logged, and the hold
+    lasts as long as this run (the VM's own lock on the image guards it while it runs)."""
+    path = _holder_file(record)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"sandbox": sandbox_id, "path": guest_path}, fh)
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        log.error("volume %s: recording its hold by sandbox %s failed (%s): a restart while the "
+                  "sandbox is paused would not keep the hold", record.name, sandbox_id, exc)  # fmt: skip
+
+
+async def _sweep_uploads(record: VolumeRecord, files: VolumeFiles) -> None:
+    """Once per volume and server run, on its first helper: remove the upload files of writes a
+    crash cut short (a write goes to ``.capsa-upload-*`` beside its target and is renamed over
+    it; a server killed meanwhile leaves that file, never a half-written target)."""
+    try:
+        entries = await files.list("/", depth=32)
+    except VolumeError as exc:  # more entries than a listing returns: left as they are
+        log.warning("volume %s: not swept for crash leftovers (%s)", record.name, exc.message)
+        return
+    for entry in entries:
+        if entry["type"] == "file" and str(entry["name"]).startswith(_UPLOAD_PREFIX):
+            log.info("volume %s: removing %s, left by a crash", record.name, entry["path"])
+            with contextlib.suppress(VolumeError):
+                await files.remove(entry["path"])

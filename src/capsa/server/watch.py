@@ -30,7 +30,7 @@ import capsa
 from capsa._tasks import TaskSet
 from capsa.errors import CapsaError
 from capsa.server.connect import ConnectError
-from capsa.server.envd import guest_path, map_error
+from capsa.server.envd import map_error, resolve_guest_path
 from capsa.server.filesystem import entry_info
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ class WatcherTable:
     async def call(self, method: str, request: dict[str, Any]) -> dict[str, Any]:
         if method == "CreateWatcher":
             watcher = await self.open(
-                guest_path(request.get("path")),
+                resolve_guest_path(request.get("path")),
                 bool(request.get("recursive")),
                 bool(request.get("includeEntry")),
             )

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+from capsa.agent.errors import check_guest_path
 from capsa.errors import ConfigError
 
 Mechanism = Literal["auto", "virtiofs", "9p"]
@@ -66,7 +67,11 @@ def check_host_dir(path: str | Path) -> Path:
     return host.resolve()
 
 
-def check_guest_path(path: str) -> str:
+def check_mount_point(path: str) -> str:
+    """Where a share (or a volume) is mounted in the guest: a guest path as the file API takes it
+    (:func:`capsa.agent.errors.check_guest_path`, the one rule for guest paths) that is also a
+    clean mount point: no control characters, no ``.`` or ``..``, not the root. Returns it
+    normalised. Messages start with ``share:`` (volume callers rewrite that word)."""
     if not isinstance(path, str) or not path.startswith("/"):
         raise ConfigError(f"share: the guest path must be absolute, got {path!r}")
     if "\0" in path or any(ord(c) < 32 for c in path):
@@ -76,6 +81,10 @@ def check_guest_path(path: str) -> str:
         raise ConfigError(f"share: the guest path must not contain '.' or '..': {path!r}")
     if path == "/":
         raise ConfigError("share: cannot mount a share over the guest's root")
+    try:
+        check_guest_path(path)  # what remains of the base rule: its length
+    except ConfigError as exc:
+        raise ConfigError(f"share: {exc.message}") from None
     return str(PurePosixPath(path))
 
 
@@ -91,7 +100,7 @@ def make_share(
         raise ConfigError(f"share: host directory is not writable: {host}", hint="share it READ_ONLY")
     if mode is AccessMode.READ_WRITE and mechanism == "9p":
         check_user_xattrs(host)
-    return ShareSpec(host, check_guest_path(guest_path), mode, mechanism)
+    return ShareSpec(host, check_mount_point(guest_path), mode, mechanism)
 
 
 def check_user_xattrs(host: Path) -> None:

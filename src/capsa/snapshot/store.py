@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from capsa._paths import write_atomic
 from capsa.errors import SnapshotError
 from capsa.net.gateway import VirtualNetwork
 from capsa.shares.spec import ShareSpec
@@ -160,9 +161,7 @@ class Snapshot:
 
 def write_metadata(directory: Path, record: dict[str, Any]) -> None:
     meta = {"format": FORMAT, "record": record}
-    tmp = directory / (META + ".part")
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    tmp.replace(directory / META)
+    write_atomic(directory / META, json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
 def load_snapshot(path: str | Path | Snapshot) -> Snapshot:

@@ -188,7 +188,7 @@ def _derive(face: type, twin: type, name: str) -> Any:
     del method.__wrapped__
     method.__qualname__ = f"{face.__qualname__}.{name}"
     method.__module__ = face.__module__
-    method.__signature__ = face_signature(member)
+    method.__signature__ = face_signature(member, face)
     method._capsa_derived = True
     return method
 
@@ -202,7 +202,7 @@ def finish() -> None:
     for face in FACES.values():
         for name, member in vars(face).items():
             if getattr(member, "_capsa_derived", False):
-                member.__signature__ = face_signature(inspect.getattr_static(face._twin, name))
+                member.__signature__ = face_signature(inspect.getattr_static(face._twin, name), face)
 
 
 def _face_names() -> dict[str, str]:
@@ -218,11 +218,15 @@ def _rename(annotation: Any) -> Any:
     return re.sub(r"\b[A-Za-z_]\w*\b", lambda m: names.get(m.group(0), m.group(0)), annotation)
 
 
-def face_signature(func: Any) -> inspect.Signature:
-    """``func``'s signature with the async classes in its annotations replaced by their faces."""
+def face_signature(func: Any, face: type | None = None) -> inspect.Signature:
+    """``func``'s signature with the async classes in its annotations replaced by their faces, and
+    ``Self`` (a shared base's option, :mod:`capsa.vm.options`) by ``face``, the face it is on."""
     signature = inspect.signature(func)
     params = [p.replace(annotation=_rename(p.annotation)) for p in signature.parameters.values()]
-    return signature.replace(parameters=params, return_annotation=_rename(signature.return_annotation))
+    returns = _rename(signature.return_annotation)
+    if face is not None and isinstance(returns, str):
+        returns = re.sub(r"\bSelf\b", face.__name__, returns)
+    return signature.replace(parameters=params, return_annotation=returns)
 
 
 if __name__ == "__main__":  # the former command; the generator is scripts/sync_signatures.py

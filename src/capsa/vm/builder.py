@@ -6,9 +6,9 @@ import asyncio
 import logging
 from dataclasses import replace
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from capsa._context import BuildsOnEnter
 from capsa.boot import BootConfig, LinuxDirectBoot, UefiBoot
 from capsa.errors import ConfigError
 from capsa.net.gateway import VirtualNetwork
@@ -21,31 +21,28 @@ from capsa.vm.config import (
     validate_cmdline_key,
     validate_cmdline_text,
     validate_cmdline_value,
-    validate_cpus,
     validate_lifetime,
-    validate_memory_mb,
     validate_port_name,
 )
 from capsa.vm.handle import VM, start_lifetime
+from capsa.vm.options import CommonOptions
 from capsa.vm.pvh import is_bzimage, pvh_kernel
 from capsa.volume.spec import serial
 from capsa.volume.store import Volume
 
 log = logging.getLogger(__name__)
 
-_ACCELERATORS = ("auto", "kvm", "tcg")
 _MACHINES = ("microvm", "q35")
 _FORMATS = ("raw", "qcow2")
 
 
-class VMBuilder:
+class VMBuilder(CommonOptions, BuildsOnEnter[VM]):
     """Each method returns a new builder; the original is unchanged. ``await builder.build()`` starts
     the VM. ``async with capsa.vm(boot)... as vm:`` builds, then stops the VM on exit."""
 
     def __init__(self, config: VMConfig, lifetime: float | None = None) -> None:
         self._config = config
         self._lifetime = lifetime
-        self._vm: VM | None = None
 
     @property
     def config(self) -> VMConfig:
@@ -58,12 +55,6 @@ class VMBuilder:
         """Stop and remove the VM ``seconds`` after ``build()`` returns; from then on every call on it
         raises ``VMNotRunning`` saying its lifetime expired. ``vm.set_lifetime(s)`` changes it later."""
         return VMBuilder(self._config, validate_lifetime(seconds))
-
-    def cpus(self, count: int) -> VMBuilder:
-        return self._with(cpus=validate_cpus(count))
-
-    def memory_mb(self, megabytes: int) -> VMBuilder:
-        return self._with(memory_mb=validate_memory_mb(megabytes))
 
     def cmdline_arg(self, key: str, value: str) -> VMBuilder:
         """Set ``key=value`` on the kernel command line (replacing an earlier value of ``key``)."""
@@ -100,11 +91,6 @@ class VMBuilder:
         index = sum(1 for d in self._config.disks if d.volume)
         disk = DiskSpec(volume.path, bool(read_only), "raw", serial(index), volume=True)
         return self._with(disks=(*self._config.disks, disk))
-
-    def accelerator(self, name: str) -> VMBuilder:
-        if name not in _ACCELERATORS:
-            raise ConfigError(f"accelerator must be one of {_ACCELERATORS}, got {name!r}")
-        return self._with(accelerator=name)
 
     def machine(self, name: str) -> VMBuilder:
         """``microvm`` (default: fastest boot, virtio-mmio) or ``q35`` (PCI)."""
@@ -148,9 +134,6 @@ class VMBuilder:
             raise ConfigError("qemu_args takes strings without NUL bytes")
         return self._with(extra_qemu_args=(*self._config.extra_qemu_args, *args))
 
-    def name(self, name: str) -> VMBuilder:
-        return self._with(name=name)
-
     async def build(self, timeout: float = 30.0) -> VM:
         """Validate, start QEMU, and return the running VM (the guest is booting). A bzImage with
         a PVH entry boots through it (:mod:`capsa.vm.pvh`; the log says so)."""
@@ -159,20 +142,6 @@ class VMBuilder:
         if self._lifetime is not None:
             await start_lifetime(vm, self._lifetime)
         return vm
-
-    async def __aenter__(self) -> VM:
-        self._vm = await self.build()
-        return self._vm
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        vm, self._vm = self._vm, None
-        if vm is not None:
-            await vm.stop()
 
 
 async def _through_pvh(config: VMConfig) -> VMConfig:

@@ -1,4 +1,9 @@
-"""A running (or finished) VM: lifecycle, console, logs."""
+"""A running (or finished) VM: its state machine, launch, stop and cleanup.
+
+The other concerns of a VM live beside it: its lifetime (:mod:`capsa.vm.lifetime`), its shares'
+virtiofsd daemons (:mod:`capsa.vm.virtiofs`), the error its exit is reported as
+(:mod:`capsa.vm.exits`), QEMU's argv (:mod:`capsa.vm.argv`) and a UEFI launch
+(:mod:`capsa.vm.uefi_launch`)."""
 
 from __future__ import annotations
 
@@ -10,8 +15,8 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from types import TracebackType
 
+from capsa._context import StopsOnExit
 from capsa._guardian import new_vm_dir
 from capsa._tasks import TaskSet
 from capsa.accelerator import host_tsc_khz, resolve_accelerator
@@ -23,21 +28,20 @@ from capsa.errors import (
     BackendError,
     CapsaError,
     CapsaTimeoutError,
-    ConfigError,
-    ShareError,
     VMExited,
     VMNotRunning,
     VMStateError,
 )
 from capsa.net.stack import NetworkStack, open_stack
 from capsa.shares.spec import Share
-from capsa.shares.virtiofsd import find_virtiofsd, start_virtiofsd
 from capsa.uefi.watch import watch_firmware
-from capsa.vm.argv import LaunchPlan, PlannedShare, build_argv
-from capsa.vm.config import VMConfig, format_seconds, validate_lifetime
-from capsa.vm.pvh import is_bzimage
+from capsa.vm.argv import LaunchPlan, build_argv
+from capsa.vm.config import VMConfig, validate_lifetime
+from capsa.vm.exits import exited_error
+from capsa.vm.lifetime import Lifetime
 from capsa.vm.runstate import RunState
 from capsa.vm.uefi_launch import prepare_uefi_async, release_uefi, uefi_accelerator
+from capsa.vm.virtiofs import start_shares, watch_daemon
 from capsa.volume.lock import lock_volume
 
 log = logging.getLogger(__name__)
@@ -46,7 +50,7 @@ DEFAULT_STOP_TIMEOUT = 10.0
 _QMP_HANDSHAKE_TIMEOUT = 30.0
 
 
-class VM:
+class VM(StopsOnExit):
     """Handle of one QEMU virtual machine. Create it with ``await capsa.vm(boot).build()``.
 
     ``async with vm:`` stops it (gracefully, then by force) and removes its runtime directory.
@@ -79,10 +83,7 @@ class VM:
         self._guest_ip = guest_ip
         self._tasks = TaskSet(log)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._lifetime: float | None = None  # seconds, as last set (for messages)
-        self._deadline: float | None = None  # loop time when the lifetime ends
-        self._lifetime_timer: asyncio.TimerHandle | None = None
-        self._expired: VMNotRunning | None = None  # set once the lifetime has run out
+        self._life = Lifetime()
 
     # -- properties --
 
@@ -196,25 +197,20 @@ class VM:
     @property
     def lifetime_remaining(self) -> float | None:
         """Seconds until the lifetime ends (``0.0`` once it has); ``None`` without a lifetime."""
-        if self._expired is not None:
-            return 0.0
-        if self._deadline is None or self._loop is None:
-            return None
-        return max(0.0, self._deadline - self._loop.time())
+        return self._life.remaining(self._loop)
 
     @property
     def lifetime_expired(self) -> bool:
         """True once the lifetime ran out and capsa stopped and removed the VM."""
-        return self._expired is not None
+        return self._life.expired is not None
 
     def set_lifetime(self, seconds: float) -> None:
         """Stop and remove this VM ``seconds`` from now, replacing any earlier lifetime (so it
         extends or shortens it). When it runs out the VM is killed and cleaned up, and every later
         call raises :class:`VMNotRunning` saying the lifetime expired. Call it from the VM's loop."""
         seconds = validate_lifetime(seconds)
-        self._check_lifetime()
+        self._life.check()
         self._require(RunState.RUNNING, action="a lifetime")
-        assert self._loop is not None  # set by _start()
         self._arm_lifetime(seconds, seconds)
 
     async def _start_lifetime(self, seconds: float) -> None:
@@ -227,31 +223,15 @@ class VM:
 
     def _arm_lifetime(self, remaining: float, label: float) -> None:
         """End the lifetime ``remaining`` seconds from now; messages call it a lifetime of ``label``."""
-        assert self._loop is not None
-        if self._lifetime_timer is not None:
-            self._lifetime_timer.cancel()
-        self._lifetime = label
-        self._deadline = self._loop.time() + remaining
-        self._lifetime_timer = self._loop.call_at(self._deadline, self._lifetime_ended)
+        assert self._loop is not None  # set by _start()
+        self._life.arm(self._loop, remaining, label, self._lifetime_ended)
 
     def _lifetime_ended(self) -> None:
-        self._lifetime_timer = None
         if self._stopping or self._cleaned or self._state is not RunState.RUNNING:
             return
-        assert self._lifetime is not None
-        self._expired = VMNotRunning(
-            f"the {self._KIND}'s lifetime of {format_seconds(self._lifetime)} expired: "
-            "it was stopped and removed",
-            hint="give it a longer lifetime, or extend it while it runs with set_lifetime(seconds)",
-        )
-        self._failure = self._expired  # the reason every waiter and later call is given
-        log.info("%s %s: %s", self._KIND, self._dir.name if self._dir else "?", self._expired.message)
+        self._failure = self._life.expire(self._KIND)  # the reason every waiter and later call is given
+        log.info("%s %s: %s", self._KIND, self._dir.name if self._dir else "?", self._failure.message)
         self._tasks.spawn(self.kill(), name=f"capsa-lifetime-{self._KIND}")
-
-    def _check_lifetime(self) -> None:
-        """Raise the expiry error if the lifetime ran out (for calls that need a running VM)."""
-        if self._expired is not None:
-            raise self._expired
 
     # -- start --
 
@@ -286,7 +266,9 @@ class VM:
         uefi = await prepare_uefi_async(boot, self._dir) if isinstance(boot, UefiBoot) else None
         logs = self._dir / "logs"
         logs.mkdir()
-        planned = await self._start_shares(logs)
+        planned = await start_shares(
+            config.shares, self._dir, logs, shares=self._shares, daemons=self._daemons
+        )
         net_socket = net_mac = None
         if config.network is not None:
             self._network = open_stack(config.network.gateway, self._guest_ip)
@@ -345,9 +327,8 @@ class VM:
                 hint="see the QEMU log tail; 'capsa doctor' checks the installation",
             ) from exc
         self._exit_watch = self._tasks.spawn(self._watch_exit(), name="capsa-vm-exit")
-        for daemon, share in zip(
-            self._daemons, [s for s in self._shares if s.mechanism == "virtiofs"], strict=True
-        ):
+        served = [s for s in self._shares if s.mechanism == "virtiofs"]
+        for daemon, share in zip(self._daemons, served, strict=True):
             watch = self._tasks.spawn(self._watch_daemon(daemon, share), name="capsa-virtiofsd")
             self._daemon_watches.append(watch)
         if uefi is not None:  # firmware that finds nothing to boot would loop until a timeout
@@ -364,49 +345,15 @@ class VM:
         log.error("%s", failure.message)
         await self._process.kill_and_wait()
 
-    async def _start_shares(self, logs: Path) -> list[PlannedShare]:
-        """Decide each share's mechanism and start a virtiofsd per virtio-fs share (before QEMU,
-        which connects to their sockets as it starts)."""
-        assert self._dir is not None
-        virtiofsd = find_virtiofsd() if self.config.shares else None
-        planned: list[PlannedShare] = []
-        for index, spec in enumerate(self.config.shares):
-            mechanism = spec.mechanism
-            if mechanism == "auto":
-                mechanism = "virtiofs" if virtiofsd else "9p"
-            tag = f"capsa{index}"
-            socket_path = None
-            if mechanism == "virtiofs":
-                if virtiofsd is None:
-                    raise ConfigError(
-                        "share: virtiofsd not found",
-                        hint="apt-get install qemu-system-common, or share with mechanism='9p'",
-                    )
-                socket_path = self._dir / f"fs{index}.sock"
-                log_path = logs / f"virtiofsd-{index}.log"
-                self._daemons.append(await start_virtiofsd(virtiofsd, spec, socket_path, log_path))
-            planned.append(PlannedShare(tag, spec.host_path, spec.read_only, mechanism, socket_path))
-            self._shares.append(Share(tag, spec.host_path, spec.guest_path, spec.mode, mechanism))
-        return planned
-
     async def _watch_daemon(self, daemon: QemuProcess, share: Share) -> None:
         """A virtiofsd dying under a running guest would hang its filesystem: stop the VM, say why."""
-        code = await daemon.exited
-        process = self._process
-        if process is not None and process.returncode is None:
-            # virtiofsd also exits when QEMU goes away (guest power-off): give that a moment.
-            with contextlib.suppress(CapsaTimeoutError):
-                await process.wait(1.0)
-        if self._stopping or self._cleaned or process is None or process.returncode is not None:
-            return
-        self._failure = ShareError(
-            f"virtiofsd serving {share.host_path} (guest {share.guest_path}) died with status {code}; "
-            "the VM was stopped",
-            host_path=share.host_path,
-            log_tail=daemon.log_tail(),
+        failure = await watch_daemon(
+            daemon, share, lambda: self._process, lambda: self._stopping or self._cleaned
         )
-        log.error("%s", self._failure.message)
-        await process.kill_and_wait()
+        if failure is not None and self._process is not None:
+            self._failure = failure
+            log.error("%s", failure.message)
+            await self._process.kill_and_wait()
 
     # -- exit handling --
 
@@ -424,29 +371,13 @@ class VM:
             self._console._mark_exited(lambda: self._exited_error(code, reason))
 
     def _exited_error(self, code: int | None, reason: str | None) -> VMExited:
-        what = f"guest {reason}" if reason else "QEMU exited"
-        if self._failure is not None:
-            what = self._failure.message
-        console_tail = self._console.tail() if self._console else ""
-        return VMExited(
-            f"the VM exited ({what}, QEMU exit status {code})",
-            exit_code=code,
-            console_tail=console_tail,
+        return exited_error(
+            code,
+            reason,
+            failure=self._failure.message if self._failure is not None else None,
+            console_tail=self._console.tail() if self._console else "",
             qemu_log_tail=self._process.log_tail() if self._process else "",
-            hint=self._early_reset_hint(reason, console_tail),
-        )
-
-    def _early_reset_hint(self, reason: str | None, console_tail: str) -> str | None:
-        """A bzImage without a PVH entry that resets without a panic: name the known cause."""
-        boot = self.config.boot
-        if reason != "guest-reset" or "Kernel panic" in console_tail:
-            return None
-        if not isinstance(boot, LinuxDirectBoot) or not is_bzimage(boot.kernel):
-            return None
-        return (
-            "the guest reset during early boot without a panic: some kernels' 32-bit bzImage entry "
-            "faults under QEMU 7.2 TCG (Debian's 6.1.0-57 cloud kernel); boot a kernel built with "
-            "CONFIG_PVH=y (capsa then enters its PVH entry) or its uncompressed vmlinux ELF"
+            boot=self.config.boot,
         )
 
     @property
@@ -501,9 +432,7 @@ class VM:
         if self._cleaned:
             return
         self._cleaned = True
-        if self._lifetime_timer is not None:
-            self._lifetime_timer.cancel()
-            self._lifetime_timer = None
+        self._life.cancel()
         if self._process is not None and self._process.returncode is None:
             await self._process.kill_and_wait()
         if self._monitor is not None:
@@ -528,17 +457,6 @@ class VM:
             shutil.rmtree(self._dir, ignore_errors=True)
 
     # -- context manager --
-
-    async def __aenter__(self) -> VM:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 # -- the friend interface: what sandbox and snapshot code does to a VM beyond its public API --

@@ -10,26 +10,26 @@ sandbox is gone), so nothing a request carries may raise out of the loop: every 
 whose id no reply could carry is dropped, a frame that does not decode is skipped, and a catch-all at
 the request boundary (and one round the whole loop) answers or logs anything else and keeps serving.
 Files the guest may have planted (a FIFO, ``/proc/kmsg``) are opened and read without blocking.
+
+This module is the loop (framing, interest, reaping, routing) and the machine's own operations
+(``ping``, ``info``, ``refresh``, ``shutdown``); the other operations live by concern in
+:mod:`~capsa.agent.guest.commands`, :mod:`~capsa.agent.guest.files`,
+:mod:`~capsa.agent.guest.details`, :mod:`~capsa.agent.guest.attach` and
+:mod:`~capsa.agent.guest.connections`, each a table of functions of the agent.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import functools
 import os
 import selectors
-import stat
-import struct
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
-
 from capsa.agent import wire
-from capsa.agent.guest import accounts, attach, connections, details, fields
+from capsa.agent.guest import attach, commands, connections, details, fields, files
 from capsa.agent.guest.connections import ConnectSession
 from capsa.agent.guest.init import (
     INIT_ERROR_MARKER,
@@ -50,24 +50,14 @@ from capsa.agent.guest.sessions import (
     Outbox,
     ReadSession,
     Session,
-    WriteSession,
     error_body,
     log,
     safe_text,
 )
-from capsa.agent.guest.spawn import TIOCSWINSZ, spawn_pipes, spawn_pty
 from capsa.agent.guest.userroot import ImageDefaults, enter_user_root
 
 AGENT_VERSION = "1"
 PORT_READ = 2 << 20
-DEFAULT_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "HOME": "/root",
-    "LANG": "C.UTF-8",
-    "TERM": "xterm-256color",
-}
-_OPEN_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY  # a FIFO or a tty must not block or adopt us
-
 __all__ = ["INIT_ERROR_MARKER", "Agent", "StartupError", "main"]
 
 
@@ -99,25 +89,17 @@ class Agent:
         self.ops: dict[str, Callable[[int, Message], None]] = {
             "ping": self.op_ping,
             "info": self.op_info,
-            "exec": self.op_exec,
-            "kill": self.op_kill,
-            "read_file": self.op_read_file,
-            "write_file": self.op_write_file,
-            "list_dir": self.op_list_dir,
-            "stat": self.op_stat,
-            "exists": self.op_exists,
-            "mkdir": self.op_mkdir,
-            "remove": self.op_remove,
             "shutdown": self.op_shutdown,
             "refresh": self.op_refresh,
-            "resize": self.op_resize,
             "resync": lambda sid, m: attach.op_resync(self, sid, m),
             "processes": lambda sid, m: attach.op_processes(self, sid, m),
             "attach": lambda sid, m: attach.op_attach(self, sid, m),
             "connect": lambda sid, m: connections.op_connect(self, sid, m),
         }
-        for name, op in details.OPS.items():  # file owner names and metadata (details.py)
-            self.ops[name] = functools.partial(op, self)
+        # commands (commands.py), files (files.py), file owner names and metadata (details.py)
+        for table in (commands.OPS, files.OPS, details.OPS):
+            for name, op in table.items():
+                self.ops[name] = functools.partial(op, self)
         self.wake_fd = -1
         self.power_fds: list[int] = []
         if init:
@@ -402,166 +384,6 @@ class Agent:
             image=self.image.name if self.image is not None else None,
         )
 
-    def op_exec(self, sid: int, m: Message) -> None:
-        argv = fields.argv(m)
-        given = fields.environment(m)
-        env = {**DEFAULT_ENV, **given}
-        cwd = fields.working_directory(m)
-        who = accounts.requested(m)
-        if not m.get("cwd"):  # the image's WorkingDir, else the home of an account asked for
-            if self.image is not None and self.image.cwd is not None:
-                cwd = self.image.cwd
-            elif who is not None:
-                cwd = accounts.home_directory(who) or cwd
-        if self.image is not None:
-            env = {**DEFAULT_ENV, **self.image.env, **given}
-            if who is None and self.image.user:
-                who = accounts.resolve(self.image.user)
-        if who is not None:
-            accounts.command_environment(who, env, given)
-            who = None if who.is_root else who
-        size = m.get("pty")
-        if size is not None:
-            rows, cols = fields.terminal_size(size)
-            popen, fds = spawn_pty(argv, env, cwd, rows, cols, account=who)
-        else:
-            popen, fds = spawn_pipes(argv, env, cwd, fields.flag(m, "stdin"), account=who)
-        for fd in fds.values():
-            os.set_blocking(fd, False)
-        session = ExecSession(self, sid, popen, fds)
-        session.pty_fd = fds["stdout"] if size is not None else None
-        self.sessions[sid] = session
-        self.by_pid[popen.pid] = session
-        self.reply(sid, pid=popen.pid)
-        if size is not None:  # a terminal has one output stream: stderr ends at once
-            self.outbox.send({"t": "eof", "id": sid, "s": "stderr"})
-        self.reap()  # a child that exited at once would otherwise wait for the next SIGCHLD wakeup
-
-    def op_resize(self, sid: int, m: Message) -> None:
-        rows = fields.integer(m, "rows", 24, 1, fields.MAX_TERMINAL)
-        cols = fields.integer(m, "cols", 80, 1, fields.MAX_TERMINAL)
-        target = self.sessions.get(fields.request_id(m.get("target")) or 0)
-        if not isinstance(target, ExecSession) or target.pty_fd is None:
-            raise BadRequest("resize needs a running command with a terminal")
-        fcntl.ioctl(target.pty_fd, TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-        self.reply(sid)
-
-    def op_kill(self, sid: int, m: Message) -> None:
-        signum = fields.signal_number(m)
-        target = self.sessions.get(fields.request_id(m.get("target")) or 0)
-        if not isinstance(target, ExecSession):
-            err = {"kind": "unknown_target", "msg": "no such process", "errno": None, "path": None}
-            self.outbox.send({"t": "res", "id": sid, "ok": False, "err": err})
-            self.replied = sid
-            return
-        target.signal(signum)
-        self.reply(sid)
-
-    def op_read_file(self, sid: int, m: Message) -> None:
-        path = fields.path(m)
-        fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
-        try:
-            st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.EINVAL, "not a regular file", path)
-        except BaseException:
-            os.close(fd)
-            raise
-        # The fd stays non-blocking: a "regular" file that blocks (/proc/kmsg) fails the read
-        # instead of stopping the agent.
-        self.sessions[sid] = ReadSession(self, sid, fd)
-        self.reply(sid, size=st.st_size)
-
-    def op_write_file(self, sid: int, m: Message) -> None:
-        path = fields.path(m)
-        mode = fields.mode(m, 0o644)
-        who = accounts.requested(m)  # the file's owner (it is written as root, then handed over)
-        # Not O_TRUNC: only a regular file may be truncated. A FIFO without a reader fails (ENXIO)
-        # instead of blocking the agent until one comes.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | _OPEN_FLAGS, mode)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.EINVAL, "not a regular file", path)
-            os.ftruncate(fd, 0)
-            if who is not None and (st.st_uid, st.st_gid) != (who.uid, who.gid):
-                os.fchown(fd, who.uid, who.gid)
-            os.fchmod(fd, mode)  # after the chown, which clears set-id bits
-            os.set_blocking(fd, True)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.sessions[sid] = WriteSession(self, sid, fd)
-        self.reply(sid)
-
-    def op_list_dir(self, sid: int, m: Message) -> None:
-        path = fields.path(m)
-        entries = []
-        with os.scandir(path) as it:
-            for entry in it:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                name = safe_text(entry.name)
-                entries.append(
-                    [name, file_type(st.st_mode), st.st_size, st.st_mode & 0o7777, st.st_mtime]
-                )
-        entries.sort()
-        payload: bytes = msgpack.packb(entries, use_bin_type=True)
-        self.sessions[sid] = ReadSession(self, sid, -1, payload)
-        self.reply(sid, size=len(payload))
-
-    def op_stat(self, sid: int, m: Message) -> None:
-        path = fields.path(m)
-        follow = fields.flag(m, "follow", True)
-        st = os.stat(path, follow_symlinks=follow)
-        target = safe_text(os.readlink(path)) if stat.S_ISLNK(st.st_mode) else None
-        self.reply(
-            sid,
-            type=file_type(st.st_mode),
-            size=st.st_size,
-            mode=st.st_mode & 0o7777,
-            uid=st.st_uid,
-            gid=st.st_gid,
-            mtime=st.st_mtime,
-            target=target,
-        )
-
-    def op_exists(self, sid: int, m: Message) -> None:
-        self.reply(sid, exists=os.path.exists(fields.path(m)))
-
-    def op_mkdir(self, sid: int, m: Message) -> None:
-        path = fields.path(m)
-        mode = fields.mode(m, 0o755)
-        who = accounts.requested(m)  # who owns the directories it creates
-        if fields.flag(m, "parents"):
-            if who is None:
-                os.makedirs(path, mode, exist_ok=True)
-            else:
-                accounts.make_directories(path, mode, who)
-        else:
-            os.mkdir(path, mode)
-            accounts.hand_over(path, who)
-        self.reply(sid)
-
-    def op_remove(self, sid: int, m: Message) -> None:
-        path = fields.path(m)
-        recursive = fields.flag(m, "recursive")
-        st = os.lstat(path)
-        if stat.S_ISDIR(st.st_mode):
-            if recursive:
-                import shutil  # noqa: PLC0415 - rarely needed; keeps cold start short
-
-                shutil.rmtree(path)
-            else:
-                os.rmdir(path)
-        else:
-            os.unlink(path)
-        self.reply(sid)
-
     def op_refresh(self, sid: int, m: Message) -> None:
         """A restored or forked guest takes a new identity (see :func:`init.set_identity`). Every
         argument is checked before anything changes."""
@@ -579,16 +401,6 @@ class Agent:
     def shutdown_now(self) -> None:
         self.outbox.flush_blocking(2.0)
         power_off()
-
-
-def file_type(mode: int) -> str:
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "dir"
-    if stat.S_ISLNK(mode):
-        return "symlink"
-    return "other"
 
 
 def main() -> None:
