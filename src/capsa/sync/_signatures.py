@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from capsa.net.gateway import PortForward, VirtualNetwork
     from capsa.net.policy import NetworkPolicy
     from capsa.net.stack import LogEntry
+    from capsa.runstate import RunState
     from capsa.sandbox.builder import SandboxConfig
     from capsa.shares.spec import Mechanism, Share
     from capsa.snapshot.store import Snapshot
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from capsa.sync._sandbox import SyncSandbox, SyncSandboxBuilder
     from capsa.sync._vm import SyncConsole, SyncNetwork, SyncVM, SyncVMBuilder
     from capsa.vm.config import DiskFormat, VMConfig
-    from capsa.vm.runstate import RunState
     from capsa.volume.store import Volume
 
 
