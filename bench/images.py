@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench._report import figure, header
-from capsa._paths import cache_dir
+from capsa.runtime import cache_dir
 
 # ---------------------------------------------------------------------------------------------
 # oci: import speed

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import capsa
 from bench._report import figure, header
-from capsa._paths import cache_dir
 from capsa.image.busybox import READY_MARKER, busybox_guest
 from capsa.image.kernel import built_kernel
 from capsa.image.kernels import GuestKernel, debian_kernel
 from capsa.image.sandbox import sandbox_initramfs
+from capsa.runtime import cache_dir
 
 
 async def boot_to_marker(kernel: Path, initrd: Path) -> float:

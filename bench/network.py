@@ -24,6 +24,7 @@ from dnslib.server import BaseResolver, DNSServer
 import capsa
 from bench._report import figure, header
 from capsa import Gateway, NetworkPolicy, VirtualNetwork
+from capsa.sandbox.builder import boot_sandbox
 from capsa.sandbox.handle import Sandbox
 
 PAYLOAD = b""
@@ -129,8 +130,7 @@ async def main(mib: int, connects: int, runs: int) -> None:
         cmdline=(*config.cmdline, ("capsa.ip", "10.0.2.15/24,10.0.2.2")),
         extra_qemu_args=("-netdev", "user,id=slirp0", "-device", "virtio-net-device,netdev=slirp0"),
     )
-    slirp = Sandbox(config)
-    await slirp._boot(120)
+    slirp = await boot_sandbox(config, 120)
     try:
         slirp_mbps, slirp_connect = await measure(slirp, "10.0.2.2", port, connects)
     finally:

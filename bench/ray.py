@@ -96,7 +96,6 @@ async def bench_bulk(local: Any, remote: Any, runs: int) -> None:
 
 async def bench_build(runs: int) -> None:
     import capsa.ray as cray
-    from capsa.ray._placement import placer
 
     recipe = cray.sandbox().memory_mb(MEMORY)
     await cray.warm(recipe, per_node=1)
@@ -104,7 +103,7 @@ async def bench_build(runs: int) -> None:
     async def pool_ready() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            counts = [len(await h.actor.vm_pids.remote()) for h in placer().hosts.values()]
+            counts = [len(pids) for pids in (await cray.vm_pids()).values()]
             if all(count >= 1 for count in counts):
                 return
             await asyncio.sleep(0.1)

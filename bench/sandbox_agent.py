@@ -29,11 +29,11 @@ from pathlib import Path
 
 import capsa
 from bench._report import figure, header
-from capsa._paths import cache_dir
 from capsa.accelerator import resolve_accelerator
 from capsa.backend.qemu.process import find_qemu
 from capsa.image.kernels import default_kernel
 from capsa.image.sandbox import AGENT_COMMAND, sandbox_image, sandbox_init, sandbox_initramfs
+from capsa.runtime import cache_dir
 from capsa.sandbox.builder import template_root
 from capsa.snapshot.migration import load_state
 from capsa.snapshot.store import config_key, config_record, load_snapshot

@@ -47,13 +47,18 @@ from capsa.errors import (
     VMStateError,
     VolumeError,
 )
+from capsa.image import kernels as _kernels
 from capsa.net.gateway import Gateway, VirtualNetwork
 from capsa.net.policy import Action, All, AnyOf, Cidr, Domain, Ip, NetworkPolicy, Port
 from capsa.recipes.image import Image
 from capsa.sandbox import Pool, Sandbox, SandboxBuilder, Snapshot, pool, sandbox
 from capsa.shares import AccessMode, Share
 from capsa.vm import VM, RunState, VMBuilder, vm
+from capsa.vm import uefi_launch as _uefi_launch
 from capsa.volume import Volume, volume
+
+# The image layer gives the VM layer the kernel a UEFI VM's KVM probe boots (downloaded only then).
+_uefi_launch.set_probe_kernel(lambda: _kernels.debian_kernel().path)
 
 __version__ = "0.1.0"
 

@@ -54,7 +54,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from capsa.vm.runstate import RunState
+    from capsa.runstate import RunState
 
 
 class CapsaError(Exception):

@@ -8,6 +8,7 @@ import importlib.util
 import inspect
 import signal
 import threading
+import typing
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -143,6 +144,23 @@ def test_declarations_for_type_checkers_are_current(face: type[Face]) -> None:
         assert _params(have) == _params(want), f"{face.__name__}.{name}"
         assert str(have) == str(want), f"{face.__name__}.{name}"
     assert _generator().signatures_source()  # the generator runs on the faces as they are
+
+
+@pytest.mark.parametrize("face", TWINS.values(), ids=lambda c: c.__name__)
+def test_faces_bind_the_declarations_type_parameters_in_order(face: type[Face]) -> None:
+    """A declaration naming another face uses a type parameter named as that face (so _signatures
+    imports no face module); the face module binds each to the face of that name, in order."""
+    declared = getattr(_signatures, f"{face.__name__}Methods")
+    wanted = [p.__name__ for p in getattr(declared, "__parameters__", ())]
+    bound = [b for b in getattr(face, "__orig_bases__", ()) if typing.get_origin(b) is declared]
+    if not wanted:
+        assert not bound
+        return
+    assert len(bound) == 1, f"{face.__name__} does not bind {declared.__name__}"
+    names = [
+        a.__forward_arg__ if isinstance(a, typing.ForwardRef) else a.__name__ for a in bound[0].__args__
+    ]
+    assert names == wanted
 
 
 def test_sync_builders_chain_like_the_async_ones() -> None:

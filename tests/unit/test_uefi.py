@@ -391,3 +391,29 @@ def test_relative_paths_reach_qemu_absolute(
     launch = prepare_uefi(capsa.UefiBoot(tricky.name, vars="v.fd", writable=True), vm_dir)
     release_uefi(vm_dir)
     assert launch.disk == tricky and launch.vars == tmp_path / "v.fd" and launch.code.is_absolute()
+
+
+def test_kvm_probe_kernel_comes_from_the_hook_only_when_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The VM layer never imports the image layer: ``import capsa`` hands uefi_launch the stock
+    kernel's provider, called (a download) only when ``auto`` needs a verdict nobody cached."""
+    import asyncio
+
+    from capsa.vm import uefi_launch
+
+    assert uefi_launch._probe_kernel is not None  # set by ``import capsa``
+    calls: list[str] = []
+
+    def offline() -> Path:
+        calls.append("fetch")
+        raise capsa.CapsaError("no network")
+
+    monkeypatch.setattr(uefi_launch, "_probe_kernel", offline)
+    monkeypatch.setattr(uefi_launch, "kvm_device_usable", lambda: True)
+    monkeypatch.setattr(uefi_launch, "find_qemu", lambda: "qemu-system-x86_64")
+    monkeypatch.setattr(uefi_launch, "cached_verdict", lambda qemu: True)
+    assert asyncio.run(uefi_launch.uefi_accelerator("auto")) == "kvm"
+    assert asyncio.run(uefi_launch.uefi_accelerator("tcg")) == "tcg"
+    assert calls == []
+    monkeypatch.setattr(uefi_launch, "cached_verdict", lambda qemu: None)
+    assert asyncio.run(uefi_launch.uefi_accelerator("auto")) == "tcg"
+    assert calls == ["fetch"]

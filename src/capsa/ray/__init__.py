@@ -139,6 +139,15 @@ async def nodes() -> list[dict[str, Any]]:
     ]
 
 
+async def vm_pids() -> dict[str, list[int]]:
+    """The QEMU pids of every sandbox this driver's host actors own, warm-pool ones included, by
+    ``node_id``: for leak checks and for waiting until a :func:`warm` pool has booted."""
+    place = placer()
+    hosts = await place.refresh(force=True)
+    pids = await asyncio.gather(*(h.request(h.actor.vm_pids.remote(), 60.0) for h in hosts))
+    return {h.node_id: list(p) for h, p in zip(hosts, pids, strict=True)}
+
+
 async def shutdown() -> None:
     """Stop every sandbox and warm pool this driver placed, and end its host actors. (They also
     end, with their VMs, when the driver exits.)"""
@@ -166,5 +175,6 @@ __all__ = [
     "remote",
     "sandbox",
     "shutdown",
+    "vm_pids",
     "warm",
 ]

@@ -55,7 +55,7 @@ class SyncProcess(Face, SyncProcessMethods, twin=Process):
         return self._target.signal
 
 
-class SyncExecBuilder(Face, SyncExecBuilderMethods, twin=ExecBuilder):
+class SyncExecBuilder(Face, SyncExecBuilderMethods["SyncExecBuilder", SyncProcess], twin=ExecBuilder):
     """Blocking face of :class:`capsa.agent.exec.ExecBuilder` (same immutable chaining)."""
 
     _plain_in_caller = True
@@ -67,5 +67,5 @@ _AGENT_PLUMBING = {
 }
 
 
-class SyncAgent(Face, SyncAgentMethods, twin=Agent, skip=_AGENT_PLUMBING):
+class SyncAgent(Face, SyncAgentMethods[SyncExecBuilder, SyncProcess], twin=Agent, skip=_AGENT_PLUMBING):
     """Blocking face of :class:`capsa.Agent`."""

@@ -21,11 +21,14 @@ from capsa.cluster import Cluster
 from capsa.errors import ConfigError
 from capsa.net.gateway import VirtualNetwork
 from capsa.sync._derive import Face
+from capsa.sync._sandbox import SyncSandbox, SyncSandboxBuilder
 from capsa.sync._signatures import SyncClusterMethods
-from capsa.sync._vm import SyncVM
+from capsa.sync._vm import SyncVM, SyncVMBuilder
 
 
-class SyncCluster(Face, SyncClusterMethods, twin=Cluster):
+class SyncCluster(
+    Face, SyncClusterMethods[SyncSandbox, SyncSandboxBuilder, SyncVM, SyncVMBuilder], twin=Cluster
+):
     """Blocking face of :class:`capsa.Cluster`; use it as a context manager, ``add()`` members inside
     the block; leaving it stops every member."""
 

@@ -1,6 +1,7 @@
 """Derive the blocking faces of capsa's async classes, instead of hand-copying them.
 
-A face is declared in one line, ``class SyncAgent(Face, SyncAgentMethods, twin=Agent)``, and
+A face is declared in one line, ``class SyncAgent(Face, SyncAgentMethods[SyncExecBuilder,
+SyncProcess], twin=Agent)`` (the declarations' type parameters are the faces they name), and
 :meth:`Face.__init_subclass__` fills it in from its twin (the async class) at import time:
 
 - a coroutine method becomes a method that runs the coroutine on the face's event-loop thread (its

@@ -14,12 +14,15 @@ from capsa.sandbox.builder import DEFAULT_BUILD_TIMEOUT, SandboxBuilder
 from capsa.sandbox.builder import sandbox as _async_sandbox
 from capsa.sandbox.handle import DEFAULT_SNAPSHOT_TIMEOUT, Sandbox, restore_sandbox
 from capsa.snapshot.store import remove_snapshot
+from capsa.sync._agent import SyncAgent
 from capsa.sync._derive import Face, _on_loop
 from capsa.sync._signatures import SyncSandboxBuilderMethods, SyncSandboxMethods
-from capsa.sync._vm import SyncVM
+from capsa.sync._vm import SyncConsole, SyncNetwork, SyncVM
 
 
-class SyncSandbox(SyncVM, SyncSandboxMethods, twin=Sandbox):
+class SyncSandbox(
+    SyncVM, SyncSandboxMethods[SyncAgent, SyncConsole, SyncNetwork, "SyncSandbox"], twin=Sandbox
+):
     """Blocking face of :class:`capsa.Sandbox`; ``with`` powers it off on exit."""
 
     def __enter__(self) -> SyncSandbox:
@@ -55,7 +58,9 @@ class SyncSandbox(SyncVM, SyncSandboxMethods, twin=Sandbox):
             remove_snapshot(scratch)
 
 
-class SyncSandboxBuilder(Face, SyncSandboxBuilderMethods, twin=SandboxBuilder):
+class SyncSandboxBuilder(
+    Face, SyncSandboxBuilderMethods[SyncSandbox, "SyncSandboxBuilder"], twin=SandboxBuilder
+):
     """Blocking face of :class:`capsa.SandboxBuilder` (same immutable chaining)."""
 
     _plain_in_caller = True

@@ -40,7 +40,7 @@ class SyncNetwork(Face, SyncNetworkMethods, twin=NetworkStack, skip=_STACK_PLUMB
     where the stack changes): ``vm.network.log()``, ``vm.network.forwards()``..."""
 
 
-class SyncVM(Face, SyncVMMethods, twin=VM):
+class SyncVM(Face, SyncVMMethods[SyncConsole, SyncNetwork], twin=VM):
     """Blocking face of :class:`capsa.VM`. ``with`` stops it on exit.
 
     A handle from ``build()`` owns its event-loop thread and closes it once the VM is stopped; a
@@ -106,7 +106,7 @@ class SyncVM(Face, SyncVMMethods, twin=VM):
         self.stop()
 
 
-class SyncVMBuilder(Face, SyncVMBuilderMethods, twin=VMBuilder):
+class SyncVMBuilder(Face, SyncVMBuilderMethods[SyncVM, "SyncVMBuilder"], twin=VMBuilder):
     """Blocking face of :class:`capsa.VMBuilder` (same immutable chaining)."""
 
     _plain_in_caller = True

@@ -7,6 +7,7 @@ import fcntl
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,19 @@ log = logging.getLogger(__name__)
 # vm dir -> open fd holding flock(LOCK_EX) on that VM's user-owned variable store
 _VARS_LOCKS: dict[Path, int] = {}
 _LOCKS_GUARD = threading.Lock()
+
+# Where a KVM probe for a UEFI VM gets a kernel to boot (it has none of its own). The image layer
+# above supplies it (``capsa/__init__.py`` sets the stock guest kernel, downloaded on first call):
+# the VM layer must not import the image layer.
+_probe_kernel: Callable[[], Path] | None = None
+
+
+def set_probe_kernel(provider: Callable[[], Path]) -> None:
+    """Set the function :func:`uefi_accelerator` calls (in a thread, only when a KVM verdict is
+    needed and none is cached) for the kernel it probes KVM with. It may download; a
+    :class:`~capsa.errors.CapsaError` from it means TCG."""
+    global _probe_kernel
+    _probe_kernel = provider
 
 
 @dataclass(frozen=True)
@@ -89,17 +103,20 @@ async def prepare_uefi_async(boot: UefiBoot, vm_dir: Path) -> UefiLaunch:
 
 async def uefi_accelerator(requested: str) -> Resolved:
     """KVM or TCG for a UEFI VM. ``auto`` needs a kernel to probe KVM with: the cached verdict is
-    used when there is one, else the busybox guest's kernel is probed (fetched once)."""
+    used when there is one, else the kernel from :func:`set_probe_kernel` is probed (the stock
+    guest kernel, fetched once)."""
     if requested != "auto" or not kvm_device_usable():
         return await resolve_accelerator(requested, Path("/nonexistent"))
     verdict = cached_verdict(find_qemu())
     if verdict is not None:
         return "kvm" if verdict else "tcg"
-    from capsa.image.kernels import debian_kernel  # noqa: PLC0415 (a download; only when needed)
-
+    provider = _probe_kernel
+    if provider is None:
+        log.info("no kernel to probe KVM with (none was set); using TCG")
+        return "tcg"
     try:
-        kernel = await asyncio.to_thread(debian_kernel)
+        kernel = await asyncio.to_thread(provider)
     except CapsaError as exc:
         log.info("no kernel to probe KVM with (%s); using TCG", exc.message)
         return "tcg"
-    return await resolve_accelerator(requested, kernel.path)
+    return await resolve_accelerator(requested, kernel)
