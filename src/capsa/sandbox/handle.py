@@ -486,3 +486,18 @@ def _explain_exit(exc: VMExited) -> VMExited:
                 hint="a custom kernel/initrd/rootfs must provide virtio drivers and python3",
             )
     return exc
+
+
+def fork_plan(
+    sandbox: Sandbox, count: int
+) -> tuple[VirtualNetwork | None, list[ipaddress.IPv4Address | None]]:
+    """The network and guest addresses of ``count`` forks of ``sandbox``: what ``Sandbox.fork``
+    restores its clones with, for the sync face, which restores each on its own loop thread. A
+    module function (as ``capsa.vm.handle.start_lifetime``), so the derived faces never see it."""
+    return sandbox._clone_network(), sandbox._fork_addresses(count)
+
+
+def pass_lifetime(parent: Sandbox, clone: Sandbox) -> None:
+    """Give ``clone`` what is left of ``parent``'s deadline, as ``Sandbox.fork`` does (call it on
+    the clone's loop)."""
+    parent._pass_lifetime_to(clone)

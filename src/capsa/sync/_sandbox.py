@@ -12,7 +12,13 @@ from capsa._portal import Portal
 from capsa.errors import ConfigError
 from capsa.sandbox.builder import DEFAULT_BUILD_TIMEOUT, SandboxBuilder
 from capsa.sandbox.builder import sandbox as _async_sandbox
-from capsa.sandbox.handle import DEFAULT_SNAPSHOT_TIMEOUT, Sandbox, restore_sandbox
+from capsa.sandbox.handle import (
+    DEFAULT_SNAPSHOT_TIMEOUT,
+    Sandbox,
+    fork_plan,
+    pass_lifetime,
+    restore_sandbox,
+)
 from capsa.snapshot.store import remove_snapshot
 from capsa.sync._agent import SyncAgent
 from capsa.sync._derive import Face, _on_loop
@@ -38,17 +44,17 @@ class SyncSandbox(
         """Each clone gets its own event-loop thread, like any other sync handle."""
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ConfigError(f"fork count must be a positive integer, got {count!r}")
-        network = self._sandbox._clone_network()
+        network, addresses = fork_plan(self._sandbox, count)
         scratch = new_vm_dir("fork-")
         try:
             snap = self.snapshot(scratch / "snapshot", timeout)
             clones: list[SyncSandbox] = []
             try:
-                for ip in self._sandbox._fork_addresses(count):
+                for ip in addresses:
                     clone = _start(partial(restore_sandbox, snap, timeout, (), network, ip))
                     clones.append(clone)
                     # the parent's deadline, armed on the clone's own loop (see Sandbox.fork)
-                    clone._call(_on_loop(partial(self._sandbox._pass_lifetime_to, clone._sandbox)))
+                    clone._call(_on_loop(partial(pass_lifetime, self._sandbox, clone._sandbox)))
             except BaseException:
                 for clone in clones:
                     clone.kill()
