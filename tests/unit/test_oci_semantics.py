@@ -3,7 +3,10 @@
 The model applies each layer's entries in order into the layer's own changeset, as moby's
 ``UnpackLayer`` does into the layer's empty diff directory: an entry replaces what the layer had at
 its path (a directory over a directory only takes the new metadata; anything else removes the old
-entry and what the layer put below it), and an entry below a non-directory of its layer fails. The
+entry and what the layer put below it), and an entry below a non-directory of its layer fails.
+Whiteouts are entries there too (overlay2 makes a device node of one, and an opaque marker is an
+xattr of its directory): a later entry replacing them, or a directory above them, removes them, and
+a whiteout over a path the layer already has fails (mknod: EEXIST). The
 changesets then stack as overlayfs stacks the diff directories: whiteouts and opaque markers hide
 the lower layers' paths, a directory over a directory merges, anything else hides the lower path
 and its subtree. Hypothesis generates small layers over a handful of names, with repeats,
