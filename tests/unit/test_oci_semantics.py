@@ -3,7 +3,10 @@
 The model applies each layer's entries in order into the layer's own changeset, as moby's
 ``UnpackLayer`` does into the layer's empty diff directory: an entry replaces what the layer had at
 its path (a directory over a directory only takes the new metadata; anything else removes the old
-entry and what the layer put below it), and an entry below a non-directory of its layer fails. The
+entry and what the layer put below it), and an entry below a non-directory of its layer fails.
+Whiteouts are entries there too (overlay2 makes a device node of one, and an opaque marker is an
+xattr of its directory): a later entry replacing them, or a directory above them, removes them, and
+a whiteout over a path the layer already has fails (mknod: EEXIST). The
 changesets then stack as overlayfs stacks the diff directories: whiteouts and opaque markers hide
 the lower layers' paths, a directory over a directory merges, anything else hides the lower path
 and its subtree. Hypothesis generates small layers over a handful of names, with repeats,
@@ -18,7 +21,8 @@ import io
 import tarfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+import pytest
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from capsa.errors import ImageError
@@ -30,6 +34,7 @@ Entry = tuple[
 ]  # (path, kind: "f" file / "d" dir / "l" symlink / "w" whiteout / "o" opaque, data)
 
 
+OPAQUE = ".wh..wh..opq"
 IMPLICIT = "?"  # a parent directory the layer has no entry for (capsa writes none either)
 
 
@@ -44,20 +49,23 @@ def _drop(tree: dict[str, tuple[str, str]], path: str, *, itself: bool = True) -
 
 def changeset(layer: list[Entry]) -> tuple[dict[str, tuple[str, str]], list[str], list[str]]:
     entries: dict[str, tuple[str, str]] = {}
-    whiteouts, opaque = [], []
-    for path, kind, data in layer:
-        if kind in "wo":
-            (whiteouts if kind == "w" else opaque).append(path)
-            continue
+    for name, kind, data in layer:  # an opaque marker: an xattr, gone when its directory goes
+        path = f"{name}/{OPAQUE}".lstrip("/") if kind == "o" else name
         ancestors = [path.rsplit("/", n)[0] for n in range(1, path.count("/") + 1)]
         if any(a in entries and entries[a][0] != "d" for a in ancestors):
+            raise Fails(path)
+        if kind == "w" and path in entries:  # mknod over what the layer has: EEXIST
             raise Fails(path)
         if path in entries and not (entries[path][0] == "d" and kind == "d"):
             _drop(entries, path)
         for parent in ancestors:  # Docker creates missing parents (MkdirAll): IMPLICIT here
             entries.setdefault(parent, ("d", IMPLICIT))
-        entries[path] = (kind, data)
-    return entries, whiteouts, opaque
+        entries[path] = (kind, data)  # a whiteout: a device node at its path, until replaced
+    whiteouts = [path for path, (kind, _) in entries.items() if kind == "w"]
+    opaque = [
+        path.removesuffix(OPAQUE).rstrip("/") for path, (kind, _) in entries.items() if kind == "o"
+    ]
+    return {p: v for p, v in entries.items() if v[0] not in "wo"}, whiteouts, opaque
 
 
 def model(layers: list[list[Entry]]) -> dict[str, tuple[str, str]]:
@@ -82,7 +90,7 @@ def layer_bytes(layer: list[Entry]) -> bytes:
         for path, kind, data in layer:
             if kind in "wo":
                 folder, _, base = path.rpartition("/")
-                name = ".wh..wh..opq" if kind == "o" else ".wh." + base
+                name = OPAQUE if kind == "o" else ".wh." + base
                 if kind == "o":
                     folder = path
                 info = tarfile.TarInfo(f"{folder}/{name}".lstrip("/"))
@@ -161,6 +169,28 @@ def merged(tmp_path: Path, stack: list[list[Entry]]) -> dict[str, tuple[str, str
     return tree
 
 
+@example(  # a directory's opaque marker goes with the directory (RemoveAll): the lower e/f shows
+    stack=[
+        [],
+        [("e", "d", "100"), ("e/f", "f", "L1E0")],
+        [
+            ("e", "d", "200"),
+            ("e/f", "d", "201"),
+            ("e/f", "o", ""),
+            ("e", "f", "L2E0"),
+            ("e", "d", "201"),
+        ],
+    ]
+)
+@example(  # so does a whiteout below it (a device node in the diff directory)
+    stack=[
+        [("e", "d", "0"), ("e/f", "f", "L0E0")],
+        [("e", "d", "100"), ("e/f", "w", ""), ("e", "f", "L1E0"), ("e", "d", "101")],
+    ]
+)
+@example(  # and a whiteout's device node goes when a later entry replaces it: a/b shows
+    stack=[[("a", "d", "0"), ("a/b", "f", "L0E0")], [("a", "w", ""), ("a", "d", "100")]]
+)
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stack=layers())
 def test_merge_matches_docker(tmp_path: Path, stack: list[list[Entry]]) -> None:
@@ -170,4 +200,27 @@ def test_merge_matches_docker(tmp_path: Path, stack: list[list[Entry]]) -> None:
         with contextlib.suppress(ImageError):
             merged(tmp_path, stack)
         return
+    assert merged(tmp_path, stack) == expected
+
+
+@pytest.mark.parametrize(
+    ("stack", "expected"),
+    [
+        ([[("a", "f", "L0E0")], [("a", "f", "L1E0"), ("a", "w", "")]], {"a": ("f", "L1E0")}),
+        (
+            [
+                [("a", "d", "0"), ("a/b", "f", "L0E0")],
+                [("a", "d", "100"), ("a/c", "f", "L1E0"), ("a", "w", "")],
+            ],
+            {"a": ("d", "100"), "a/c": ("f", "L1E0")},
+        ),
+    ],
+)
+def test_whiteout_after_an_entry_of_its_layer_keeps_the_entry(
+    tmp_path: Path, stack: list[list[Entry]], expected: dict[str, tuple[str, str]]
+) -> None:
+    """Docker's overlay2 fails there (mknod: EEXIST), the model too; capsa follows the OCI image
+    spec (whiteouts hide the lower layers only), as docs/images.md says."""
+    with pytest.raises(Fails):
+        model(stack)
     assert merged(tmp_path, stack) == expected

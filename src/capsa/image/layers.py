@@ -80,6 +80,20 @@ def _whiteout(path: list[str]) -> tuple[str, list[str]] | None:
     return "hidden", [*path[:-1], base[len(WHITEOUT) :]]
 
 
+def _replay(planner: mergetree.Planner, index: int, member: tarstream.Member, path: list[str]) -> None:
+    """Replay an entry in its layer's :class:`~capsa.image.mergetree.Planner`, whiteouts included:
+    in Docker's diff directory (overlay2) a whiteout is a device node at the path it hides and an
+    opaque marker an xattr of its directory, and a later entry replacing that path or a parent
+    removes them (``RemoveAll``), so the lower layers show through again: the plan skips them."""
+    whiteout = _whiteout(path)
+    if whiteout is None:
+        planner.add(index, path, member.type == tarstream.DIR)
+    elif whiteout[0] == "hidden" and whiteout[1][-1]:
+        planner.add_whiteout(index, whiteout[1])
+    else:
+        planner.add(index, path, False)  # the xattr goes with its directory
+
+
 def _skipped(path: list[str]) -> bool:
     """The root itself, and AUFS metadata at the layer root (``.wh..wh.plnk``...): Docker skips them."""
     return not path or (path[0].startswith(AUFS_META) and path != [OPAQUE])
@@ -111,6 +125,11 @@ def _apply(merge: _Merge, layer: tarstream.Reader, where: str, skip: frozenset[i
         if _skipped(path) or index in skip:
             continue
         whiteout = _whiteout(path)
+        kind = member.type
+        if planner is not None:
+            _replay(planner, index, member, path)
+            if planner.superseded:
+                raise mergetree.Repeated(f"{where} replaces an earlier entry with /{'/'.join(path)}")
         if whiteout is not None:
             what, target = whiteout
             if what == "opaque":
@@ -118,11 +137,6 @@ def _apply(merge: _Merge, layer: tarstream.Reader, where: str, skip: frozenset[i
             elif target[-1]:
                 hidden.append(target)
             continue
-        kind = member.type
-        if planner is not None:
-            planner.add(index, path, kind == tarstream.DIR)
-            if planner.superseded:
-                raise mergetree.Repeated(f"{where} replaces an earlier entry with /{'/'.join(path)}")
         if not tree.claim(path, _KINDS.get(kind, mergetree.OTHER), where):
             continue
         name = "/".join(path)
@@ -183,8 +197,8 @@ def plan_layers(archive: Archive, layers: tuple[Layer, ...]) -> Plan:
         def use(reader: tarstream.Reader) -> None:
             for index, member in enumerate(reader):
                 path = mergetree.parts(member.name, f"an entry of layer {layer.name}")
-                if not _skipped(path) and _whiteout(path) is None:
-                    planner.add(index, path, member.type == tarstream.DIR)
+                if not _skipped(path):
+                    _replay(planner, index, member, path)
 
         _read(archive, layer, use)
         return frozenset(planner.superseded)

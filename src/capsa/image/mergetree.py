@@ -187,6 +187,17 @@ class Planner:
             self._drop_below(node)
         node.index, node.is_dir = index, is_dir
 
+    def add_whiteout(self, index: int, path: list[str]) -> None:
+        """A whiteout's device node at ``path``, unless the layer has something there (Docker's
+        overlay2 fails, ``EEXIST``; capsa keeps the layer's entries: the OCI image spec applies
+        whiteouts to lower layers only)."""
+        node: _Slot | None = self.root
+        for name in path:
+            children = node.children if node is not None else None
+            node = children.get(name) if children else None
+        if node is None or (node.index < 0 and not node.children):
+            self.add(index, path, False)
+
     def _drop_below(self, slot: _Slot) -> None:
         stack = list(slot.children.values()) if slot.children else []
         slot.children = None
