@@ -37,7 +37,33 @@ class VolumeFileError(VolumeError):
         self.kind = kind
 
 
-class VolumeFiles(StopsOnExit):
+class VolumeOps:
+    """The operations both ways into a volume share: the helper sandbox's (:class:`VolumeFiles`)
+    and the mounting sandbox's (``capsa.server.volume_mounted``). Each runs them through its own
+    ``_op`` (the walker script in its guest)."""
+
+    async def _op(self, op: str, **args: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def stat(self, path: str) -> dict[str, Any]:
+        return await self._op("stat", path=path)
+
+    async def list(self, path: str, depth: int = 1) -> list[dict[str, Any]]:
+        return list((await self._op("list", path=path, depth=depth))["entries"])
+
+    async def make_dir(
+        self, path: str, *, uid: int | None = None, gid: int | None = None, mode: int | None = None,
+        force: bool = False,
+    ) -> dict[str, Any]:  # fmt: skip
+        return await self._op("mkdir", path=path, uid=uid, gid=gid, mode=mode, force=force)
+
+    async def set_meta(
+        self, path: str, *, uid: int | None = None, gid: int | None = None, mode: int | None = None
+    ) -> dict[str, Any]:
+        return await self._op("meta", path=path, uid=uid, gid=gid, mode=mode)
+
+
+class VolumeFiles(StopsOnExit, VolumeOps):
     """Files of one volume through a helper sandbox. ``async with VolumeFiles(vol) as files:``."""
 
     def __init__(self, volume: Volume, *, timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -93,24 +119,6 @@ class VolumeFiles(StopsOnExit):
                 kind=kind,
             )
         return reply
-
-    async def stat(self, path: str) -> dict[str, Any]:
-        return await self._op("stat", path=path)
-
-    async def list(self, path: str, depth: int = 1) -> list[dict[str, Any]]:
-        entries = (await self._op("list", path=path, depth=depth))["entries"]
-        return list(entries)
-
-    async def make_dir(
-        self, path: str, *, uid: int | None = None, gid: int | None = None, mode: int | None = None,
-        force: bool = False,
-    ) -> dict[str, Any]:  # fmt: skip
-        return await self._op("mkdir", path=path, uid=uid, gid=gid, mode=mode, force=force)
-
-    async def set_meta(
-        self, path: str, *, uid: int | None = None, gid: int | None = None, mode: int | None = None
-    ) -> dict[str, Any]:
-        return await self._op("meta", path=path, uid=uid, gid=gid, mode=mode)
 
     async def read(self, path: str, *, limit: int = MAX_FILE) -> bytes:
         target = (await self._op("prepare_read", path=path))["path"]

@@ -27,7 +27,7 @@ from typing import Any
 
 from capsa.errors import CapsaError
 from capsa.sandbox import Sandbox
-from capsa.sandbox.volume_files import MAX_FILE, VolumeFileError
+from capsa.sandbox.volume_files import MAX_FILE, VolumeFileError, VolumeOps
 from capsa.sandbox.volume_guest import SCRIPT
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def _script() -> str:
 MOUNTED_SCRIPT = _script()
 
 
-class MountedFiles:
+class MountedFiles(VolumeOps):
     """The content calls of :class:`capsa.sandbox.volume_files.VolumeFiles`, done in the running
     sandbox ``vm`` that mounts the volume ``name`` at ``path`` as disk ``serial``."""
 
@@ -227,23 +227,6 @@ class MountedFiles:
         if not isinstance(reply, dict):
             raise self._failure(op, args, b"")
         return reply
-
-    async def stat(self, path: str) -> dict[str, Any]:
-        return await self._op("stat", path=path)
-
-    async def list(self, path: str, depth: int = 1) -> list[dict[str, Any]]:
-        return list((await self._op("list", path=path, depth=depth))["entries"])
-
-    async def make_dir(
-        self, path: str, *, uid: int | None = None, gid: int | None = None, mode: int | None = None,
-        force: bool = False,
-    ) -> dict[str, Any]:  # fmt: skip
-        return await self._op("mkdir", path=path, uid=uid, gid=gid, mode=mode, force=force)
-
-    async def set_meta(
-        self, path: str, *, uid: int | None = None, gid: int | None = None, mode: int | None = None
-    ) -> dict[str, Any]:
-        return await self._op("meta", path=path, uid=uid, gid=gid, mode=mode)
 
     async def read(self, path: str, *, limit: int = MAX_FILE) -> bytes:
         args = {"path": path, "limit": limit}
