@@ -432,29 +432,31 @@ class VM(StopsOnExit):
         if self._cleaned:
             return
         self._cleaned = True
-        self._life.cancel()
-        if self._process is not None and self._process.returncode is None:
-            await self._process.kill_and_wait()
-        if self._monitor is not None:
-            await self._monitor.close()
-        if self._console is not None:
-            await self._console._close()
-        for sock in self._ports.values():
-            sock.close()
-        self._ports.clear()
-        for daemon in self._daemons:
-            with contextlib.suppress(CapsaError):
-                await daemon.kill_and_wait()
-        for watch in self._daemon_watches:
-            watch.cancel()
-        if self._network is not None:
-            await self._network.close()
-        for fd in self._volume_locks:  # QEMU has exited: the volume is free for another VM
-            os.close(fd)
-        self._volume_locks.clear()
-        if self._dir is not None:
-            release_uefi(self._dir)  # unlock a UefiBoot's vars= file, if it has one
-            shutil.rmtree(self._dir, ignore_errors=True)
+        try:
+            self._life.cancel()
+            if self._process is not None and self._process.returncode is None:
+                await self._process.kill_and_wait()
+            if self._monitor is not None:
+                await self._monitor.close()
+            if self._console is not None:
+                await self._console._close()
+            for sock in self._ports.values():
+                sock.close()
+            self._ports.clear()
+            for daemon in self._daemons:
+                with contextlib.suppress(CapsaError):
+                    await daemon.kill_and_wait()
+            for watch in self._daemon_watches:
+                watch.cancel()
+            if self._network is not None:
+                await self._network.close()
+        finally:  # a cleanup cancelled midway (a pool closed during a restore) still frees these
+            for fd in self._volume_locks:  # QEMU has exited: the volume is free for another VM
+                os.close(fd)
+            self._volume_locks.clear()
+            if self._dir is not None:
+                release_uefi(self._dir)  # unlock a UefiBoot's vars= file, if it has one
+                shutil.rmtree(self._dir, ignore_errors=True)
 
     # -- context manager --
 
