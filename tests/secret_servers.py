@@ -33,6 +33,61 @@ BAD = "bad.secret.test"  # bound to KEY, but its certificate is from an untruste
 VALUE = "sk-live-" + "Z" * 8 + "real-secret-value-0123456789abcdef"
 OTHER_VALUE = "other-real-secret-value-9876543210"
 BIG = 64 << 20
+
+# A guest's client opening ``count`` HTTPS connections to ``host`` at once (asyncio), each sending
+# one request with the placeholder of KEY; all are held open until every one has its response, so
+# they are all intercepted at the same time (those that failed count as done). Prints {"ok", "failed",
+# "errors", "seconds"}.
+MANY_CLIENT = r"""
+import asyncio, asyncio.sslproto, json, os, resource, socket, ssl, sys, time
+# asyncio gives each TLS connection a 256 KiB read buffer: a thousand would fill the guest's memory
+asyncio.sslproto.SSLProtocol.max_size = 16384
+host, count = sys.argv[1], int(sys.argv[2])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count + 256)), hard))
+address = socket.gethostbyname(host)
+context = ssl.create_default_context()
+head = ("GET /many HTTP/1.1\r\nHost: %s\r\nAuthorization: Bearer %s\r\n\r\n"
+        % (host, os.environ["KEY"])).encode()
+finished = 0
+everyone = None
+def finish():
+    global finished
+    finished += 1
+    if finished == count:
+        everyone.set()
+async def one():
+    writer = None
+    try:
+        reader, writer = await asyncio.open_connection(address, 443, ssl=context,
+                                                       server_hostname=host, ssl_handshake_timeout=120)
+        writer.write(head)
+        await writer.drain()
+        status = await reader.readline()
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        result = status.split()[1] == b"200" and await reader.readexactly(length) == b"ok"
+    except Exception as exc:
+        result = exc
+    finish()
+    if writer is not None:
+        await asyncio.wait_for(everyone.wait(), 300)  # held open until all have answers
+        writer.close()
+    if isinstance(result, Exception):
+        raise result
+    return result
+async def main():
+    global everyone
+    everyone = asyncio.Event()
+    started = time.monotonic()
+    results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+    errors = sorted({repr(r)[:200] for r in results if isinstance(r, BaseException)})
+    print(json.dumps({"ok": sum(r is True for r in results), "failed": count - sum(r is True for r in results),
+                      "errors": errors[:5], "seconds": time.monotonic() - started}))
+asyncio.run(main())
+"""
 _CHUNK = bytes(range(256)) * 256
 
 
@@ -142,10 +197,16 @@ def _handler(seen: list[Seen]) -> type[http.server.BaseHTTPRequestHandler]:
     return Handler
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 2048  # a guest opening a thousand connections at once
+
+
 def _serve(address: str, context: ssl.SSLContext, seen: list[Seen]) -> http.server.ThreadingHTTPServer:
-    server = http.server.ThreadingHTTPServer((address, 443), _handler(seen))
+    server = _Server((address, 443), _handler(seen))
     server.daemon_threads = True
-    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.socket = context.wrap_socket(  # the handshake in the handler thread, not accept()
+        server.socket, server_side=True, do_handshake_on_connect=False
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 

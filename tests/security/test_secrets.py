@@ -18,7 +18,7 @@ import pytest_asyncio
 import capsa
 from capsa import ConfigError, Gateway, NetworkPolicy, VirtualNetwork
 from capsa._tasks import TaskSet
-from capsa.net.intercept import MAX_CONNECTIONS, Interceptor
+from capsa.net.intercept import Interceptor
 from capsa.net.secrets import SecretSession, check_secrets
 from tests.secret_servers import API, FREE, OTHER, VALUE, Upstreams, upstreams
 
@@ -197,7 +197,13 @@ async def test_a_secret_for_a_host_the_policy_denies_is_refused_at_build() -> No
 
 
 @pytest.mark.asyncio
-async def test_intercepted_connections_are_capped(proxy: Proxy) -> None:
+async def test_intercepted_connections_are_capped_refused_at_once_and_logged(proxy: Proxy) -> None:
+    assert Gateway().intercept_limit >= 1024 and proxy.interceptor.limit == Gateway().intercept_limit
+    for bad in (0, -1, True, 1 << 20, "9"):
+        with pytest.raises(ConfigError):
+            Gateway().intercepted_connections(bad)  # type: ignore[arg-type]
+    limit = Gateway().intercepted_connections(8).intercept_limit
+    interceptor = Interceptor(proxy.session, (), proxy.log.append, proxy.tasks, limit=limit)
     held: list[asyncio.StreamWriter] = []
 
     async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -207,20 +213,26 @@ async def test_intercepted_connections_are_capped(proxy: Proxy) -> None:
     port = server.sockets[0].getsockname()[1]
     dst = ipaddress.IPv4Address("127.0.0.1")
     opened = []
+
+    async def one() -> Streams:
+        return await interceptor.open("127.0.0.1", port, dst, frozenset({API}))
+
     try:
-        with pytest.raises(ConnectionRefusedError):
-            for _ in range(MAX_CONNECTIONS + 1):
-                opened.append(await proxy.interceptor.open("127.0.0.1", port, dst, frozenset({API})))
-        assert len(opened) == MAX_CONNECTIONS
+        # opened all at once: concurrent opens (each awaiting its upstream) cannot overshoot
+        results = await asyncio.gather(*(one() for _ in range(limit + 3)), return_exceptions=True)
+        opened = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, BaseException)]
+        assert len(opened) == limit and all(isinstance(r, ConnectionRefusedError) for r in refused)
+        assert sum("secrets proxy refused" in str(e[4]) for e in proxy.log) == 3
         opened.pop()[1].close()  # one guest leaves: its slot is free again once the proxy notices
         for _ in range(100):
             await asyncio.sleep(0.02)
             try:
-                opened.append(await proxy.interceptor.open("127.0.0.1", port, dst, frozenset({API})))
+                opened.append(await one())
                 break
             except ConnectionRefusedError:
                 continue
-        assert len(opened) == MAX_CONNECTIONS
+        assert len(opened) == limit
     finally:
         for _, writer in opened:
             writer.close()

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from capsa.net.secrets import Secret, SecretSession
 
 RESOLV_CONF = Path("/etc/resolv.conf")
+INTERCEPTED = 1024  # connections through the secrets proxy at once, per sandbox (by default)
+MAX_INTERCEPTED = 65536
 
 
 def _network(subnet: str) -> ipaddress.IPv4Network:
@@ -78,6 +80,7 @@ class Gateway:
     forwards: tuple[PortForward, ...] = ()
     secrets: tuple[Secret, ...] = ()
     upstream_cas: tuple[Path, ...] = ()
+    intercept_limit: int = INTERCEPTED
     # A fork's gateway carries its parent's placeholders and CA (see docs/secrets.md).
     shared_session: SecretSession | None = field(default=None, compare=False, repr=False)
 
@@ -177,6 +180,14 @@ class Gateway:
         if not resolved.is_file():
             raise ConfigError(f"upstream CA file not found: {resolved}")
         return replace(self, upstream_cas=(*self.upstream_cas, resolved))
+
+    def intercepted_connections(self, limit: int) -> Gateway:
+        """At most ``limit`` connections through the secrets proxy at once (default 1024); past it
+        a new one is refused (the guest sees a reset) and logged. Each holds three of the host
+        process's file descriptors (capsa raises its soft ``ulimit -n`` as far as the hard one)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_INTERCEPTED:
+            raise ConfigError(f"intercepted_connections takes 1..{MAX_INTERCEPTED}, got {limit!r:.40}")
+        return replace(self, intercept_limit=limit)
 
     def sharing(self, session: SecretSession | None) -> Gateway:
         """This gateway, its sandbox using ``session`` (a fork's: its parent's placeholders and CA)."""

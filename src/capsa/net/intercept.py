@@ -17,29 +17,46 @@ end the proxy peeks at the guest's first bytes:
 
 Responses are relayed byte for byte as they come (server-sent events stream); requests are parsed
 head by head, bodies streamed. Each use and each refusal goes to the network log, never a value.
+
+Limits: at most ``limit`` connections at once (``Gateway.intercepted_connections``, 1024 by
+default); past it a new one is refused (the guest gets an RST at once, not a hang) and logged. Each
+holds three host file descriptors (the upstream socket and a socket pair to the NAT), so the first
+interceptor raises the process's soft ``RLIMIT_NOFILE`` to the hard limit when it is lower than the
+limit needs. Memory per connection is bounded by the stream limits (a request head is at most
+:data:`~capsa.net.http1.MAX_HEAD`; reads are :data:`_READ` at a time, with backpressure both ways).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
+import resource
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from capsa._tasks import TaskSet
+from capsa.net.gateway import INTERCEPTED
 from capsa.net.http1 import MAX_HEAD, HttpError, Request, chunk_size, parse_request
 from capsa.net.secrets import SecretSession
 
 log = logging.getLogger(__name__)
 
-HELLO_TIMEOUT = 10.0  # for the guest's first bytes, and for each TLS handshake
+# For the guest's first bytes and its TLS handshake: a guest opening a thousand connections at once
+# takes tens of seconds to get through their handshakes under TCG, and a slow one holds only its own
+# sandbox's connection slots.
+HELLO_TIMEOUT = 60.0
+UPSTREAM_TIMEOUT = 10.0  # for the upstream's TLS handshake
 IDLE_TIMEOUT = 120.0  # between requests on a kept-alive connection, and between body reads
 MAX_HELLO = 16384 + 5
-MAX_CONNECTIONS = 256  # intercepted connections at once per sandbox (each holds three sockets)
+FDS_PER_CONNECTION = 3  # the upstream socket and a socket pair to the NAT
+FD_SPARE = 1024  # the process's other descriptors (QEMU's sockets, files, other flows)
+WARN_EVERY = 10.0  # seconds between warnings about refused connections (each is in the network log)
 _READ = 1 << 16
 _STREAM_LIMIT = MAX_HEAD + 1024
 
@@ -86,6 +103,31 @@ def _hello_complete(data: bytes) -> bool:
     )
 
 
+def make_fd_room(connections: int) -> int:
+    """Raise this process's soft ``RLIMIT_NOFILE`` (as far as the hard limit) when it is below what
+    ``connections`` intercepted connections need; returns the soft limit in force. Past it, a new
+    connection fails with ``EMFILE`` and is refused like one past the limit."""
+    need = FDS_PER_CONNECTION * connections + FD_SPARE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return soft
+    target = hard if hard != resource.RLIM_INFINITY else max(need, 1 << 16)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("secrets proxy: could not raise the open file limit from %d: %s", soft, exc)
+        return soft
+    if target < need:
+        log.warning(
+            "secrets proxy: the open file limit (ulimit -n, hard %d) leaves room for about %d "
+            "intercepted connections at once, not %d; raise the hard limit to %d",
+            hard, max(0, (target - FD_SPARE) // FDS_PER_CONNECTION), connections, need,
+        )  # fmt: skip
+    else:
+        log.info("secrets proxy: raised the open file limit from %d to %d", soft, target)
+    return target
+
+
 def _settle(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -123,12 +165,17 @@ class Interceptor:
     """One sandbox's secrets proxy (see the module docstring)."""
 
     def __init__(
-        self, session: SecretSession, upstream_ca: tuple[Path, ...], record: Record, tasks: TaskSet
-    ) -> None:
+        self, session: SecretSession, upstream_ca: tuple[Path, ...], record: Record, tasks: TaskSet,
+        *, limit: int = INTERCEPTED,
+    ) -> None:  # fmt: skip
         self.session = session
+        self.limit = limit
         self._record = record
         self._tasks = tasks
         self._active = 0
+        self._refused = 0  # since the last warning
+        self._warned = -WARN_EVERY
+        make_fd_room(limit)
         self._upstream_ca = upstream_ca
         self._upstream_context: ssl.SSLContext | None = None
 
@@ -152,23 +199,43 @@ class Interceptor:
         self, host: str, port: int, dst: ipaddress.IPv4Address, names: frozenset[str]
     ) -> Streams:
         """Connect upstream, then return the NAT's end of the proxy (see the module docstring).
-        Past :data:`MAX_CONNECTIONS` at once, refused (the guest gets an RST)."""
-        if self._active >= MAX_CONNECTIONS:
-            log.warning("secrets proxy: %d connections at once; refusing more", self._active)
+        Past :attr:`limit` connections at once, or out of file descriptors: refused (the guest gets
+        an RST), recorded in the network log and warned about."""
+        if self._active >= self.limit:
+            self._refuse(dst, port, names, f"{self.limit} connections at once")
             raise ConnectionRefusedError("too many intercepted connections")
-        upstream = await asyncio.open_connection(host, port, limit=_STREAM_LIMIT)
-        ours, theirs = socket.socketpair()
+        self._active += 1  # held while connecting: concurrent opens cannot overshoot the limit
+        try:
+            upstream = await asyncio.open_connection(host, port, limit=_STREAM_LIMIT)
+            ours, theirs = socket.socketpair()
+        except OSError as exc:
+            self._active -= 1
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._refuse(dst, port, names, "out of file descriptors (raise ulimit -n)")
+            raise
+        except BaseException:
+            self._active -= 1
+            raise
         try:
             ours.setblocking(False)
             guest = await asyncio.open_connection(sock=theirs, limit=_STREAM_LIMIT)
         except BaseException:
+            self._active -= 1
             ours.close()
             theirs.close()
             upstream[1].close()
             raise
-        self._active += 1
         self._tasks.spawn(self._serve(ours, upstream, dst, port, names), name="secrets-proxy")
         return guest
+
+    def _refuse(self, dst: ipaddress.IPv4Address, port: int, names: frozenset[str], reason: str) -> None:
+        domain = min(names) if names else None
+        self._record(("tcp", dst, port, domain, f"secrets proxy refused: {reason}", "deny"))
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._warned >= WARN_EVERY:
+            log.warning("secrets proxy: refused %d connection(s): %s", self._refused, reason)
+            self._warned, self._refused = now, 0
 
     async def _serve(
         self, sock: socket.socket, upstream: Streams, dst: ipaddress.IPv4Address, port: int,
@@ -213,7 +280,9 @@ class Interceptor:
     ) -> Streams | None:
         reader, writer = upstream
         try:
-            await asyncio.wait_for(writer.start_tls(self._upstream, server_hostname=sni), HELLO_TIMEOUT)
+            await asyncio.wait_for(
+                writer.start_tls(self._upstream, server_hostname=sni), UPSTREAM_TIMEOUT
+            )
         except (ssl.SSLError, ssl.CertificateError, OSError, TimeoutError) as exc:
             reason = getattr(exc, "verify_message", None) or type(exc).__name__
             rule = f"secrets withheld: upstream TLS failed ({reason})"

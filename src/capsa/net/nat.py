@@ -2,8 +2,9 @@
 
 Flows are keyed by :class:`FlowKey` and send through a callback (``send(src, proto, payload,
 bounded)``): they know nothing of links or switches. Bounded per guest: at most :data:`MAX_FLOWS`
-TCP and UDP flows, a receive window per TCP flow. A denied TCP connect gets an RST at once, denied
-UDP an ICMP unreachable: a denial never looks like a hang.
+TCP and UDP flows (plus, for TCP, as many as the diverter admits: the secrets proxy's intercepted
+connections), a receive window per TCP flow. A denied TCP connect gets an RST at once, denied UDP
+an ICMP unreachable: a denial never looks like a hang.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ Record = Callable[[Decision], None]
 
 class Diverter(Protocol):
     """Where flows to some destinations go instead of a plain host socket (the secrets proxy)."""
+
+    limit: int  # flows it takes at once (it refuses more): room the NAT keeps for them
 
     def wants(self, names: frozenset[str], port: int) -> bool: ...
 
@@ -281,11 +284,19 @@ class Nat:
             return
         allowed, rule, domain = self.decide("tcp", ip.dst, tcp.dst_port)
         self._record(("tcp", ip.dst, tcp.dst_port, domain, rule, "allow" if allowed else "deny"))
-        if not allowed or len(self.tcp) >= MAX_FLOWS:
+        if not allowed or len(self.tcp) >= self._tcp_room(ip.dst, tcp.dst_port):
             self.refuse(ip, tcp)
             return
         flow = self.new_tcp_flow(TcpEndpoint.accept(tcp, self.guest_ip, ip.dst, secrets.randbits(32)))
         self._tasks.spawn(self._connect(flow, tcp))
+
+    def _tcp_room(self, dst: ipaddress.IPv4Address, port: int) -> int:
+        """:data:`MAX_FLOWS`, and for a flow the diverter takes as many more as it admits (it
+        enforces its own limit): intercepted connections do not crowd out the others' room."""
+        diverter = self.diverter
+        if diverter is not None and diverter.wants(self._pins.names_for(dst), port):
+            return MAX_FLOWS + diverter.limit
+        return MAX_FLOWS
 
     async def _connect(self, flow: TcpFlow, syn: Tcp) -> None:
         """The host side first: the guest hears nothing (its retransmitted SYNs are ignored) until

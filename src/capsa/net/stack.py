@@ -133,8 +133,9 @@ class NetworkStack:
 
             self.secret_session = _secret_session(gateway)
             self.nat.diverter = Interceptor(
-                self.secret_session, gateway.upstream_cas, self.record, self._tasks
-            )
+                self.secret_session, gateway.upstream_cas, self.record, self._tasks,
+                limit=gateway.intercept_limit,
+            )  # fmt: skip
         self._ident = 0
         self._closed = False
         self.switch.attach(self)

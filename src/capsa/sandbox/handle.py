@@ -140,6 +140,7 @@ class Sandbox(VM):
         """Start QEMU waiting for a migration stream, load ``snapshot``, resume, and give the guest a
         new identity. Any failure kills the VM: never a half-restored sandbox."""
         started = time.monotonic()
+        origin = _identity(snapshot)
         try:
             async with asyncio.timeout(timeout):
                 await self._start(timeout, incoming=True)
@@ -155,7 +156,7 @@ class Sandbox(VM):
                 await agent.refresh(new_hostname(), identity)  # also the proof the agent answers
                 self._agent = agent
                 await self._mount_shares()
-                await self._arm_secrets()
+                await self._arm_secrets(origin)
         except TimeoutError:
             tail = self._process.log_tail() if self._process else ""
             await self.kill()
@@ -178,9 +179,10 @@ class Sandbox(VM):
         self.ready_seconds = time.monotonic() - started
         log.info("sandbox restored from %s in %.3fs", snapshot.path, self.ready_seconds)
 
-    async def _arm_secrets(self) -> None:
+    async def _arm_secrets(self, origin: str | None = None) -> None:
         """With secrets on the gateway: the guest trusts this sandbox's CA and every exec gets the
-        placeholders (docs/secrets.md). A fork shares its parent's, already in its guest."""
+        placeholders (docs/secrets.md). A fork shares its parent's, already in its guest.
+        ``origin``: the identity of the snapshot the guest was just restored from."""
         network = self._network
         session = network.secret_session if network is not None else None
         if session is None or network is None:
@@ -188,7 +190,7 @@ class Sandbox(VM):
         from capsa.sandbox.secrets_guest import arm_secrets  # noqa: PLC0415
 
         shared = network.gateway.shared_session is session
-        await arm_secrets(self.agent, session, install=not shared, timeout=30.0)
+        await arm_secrets(self.agent, session, install=not shared, timeout=30.0, origin=origin)
 
     async def _resume_if_paused(self) -> None:
         assert self._monitor is not None
@@ -451,6 +453,16 @@ async def _quiesce(channel: Channel, timeout: float) -> None:
     except CapsaTimeoutError as exc:
         message = f"the guest agent did not answer before the snapshot: {exc.message}"
         raise SnapshotError(message) from exc
+
+
+def _identity(snapshot: Snapshot) -> str | None:
+    """A snapshot's identity (path and state file): the guest files of a sandbox just restored from
+    it are the same each time, until the sandbox runs something."""
+    try:
+        state = snapshot.state.stat()
+    except OSError:
+        return None
+    return f"{snapshot.path.resolve()}:{state.st_mtime_ns}:{state.st_size}:{state.st_ino}"
 
 
 def new_hostname() -> str:
