@@ -20,7 +20,7 @@ from capsa import ConfigError, Gateway, NetworkPolicy, VirtualNetwork
 from capsa._tasks import TaskSet
 from capsa.net.intercept import Interceptor
 from capsa.net.secrets import SecretSession, check_secrets
-from tests.secret_servers import API, FREE, OTHER, VALUE, Upstreams, upstreams
+from tests.secret_servers import API, BAD, FREE, OTHER, VALUE, Upstreams, upstreams
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -239,3 +239,14 @@ async def test_intercepted_connections_are_capped_refused_at_once_and_logged(pro
         for writer in held:
             writer.close()
         server.close()
+
+
+@pytest.mark.asyncio
+async def test_an_upstream_with_a_bad_certificate_gets_nothing(proxy: Proxy) -> None:
+    # BAD is bound to KEY, but its certificate is signed by no CA the gateway trusts: the guest's
+    # handshake is cut before it completes, no request reaches the upstream, the failure is logged
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        streams = await proxy.tls(BAD)
+        await _request(streams, _get("/bad-cert", proxy.placeholder, host=BAD))
+    assert not proxy.seen("/bad-cert")
+    assert any(entry[3] == BAD and "upstream TLS failed" in str(entry[4]) for entry in proxy.log)
