@@ -113,7 +113,7 @@ async def test_the_value_goes_only_to_its_hosts(
     assert isinstance(env, dict)
     placeholder = env["KEY"]
     assert placeholder.startswith("sk-") and len(placeholder) >= len(VALUE) and placeholder != VALUE
-    assert env["SSL_CERT_FILE"] and env["NODE_EXTRA_CA_CERTS"] == "/etc/capsa/sandbox-ca.pem"
+    assert env["SSL_CERT_FILE"] and env["NODE_EXTRA_CA_CERTS"] == "/etc/ssl/certs/capsa-sandbox-ca.pem"
     assert out["api"] == ["ok", "ok"] and out["api_again"] == ["ok", "ok"]
     assert _authorizations(servers, "/v1") == [f"Bearer {VALUE}"] * 2  # header swapped, keep-alive too
     assert any(s.path == f"/v1?key={VALUE}" for s in servers.seen)  # and in the query

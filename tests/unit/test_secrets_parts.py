@@ -97,3 +97,23 @@ def test_the_ca_signs_only_for_its_hosts() -> None:
                 side.do_handshake()
             peer_in.write(out.read())
     assert tls.version() is not None and tls.selected_alpn_protocol() is None
+
+
+def test_the_proxy_makes_room_for_its_file_descriptors() -> None:
+    """A process whose soft ``ulimit -n`` is below what 1024 intercepted connections need (three
+    descriptors each) gets it raised towards the hard limit when an interceptor is made."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "from capsa.net.intercept import make_fd_room\n"
+        "print(make_fd_room(1024), resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n"
+    )
+    argv = [sys.executable, "-c", script]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    returned, soft, hard = (int(x) for x in done.stdout.split())
+    assert returned == soft == (hard if hard >= 0 else 1 << 16)  # the hard limit (or 64 Ki if none)

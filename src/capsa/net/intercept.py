@@ -56,6 +56,7 @@ IDLE_TIMEOUT = 120.0  # between requests on a kept-alive connection, and between
 MAX_HELLO = 16384 + 5
 FDS_PER_CONNECTION = 3  # the upstream socket and a socket pair to the NAT
 FD_SPARE = 1024  # the process's other descriptors (QEMU's sockets, files, other flows)
+_fd_warned = False
 WARN_EVERY = 10.0  # seconds between warnings about refused connections (each is in the network log)
 _READ = 1 << 16
 _STREAM_LIMIT = MAX_HEAD + 1024
@@ -107,17 +108,21 @@ def make_fd_room(connections: int) -> int:
     """Raise this process's soft ``RLIMIT_NOFILE`` (as far as the hard limit) when it is below what
     ``connections`` intercepted connections need; returns the soft limit in force. Past it, a new
     connection fails with ``EMFILE`` and is refused like one past the limit."""
+    global _fd_warned  # one warning per process, not one per sandbox
     need = FDS_PER_CONNECTION * connections + FD_SPARE
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= need:
         return soft
     target = hard if hard != resource.RLIM_INFINITY else max(need, 1 << 16)
+    if target == soft and _fd_warned:
+        return soft
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     except (OSError, ValueError) as exc:
         log.warning("secrets proxy: could not raise the open file limit from %d: %s", soft, exc)
         return soft
     if target < need:
+        _fd_warned = True
         log.warning(
             "secrets proxy: the open file limit (ulimit -n, hard %d) leaves room for about %d "
             "intercepted connections at once, not %d; raise the hard limit to %d",

@@ -5,13 +5,15 @@ The CA's public certificate is appended to the guest's system CA bundle (the fir
 paths that exists, else Debian's, created) after removing the one a previous arming appended (a
 restored snapshot's), so a restored guest trusts its own CA and no longer its template's or
 snapshot's. ``SSL_CERT_FILE`` and ``REQUESTS_CA_BUNDLE`` name that bundle, ``NODE_EXTRA_CA_CERTS``
-the CA alone. Placeholders and those variables are added to every exec on the host side
+the CA alone (``capsa-sandbox-ca.pem`` beside the bundle: its directory exists, so no mkdir).
+Placeholders and those variables are added to every exec on the host side
 (:attr:`Agent.default_env`): the value of a secret never reaches the guest.
 
 Arming is on the critical path of every ``build()`` with secrets, and a freshly restored guest runs
 each agent operation slowly (its code is cold), so it costs as few as possible: the bundle as the
 image has it is remembered per snapshot (the guest's files are the snapshot's until its first exec),
-so a sandbox restored from a template it has seen before only writes two files: no read, no probe.
+so a sandbox restored from a template this process has seen before only writes two files at once:
+no read, no probe, no directory to make.
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ from capsa.agent.client import Agent
 from capsa.errors import AgentError, ConfigError, GuestFileNotFoundError
 from capsa.net.secrets import SecretSession
 
-CA_DIR = "/etc/capsa"
-CA_FILE = f"{CA_DIR}/sandbox-ca.pem"
+CA_NAME = "capsa-sandbox-ca.pem"  # the CA alone, in the bundle's directory
 BUNDLES = (
     "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine
     "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
@@ -33,6 +34,11 @@ BUNDLES = (
 )
 MAX_BUNDLE = 16 << 20
 MAX_KNOWN = 16  # snapshots whose image bundle is remembered (public certificates, ~200 KiB each)
+
+
+def ca_file(bundle: str) -> str:
+    return f"{bundle.rpartition('/')[0]}/{CA_NAME}"
+
 
 # snapshot identity -> (the bundle's path, its content without capsa's CA)
 _known: collections.OrderedDict[str, tuple[str, bytes]] = collections.OrderedDict()
@@ -46,7 +52,7 @@ async def _image_bundle(agent: Agent, timeout: float) -> tuple[str, bytes]:
         return BUNDLES[0], b""
     old = b""
     with contextlib.suppress(GuestFileNotFoundError):
-        old = await agent.read_file(CA_FILE, timeout=timeout, limit=65536)
+        old = await agent.read_file(ca_file(bundle), timeout=timeout, limit=65536)
     base = await agent.read_file(bundle, timeout=timeout, limit=MAX_BUNDLE)
     if old.strip():
         base = base.replace(old, b"")
@@ -66,11 +72,11 @@ async def _install(agent: Agent, pem: str, timeout: float, origin: str | None) -
     else:
         _known.move_to_end(origin)  # type: ignore[arg-type]
     bundle, base = known
-    parents = [CA_DIR] if base else [CA_DIR, bundle.rpartition("/")[0]]  # a found bundle's exists
-    await asyncio.gather(*(agent.mkdir(d, parents=True, timeout=timeout) for d in parents))
+    if not base:  # no bundle in the image: its directory may be missing too
+        await agent.mkdir(bundle.rpartition("/")[0], parents=True, timeout=timeout)
     separator = b"" if not base or base.endswith(b"\n") else b"\n"
     await asyncio.gather(
-        agent.write_file(CA_FILE, pem, timeout=timeout),
+        agent.write_file(ca_file(bundle), pem, timeout=timeout),
         agent.write_file(bundle, base + separator + pem.encode(), timeout=timeout),
     )
     return bundle
@@ -95,7 +101,7 @@ async def arm_secrets(
         "SSL_CERT_FILE": bundle,
         "REQUESTS_CA_BUNDLE": bundle,
         "CURL_CA_BUNDLE": bundle,
-        "NODE_EXTRA_CA_CERTS": CA_FILE,
+        "NODE_EXTRA_CA_CERTS": ca_file(bundle),
         **session.environment(),
     }
     agent.default_env = tuple(env.items())
