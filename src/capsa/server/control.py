@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from capsa.errors import CapsaError, ConfigError, VolumeError
+from capsa.net.policy import NetworkPolicy
 from capsa.server.entry import (
     DEFAULT_TIMEOUT,
     ENVD_VERSION,
@@ -38,6 +39,8 @@ from capsa.server.network import (
     update_policy,
 )
 from capsa.server.registry import Registry
+from capsa.server.server_secrets import secrets_policy
+from capsa.server.server_secrets import transforms as rule_secrets
 from capsa.server.snapshot_api import SnapshotApi, create_from_snapshot
 from capsa.server.tenants import Principal
 from capsa.server.volumes import ServerVolumes
@@ -230,10 +233,21 @@ class ControlPlane:
         metadata = _strings(body.get("metadata"), "metadata")
         envs = _strings(body.get("envVars"), "envVars")
         tenant = principal_of(request).tenant
+        transforms = rule_secrets(network)  # checked now: 400 before any slot is taken
+        offered = self.registry.secrets
+        secret_names = offered.names_for(body.get("capsa_secrets"), template, tenant)
+
+        def make_policy() -> NetworkPolicy | None:
+            secrets = offered.resolve(secret_names) + transforms
+            return secrets_policy(e2b_policy(internet, network), secrets, internet)
+
         saved = (
             None if template in TEMPLATES else self.registry.snapshots.find(template, _scope(request))
         )
         if saved is not None:  # Sandbox.create(snapshot_id)
+            if body.get("capsa_secrets"):
+                raise ApiError(400, "a sandbox created from a snapshot keeps the snapshot's secrets",
+                               hint="leave out capsa_secrets")  # fmt: skip
             if network:
                 raise ApiError(
                     400,
@@ -246,8 +260,8 @@ class ControlPlane:
         elif body.get("volumeMounts"):
             entry = await self._create_with_volumes(body["volumeMounts"], template, tenant, {
                 "timeout": timeout, "metadata": metadata, "envs": envs, "tenant": tenant,
-                "make_policy": lambda: e2b_policy(internet, network),
-                "auto_pause": auto_pause, "auto_resume": auto_resume,
+                "make_policy": make_policy, "auto_pause": auto_pause, "auto_resume": auto_resume,
+                "secret_names": secret_names, "transforms": transforms,
             })  # fmt: skip
         else:
             entry = await self.registry.create(
@@ -255,11 +269,13 @@ class ControlPlane:
                 timeout=timeout,
                 metadata=metadata,
                 envs=envs,
-                make_policy=lambda: e2b_policy(internet, network),
+                make_policy=make_policy,
                 tenant=tenant,
                 auto_pause=auto_pause,
                 auto_resume=auto_resume,
                 pause_memory=pause_memory,
+                secret_names=secret_names,
+                transforms=transforms,
             )
         public = saved.public_traffic if saved is not None else public_traffic(network)
         set_public(entry, public)  # before any await: no public moment
