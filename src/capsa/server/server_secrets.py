@@ -295,9 +295,8 @@ def secrets_policy(
             policy = capsa.NetworkPolicy.deny_all()
         else:
             policy = capsa.NetworkPolicy.deny_all()
-            for secret in secrets:
-                for host in secret.hosts:
-                    policy = policy.allow_domain(host.domain.pattern)
+            for pattern in dict.fromkeys(h.domain.pattern for s in secrets for h in s.hosts):
+                policy = policy.allow_domain(pattern)
     try:
         check_secrets(secrets, policy)
     except ConfigError as exc:
