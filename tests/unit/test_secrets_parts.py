@@ -8,6 +8,7 @@ import ssl
 import pytest
 
 from capsa import Gateway
+from capsa.errors import ConfigError
 from capsa.net.http1 import HttpError, chunk_size, parse_request
 from capsa.net.intercept import parse_sni
 from capsa.net.secrets import SecretSession
@@ -97,3 +98,21 @@ def test_the_ca_signs_only_for_its_hosts() -> None:
                 side.do_handshake()
             peer_in.write(out.read())
     assert tls.version() is not None and tls.selected_alpn_protocol() is None
+
+
+def test_a_header_secret_replaces_the_guests_header_and_has_no_placeholder() -> None:
+    gateway = Gateway().secret("TOKEN", "Bearer real", hosts=["api.example.com"], header="Authorization")
+    (secret,) = gateway.secrets
+    assert "real" not in repr(secret) and "header='Authorization'" in repr(secret)
+    session = SecretSession(gateway.secrets)
+    assert session.environment() == {}  # nothing for the guest
+    assert session.bound("api.example.com", 443)
+    request = parse_request(b"GET / HTTP/1.1\r\nHost: api.example.com\r\nauthorization: mine\r\n\r\n")
+    request.set_header("Authorization", "Bearer real")
+    assert request.head().count(b"uthorization") == 1 and b"Authorization: Bearer real" in request.head()
+
+
+@pytest.mark.parametrize("header", ["Host", "content-length", "Transfer-Encoding", "X Y", "X\r\nY", ""])
+def test_a_header_secret_never_frames_the_request(header: str) -> None:
+    with pytest.raises(ConfigError):
+        Gateway().secret("TOKEN", "v", hosts=["api.example.com"], header=header)
