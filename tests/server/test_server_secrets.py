@@ -162,6 +162,22 @@ def test_secrets_and_rules_reach_their_hosts_only(node: Node, sandbox_id: str) -
         assert value not in env
 
 
+def test_a_sandbox_from_a_snapshot_keeps_the_secrets(node: Node, sandbox_id: str) -> None:
+    source = Sandbox.connect(sandbox_id, **node.sdk())
+    snapshot = source.create_snapshot()
+    copy = Sandbox.create(snapshot.snapshot_id, **node.sdk())
+    try:
+        tag = secrets.token_hex(4)
+        out = _get(copy, f"https://{API}/sa-{tag}", f"https://{OTHER}/so-{tag}")
+        assert out["KEY"] != _get(source)["KEY"]  # placeholders of its own
+        assert _seen(node.up, f"/sa-{tag}")["authorization"] == f"Bearer {VALUE}"
+        other = _seen(node.up, f"/so-{tag}")
+        assert other["x-rule"] == RULE_VALUE and other["x-other-key"] == OTHER_VALUE
+    finally:
+        copy.kill()
+        Sandbox.delete_snapshot(snapshot.snapshot_id, **node.sdk())
+
+
 def _holds(root: Path, needles: list[bytes]) -> set[bytes]:
     """Which needles some file under ``root`` holds (read in overlapping chunks)."""
     found: set[bytes] = set()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -235,11 +236,16 @@ class ControlPlane:
         tenant = principal_of(request).tenant
         transforms = rule_secrets(network)  # checked now: 400 before any slot is taken
         offered = self.registry.secrets
-        secret_names = offered.names_for(body.get("capsa_secrets"), template, tenant)
-
-        def make_policy() -> NetworkPolicy | None:
-            secrets = offered.resolve(secret_names) + transforms
-            return secrets_policy(e2b_policy(internet, network), secrets, internet)
+        given, asked = offered.names_for(body.get("capsa_secrets"), template, tenant)
+        secret_names: tuple[str, ...] = ()
+        make_policy: Callable[[], NetworkPolicy | None] = lambda: e2b_policy(internet, network)  # noqa: E731
+        if given or asked or transforms:  # the policy now: which secrets it allows decides
+            policy, kept = secrets_policy(
+                e2b_policy(internet, network), offered.resolve(asked) + transforms, internet,
+                offered.resolve(given),
+            )  # fmt: skip
+            secret_names = tuple(s.name for s in kept) + asked
+            make_policy = lambda: policy  # noqa: E731
 
         saved = (
             None if template in TEMPLATES else self.registry.snapshots.find(template, _scope(request))

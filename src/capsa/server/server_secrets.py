@@ -136,9 +136,11 @@ class ServerSecrets:
         log.info("secrets offered: %s", ", ".join(repr(o.secret) for o in offered.values()) or "none")
         return cls(offered, cas)
 
-    def names_for(self, requested: object, template: str, tenant: str) -> tuple[str, ...]:
+    def names_for(
+        self, requested: object, template: str, tenant: str
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The operator secrets a create gets: those of its template (that its tenant may use),
-        then those it asked for by name (400 for an unknown name, 403 for one its tenant may not
+        and those it asked for by name (400 for an unknown name, 403 for one its tenant may not
         use: the same answer either way would hide typos)."""
         if requested is None:
             requested = []
@@ -148,7 +150,8 @@ class ServerSecrets:
             or not all(isinstance(n, str) for n in requested)
         ):
             raise ApiError(400, f"capsa_secrets must be a list of at most {MAX_REQUESTED} names")
-        names = [n for n, o in self.offered.items() if template in o.templates and o.allows(tenant)]
+        given = [n for n, o in self.offered.items() if template in o.templates and o.allows(tenant)]
+        names: list[str] = []
         for name in requested:
             offered = self.offered.get(name)
             if offered is None:
@@ -165,7 +168,7 @@ class ServerSecrets:
                 )
             if name not in names:
                 names.append(name)
-        return tuple(names)
+        return tuple(n for n in given if n not in names), tuple(names)
 
     def resolve(self, names: tuple[str, ...], sandbox_id: str = "") -> tuple[Secret, ...]:
         """The secrets named (a record's): a name the configuration no longer has is left out."""
@@ -283,22 +286,37 @@ def transforms(network: object) -> tuple[Secret, ...]:
     return tuple(made)
 
 
+def _usable(secret: Secret, policy: capsa.NetworkPolicy) -> bool:
+    try:
+        check_secrets((secret,), policy)
+    except ConfigError:
+        return False
+    return True
+
+
 def secrets_policy(
-    policy: capsa.NetworkPolicy | None, secrets: tuple[Secret, ...], allow_internet_access: object
-) -> capsa.NetworkPolicy | None:
-    """The policy of a create with ``secrets``: its own (each secret's hosts must be allowed by
-    it: 400 if not), or, when it asked for no network, one that reaches the secrets' hosts alone."""
-    if not secrets:
-        return policy
+    policy: capsa.NetworkPolicy | None,
+    secrets: tuple[Secret, ...],
+    allow_internet_access: object,
+    optional: tuple[Secret, ...] = (),
+) -> tuple[capsa.NetworkPolicy | None, tuple[Secret, ...]]:
+    """The policy of a create with ``secrets`` (asked for, or its rules) and ``optional`` ones (its
+    template's), and the optional ones it keeps. The policy is the create's own, whose hosts each
+    asked-for secret must be allowed by (400 if not; an optional one is left out), or, when the
+    create asked for no network, one that reaches the secrets' hosts alone
+    (``allow_internet_access=False``: none, and no optional secret)."""
+    if policy is not None or allow_internet_access is False:
+        optional = tuple(s for s in optional if _usable(s, policy or capsa.NetworkPolicy.deny_all()))
+    everything = secrets + optional
+    if not everything:
+        return policy, ()
     if policy is None:
-        if allow_internet_access is False:
-            policy = capsa.NetworkPolicy.deny_all()
-        else:
-            policy = capsa.NetworkPolicy.deny_all()
-            for pattern in dict.fromkeys(h.domain.pattern for s in secrets for h in s.hosts):
+        policy = capsa.NetworkPolicy.deny_all()
+        if allow_internet_access is not False:
+            for pattern in dict.fromkeys(h.domain.pattern for s in everything for h in s.hosts):
                 policy = policy.allow_domain(pattern)
     try:
         check_secrets(secrets, policy)
     except ConfigError as exc:
         raise ApiError(400, exc.message, hint="allow the host in network.allow_out") from None
-    return policy
+    return policy, optional
