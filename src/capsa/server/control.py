@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -17,7 +16,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from capsa.errors import CapsaError, ConfigError, VolumeError
-from capsa.net.policy import NetworkPolicy
 from capsa.server.entry import (
     DEFAULT_TIMEOUT,
     ENVD_VERSION,
@@ -34,14 +32,12 @@ from capsa.server.listing import NEXT_TOKEN, descending, filter_sandboxes, page,
 from capsa.server.metrics import Metrics
 from capsa.server.network import (
     check_network,
-    e2b_policy,
     mask_request_host,
     public_traffic,
     update_policy,
 )
 from capsa.server.registry import Registry
-from capsa.server.server_secrets import secrets_policy
-from capsa.server.server_secrets import transforms as rule_secrets
+from capsa.server.server_secrets import create_egress
 from capsa.server.snapshot_api import SnapshotApi, create_from_snapshot
 from capsa.server.tenants import Principal
 from capsa.server.volumes import ServerVolumes
@@ -234,19 +230,8 @@ class ControlPlane:
         metadata = _strings(body.get("metadata"), "metadata")
         envs = _strings(body.get("envVars"), "envVars")
         tenant = principal_of(request).tenant
-        transforms = rule_secrets(network)  # checked now: 400 before any slot is taken
-        offered = self.registry.secrets
-        given, asked = offered.names_for(body.get("capsa_secrets"), template, tenant)
-        secret_names: tuple[str, ...] = ()
-        make_policy: Callable[[], NetworkPolicy | None] = lambda: e2b_policy(internet, network)  # noqa: E731
-        if given or asked or transforms:  # the policy now: which secrets it allows decides
-            policy, kept = secrets_policy(
-                e2b_policy(internet, network), offered.resolve(asked) + transforms, internet,
-                offered.resolve(given),
-            )  # fmt: skip
-            secret_names = tuple(s.name for s in kept) + asked
-            make_policy = lambda: policy  # noqa: E731
-
+        # checked now (400/403 before any slot is taken): the secrets and rules it gets
+        egress = create_egress(self.registry.secrets, body, template, tenant, internet=internet)
         saved = (
             None if template in TEMPLATES else self.registry.snapshots.find(template, _scope(request))
         )
@@ -266,8 +251,8 @@ class ControlPlane:
         elif body.get("volumeMounts"):
             entry = await self._create_with_volumes(body["volumeMounts"], template, tenant, {
                 "timeout": timeout, "metadata": metadata, "envs": envs, "tenant": tenant,
-                "make_policy": make_policy, "auto_pause": auto_pause, "auto_resume": auto_resume,
-                "secret_names": secret_names, "transforms": transforms,
+                "make_policy": egress.make_policy, "auto_pause": auto_pause, "auto_resume": auto_resume,
+                "secret_names": egress.names, "transforms": egress.transforms,
             })  # fmt: skip
         else:
             entry = await self.registry.create(
@@ -275,13 +260,13 @@ class ControlPlane:
                 timeout=timeout,
                 metadata=metadata,
                 envs=envs,
-                make_policy=make_policy,
+                make_policy=egress.make_policy,
                 tenant=tenant,
                 auto_pause=auto_pause,
                 auto_resume=auto_resume,
                 pause_memory=pause_memory,
-                secret_names=secret_names,
-                transforms=transforms,
+                secret_names=egress.names,
+                transforms=egress.transforms,
             )
         public = saved.public_traffic if saved is not None else public_traffic(network)
         set_public(entry, public)  # before any await: no public moment

@@ -20,7 +20,7 @@ import ipaddress
 import logging
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from capsa.errors import ConfigError
 from capsa.net.rules import Domain
 from capsa.net.secrets import MAX_VALUE, Secret, check_header_name, check_secrets, make_secret
 from capsa.server.entry import ApiError
+from capsa.server.network import e2b_policy
 
 log = logging.getLogger(__name__)
 
@@ -320,3 +321,31 @@ def secrets_policy(
     except ConfigError as exc:
         raise ApiError(400, exc.message, hint="allow the host in network.allow_out") from None
     return policy, optional
+
+
+@dataclass(frozen=True)
+class Egress:
+    """What a create's sandbox is built with: its policy (made by ``make_policy`` once its slot is
+    taken), its operator secrets (names) and its header rules."""
+
+    make_policy: Callable[[], capsa.NetworkPolicy | None]
+    names: tuple[str, ...] = ()
+    transforms: tuple[Secret, ...] = ()
+
+
+def create_egress(
+    offered: ServerSecrets, body: dict[str, Any], template: str, tenant: str, *, internet: object
+) -> Egress:
+    """A create request's network, secrets and rules (checked: 400 or 403). Without secrets or
+    rules its policy is made later (a refused request costs nothing for its lists); with them it is
+    made now, since which secrets it allows decides."""
+    network, allow_internet_access = body.get("network"), internet
+    rules = transforms(network)
+    given, asked = offered.names_for(body.get("capsa_secrets"), template, tenant)
+    if not (given or asked or rules):
+        return Egress(lambda: e2b_policy(allow_internet_access, network))
+    policy, kept = secrets_policy(
+        e2b_policy(allow_internet_access, network), offered.resolve(asked) + rules,
+        allow_internet_access, offered.resolve(given),
+    )  # fmt: skip
+    return Egress(lambda: policy, tuple(s.name for s in kept) + asked, rules)
