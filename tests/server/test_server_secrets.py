@@ -65,6 +65,11 @@ class Node:
         assert self.server is not None
         return {"api_key": API_KEY, "api_url": self.server.url, "sandbox_url": self.server.url}
 
+    def put(self, sandbox_id: str, body: dict[str, Any]) -> httpx.Response:
+        assert self.server is not None
+        return httpx.put(f"{self.server.url}/sandboxes/{sandbox_id}/network", json=body, timeout=60,
+                         headers={"X-API-KEY": API_KEY})  # fmt: skip
+
     def create(self, body: dict[str, Any]) -> httpx.Response:
         assert self.server is not None
         return httpx.post(f"{self.server.url}/sandboxes", json=body, timeout=120,
@@ -162,6 +167,26 @@ def test_secrets_and_rules_reach_their_hosts_only(node: Node, sandbox_id: str) -
         assert value not in env
 
 
+NEW_RULE = "Bearer updated-" + "W" * 8 + "-rule-value-abcdef0123456789"
+ALLOWED = {"allow_out": [API, OTHER], "deny_out": ["0.0.0.0/0"]}
+
+
+def test_update_network_replaces_the_rules_live(node: Node, sandbox_id: str) -> None:
+    sandbox = Sandbox.connect(sandbox_id, **node.sdk())
+    sandbox.update_network({**ALLOWED, "rules": _rules(API, {"X-Rule": NEW_RULE})["rules"]})  # type: ignore[typeddict-item]
+    tag = secrets.token_hex(4)
+    _get(sandbox, f"https://{API}/ua-{tag}", f"https://{OTHER}/uo-{tag}")
+    assert _seen(node.up, f"/ua-{tag}")["x-rule"] == NEW_RULE
+    other = _seen(node.up, f"/uo-{tag}")
+    assert other["x-rule"] == "guest-own"  # its rule replaced: gone
+    assert other["x-other-key"] == OTHER_VALUE  # the operator's stays
+    # a host its guest has no CA for cannot get rules while it runs
+    reply = node.put(sandbox_id, {**ALLOWED, "rules": _rules(FREE, {"X-Rule": NEW_RULE})["rules"]})
+    assert reply.status_code == 409, reply.text
+    assert "cannot be added to the running sandbox" in reply.json()["message"]
+    assert node.put(sandbox_id, {**ALLOWED, **_rules(OTHER, {"X-Rule": RULE_VALUE})}).status_code == 204
+
+
 def test_a_sandbox_from_a_snapshot_keeps_the_secrets(node: Node, sandbox_id: str) -> None:
     source = Sandbox.connect(sandbox_id, **node.sdk())
     snapshot = source.create_snapshot()
@@ -198,7 +223,11 @@ def test_state_dir_never_holds_a_value(node: Node, sandbox_id: str) -> None:
     sandbox = Sandbox.connect(sandbox_id, **node.sdk())
     placeholder = _get(sandbox)["KEY"]
     sandbox.beta_pause()
-    values = [VALUE.encode(), OTHER_VALUE.encode(), RULE_VALUE.encode()]
+    # a paused sandbox takes new rules at its resume (any host: the resume makes a new CA)
+    rules = {"rules": {OTHER: _rules(OTHER, {"X-Rule": RULE_VALUE})["rules"][OTHER],
+                       API: _rules(API, {"X-Rule": NEW_RULE})["rules"][API]}}  # fmt: skip
+    assert node.put(sandbox_id, {**ALLOWED, **rules}).status_code == 204
+    values = [VALUE.encode(), OTHER_VALUE.encode(), RULE_VALUE.encode(), NEW_RULE.encode()]
     found = _holds(node.state, [placeholder.encode(), *values])
     assert placeholder.encode() in found  # the guest's memory is there: the search can see it
     assert not found & set(values)
@@ -207,8 +236,9 @@ def test_state_dir_never_holds_a_value(node: Node, sandbox_id: str) -> None:
 def test_resume_after_restart_gets_the_operators_secrets_back(node: Node, sandbox_id: str) -> None:
     sandbox = Sandbox.connect(sandbox_id, **node.sdk())  # resumed (within this run)
     tag = secrets.token_hex(4)
-    _get(sandbox, f"https://{OTHER}/r-{tag}")
+    _get(sandbox, f"https://{OTHER}/r-{tag}", f"https://{API}/ra-{tag}")
     assert _seen(node.up, f"/r-{tag}")["x-rule"] == RULE_VALUE
+    assert _seen(node.up, f"/ra-{tag}")["x-rule"] == NEW_RULE  # set while it was paused
     node.stop()  # pauses it into the state dir
     node.start()
     sandbox = Sandbox.connect(sandbox_id, **node.sdk())

@@ -176,6 +176,27 @@ class SecretSession:
         self.ca = SandboxCA([h.domain for s in secrets for h in s.hosts])
         self.guest_bundle: str | None = None  # where the guest's CA bundle is, once installed
 
+    def covers(self, secret: Secret) -> bool:
+        """Whether this session's CA may sign for every host of ``secret`` (made for the hosts
+        bound when the sandbox was built or restored)."""
+        return all(self.ca.permits(host.domain) for host in secret.hosts)
+
+    def set_headers(self, headers: tuple[Secret, ...]) -> None:
+        """Replace the header secrets (``Gateway.secret(header=...)``), live: the proxy applies the
+        new ones from the next request. Placeholder secrets stay (the guest holds their
+        placeholders). Each host must be one the CA covers (:meth:`covers`)."""
+        for secret in headers:
+            if secret.header is None:
+                raise ConfigError(f"secret {secret.name} is no header secret: it cannot be replaced")
+            if not self.covers(secret):
+                hosts = ", ".join(str(h) for h in secret.hosts)
+                raise ConfigError(
+                    f"secret {secret.name} is bound to {hosts}, which this sandbox's CA was not made "
+                    "for",
+                    hint="a host's headers can be changed live only if it had a secret at build",
+                )
+        self.secrets = tuple(s for s in self.secrets if s.header is None) + tuple(headers)
+
     def environment(self) -> dict[str, str]:
         return dict(self.placeholders)
 

@@ -37,7 +37,8 @@ from capsa.server.network import (
     update_policy,
 )
 from capsa.server.registry import Registry
-from capsa.server.server_secrets import create_egress
+from capsa.server.server_secrets import create_egress, live_headers, secrets_policy
+from capsa.server.server_secrets import transforms as rule_secrets
 from capsa.server.snapshot_api import SnapshotApi, create_from_snapshot
 from capsa.server.tenants import Principal
 from capsa.server.volumes import ServerVolumes
@@ -388,11 +389,14 @@ class ControlPlane:
         raise ApiError(501, f"{action} is not supported by capsa serve yet")
 
     async def update_network(self, request: Request) -> Response:
-        """E2B's ``update_network``: the new egress policy replaces the old one at once
-        (``vm.network.set_policy``: live connections it denies are reset); a paused sandbox
-        gets it when it resumes."""
+        """E2B's ``update_network``: the new egress policy and header rules replace the old ones at
+        once (``vm.network.set_policy`` and ``set_header_secrets``: live connections the policy
+        denies are reset); a paused sandbox gets them when it resumes. An omitted ``rules``
+        clears the rules, as in E2B."""
         entry = self.registry.find(request.path_params["sandbox_id"], _scope(request))
-        policy = update_policy(await _body(request))
+        body = await _body(request)
+        policy = update_policy(body)
+        rules = rule_secrets(body)
         if entry.policy is None:
             raise ApiError(
                 409,
@@ -400,13 +404,21 @@ class ControlPlane:
                 "interface to update",
                 hint="create it with allow_internet_access or network={...} to change them later",
             )
+        if rules and entry.node_id is not None:
+            raise ApiError(501, "network.rules are not supported by capsa serve --ray")
+        secrets_policy(policy, rules, None)  # 400 for a rule whose host the new policy denies
         async with entry.resume_lock:  # not halfway through a pause or a resume
             if entry.closing:
                 raise ApiError(404, f"sandbox {entry.id!r} not found")
             if entry.paused is None:
                 network: Any = entry.vm.network  # a remote handle's set_policy is awaitable
+                operator = self.registry.secrets.resolve(entry.secret_names)
+                changed = bool(rules or entry.transforms)
+                headers = live_headers(network, operator, rules, policy, changed=changed)
                 await resolved(network.set_policy(policy))
-            entry.policy = policy
+                if headers is not None:
+                    network.set_header_secrets(headers)
+            entry.policy, entry.transforms = policy, rules
             if self.registry.journal is not None:
                 self.registry.journal.changed(entry)
         return Response(status_code=204)

@@ -349,3 +349,27 @@ def create_egress(
         allow_internet_access, offered.resolve(given),
     )  # fmt: skip
     return Egress(lambda: policy, tuple(s.name for s in kept) + asked, rules)
+
+
+def live_headers(
+    network: Any, operator: tuple[Secret, ...], rules: tuple[Secret, ...],
+    policy: capsa.NetworkPolicy, *, changed: bool,
+) -> tuple[Secret, ...] | None:  # fmt: skip
+    """The header secrets a running sandbox's ``network`` (its stack) takes for an update with
+    ``rules`` under ``policy`` (its operator's header secrets that the policy allows, then the
+    rules), or None when its headers do not change. 409 if they cannot change live: its guest has
+    no CA for a new host (its CA was made for the hosts bound at its build or resume)."""
+    if not changed:
+        return None
+    session = getattr(network, "secret_session", None)
+    uncovered = [str(h) for s in rules for h in s.hosts if session is None or not session.covers(s)]
+    if uncovered:
+        raise ApiError(
+            409,
+            f"network.rules for {', '.join(sorted(set(uncovered)))} cannot be added to the running "
+            "sandbox: its guest trusts a CA made for the hosts it had rules or secrets for when it "
+            "started",
+            hint="pause the sandbox, update its network, and resume it (a resume gets a new CA)",
+        )
+    kept = tuple(s for s in operator if s.header is not None and _usable(s, policy))
+    return kept + rules
