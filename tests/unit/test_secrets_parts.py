@@ -116,3 +116,22 @@ def test_a_header_secret_replaces_the_guests_header_and_has_no_placeholder() -> 
 def test_a_header_secret_never_frames_the_request(header: str) -> None:
     with pytest.raises(ConfigError):
         Gateway().secret("TOKEN", "v", hosts=["api.example.com"], header=header)
+
+
+def test_header_secrets_are_replaced_live_only_for_hosts_the_ca_covers() -> None:
+    gateway = (
+        Gateway()
+        .secret("KEY", "sk-placeholder-kept-0123456789", hosts=["api.example.com"])
+        .secret("OLD", "Bearer old", hosts=["*.example.org"], header="X-Old")
+    )
+    session = SecretSession(gateway.secrets)
+    placeholders = dict(session.placeholders)
+    new = Gateway().secret("NEW", "Bearer new", hosts=["deep.x.example.org"], header="X-New").secrets
+    session.set_headers(new)
+    assert [s.name for s in session.secrets] == ["KEY", "NEW"] and session.placeholders == placeholders
+    elsewhere = Gateway().secret("FAR", "v", hosts=["example.net"], header="X-Far").secrets
+    with pytest.raises(ConfigError, match="CA was not made for"):
+        session.set_headers(elsewhere)
+    with pytest.raises(ConfigError, match="no header secret"):
+        session.set_headers(gateway.secrets[:1])
+    assert [s.name for s in session.secrets] == ["KEY", "NEW"]
