@@ -181,7 +181,8 @@ def test_update_network_replaces_the_rules_live(node: Node, sandbox_id: str) -> 
     assert other["x-rule"] == "guest-own"  # its rule replaced: gone
     assert other["x-other-key"] == OTHER_VALUE  # the operator's stays
     # a host its guest has no CA for cannot get rules while it runs
-    reply = node.put(sandbox_id, {**ALLOWED, "rules": _rules(FREE, {"X-Rule": NEW_RULE})["rules"]})
+    wider = {"allow_out": [API, OTHER, FREE], "deny_out": ["0.0.0.0/0"]}
+    reply = node.put(sandbox_id, {**wider, "rules": _rules(FREE, {"X-Rule": NEW_RULE})["rules"]})
     assert reply.status_code == 409, reply.text
     assert "cannot be added to the running sandbox" in reply.json()["message"]
     assert node.put(sandbox_id, {**ALLOWED, **_rules(OTHER, {"X-Rule": RULE_VALUE})}).status_code == 204
