@@ -37,6 +37,7 @@ _ALIASES = {
     "Mechanism": "capsa.shares.spec",
     "DiskFormat": "capsa.vm.config",
     "Accelerator": "capsa.vm.config",
+    "Secret": "capsa.net.secrets",  # a class, imported for type checking only (cryptography)
 }
 _BUILTINS = {"None", "int", "float", "str", "bytes", "bool", "list", "tuple", "dict", "set", "object"}
 SIGNATURES = Path(__file__).resolve().parents[1] / "src" / "capsa" / "sync" / "_signatures.py"

@@ -258,3 +258,33 @@ def upstreams() -> Iterator[Upstreams]:
                 server.shutdown()
                 server.server_close()
             dns.stop()
+
+
+RULE_VALUE = "Bearer rule-" + "Q" * 8 + "-header-value-0123456789abcdef"
+GUEST_GET = r"""
+import json, os, sys, urllib.request
+out = {"KEY": os.environ.get("KEY")}
+for url in sys.argv[1:]:
+    host, _, url = url.rpartition("@")  # HOST@URL: that Host header instead of the URL's
+    headers = {"Authorization": "Bearer " + os.environ.get("KEY", "none"), "X-Rule": "guest-own"}
+    if host:
+        headers["Host"] = host
+    req = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            out[url] = ["ok", r.read().decode()]
+    except Exception as exc:
+        out[url] = ["failed", repr(exc)[:300]]
+print(json.dumps(out))
+"""
+
+
+def secrets_file(path: Path, up: Upstreams) -> Path:
+    """A ``--secrets-file`` offering KEY (bound to API, its value from the server's environment,
+    ``SECRET_VALUE``) to the tenant ``default`` only, and OTHER_KEY (bound to OTHER, sent as the
+    ``X-Other-Key`` header) to every tenant."""
+    path.write_text(
+        f'[KEY]\nenv = "SECRET_VALUE"\nhosts = ["{API}"]\ntenants = ["default"]\n\n'
+        f'[OTHER_KEY]\nvalue = "{OTHER_VALUE}"\nhosts = ["{OTHER}"]\nheader = "X-Other-Key"\n'
+    )
+    return path

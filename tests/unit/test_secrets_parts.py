@@ -8,6 +8,7 @@ import ssl
 import pytest
 
 from capsa import Gateway
+from capsa.errors import ConfigError
 from capsa.net.http1 import HttpError, chunk_size, parse_request
 from capsa.net.intercept import parse_sni
 from capsa.net.secrets import SecretSession
@@ -97,6 +98,43 @@ def test_the_ca_signs_only_for_its_hosts() -> None:
                 side.do_handshake()
             peer_in.write(out.read())
     assert tls.version() is not None and tls.selected_alpn_protocol() is None
+
+
+def test_a_header_secret_replaces_the_guests_header_and_has_no_placeholder() -> None:
+    gateway = Gateway().secret("TOKEN", "Bearer real", hosts=["api.example.com"], header="Authorization")
+    (secret,) = gateway.secrets
+    assert "real" not in repr(secret) and "header='Authorization'" in repr(secret)
+    session = SecretSession(gateway.secrets)
+    assert session.environment() == {}  # nothing for the guest
+    assert session.bound("api.example.com", 443)
+    request = parse_request(b"GET / HTTP/1.1\r\nHost: api.example.com\r\nauthorization: mine\r\n\r\n")
+    request.set_header("Authorization", "Bearer real")
+    assert request.head().count(b"uthorization") == 1 and b"Authorization: Bearer real" in request.head()
+
+
+@pytest.mark.parametrize("header", ["Host", "content-length", "Transfer-Encoding", "X Y", "X\r\nY", ""])
+def test_a_header_secret_never_frames_the_request(header: str) -> None:
+    with pytest.raises(ConfigError):
+        Gateway().secret("TOKEN", "v", hosts=["api.example.com"], header=header)
+
+
+def test_header_secrets_are_replaced_live_only_for_hosts_the_ca_covers() -> None:
+    gateway = (
+        Gateway()
+        .secret("KEY", "sk-placeholder-kept-0123456789", hosts=["api.example.com"])
+        .secret("OLD", "Bearer old", hosts=["*.example.org"], header="X-Old")
+    )
+    session = SecretSession(gateway.secrets)
+    placeholders = dict(session.placeholders)
+    new = Gateway().secret("NEW", "Bearer new", hosts=["deep.x.example.org"], header="X-New").secrets
+    session.set_headers(new)
+    assert [s.name for s in session.secrets] == ["KEY", "NEW"] and session.placeholders == placeholders
+    elsewhere = Gateway().secret("FAR", "v", hosts=["example.net"], header="X-Far").secrets
+    with pytest.raises(ConfigError, match="CA was not made for"):
+        session.set_headers(elsewhere)
+    with pytest.raises(ConfigError, match="no header secret"):
+        session.set_headers(gateway.secrets[:1])
+    assert [s.name for s in session.secrets] == ["KEY", "NEW"]
 
 
 def test_the_proxy_makes_room_for_its_file_descriptors() -> None:

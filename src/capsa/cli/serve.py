@@ -18,6 +18,7 @@ from capsa.volume.store import check_size_mb
 
 if TYPE_CHECKING:
     from capsa.server.quota import TenantLimits
+    from capsa.server.server_secrets import ServerSecrets
     from capsa.server.tenants import ApiKey, KeyRing
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,20 @@ def register(commands: Any) -> None:
         "get_metrics and /metrics (default 5; 0 turns sampling off)",
     )
     add_state_flags(parser)
+    parser.add_argument(
+        "--secrets-file",
+        metavar="FILE",
+        help="secrets the server offers its sandboxes (TOML; docs/secrets.md): per template, or per "
+        "create (capsa_secrets); values may come from the server's environment",
+    )
+    parser.add_argument(
+        "--upstream-ca",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="also trust this PEM CA when the secrets proxy verifies an upstream (private CAs); "
+        "repeatable",
+    )
     parser.add_argument(
         "--volume-size-mb",
         type=int,
@@ -297,6 +312,17 @@ class _NotItsScheme(logging.Filter):
         return not str(record.msg).startswith("Uvicorn running on")
 
 
+def _secrets(args: argparse.Namespace) -> ServerSecrets:
+    from capsa.server.server_secrets import ServerSecrets  # noqa: PLC0415 (server extra)
+
+    if args.ray is not None and args.secrets_file is not None:
+        raise ConfigError(
+            "--secrets-file is not supported with --ray",
+            hint="a secret's value never leaves this process: it cannot go to a Ray node",
+        )
+    return ServerSecrets.load(args.secrets_file, tuple(args.upstream_ca))
+
+
 def _serve(args: argparse.Namespace) -> int:
     if args.action == "ends":
         return _ends(args)
@@ -332,6 +358,7 @@ def _serve(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         keep_ended=duration(args.keep_ended),
         volume_size_mb=check_size_mb(args.volume_size_mb),
+        secrets=_secrets(args),
     )
     if args.ray is not None:  # before uvicorn: its signal handlers must replace Ray's SIGTERM one
         from capsa.server import connect_driver  # noqa: PLC0415

@@ -36,6 +36,7 @@ class SandboxCA:
         self._leaf_key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "capsa sandbox CA")])
         permitted = sorted({d.base for d in domains})
+        self.permitted = tuple(permitted)  # its name constraints: these names and those below
         now = _now()
         self._name = name
         self.certificate = (
@@ -63,6 +64,11 @@ class SandboxCA:
 
     def __repr__(self) -> str:
         return "SandboxCA(<key hidden>)"
+
+    def permits(self, domain: Domain) -> bool:
+        """Whether the CA's name constraints let it sign for ``domain`` (and any name it matches)."""
+        base = domain.base
+        return any(base == p or base.endswith("." + p) for p in self.permitted)
 
     def __reduce__(self) -> tuple[object, ...]:
         raise TypeError("a sandbox CA is not pickled: its key stays in the process that made it")

@@ -160,15 +160,18 @@ class Gateway:
         hosts: list[str],
         allow_http: bool = False,
         prefix: str | None = None,
+        header: str | None = None,
     ) -> Gateway:
         """Give sandboxes ``name=<placeholder>`` in their environment; the gateway swaps the
         placeholder for ``value`` in HTTPS requests to ``hosts`` (``"api.example.com"``,
         ``"*.example.com"``, ``"host:8443"``) and nowhere else. ``allow_http``: also over plain HTTP
         (unauthenticated: not advised). ``prefix``: the placeholder's (default: the value's, if it
-        starts with a well-known key prefix such as ``sk-``). See docs/secrets.md."""
+        starts with a well-known key prefix such as ``sk-``). ``header``: instead of a placeholder,
+        the gateway sets this request header to ``value`` on every request to ``hosts`` (replacing
+        the guest's; ``name`` then only labels the log). See docs/secrets.md."""
         from capsa.net.secrets import make_secret  # noqa: PLC0415 - cryptography only when used
 
-        secret = make_secret(name, value, hosts, allow_http=allow_http, prefix=prefix)
+        secret = make_secret(name, value, hosts, allow_http=allow_http, prefix=prefix, header=header)
         if any(s.name == secret.name for s in self.secrets):
             raise ConfigError(f"secret {name} is already configured on this gateway")
         return replace(self, secrets=(*self.secrets, secret), shared_session=None)

@@ -70,6 +70,12 @@ class Request:
                 found.append(placeholder)
         return found
 
+    def set_header(self, name: str, value: str) -> None:
+        """``name: value`` in place of every header of that name (case-insensitive), else added."""
+        key = name.lower().encode()
+        self.headers = [(n, v) for n, v in self.headers if n.lower() != key]
+        self.headers.append((name.encode(), value.encode()))
+
     def carries(self, placeholder: str) -> bool:
         needle = placeholder.encode()
         return needle in self.target or any(needle in value for _, value in self.headers)

@@ -346,8 +346,10 @@ class Interceptor:
         proto = "https" if tls else "http"
         host = request.host
         for secret in self.session.secrets:
-            placeholder = self.session.placeholders[secret.name]
-            if not request.carries(placeholder):
+            if secret.header is not None:  # a header of its own, set on requests to its hosts
+                if host is None or not secret.bound_to(host, port):
+                    continue
+            elif not request.carries(self.session.placeholders[secret.name]):
                 continue
             reason = None
             if host is None or not secret.bound_to(host, port):
@@ -359,7 +361,10 @@ class Interceptor:
             elif not tls and host not in names:
                 reason = f"the destination was not resolved for {host}"
             if reason is None:
-                request.swap({placeholder: secret.value})
+                if secret.header is None:
+                    request.swap({self.session.placeholders[secret.name]: secret.value})
+                else:
+                    request.set_header(secret.header, secret.value)
                 self._record((proto, dst, port, host, f"secret {secret.name} sent", "allow"))
             else:
                 self._record(

@@ -47,7 +47,7 @@ from capsa.net.policy import NetworkPolicy
 from capsa.net.switch import Switch
 
 if TYPE_CHECKING:
-    from capsa.net.secrets import SecretSession
+    from capsa.net.secrets import Secret, SecretSession
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,25 @@ class NetworkStack:
         self._dns.set_policy(policy)
         ended = self.nat.revoke(self.gateway)
         log.info("network policy replaced; %d live flows it denies were ended", ended)
+
+    def set_header_secrets(self, secrets: tuple[Secret, ...]) -> None:
+        """Replace the sandbox's header secrets (``Gateway.secret(header=...)``) live: from this
+        call's return each intercepted request gets the new headers (its placeholder secrets stay).
+        ``ConfigError`` if the gateway had no secrets (no proxy, and no CA in the guest), if a
+        host is not one the sandbox's CA was made for (its secrets' hosts at build), or if the
+        policy denies one."""
+        from capsa.net.secrets import check_secrets  # noqa: PLC0415
+
+        session = self.secret_session
+        if session is None:
+            raise ConfigError(
+                "this VM's gateway has no secrets: there is no proxy to set headers in",
+                hint="give the gateway a secret for the host when the VM is built",
+            )
+        check_secrets(tuple(secrets), self.gateway.policy_value)
+        session.set_headers(tuple(secrets))
+        self.gateway = replace(self.gateway, secrets=session.secrets)
+        log.info("header secrets replaced: %s", ", ".join(s.name for s in secrets) or "none")
 
     def forwards(self) -> list[ForwardedPort]:
         """The port forwards as bound on the host (with the real port where 0 was asked for)."""

@@ -43,6 +43,7 @@ from capsa.server.limits import (
 from capsa.server.metrics import Metrics
 from capsa.server.registry import Registry
 from capsa.server.sandbox_api import SandboxApi
+from capsa.server.server_secrets import ServerSecrets
 from capsa.server.signed_urls import has_signature
 from capsa.server.statedb import StateDB, default_state_dir
 from capsa.server.tenants import KeyRing, Principal
@@ -77,6 +78,7 @@ class ServerConfig:
     shutdown_timeout: float = 30.0  # seconds to pause the running sandboxes at shutdown
     keep_ended: float = DEFAULT_KEEP_ENDED  # seconds an ended sandbox's record is kept
     volume_size_mb: int = DEFAULT_SIZE_MB  # --volume-size-mb: E2B's create has no size
+    secrets: ServerSecrets = field(default_factory=ServerSecrets)  # --secrets-file, --upstream-ca
 
 
 class CapsaServer:
@@ -106,6 +108,7 @@ class CapsaServer:
             ray_address=config.ray_address,
             journal=self.journal,
             shutdown_timeout=config.shutdown_timeout,
+            secrets=config.secrets,
         )
         self.sampler = Sampler(self.registry, config.metrics_interval, self.metrics.sampled)
         self.ready = False

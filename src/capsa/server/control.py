@@ -32,12 +32,13 @@ from capsa.server.listing import NEXT_TOKEN, descending, filter_sandboxes, page,
 from capsa.server.metrics import Metrics
 from capsa.server.network import (
     check_network,
-    e2b_policy,
     mask_request_host,
     public_traffic,
     update_policy,
 )
 from capsa.server.registry import Registry
+from capsa.server.server_secrets import create_egress, live_headers, secrets_policy
+from capsa.server.server_secrets import transforms as rule_secrets
 from capsa.server.snapshot_api import SnapshotApi, create_from_snapshot
 from capsa.server.tenants import Principal
 from capsa.server.volumes import ServerVolumes
@@ -230,10 +231,15 @@ class ControlPlane:
         metadata = _strings(body.get("metadata"), "metadata")
         envs = _strings(body.get("envVars"), "envVars")
         tenant = principal_of(request).tenant
+        # checked now (400/403 before any slot is taken): the secrets and rules it gets
+        egress = create_egress(self.registry.secrets, body, template, tenant, internet=internet)
         saved = (
             None if template in TEMPLATES else self.registry.snapshots.find(template, _scope(request))
         )
         if saved is not None:  # Sandbox.create(snapshot_id)
+            if body.get("capsa_secrets"):
+                raise ApiError(400, "a sandbox created from a snapshot keeps the snapshot's secrets",
+                               hint="leave out capsa_secrets")  # fmt: skip
             if network:
                 raise ApiError(
                     400,
@@ -246,8 +252,8 @@ class ControlPlane:
         elif body.get("volumeMounts"):
             entry = await self._create_with_volumes(body["volumeMounts"], template, tenant, {
                 "timeout": timeout, "metadata": metadata, "envs": envs, "tenant": tenant,
-                "make_policy": lambda: e2b_policy(internet, network),
-                "auto_pause": auto_pause, "auto_resume": auto_resume,
+                "make_policy": egress.make_policy, "auto_pause": auto_pause, "auto_resume": auto_resume,
+                "secret_names": egress.names, "transforms": egress.transforms,
             })  # fmt: skip
         else:
             entry = await self.registry.create(
@@ -255,11 +261,13 @@ class ControlPlane:
                 timeout=timeout,
                 metadata=metadata,
                 envs=envs,
-                make_policy=lambda: e2b_policy(internet, network),
+                make_policy=egress.make_policy,
                 tenant=tenant,
                 auto_pause=auto_pause,
                 auto_resume=auto_resume,
                 pause_memory=pause_memory,
+                secret_names=egress.names,
+                transforms=egress.transforms,
             )
         public = saved.public_traffic if saved is not None else public_traffic(network)
         set_public(entry, public)  # before any await: no public moment
@@ -381,11 +389,14 @@ class ControlPlane:
         raise ApiError(501, f"{action} is not supported by capsa serve yet")
 
     async def update_network(self, request: Request) -> Response:
-        """E2B's ``update_network``: the new egress policy replaces the old one at once
-        (``vm.network.set_policy``: live connections it denies are reset); a paused sandbox
-        gets it when it resumes."""
+        """E2B's ``update_network``: the new egress policy and header rules replace the old ones at
+        once (``vm.network.set_policy`` and ``set_header_secrets``: live connections the policy
+        denies are reset); a paused sandbox gets them when it resumes. An omitted ``rules``
+        clears the rules, as in E2B."""
         entry = self.registry.find(request.path_params["sandbox_id"], _scope(request))
-        policy = update_policy(await _body(request))
+        body = await _body(request)
+        policy = update_policy(body)
+        rules = rule_secrets(body)
         if entry.policy is None:
             raise ApiError(
                 409,
@@ -393,13 +404,21 @@ class ControlPlane:
                 "interface to update",
                 hint="create it with allow_internet_access or network={...} to change them later",
             )
+        if rules and entry.node_id is not None:
+            raise ApiError(501, "network.rules are not supported by capsa serve --ray")
+        secrets_policy(policy, rules, None)  # 400 for a rule whose host the new policy denies
         async with entry.resume_lock:  # not halfway through a pause or a resume
             if entry.closing:
                 raise ApiError(404, f"sandbox {entry.id!r} not found")
             if entry.paused is None:
                 network: Any = entry.vm.network  # a remote handle's set_policy is awaitable
+                operator = self.registry.secrets.resolve(entry.secret_names)
+                changed = bool(rules or entry.transforms)
+                headers = live_headers(network, operator, rules, policy, changed=changed)
                 await resolved(network.set_policy(policy))
-            entry.policy = policy
+                if headers is not None:
+                    network.set_header_secrets(headers)
+            entry.policy, entry.transforms = policy, rules
             if self.registry.journal is not None:
                 self.registry.journal.changed(entry)
         return Response(status_code=204)

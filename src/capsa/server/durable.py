@@ -180,6 +180,7 @@ class Journal:
             "public": saved.public_traffic,
             "mask": saved.mask_request_host,
             "carried": carried_json(saved.carried),
+            "secrets": list(saved.secret_names),  # names only: never a value, nor a header rule
         }
         self.db.put_snapshot(saved.id, saved.tenant, saved.path, record)
 
@@ -201,6 +202,7 @@ class Journal:
                 public_traffic=bool(r["public"]),
                 mask_request_host=r.get("mask"),
                 carried=None if r["carried"] is None else carried_of(r["carried"], self.limits),
+                secret_names=tuple(r.get("secrets", ())),
             )
             for raw, tenant, path, r in self.db.snapshots()
         ]
@@ -291,6 +293,10 @@ def _record(entry: Entry) -> dict[str, Any]:
         "mask": mask_host(entry),
         "pause_memory": entry.pause_memory,
         "carry": carry,
+        # the operator's secrets by name (their values come from its configuration at the
+        # resume); network.rules header values are never stored (docs/secrets.md)
+        "secrets": list(entry.secret_names),
+        "rule_hosts": sorted({str(h) for s in entry.transforms for h in s.hosts}),
     }
 
 
@@ -318,7 +324,11 @@ def _entry(sandbox_id: str, r: dict[str, Any], directory: Path | None) -> Entry:
         resume_on_call=bool(r["resume_on_call"]),
         parked=True,
         pause_memory=bool(r.get("pause_memory", True)),
+        secret_names=tuple(r.get("secrets", ())),
     )
+    if r.get("rule_hosts"):
+        log.warning("sandbox %s resumes without its network.rules headers (for %s): their values "
+                    "are never stored", sandbox_id, ", ".join(r["rule_hosts"]))  # fmt: skip
     set_public(entry, bool(r["public"]))
     set_mask_host(entry, r.get("mask"))
     if directory is not None and is_files_snapshot(directory):

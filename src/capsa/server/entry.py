@@ -21,6 +21,7 @@ from capsa.server.api_error import ApiError as ApiError  # noqa: PLC0414 (re-exp
 from capsa.server.tenants import DEFAULT_TENANT
 
 if TYPE_CHECKING:
+    from capsa.net.secrets import Secret
     from capsa.server.envd import ProcessTable
     from capsa.server.interpreter import Interpreter
 
@@ -87,6 +88,10 @@ class Entry:
     pausing: bool = False  # a pause is saving its snapshot
     parked: bool = False  # holds a paused slot of the quota, not a running one
     resume_on_call: bool = False  # paused by a server shutdown: its next call resumes it
+    # the operator's secrets it has (names: its record keeps these, never a value) and E2B's
+    # network.rules header transforms (the client's values: in this process's memory only)
+    secret_names: tuple[str, ...] = ()
+    transforms: tuple[Secret, ...] = field(default=(), repr=False)
 
     @classmethod
     def start(

@@ -102,17 +102,18 @@ def mask_request_host(network: object) -> str | None:
 
 
 UPDATE_FIELDS = ("allowOut", "allow_out", "denyOut", "deny_out", "allow_internet_access",
-                 "allowInternetAccess")  # fmt: skip
+                 "allowInternetAccess", "rules")  # fmt: skip
 
 
 def update_policy(body: dict[str, Any]) -> NetworkPolicy:
     """The policy of an ``update_network`` request (``PUT /sandboxes/{id}/network``): it replaces
     the whole egress policy, and an omitted list is an empty one. Settings capsa does not enforce
-    (egress proxies, per-domain transforms, DNS servers) are refused, never silently ignored."""
+    (egress proxies, DNS servers) are refused, never silently ignored; ``rules`` (header
+    transforms) are the caller's (:mod:`capsa.server.server_secrets`)."""
     unknown = sorted(k for k, v in body.items() if k not in UPDATE_FIELDS and v not in (None, [], {}))
     if unknown:
         raise ApiError(400, f"update_network: {', '.join(unknown)} not supported by capsa serve",
-                       hint="allow_out, deny_out and allow_internet_access are")  # fmt: skip
+                       hint="allow_out, deny_out, allow_internet_access and rules are")  # fmt: skip
     internet = body.get("allow_internet_access", body.get("allowInternetAccess"))
     check_network(internet, body)
     allow = _entries(body, "allowOut", "allow_out")

@@ -33,7 +33,9 @@ from capsa.server.quota import LimitReached, Quota
 from capsa.server.saves import build_from, detach, forget_processes, reattach, save_files_of
 
 if TYPE_CHECKING:
+    from capsa.net.secrets import Secret
     from capsa.server.durable import Journal
+    from capsa.server.server_secrets import ServerSecrets
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +51,20 @@ class Pausing(abc.ABC):
     _tasks: TaskSet
     _paused_root: Path | None
     _on_paused: Callable[[Entry], Awaitable[None]] | None
+    secrets: ServerSecrets
 
     @abc.abstractmethod
     def find(self, sandbox_id: str, tenant: str | None = None) -> Entry: ...
 
     @abc.abstractmethod
     def builder(
-        self, template: str, policy: capsa.NetworkPolicy | None = None
+        self, template: str, policy: capsa.NetworkPolicy | None = None, secrets: tuple[Secret, ...] = ()
     ) -> capsa.SandboxBuilder: ...
+
+    def secrets_of(self, entry: Entry) -> tuple[Secret, ...]:
+        """The secrets ``entry`` is built with: the operator's it was given (their values from the
+        server's configuration now) and its header transforms (gone after a server restart)."""
+        return self.secrets.resolve(entry.secret_names, entry.id) + entry.transforms
 
     @abc.abstractmethod
     async def kill(self, sandbox_id: str, tenant: str | None = None) -> None: ...
@@ -180,7 +188,7 @@ class Pausing(abc.ABC):
                                hint=exc.hint) from None  # fmt: skip
             entry.parked = False
             try:
-                builder = self.builder(entry.template, entry.policy)
+                builder = self.builder(entry.template, entry.policy, self.secrets_of(entry))
                 vm = await build_from(builder, entry.paused)
             except BaseException:
                 if not entry.closing:  # still paused: back to its paused slot
@@ -249,11 +257,14 @@ class Pausing(abc.ABC):
         envs: dict[str, str],
         policy: capsa.NetworkPolicy | None,
         reserved: bool = False,
+        secret_names: tuple[str, ...] = (),
+        transforms: tuple[Secret, ...] = (),
     ) -> Entry:
         """A new sandbox of ``tenant`` restored from ``snapshot`` (which it does not need once
         started). Like :meth:`create`, it takes its slot before the first ``await``, unless the
         caller ``reserved`` it (a fork takes all its slots at once); either way the slot is the
-        new entry's, or given back if the restore fails."""
+        new entry's, or given back if the restore fails. ``secret_names`` and ``transforms``: the
+        source's (its restores get them too, with a CA and placeholders of their own)."""
         if not reserved:
             try:
                 self.quota.reserve(tenant)
@@ -262,7 +273,8 @@ class Pausing(abc.ABC):
         try:
             if self.closed:
                 raise ApiError(503, "the server is shutting down")
-            vm = await build_from(self.builder(template, policy), snapshot)
+            secrets = self.secrets.resolve(secret_names) + transforms
+            vm = await build_from(self.builder(template, policy, secrets), snapshot)
         except BaseException:
             self.quota.release(tenant)
             raise
@@ -274,6 +286,8 @@ class Pausing(abc.ABC):
             memory_mb=self.memory_mb,
             tenant=tenant,
             policy=policy,
+            secret_names=secret_names,
+            transforms=transforms,
         )
         self._entries[entry.id] = entry  # the slot is the entry's now: _destroy gives it back
         try:

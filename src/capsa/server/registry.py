@@ -32,11 +32,13 @@ from capsa.server.interpreter import Interpreter
 from capsa.server.lifecycle_end import end_of, pause_all
 from capsa.server.pausing import Pausing
 from capsa.server.quota import LimitReached, Quota, TenantLimits
+from capsa.server.server_secrets import ServerSecrets
 from capsa.server.snapshots import SnapshotStore
 from capsa.server.tenants import DEFAULT_TENANT
 from capsa.vm import RunState
 
 if TYPE_CHECKING:
+    from capsa.net.secrets import Secret
     from capsa.server.durable import Journal
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class Registry(Pausing):
         max_timeout: int | None = None,
         journal: Journal | None = None,
         shutdown_timeout: float = 30.0,
+        secrets: ServerSecrets | None = None,
     ) -> None:
         for name in pools or {}:
             if name not in TEMPLATES and named_image(name) is None:
@@ -94,13 +97,16 @@ class Registry(Pausing):
         self.ray_address = ray_address  # place sandboxes on a Ray cluster's capsa host actors
         self.snapshots = SnapshotStore(journal=journal)  # create_snapshot's: outlive their sandboxes
         self.max_timeout = max_timeout
+        self.secrets = secrets or ServerSecrets()  # the operator's (--secrets-file)
         self.closed = False
 
     def check_timeout(self, value: object, *, zero: bool = False) -> int:
         """A request's timeout, within this server's ``--max-timeout`` (``zero``: 0 is one)."""
         return check_timeout(value, self.max_timeout, zero=zero)
 
-    def builder(self, template: str, policy: capsa.NetworkPolicy | None = None) -> capsa.SandboxBuilder:
+    def builder(
+        self, template: str, policy: capsa.NetworkPolicy | None = None, secrets: tuple[Secret, ...] = ()
+    ) -> capsa.SandboxBuilder:
         # E2B's sandboxes have the user's home, where relative paths and commands start
         builder = capsa.sandbox().memory_mb(self.memory_mb).warmup(f"mkdir -p {HOME}")
         image = None if template in TEMPLATES else named_image(template)
@@ -113,6 +119,7 @@ class Registry(Pausing):
             gateway = gateway.dns_servers(list(self._dns_servers))
         if self._internal:
             gateway = gateway.allow_internal_destinations()
+        gateway = self.secrets.gateway(gateway, secrets)
         return builder.network(capsa.VirtualNetwork.with_gateway(gateway))
 
     async def start(self) -> None:
@@ -183,12 +190,15 @@ class Registry(Pausing):
         auto_resume: bool = False,
         pause_memory: bool = True,
         volumes: tuple[tuple[capsa.Volume, str], ...] = (),
+        secret_names: tuple[str, ...] = (),
+        transforms: tuple[Secret, ...] = (),
     ) -> Entry:
         """A new sandbox of ``tenant``, with ``volumes`` ((volume, guest path) pairs). Its slot
         (:class:`Quota`) is taken before the first ``await`` and kept by the entry, or given back if
         the create fails. ``make_policy``, when given, makes the policy once the slot is taken: a
         request refused by the cheap checks costs the server's event loop nothing for its network
-        lists."""
+        lists. ``secret_names`` (the operator's) and ``transforms`` (E2B's header rules): checked
+        by the caller, against the policy too (:func:`capsa.server.server_secrets.secrets_policy`)."""
         if self.closed:
             raise ApiError(503, "the server is shutting down")
         if template not in TEMPLATES and named_image(template) is None:
@@ -215,6 +225,8 @@ class Registry(Pausing):
                 tenant=tenant,
                 auto_pause=auto_pause,
                 volumes=volumes,
+                secret_names=secret_names,
+                transforms=transforms,
             )
             entry.auto_resume, entry.pause_memory = auto_resume, pause_memory
         except BaseException:
@@ -252,20 +264,26 @@ class Registry(Pausing):
         tenant: str,
         auto_pause: bool = False,
         volumes: tuple[tuple[capsa.Volume, str], ...] = (),
+        secret_names: tuple[str, ...] = (),
+        transforms: tuple[Secret, ...] = (),
     ) -> Entry:
         """Take or build the VM and make its entry (not stored yet: the caller does)."""
         interpreter = None
+        secrets = self.secrets.resolve(secret_names) + transforms
+        if secrets and self.ray_address is not None:
+            raise ApiError(501, "secrets and network.rules are not supported by capsa serve --ray",
+                           hint="a secret's value never leaves the server's process")  # fmt: skip
         if volumes:  # its own disks: never from a pool (docs/volumes.md)
             if self.ray_address is not None:
                 raise ApiError(501, "volumes are not supported by capsa serve --ray")
-            builder = self.builder(template, policy)
+            builder = self.builder(template, policy, secrets)
             for volume, path in volumes:
                 builder = builder.volume(volume, path)
             vm = await builder.build()
         elif self.ray_address is not None:  # on a node (from its warm pool when there is one)
             vm = await _cluster.build(self.builder(template, policy))
         elif policy is not None:  # a network of its own: never from a pool
-            vm = await self.builder(template, policy).build()
+            vm = await self.builder(template, policy, secrets).build()
         elif template == INTERPRETER_TEMPLATE and self._warm:
             vm, interpreter = self._warm.popleft()
             self._warm_wanted.set()
@@ -283,6 +301,8 @@ class Registry(Pausing):
             tenant=tenant,
             policy=policy,
             auto_pause=auto_pause,
+            secret_names=secret_names,
+            transforms=transforms,
         )
         try:
             if interpreter is not None:

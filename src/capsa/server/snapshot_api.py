@@ -155,6 +155,8 @@ class SnapshotApi:
             envs=parent.envs,
             policy=parent.policy,
             reserved=True,
+            secret_names=parent.secret_names,
+            transforms=parent.transforms,
         )
         set_public(child, is_public(parent))  # before any await: a private parent's clones are private
         set_mask_host(child, mask_host(parent))
@@ -194,6 +196,8 @@ class SnapshotApi:
                 envs=dict(source.envs),
                 created_at=datetime.datetime.now(datetime.UTC),
                 policy=source.policy,
+                secret_names=source.secret_names,
+                transforms=source.transforms,
                 public_traffic=is_public(source),
                 carried=carried if memory else None,  # a new boot has no processes to take up
                 mask_request_host=mask_host(source),
@@ -244,6 +248,8 @@ async def create_from_snapshot(
             metadata=metadata,
             envs={**saved.envs, **envs},
             policy=saved.policy,
+            secret_names=saved.secret_names,
+            transforms=saved.transforms,
         )
     set_public(entry, saved.public_traffic)  # before any await: the source's ingress access
     set_mask_host(entry, saved.mask_request_host)

@@ -16,13 +16,14 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import capsa
 
 if TYPE_CHECKING:
+    from capsa.net.secrets import Secret
     from capsa.server.carry import Carried
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class Saved:
     public_traffic: bool = True  # the source's allow_public_traffic (ingress): its restores keep it
     carried: Carried | None = None  # the source's processes in it: its restores take them up
     mask_request_host: str | None = None  # the source's (ingress): its restores keep it
+    secret_names: tuple[str, ...] = ()  # the source's operator secrets (names: stored)
+    transforms: tuple[Secret, ...] = field(default=(), repr=False)  # its header rules (memory only)
 
     @property
     def snapshot_id(self) -> str:

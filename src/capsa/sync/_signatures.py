@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from capsa.net.forward import ForwardedPort
     from capsa.net.gateway import PortForward, VirtualNetwork
     from capsa.net.policy import NetworkPolicy
+    from capsa.net.secrets import Secret
     from capsa.net.stack import LogEntry
     from capsa.runstate import RunState
     from capsa.sandbox.builder import SandboxConfig
@@ -263,6 +264,9 @@ class SyncNetworkMethods:
 
     @property
     def policy(self) -> NetworkPolicy:
+        raise NotImplementedError
+
+    def set_header_secrets(self, secrets: tuple[Secret, ...]) -> None:
         raise NotImplementedError
 
     def set_policy(self, policy: NetworkPolicy) -> None:
