@@ -156,6 +156,8 @@ class Sandbox(VM):
                 await agent.refresh(new_hostname(), identity)  # also the proof the agent answers
                 self._agent = agent
                 await self._mount_shares()
+                if any(_covers(spec.guest_path, "/etc") for spec in self.config.shares):
+                    origin = None  # a share over /etc: the guest's files are not the snapshot's
                 await self._arm_secrets(origin)
         except TimeoutError:
             tail = self._process.log_tail() if self._process else ""
@@ -463,6 +465,12 @@ def _identity(snapshot: Snapshot) -> str | None:
     except OSError:
         return None
     return f"{snapshot.path.resolve()}:{state.st_mtime_ns}:{state.st_size}:{state.st_ino}"
+
+
+def _covers(mount: str, path: str) -> bool:
+    """Whether a mount at ``mount`` hides or holds ``path`` or something under it."""
+    a, b = mount.rstrip("/") + "/", path.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
 
 
 def new_hostname() -> str:

@@ -34,6 +34,7 @@ BUNDLES = (
 )
 MAX_BUNDLE = 16 << 20
 MAX_KNOWN = 16  # snapshots whose image bundle is remembered (public certificates, ~200 KiB each)
+MAX_KNOWN_SIZE = 1 << 20  # a larger bundle (the guest's to make) is read again each time
 
 
 def ca_file(bundle: str) -> str:
@@ -65,7 +66,7 @@ async def _install(agent: Agent, pem: str, timeout: float, origin: str | None) -
     known = _known.get(origin) if origin is not None else None
     if known is None:
         known = await _image_bundle(agent, timeout)
-        if origin is not None:
+        if origin is not None and len(known[1]) <= MAX_KNOWN_SIZE:
             _known[origin] = known
             while len(_known) > MAX_KNOWN:
                 _known.popitem(last=False)
