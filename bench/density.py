@@ -1,0 +1,238 @@
+"""Density: what an idle sandbox costs the host, and whether many busy ones all make progress.
+
+For each N (``--counts``): build N sandboxes from the default template through the public API
+(``--parallel`` builds at a time), then over an idle window measure
+
+- host memory per sandbox: PSS (``/proc/<pid>/smaps_rollup``) of every process it started (QEMU and
+  any virtiofsd below it) plus what this Python process grew by (its PSS before vs after);
+- idle CPU per 100 sandboxes: CPU time (``/proc/<pid>/stat`` utime+stime) those processes and this
+  Python process consumed over the window — not the machine's load, which other jobs share;
+- build time per sandbox, and every sandbox answering ``ping`` within 2 s at the end;
+- host resources per sandbox: this process's fds, threads and asyncio tasks, QEMU's threads and fds.
+
+Then ``--busy`` sandboxes each run a short CPU burst every second for ``--busy-seconds``: the
+slowest one's completed bursts against the median's (goal >= 0.5) and the ``ping`` p95 (< 1 s).
+Every sandbox is killed at the end, also on Ctrl-C or an error.
+
+    .venv/bin/python -m bench.density [--counts 100,250,500] [--busy 50] [--exec-once]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import capsa
+from bench._report import figure, header
+
+TICK = os.sysconf("SC_CLK_TCK")
+BURST = "i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done"  # ~20-40 ms of guest CPU under TCG
+
+
+def children(pid: int) -> list[int]:
+    """``pid`` and every process below it (a share's virtiofsd is QEMU's sibling, found the same
+    way from the host process, see :func:`sandbox_pids`)."""
+    found = [pid]
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                found += children(int(child))
+    except OSError:
+        pass
+    return found
+
+
+def sandbox_pids(host_pid: int) -> list[int]:
+    """Every process this Python process started (QEMU, virtiofsd, ...), with their children."""
+    return children(host_pid)[1:]
+
+
+def pss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_ticks(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def count(path: str) -> int:
+    try:
+        return len(os.listdir(path))
+    except OSError:
+        return 0
+
+
+async def build_all(n: int, parallel: int, exec_once: bool) -> tuple[list[capsa.Sandbox], float]:
+    """Build ``n`` sandboxes; on any failure the ones built are returned too (the caller kills)."""
+    gate = asyncio.Semaphore(parallel)
+    built: list[capsa.Sandbox] = []
+
+    async def one() -> None:
+        async with gate:
+            vm = await capsa.sandbox().build()
+            built.append(vm)
+            if exec_once:
+                await vm.agent.exec("python3").args(["-c", "print(sum(range(10000)))"]).run()
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
+    elapsed = time.perf_counter() - started
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        print(f"   {len(failures)} of {n} builds failed; first: {failures[0]!r}", flush=True)
+    return built, elapsed
+
+
+async def ping_all(vms: list[capsa.Sandbox], limit: float = 2.0) -> tuple[int, float]:
+    async def one(vm: capsa.Sandbox) -> float | None:
+        start = time.perf_counter()
+        try:
+            await vm.agent.ping(timeout=limit)
+        except (capsa.CapsaError, TimeoutError):
+            return None
+        return time.perf_counter() - start
+
+    times = await asyncio.gather(*(one(vm) for vm in vms))
+    answered = [t for t in times if t is not None and t <= limit]
+    return len(answered), max(answered, default=0.0)
+
+
+async def kill_all(vms: list[capsa.Sandbox]) -> None:
+    gate = asyncio.Semaphore(16)
+
+    async def one(vm: capsa.Sandbox) -> None:
+        async with gate:
+            try:
+                await vm.kill()
+            except capsa.CapsaError:
+                pass
+
+    await asyncio.shield(asyncio.gather(*(one(vm) for vm in vms)))
+
+
+async def idle_level(n: int, parallel: int, window: float, exec_once: bool) -> None:
+    me = os.getpid()
+    base_pss = pss_kib(me)
+    base_fds, base_threads = count("/proc/self/fd"), threading.active_count()
+    base_tasks = len(asyncio.all_tasks())
+    vms: list[capsa.Sandbox] = []
+    try:
+        vms, elapsed = await build_all(n, parallel, exec_once)
+        per_build = elapsed / max(1, len(vms))
+        await asyncio.sleep(3)  # let the restores' last work settle
+        pids = sandbox_pids(me)
+        before = {p: cpu_ticks(p) for p in [*pids, me]}
+        await asyncio.sleep(window)
+        after = {p: cpu_ticks(p) for p in before}
+        qemu_ticks = sum(after[p] - before[p] for p in pids)
+        host_ticks = after[me] - before[me]
+        pss = sum(pss_kib(p) for p in pids) + max(0, pss_kib(me) - base_pss)
+        k = max(1, len(vms))
+        answered, slowest = await ping_all(vms)
+        fds = (count("/proc/self/fd") - base_fds) / k
+        threads = (threading.active_count() - base_threads) / k
+        tasks = (len(asyncio.all_tasks()) - base_tasks) / k
+        qemu_threads = statistics.median(count(f"/proc/{p}/task") for p in pids) if pids else 0
+        qemu_fds = statistics.median(count(f"/proc/{p}/fd") for p in pids) if pids else 0
+        pss_mib = pss / k / 1024
+        idle = (qemu_ticks + host_ticks) / TICK / window / k * 100
+        print(
+            f"N={n:4d}: built {len(vms)} in {elapsed:.1f} s ({per_build * 1000:.0f} ms per sandbox, "
+            f"{parallel} at a time); PSS {pss_mib:.1f} MiB per sandbox; idle CPU {idle:.3f} cores "
+            f"per 100 (QEMU {qemu_ticks / TICK / window / k * 100:.3f}, host Python "
+            f"{host_ticks / TICK / window / k * 100:.3f}; {window:.0f} s window); ping: {answered}/"
+            f"{len(vms)} answered within 2 s (slowest {slowest * 1000:.0f} ms)",
+            flush=True,
+        )
+        print(
+            f"        per sandbox: host fds {fds:.1f}, host threads {threads:.2f}, asyncio tasks "
+            f"{tasks:.1f}; QEMU threads {qemu_threads:.0f}, QEMU fds {qemu_fds:.0f}",
+            flush=True,
+        )
+        figure(f"density_{n}_pss_mib_per_sandbox", pss_mib, "MiB", "<= 15")
+        figure(f"density_{n}_idle_cores_per_100", idle, "cores", "<= 0.05")
+        figure(f"density_{n}_build_ms_per_sandbox", per_build * 1000, "ms")
+        figure(f"density_{n}_answered_fraction", answered / n, "fraction", ">= 1")
+        figure(f"density_{n}_host_fds_per_sandbox", fds, "fds")
+        figure(f"density_{n}_tasks_per_sandbox", tasks, "tasks")
+    finally:
+        await kill_all(vms)
+
+
+async def busy_level(n: int, parallel: int, seconds: float) -> None:
+    vms: list[capsa.Sandbox] = []
+    try:
+        vms, _ = await build_all(n, parallel, exec_once=False)
+        done = [0] * len(vms)
+        pings: list[float] = []
+        deadline = time.monotonic() + seconds
+
+        async def worker(index: int, vm: capsa.Sandbox) -> None:
+            await asyncio.sleep(index / len(vms))  # spread the bursts over the second
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                await vm.agent.exec("/bin/sh").args(["-c", BURST]).timeout(30).run()
+                done[index] += 1
+                await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+
+        async def pinger(vm: capsa.Sandbox) -> None:
+            while time.monotonic() < deadline:
+                started = time.perf_counter()
+                await vm.agent.ping(timeout=10)
+                pings.append(time.perf_counter() - started)
+                await asyncio.sleep(0.5)
+
+        await asyncio.gather(
+            *(worker(i, vm) for i, vm in enumerate(vms)), *(pinger(vm) for vm in vms[: len(vms) // 5])
+        )
+        median = statistics.median(done)
+        spread = min(done) / median if median else 0.0
+        ordered = sorted(pings)
+        p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))] if ordered else 0.0
+        print(
+            f"busy {len(vms)}: bursts per sandbox in {seconds:.0f} s: min {min(done)}, median "
+            f"{median:.0f}, max {max(done)} (slowest/median {spread:.2f}, goal >= 0.5); ping p95 "
+            f"{p95 * 1000:.0f} ms over {len(pings)} pings (goal < 1000)",
+            flush=True,
+        )
+        figure(f"density_busy{n}_slowest_vs_median", spread, "x", ">= 0.5")
+        figure(f"density_busy{n}_ping_p95_ms", p95 * 1000, "ms", "< 1000")
+    finally:
+        await kill_all(vms)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--counts", default="100,250,500", help="numbers of idle sandboxes")
+    parser.add_argument("--parallel", type=int, default=4, help="builds at a time")
+    parser.add_argument("--window", type=float, default=20.0, help="idle window in seconds")
+    parser.add_argument("--busy", type=int, default=50, help="busy sandboxes (0: skip)")
+    parser.add_argument("--busy-seconds", type=float, default=20.0)
+    parser.add_argument("--exec-once", action="store_true", help="run python3 once in each first")
+    args = parser.parse_args()
+    header("density")
+    await (await capsa.sandbox().build()).kill()  # the template exists before any timing
+    for n in [int(c) for c in args.counts.split(",") if c]:
+        await idle_level(n, args.parallel, args.window, args.exec_once)
+    if args.busy:
+        await busy_level(args.busy, args.parallel, args.busy_seconds)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
