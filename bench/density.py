@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import threading
@@ -118,10 +119,8 @@ async def kill_all(vms: list[capsa.Sandbox]) -> None:
 
     async def one(vm: capsa.Sandbox) -> None:
         async with gate:
-            try:
+            with contextlib.suppress(capsa.CapsaError):
                 await vm.kill()
-            except capsa.CapsaError:
-                pass
 
     await asyncio.shield(asyncio.gather(*(one(vm) for vm in vms)))
 

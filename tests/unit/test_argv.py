@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import capsa
+from capsa.snapshot.store import Snapshot, config_key, config_record
 from capsa.vm.argv import LaunchPlan, build_argv, qemu_escape
 from capsa.vm.config import DiskSpec, VMConfig
 
@@ -304,9 +305,9 @@ def test_writable_9p_share_needs_user_xattrs(tmp_path: Path, monkeypatch: pytest
     capsa.sandbox().share(tmp_path, "/mnt/x", capsa.AccessMode.READ_WRITE, mechanism="virtiofs")
 
 
-def test_snapshot_record_keeps_the_pit_and_old_records_restore_with_one(kernel: Path, tmp_path: Path) -> None:
-    from capsa.snapshot.store import Snapshot, config_key, config_record  # noqa: PLC0415
-
+def test_snapshot_record_keeps_the_pit_and_old_records_restore_with_one(
+    kernel: Path, tmp_path: Path
+) -> None:
     config = capsa.vm(capsa.LinuxDirectBoot(kernel)).config
     record = config_record(config, str(kernel), "tcg")
     assert record["pit"] is False and Snapshot(tmp_path, record).vm_config().pit is False

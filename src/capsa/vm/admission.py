@@ -130,7 +130,7 @@ def check_fds(starting: int = 0) -> None:
 @contextlib.contextmanager
 def admit() -> Iterator[None]:
     """Check memory and fds for one more VM and count it as starting until the block exits."""
-    global _starting  # noqa: PLW0603 - one counter per process, by design
+    global _starting  # one counter per process, by design
     check_fds(_starting)
     check_memory(_starting)
     _starting += 1
