@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import resource
 import statistics
 import threading
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import capsa
 from bench._report import figure, header
+from capsa.vm.admission import mem_available_mb
 
 TICK = os.sysconf("SC_CLK_TCK")
 BURST = "i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done"  # ~20-40 ms of guest CPU under TCG
@@ -226,6 +228,13 @@ async def main() -> None:
     parser.add_argument("--exec-once", action="store_true", help="run python3 once in each first")
     args = parser.parse_args()
     header("density")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:  # measure density, not this shell's ulimit -n (admission control names it)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    print(
+        f"# ulimit -n {hard}; memory available {mem_available_mb()} MiB",
+        flush=True,
+    )
     await (await capsa.sandbox().build()).kill()  # the template exists before any timing
     for n in [int(c) for c in args.counts.split(",") if c]:
         await idle_level(n, args.parallel, args.window, args.exec_once)
