@@ -38,8 +38,7 @@ BURST = "i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done"  # ~20-40 ms of guest 
 
 
 def children(pid: int) -> list[int]:
-    """``pid`` and every process below it (a share's virtiofsd is QEMU's sibling, found the same
-    way from the host process, see :func:`sandbox_pids`)."""
+    """``pid`` and every process below it."""
     found = [pid]
     try:
         for task in Path(f"/proc/{pid}/task").iterdir():
@@ -51,8 +50,16 @@ def children(pid: int) -> list[int]:
 
 
 def sandbox_pids(host_pid: int) -> list[int]:
-    """Every process this Python process started (QEMU, virtiofsd, ...), with their children."""
-    return children(host_pid)[1:]
+    """The processes the sandboxes started (QEMU, virtiofsd), not the per-process guardian."""
+    found = []
+    for pid in children(host_pid)[1:]:
+        try:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if argv0.endswith((b"qemu-system-x86_64", b"virtiofsd")):
+            found.append(pid)
+    return found
 
 
 def pss_kib(pid: int) -> int:
