@@ -34,7 +34,11 @@ from bench._report import figure, header
 from capsa.vm.admission import mem_available_mb
 
 TICK = os.sysconf("SC_CLK_TCK")
-BURST = "i=0; while [ $i -lt 1000 ]; do i=$((i+1)); done"  # ~15 ms of QEMU CPU once translated
+# A busy sandbox's loop: a CPU burst (~10-20 ms of QEMU CPU once translated), a line, a 1 s sleep;
+# python, because a shell loop's ``sleep`` forks and execs every second (~35 ms under TCG).
+BUSY_LOOP = (
+    "import time\nwhile True:\n    sum(range(20000))\n    print('.', flush=True)\n    time.sleep(1)\n"
+)
 
 
 def children(pid: int) -> list[int]:
@@ -191,7 +195,6 @@ async def busy_level(n: int, parallel: int, seconds: float) -> None:
     processes: list[capsa.Process] = []
     try:
         vms, _ = await build_all(n, parallel, exec_once=False)
-        loop = f"while :; do {BURST}; echo .; sleep 1; done"
         arrivals: list[list[float]] = [[] for _ in vms]
 
         async def counter(index: int, process: capsa.Process) -> None:
@@ -199,9 +202,9 @@ async def busy_level(n: int, parallel: int, seconds: float) -> None:
                 arrivals[index].append(time.monotonic())
 
         for vm in vms:
-            processes.append(await vm.agent.exec("/bin/sh").args(["-c", loop]).spawn())
+            processes.append(await vm.agent.exec("python3").args(["-c", BUSY_LOOP]).spawn())
         counters = [asyncio.ensure_future(counter(i, p)) for i, p in enumerate(processes)]
-        await asyncio.sleep(3)  # every loop started and translated once
+        await asyncio.sleep(8)  # every loop started (python under TCG: ~1 s of CPU each)
         pings: list[float] = []
         pids = sandbox_pids(os.getpid())
         ticks = sum(cpu_ticks(p) for p in pids)
