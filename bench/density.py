@@ -113,8 +113,16 @@ async def build_all(n: int, parallel: int, exec_once: bool) -> tuple[list[capsa.
     return built, elapsed
 
 
-async def ping_all(vms: list[capsa.Sandbox], limit: float = 2.0) -> tuple[int, float]:
+async def ping_all(vms: list[capsa.Sandbox], limit: float = 2.0, at_once: int = 0) -> tuple[int, float]:
+    """Ping every sandbox (all at once, or ``at_once`` at a time) and count the answers within
+    ``limit`` seconds each."""
+    gate = asyncio.Semaphore(at_once or len(vms) or 1)
+
     async def one(vm: capsa.Sandbox) -> float | None:
+        async with gate:
+            return await timed(vm)
+
+    async def timed(vm: capsa.Sandbox) -> float | None:
         start = time.perf_counter()
         try:
             await vm.agent.ping(timeout=limit)
@@ -157,6 +165,7 @@ async def idle_level(n: int, parallel: int, window: float, exec_once: bool) -> N
         pss = sum(pss_kib(p) for p in pids) + max(0, pss_kib(me) - base_pss)
         k = max(1, len(vms))
         answered, slowest = await ping_all(vms)
+        answered16, slowest16 = await ping_all(vms, at_once=16)
         fds = (count("/proc/self/fd") - base_fds) / k
         threads = (threading.active_count() - base_threads) / k
         tasks = (len(asyncio.all_tasks()) - base_tasks) / k
@@ -169,7 +178,8 @@ async def idle_level(n: int, parallel: int, window: float, exec_once: bool) -> N
             f"{parallel} at a time); PSS {pss_mib:.1f} MiB per sandbox; idle CPU {idle:.3f} cores "
             f"per 100 (QEMU {qemu_ticks / TICK / window / k * 100:.3f}, host Python "
             f"{host_ticks / TICK / window / k * 100:.3f}; {window:.0f} s window); ping: {answered}/"
-            f"{len(vms)} answered within 2 s (slowest {slowest * 1000:.0f} ms)",
+            f"{len(vms)} answered within 2 s (slowest {slowest * 1000:.0f} ms) all pinged at once, "
+            f"{answered16}/{len(vms)} (slowest {slowest16 * 1000:.0f} ms) 16 at a time",
             flush=True,
         )
         print(
