@@ -44,6 +44,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "server_pause": ([], ["--runs", "3"]),
     "ray": ([], ["--runs", "1", "--calls", "50"]),
     "images": ([], ["--only", "oci,start", "--runs", "3"]),
+    "density": ([], ["--counts", "20", "--busy", "10", "--window", "10", "--busy-seconds", "10"]),
 }
 TIMEOUT = 3600
 

@@ -24,6 +24,7 @@ from capsa.console import Console
 from capsa.errors import (
     AgentError,
     BackendError,
+    CapacityError,
     CapsaError,
     CapsaTimeoutError,
     ConfigError,
@@ -71,6 +72,7 @@ __all__ = [
     "All",
     "AnyOf",
     "BackendError",
+    "CapacityError",
     "CapsaError",
     "CapsaTimeoutError",
     "Cidr",

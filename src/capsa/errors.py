@@ -210,6 +210,27 @@ class NoSlotError(CapsaError):
         self.nodes = list(nodes)
 
 
+class CapacityError(CapsaError):
+    """A new VM was refused before QEMU started because this host would run out of ``resource``
+    (``"memory"`` or ``"open files"``): ``needed`` and ``available`` are in ``unit`` (MiB or fds)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        resource: str,
+        needed: int,
+        available: int,
+        unit: str,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.resource = resource
+        self.needed = needed
+        self.available = available
+        self.unit = unit
+
+
 class ExecFailedError(CapsaError):
     """A guest command exited non-zero where success was required (``ExecResult.check()``): its
     ``argv``, ``exit_code``, and ``stdout``/``stderr`` (decoded text), as asyncssh's
@@ -374,6 +395,7 @@ class ExecTimeoutError(CapsaTimeoutError):
 __all__ = [
     "AgentError",
     "BackendError",
+    "CapacityError",
     "CapsaError",
     "CapsaTimeoutError",
     "CaptureError",

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import capsa
+from capsa.snapshot.store import Snapshot, config_key, config_record
 from capsa.vm.argv import LaunchPlan, build_argv, qemu_escape
 from capsa.vm.config import DiskSpec, VMConfig
 
@@ -31,12 +32,12 @@ def test_microvm_tcg_defaults(kernel: Path) -> None:
     config = capsa.vm(capsa.LinuxDirectBoot(kernel, "/x/initrd")).cpus(2).memory_mb(300).config
     argv = build_argv(config, plan())
     assert argv[0] == "/usr/bin/qemu"
-    assert option(argv, "-M") == ["microvm,acpi=on,pcie=off,rtc=on"]
-    assert option(argv, "-accel") == ["tcg,thread=multi"]
+    assert option(argv, "-M") == ["microvm,acpi=on,pcie=off,rtc=on,pit=off"]
+    assert option(argv, "-accel") == ["tcg,thread=multi,tb-size=64"]
     assert option(argv, "-smp") == ["2"] and option(argv, "-m") == ["300M"]
     assert option(argv, "-initrd") == ["/x/initrd"]
     assert "-no-reboot" in argv and "-nodefaults" in argv
-    assert option(argv, "-append") == ["console=ttyS0 panic=-1 tsc_early_khz=2600000"]
+    assert option(argv, "-append") == ["console=ttyS0 panic=-1 tsc_early_khz=2600000 tsc=reliable"]
     assert "socket,id=console,fd=7" in option(argv, "-chardev")
     assert "socket,id=qmp,fd=8" in option(argv, "-chardev")
     assert option(argv, "-sandbox")[0].startswith("on,")
@@ -46,6 +47,16 @@ def test_kvm_uses_host_cpu_and_no_tsc_hint(kernel: Path) -> None:
     argv = build_argv(capsa.vm(capsa.LinuxDirectBoot(kernel)).config, plan("kvm"))
     assert option(argv, "-accel") == ["kvm"] and option(argv, "-cpu") == ["host"]
     assert "tsc_early_khz" not in option(argv, "-append")[0]
+    assert "tsc=reliable" not in option(argv, "-append")[0]
+
+
+def test_density_knobs_tcg_cache_and_pit(kernel: Path) -> None:
+    """The translation cache size and the PIT come from the config: a snapshot taken with a PIT
+    restores with one (its migration stream holds the device's state)."""
+    config = replace(capsa.vm(capsa.LinuxDirectBoot(kernel)).config, tcg_cache_mb=128, pit=True)
+    argv = build_argv(config, plan())
+    assert option(argv, "-accel") == ["tcg,thread=multi,tb-size=128"]
+    assert option(argv, "-M") == ["microvm,acpi=on,pcie=off,rtc=on,pit=on"]
     assert "-initrd" not in argv
 
 
@@ -133,7 +144,7 @@ def test_virtiofs_and_9p_shares(kernel: Path, tmp_path: Path) -> None:
         PlannedShare("capsa2", Path("/data/rw"), False, "9p"),
     )
     argv = build_argv(config, replace(plan(), shares=shares))
-    assert option(argv, "-M") == ["microvm,acpi=on,pcie=off,rtc=on,memory-backend=microvm.ram"]
+    assert option(argv, "-M") == ["microvm,acpi=on,pcie=off,rtc=on,pit=off,memory-backend=microvm.ram"]
     assert "memory-backend-memfd,id=microvm.ram,size=256M,share=on" in option(argv, "-object")
     assert "virtio-mmio.force-legacy=false" in option(argv, "-global")
     assert f"socket,id=fs0,path={tmp_path / 'fs0.sock'}" in option(argv, "-chardev")
@@ -170,7 +181,7 @@ def test_guest_ram_in_a_file(kernel: Path, tmp_path: Path) -> None:
     base = capsa.vm(capsa.LinuxDirectBoot(kernel)).memory_mb(256).config
     clone = replace(base, memory_file=MemoryFile(tmp_path / "a,b" / "memory", shared=False))
     argv = build_argv(clone, plan())
-    assert option(argv, "-M") == ["microvm,acpi=on,pcie=off,rtc=on,memory-backend=microvm.ram"]
+    assert option(argv, "-M") == ["microvm,acpi=on,pcie=off,rtc=on,pit=off,memory-backend=microvm.ram"]
     assert (f"memory-backend-file,id=microvm.ram,size=256M,mem-path={tmp_path}/a,,b/memory,share=off"
             in option(argv, "-object"))  # fmt: skip
     q35 = replace(clone, machine="q35", memory_file=MemoryFile(tmp_path / "m", shared=True))
@@ -292,3 +303,14 @@ def test_writable_9p_share_needs_user_xattrs(tmp_path: Path, monkeypatch: pytest
         capsa.sandbox().share(tmp_path, "/mnt/x", capsa.AccessMode.READ_WRITE, mechanism="9p")
     capsa.sandbox().share(tmp_path, "/mnt/x", capsa.AccessMode.READ_ONLY, mechanism="9p")
     capsa.sandbox().share(tmp_path, "/mnt/x", capsa.AccessMode.READ_WRITE, mechanism="virtiofs")
+
+
+def test_snapshot_record_keeps_the_pit_and_old_records_restore_with_one(
+    kernel: Path, tmp_path: Path
+) -> None:
+    config = capsa.vm(capsa.LinuxDirectBoot(kernel)).config
+    record = config_record(config, str(kernel), "tcg")
+    assert record["pit"] is False and Snapshot(tmp_path, record).vm_config().pit is False
+    old = {k: v for k, v in record.items() if k not in ("pit", "guest_defaults")}
+    assert Snapshot(tmp_path, old).vm_config().pit is True  # taken before the PIT went off
+    assert config_key(old) != config_key(record)  # so a template of the old defaults is not reused

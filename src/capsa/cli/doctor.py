@@ -23,6 +23,7 @@ from capsa.image.kernels import default_kernel_status
 from capsa.image.sandbox import sandbox_image
 from capsa.image.uefi_disk import missing_tools
 from capsa.uefi.firmware import INSTALL_HINT, check_pair, find_firmware
+from capsa.vm.host_limits import limits_for
 
 
 @dataclass
@@ -36,6 +37,12 @@ class Check:
 def register(commands: Any) -> None:
     parser = commands.add_parser("doctor", help="check QEMU, KVM, busybox and the guest kernel")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--max-sandboxes",
+        type=int,
+        metavar="N",
+        help="also check the host limits (open files, threads, pids, maps, memory) for N sandboxes",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -139,15 +146,30 @@ def _uefi() -> list[Check]:
     return checks
 
 
-def collect() -> list[Check]:
+def host_limits(n: int) -> list[Check]:
+    """One check per host limit N sandboxes would hit (docs/performance.md §Density)."""
+    checks = []
+    for limit in limits_for(n):
+        allowed = "unlimited" if limit.allowed is None else str(limit.allowed)
+        detail = f"{n} sandboxes need {limit.needed}, the host allows {allowed}"
+        checks.append(Check(f"limit: {limit.name}", limit.ok, detail, "" if limit.ok else limit.fix))
+    return checks
+
+
+def collect(max_sandboxes: int | None = None) -> list[Check]:
+    limits = host_limits(max_sandboxes) if max_sandboxes else []
     return [
         _qemu(), _busybox(), *_kvm_and_kernel(), _sandbox_kernel(), _sandbox_image(), _virtiofsd(),
-        *_uefi(),
+        *_uefi(), *limits,
     ]  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
-    checks = collect()
+    if args.max_sandboxes is not None and args.max_sandboxes < 1:
+        raise CapsaError(
+            "--max-sandboxes must be at least 1", hint="e.g. capsa doctor --max-sandboxes 500"
+        )
+    checks = collect(args.max_sandboxes)
     if args.json:
         sys.stdout.write(json.dumps([asdict(c) for c in checks], indent=2) + "\n")
     else:
@@ -157,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
         table.add_column("detail")
         table.add_column("fix")
         for check in checks:
-            status = "[green]ok[/green]" if check.ok else "[red]missing[/red]"
+            bad = "[red]too low[/red]" if check.name.startswith("limit:") else "[red]missing[/red]"
+            status = "[green]ok[/green]" if check.ok else bad
             table.add_row(check.name, status, check.detail, check.fix)
         Console().print(table)
     return 0 if all(c.ok for c in checks) else 1

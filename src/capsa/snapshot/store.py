@@ -24,7 +24,7 @@ from capsa._paths import write_atomic
 from capsa.errors import SnapshotError
 from capsa.net.gateway import VirtualNetwork
 from capsa.shares.spec import ShareSpec
-from capsa.vm.config import DiskSpec, MemoryFile, VMConfig
+from capsa.vm.config import GUEST_DEFAULTS, DiskSpec, MemoryFile, VMConfig
 
 FORMAT = 2  # 1 had RAM inside the state stream
 STATE = "state"
@@ -55,6 +55,8 @@ def config_record(config: VMConfig, qemu: str, accelerator: str) -> dict[str, An
         "cmdline_override": config.cmdline_override,
         "disks": [_disk_record(d) for d in config.disks],
         "machine": config.machine,
+        "guest_defaults": GUEST_DEFAULTS,  # the launch defaults a template was booted with
+        "pit": config.pit,  # a device in the migration stream: a restore must have it or not alike
         "virtio_ports": list(config.virtio_ports),
         "extra_qemu_args": list(config.extra_qemu_args),
         "accelerator": accelerator,
@@ -139,6 +141,7 @@ class Snapshot:
             disks=tuple(_disk_spec(d) for d in self.record["disks"]),
             accelerator=self.record["accelerator"],
             machine=self.record["machine"],
+            pit=self.record.get("pit", True),  # snapshots taken before the key existed had a PIT
             virtio_ports=tuple(self.record["virtio_ports"]),
             extra_qemu_args=tuple(self.record["extra_qemu_args"]),
             shares=shares,

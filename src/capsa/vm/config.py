@@ -27,6 +27,16 @@ _CMDLINE_VALUE = re.compile(r"^[\x21-\x7e]*$")  # printable ASCII, no spaces
 _QCOW2_MAGIC = b"QFI\xfb"
 _PORT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MAX_PORTS = 16
+# TCG's translation cache (``-accel tcg,tb-size=``). QEMU 7.2 reserves 1 GiB per VM and fills it as
+# guest code is translated (one first ``python3`` run touches ~30 MiB), and a sandbox keeps what it
+# touched for good: 64 MiB bounds that at no measurable cost, while 32 MiB cost +25% CPU and 16 MiB
+# +100% on a python workload (a full cache is flushed and hot code translated again;
+# docs/performance.md §Density).
+DEFAULT_TCG_CACHE_MB = 64
+# Bump when capsa.vm.argv's default_cmdline() or machine options change what a freshly booted guest
+# runs: it is part of every template's key (capsa.snapshot.store.config_record), so templates
+# recorded with the old defaults are recorded again rather than kept as if they had the new ones.
+GUEST_DEFAULTS = 2
 
 
 _SERIAL = re.compile(r"^[A-Za-z0-9._-]{1,20}$")  # virtio-blk serials are at most 20 bytes
@@ -164,6 +174,11 @@ class VMConfig:
     network: VirtualNetwork | None = None  # None: no NIC at all
     memory_file: MemoryFile | None = None  # None: anonymous memory (or a memfd for virtio-fs)
     extra_qemu_args: tuple[str, ...] = field(default=())
+    tcg_cache_mb: int = DEFAULT_TCG_CACHE_MB  # not part of a snapshot: restores take the default
+    # microvm's legacy i8254 PIT. Off: QEMU resets it running (mode 3) and the guest, which uses the
+    # LAPIC timer, never stops it, so under TCG it woke QEMU's main loop every 27 ms (~3 ms/s of host
+    # CPU per idle VM). On only to restore snapshots taken before (their stream holds its state).
+    pit: bool = False
 
     def all_disks(self) -> tuple[DiskSpec, ...]:
         """Disks in attachment order: the boot's root disk (``/dev/vda``) first."""

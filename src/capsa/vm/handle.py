@@ -35,6 +35,7 @@ from capsa.errors import (
 from capsa.net.stack import NetworkStack, open_stack
 from capsa.shares.spec import Share
 from capsa.uefi.watch import watch_firmware
+from capsa.vm.admission import admit
 from capsa.vm.argv import LaunchPlan, build_argv
 from capsa.vm.config import VMConfig, validate_lifetime
 from capsa.vm.exits import exited_error
@@ -240,7 +241,8 @@ class VM(StopsOnExit):
         self._set_state(RunState.STARTING)
         self._loop = asyncio.get_running_loop()
         try:
-            await self._launch(timeout, incoming)
+            with admit():  # refused here: nothing was started, so nothing is left half-built
+                await self._launch(timeout, incoming)
         except BaseException:
             self._set_state(RunState.FAILED)
             await self._cleanup()
