@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from capsa.errors import CapsaError, ConfigError, VolumeError
+from capsa.errors import CapacityError, CapsaError, ConfigError, VolumeError
 from capsa.server.entry import (
     DEFAULT_TIMEOUT,
     ENVD_VERSION,
@@ -446,6 +446,10 @@ def api_error(exc: Exception) -> JSONResponse:
         return error_response(exc.status, exc.message)
     if isinstance(exc, VolumeError):  # a volume in use (e.g. a fork of a sandbox mounting one)
         return error_response(409, exc.message)
+    if isinstance(exc, CapacityError):  # admission control: the host is full, not broken
+        log.warning("sandbox refused: %s", exc)
+        hint = f" ({exc.hint})" if exc.hint else ""
+        return error_response(503, f"{exc.message}{hint}")
     if isinstance(exc, CapsaError):
         log.warning("request failed: %s", exc)
         return error_response(500, exc.message)
