@@ -117,8 +117,9 @@ class Pages:
             '<section id="metrics"><h2>Metrics</h2><div id="chart" class="chart"></div></section>'
             f'<section id="terminal" data-sandbox="{sid}"><h2>Terminal</h2></section>'
             f'<section id="files" data-sandbox="{sid}"><h2>Files</h2></section>'
-            '<section id="processes"><h2>Processes</h2><table><thead><tr><th>PID</th><th>Tag</th>'
-            "<th>Command</th></tr></thead><tbody></tbody></table></section>"
+            '<section id="processes"><h2>Processes <button type="button" id="processes-refresh">'
+            "Refresh</button></h2><table><thead><tr><th>PID</th><th>User</th><th>Running for</th>"
+            "<th>Memory</th><th>Command</th></tr></thead><tbody></tbody></table></section>"
             '<section id="egress"><h2>Egress log</h2><table><thead><tr><th>Time</th><th>Proto</th>'
             "<th>Destination</th><th>Rule</th><th>Action</th></tr></thead><tbody></tbody></table>"
             '<p class="muted" id="egress-none">No network decisions yet.</p></section>'
