@@ -47,7 +47,7 @@ class Pages:
 
     async def login_form(self, request: Request, error: str = "", status: int = 200) -> Response:
         note = f'<p class="error" role="alert">{escape(error)}</p>' if error else ""
-        target = _next(request.query_params.get("next", "/ui/"))
+        target = safe_next(request.query_params.get("next", "/ui/"))
         body = (
             '<section class="login"><h1>Log in</h1>'
             f'<form method="post" action="/ui/login?next={escape(quote(target))}">'
@@ -66,7 +66,7 @@ class Pages:
             cookie = self.deps.sessions.login(key.strip())
         if cookie is None:
             return await self.login_form(request, "That API key is not accepted.", 401)
-        response = RedirectResponse(_next(request.query_params.get("next", "/ui/")), status_code=303)
+        response = RedirectResponse(safe_next(request.query_params.get("next", "/ui/")), status_code=303)
         self.deps.sessions.set_cookie(response, cookie)
         return response
 
@@ -152,7 +152,7 @@ class Pages:
         return HTMLResponse(html, headers=_NO_STORE)
 
 
-def _next(target: str) -> str:
+def safe_next(target: str) -> str:
     """Where the login goes next: a dashboard page only (no open redirect)."""
     if target.startswith("/ui/") and not target.startswith("//") and "\\" not in target:
         return target
