@@ -154,8 +154,14 @@ class Page:
         return list(self.driver.find_elements(By.CSS_SELECTOR, f'#sandboxes tr[data-id="{sandbox_id}"]'))
 
     def shot(self, name: str) -> Path:
+        """Save the whole page (the window grown to its height for the shot) as ``name``.png."""
         path = artifacts() / f"{name}.png"
-        self.driver.save_screenshot(str(path))
+        height = self.driver.execute_script("return document.documentElement.scrollHeight")
+        self.driver.set_window_size(1400, min(max(int(height or 0), 1000), 4000))
+        try:
+            self.driver.save_screenshot(str(path))
+        finally:
+            self.driver.set_window_size(1400, 1000)
         return path
 
 

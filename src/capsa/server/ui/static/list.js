@@ -6,6 +6,7 @@
   const ui = window.capsaUi;
   const stats = { updates: 0, lastMs: 0, maxMs: 0, totalMs: 0, rows: 0, firstSeen: {} };
   window.capsaListStats = stats;
+  window.capsaList = { render: (items) => render(items) }; // bench/ui.py times a 100-row update
   let source = null;
   const rows = new Map(); // id -> {tr, json}
 
