@@ -23,8 +23,12 @@ from tests.server.conftest import API_KEY, Server, start_server
 ALICE = "alice-ui-key-0123456789"
 BOB = "bob-ui-key-0123456789"
 ADMIN = API_KEY  # CAPSA_API_KEY: the admin key of the tenant "default"
-CHROMIUM = os.environ.get("CAPSA_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("CAPSA_CHROMEDRIVER", "/usr/bin/chromedriver")
+# Debian's chromium (Ubuntu's chromium-browser) and chromedriver; CAPSA_CHROMIUM/_CHROMEDRIVER
+# name others
+CHROMIUM = (
+    os.environ.get("CAPSA_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+)
+CHROMEDRIVER = os.environ.get("CAPSA_CHROMEDRIVER") or shutil.which("chromedriver")
 BROWSER_ARGS = (
     "--headless=new",
     "--no-sandbox",
@@ -77,9 +81,9 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UiServer]:
 
 def chromium_missing() -> str | None:
     """Why browser tests cannot run here (None: they can)."""
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)) and shutil.which(path) is None:
-            return f"{path} is not installed (scripts/setup.sh installs chromium and chromium-driver)"
+    for name, path in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)):
+        if path is None or not os.access(path, os.X_OK):
+            return f"{name} is not installed (scripts/setup.sh installs chromium and chromium-driver)"
     try:
         import selenium  # noqa: F401
     except ImportError:
@@ -98,6 +102,7 @@ def browser() -> Iterator[Any]:
     from selenium.webdriver.chrome.service import Service
 
     options = Options()
+    assert CHROMIUM is not None and CHROMEDRIVER is not None
     options.binary_location = CHROMIUM
     for argument in BROWSER_ARGS:
         options.add_argument(argument)
