@@ -176,3 +176,17 @@ def test_csrf_and_tenant_isolation(ui_server: UiServer, alice: tuple[httpx.Clien
         sandbox.kill()
         bob.close()
         admin.close()
+
+
+def test_another_sites_form_cannot_log_the_browser_in(ui_server: UiServer) -> None:
+    with httpx.Client(base_url=ui_server.url, timeout=30) as client:
+        reply = client.post(
+            "/ui/login",
+            data={"api_key": ui_server.keys["bob"]},
+            headers={"Origin": "https://evil.example"},
+        )
+        assert reply.status_code == 403 and "set-cookie" not in reply.headers
+        same = client.post(
+            "/ui/login", data={"api_key": ui_server.keys["bob"]}, headers={"Origin": ui_server.url}
+        )
+        assert same.status_code == 303

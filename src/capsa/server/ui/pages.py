@@ -5,7 +5,7 @@ session cookie (:mod:`.session`)."""
 from __future__ import annotations
 
 from html import escape
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
@@ -59,6 +59,8 @@ class Pages:
         return HTMLResponse(page("Log in", body), status_code=status, headers=_NO_STORE)
 
     async def login(self, request: Request) -> Response:
+        if not same_origin(request):  # another site's form logging the browser in as someone else
+            return await self.login_form(request, "Log in from this server's own page.", 403)
         form = await request.form(max_files=0, max_fields=4)
         key = form.get("api_key")
         cookie = None
@@ -150,6 +152,15 @@ class Pages:
         )
         html = page("Server", body, session=session, scripts=("server.js",))
         return HTMLResponse(html, headers=_NO_STORE)
+
+
+def same_origin(request: Request) -> bool:
+    """Whether a form post comes from this server's pages: its ``Origin`` (sent by browsers with
+    every POST) names the host it was sent to; no ``Origin`` (a non-browser client) passes."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    return urlsplit(origin).netloc == request.headers.get("host", "")
 
 
 def safe_next(target: str) -> str:

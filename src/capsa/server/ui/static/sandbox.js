@@ -92,6 +92,7 @@
     const state = document.getElementById("state");
     state.textContent = "ended"; state.className = "state gone";
     for (const button of document.querySelectorAll("#actions button")) button.disabled = true;
+    if (current) { current.state = "ended"; facts(current); }
     document.dispatchEvent(new CustomEvent("capsa:sandbox-gone", { detail: { id } }));
   }
 
