@@ -5,11 +5,12 @@ every answer carries. :class:`capsa.server.app.CapsaServer` sends it the request
 from __future__ import annotations
 
 import logging
+from html import escape
 from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,6 +20,7 @@ from capsa.server.api_error import ApiError
 from capsa.server.limits import Limits
 from capsa.server.ui import actions, events, info, pages
 from capsa.server.ui.deps import UiDeps
+from capsa.server.ui.html import page
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,12 @@ def _optional_routes(deps: UiDeps) -> list[BaseRoute]:
 
 
 async def _on_error(request: Request, exc: Exception) -> Response:
-    if isinstance(exc, ApiError):
-        return JSONResponse({"code": exc.status, "message": exc.message}, status_code=exc.status)
-    log.warning("dashboard request failed: %s", exc)
-    return JSONResponse({"code": 500, "message": str(exc)}, status_code=500)
+    """JSON for ``/ui/api``, a page for a page (an unknown sandbox's, say)."""
+    status = exc.status if isinstance(exc, ApiError) else 500
+    message = exc.message if isinstance(exc, CapsaError) else "internal error"
+    if status >= 500:
+        log.warning("dashboard request %s failed: %s", request.url.path, exc)
+    if request.url.path.startswith(PREFIX + "/api/"):
+        return JSONResponse({"code": status, "message": message}, status_code=status)
+    body = f'<h1>{status}</h1><p class="error">{escape(message)}</p><p><a href="/ui/">Sandboxes</a></p>'
+    return HTMLResponse(page(str(status), body), status_code=status)
