@@ -213,3 +213,26 @@ def test_one_hundred_rows_stay_cheap(page: Page, ui_server: UiServer) -> None:
     finally:
         sandbox.kill()
         page.open("/ui/")  # the live stream replaces the synthetic rows again
+
+
+def test_pause_resume_and_extend_from_the_page(page: Page, ui_server: UiServer) -> None:
+    from selenium.webdriver.common.by import By
+
+    page.login("alice")
+    sandbox = create(ui_server, "alice")
+    try:
+        sandbox.files.write("/home/user/kept.txt", "still here")
+        page.open(f"/ui/sandboxes/{sandbox.sandbox_id}")
+        state = lambda: page.driver.find_element(By.ID, "state").text  # noqa: E731
+        page.wait(lambda: state() == "running", "running")
+        before = sandbox.get_info().end_at
+        page.driver.find_element(By.CSS_SELECTOR, 'button[data-action="extend"]').click()
+        page.wait(lambda: sandbox.get_info().end_at > before, "the timeout to grow")
+        assert (sandbox.get_info().end_at - before).total_seconds() >= 290
+        page.driver.find_element(By.CSS_SELECTOR, 'button[data-action="pause"]').click()
+        page.wait(lambda: state() == "paused", "paused", timeout=WAIT + 30)
+        page.driver.find_element(By.CSS_SELECTOR, 'button[data-action="resume"]').click()
+        page.wait(lambda: state() == "running", "running again", timeout=WAIT + 30)
+        assert sandbox.files.read("/home/user/kept.txt") == "still here"
+    finally:
+        sandbox.kill()
