@@ -1,5 +1,5 @@
 """Live data as server-sent events: the sandbox list (``/ui/api/events``) and one sandbox's view
-(``/ui/api/sandboxes/{id}/events``: its state, metrics and new egress decisions).
+(``/ui/api/sandboxes/{id}/events``: its state, its new metrics samples and egress decisions).
 
 Each stream looks every :data:`TICK` seconds and sends only what changed, so a page idles at
 almost no cost; a stream ends when its browser goes (Starlette cancels it on disconnect), when its
@@ -85,6 +85,7 @@ class Events:
     ) -> AsyncIterator[bytes]:
         last_row = None
         sent = 0.0  # the time of the newest egress decision sent
+        sampled = 0.0  # the time of the newest metrics sample sent (the page keeps the older ones)
         while self.deps.sessions.session_of(request) is not None:
             try:
                 entry = self.deps.registry.find(sandbox_id, session.principal.scope)
@@ -95,10 +96,12 @@ class Events:
             current["lifecycle"] = {"autoPause": entry.auto_pause, "autoResume": entry.auto_resume}
             current["network"] = entry.policy is not None
             if current != last_row:
-                current["metrics"] = [s.to_json() for s in self.deps.sampler.series(entry.id)]
+                samples = [s for s in self.deps.sampler.series(entry.id) if s.timestamp > sampled]
+                current["metrics"] = [s.to_json() for s in samples]
                 yield sse("sandbox", current)
                 current.pop("metrics")
                 last_row = current
+                sampled = samples[-1].timestamp if samples else sampled
             fresh = [d for d in await log_of(entry) if d.time > sent][-MAX_EGRESS_BATCH:]
             if fresh:
                 sent = fresh[-1].time

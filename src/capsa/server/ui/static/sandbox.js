@@ -7,7 +7,9 @@
   const ui = window.capsaUi;
   const SVG = "http://www.w3.org/2000/svg";
   const EGRESS_KEPT = 500;
+  const SAMPLES_KEPT = 3600; // as many as the server keeps per sandbox
   let id = null, source = null, current = null, gone = false;
+  let samples = []; // the stream sends each metrics sample once: the page keeps the series
 
   function svg(tag, attrs) {
     const node = document.createElementNS(SVG, tag);
@@ -61,7 +63,12 @@
     const state = document.getElementById("state");
     state.textContent = item.state; state.className = "state " + item.state;
     facts(item);
-    if (item.metrics) chart(item.metrics);
+    const newest = samples.length ? samples[samples.length - 1].timestamp : "";
+    const fresh = item.metrics.filter((m) => m.timestamp > newest); // a reconnected stream resends all
+    if (fresh.length || !samples.length) {
+      samples = samples.concat(fresh).slice(-SAMPLES_KEPT);
+      chart(samples);
+    }
     for (const button of document.querySelectorAll("#actions button")) {
       const action = button.dataset.action;
       button.hidden = (action === "pause" && item.state !== "running") || (action === "resume" && item.state !== "paused");
