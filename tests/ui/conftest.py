@@ -163,6 +163,7 @@ class Page:
         path = artifacts() / f"{name}.png"
         height = self.driver.execute_script("return document.documentElement.scrollHeight")
         self.driver.set_window_size(1400, min(max(int(height or 0), 1000), 4000))
+        self.driver.execute_script("window.scrollTo(0, 0)")
         try:
             self.driver.save_screenshot(str(path))
         finally:
