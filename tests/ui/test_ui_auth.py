@@ -15,6 +15,8 @@ import pytest
 
 from tests.ui.conftest import UiServer
 
+pytestmark = pytest.mark.vm  # the shared server boots its pool's guests
+
 STATE_CHANGING = ("kill", "pause", "resume", "extend")
 
 
@@ -124,7 +126,6 @@ def test_security_headers(alice: tuple[httpx.Client, str]) -> None:
     assert reply.headers["cache-control"] == "no-store"
 
 
-@pytest.mark.vm
 @pytest.mark.timeout(240)
 def test_csrf_and_tenant_isolation(ui_server: UiServer, alice: tuple[httpx.Client, str]) -> None:
     from e2b import Sandbox
