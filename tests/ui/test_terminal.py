@@ -10,13 +10,25 @@ import re
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import websocket
 
 e2b = pytest.importorskip("e2b")
 
 from tests.server.conftest import Server  # noqa: E402
-from tests.ui.termfiles import KEY_A, KEY_B, exit_frame, login, read_until, sdk, serve, terminal  # noqa: E402
+from tests.ui.termfiles import (  # noqa: E402
+    COOKIE,
+    KEY_A,
+    KEY_B,
+    csrf,
+    exit_frame,
+    login,
+    read_until,
+    sdk,
+    serve,
+    terminal,
+)
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(120)]
 
@@ -158,3 +170,24 @@ def test_a_sandbox_paused_mid_session_ends_it_and_a_paused_one_opens_none(
             ws.close()
     finally:
         victim.kill()
+
+
+def test_logging_out_ends_an_open_terminal(server: Server, sbx: e2b.Sandbox) -> None:
+    cookie = login(server, KEY_A)
+    ws = terminal(server, cookie, sbx.sandbox_id)
+    try:
+        pid = _shell_pid(ws)
+        out = httpx.post(
+            f"{server.url}/ui/logout",
+            cookies={COOKIE: cookie},
+            headers={"X-CSRF-Token": csrf(server, cookie)},
+        )
+        assert out.status_code == 204
+        message, _ = exit_frame(ws)
+        assert message == {
+            "type": "exit",
+            "reason": "the dashboard session ended (logged out or expired)",
+        }
+    finally:
+        ws.close()
+    assert sbx.commands.run(f"kill -0 {pid} 2>/dev/null || echo gone").stdout.strip() == "gone"
