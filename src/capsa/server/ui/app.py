@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from capsa.errors import CapsaError
 from capsa.server.api_error import ApiError
 from capsa.server.limits import Limits
-from capsa.server.ui import actions, events, pages
+from capsa.server.ui import actions, events, info, pages
 from capsa.server.ui.deps import UiDeps
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class UiApp:
             *pages.routes(deps),
             *events.routes(deps),
             *actions.routes(deps),
+            *info.routes(deps),
             *_optional_routes(deps),
             *extra,
             Mount(PREFIX + "/static", StaticFiles(directory=STATIC), name="static"),

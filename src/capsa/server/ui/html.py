@@ -28,7 +28,8 @@ def page(
     return (
         "<!doctype html>\n"
         f'<html lang="en"><head><meta charset="utf-8"><title>{escape(title)} · capsa</title>'
-        f'<meta name="viewport" content="width=device-width, initial-scale=1">{meta}{links}{tags}'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f'<link rel="icon" href="data:,">{meta}{links}{tags}'
         f"</head><body>{_header(session)}<main{attrs}>{body}</main></body></html>"
     )
 

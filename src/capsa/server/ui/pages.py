@@ -47,7 +47,7 @@ class Pages:
 
     async def login_form(self, request: Request, error: str = "", status: int = 200) -> Response:
         note = f'<p class="error" role="alert">{escape(error)}</p>' if error else ""
-        target = _next(request.query_params.get("next", "/ui/"))
+        target = safe_next(request.query_params.get("next", "/ui/"))
         body = (
             '<section class="login"><h1>Log in</h1>'
             f'<form method="post" action="/ui/login?next={escape(quote(target))}">'
@@ -66,7 +66,7 @@ class Pages:
             cookie = self.deps.sessions.login(key.strip())
         if cookie is None:
             return await self.login_form(request, "That API key is not accepted.", 401)
-        response = RedirectResponse(_next(request.query_params.get("next", "/ui/")), status_code=303)
+        response = RedirectResponse(safe_next(request.query_params.get("next", "/ui/")), status_code=303)
         self.deps.sessions.set_cookie(response, cookie)
         return response
 
@@ -117,8 +117,9 @@ class Pages:
             '<section id="metrics"><h2>Metrics</h2><div id="chart" class="chart"></div></section>'
             f'<section id="terminal" data-sandbox="{sid}"><h2>Terminal</h2></section>'
             f'<section id="files" data-sandbox="{sid}"><h2>Files</h2></section>'
-            '<section id="processes"><h2>Processes</h2><table><thead><tr><th>PID</th><th>Tag</th>'
-            "<th>Command</th></tr></thead><tbody></tbody></table></section>"
+            '<section id="processes"><h2>Processes <button type="button" id="processes-refresh">'
+            "Refresh</button></h2><table><thead><tr><th>PID</th><th>User</th><th>Running for</th>"
+            "<th>Memory</th><th>Command</th></tr></thead><tbody></tbody></table></section>"
             '<section id="egress"><h2>Egress log</h2><table><thead><tr><th>Time</th><th>Proto</th>'
             "<th>Destination</th><th>Rule</th><th>Action</th></tr></thead><tbody></tbody></table>"
             '<p class="muted" id="egress-none">No network decisions yet.</p></section>'
@@ -151,7 +152,7 @@ class Pages:
         return HTMLResponse(html, headers=_NO_STORE)
 
 
-def _next(target: str) -> str:
+def safe_next(target: str) -> str:
     """Where the login goes next: a dashboard page only (no open redirect)."""
     if target.startswith("/ui/") and not target.startswith("//") and "\\" not in target:
         return target
