@@ -1,44 +1,28 @@
-"""What the terminal and file-browser tests share: a real ``capsa serve`` with two tenants
-(``alpha``, ``beta``), a dashboard login, and a WebSocket to a sandbox's terminal."""
+"""What the terminal and file-browser tests share (on the shared ``ui_server`` of conftest.py): a
+dashboard login without a browser, the session's CSRF token, and a WebSocket to a terminal."""
 
 from __future__ import annotations
 
 import json
 import re
-import secrets
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import websocket
 
-from tests.server.conftest import Server, start_server
+from tests.server.conftest import Server
+from tests.ui.conftest import ALICE
 
-KEY_A = f"alpha-{secrets.token_hex(16)}"
-KEY_B = f"beta-{secrets.token_hex(16)}"
 COOKIE = "capsa_ui"
 _META = re.compile(r'<meta name="csrf-token" content="([^"]+)"')
 
 
-def serve(tmp: Path, *args: str) -> Iterator[Server]:
-    keys = tmp / "keys.txt"
-    keys.write_text(f"{KEY_A} tenant=alpha\n{KEY_B} tenant=beta\n")
-    srv = start_server(
-        tmp, "--api-key-file", str(keys), "--pool", "base=1", "--max-sandboxes", "4", *args
-    )
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-def sdk(server: Server, key: str = KEY_A) -> dict[str, Any]:
+def sdk(server: Server, key: str = ALICE) -> dict[str, Any]:
     return {"api_key": key, "api_url": server.url, "sandbox_url": server.url, "retries": 0}
 
 
-def login(server: Server, key: str = KEY_A) -> str:
+def login(server: Server, key: str = ALICE) -> str:
     """The session cookie the login page gives for ``key``."""
     reply = httpx.post(f"{server.url}/ui/login", data={"api_key": key}, timeout=10)
     assert reply.status_code == 303, reply.text

@@ -17,16 +17,14 @@ import websocket
 e2b = pytest.importorskip("e2b")
 
 from tests.server.conftest import Server  # noqa: E402
+from tests.ui.conftest import ALICE, BOB, UiServer  # noqa: E402
 from tests.ui.termfiles import (  # noqa: E402
     COOKIE,
-    KEY_A,
-    KEY_B,
     csrf,
     exit_frame,
     login,
     read_until,
     sdk,
-    serve,
     terminal,
 )
 
@@ -34,13 +32,13 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(120)]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from serve(tmp_path_factory.mktemp("ui-terminal"))
+def server(ui_server: UiServer) -> Server:
+    return ui_server.server
 
 
 @pytest.fixture(scope="module")
 def sbx(server: Server) -> Iterator[e2b.Sandbox]:
-    sandbox = e2b.Sandbox.create(**sdk(server, KEY_A))
+    sandbox = e2b.Sandbox.create(**sdk(server, ALICE))
     try:
         yield sandbox
     finally:
@@ -49,7 +47,7 @@ def sbx(server: Server) -> Iterator[e2b.Sandbox]:
 
 @pytest.fixture(scope="module")
 def cookie(server: Server) -> str:
-    return login(server, KEY_A)
+    return login(server, ALICE)
 
 
 def test_typing_shows_output_and_resize_reaches_the_shell(
@@ -83,7 +81,7 @@ def test_handshakes_without_a_session_from_elsewhere_or_to_another_tenant_are_re
     _refused(server, cookie, sbx.sandbox_id, origin="http://evil.example")
     _refused(server, cookie, sbx.sandbox_id, origin="http://8000-" + sbx.sandbox_id + ".localhost:3000")
     _refused(server, cookie, sbx.sandbox_id, origin=None)
-    _refused(server, login(server, KEY_B), sbx.sandbox_id)  # beta's session, alpha's sandbox
+    _refused(server, login(server, BOB), sbx.sandbox_id)  # beta's session, alpha's sandbox
     _refused(server, cookie, "i" + "0" * 20)
     _refused(server, cookie, sbx.sandbox_id, query="?rows=0&cols=80")
 
@@ -138,7 +136,7 @@ def test_a_disconnected_browser_frees_its_shell(server: Server, sbx: e2b.Sandbox
 
 
 def test_a_sandbox_killed_mid_session_ends_it_with_a_reason(server: Server, cookie: str) -> None:
-    victim = e2b.Sandbox.create(**sdk(server, KEY_A))
+    victim = e2b.Sandbox.create(**sdk(server, ALICE))
     ws = terminal(server, cookie, victim.sandbox_id)
     try:
         _shell_pid(ws)
@@ -153,7 +151,7 @@ def test_a_sandbox_killed_mid_session_ends_it_with_a_reason(server: Server, cook
 def test_a_sandbox_paused_mid_session_ends_it_and_a_paused_one_opens_none(
     server: Server, cookie: str
 ) -> None:
-    victim = e2b.Sandbox.create(**sdk(server, KEY_A))
+    victim = e2b.Sandbox.create(**sdk(server, ALICE))
     try:
         ws = terminal(server, cookie, victim.sandbox_id)
         try:
@@ -173,7 +171,7 @@ def test_a_sandbox_paused_mid_session_ends_it_and_a_paused_one_opens_none(
 
 
 def test_logging_out_ends_an_open_terminal(server: Server, sbx: e2b.Sandbox) -> None:
-    cookie = login(server, KEY_A)
+    cookie = login(server, ALICE)
     ws = terminal(server, cookie, sbx.sandbox_id)
     try:
         pid = _shell_pid(ws)

@@ -79,7 +79,7 @@ def attachment(path: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
-async def _capped(body: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+async def capped(body: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
     """``body``, refused with 413 once more than ``limit`` bytes came (whatever cap the app's
     own body guard applies to this path)."""
     total = 0
@@ -168,7 +168,7 @@ def routes(deps: UiDeps) -> list[BaseRoute]:
             fs = Filesystem(entry.vm)
             target = fs.path(request.query_params.get("path"))
             limit = deps.limits.max_upload_bytes
-            body = _capped(request.stream(), limit)
+            body = capped(request.stream(), limit)
             content_type = request.headers.get("content-type", "")
             written = []
             if content_type.startswith("multipart/form-data"):
