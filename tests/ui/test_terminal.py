@@ -16,7 +16,7 @@ import websocket
 
 e2b = pytest.importorskip("e2b")
 
-from tests.server.conftest import Server  # noqa: E402
+from tests.server.conftest import API_KEY, Server  # noqa: E402
 from tests.ui.conftest import ALICE, BOB, UiServer  # noqa: E402
 from tests.ui.termfiles import (  # noqa: E402
     COOKIE,
@@ -122,9 +122,11 @@ def _shell_pid(ws: websocket.WebSocket) -> int:
 
 
 def test_a_disconnected_browser_frees_its_shell(server: Server, sbx: e2b.Sandbox, cookie: str) -> None:
+    before = _open_streams(server).get("terminal", 0)  # the shared browser may show one
     ws = terminal(server, cookie, sbx.sandbox_id)
     pid = _shell_pid(ws)
     assert sbx.commands.run(f"kill -0 {pid} && echo alive").stdout.strip() == "alive"
+    assert _open_streams(server).get("terminal", 0) == before + 1
     ws.close()
     deadline = time.monotonic() + 15
     while (
@@ -133,6 +135,15 @@ def test_a_disconnected_browser_frees_its_shell(server: Server, sbx: e2b.Sandbox
     ):
         assert time.monotonic() < deadline, f"shell {pid} still runs after the browser left"
         time.sleep(0.3)
+    assert _open_streams(server).get("terminal", 0) == before
+
+
+def _open_streams(server: Server) -> dict[str, int]:
+    """The dashboard's open long-lived connections by kind (its server page, as the admin)."""
+    admin = login(server, API_KEY)
+    reply = httpx.get(f"{server.url}/ui/api/server", cookies={COOKIE: admin}, timeout=30)
+    streams: dict[str, int] = reply.json()["health"]["streams"]
+    return streams
 
 
 def test_a_sandbox_killed_mid_session_ends_it_with_a_reason(server: Server, cookie: str) -> None:
