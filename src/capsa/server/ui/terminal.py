@@ -20,9 +20,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
 from starlette.routing import BaseRoute, WebSocketRoute
@@ -81,21 +80,13 @@ def parse_control(text: str) -> tuple[int, int]:
         message = json.loads(text)
     except ValueError:
         raise FrameRefused("a text frame must be a JSON control message") from None
-    if (
-        not isinstance(message, dict)
-        or message.get("type") != "resize"
-        or set(message)
-        != {
-            "type",
-            "rows",
-            "cols",
-        }
-    ):
+    fields = set(message) if isinstance(message, dict) else set()
+    if fields != {"type", "rows", "cols"} or message["type"] != "resize":
         raise FrameRefused('the only control message is {"type": "resize", "rows": R, "cols": C}')
     return parse_size(message["rows"], message["cols"])
 
 
-def query_size(params: Any) -> tuple[int, int]:
+def query_size(params: Mapping[str, str]) -> tuple[int, int]:
     """The initial size the page asks for (``?rows=R&cols=C``, what xterm fitted), or 24x80."""
     rows, cols = params.get("rows"), params.get("cols")
     if rows is None or cols is None:
