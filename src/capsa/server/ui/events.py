@@ -63,6 +63,7 @@ class Events:
     async def _sandboxes(self, request: Request, session: UiSession) -> AsyncIterator[bytes]:
         last = None
         while self.deps.sessions.session_of(request) is not None:
+            self.denials.forget({e.id for e in self.deps.registry.list()})
             entries = self.deps.registry.list(session.principal.scope)
             entries = filter_sandboxes(entries, request.query_params)
             entries.sort(key=lambda e: e.started_at, reverse=True)

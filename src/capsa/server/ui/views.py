@@ -4,6 +4,7 @@ memory history for its sparklines) and the egress denials counted from its netwo
 from __future__ import annotations
 
 import inspect
+import time
 from typing import Any
 
 from capsa.errors import CapsaError
@@ -15,17 +16,22 @@ SPARK_POINTS = 30  # samples in a row's sparklines
 
 class Denials:
     """Each sandbox's egress denials so far, counted incrementally from its network log (the
-    network stack's newest decisions) so that a refresh reads only the new ones."""
+    network stack's newest decisions) so that a refresh reads only the new ones, and at most once
+    per ``fresh_for`` seconds however many pages ask."""
 
-    def __init__(self) -> None:
+    def __init__(self, fresh_for: float = 0.4) -> None:
         self._seen: dict[str, tuple[Any, int]] = {}  # sandbox id -> (newest decision, denials)
+        self._counted: dict[str, float] = {}  # sandbox id -> when (monotonic) it was last read
+        self._fresh_for = fresh_for
 
     async def count(self, entry: Entry) -> int | None:
         """The sandbox's denials (None: it has no network interface, or is paused)."""
         if entry.policy is None:
             return None
-        if not entry.running:  # paused: its count when it paused
+        recent = time.monotonic() - self._counted.get(entry.id, -1e9) < self._fresh_for
+        if not entry.running or recent:  # paused: its count when it paused
             return self._seen.get(entry.id, (None, 0))[1]
+        self._counted[entry.id] = time.monotonic()
         decisions = await log_of(entry)
         last, denied = self._seen.get(entry.id, (None, 0))
         fresh = 0
@@ -44,6 +50,8 @@ class Denials:
     def forget(self, keep: set[str]) -> None:
         for gone in set(self._seen) - keep:
             del self._seen[gone]
+        for gone in set(self._counted) - keep:
+            del self._counted[gone]
 
 
 async def log_of(entry: Entry) -> list[Any]:
