@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from capsa.errors import CapsaError
 from capsa.server.api_error import ApiError
 from capsa.server.limits import Limits
-from capsa.server.ui import actions, events, info, pages
+from capsa.server.ui import actions, events, files, info, pages, terminal
 from capsa.server.ui.deps import UiDeps
 from capsa.server.ui.html import page
 
@@ -63,7 +63,8 @@ class UiApp:
             *events.routes(deps),
             *actions.routes(deps),
             *info.routes(deps),
-            *_optional_routes(deps),
+            *terminal.routes(deps),
+            *files.routes(deps),
             *extra,
             Mount(PREFIX + "/static", StaticFiles(directory=STATIC), name="static"),
         ]
@@ -80,24 +81,6 @@ class UiApp:
             await send(message)
 
         await self._app(scope, receive, with_headers)
-
-
-def _optional_routes(deps: UiDeps) -> list[BaseRoute]:
-    """The terminal's and the files' routes (their modules are built alongside)."""
-    found: list[BaseRoute] = []
-    try:
-        from capsa.server.ui import terminal  # noqa: PLC0415
-    except ImportError:
-        pass
-    else:
-        found += terminal.routes(deps)
-    try:
-        from capsa.server.ui import files  # noqa: PLC0415
-    except ImportError:
-        pass
-    else:
-        found += files.routes(deps)
-    return found
 
 
 async def _on_error(request: Request, exc: Exception) -> Response:

@@ -130,7 +130,13 @@ class Pages:
             f"Sandbox {entry.id}",
             body,
             session=session,
-            scripts=("sandbox.js", "vendor/xterm/xterm.js", "terminal.js", "files.js"),
+            scripts=(
+                "sandbox.js",
+                "vendor/xterm/xterm.js",
+                "vendor/xterm/addon-fit.js",
+                "terminal.js",
+                "files.js",
+            ),
             styles=("vendor/xterm/xterm.css",),
             data={"sandbox": entry.id},
         )
