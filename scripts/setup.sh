@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-echo "==> system packages (QEMU, busybox-static, Python venv, kernel build tools)"
+echo "==> system packages (QEMU, busybox-static, Python venv, kernel build tools, Chromium)"
 $SUDO apt-get update -q
 # capsa builds its own fast guest kernel from Debian's kernel source when the release has it
 # (Debian 12); elsewhere sandboxes boot the stock Debian kernel instead.
@@ -14,11 +14,21 @@ KERNEL_PACKAGES=""
 if apt-cache show linux-source-6.1 >/dev/null 2>&1; then
     KERNEL_PACKAGES="linux-source-6.1 build-essential bc bison flex libelf-dev lz4 xz-utils perl"
 fi
+# tests/ui drive the dashboard in a headless Chromium through its WebDriver: Debian ships them as
+# chromium + chromium-driver; Ubuntu as chromium-browser + chromium-chromedriver (snap wrappers).
+BROWSER_PACKAGES=""
+if apt-cache show chromium-driver >/dev/null 2>&1; then
+    BROWSER_PACKAGES="chromium chromium-driver"
+elif apt-cache show chromium-chromedriver >/dev/null 2>&1; then
+    BROWSER_PACKAGES="chromium-browser chromium-chromedriver"
+else
+    echo "!! no Chromium package found: the dashboard's browser tests (tests/ui) will skip"
+fi
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
     qemu-system-x86 qemu-utils busybox-static mmdebstrap squashfs-tools-ng e2fsprogs \
     python3 python3-venv ca-certificates ovmf mtools dosfstools systemd-boot-efi grub-efi-amd64-bin \
     shim-signed grub-efi-amd64-signed binutils \
-    $KERNEL_PACKAGES
+    $KERNEL_PACKAGES $BROWSER_PACKAGES
 
 echo "==> virtualenv in .venv"
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi

@@ -88,6 +88,11 @@ def register(commands: Any) -> None:
         help="sample each running sandbox's CPU, memory and disk every S seconds, for "
         "get_metrics and /metrics (default 5; 0 turns sampling off)",
     )
+    parser.add_argument(
+        "--no-ui",
+        action="store_true",
+        help="do not serve the dashboard at /ui (log in there with an API key)",
+    )
     add_state_flags(parser)
     parser.add_argument(
         "--secrets-file",
@@ -359,6 +364,8 @@ def _serve(args: argparse.Namespace) -> int:
         keep_ended=duration(args.keep_ended),
         volume_size_mb=check_size_mb(args.volume_size_mb),
         secrets=_secrets(args),
+        ui=not args.no_ui,
+        tls=secure,
     )
     if args.ray is not None:  # before uvicorn: its signal handlers must replace Ray's SIGTERM one
         from capsa.server import connect_driver  # noqa: PLC0415

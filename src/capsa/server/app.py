@@ -47,6 +47,9 @@ from capsa.server.server_secrets import ServerSecrets
 from capsa.server.signed_urls import has_signature
 from capsa.server.statedb import StateDB, default_state_dir
 from capsa.server.tenants import KeyRing, Principal
+from capsa.server.ui.app import UiApp, body_cap, is_ui
+from capsa.server.ui.deps import UiDeps
+from capsa.server.ui.session import Sessions
 from capsa.server.volume_api import VolumeApi
 from capsa.server.volumes import ServerVolumes
 from capsa.volume.store import DEFAULT_SIZE_MB
@@ -79,6 +82,8 @@ class ServerConfig:
     keep_ended: float = DEFAULT_KEEP_ENDED  # seconds an ended sandbox's record is kept
     volume_size_mb: int = DEFAULT_SIZE_MB  # --volume-size-mb: E2B's create has no size
     secrets: ServerSecrets = field(default_factory=ServerSecrets)  # --secrets-file, --upstream-ca
+    ui: bool = True  # the dashboard at /ui (--no-ui: off)
+    tls: bool = False  # served over HTTPS: the dashboard's cookie is Secure
 
 
 class CapsaServer:
@@ -139,7 +144,24 @@ class CapsaServer:
         )
         self._sandbox = SandboxApi(self.registry, self.metrics, config.limits)
         self.ingress = Ingress(self.registry, config.limits, config.domain)
+        self.ui: UiApp | None = None
+        if config.ui:
+            self.ui = UiApp(self._ui_deps())
         self.app: ASGIApp = self._dispatch
+
+    def _ui_deps(self) -> UiDeps:
+        return UiDeps(
+            registry=self.registry,
+            sessions=Sessions(self.config.api_keys, secure=self.config.tls),
+            sampler=self.sampler,
+            metrics=self.metrics,
+            limits=self.config.limits,
+            keys=self.config.api_keys,
+            pools=dict(self.config.pools),
+            journal=self.journal,
+            domain=self.config.domain,
+            ready=lambda: self.ready and not self.registry.closed,
+        )
 
     def _sandbox_exists(self, sandbox_id: str) -> bool:
         try:
@@ -211,6 +233,9 @@ class CapsaServer:
             if target is not None:
                 await relay_websocket(self.ingress, scope, receive, send, target)
                 return
+            if self.ui is not None and is_ui(scope["path"]):  # the dashboard's terminal
+                await self.ui(scope, receive, send)
+                return
         if scope["type"] != "http":
             await self._control(scope, receive, send)
             return
@@ -237,6 +262,8 @@ class CapsaServer:
                 await self._volume_content(scope, body.bind(receive), send_logged)
             elif scope["path"] in _PUBLIC:
                 await self._control(scope, body.bind(receive), send_logged)
+            elif self.ui is not None and is_ui(scope["path"]):  # its session cookie, not a key
+                await self.ui(scope, body.bind(receive), send_logged)
             elif (principal := self._principal(headers)) is not None:
                 await self._control({**scope, PRINCIPAL: principal}, body.bind(receive), send_logged)
             else:
@@ -271,6 +298,8 @@ class CapsaServer:
             cap = limits.max_upload_bytes
         elif sandbox_id is None and scope["path"].startswith(_VOLUME_CONTENT):
             cap = limits.max_upload_bytes  # a file written into a volume
+        elif sandbox_id is None and is_ui(scope["path"]):
+            cap = body_cap(scope["path"], limits)
         elif sandbox_id is None and not _signed_url(scope):
             cap = limits.max_json_bytes
         elif scope["path"] in ("/files", INPUT_STREAM_PATH):  # streamed to the guest

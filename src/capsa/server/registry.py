@@ -174,6 +174,18 @@ class Registry(Pausing):
     def pool_ready(self) -> bool:
         return all(pool.available > 0 for pool in self._pools.values())
 
+    def pool_fill(self) -> dict[str, tuple[int | None, int]]:
+        """Each ``--pool`` template's (sandboxes ready now, size); ready is None with ``--ray``
+        (the pools are on the nodes). Warm interpreter sandboxes count as ready."""
+        fill: dict[str, tuple[int | None, int]] = {}
+        for name, size in self._pool_sizes.items():
+            pool = self._pools.get(name)
+            ready = None if pool is None else pool.available
+            if ready is not None and name == INTERPRETER_TEMPLATE:
+                ready += len(self._warm)
+            fill[name] = (ready, size)
+        return fill
+
     # -- create / lookup --
 
     async def create(
