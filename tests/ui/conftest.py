@@ -79,6 +79,23 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UiServer]:
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def server(ui_server: UiServer) -> Server:
+    """The shared server itself, for the modules that talk to it without a browser."""
+    return ui_server.server
+
+
+@pytest.fixture(scope="module")
+def sbx(ui_server: UiServer) -> Iterator[Any]:
+    """One of alice's sandboxes (an ``e2b.Sandbox``) for the module, killed after it."""
+    e2b = pytest.importorskip("e2b")
+    sandbox = e2b.Sandbox.create(**ui_server.sdk(ALICE), retries=0)
+    try:
+        yield sandbox
+    finally:
+        sandbox.kill()
+
+
 def chromium_missing() -> str | None:
     """Why browser tests cannot run here (None: they can)."""
     for name, path in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)):

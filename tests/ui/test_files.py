@@ -14,24 +14,10 @@ import pytest
 e2b = pytest.importorskip("e2b")
 
 from tests.server.conftest import Server  # noqa: E402
-from tests.ui.conftest import ALICE, BOB, UiServer  # noqa: E402
-from tests.ui.termfiles import COOKIE, csrf, login, sdk  # noqa: E402
+from tests.ui.conftest import ALICE, BOB  # noqa: E402
+from tests.ui.termfiles import COOKIE, csrf, login  # noqa: E402
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(120)]
-
-
-@pytest.fixture(scope="module")
-def server(ui_server: UiServer) -> Server:
-    return ui_server.server
-
-
-@pytest.fixture(scope="module")
-def sbx(server: Server) -> Iterator[e2b.Sandbox]:
-    sandbox = e2b.Sandbox.create(**sdk(server, ALICE))
-    try:
-        yield sandbox
-    finally:
-        sandbox.kill()
 
 
 @pytest.fixture(scope="module")

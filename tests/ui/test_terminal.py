@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -17,7 +16,7 @@ import websocket
 e2b = pytest.importorskip("e2b")
 
 from tests.server.conftest import API_KEY, Server  # noqa: E402
-from tests.ui.conftest import ALICE, BOB, UiServer  # noqa: E402
+from tests.ui.conftest import ALICE, BOB  # noqa: E402
 from tests.ui.termfiles import (  # noqa: E402
     COOKIE,
     csrf,
@@ -29,20 +28,6 @@ from tests.ui.termfiles import (  # noqa: E402
 )
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(120)]
-
-
-@pytest.fixture(scope="module")
-def server(ui_server: UiServer) -> Server:
-    return ui_server.server
-
-
-@pytest.fixture(scope="module")
-def sbx(server: Server) -> Iterator[e2b.Sandbox]:
-    sandbox = e2b.Sandbox.create(**sdk(server, ALICE))
-    try:
-        yield sandbox
-    finally:
-        sandbox.kill()
 
 
 @pytest.fixture(scope="module")
