@@ -17,6 +17,7 @@ Configurable through the environment (read at every check, so a test or a server
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import resource
 from collections.abc import Iterator
@@ -71,8 +72,14 @@ def _env_mb(name: str, default: int) -> int:
     return value
 
 
+@functools.cache
+def _total_mb() -> int:
+    """The host's RAM: read once, not at every VM start."""
+    return _meminfo().get("MemTotal", 0) // 1024
+
+
 def min_free_mb() -> int:
-    total = _meminfo().get("MemTotal", 0) // 1024
+    total = _total_mb()
     return _env_mb("CAPSA_MIN_FREE_MB", min(4096, max(512, total // 20)))
 
 

@@ -18,8 +18,9 @@ Routes (the session cookie authenticates; a tenant reaches only its own sandboxe
 
 from __future__ import annotations
 
+import functools
 import posixpath
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -117,6 +118,24 @@ async def list_directory(entry: Entry, fs: Filesystem, path: str) -> dict[str, A
     }
 
 
+def _answering_errors(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """The dashboard's JSON error answer for what every file route may raise: a refused request
+    (:class:`ApiError`) or a failed guest call (:class:`ConnectError`)."""
+
+    @functools.wraps(handler)
+    async def answer(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return _error(exc.status, exc.message)
+        except ConnectError as exc:
+            return _connect_status(exc)
+
+    return answer
+
+
 def routes(deps: UiDeps) -> list[BaseRoute]:
     def sandbox(request: Request) -> Entry:
         """The sandbox the session may see, or an :class:`ApiError` (401 without a session, 404
@@ -124,43 +143,36 @@ def routes(deps: UiDeps) -> list[BaseRoute]:
         session = deps.sessions.require(request)
         return deps.registry.get(request.path_params["sandbox_id"], session.principal.scope)
 
+    @_answering_errors
     async def listing(request: Request) -> Response:
-        try:
-            entry = sandbox(request)
-            fs = Filesystem(entry.vm)
-            path = fs.path(request.query_params.get("path") or fs.home)
-            return JSONResponse(await list_directory(entry, fs, path))
-        except ApiError as exc:
-            return _error(exc.status, exc.message)
-        except ConnectError as exc:
-            return _connect_status(exc)
+        entry = sandbox(request)
+        fs = Filesystem(entry.vm)
+        path = fs.path(request.query_params.get("path") or fs.home)
+        return JSONResponse(await list_directory(entry, fs, path))
 
+    @_answering_errors
     async def download(request: Request) -> Response:
+        entry = sandbox(request)
+        fs = Filesystem(entry.vm)
+        path = fs.path(request.query_params.get("path"))
         try:
-            entry = sandbox(request)
-            fs = Filesystem(entry.vm)
-            path = fs.path(request.query_params.get("path"))
-            try:
-                st = await entry.vm.agent.stat(path)
-            except Exception as exc:
-                raise map_error(exc, path) from None
-            if st.type != "file":
-                return _error(400, f"{path} is not a regular file")
-            chunks = fs.read_chunks(path, deps.limits.max_upload_bytes)
-            first = await anext(chunks, b"")  # an unreadable file is an error, not a 200
+            st = await entry.vm.agent.stat(path)
+        except Exception as exc:
+            raise map_error(exc, path) from None
+        if st.type != "file":
+            return _error(400, f"{path} is not a regular file")
+        chunks = fs.read_chunks(path, deps.limits.max_upload_bytes)
+        first = await anext(chunks, b"")  # an unreadable file is an error, not a 200
 
-            async def body() -> AsyncIterator[bytes]:
-                yield first
-                async for chunk in chunks:
-                    yield chunk
+        async def body() -> AsyncIterator[bytes]:
+            yield first
+            async for chunk in chunks:
+                yield chunk
 
-            headers = {**_DOWNLOAD_HEADERS, "content-disposition": attachment(path)}
-            return StreamingResponse(body(), media_type="application/octet-stream", headers=headers)
-        except ApiError as exc:
-            return _error(exc.status, exc.message)
-        except ConnectError as exc:
-            return _connect_status(exc)
+        headers = {**_DOWNLOAD_HEADERS, "content-disposition": attachment(path)}
+        return StreamingResponse(body(), media_type="application/octet-stream", headers=headers)
 
+    @_answering_errors
     async def upload(request: Request) -> Response:
         try:
             entry = sandbox(request)
@@ -182,10 +194,6 @@ def routes(deps: UiDeps) -> list[BaseRoute]:
             reply = _error(exc.status, exc.message)
             reply.headers["connection"] = "close"
             return reply
-        except ApiError as exc:
-            return _error(exc.status, exc.message)
-        except ConnectError as exc:
-            return _connect_status(exc)
 
     base = "/ui/api/sandboxes/{sandbox_id}/files"
     return [
