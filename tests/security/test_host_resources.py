@@ -94,6 +94,13 @@ async def test_running_spawned_process_is_captured_by_snapshot_and_fork_without_
         await vm.snapshot(tmp_path / "busy")
     assert len(await transfer) == 48 << 20
     assert not (tmp_path / "busy").exists()
+    # a caller sharing the sandbox (capsa serve) waits for the transfer instead, then saves
+    transfer = asyncio.create_task(vm.agent.read_file("/tmp/big"))
+    await asyncio.sleep(0.2)
+    assert not await vm.agent.wait_idle(0.05)
+    assert await vm.agent.wait_idle(60)
+    await vm.snapshot(tmp_path / "after-wait")
+    assert len(await transfer) == 48 << 20
 
 
 @pytest.mark.vm

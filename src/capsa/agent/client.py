@@ -69,6 +69,20 @@ class Agent:
     async def ping(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         await self._request("ping", {}, timeout)
 
+    async def wait_idle(self, timeout: float = DEFAULT_TIMEOUT) -> bool:
+        """Wait until no request or file transfer is in flight (running processes do not count),
+        at most ``timeout`` seconds; whether it is idle. A snapshot or fork refuses a busy agent at
+        once: a caller that shares the sandbox with other work (a server) waits here first."""
+        check_timeout(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            busy = [call.end for call in self._channel.unfinished_calls() if not call.label]
+            left = deadline - time.monotonic()
+            if not busy or left <= 0:
+                return not busy
+            # a bounded wait: a call closed without its end (cancelled) leaves the list, not its end
+            await asyncio.wait(busy, timeout=min(left, 0.25), return_when=asyncio.FIRST_COMPLETED)
+
     async def info(self, timeout: float = DEFAULT_TIMEOUT) -> GuestInfo:
         reply = await self._request("info", {}, timeout)
         raw_mounts = _field(reply, "mounts", list)

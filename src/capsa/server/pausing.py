@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Seconds a pause or snapshot waits for the agent's requests in flight (a page's process list, an
+# SDK's file read) to end: a snapshot refuses a busy agent, and those end in well under this.
+IDLE_WAIT = 15.0
+
 
 class Pausing(abc.ABC):
     """Pause, resume, save and restore, over the registry's entries and slots."""
@@ -126,6 +130,7 @@ class Pausing(abc.ABC):
             if memory:
                 await detach(entry)
                 close_watchers(entry)
+                await entry.vm.agent.wait_idle(IDLE_WAIT)  # a page's or client's request ends
                 await entry.vm.snapshot(target, resume=False)  # nothing runs past it (volumes)
             else:  # the guest runs on meanwhile: nothing to detach
                 await save_files_of(entry, target, self.files_max_bytes)
@@ -241,6 +246,7 @@ class Pausing(abc.ABC):
             close_watchers(entry)  # commands and the interpreter keep running: a snapshot keeps them
             try:
                 async with holding(entry) as carried:
+                    await entry.vm.agent.wait_idle(IDLE_WAIT)
                     await entry.vm.snapshot(target)
             except CapsaError as exc:
                 raise ApiError(409, f"cannot snapshot sandbox {entry.id!r}: {exc.message}") from None

@@ -78,6 +78,9 @@ class SyncAgentMethods(Generic[SyncExecBuilder, SyncProcess]):
     def ping(self, timeout: float = 30.0) -> None:
         raise NotImplementedError
 
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        raise NotImplementedError
+
     def processes(self, timeout: float = 30.0) -> list[ProcessInfo]:
         raise NotImplementedError
 
