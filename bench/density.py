@@ -14,10 +14,11 @@ Then ``--busy`` sandboxes each run a short CPU burst every second for ``--busy-s
 slowest one's completed bursts against the median's (goal >= 0.5) and the ``ping`` p95 (< 1 s).
 Every sandbox is killed at the end, also on Ctrl-C or an error.
 
-With ``--ksm PAGES/MS`` (root only) KSM is turned on after the builds (``pages_to_scan`` PAGES,
-``sleep_millisecs`` MS), the idle figures are taken once ksmd has completed two full scans, and ksmd's
-own CPU over the window is reported (it counts against the idle budget); KSM's settings are put back
-as they were at the end, also on an error. capsa marks QEMU's memory mergeable (``PR_SET_MEMORY_MERGE``).
+With ``--ksm PAGES/MS[,PAGES/MS]`` (root only) KSM is turned on after the builds (``pages_to_scan``
+PAGES, ``sleep_millisecs`` MS), the idle figures are taken once ksmd has completed two full scans, and
+ksmd's own CPU over the window is reported (it counts against the idle budget) — at the second rate if
+one is given (settle fast, then measure a steady rate); KSM's settings are put back as they were at
+the end, also on an error. capsa marks QEMU's memory mergeable (``PR_SET_MEMORY_MERGE``).
 
     .venv/bin/python -m bench.density [--counts 100,250,500] [--busy 50] [--exec-once] [--ksm 1000/20]
 """
@@ -99,18 +100,25 @@ def ksm_read(name: str) -> int:
     return int((KSM / name).read_text().split()[0])
 
 
+def ksm_rate(spec: str) -> None:
+    pages, millis = spec.split("/")
+    (KSM / "pages_to_scan").write_text(pages)
+    (KSM / "sleep_millisecs").write_text(millis)
+
+
 @contextlib.contextmanager
 def ksm_on(spec: str) -> Iterator[None]:
     """KSM running with ``spec`` ("PAGES/MS") inside, the host's settings restored after."""
-    pages, millis = spec.split("/")
     saved = {name: (KSM / name).read_text().strip() for name in KSM_KNOBS}
     try:
-        (KSM / "pages_to_scan").write_text(pages)
-        (KSM / "sleep_millisecs").write_text(millis)
+        ksm_rate(spec)
         (KSM / "run").write_text("1")
         yield
     finally:
-        for name in reversed(KSM_KNOBS):  # run last: back off before the knobs change
+        with contextlib.suppress(OSError):
+            if saved["run"] == "0":
+                (KSM / "run").write_text("2")  # unmerge what was merged: the host as it was
+        for name in reversed(KSM_KNOBS):
             with contextlib.suppress(OSError):
                 (KSM / name).write_text(saved[name])
 
@@ -205,8 +213,11 @@ async def idle_level(n: int, parallel: int, window: float, exec_once: bool, ksm:
         per_build = elapsed / max(1, len(vms))
         await asyncio.sleep(3)  # let the restores' last work settle
         pids = sandbox_pids(me)
-        with ksm_on(ksm) if ksm else contextlib.nullcontext():
+        settle_rate, _, steady_rate = ksm.partition(",")
+        with ksm_on(settle_rate) if ksm else contextlib.nullcontext():
             settle = await ksm_settled() if ksm else 0.0
+            if steady_rate:
+                ksm_rate(steady_rate)
             ksmd = ksmd_pid() if ksm else 0
             ksmd_ticks = cpu_ticks(ksmd) if ksmd else 0
             before = {p: cpu_ticks(p) for p in [*pids, me]}
@@ -246,7 +257,8 @@ async def idle_level(n: int, parallel: int, window: float, exec_once: bool, ksm:
             print(
                 f"        KSM {ksm} (pages_to_scan/sleep_millisecs): two full scans in {settle:.0f} s; "
                 f"{sharing * 4 / 1024 / k:.1f} MiB per sandbox merged away (pages_sharing); ksmd "
-                f"{ksmd_ticks / TICK / window:.3f} cores over the window",
+                f"{ksmd_ticks / TICK / window:.3f} cores over the window at "
+                f"{steady_rate or settle_rate}",
                 flush=True,
             )
             figure(f"density_{n}_ksmd_cores", ksmd_ticks / TICK / window, "cores")
