@@ -114,7 +114,11 @@ class QemuProcess:
         loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
         self._pidfd = -1
-        code = self._proc.wait(timeout=5)  # already exited: returns at once
+        try:
+            code = self._proc.wait(timeout=5)  # already exited: returns at once
+        except subprocess.TimeoutExpired:  # cannot happen once the pidfd is readable; never hang
+            log.warning("%s (pid %d) ended but could not be reaped", self.name, self.pid)
+            code = 255
         self._resolve(code)
 
     def _wait_blocking(self, loop: asyncio.AbstractEventLoop) -> None:
