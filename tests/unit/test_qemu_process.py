@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from capsa.backend.qemu.process import QemuProcess
+from capsa.backend.qemu.process import FIXED_LAYOUT_ENV, QemuProcess
+from capsa.errors import ConfigError
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -56,3 +57,25 @@ async def test_child_is_mergeable_and_without_huge_pages(tmp_path: Path) -> None
         assert _status(p.pid).get("THP_enabled") in (None, "0")
     finally:
         await p.kill_and_wait(10)
+
+
+@pytest.mark.asyncio
+async def test_qemu_without_aslr_only_when_asked_and_never_other_binaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``CAPSA_QEMU_ASLR=off`` (an opt-in for KSM) applies to QEMU only; a bad value is a ConfigError."""
+    fake = tmp_path / "qemu-system-x86_64"
+    fake.symlink_to("/bin/sleep")
+    for value, qemu_fixed in (("", False), ("off", True)):
+        monkeypatch.setenv(FIXED_LAYOUT_ENV, value)
+        for argv, fixed in (([str(fake), "60"], qemu_fixed), (["sleep", "60"], False)):
+            p = await QemuProcess.start(argv, pass_fds=(), log_path=tmp_path / "log")
+            try:
+                await asyncio.sleep(0.2)
+                persona = int(Path(f"/proc/{p.pid}/personality").read_text(), 16)
+                assert bool(persona & 0x0040000) is fixed, (value, argv)
+            finally:
+                await p.kill_and_wait(10)
+    monkeypatch.setenv(FIXED_LAYOUT_ENV, "maybe")
+    with pytest.raises(ConfigError):
+        await QemuProcess.start([str(fake), "60"], pass_fds=(), log_path=tmp_path / "log")
