@@ -14,7 +14,13 @@ Then ``--busy`` sandboxes each run a short CPU burst every second for ``--busy-s
 slowest one's completed bursts against the median's (goal >= 0.5) and the ``ping`` p95 (< 1 s).
 Every sandbox is killed at the end, also on Ctrl-C or an error.
 
-    .venv/bin/python -m bench.density [--counts 100,250,500] [--busy 50] [--exec-once]
+With ``--ksm PAGES/MS[,PAGES/MS]`` (root only) KSM is turned on after the builds (``pages_to_scan``
+PAGES, ``sleep_millisecs`` MS), the idle figures are taken once ksmd has completed two full scans, and
+ksmd's own CPU over the window is reported (it counts against the idle budget) — at the second rate if
+one is given (settle fast, then measure a steady rate); KSM's settings are put back as they were at
+the end, also on an error. capsa marks QEMU's memory mergeable (``PR_SET_MEMORY_MERGE``).
+
+    .venv/bin/python -m bench.density [--counts 100,250,500] [--busy 50] [--exec-once] [--ksm 1000/20]
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import resource
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import capsa
@@ -83,6 +90,55 @@ def cpu_ticks(pid: int) -> int:
         return 0
     fields = stat[stat.rindex(")") + 2 :].split()
     return int(fields[11]) + int(fields[12])
+
+
+KSM = Path("/sys/kernel/mm/ksm")
+KSM_KNOBS = ("run", "pages_to_scan", "sleep_millisecs")
+
+
+def ksm_read(name: str) -> int:
+    return int((KSM / name).read_text().split()[0])
+
+
+def ksm_rate(spec: str) -> None:
+    pages, millis = spec.split("/")
+    (KSM / "pages_to_scan").write_text(pages)
+    (KSM / "sleep_millisecs").write_text(millis)
+
+
+@contextlib.contextmanager
+def ksm_on(spec: str) -> Iterator[None]:
+    """KSM running with ``spec`` ("PAGES/MS") inside, the host's settings restored after."""
+    saved = {name: (KSM / name).read_text().strip() for name in KSM_KNOBS}
+    try:
+        ksm_rate(spec)
+        (KSM / "run").write_text("1")
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if saved["run"] == "0":
+                (KSM / "run").write_text("2")  # unmerge what was merged: the host as it was
+        for name in reversed(KSM_KNOBS):
+            with contextlib.suppress(OSError):
+                (KSM / name).write_text(saved[name])
+
+
+async def ksm_settled(timeout: float = 600) -> float:
+    """Wait for two full scans after now; returns the seconds it took."""
+    start, first = time.monotonic(), ksm_read("full_scans")
+    # ksmd's counter in sysfs has no event to wait on: poll it
+    while ksm_read("full_scans") < first + 2 and time.monotonic() - start < timeout:  # noqa: ASYNC110
+        await asyncio.sleep(1)
+    return time.monotonic() - start
+
+
+def ksmd_pid() -> int:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == "ksmd":
+                    return int(entry.name)
+    return 0
 
 
 def count(path: str) -> int:
@@ -146,7 +202,7 @@ async def kill_all(vms: list[capsa.Sandbox]) -> None:
     await asyncio.shield(asyncio.gather(*(one(vm) for vm in vms)))
 
 
-async def idle_level(n: int, parallel: int, window: float, exec_once: bool) -> None:
+async def idle_level(n: int, parallel: int, window: float, exec_once: bool, ksm: str = "") -> None:
     me = os.getpid()
     base_pss = pss_kib(me)
     base_fds, base_threads = count("/proc/self/fd"), threading.active_count()
@@ -157,12 +213,22 @@ async def idle_level(n: int, parallel: int, window: float, exec_once: bool) -> N
         per_build = elapsed / max(1, len(vms))
         await asyncio.sleep(3)  # let the restores' last work settle
         pids = sandbox_pids(me)
-        before = {p: cpu_ticks(p) for p in [*pids, me]}
-        await asyncio.sleep(window)
-        after = {p: cpu_ticks(p) for p in before}
+        settle_rate, _, steady_rate = ksm.partition(",")
+        with ksm_on(settle_rate) if ksm else contextlib.nullcontext():
+            settle = await ksm_settled() if ksm else 0.0
+            if steady_rate:
+                ksm_rate(steady_rate)
+            ksmd = ksmd_pid() if ksm else 0
+            ksmd_ticks = cpu_ticks(ksmd) if ksmd else 0
+            before = {p: cpu_ticks(p) for p in [*pids, me]}
+            await asyncio.sleep(window)
+            after = {p: cpu_ticks(p) for p in before}
+            ksmd_ticks = cpu_ticks(ksmd) - ksmd_ticks if ksmd else 0
+            pss_ksm = sum(pss_kib(p) for p in pids) + max(0, pss_kib(me) - base_pss)
+            sharing = ksm_read("pages_sharing") if ksm else 0
         qemu_ticks = sum(after[p] - before[p] for p in pids)
         host_ticks = after[me] - before[me]
-        pss = sum(pss_kib(p) for p in pids) + max(0, pss_kib(me) - base_pss)
+        pss = pss_ksm
         k = max(1, len(vms))
         answered, slowest = await ping_all(vms)
         answered16, slowest16 = await ping_all(vms, at_once=16)
@@ -187,6 +253,15 @@ async def idle_level(n: int, parallel: int, window: float, exec_once: bool) -> N
             f"{tasks:.1f}; QEMU threads {qemu_threads:.0f}, QEMU fds {qemu_fds:.0f}",
             flush=True,
         )
+        if ksm:
+            print(
+                f"        KSM {ksm} (pages_to_scan/sleep_millisecs): two full scans in {settle:.0f} s; "
+                f"{sharing * 4 / 1024 / k:.1f} MiB per sandbox merged away (pages_sharing); ksmd "
+                f"{ksmd_ticks / TICK / window:.3f} cores over the window at "
+                f"{steady_rate or settle_rate}",
+                flush=True,
+            )
+            figure(f"density_{n}_ksmd_cores", ksmd_ticks / TICK / window, "cores")
         figure(f"density_{n}_pss_mib_per_sandbox", pss_mib, "MiB", "<= 15")
         figure(f"density_{n}_idle_cores_per_100", idle, "cores", "<= 0.05")
         figure(f"density_{n}_build_ms_per_sandbox", per_build * 1000, "ms")
@@ -261,6 +336,7 @@ async def main() -> None:
     parser.add_argument("--busy", type=int, default=50, help="busy sandboxes (0: skip)")
     parser.add_argument("--busy-seconds", type=float, default=20.0)
     parser.add_argument("--exec-once", action="store_true", help="run python3 once in each first")
+    parser.add_argument("--ksm", default="", help="PAGES/MS: KSM on (root) for the idle figures")
     args = parser.parse_args()
     header("density")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -272,7 +348,7 @@ async def main() -> None:
     )
     await (await capsa.sandbox().build()).kill()  # the template exists before any timing
     for n in [int(c) for c in args.counts.split(",") if c]:
-        await idle_level(n, args.parallel, args.window, args.exec_once)
+        await idle_level(n, args.parallel, args.window, args.exec_once, args.ksm)
     if args.busy:
         await busy_level(args.busy, args.parallel, args.busy_seconds)
 

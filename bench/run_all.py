@@ -45,6 +45,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "ray": ([], ["--runs", "1", "--calls", "50"]),
     "images": ([], ["--only", "oci,start", "--runs", "3"]),
     "density": ([], ["--counts", "20", "--busy", "10", "--window", "10", "--busy-seconds", "10"]),
+    "density_server": ([], ["--count", "20", "--window", "10"]),
 }
 TIMEOUT = 3600
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import resource
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from capsa.cli.doctor import host_limits
+from capsa.cli.doctor import host_limits, memory_merging
 from capsa.errors import CapacityError, ConfigError
 from capsa.vm import admission
 from capsa.vm.host_limits import limits_for
@@ -57,3 +58,15 @@ def test_admission_memory_counts_the_vms_starting_and_is_configurable(
     monkeypatch.setenv("CAPSA_MIN_FREE_MB", "lots")
     with pytest.raises(ConfigError):
         admission.check_memory()
+
+
+def test_doctor_suggests_ksm_when_off_and_never_fails_on_it(tmp_path: Path) -> None:
+    for name, value in (("run", "0"), ("pages_to_scan", "100"), ("sleep_millisecs", "20")):
+        (tmp_path / name).write_text(value + "\n")
+    off = memory_merging(tmp_path)
+    assert off.ok and off.detail == "off" and f"echo 1 > {tmp_path}/run" in off.fix
+    (tmp_path / "run").write_text("1\n")
+    on = memory_merging(tmp_path)
+    assert on.ok and on.detail == "on: 100 pages every 20 ms" and not on.fix
+    missing = memory_merging(tmp_path / "absent")
+    assert missing.ok and "not available" in missing.detail

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -156,8 +157,34 @@ def host_limits(n: int) -> list[Check]:
     return checks
 
 
+KSM = Path("/sys/kernel/mm/ksm")
+
+
+def memory_merging(ksm: Path = KSM) -> Check:
+    """KSM, for density: never a failure (it is the host owner's trade-off), a suggestion when off.
+
+    capsa marks all of QEMU's memory mergeable (``PR_SET_MEMORY_MERGE``); with KSM running, idle
+    sandboxes of one template share their equal pages (docs/performance.md §Density). The price is a
+    ksmd thread's CPU and a cross-VM side channel: a guest can time a write to learn whether a page
+    equal to its own exists in another VM."""
+    try:
+        run = (ksm / "run").read_text().strip()
+        pages = (ksm / "pages_to_scan").read_text().strip()
+        millis = (ksm / "sleep_millisecs").read_text().strip()
+    except OSError:
+        return Check("memory merging (KSM)", True, "not available (kernel without CONFIG_KSM)")
+    if run == "1":
+        return Check("memory merging (KSM)", True, f"on: {pages} pages every {millis} ms")
+    fix = (
+        f"optional, for many idle sandboxes: echo 1 > {ksm}/run (an idle sandbox 22 -> 17 MiB, "
+        "~11 with CAPSA_QEMU_ASLR=off; ksmd ~0.03-0.05 cores at 100 pages/20 ms; opens a cross-VM "
+        "timing side channel — docs/performance.md §Density)"
+    )
+    return Check("memory merging (KSM)", True, "off", fix)
+
+
 def collect(max_sandboxes: int | None = None) -> list[Check]:
-    limits = host_limits(max_sandboxes) if max_sandboxes else []
+    limits = [*host_limits(max_sandboxes), memory_merging()] if max_sandboxes else []
     return [
         _qemu(), _busybox(), *_kvm_and_kernel(), _sandbox_kernel(), _sandbox_image(), _virtiofsd(),
         *_uefi(), *limits,
