@@ -62,7 +62,7 @@ def test_forged_and_altered_cookies_are_refused() -> None:
     forged = [
         f"{sid}.{expires}.{'0' * 64}",
         f"{sid}.{int(expires) + 3600}.{signature}",  # a later expiry, the old signature
-        f"{sid[:-1]}A.{expires}.{signature}",
+        f"{sid[:-1]}{'B' if sid.endswith('A') else 'A'}.{expires}.{signature}",  # one character changed
         f"{sid}.{expires}",
         "",
         "x" * 5000,
