@@ -5,7 +5,8 @@ sandboxes through the SDK's async client (``--parallel`` at a time), lets them s
 idle window measures, per sandbox: host memory (PSS of every QEMU/virtiofsd the server started, the
 pool's included, plus what the server process grew by since it was healthy with its pool warm) and idle
 CPU per 100 (CPU time of those processes and the server over the window). At the end every sandbox
-must answer ``commands.run("true")`` within 2 s (``--at-once`` at a time). The server and everything
+must answer ``is_running()`` (envd's ``/health``, a ping of its guest agent) within 2 s, all at once
+and 16 at a time, and ``commands.run("true")`` (``--at-once`` at a time). The server and everything
 it started are stopped at the end, also on Ctrl-C or an error.
 
     .venv/bin/python -m bench.density_server [--count 200]
@@ -81,6 +82,24 @@ async def run_true_all(
     return answered, statistics.median(times) if times else 0.0, times[-1] if times else 0.0
 
 
+async def ping_all(sandboxes: list[Any], at_once: int, limit: float = 2.0) -> tuple[int, float]:
+    """``is_running()`` (envd's ``/health``: the guest agent's ping) in every sandbox, ``at_once``
+    at a time: how many answered true within ``limit``, and the slowest."""
+    gate = asyncio.Semaphore(at_once)
+
+    async def one(sandbox: Any) -> float:
+        async with gate:
+            start = time.perf_counter()
+            try:
+                alive = await sandbox.is_running(request_timeout=30)
+            except Exception:
+                return float("inf")
+            return time.perf_counter() - start if alive else float("inf")
+
+    times = sorted(await asyncio.gather(*(one(s) for s in sandboxes)))
+    return sum(t <= limit for t in times), times[-1] if times else 0.0
+
+
 async def kill_all(sandboxes: list[Any]) -> None:
     gate = asyncio.Semaphore(16)
 
@@ -111,6 +130,8 @@ async def measure(
         k = max(1, len(pids))
         pss = (sum(pss_kib(p) for p in pids) + growth) / k / 1024
         idle = (qemu + host) / TICK / window / k * 100
+        pinged, ping_slowest = await ping_all(sandboxes, len(sandboxes))
+        pinged_gated, ping_gated_slowest = await ping_all(sandboxes, 16)
         answered, median, slowest = await run_true_all(sandboxes, at_once)
         print(
             f"server N={n}: created {len(sandboxes)} through the e2b SDK in {elapsed:.1f} s "
@@ -118,12 +139,16 @@ async def measure(
             f"{len(pids)} QEMUs (pool {POOL} included); PSS {pss:.1f} MiB per sandbox (server grew "
             f"{growth / 1024 / k:.2f} MiB per sandbox); idle CPU {idle:.3f} cores per 100 (QEMU "
             f"{qemu / TICK / window / k * 100:.3f}, server {host / TICK / window / k * 100:.3f}; "
-            f"{window:.0f} s window); commands.run('true'): {answered}/{len(sandboxes)} within 2 s "
+            f"{window:.0f} s window); is_running() (the guest's ping): {pinged}/{len(sandboxes)} "
+            f"within 2 s all at once (slowest {ping_slowest * 1000:.0f} ms), {pinged_gated}/"
+            f"{len(sandboxes)} 16 at a time (slowest {ping_gated_slowest * 1000:.0f} ms); "
+            f"commands.run('true'): {answered}/{len(sandboxes)} within 2 s "
             f"(median {median * 1000:.0f} ms, slowest {slowest * 1000:.0f} ms, {at_once} at a time)",
             flush=True,
         )
         figure(f"density_server_{n}_pss_mib_per_sandbox", pss, "MiB", "<= 15")
         figure(f"density_server_{n}_idle_cores_per_100", idle, "cores", "<= 0.05")
+        figure(f"density_server_{n}_pinged_fraction", pinged_gated / max(1, n), "fraction", ">= 1")
         figure(f"density_server_{n}_answered_fraction", answered / max(1, n), "fraction", ">= 1")
     finally:
         await kill_all(sandboxes)

@@ -62,3 +62,32 @@ def test_sigterm_kills_sandboxes_and_cleans_up(tmp_path: Path) -> None:
         time.sleep(0.1)
     assert not leftovers()
     assert not os.path.exists(f"/proc/{server.process.pid}")
+
+
+@pytest.mark.timeout(180)
+def test_health_is_the_guests_answer_a_frozen_guest_is_not_running(tmp_path: Path) -> None:
+    """envd's ``/health`` is answered inside the VM: a sandbox whose QEMU is frozen (SIGSTOP) must
+    read as not running (``is_running()`` false on the 502), and as running once it thaws."""
+    token = uuid.uuid4().hex
+    mark = f"CAPSA_TEST_SERVE_MARK={token}".encode()
+    server = start_server(tmp_path, env={"CAPSA_TEST_SERVE_MARK": token})  # no pool: one QEMU
+    try:
+        sandbox = e2b.Sandbox.create(
+            timeout=300, api_key=API_KEY, api_url=server.url, sandbox_url=server.url
+        )
+        assert sandbox.is_running()
+        deadline = time.monotonic() + 30
+        while len(_qemu_pids(mark)) != 1 and time.monotonic() < deadline:  # the template's exits
+            time.sleep(0.2)
+        (qemu,) = _qemu_pids(mark)
+        os.kill(qemu, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            assert not sandbox.is_running(request_timeout=60)
+            assert time.monotonic() - started < 30
+        finally:
+            os.kill(qemu, signal.SIGCONT)
+        assert sandbox.is_running(request_timeout=60)
+        assert sandbox.commands.run("echo up").stdout == "up\n"
+    finally:
+        server.stop()

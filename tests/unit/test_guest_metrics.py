@@ -4,8 +4,9 @@ Linux guest writes them)."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 
-from capsa.server.guest_metrics import Sample, Sampler, cpu_times, memory
+from capsa.server.guest_metrics import FULL_EVERY, Sample, Sampler, cpu_times, memory
 
 STAT = """cpu  100 0 50 800 50 0 0 0 0 0
 cpu0 60 0 30 400 25 0 0 0 0 0
@@ -160,3 +161,66 @@ def test_sampler_waits_while_a_pause_fork_or_snapshot_saves_the_guest() -> None:
         await sampler.close()
 
     asyncio.run(scenario())
+
+
+async def _sample_rounds(sampler: Sampler, entry: _Entry, rounds: int) -> None:
+    """``rounds`` sweeps, each waiting for its sample to land."""
+    for _ in range(rounds):
+        before = len(sampler.series(entry.id))
+        sampler.sweep()
+        for _ in range(200):
+            await asyncio.sleep(0)
+            if len(sampler.series(entry.id)) > before:
+                break
+        assert len(sampler.series(entry.id)) == before + 1
+
+
+def test_a_quiet_guest_is_not_asked_but_gets_a_real_sample_every_full_every() -> None:
+    """Its QEMU (here a sleeping process) used no CPU since the last sample: the sample is
+    repeated, with a CPU share of 0, without a request to the guest; every FULL_EVERY-th is real."""
+
+    async def scenario(pid: int) -> None:
+        entry = _Entry("s1")
+        entry.vm.pid = pid  # type: ignore[attr-defined]
+        agent = entry.vm.agent
+        sampler = Sampler(_Registry(entry), interval=60)  # type: ignore[arg-type]
+        await _sample_rounds(sampler, entry, 1)
+        assert agent.reads == 1
+        await _sample_rounds(sampler, entry, FULL_EVERY - 1)
+        assert agent.reads == 1  # nothing asked of the guest
+        samples = sampler.series("s1")
+        assert [s.cpu_used_pct for s in samples[1:]] == [0.0] * (FULL_EVERY - 1)
+        assert {(s.mem_used, s.disk_used) for s in samples} == {
+            (samples[0].mem_used, samples[0].disk_used)
+        }
+        assert sampler.quiet_samples == FULL_EVERY - 1
+        await _sample_rounds(sampler, entry, 1)
+        assert agent.reads == 2  # the FULL_EVERY-th: a real one however quiet
+        await sampler.close()
+
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        asyncio.run(scenario(sleeper.pid))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_guest_whose_qemu_ran_is_sampled_for_real() -> None:
+    async def scenario(pid: int) -> None:
+        entry = _Entry("s1")
+        entry.vm.pid = pid  # type: ignore[attr-defined]
+        sampler = Sampler(_Registry(entry), interval=60)  # type: ignore[arg-type]
+        for round_ in range(3):
+            await asyncio.sleep(0.3)  # the "QEMU" burns CPU meanwhile
+            await _sample_rounds(sampler, entry, 1)
+            assert entry.vm.agent.reads == round_ + 1
+        assert sampler.quiet_samples == 0
+        await sampler.close()
+
+    burner = subprocess.Popen(["sh", "-c", "while :; do :; done"])
+    try:
+        asyncio.run(scenario(burner.pid))
+    finally:
+        burner.kill()
+        burner.wait()

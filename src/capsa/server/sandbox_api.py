@@ -13,6 +13,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from capsa.errors import CapsaError
 from capsa.server import accounts, connect
 from capsa.server.connect import ConnectError
 from capsa.server.content_encoding import accepts_gzip, gzip_chunks
@@ -38,6 +39,20 @@ def _connect_error_response(error: ConnectError, streaming: bool) -> Response:
     if streaming:
         return Response(connect.end_stream(error), media_type=connect.STREAM_TYPE)
     return JSONResponse(error.to_json(), status_code=error.status)
+
+
+HEALTH_TIMEOUT = 10.0  # seconds the guest agent has to answer a health probe
+
+
+async def _health(entry: Entry) -> Response:
+    """envd's ``/health`` is answered inside the VM: here the guest agent answers a ping, so a
+    wedged or overloaded guest reads as not running (``is_running()`` is false on a 502)."""
+    try:
+        await entry.vm.agent.ping(timeout=HEALTH_TIMEOUT)
+    except CapsaError as exc:
+        log.info("sandbox %s: health probe unanswered: %s", entry.id, exc.message)
+        return _envd_error(502, f"the sandbox's guest did not answer: {exc.message}")
+    return Response(status_code=204)
 
 
 def _envd_error(status: int, message: str) -> JSONResponse:
@@ -131,7 +146,7 @@ class SandboxApi:
             return awake
         entry = awake
         if path == "/health":
-            return Response(status_code=204)
+            return await _health(entry)
         if path == "/files":
             return await self._files(request, entry)
         if is_rpc:
