@@ -17,7 +17,15 @@ A synchronous facade with the same names lives in :mod:`capsa.sync`.
 
 from capsa.agent.client import Agent
 from capsa.agent.exec import ExecBuilder, OutputStream, Process
-from capsa.agent.types import DirEntry, ExecResult, FileStat, GuestInfo, Mount, ProcessInfo
+from capsa.agent.types import (
+    DirEntry,
+    DiskUsage,
+    ExecResult,
+    FileStat,
+    GuestInfo,
+    Mount,
+    ProcessInfo,
+)
 from capsa.boot import LinuxDirectBoot, UefiBoot
 from capsa.cluster import Cluster, cluster
 from capsa.console import Console
@@ -81,6 +89,7 @@ __all__ = [
     "Console",
     "ConsoleTimeoutError",
     "DirEntry",
+    "DiskUsage",
     "Domain",
     "ExecBuilder",
     "ExecFailedError",

@@ -90,3 +90,19 @@ async def test_info_describes_the_guest(sandbox: capsa.Sandbox) -> None:
     assert root.fstype == "overlay"
     assert info.python_version.startswith("3.11")
     await sandbox.agent.ping()
+
+
+async def test_disk_usage_is_the_filesystems_statvfs(sandbox: capsa.Sandbox) -> None:
+    agent = sandbox.agent
+    before = await agent.disk_usage("/")
+    df = (await agent.exec("stat").args(["-f", "-c", "%S %b %f", "/"]).run()).stdout.split()
+    size, blocks, free = (int(v) for v in df)
+    assert before.total == size * blocks > 0
+    assert abs(before.used - size * (blocks - free)) <= 1 << 20  # the guest ran a command between
+    await agent.write_file("/root/filler", b"x" * (16 << 20))
+    after = await agent.disk_usage("/root")
+    assert after.used - before.used >= 15 << 20 and after.free == after.total - after.used
+    await agent.remove("/root/filler")
+    with pytest.raises(capsa.GuestFileError) as missing:
+        await agent.disk_usage("/no/such/place")
+    assert missing.value.kind == "not_found"

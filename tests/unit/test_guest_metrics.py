@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 
+from capsa.agent.types import DiskUsage
+from capsa.errors import AgentError
 from capsa.server.guest_metrics import FULL_EVERY, Sample, Sampler, cpu_times, memory
 
 STAT = """cpu  100 0 50 800 50 0 0 0 0 0
@@ -67,10 +69,18 @@ class _Command:
 
 
 class _Agent:
-    """/proc as a guest would serve it, its CPU counters moving between reads."""
+    """/proc as a guest would serve it, its CPU counters moving between reads. ``statvfs``: whether
+    it answers ``disk_usage`` (an older agent does not: the sampler runs ``stat -f``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, statvfs: bool = True) -> None:
         self.reads = 0
+        self.statvfs = statvfs
+        self.spawned = 0
+
+    async def disk_usage(self, path: str, *, timeout: float) -> DiskUsage:
+        if not self.statvfs:
+            raise AgentError("disk_usage: unknown operation 'disk_usage'", kind="bad_request")
+        return DiskUsage(path, 4096 * 1000, 4096 * 750)
 
     async def read_file(self, path: str, *, limit: int) -> bytes:
         if path == "/proc/meminfo":
@@ -82,6 +92,7 @@ class _Agent:
 
     def exec(self, program: str) -> _Command:
         assert program == "stat"
+        self.spawned += 1
         return _Command()
 
 
@@ -224,3 +235,18 @@ def test_a_guest_whose_qemu_ran_is_sampled_for_real() -> None:
     finally:
         burner.kill()
         burner.wait()
+
+
+def test_the_disk_comes_from_the_agents_statvfs_and_from_stat_f_with_an_older_agent() -> None:
+    async def scenario(statvfs: bool) -> tuple[Sample, int]:
+        entry = _Entry("s1")
+        entry.vm.agent = _Agent(statvfs)
+        sampler = Sampler(_Registry(entry), interval=60)  # type: ignore[arg-type]
+        await _sample_rounds(sampler, entry, 1)
+        await sampler.close()
+        return sampler.series("s1")[0], entry.vm.agent.spawned
+
+    for statvfs, spawns in ((True, 0), (False, 1)):
+        sample, spawned = asyncio.run(scenario(statvfs))
+        assert (sample.disk_total, sample.disk_used) == (4096 * 1000, 4096 * 750)
+        assert spawned == spawns  # no process in the guest unless the agent is too old

@@ -16,7 +16,7 @@ from capsa.agent.channel import Call, Channel
 from capsa.agent.connections import ConnectionWriter, open_connection
 from capsa.agent.errors import check_guest_path, check_mode, check_timeout, check_user, expect_ok
 from capsa.agent.exec import ExecBuilder, ExecSpec, Process, _check_text
-from capsa.agent.types import DirEntry, FileStat, FileType, GuestInfo, Mount, ProcessInfo
+from capsa.agent.types import DirEntry, DiskUsage, FileStat, FileType, GuestInfo, Mount, ProcessInfo
 from capsa.errors import AgentError, CapsaTimeoutError, ConfigError, ProtocolError, VMNotRunning
 
 DEFAULT_TIMEOUT = 30.0
@@ -289,6 +289,15 @@ class Agent:
             mtime=float(_field(reply, "mtime", (int, float))),
             target=target if isinstance(target, str) else None,
         )
+
+    async def disk_usage(self, path: str = "/", *, timeout: float = DEFAULT_TIMEOUT) -> DiskUsage:
+        """The size of the guest filesystem holding ``path`` and what is used of it (``df``)."""
+        check_guest_path(path)
+        reply = await self._request("disk_usage", {"path": path}, timeout, path)
+        total, free = _field(reply, "total", int), _field(reply, "free", int)
+        if not 0 <= free <= total < 1 << 62:
+            raise ProtocolError(f"the agent sent an impossible disk usage: {total} total, {free} free")
+        return DiskUsage(path=path, total=total, used=total - free)
 
     async def exists(self, path: str, *, timeout: float = DEFAULT_TIMEOUT) -> bool:
         check_guest_path(path)

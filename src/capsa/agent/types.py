@@ -53,6 +53,19 @@ class FileStat:
 
 
 @dataclass(frozen=True)
+class DiskUsage:
+    """The size of the guest filesystem holding a path, and what is used of it, in bytes."""
+
+    path: str
+    total: int
+    used: int
+
+    @property
+    def free(self) -> int:
+        return self.total - self.used
+
+
+@dataclass(frozen=True)
 class ProcessInfo:
     """A process the guest agent started and still keeps (``vm.agent.processes()``): running, or
     exited with its status not yet collected. ``attach(pid)`` gets a handle to it."""

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
     from pathlib import Path
 
-    from capsa.agent.types import DirEntry, ExecResult, FileStat, GuestInfo, ProcessInfo
+    from capsa.agent.types import DirEntry, DiskUsage, ExecResult, FileStat, GuestInfo, ProcessInfo
     from capsa.cluster import Member
     from capsa.console import Pattern
     from capsa.image.custom import ImageSource
@@ -96,6 +96,9 @@ class SyncAgentMethods(Generic[SyncExecBuilder, SyncProcess]):
         raise NotImplementedError
 
     def shutdown(self, timeout: float = 30.0) -> None:
+        raise NotImplementedError
+
+    def disk_usage(self, path: str = "/", *, timeout: float = 30.0) -> DiskUsage:
         raise NotImplementedError
 
     def stat(self, path: str, *, follow_symlinks: bool = True, timeout: float = 30.0) -> FileStat:

@@ -107,6 +107,13 @@ def op_stat(agent: Agent, sid: int, m: Message) -> None:
     )
 
 
+def op_disk_usage(agent: Agent, sid: int, m: Message) -> None:
+    """The filesystem holding ``path``: its size and free bytes (``statvfs``; no process spawned,
+    which under TCG would translate a loader and a libc start for every sample)."""
+    st = os.statvfs(fields.path(m))
+    agent.reply(sid, total=st.f_frsize * st.f_blocks, free=st.f_frsize * st.f_bfree)
+
+
 def op_exists(agent: Agent, sid: int, m: Message) -> None:
     agent.reply(sid, exists=os.path.exists(fields.path(m)))
 
@@ -157,6 +164,7 @@ OPS: dict[str, Callable[[Agent, int, Message], None]] = {
     "write_file": op_write_file,
     "list_dir": op_list_dir,
     "stat": op_stat,
+    "disk_usage": op_disk_usage,
     "exists": op_exists,
     "mkdir": op_mkdir,
     "remove": op_remove,
