@@ -33,12 +33,15 @@ import resource
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import capsa
 from bench._report import figure, header
 from capsa.vm.admission import mem_available_mb
+
+T = TypeVar("T")
 
 TICK = os.sysconf("SC_CLK_TCK")
 # A busy sandbox's loop: a CPU burst (~10-20 ms of QEMU CPU once translated), a line, a 1 s sleep;
@@ -148,25 +151,41 @@ def count(path: str) -> int:
         return 0
 
 
-async def build_all(n: int, parallel: int, exec_once: bool) -> tuple[list[capsa.Sandbox], float]:
-    """Build ``n`` sandboxes; on any failure the ones built are returned too (the caller kills)."""
+async def make_concurrently(
+    n: int, parallel: int, make: Callable[[], Awaitable[T]], what: str
+) -> tuple[list[T], float]:
+    """``n`` calls of ``make``, ``parallel`` at a time: what they made (also when some failed: the
+    caller kills those) and the seconds it took."""
     gate = asyncio.Semaphore(parallel)
-    built: list[capsa.Sandbox] = []
+    made: list[T] = []
 
     async def one() -> None:
         async with gate:
-            vm = await capsa.sandbox().build()
-            built.append(vm)
-            if exec_once:
-                await vm.agent.exec("python3").args(["-c", "print(sum(range(10000)))"]).run()
+            made.append(await make())
 
     started = time.perf_counter()
     results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
     elapsed = time.perf_counter() - started
     failures = [r for r in results if isinstance(r, BaseException)]
     if failures:
-        print(f"   {len(failures)} of {n} builds failed; first: {failures[0]!r}", flush=True)
-    return built, elapsed
+        print(f"   {len(failures)} of {n} {what} failed; first: {failures[0]!r}", flush=True)
+    return made, elapsed
+
+
+async def build_all(n: int, parallel: int, exec_once: bool) -> tuple[list[capsa.Sandbox], float]:
+    """Build ``n`` sandboxes; on any failure the ones built are returned too (the caller kills)."""
+
+    async def one() -> capsa.Sandbox:
+        vm = await capsa.sandbox().build()
+        if exec_once:
+            try:
+                await vm.agent.exec("python3").args(["-c", "print(sum(range(10000)))"]).run()
+            except BaseException:
+                await vm.kill()
+                raise
+        return vm
+
+    return await make_concurrently(n, parallel, one, "builds")
 
 
 async def ping_all(vms: list[capsa.Sandbox], limit: float = 2.0, at_once: int = 0) -> tuple[int, float]:

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -28,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from bench._report import figure, header
-from bench.density import TICK, cpu_ticks, pss_kib, sandbox_pids
-from bench.server import KEY, start_server
+from bench.density import TICK, cpu_ticks, make_concurrently, pss_kib, sandbox_pids
+from bench.server import KEY, start_server, stop_server
 
 POOL = 4
 MEMORY = 256
@@ -44,20 +43,10 @@ def free_port() -> int:
 async def create_all(n: int, parallel: int) -> tuple[list[Any], float]:
     from e2b import AsyncSandbox
 
-    gate = asyncio.Semaphore(parallel)
-    made: list[Any] = []
+    async def one() -> Any:
+        return await AsyncSandbox.create(timeout=3600, request_timeout=120)
 
-    async def one() -> None:
-        async with gate:
-            made.append(await AsyncSandbox.create(timeout=3600, request_timeout=120))
-
-    started = time.perf_counter()
-    results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
-    elapsed = time.perf_counter() - started
-    failures = [r for r in results if isinstance(r, BaseException)]
-    if failures:
-        print(f"   {len(failures)} of {n} creates failed; first: {failures[0]!r}", flush=True)
-    return made, elapsed
+    return await make_concurrently(n, parallel, one, "creates")
 
 
 async def run_true_all(
@@ -177,12 +166,7 @@ def main() -> None:
         try:
             asyncio.run(measure(server, args.count, args.parallel, args.window, args.at_once))
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(10)
+            stop_server(server)
 
 
 if __name__ == "__main__":

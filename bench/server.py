@@ -82,6 +82,16 @@ def start_server(
     raise RuntimeError(log.read_text()[-2000:])
 
 
+def stop_server(server: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """SIGTERM (it stops its sandboxes), then SIGKILL if it has not exited within ``timeout``."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(10)
+
+
 async def figures(url: str, runs: int) -> dict[str, float]:
     """Both sides interleaved in one loop (the SDK's async client, capsa in-process), so that the
     machine's load, shared with other work, weighs on both alike."""
@@ -177,8 +187,7 @@ def main() -> None:
         time.sleep(5)  # pools fill
         f = asyncio.run(figures(f"http://127.0.0.1:{port}", args.runs))
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
+        stop_server(server, 30)
     rows = [
         ("create -> first run(true)", f["sdk_create"], f["local_create"], 1.5),
         ("run(true) round trip", f["sdk_run"], f["local_run"], 2.0),

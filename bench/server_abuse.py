@@ -22,11 +22,9 @@ import asyncio
 import contextlib
 import http.client
 import json
-import signal
 import socket
 import statistics
 import struct
-import subprocess
 import threading
 import time
 import urllib.request
@@ -34,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._report import figure, header
-from bench.server import KEY, start_server
+from bench.server import KEY, start_server, stop_server
 
 STREAM = "application/connect+json"
 
@@ -183,11 +181,7 @@ def main() -> None:
         idle, _ = measure(port, server.pid, lambda: time.sleep(args.seconds / 2))
         busy, extra = measure(port, server.pid, lambda: asyncio.run(abuse(port, a, b, args.seconds)))
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server, 30)
     rows = [
         ("server RSS (max)", max(idle.rss), max(busy.rss), "MiB"),
         ("server RSS (end)", idle.rss[-1], busy.rss[-1], "MiB"),
