@@ -31,7 +31,7 @@ from e2b import Sandbox  # noqa: E402
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(400)]
 
-BUDGET = 70.0  # seconds of rounds
+BUDGET = 45.0  # seconds of rounds (each CI run draws new random moments: coverage adds up)
 MIN_ROUNDS = 4
 OPS = ("create", "pause", "resume", "snapshot", "kill", "volume_write")
 VOLUME = "faults"
