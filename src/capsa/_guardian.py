@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -53,7 +54,10 @@ _guardian_pid: int | None = None
 _creator_pid: int | None = None  # the process that made ``_root``: the only one that may remove it
 
 
-def _libc() -> ctypes.CDLL:
+@functools.cache
+def libc() -> ctypes.CDLL:
+    """The C library, loaded once: ``find_library`` runs ``ldconfig -p`` (a process) at every call,
+    and every VM start needs libc for its ``preexec_fn``."""
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
@@ -63,10 +67,10 @@ def die_with_parent() -> Callable[[], None]:
     The parent pid is captured before ``fork`` so that a parent dying between fork and prctl is seen.
     """
     parent = os.getpid()
-    libc = _libc()
+    c = libc()
 
     def preexec() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        c.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:
             os._exit(1)
 

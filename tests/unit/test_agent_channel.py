@@ -322,3 +322,34 @@ async def test_bad_arguments_raise_config_error_before_reaching_the_guest(
     req = await answer(guest, ok=True)
     await task
     assert req["op"] == "ping"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        {"total": 100, "free": 101},  # more free than there is
+        {"total": 100, "free": -1},
+        {"total": 1 << 62, "free": 0},  # no filesystem is that big
+        {"total": True, "free": 0},
+        {"total": "100", "free": 0},
+        {"free": 0},
+    ],
+)
+async def test_a_hostile_disk_usage_reply_is_a_protocol_error(pair: Pair, reply: dict[str, Any]) -> None:
+    agent, guest = pair
+    task = asyncio.ensure_future(agent.disk_usage("/", timeout=5))
+    await answer(guest, ok=True, **reply)
+    with pytest.raises(ProtocolError):
+        await task
+
+
+async def test_disk_usage_and_wait_idle(pair: Pair) -> None:
+    agent, guest = pair
+    task = asyncio.ensure_future(agent.disk_usage("/data", timeout=5))
+    req = await guest.recv_request()
+    assert (req["op"], req["path"]) == ("disk_usage", "/data")
+    assert not await agent.wait_idle(0.05)  # the request is in flight
+    guest.send({"t": "res", "id": req["id"], "ok": True, "total": 1000, "free": 250})
+    assert await agent.wait_idle(5)
+    usage = await task
+    assert (usage.total, usage.used, usage.free) == (1000, 750, 250)

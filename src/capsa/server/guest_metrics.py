@@ -190,13 +190,13 @@ class Sampler:
         """Repeat the last sample if the guest has not run since (see the module's docstring)."""
         if not state.samples or state.host_cpu is None or state.quiet + 1 >= FULL_EVERY:
             return False
-        now = host_cpu_seconds(entry)
+        now, at = host_cpu_seconds(entry), time.time()
         last = state.samples[-1]
-        wall = max(time.time() - last.timestamp, 1e-3)
+        wall = max(at - last.timestamp, 1e-3)
         if now is None or now - state.host_cpu >= QUIET_SHARE * wall:
             return False
         pct = 100.0 * (now - state.host_cpu) / (wall * last.cpu_count)
-        sample = dataclasses.replace(last, timestamp=time.time(), cpu_used_pct=min(pct, 100.0))
+        sample = dataclasses.replace(last, timestamp=at, cpu_used_pct=min(pct, 100.0))
         state.host_cpu = now
         state.quiet += 1
         self.quiet_samples += 1

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import shutil
@@ -15,7 +13,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from capsa._guardian import die_with_parent
+from capsa._guardian import die_with_parent, libc
 from capsa.errors import CapsaTimeoutError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -38,10 +36,10 @@ def no_huge_pages() -> Callable[[], None]:
     for them on its translation cache and RAM blocks, so an idle VM held whole 2 MiB pages it barely
     used: off, an idle sandbox takes ~2.6 MiB less for ~1-3% more CPU when busy (docs/performance.md
     §Density). Best effort: a kernel without the prctl leaves the default."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    c = libc()
 
     def preexec() -> None:
-        libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
+        c.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
 
     return preexec
 
@@ -54,10 +52,10 @@ def mergeable() -> Callable[[], None]:
     between sandboxes of one template. Harmless while KSM is off (``/sys/kernel/mm/ksm/run`` = 0, the
     default): nothing scans. Turning KSM on is the host owner's choice (docs/performance.md §Density,
     ``capsa doctor``). Best effort: an older kernel refuses the prctl and nothing changes."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    c = libc()
 
     def preexec() -> None:
-        libc.prctl(_PR_SET_MEMORY_MERGE, 1, 0, 0, 0)
+        c.prctl(_PR_SET_MEMORY_MERGE, 1, 0, 0, 0)
 
     return preexec
 
@@ -80,12 +78,12 @@ def fixed_layout_requested() -> bool:
 
 def fixed_layout() -> Callable[[], None]:
     """A ``preexec_fn`` part: ``personality(ADDR_NO_RANDOMIZE)``, kept across exec."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    c = libc()
 
     def preexec() -> None:
-        current = libc.personality(0xFFFFFFFF)  # query
+        current = c.personality(0xFFFFFFFF)  # query
         if current != -1:
-            libc.personality(current | _ADDR_NO_RANDOMIZE)
+            c.personality(current | _ADDR_NO_RANDOMIZE)
 
     return preexec
 
